@@ -1,0 +1,1 @@
+"""Data in: sources, safe extraction, image checks, captions, the latent/text cache."""

@@ -1,0 +1,165 @@
+"""Typed params: one model per params.yaml section.
+
+Unknown keys, wrong types and impossible values stop the stage with one line naming the
+key and what is allowed. Every field has a default so a params.yaml only says what differs.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from ruamel.yaml import YAML, YAMLError
+
+from sdtune.errors import UserError
+
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
+
+
+class Section(BaseModel):
+    # strict: "16" is not an int and "yes" is not a bool; forbid: a typo'd key is an error.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Base(Section):
+    seed: int = 1234
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Data(Section):
+    source: str = "gdrive://1capT9kF-zCu2OiNVzm7VG5DQDaAQLl1Q"
+    sha256: str | None = None  # pin of the downloaded file (archive or single image)
+    max_archive_bytes: int = Field(20 * 10**9, gt=0)
+    max_archive_files: int = Field(100_000, gt=0)
+    max_pixels: int = Field(178_956_970, gt=0)  # Pillow's own bomb limit
+    too_small: Literal["skip", "upscale"] = "upscale"
+    retries: int = Field(4, ge=0)
+
+
+class Caption(Section):
+    model: str = "Salesforce/blip-image-captioning-base"  # "tiny" = random-initialised, offline
+    revision: str = "main"
+    template: str = "a painting by sargent, {caption}"
+    fixed: str | None = None  # one caption for every image (the template still applies)
+    batch_size: int = Field(8, gt=0)
+    max_new_tokens: int = Field(30, gt=0)
+
+    @field_validator("template")
+    @classmethod
+    def _has_slot(cls, v):
+        if "{caption}" not in v:
+            raise ValueError("must contain {caption}")
+        return v
+
+
+class Model(Section):
+    family: Literal[FAMILIES] = "sd1"
+    id: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # "tiny" = random-initialised, offline
+    revision: str = "main"
+    resolution: int = Field(512, gt=0, multiple_of=8)
+    prediction_type: Literal["default", "epsilon", "v_prediction"] = "default"
+
+
+class Cache(Section):
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    batch_size: int = Field(4, gt=0)
+    center_crop: bool = True
+
+
+class Lora(Section):
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None: the family's default
+    init: Literal["gaussian", "default", "pissa", "olora"] = "gaussian"
+    use_dora: bool = False
+
+
+class Train(Section):
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(1, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
+    weight_decay: float = Field(1e-2, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    snr_gamma: float | None = Field(None, gt=0)
+    noise_offset: float = Field(0.0, ge=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    checkpoint_every: int = Field(250, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(10, gt=0)
+    lora: Lora = Lora()
+    wandb: Literal["disabled", "offline", "online"] = "offline"
+    wandb_project: str = "sdtune"
+    deterministic: bool = False
+
+
+class Quantize(Section):
+    variants: list[Literal["bf16", "fp16", "int8wo", "int8dq", "float8wo", "nf4", "int8"]] = ["int8wo"]
+    fuse_lora: bool = True
+
+
+class Evaluate(Section):
+    prompts: str = "prompts/eval.txt"
+    seeds: list[int] = [0, 1]
+    steps: int = Field(30, gt=0)
+    guidance_scale: float = Field(7.5, ge=0)
+    clip_model: str = "openai/clip-vit-base-patch16"  # "tiny" = random-initialised, offline
+    latency_repeats: int = Field(3, gt=0)
+
+
+class Profile(Section):
+    steps: int = Field(6, gt=1)
+    warmup: int = Field(2, ge=0)
+
+
+class Params(Section):
+    base: Base = Base()
+    data: Data = Data()
+    caption: Caption = Caption()
+    model: Model = Model()
+    cache: Cache = Cache()
+    train: Train = Train()
+    quantize: Quantize = Quantize()
+    evaluate: Evaluate = Evaluate()
+    profile: Profile = Profile()
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        model = Params
+        for part in first["loc"][:-1]:
+            model = model.model_fields[part].annotation
+        allowed = ", ".join(model.model_fields)
+        return f"{source}: unknown key '{key}'; allowed here: {allowed}"
+    value = first.get("input")
+    got = f" (got {value!r})" if not isinstance(value, dict) else ""
+    return f"{source}: {key}: {first['msg']}{got}"
+
+
+def parse(raw: dict, source: str = "params.yaml") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_one_line(err, source)) from None
+
+
+def load(path="params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: not found (run from the repository root)")
+    try:
+        raw = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+    except YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    return parse(raw, str(path))
