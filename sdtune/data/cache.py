@@ -1,0 +1,91 @@
+"""The latent and text-embedding cache, keyed by content.
+
+Each item's key hashes everything its tensors depend on: the image bytes, the caption,
+the model family, id and revision, the resolution and crop, and the dtype. An item whose
+key is already on disk is reused; stale items are deleted. So changing one caption
+re-encodes one item, and changing the resolution re-encodes all of them, exactly.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from sdtune import io
+from sdtune.data.images import load_rgb
+
+VERSION = 1  # bump when what an item holds changes
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def item_key(row, model, cache) -> str:
+    parts = {
+        "v": VERSION, "image": row["sha256"], "caption": row["caption"],
+        "family": model.family, "model": model.id, "revision": model.revision,
+        "prediction_type": model.prediction_type, "resolution": model.resolution,
+        "center_crop": cache.center_crop, "dtype": cache.dtype,
+    }
+    return io.sha256_text(json.dumps(parts, sort_keys=True))
+
+
+def prepare(path, resolution: int, center_crop: bool):
+    """Resize the short side to `resolution` and crop a square; pixels in [-1, 1].
+
+    Returns the tensor and the original size and crop offset (SDXL conditions on both).
+    """
+    img = load_rgb(path)
+    w, h = img.size
+    scale = resolution / min(w, h)
+    new = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    img = img.resize(new, Image.Resampling.LANCZOS)
+    left = (new[0] - resolution) // 2 if center_crop else 0
+    top = (new[1] - resolution) // 2 if center_crop else 0
+    img = img.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    pixels = pixels.view(resolution, resolution, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+    meta = {"original_size": (h, w), "crop_top_left": (top, left)}
+    return pixels, meta
+
+
+def build(rows, raw_dir, out_dir, family, model, cache, load_pipeline, device="cpu") -> dict:
+    """Bring `out_dir` up to date with `rows` (from captions.jsonl). Returns counts."""
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    items = out_dir / "items"
+    items.mkdir(parents=True, exist_ok=True)
+    keys = [item_key(r, model, cache) for r in rows]
+    todo = [(r, k) for r, k in zip(rows, keys) if not (items / f"{k}.safetensors").exists()]
+    dtype = DTYPES[cache.dtype]
+
+    if todo:
+        pipe = load_pipeline(model, torch.float32).to(device)
+        for start in tqdm(range(0, len(todo), cache.batch_size), desc="cache", unit="batch"):
+            chunk = todo[start:start + cache.batch_size]
+            prepared = [prepare(raw_dir / r["file"], model.resolution, cache.center_crop) for r, _ in chunk]
+            pixels = torch.stack([p for p, _ in prepared]).to(device)
+            tensors = family.encode_images(pipe, pixels, [m for _, m in prepared])
+            tensors |= family.encode_prompts(pipe, [r["caption"] for r, _ in chunk])
+            for i, (row, key) in enumerate(chunk):
+                one = {name: t[i].detach().to("cpu", dtype).contiguous() for name, t in tensors.items()}
+                with io.atomic_path(items / f"{key}.safetensors") as tmp:
+                    save_file(one, str(tmp), metadata={"file": row["file"]})
+        del pipe
+
+    wanted = {f"{k}.safetensors" for k in keys}
+    stale = [p for p in items.iterdir() if p.name not in wanted]
+    for p in stale:
+        p.unlink()
+    index = [{"file": r["file"], "caption": r["caption"], "key": k} for r, k in zip(rows, keys)]
+    io.write_json(out_dir / "index.json", {"version": VERSION, "model": model.id,
+                                           "revision": model.revision, "items": index})
+    return {"items": len(rows), "encoded": len(todo), "reused": len(rows) - len(todo), "removed": len(stale)}
+
+
+def load(out_dir, device="cpu") -> list[dict]:
+    """All cached items, in index order, as dicts of tensors."""
+    out_dir = Path(out_dir)
+    index = io.read_json(out_dir / "index.json")
+    return [load_file(str(out_dir / "items" / f"{it['key']}.safetensors"), device=device)
+            for it in index["items"]]

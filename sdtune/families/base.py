@@ -1,0 +1,19 @@
+"""The interface every family module implements (documentation; modules are duck-typed).
+
+    PIPELINE            the diffusers pipeline class (also used for LoRA save/load)
+    LORA_TARGETS        default peft target modules of the denoiser
+    DENOISER_ATTR       "unet" or "transformer": the pipeline attribute holding the denoiser
+
+    load_pipeline(model, dtype)                 -> pipeline (hub id + revision, or the tiny variant)
+    load_tokenizer(model)                       -> the (first) tokenizer, for caption length limits
+    load_denoiser(model, dtype, quantization_config=None) -> the denoiser alone
+    load_noise_scheduler(model)                 -> the training noise scheduler
+    encode_images(pipe, pixels, meta)           -> {name: tensor[B, ...]} to cache (latents, sizes)
+    encode_prompts(pipe, captions)              -> {name: tensor[B, ...]} to cache (embeddings)
+    training_loss(denoiser, scheduler, batch, generator, train) -> loss per sample, shape [B]
+    save_lora(directory, state_dict, metadata)  writes pytorch_lora_weights.safetensors
+
+`model` is `sdtune.params.Model`; `train` is `sdtune.params.Train`; `batch` holds the
+cached tensors stacked on dim 0; `generator` is a CPU torch.Generator seeded per step so
+noise and timesteps are a function of (seed, step) alone, which is what makes resume exact.
+"""

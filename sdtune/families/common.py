@@ -1,0 +1,89 @@
+"""Pieces shared by the families: tiny-model seeding, the epsilon/v objective, LoRA files."""
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sdtune import io
+from sdtune.errors import UserError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Build a random-initialised module deterministically without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def clip_tokenizer(max_length: int = 77):
+    from transformers import CLIPTokenizer
+
+    folder = ASSETS / "clip-tokenizer"
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+
+
+def tokenize(tokenizer, captions, device):
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return ids.to(device)
+
+
+def hub_error(model, err) -> UserError:
+    return UserError(f"model.id: could not load {model.id!r} at revision {model.revision!r}: "
+                     f"{str(err).splitlines()[0]}")
+
+
+def sample_timesteps(scheduler, batch_size, generator):
+    return torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+
+
+def diffusion_loss(pred, latents, noise, timesteps, scheduler, train):
+    """MSE against the scheduler's target (epsilon or v), optionally min-SNR-gamma weighted."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise UserError(f"model.prediction_type: {kind!r} is not trainable here; use epsilon or v_prediction")
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    if train.snr_gamma is not None:
+        # Min-SNR-gamma (Hang et al. 2023): down-weight easy low-noise steps.
+        alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        snr = alphas / (1 - alphas)
+        weight = torch.clamp(snr, max=train.snr_gamma) / snr
+        if kind == "v_prediction":
+            weight = torch.clamp(snr, max=train.snr_gamma) / (snr + 1)
+        loss = loss * weight
+    return loss
+
+
+def sample_noise(latents, generator, offset: float):
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    if offset:
+        # Noise offset (Guttenberg 2023): lets the model learn very dark and very bright images.
+        noise = noise + offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+    return noise.to(latents.device, latents.dtype)
+
+
+def write_lora(directory, tensors: dict, metadata: dict) -> Path:
+    """Write a LoRA safetensors file with string metadata, atomically."""
+    path = Path(directory) / LORA_FILE
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    with io.atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    return path
+
+
+def read_metadata(path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})

@@ -1,0 +1,145 @@
+"""Stable Diffusion 1.x and 2.x: one CLIP text encoder, a UNet, epsilon or v-prediction."""
+
+import tempfile
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from sdtune.families import common
+
+PIPELINE = StableDiffusionPipeline
+DENOISER_ATTR = "unet"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+# ---- the tiny random-initialised variant (offline tests and the demo) ----
+
+def tiny_unet():
+    with common.seeded(1):
+        return UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=32,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        )
+
+
+def tiny_vae():
+    with common.seeded(2):
+        return AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=32,
+        )
+
+
+def tiny_text_encoder():
+    with common.seeded(3):
+        return CLIPTextModel(CLIPTextConfig(
+            vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+            max_position_embeddings=77,
+        ))
+
+
+def tiny_scheduler(model):
+    kind = "epsilon" if model.prediction_type == "default" else model.prediction_type
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         num_train_timesteps=1000, clip_sample=False, steps_offset=1,
+                         prediction_type=kind)
+
+
+# ---- loading ----
+
+def _override(scheduler, model):
+    if model.prediction_type != "default":
+        scheduler.register_to_config(prediction_type=model.prediction_type)
+    return scheduler
+
+
+def load_noise_scheduler(model):
+    if model.id == "tiny":
+        return tiny_scheduler(model)
+    try:
+        sched = DDPMScheduler.from_pretrained(model.id, subfolder="scheduler", revision=model.revision)
+    except (OSError, ValueError) as err:
+        raise common.hub_error(model, err) from None
+    return _override(sched, model)
+
+
+def load_denoiser(model, dtype=torch.float32, quantization_config=None):
+    if model.id == "tiny":
+        return tiny_unet().to(dtype)
+    try:
+        return UNet2DConditionModel.from_pretrained(
+            model.id, subfolder="unet", revision=model.revision, torch_dtype=dtype,
+            quantization_config=quantization_config)
+    except (OSError, ValueError) as err:
+        raise common.hub_error(model, err) from None
+
+
+def load_tokenizer(model):
+    if model.id == "tiny":
+        return common.clip_tokenizer()
+    try:
+        return CLIPTokenizer.from_pretrained(model.id, subfolder="tokenizer", revision=model.revision)
+    except (OSError, ValueError) as err:
+        raise common.hub_error(model, err) from None
+
+
+def load_pipeline(model, dtype=torch.float32):
+    if model.id == "tiny":
+        pipe = PIPELINE(unet=tiny_unet(), vae=tiny_vae(), text_encoder=tiny_text_encoder(),
+                        tokenizer=common.clip_tokenizer(), scheduler=tiny_scheduler(model),
+                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return pipe.to(dtype=dtype)
+    try:
+        pipe = PIPELINE.from_pretrained(model.id, revision=model.revision, torch_dtype=dtype,
+                                        safety_checker=None, requires_safety_checker=False)
+    except (OSError, ValueError) as err:
+        raise common.hub_error(model, err) from None
+    _override(pipe.scheduler, model)
+    return pipe
+
+
+# ---- what the cache stores ----
+
+@torch.no_grad()
+def encode_images(pipe, pixels, meta=None):
+    """pixels: float in [-1, 1], [B, 3, H, W]. The latents are scaled, ready for the UNet."""
+    vae = pipe.vae
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    return {"latents": latents * vae.config.scaling_factor}
+
+
+@torch.no_grad()
+def encode_prompts(pipe, captions):
+    ids = common.tokenize(pipe.tokenizer, captions, pipe.text_encoder.device)
+    return {"prompt_embeds": pipe.text_encoder(ids)[0]}
+
+
+# ---- the objective ----
+
+def training_loss(denoiser, scheduler, batch, generator, train):
+    latents = batch["latents"]
+    noise = common.sample_noise(latents, generator, train.noise_offset)
+    timesteps = common.sample_timesteps(scheduler, latents.shape[0], generator).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    pred = denoiser(noisy, timesteps, encoder_hidden_states=batch["prompt_embeds"]).sample
+    return common.diffusion_loss(pred, latents, noise, timesteps, scheduler, train)
+
+
+# ---- LoRA file ----
+
+def save_lora(directory, state_dict, metadata, adapter_metadata=None):
+    """diffusers keys via the pipeline's own writer, then our provenance added as metadata."""
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        PIPELINE.save_lora_weights(tmp, unet_lora_layers=state_dict,
+                                   unet_lora_adapter_metadata=adapter_metadata)
+        written = f"{tmp}/{common.LORA_FILE}"
+        tensors = load_file(written)
+        meta = common.read_metadata(written) | metadata
+    return common.write_lora(directory, tensors, meta)

@@ -1,0 +1,56 @@
+"""What every stage shares: its device, its wall time, and provenance strings."""
+
+import contextlib
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from sdtune import __version__, io
+from sdtune.errors import UserError
+
+REPORTS = Path("reports")
+
+
+def device(base) -> torch.device:
+    if base.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("base.device: 'cuda' was asked for but no CUDA device is available; use auto or cpu")
+    if base.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    """Time a stage and record it in reports/stages/<name>.json (the profile report reads these)."""
+    t0 = time.perf_counter()
+    yield
+    io.write_json(REPORTS / "stages" / f"{name}.json", {"stage": name, "seconds": time.perf_counter() - t0})
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def params_hash(params, *sections: str) -> str:
+    dumped = {s: getattr(params, s).model_dump() for s in sections}
+    return io.sha256_text(json.dumps(dumped, sort_keys=True))
+
+
+def provenance(params, manifest_path="data/raw.manifest.json") -> dict:
+    manifest = Path(manifest_path)
+    return {
+        "sdtune_version": __version__,
+        "base_model": params.model.id,
+        "base_revision": params.model.revision,
+        "model_family": params.model.family,
+        "dataset_manifest_sha256": io.sha256_file(manifest) if manifest.exists() else "unknown",
+        "params_sha256": params_hash(params, "data", "caption", "model", "cache", "train"),
+        "git_commit": git_commit(),
+    }

@@ -1,0 +1,1 @@
+"""Training: the loop (accelerate), LoRA (peft), optimizers, checkpoints."""

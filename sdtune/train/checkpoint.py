@@ -1,0 +1,89 @@
+"""Checkpoints that make a resumed run identical to an uninterrupted one.
+
+A checkpoint is a folder `step-NNNNNNN/` holding the LoRA tensors (safetensors), the
+optimizer, LR-scheduler and EMA state (torch.save, read back with weights_only=True: our
+own files, and still never a full unpickle), the RNG states and the loss history (JSON).
+It is written under a temporary name and renamed in, so a kill mid-write leaves the
+previous checkpoint as the latest.
+"""
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdtune import io
+
+PREFIX = "step-"
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    return state, tensors
+
+
+def _set_rng_state(state: dict, tensors: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save(ckpt_dir, step: int, lora: dict, optimizer, lr_scheduler, ema, history: list, keep: int) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    dest = ckpt_dir / f"{PREFIX}{step:07d}"
+    state, rng = _rng_state()
+    with io.atomic_path(dest) as tmp:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
+        save_file(rng, str(tmp / "rng.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None}, tmp / "state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "rng": state, "history": history}))
+    for old in all_checkpoints(ckpt_dir)[:-keep]:
+        shutil.rmtree(old)
+    return dest
+
+
+def all_checkpoints(ckpt_dir) -> list[Path]:
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest(ckpt_dir) -> Path | None:
+    found = all_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def load(path, set_lora, optimizer, lr_scheduler, ema) -> tuple[int, list]:
+    """Restore everything in place; returns (step, loss history)."""
+    path = Path(path)
+    set_lora(load_file(str(path / "lora.safetensors")))
+    blob = torch.load(path / "state.pt", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    lr_scheduler.load_state_dict(blob["lr_scheduler"])
+    if ema is not None and blob["ema"] is not None:
+        ema.load_state_dict(blob["ema"])
+    meta = json.loads((path / "state.json").read_text())
+    _set_rng_state(meta["rng"], load_file(str(path / "rng.safetensors")))
+    return meta["step"], meta["history"]

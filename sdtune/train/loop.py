@@ -1,0 +1,207 @@
+"""The training loop: LoRA on the denoiser, reading only the latent/text cache.
+
+One readable loop (nanoGPT-style) built on accelerate for devices, mixed precision and
+several processes. Noise, timesteps and the data order are functions of (seed, step)
+alone, so a run resumed from a checkpoint computes exactly what an uninterrupted run does.
+"""
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from tqdm import tqdm
+
+from sdtune import families
+from sdtune.data import cache as cache_lib
+from sdtune.errors import UserError
+from sdtune.train import checkpoint, lora, optim
+
+
+class NullTimer:
+    """Stands in for the profiler's PhaseTimer when nobody is measuring."""
+
+    def phase(self, name):
+        return contextlib.nullcontext()
+
+
+def mixed_precision(choice: str, device_type: str) -> str:
+    if choice != "auto":
+        return choice
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def wants_cuda(device: str) -> bool:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("base.device: 'cuda' was asked for but no CUDA device is available; use auto or cpu")
+    return device != "cpu" and torch.cuda.is_available()
+
+
+@dataclass
+class Run:
+    params: object
+    accelerator: Accelerator
+    family: object
+    denoiser: torch.nn.Module
+    noise_scheduler: object
+    optimizer: object
+    lr_scheduler: object
+    items: list
+    ema: object = None
+    history: list = field(default_factory=list)
+    step: int = 0
+
+
+def setup(params, cache_dir) -> Run:
+    """Load the cache and the denoiser, attach LoRA, build the optimizer; nothing trained yet."""
+    p, m = params.train, params.model
+    use_cuda = wants_cuda(params.base.device)
+    accelerator = Accelerator(cpu=not use_cuda,
+                              mixed_precision=mixed_precision(p.mixed_precision, "cuda" if use_cuda else "cpu"))
+    if p.deterministic:
+        torch.use_deterministic_algorithms(True)
+    family = families.get(m.family)
+
+    items = cache_lib.load(cache_dir)
+    if not items:
+        raise UserError(f"{cache_dir}/index.json: the cache holds no items; run the cache stage first")
+
+    # The frozen base sits in the compute dtype; the LoRA weights stay float32 for stable updates.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    denoiser = family.load_denoiser(m, dtype=weight_dtype)
+    lora.add(denoiser, p.lora, family.LORA_TARGETS)
+    for param in lora.trainable(denoiser):
+        param.data = param.data.float()
+    if p.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+
+    opt = optim.optimizer(p.optimizer, lora.trainable(denoiser), p.lr, p.weight_decay, accelerator.device)
+    sched = optim.scheduler(p.lr_scheduler, opt, p.warmup_steps, p.steps)
+    denoiser, opt = accelerator.prepare(denoiser, opt)
+    ema = EMAModel(lora.trainable(denoiser), decay=p.ema_decay) if p.ema_decay else None
+    return Run(params, accelerator, family, denoiser, family.load_noise_scheduler(m), opt, sched, items, ema)
+
+
+def sample_indices(run: Run, step: int, micro: int) -> list[int]:
+    """Which cached items this process trains on at (step, micro-batch).
+
+    Sample i of the run is item perm_e[i mod n] with perm_e a permutation seeded by
+    (seed, epoch e = i div n); ranks take interleaved slices, so they see different data.
+    """
+    p, acc, n = run.params.train, run.accelerator, len(run.items)
+    first = ((step * p.grad_accum + micro) * acc.num_processes + acc.process_index) * p.batch_size
+    out = []
+    for i in range(first, first + p.batch_size):
+        epoch = i // n
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(run.params.base.seed * 7919 + epoch))
+        out.append(int(perm[i % n]))
+    return out
+
+
+def step_generator(run: Run, step: int, micro: int) -> torch.Generator:
+    acc = run.accelerator
+    index = (step * run.params.train.grad_accum + micro) * acc.num_processes + acc.process_index
+    return torch.Generator().manual_seed(run.params.base.seed * 1_000_003 + index)
+
+
+def train_step(run: Run, step: int, timer=NullTimer()) -> torch.Tensor:
+    """One optimizer step (with its micro-batches). Returns the mean loss, still on the device."""
+    p, acc = run.params.train, run.accelerator
+    total = torch.zeros((), device=acc.device)
+    for micro in range(p.grad_accum):
+        with timer.phase("data"):
+            idx = sample_indices(run, step, micro)
+            batch = {k: torch.stack([run.items[i][k] for i in idx]) for k in run.items[0]}
+        with timer.phase("h2d"):
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+        # Under DDP only the last micro-batch all-reduces the gradients.
+        sync = contextlib.nullcontext() if micro == p.grad_accum - 1 else acc.no_sync(run.denoiser)
+        with sync:
+            with timer.phase("forward"), acc.autocast():
+                loss = run.family.training_loss(run.denoiser, run.noise_scheduler, batch,
+                                                step_generator(run, step, micro), p).mean()
+            with timer.phase("backward"):
+                acc.backward(loss / p.grad_accum)
+        total += loss.detach() / p.grad_accum
+    with timer.phase("optimizer"):
+        acc.clip_grad_norm_(lora.trainable(run.denoiser), p.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.step(lora.trainable(run.denoiser))
+    return total
+
+
+def _set_lora(run: Run):
+    from peft.utils import set_peft_model_state_dict
+
+    def set_tensors(tensors):
+        set_peft_model_state_dict(run.accelerator.unwrap_model(run.denoiser), tensors)
+    return set_tensors
+
+
+def resume(run: Run, ckpt_dir) -> Path | None:
+    last = checkpoint.latest(ckpt_dir)
+    if last is not None:
+        run.step, run.history = checkpoint.load(last, _set_lora(run), run.optimizer, run.lr_scheduler, run.ema)
+    return last
+
+
+def _flush(run: Run, pending: list) -> None:
+    """Move the pending per-step losses to the host once, and stop on the first non-finite one."""
+    if not pending:
+        return
+    losses = torch.stack([loss for _, loss in pending]).float().cpu().tolist()
+    for (step, _), value in zip(pending, losses):
+        if not math.isfinite(value):
+            raise UserError(f"train: the loss became {value} at step {step}; stopped. The last good "
+                            f"checkpoint is kept; lower train.lr or change train.mixed_precision")
+        run.history.append({"step": step, "loss": value, "lr": run.lr_scheduler.get_last_lr()[0]})
+    pending.clear()
+
+
+def train(run: Run, ckpt_dir, log=None) -> dict:
+    """The loop. Resumes from the newest checkpoint in `ckpt_dir`, if there is one."""
+    p, acc = run.params.train, run.accelerator
+    resumed = resume(run, ckpt_dir)
+    start, pending, t0 = run.step, [], time.perf_counter()
+    bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc="train", unit="step",
+               disable=not acc.is_main_process)
+    for step in bar:
+        pending.append((step + 1, train_step(run, step)))
+        run.step = step + 1
+        last = run.step == p.steps
+        if run.step % p.log_every == 0 or run.step % p.checkpoint_every == 0 or last:
+            _flush(run, pending)
+            bar.set_postfix(loss=f"{run.history[-1]['loss']:.4f}")
+            if log is not None:
+                log(run.history[-1])
+        if acc.is_main_process and (run.step % p.checkpoint_every == 0) and not last:
+            checkpoint.save(ckpt_dir, run.step, lora.peft_state(acc.unwrap_model(run.denoiser)),
+                            run.optimizer, run.lr_scheduler, run.ema, run.history, p.keep_checkpoints)
+    acc.wait_for_everyone()
+    seconds = time.perf_counter() - t0
+    done = p.steps - start
+    recent = [h["loss"] for h in run.history[-10:]]
+    return {
+        "steps": p.steps, "resumed_from": str(resumed) if resumed else None,
+        "final_loss": sum(recent) / len(recent), "seconds": seconds,
+        "steps_per_second": done / seconds if done else 0.0,
+        "images_per_second": done * p.batch_size * p.grad_accum * acc.num_processes / seconds if done else 0.0,
+        "mixed_precision": acc.mixed_precision, "device": str(acc.device), "processes": acc.num_processes,
+    }
+
+
+def final_lora(run: Run) -> dict:
+    """The adapter to publish, in diffusers keys: the EMA weights when EMA is on."""
+    model = run.accelerator.unwrap_model(run.denoiser)
+    if run.ema is not None:
+        run.ema.copy_to(lora.trainable(model))
+    return lora.diffusers_state(model)

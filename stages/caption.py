@@ -1,0 +1,37 @@
+"""caption: check every image, caption the good ones, report the rest.
+
+Writes data/captions.jsonl (file, sha256, caption, how, model, revision),
+reports/data.json (a verdict per file) and reports/captions.png (a contact sheet).
+"""
+
+from sdtune import families, io, params as params_lib, runtime
+from sdtune.data import captions, images
+from sdtune.errors import UserError, main_guard
+
+RAW, OUT, REPORT, SHEET = "data/raw", "data/captions.jsonl", "reports/data.json", "reports/captions.png"
+
+
+@main_guard
+def main():
+    params = params_lib.load()
+    p = params.caption
+    with runtime.stage("caption"):
+        verdicts = images.check_folder(RAW, min_side=params.model.resolution, too_small=params.data.too_small,
+                                       max_pixels=params.data.max_pixels)
+        kept = [v for v in verdicts if v["status"] == "kept"]
+        skipped = [v for v in verdicts if v["status"] != "kept"]
+        io.write_json(REPORT, {"kept": len(kept), "skipped": len(skipped), "files": verdicts})
+        if not kept:
+            raise UserError(f"{RAW}: no usable image among {len(verdicts)} files; reasons in {REPORT}")
+        tokenizer = families.get(params.model.family).load_tokenizer(params.model)
+        rows = captions.caption_folder(RAW, verdicts, model_id=p.model, revision=p.revision,
+                                       template=p.template, fixed=p.fixed, batch_size=p.batch_size,
+                                       max_new_tokens=p.max_new_tokens, tokenizer_for_limit=tokenizer)
+        io.write_jsonl(OUT, rows)
+        captions.contact_sheet(RAW, rows, SHEET)
+    note = f"; skipped {len(skipped)} (reasons in {REPORT})" if skipped else ""
+    print(f"caption: kept {len(kept)} images{note}; captions in {OUT}, contact sheet {SHEET}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""train: LoRA fine-tune the denoiser from cache/ only.
+
+Writes models/lora/ (pytorch_lora_weights.safetensors in diffusers keys, with provenance
+metadata), checkpoints/ (kept between runs: a rerun resumes), reports/train.json and the
+loss curve (reports/train_loss.csv, reports/train_loss.png).
+"""
+
+import json
+
+from sdtune import params as params_lib, runtime
+from sdtune.errors import main_guard
+from sdtune.train import loop, outputs
+
+CACHE, LORA_DIR, CKPT = "cache", "models/lora", "checkpoints"
+
+
+def wandb_logger(params):
+    """W&B is imported only when it is on; the config holds params, never secrets."""
+    if params.train.wandb == "disabled":
+        return None, lambda row: None
+    import wandb
+
+    run = wandb.init(project=params.train.wandb_project, mode=params.train.wandb,
+                     config=json.loads(params.model_dump_json()))
+    return run, lambda row: wandb.log(row, step=row["step"])
+
+
+@main_guard
+def main():
+    params = params_lib.load()
+    with runtime.stage("train"):
+        run = loop.setup(params, CACHE)
+        wb, log = wandb_logger(params) if run.accelerator.is_main_process else (None, None)
+        stats = loop.train(run, CKPT, log=log)
+        if run.accelerator.is_main_process:
+            meta = runtime.provenance(params)
+            outputs.write_lora(LORA_DIR, run, loop.final_lora(run), meta)
+            outputs.write_reports(run, stats)
+        if wb is not None:
+            wb.finish()
+    if run.accelerator.is_main_process:
+        print(f"train: {stats['steps']} steps, final loss {stats['final_loss']:.4f}, LoRA in {LORA_DIR}/")
+
+
+if __name__ == "__main__":
+    main()
