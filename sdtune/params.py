@@ -99,8 +99,9 @@ class Train(Section):
 
 
 class Quantize(Section):
-    variants: list[Literal["bf16", "fp16", "int8wo", "int8dq", "float8wo", "nf4", "int8"]] = ["int8wo"]
-    fuse_lora: bool = True
+    variants: list[Literal["bf16", "fp16", "int8wo", "int8dq", "float8wo", "nf4", "int8"]] = ["bf16", "int8wo"]
+    # fused: LoRA merged into the weights before quantizing; adapter: LoRA kept on top at run time.
+    lora_modes: list[Literal["fused", "adapter"]] = ["fused"]
 
 
 class Evaluate(Section):

@@ -2,9 +2,11 @@
 
     PIPELINE            the diffusers pipeline class (also used for LoRA save/load)
     LORA_TARGETS        default peft target modules of the denoiser
+    DENOISER            the denoiser's diffusers model class (UNet2DConditionModel, SD3Transformer2DModel)
     DENOISER_ATTR       "unet" or "transformer": the pipeline attribute holding the denoiser
 
-    load_pipeline(model, dtype)                 -> pipeline (hub id + revision, or the tiny variant)
+    load_pipeline(model, dtype, **components)   -> pipeline (hub id + revision, or the tiny variant);
+                                                   components (e.g. unet=...) replace loaded ones
     load_tokenizer(model)                       -> the (first) tokenizer, for caption length limits
     load_denoiser(model, dtype, quantization_config=None) -> the denoiser alone
     load_noise_scheduler(model)                 -> the training noise scheduler

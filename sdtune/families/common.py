@@ -84,6 +84,16 @@ def write_lora(directory, tensors: dict, metadata: dict) -> Path:
     return path
 
 
+def lora_path(path) -> Path:
+    """The LoRA file given its folder or itself; a clear error when it is not there."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: no LoRA file here (expected {LORA_FILE}; run the train stage or dvc pull)")
+    return path
+
+
 def read_metadata(path) -> dict:
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})

@@ -9,6 +9,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from sdtune.families import common
 
 PIPELINE = StableDiffusionPipeline
+DENOISER = UNet2DConditionModel
 DENOISER_ATTR = "unet"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -88,15 +89,16 @@ def load_tokenizer(model):
         raise common.hub_error(model, err) from None
 
 
-def load_pipeline(model, dtype=torch.float32):
+def load_pipeline(model, dtype=torch.float32, **components):
+    """The whole pipeline; `components` (e.g. unet=...) replace the loaded ones."""
     if model.id == "tiny":
-        pipe = PIPELINE(unet=tiny_unet(), vae=tiny_vae(), text_encoder=tiny_text_encoder(),
-                        tokenizer=common.clip_tokenizer(), scheduler=tiny_scheduler(model),
-                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        return pipe.to(dtype=dtype)
+        parts = dict(unet=tiny_unet().to(dtype), vae=tiny_vae().to(dtype),
+                     text_encoder=tiny_text_encoder().to(dtype), tokenizer=common.clip_tokenizer(),
+                     scheduler=tiny_scheduler(model)) | components
+        return PIPELINE(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
         pipe = PIPELINE.from_pretrained(model.id, revision=model.revision, torch_dtype=dtype,
-                                        safety_checker=None, requires_safety_checker=False)
+                                        safety_checker=None, requires_safety_checker=False, **components)
     except (OSError, ValueError) as err:
         raise common.hub_error(model, err) from None
     _override(pipe.scheduler, model)

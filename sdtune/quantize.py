@@ -1,0 +1,119 @@
+"""Quantized variants of the fine-tuned denoiser, through diffusers' quantization configs.
+
+A variant is a method (bf16, int8 weight-only, NF4, ...) applied with the LoRA either
+fused into the weights first or kept as an adapter loaded on top at run time. Each is
+saved with save_pretrained (safetensors, with its quantization config) and reloads with
+from_pretrained without quantizing again.
+"""
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdtune.errors import UserError
+from sdtune.families import common
+
+
+@dataclass(frozen=True)
+class Method:
+    dtype: torch.dtype
+    config: object = None  # a callable returning the diffusers quantization config, or None
+    needs: str = ""        # "cuda" or "fp8" (compute capability >= 8.9); empty: runs anywhere
+
+
+def _torchao(name):
+    def make():
+        from diffusers import TorchAoConfig
+        import torchao.quantization as tq
+
+        return TorchAoConfig(getattr(tq, name)())
+    return make
+
+
+def _bnb(**kwargs):
+    def make():
+        from diffusers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(**kwargs)
+    return make
+
+
+METHODS = {
+    "bf16": Method(torch.bfloat16),
+    "fp16": Method(torch.float16),
+    "int8wo": Method(torch.bfloat16, _torchao("Int8WeightOnlyConfig")),
+    "int8dq": Method(torch.bfloat16, _torchao("Int8DynamicActivationInt8WeightConfig")),
+    "float8wo": Method(torch.bfloat16, _torchao("Float8WeightOnlyConfig"), needs="fp8"),
+    "nf4": Method(torch.bfloat16, _bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                       bnb_4bit_compute_dtype=torch.bfloat16), needs="cuda"),
+    "int8": Method(torch.float16, _bnb(load_in_8bit=True), needs="cuda"),
+}
+
+
+def check_supported(name: str) -> None:
+    need = METHODS[name].needs
+    if need and not torch.cuda.is_available():
+        raise UserError(f"quantize.variants: {name!r} needs a CUDA GPU (bitsandbytes/float8 kernels); "
+                        f"none is available here, so drop it from quantize.variants or run on the GPU VM")
+    if need == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        raise UserError(f"quantize.variants: {name!r} needs compute capability >= 8.9 (L4, H100); "
+                        f"this GPU has {torch.cuda.get_device_capability()}")
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes the module's weights really occupy, looking inside quantized tensor subclasses."""
+    def size(t):
+        if hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            return sum(size(getattr(t, n)) for n in names)
+        return t.numel() * t.element_size()
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += size(t)
+    return total
+
+
+def folder_bytes(path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def parent(family, model, lora_dir, fuse: bool):
+    """The float32 denoiser a variant is made from: base, with the LoRA fused in when asked."""
+    denoiser = family.load_denoiser(model, dtype=torch.float32)
+    if fuse:
+        denoiser.load_lora_adapter(str(common.lora_path(lora_dir)), prefix=family.DENOISER_ATTR)
+        denoiser.fuse_lora()
+        denoiser.unload_lora()
+    return denoiser
+
+
+def make_variant(family, model, lora_dir, name: str, mode: str, out_dir) -> dict:
+    """Quantize, save to `out_dir`, reload from disk, and measure. Returns a report row."""
+    check_supported(name)
+    method = METHODS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = parent(family, model, lora_dir, fuse=(mode == "fused"))
+        src.save_pretrained(tmp, safe_serialization=True)
+        del src
+        t0 = time.perf_counter()
+        q = family.DENOISER.from_pretrained(tmp, torch_dtype=method.dtype,
+                                quantization_config=method.config() if method.config else None)
+        quantize_s = time.perf_counter() - t0
+        q.save_pretrained(out_dir, safe_serialization=True)
+        del q
+    t0 = time.perf_counter()
+    reloaded = load_variant(family, out_dir, name)
+    load_s = time.perf_counter() - t0
+    return {"variant": f"{name}-{mode}", "method": name, "lora": mode, "dtype": str(method.dtype).split(".")[-1],
+            "disk_bytes": folder_bytes(out_dir), "memory_bytes": tensor_bytes(reloaded),
+            "quantize_seconds": quantize_s, "load_seconds": load_s}
+
+
+def load_variant(family, path, name: str):
+    """Reload a saved variant: its quantization config comes from its own config.json."""
+    return family.DENOISER.from_pretrained(str(path), torch_dtype=METHODS[name].dtype)

@@ -1,0 +1,38 @@
+"""quantize: save each variant of the fine-tuned denoiser to models/quantized/<variant>/.
+
+Writes reports/quantize.json: bytes on disk, bytes in memory after loading, load time.
+"""
+
+import shutil
+from pathlib import Path
+
+from tqdm import tqdm
+
+from sdtune import families, io, params as params_lib, quantize, runtime
+from sdtune.errors import main_guard
+
+LORA_DIR, OUT, REPORT = "models/lora", Path("models/quantized"), "reports/quantize.json"
+
+
+@main_guard
+def main():
+    params = params_lib.load()
+    p = params.quantize
+    family = families.get(params.model.family)
+    for name in p.variants:  # refuse up front, before spending minutes on the others
+        quantize.check_supported(name)
+    with runtime.stage("quantize"):
+        rows = []
+        with io.atomic_path(OUT) as tmp:
+            tmp.mkdir()
+            jobs = [(n, m) for n in p.variants for m in p.lora_modes]
+            for name, mode in tqdm(jobs, desc="quantize", unit="variant"):
+                rows.append(quantize.make_variant(family, params.model, LORA_DIR, name, mode, tmp / f"{name}-{mode}"))
+        io.write_json(REPORT, {"variants": rows})
+    for r in rows:
+        print(f"quantize: {r['variant']}: {r['disk_bytes'] / 2**20:.1f} MiB on disk, "
+              f"{r['memory_bytes'] / 2**20:.1f} MiB in memory, loads in {r['load_seconds']:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
