@@ -110,7 +110,12 @@ class Evaluate(Section):
     steps: int = Field(30, gt=0)
     guidance_scale: float = Field(7.5, ge=0)
     clip_model: str = "openai/clip-vit-base-patch16"  # "tiny" = random-initialised, offline
+    clip_revision: str = "main"
+    # clip: FID/KID in CLIP image-embedding space (no extra download); inception: the classic
+    # FID, needs torch-fidelity's InceptionV3 weights (pip install torch-fidelity).
+    fid_extractor: Literal["clip", "inception"] = "clip"
     latency_repeats: int = Field(3, gt=0)
+    lora_scale: float = Field(1.0, ge=0)
 
 
 class Profile(Section):

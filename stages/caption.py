@@ -26,7 +26,12 @@ def main():
         tokenizer = families.get(params.model.family).load_tokenizer(params.model)
         rows = captions.caption_folder(RAW, verdicts, model_id=p.model, revision=p.revision,
                                        template=p.template, fixed=p.fixed, batch_size=p.batch_size,
-                                       max_new_tokens=p.max_new_tokens, tokenizer_for_limit=tokenizer)
+                                       max_new_tokens=p.max_new_tokens, tokenizer_for_limit=tokenizer,
+                                       seed=params.base.seed, device=params.base.device,
+                                       max_pixels=params.data.max_pixels)
+        for row in rows:
+            for warning in row.pop("warnings", []):
+                print(f"caption: warning: {row['file']}: {warning}")
         io.write_jsonl(OUT, rows)
         captions.contact_sheet(RAW, rows, SHEET)
     note = f"; skipped {len(skipped)} (reasons in {REPORT})" if skipped else ""

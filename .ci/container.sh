@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# .ci/container.sh: build the sdtune image with podman on a machine without Docker or a registry.
+#
+#   .ci/container.sh setup                 install podman & co. if missing, check that a container runs,
+#                                          make the Debian base image if missing (cached by tag)
+#   .ci/container.sh build <context> <tag> build <context>/docker/Dockerfile on that base with the CPU torch
+#                                          wheel (copied into <context>/docker/) instead of CUDA torch
+#   .ci/container.sh env                   print the environment lines podman needs here (eval-able)
+#
+# Exit status 3 means "containers cannot run on this machine"; the last line of output says why
+# (tests/test_container.py turns it into a skip with that reason).
+#
+# What this machine needs (checked on the CI machine; DESIGN.md, "Notes on this environment"): the runc runtime, low default
+# ulimits (the CI sandbox lacks CAP_SYS_RESOURCE, so runc cannot raise them), a base image made locally
+# with debootstrap (no registry is reachable), and the host CA bundle as a build secret for HTTPS to PyPI.
+set -euo pipefail
+
+BASE_IMAGE=${SDTUNE_CI_BASE_IMAGE:-localhost/sdtune-ci-base:bookworm}
+DEBIAN_MIRROR=${SDTUNE_CI_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+TORCH_VERSION=${SDTUNE_CI_TORCH_VERSION:-2.13.0+cpu}
+INDEX_URL=${SDTUNE_CI_INDEX_URL:-https://pypi.org/simple}
+STATE=${SDTUNE_CI_STATE:-/var/tmp/sdtune-ci}
+CA_BUNDLE=${SDTUNE_CI_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+APT_PACKAGES="podman buildah runc catatonit uidmap debootstrap"
+
+cannot() {
+    printf 'containers cannot run here: %s\n' "$*"
+    exit 3
+}
+
+log() {
+    printf '[container.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2
+}
+
+write_conf() {
+    mkdir -p "$STATE"
+    cat >"$STATE/containers.conf" <<'EOF'
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
+
+[engine]
+runtime = "runc"
+EOF
+    export CONTAINERS_CONF="$STATE/containers.conf"
+}
+
+install_deps() {
+    local missing=()
+    for tool in podman buildah runc debootstrap; do
+        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    [ "${SDTUNE_CONTAINER_INSTALL:-1}" = 1 ] || cannot "missing ${missing[*]} and SDTUNE_CONTAINER_INSTALL=0"
+    [ "$(id -u)" = 0 ] || cannot "missing ${missing[*]}; installing them needs root (apt-get install $APT_PACKAGES)"
+    command -v apt-get >/dev/null 2>&1 || cannot "missing ${missing[*]} and no apt-get to install them"
+    log "apt-get install $APT_PACKAGES"
+    local t0=$SECONDS
+    # shellcheck disable=SC2086  # a list of package names
+    if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $APT_PACKAGES; } >"$STATE/apt.log" 2>&1; then
+        tail -n 5 "$STATE/apt.log" >&2
+        cannot "apt-get install $APT_PACKAGES failed (log: $STATE/apt.log)"
+    fi
+    log "installed in $((SECONDS - t0)) s"
+}
+
+make_base() {
+    if podman image exists "$BASE_IMAGE"; then
+        log "base image $BASE_IMAGE is cached"
+        return 0
+    fi
+    [ "$(id -u)" = 0 ] || cannot "making the base image with debootstrap needs root"
+    local t0=$SECONDS root
+    root=$(mktemp -d "${TMPDIR:-/tmp}/sdtune-rootfs.XXXXXX")
+    log "debootstrap bookworm (minbase) from $DEBIAN_MIRROR"
+    if ! debootstrap --variant=minbase bookworm "$root" "$DEBIAN_MIRROR" >"$STATE/debootstrap.log" 2>&1; then
+        tail -n 5 "$STATE/debootstrap.log" >&2
+        rm -rf "$root"
+        cannot "debootstrap failed (log: $STATE/debootstrap.log)"
+    fi
+    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+    tar -C "$root" -c . | podman import --quiet - "$BASE_IMAGE" >/dev/null
+    rm -rf "$root"
+    log "base image $BASE_IMAGE made in $((SECONDS - t0)) s"
+}
+
+check_runs() {
+    local out
+    # Before the base image exists, `podman info` tells whether storage and runtime work at all.
+    if ! out=$(podman info --format '{{.Host.OCIRuntime.Name}}' 2>&1); then
+        cannot "podman info failed: $(printf '%s' "$out" | tail -n 1)"
+    fi
+}
+
+check_container() {
+    local out
+    if ! out=$(podman run --rm --pull=never --network none "$BASE_IMAGE" /bin/true 2>&1); then
+        cannot "podman run failed: $(printf '%s' "$out" | tail -n 1)"
+    fi
+}
+
+torch_wheel() {
+    # The CPU wheel, wherever this machine's pip finds it (a local find-links dir, a mirror), else the
+    # PyTorch CPU index. Never the multi-GB CUDA build.
+    local dest=$1 spec="torch==$TORCH_VERSION"
+    local opts=(download --quiet --no-deps --only-binary :all: --python-version 3.11
+        --implementation cp --platform manylinux_2_28_x86_64 --dest "$dest")
+    python3 -m pip "${opts[@]}" "$spec" 2>/dev/null ||
+        python3 -m pip "${opts[@]}" --index-url https://download.pytorch.org/whl/cpu "$spec"
+}
+
+build() {
+    local ctx=$1 tag=$2 t0=$SECONDS
+    [ -f "$ctx/docker/Dockerfile" ] || { echo "no $ctx/docker/Dockerfile" >&2; exit 2; }
+    ls "$ctx"/docker/torch-*.whl >/dev/null 2>&1 || torch_wheel "$ctx/docker"
+    local args=(build --pull=never --layers
+        --file "$ctx/docker/Dockerfile" --tag "$tag"
+        --build-arg "BASE_IMAGE=$BASE_IMAGE"
+        --build-arg "TORCH_VERSION=$TORCH_VERSION"
+        --build-arg "TORCH_INDEX_URL=$INDEX_URL")
+    if [ -s "$CA_BUNDLE" ]; then
+        args+=(--secret "id=ca_bundle,src=$CA_BUNDLE")
+    fi
+    log "podman ${args[*]} $ctx"
+    podman "${args[@]}" "$ctx"
+    log "image $tag built in $((SECONDS - t0)) s"
+}
+
+mkdir -p "$STATE"
+write_conf
+case ${1:-} in
+    setup)
+        install_deps
+        check_runs
+        make_base
+        check_container
+        echo "ready: base $BASE_IMAGE, CONTAINERS_CONF=$CONTAINERS_CONF"
+        ;;
+    build)
+        [ "$#" -eq 3 ] || { echo "usage: $0 build <context> <tag>" >&2; exit 2; }
+        build "$2" "$3"
+        ;;
+    env)
+        printf 'export CONTAINERS_CONF=%q\n' "$CONTAINERS_CONF"
+        ;;
+    *)
+        echo "usage: $0 setup | build <context> <tag> | env" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,190 @@
+"""Safe extraction of zip and tar archives.
+
+Every member is checked before a single byte is written: names must stay inside the target,
+links, devices and FIFOs are refused, and the total size and member count must fit the limits
+(an archive bomb is refused before it fills the disk). Files are then written one by one from
+the member streams, so nothing from the archive (modes, owners, link targets) reaches the disk
+except names that passed the checks and file contents.
+"""
+
+import re
+import shutil
+import stat
+import tarfile
+import zipfile
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+from sdtune.errors import UserError
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+JUNK_DIRS = {"__MACOSX"}
+JUNK_FILES = {".DS_Store", "Thumbs.db"}
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def archive_kind(path: Path, name: str | None = None) -> str | None:
+    """'tar', 'zip' or None, by content (downloads often have no telling name)."""
+    # tar first: its header checksum sits at the start, while zip's signature is searched near
+    # the end and could be found inside a tar whose last member is a zip.
+    if tarfile.is_tarfile(path):
+        return "tar"
+    if zipfile.is_zipfile(path):
+        return "zip"
+    if path.name.lower().endswith(ARCHIVE_SUFFIXES):
+        raise UserError(f"{name or path}: named like an archive but is not a readable zip or tar file")
+    return None
+
+
+def safe_relpath(name: str, where: str, what: str = "member") -> str | None:
+    """Normalise an archive member's (or bucket object's) name to a relative posix path, or refuse it.
+
+    Backslashes count as separators (zips made on Windows use them). Returns None for the root
+    itself ("./"). `where` names the archive or bucket in the message.
+    """
+    unified = name.replace("\\", "/")
+    if "\x00" in name:
+        problem = "has a NUL byte in its name"
+    elif not is_utf8(name):
+        problem = "has a name that is not valid UTF-8"
+    elif unified.startswith("/") or _DRIVE.match(unified):
+        problem = "has an absolute path"
+    elif ".." in unified.split("/"):
+        problem = "would land outside the target folder"
+    else:
+        return "/".join(p for p in unified.split("/") if p not in ("", ".")) or None
+    raise UserError(f"{where}: {what} {name!r} {problem} (refused)")
+
+
+def is_utf8(name: str) -> bool:
+    try:  # undecodable bytes arrive as lone surrogates, which every later hash and JSON write rejects
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def is_junk(rel: str) -> bool:
+    """macOS/Windows metadata: __MACOSX/, .DS_Store, AppleDouble ._files, Thumbs.db."""
+    parts = rel.split("/")
+    return bool(JUNK_DIRS.intersection(parts)) or parts[-1] in JUNK_FILES or parts[-1].startswith("._")
+
+
+class _Member(NamedTuple):
+    """What the checks need to know of a tar or zip member, format-free."""
+
+    name: str
+    kind: str  # "file", "dir", or what else it is, for the refusal message
+    size: int
+    ref: object  # the TarInfo or ZipInfo
+
+
+def _tar_members(tf: tarfile.TarFile) -> list[_Member]:
+    out = []
+    for m in tf.getmembers():
+        if m.isdir():
+            kind = "dir"
+        elif m.isfile():
+            kind = "file"
+        elif m.issym() or m.islnk():
+            kind = f"link to {m.linkname!r}"
+        elif m.ischr() or m.isblk():
+            kind = "device file"
+        elif m.isfifo():
+            kind = "FIFO"
+        else:
+            kind = f"unsupported type {m.type!r}"
+        out.append(_Member(m.name, kind, m.size if kind == "file" else 0, m))
+    return out
+
+
+def _zip_members(zf: zipfile.ZipFile) -> list[_Member]:
+    out = []
+    for info in zf.infolist():
+        mode = info.external_attr >> 16  # unix mode, when the zip was made on unix
+        if info.is_dir() or stat.S_ISDIR(mode):
+            kind = "dir"
+        elif stat.S_ISLNK(mode):
+            kind = "link"
+        elif stat.S_IFMT(mode) in (0, stat.S_IFREG):
+            kind = "file"
+        else:
+            kind = "device file or FIFO"
+        # zipfile stops reading at file_size and checks the CRC, so declared sizes cannot lie.
+        out.append(_Member(info.filename, kind, info.file_size, info))
+    return out
+
+
+def _check(members: list[_Member], where: str, dest: Path, max_bytes: int, max_files: int):
+    """All checks, before anything is written; returns (normalised name, member) pairs."""
+    if len(members) > max_files:
+        raise UserError(f"{where}: {len(members)} members exceed max_archive_files={max_files}; refusing the archive")
+    total = sum(m.size for m in members)
+    if total > max_bytes:
+        raise UserError(f"{where}: {total} bytes uncompressed exceed max_archive_bytes={max_bytes}; "
+                        "refusing the archive")
+    checked = []
+    for m in members:
+        rel = safe_relpath(m.name, where)
+        if m.kind not in ("file", "dir"):
+            raise UserError(f"{where}: member {m.name!r} is a {m.kind}; links and special files "
+                            "are not extracted, so the archive is refused")
+        if isinstance(m.ref, tarfile.TarInfo):
+            try:  # the standard library's own verdict, as a second opinion
+                tarfile.data_filter(m.ref, str(dest))
+            except tarfile.FilterError as err:
+                raise UserError(f"{where}: member {m.name!r} refused: {err}") from None
+        if rel is not None:
+            checked.append((rel, m))
+    return checked
+
+
+def extract(archive: Path, dest: Path, *, max_bytes: int, max_files: int, name: str | None = None) -> list[dict]:
+    """Extract a zip or tar (any compression) into `dest`, or refuse it whole with a UserError.
+
+    `dest` should be a temporary folder: a corrupt member found while writing leaves earlier
+    members behind. `name` is how messages call the archive (default: its path).
+    Returns the junk members left out, as {"file": member name, "reason": ...}.
+    """
+    archive, dest = Path(archive), Path(dest)
+    where = name or str(archive)
+    kind = archive_kind(archive, where)
+    if kind is None:
+        raise UserError(f"{where}: not a zip or tar archive")
+    try:
+        if kind == "tar":
+            with tarfile.open(archive, "r:*") as tf:
+                checked = _check(_tar_members(tf), where, dest, max_bytes, max_files)
+                return _write(checked, dest, where, tf.extractfile)
+        with zipfile.ZipFile(archive) as zf:
+            checked = _check(_zip_members(zf), where, dest, max_bytes, max_files)
+            return _write(checked, dest, where, zf.open)
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError) as err:
+        raise UserError(f"{where}: corrupt or truncated archive ({err})") from None
+
+
+def _write(checked, dest: Path, where: str, open_member) -> list[dict]:
+    skipped = []
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    for rel, m in checked:
+        if is_junk(rel):
+            if m.kind == "file":
+                skipped.append({"file": m.name, "reason": "macOS/Windows metadata"})
+            continue
+        target = root / rel
+        if not target.resolve().is_relative_to(root):  # belt and braces after safe_relpath
+            raise UserError(f"{where}: member {m.name!r} would land outside the target folder")
+        try:
+            if m.kind == "dir":
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open_member(m.ref) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        except RuntimeError as err:  # zipfile: encrypted member
+            raise UserError(f"{where}: member {m.name!r} cannot be read ({err})") from None
+        except (FileExistsError, NotADirectoryError, IsADirectoryError) as err:
+            raise UserError(f"{where}: member {m.name!r} clashes with another member ({err.strerror})") from None
+    return skipped

@@ -1,0 +1,208 @@
+"""Image checks: one verdict per file in the raw folder, and one way to load an image.
+
+Every later stage reads images through `load_rgb`, so an image kept here is an image the
+cache and the evaluation can open. A bad file becomes a verdict with a reason, never a traceback.
+"""
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from sdtune.errors import UserError
+from sdtune.io import sha256_file
+
+MAX_PIXELS = 178_956_970  # Pillow's own hard limit (2 x MAX_IMAGE_PIXELS)
+SIDECARS = (".txt", ".caption")
+WHITE = (255, 255, 255)
+
+
+class BadImage(UserError):
+    """A file that cannot be used as a training image; `reason` is the bare why."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
+
+
+@contextlib.contextmanager
+def _own_bomb_check():
+    # Pillow raises its own DecompressionBombError inside Image.open at a fixed limit; we check
+    # the header size against `max_pixels` ourselves, so the user's limit is the only one.
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+# Magic numbers of the common formats, to tell a damaged image from something that never was one.
+MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"GIF8": "GIF", b"II*\0": "TIFF", b"MM\0*": "TIFF"}
+
+
+def _why_unidentified(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(512)
+    for magic, fmt in MAGIC.items():
+        if head.startswith(magic):
+            return f"truncated or corrupt {fmt} header"
+    head = head.lstrip().lower()
+    if head.startswith(b"<"):
+        return f"not an image: looks like an HTML/XML page saved as '{path.suffix}' (a failed download?)"
+    try:
+        head.decode("utf-8")
+        return f"not an image: looks like a text file saved as '{path.suffix}'"
+    except UnicodeDecodeError:
+        return "not an image: Pillow cannot identify the format"
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def _kind(err: Exception, otherwise: str) -> str:
+    return "truncated" if "truncated" in str(err).lower() else otherwise
+
+
+def _eight_bit(im: Image.Image) -> Image.Image:
+    # 16/32-bit integer and float greyscale: Pillow's convert() clips instead of scaling.
+    arr = np.asarray(im, dtype=np.float64)
+    top = arr.max(initial=0)
+    scale = 1.0 if top <= 255 else 257.0 if top <= 65535 else top / 255.0
+    return Image.fromarray(np.clip(arr / scale, 0, 255).round().astype(np.uint8), "L")
+
+
+def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
+    if im.mode.startswith("I") or im.mode == "F":
+        im = _eight_bit(im)
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:  # some pixel is not fully opaque
+            notes.append("transparency composited on white")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _decode(path: Path, max_pixels: int) -> tuple[Image.Image, list[str]]:
+    """Open, check the header size, decode and normalise; every failure is a BadImage."""
+    notes = []
+    with _own_bomb_check():
+        try:
+            im = Image.open(path)  # reads the header only
+        except Image.UnidentifiedImageError:
+            raise BadImage(path, _why_unidentified(path)) from None
+        except Exception as err:  # noqa: BLE001 - any decoder error is a verdict, not a crash
+            raise BadImage(path, f"{_kind(err, 'unreadable image header')}: {_one_line(err)}") from None
+        with im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise BadImage(path, f"too many pixels: {w}x{h} = {w * h:,} > max_pixels {max_pixels:,} "
+                                     "(possible decompression bomb; not decoded)")
+            try:
+                frames = getattr(im, "n_frames", 1)
+                im.load()  # the first frame of an animation
+            except Exception as err:  # noqa: BLE001
+                raise BadImage(path, f"{_kind(err, 'corrupt image data')}: {_one_line(err)}") from None
+            if frames > 1:
+                notes.append(f"animated ({frames} frames): first frame used")
+            try:
+                rgb = _to_rgb(ImageOps.exif_transpose(im), notes)
+            except Exception as err:  # noqa: BLE001
+                raise BadImage(path, f"cannot convert {im.mode} image to RGB: {_one_line(err)}") from None
+    return rgb, notes
+
+
+def load_rgb(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and normalise: EXIF orientation applied, first frame of animations, 8-bit RGB
+    (CMYK, palette incl. transparency, LA/RGBA alpha composited on white, 16-bit scaled, greyscale).
+
+    Raises BadImage (a UserError naming the file) for anything that is not a usable image.
+    """
+    return _decode(Path(path), max_pixels)[0]
+
+
+def _files(raw_dir: Path):
+    """(relative posix path, path) for every entry that is not a folder, sorted; folder
+    symlinks are listed (and later skipped) rather than followed."""
+    def unlistable(err):
+        raise UserError(f"{err.filename}: cannot list folder ({err.strerror})")
+
+    found = []
+    for top, dirs, files in os.walk(raw_dir, onerror=unlistable):
+        paths = [Path(top) / n for n in files] + [Path(top) / n for n in dirs if (Path(top) / n).is_symlink()]
+        found += [(p.relative_to(raw_dir).as_posix(), p) for p in paths]
+    return sorted(found)
+
+
+def _is_sidecar_or_manifest(name: str) -> bool:
+    lower = name.lower()
+    return lower.endswith(SIDECARS) or lower == "manifest.json" or lower.endswith(".manifest.json")
+
+
+def _check_one(raw_dir: Path, path: Path, verdict: dict, seen: dict, *, min_side, too_small, max_pixels):
+    """Fill `verdict` in place; return the reason to skip, or None to keep."""
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.is_relative_to(raw_dir.resolve()):
+            return f"symlink pointing outside the raw folder (-> {os.readlink(path)}); not followed"
+        if not target.exists():
+            return f"broken symlink (-> {os.readlink(path)})"
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode):
+        return "symlink to a folder; not followed"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    verdict["sha256"] = sha256_file(path)
+    if verdict["sha256"] in seen:
+        return f"exact duplicate of {seen[verdict['sha256']]}"
+    try:
+        img, notes = _decode(path, max_pixels)
+    except BadImage as bad:
+        return bad.reason
+    verdict["width"], verdict["height"] = img.size
+    verdict["warnings"].extend(notes)
+    short = min(img.size)
+    if short < min_side:
+        if too_small == "skip":
+            return f"too small: short side {short} px < min_side {min_side}"
+        verdict["warnings"].append(f"short side {short} px < min_side {min_side}; will be upscaled")
+    seen[verdict["sha256"]] = verdict["file"]
+    return None
+
+
+def check_folder(raw_dir: Path, *, min_side: int, too_small: str = "upscale",
+                 max_pixels: int = MAX_PIXELS) -> list[dict]:
+    """One verdict per file in raw_dir (recursive, sorted by relative posix path), skipping sidecar
+    .txt/.caption files and the manifest:
+    {"file", "sha256", "status": "kept"|"skipped", "reason": str|None, "width", "height", "warnings": [..]}
+    """
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        raise UserError(f"{raw_dir}: not a folder (expected the fetched raw images)")
+    if too_small not in ("skip", "upscale"):
+        raise UserError(f"too_small: expected 'skip' or 'upscale' (got {too_small!r})")
+    seen = {}  # sha256 -> first kept file
+    verdicts = []
+    for rel, path in _files(raw_dir):
+        if _is_sidecar_or_manifest(path.name):
+            continue
+        verdict = {"file": rel, "sha256": None, "status": "kept", "reason": None,
+                   "width": None, "height": None, "warnings": []}
+        try:
+            reason = _check_one(raw_dir, path, verdict, seen, min_side=min_side,
+                                too_small=too_small, max_pixels=max_pixels)
+        except OSError as err:  # permissions, a file vanishing mid-run
+            reason = f"cannot read: {_one_line(err)}"
+        if reason is not None:
+            verdict.update(status="skipped", reason=reason)
+        verdicts.append(verdict)
+    return verdicts

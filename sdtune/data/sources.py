@@ -1,0 +1,366 @@
+"""Materialise a data source (local path, Google Drive, GCS, http(s), synthetic) into a folder.
+
+Each scheme is one function `get(ref, work, opts) -> Path` in SOURCES. It returns either a
+payload file (an archive or a single image, checked against the sha256 pin, then extracted or
+placed) or a folder it filled itself inside `work` (pinned by its manifest, then renamed in).
+`work` is a temporary folder beside dest: partial downloads live there and never reach dest.
+
+The sha256 pin is the hash of the payload file. For a folder source (local folder, gs:// prefix,
+Drive folder, synthetic) it is `tree_sha256(rows)`: the sha256 of the `sha256sum`-style listing
+"<sha256>  <file>\\n" of every file, sorted by path, which the shell gives (for names without
+backslashes or newlines, which sha256sum escapes) as
+    cd DEST && find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum
+
+Skipped entries (symlinks leaving a local folder, links to folders, special files, macOS/Windows
+junk) are appended to fetch's optional `skipped` list so the stage can report them.
+Downloads: http(s) retries with exponential backoff and resumes with Range within one call;
+gdown retries Drive downloads itself; google-cloud-storage applies its own retry policy.
+"""
+
+import os
+import re
+import shutil
+import stat
+import sys
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+from sdtune.data import synthetic
+from sdtune.data.extract import archive_kind, extract, is_junk, is_utf8, safe_relpath
+from sdtune.errors import UserError
+from sdtune.io import atomic_path, sha256_file, sha256_text
+
+SUPPORTED = ("a local folder, archive (.zip .tar .tar.gz .tgz .tar.bz2 .tar.xz) or image; "
+             "gdrive://<file id>; gdrive://folders/<folder id>; gs://<bucket>/<prefix>; "
+             "https://... or http://...; synthetic://<n>")
+BACKOFF_BASE = 1.0  # seconds before the first retry, doubling after; tests set it to 0
+HTTP_TIMEOUT = (15, 60)  # connect, between bytes
+RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+CHUNK = 1 << 16  # small: a dropped connection loses the chunk being read, the rest is resumed
+
+
+@dataclass
+class Options:
+    retries: int
+    skipped: list = field(default_factory=list)
+
+
+def fetch(source: str, dest: Path, *, sha256: str | None = None, retries: int = 4,
+          max_archive_bytes: int = 20 * 10**9, max_archive_files: int = 100_000,
+          skipped: list | None = None) -> list[dict]:
+    """Materialise `source` into the folder `dest` (absent or empty); see the module docstring.
+
+    Returns manifest rows sorted by file: {"file": posix path inside dest, "sha256", "size"}.
+    What was left out (symlinks leaving a local folder, special files, macOS junk) is appended
+    to `skipped`, when given, as {"file": path in the source, "reason": ...}.
+    Downloads are tried 1 + `retries` times.
+    """
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UserError(f"{dest}: already exists and is not an empty folder; remove it to fetch again")
+    pin = _parse_pin(sha256)
+    get, ref = _resolve(source)
+    opts = Options(retries=retries)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", suffix=".download", dir=dest.parent) as work, \
+            atomic_path(dest) as out:
+        got = get(ref, Path(work), opts)
+        if got.is_dir():
+            os.replace(got, out)
+            rows = manifest(out)
+            _check_pin(pin, tree_sha256(rows), source, "sorted manifest")
+        else:
+            refuse_html(got, source)  # first: a Drive error page may be named "data.zip", and fail the pin
+            _check_pin(pin, sha256_file(got), source, "downloaded file")
+            if archive_kind(got, source):
+                opts.skipped += extract(got, out, max_bytes=max_archive_bytes, max_files=max_archive_files,
+                                        name=source)
+            else:
+                out.mkdir()
+                shutil.copyfile(got, out / got.name)
+            rows = manifest(out)
+        if not rows:
+            raise UserError(f"{source}: no files found")
+    if skipped is not None:
+        skipped.extend(opts.skipped)
+    return rows
+
+
+def manifest(folder: Path) -> list[dict]:
+    rows = []
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            rows.append({"file": path.relative_to(folder).as_posix(), "sha256": sha256_file(path),
+                         "size": path.stat().st_size})
+    return sorted(rows, key=lambda r: r["file"])
+
+
+def tree_sha256(rows: list[dict]) -> str:
+    """The pin of a folder source: sha256 of its `sha256sum`-style sorted listing."""
+    return sha256_text("".join(f"{r['sha256']}  {r['file']}\n" for r in sorted(rows, key=lambda r: r["file"])))
+
+
+def _parse_pin(sha256: str | None) -> str | None:
+    if sha256 is None:
+        return None
+    pin = sha256.strip().lower().removeprefix("sha256:")
+    if not re.fullmatch(r"[0-9a-f]{64}", pin):
+        raise UserError(f"data.sha256: expected 64 hex digits, got {sha256!r}")
+    return pin
+
+
+def _check_pin(pin: str | None, actual: str, source: str, what: str) -> None:
+    if pin is not None and pin != actual:
+        raise UserError(f"{source}: sha256 mismatch: pinned {pin}, got {actual} (sha256 of the {what})")
+
+
+def _resolve(source: str):
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", source)
+    if m is None:
+        return _local, source
+    scheme, ref = m.group(1).lower(), m.group(2)
+    if scheme not in SOURCES:
+        raise UserError(f"data.source: unknown scheme in {source!r}; supported: {SUPPORTED}")
+    return SOURCES[scheme], (source if scheme in ("http", "https") else ref)
+
+
+def refuse_html(path: Path, source: str) -> None:
+    """An image set never holds HTML; Drive sends a page for quota, virus-scan or sharing problems."""
+    with open(path, "rb") as f:
+        head = f.read(1024).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        raise UserError(f"{source}: got an HTML page, not an image or archive (a Drive quota-exceeded, "
+                        "virus-scan or sign-in page, or a web page URL instead of a file)")
+
+
+def _one_line(err: Exception, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --- local ------------------------------------------------------------------------------------
+
+def _local(ref: str, work: Path, opts: Options) -> Path:
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise UserError(f"data.source: local path {ref!r} does not exist (remote sources: {SUPPORTED})")
+    if not path.is_dir():
+        return path  # an archive or a single image; read where it is
+    root = path.resolve()
+    if work.resolve().is_relative_to(root):
+        raise UserError(f"data.source: the destination lies inside the source folder {ref!r}")
+    tree = work / "tree"
+    tree.mkdir()
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            src = here / name
+            rel = src.relative_to(root).as_posix()
+            reason = _skip_reason(src, root, rel)
+            if reason:  # the name, made printable: a non-UTF-8 one would break the JSON report
+                opts.skipped.append({"file": os.fsencode(rel).decode("utf-8", "replace"), "reason": reason})
+                if name in dirnames:
+                    dirnames.remove(name)
+            elif src.is_dir():
+                (tree / rel).mkdir()
+            else:
+                shutil.copyfile(src, tree / rel)  # follows an inside symlink: its content is copied
+    return tree
+
+
+def _skip_reason(src: Path, root: Path, rel: str) -> str | None:
+    if not is_utf8(rel):
+        return "name is not valid UTF-8"
+    if is_junk(rel):
+        return "macOS/Windows metadata"
+    if src.is_symlink():
+        try:
+            target = src.resolve()
+        except (OSError, RuntimeError):
+            return "symlink loop"
+        if not target.is_relative_to(root):
+            return f"symlink to {target}, outside the source folder (not followed)"
+        if not target.exists():
+            return "broken symlink"
+        if target.is_dir():
+            return "symlink to a folder (not followed)"
+    mode = src.stat().st_mode  # the target's, for a symlink that stays inside
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return "not a regular file (device, FIFO or socket)"
+    return None
+
+
+# --- http(s) ----------------------------------------------------------------------------------
+
+class _Retry(Exception):
+    """A failure worth another try: 5xx, 429, a dropped connection, a short body."""
+
+
+def _http(url: str, work: Path, opts: Options) -> Path:
+    name = _safe_name(urllib.parse.unquote(urllib.parse.urlparse(url).path.rsplit("/", 1)[-1]))
+    part = work / f"{name}.part"
+    state = {}  # the validator (ETag / Last-Modified) a resumed range must match
+    for attempt in range(opts.retries + 1):
+        if attempt:
+            time.sleep(BACKOFF_BASE * 2 ** (attempt - 1))
+        try:
+            name = _http_attempt(url, part, state) or name
+            break
+        except (_Retry, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+            last = err
+            print(f"fetch: {url}: try {attempt + 1}/{opts.retries + 1} failed: {_one_line(err)}", file=sys.stderr)
+        except requests.RequestException as err:  # a malformed URL, too many redirects...: no retry helps
+            raise UserError(f"{url}: {_one_line(err)}") from None
+    else:
+        raise UserError(f"{url}: download failed after {opts.retries + 1} tries: {_one_line(last)}")
+    final = work / name
+    os.replace(part, final)
+    return final
+
+
+def _http_attempt(url: str, part: Path, state: dict) -> str | None:
+    """Download (or resume) into `part`; returns the server's file name if it gave one."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Accept-Encoding": "identity"}  # byte offsets must count the bytes on disk
+    if have:
+        headers["Range"] = f"bytes={have}-"
+        if state.get("validator"):
+            headers["If-Range"] = state["validator"]  # a changed file comes back whole, not spliced
+    with requests.get(url, headers=headers, stream=True, timeout=HTTP_TIMEOUT) as r:
+        if r.status_code == 416 and have:
+            part.unlink()
+            raise _Retry("HTTP 416: the partial download no longer fits the file; starting over")
+        if r.status_code in RETRY_STATUS:
+            raise _Retry(f"HTTP {r.status_code} {r.reason}")
+        if r.status_code >= 400:
+            raise UserError(f"{url}: HTTP {r.status_code} {r.reason}")
+        etag = r.headers.get("ETag", "")
+        state["validator"] = etag if etag and not etag.startswith("W/") else r.headers.get("Last-Modified")
+        resumed = r.status_code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+        if r.status_code == 206 and not (have and resumed):
+            part.unlink(missing_ok=True)
+            raise _Retry(f"server sent a byte range we did not ask for ({r.headers.get('Content-Range')})")
+        offset = have if resumed else 0
+        length = r.headers.get("Content-Length")
+        total = offset + int(length) if length and length.isdigit() else None
+        with open(part, "ab" if resumed else "wb") as f, \
+                tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.stem, disable=None) as bar:
+            for chunk in r.iter_content(CHUNK):
+                f.write(chunk)
+                bar.update(len(chunk))
+        size = part.stat().st_size
+        if total is not None and size != total:
+            raise _Retry(f"connection closed after {size} of {total} bytes")
+        m = re.search(r'filename\*?=(?:UTF-8\'\')?"?([^";]+)', r.headers.get("Content-Disposition", ""), re.I)
+        return _safe_name(urllib.parse.unquote(m.group(1))) if m else None
+
+
+def _safe_name(name: str) -> str:
+    name = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return name if name not in ("", ".", "..") else "download"
+
+
+# --- Google Drive (gdown) ---------------------------------------------------------------------
+
+def _gdrive(ref: str, work: Path, opts: Options) -> Path:
+    import gdown  # only this source needs it
+    from gdown.exceptions import DownloadError, FileURLRetrievalError
+
+    folder = ref.startswith("folders/")
+    drive_id = ref.removeprefix("folders/").strip("/")
+    if not re.fullmatch(r"[-\w]+", drive_id):
+        raise UserError(f"data.source: gdrive://{ref}: expected gdrive://<file id> or gdrive://folders/<folder id>")
+    # use_cookies=False: no state read from or written to ~/.cache/gdown, so runs repeat.
+    try:
+        if not folder:
+            return Path(gdown.download(id=drive_id, output=f"{work}{os.sep}", use_cookies=False,
+                                       retries=opts.retries))
+        tree = work / "tree"
+        gdown.download_folder(id=drive_id, output=str(tree), use_cookies=False, retries=opts.retries)
+    except FileURLRetrievalError as err:
+        raise UserError(f"gdrive://{ref}: Google Drive sent an HTML page instead of the file; is it shared "
+                        f"'Anyone with the link', or is its download quota exceeded? ({_one_line(err)})") from None
+    except (DownloadError, requests.RequestException) as err:
+        raise UserError(f"gdrive://{ref}: download failed: {_one_line(err)}") from None
+    for path in sorted(tree.rglob("*")):
+        if path.is_file():
+            refuse_html(path, f"gdrive://{ref} file {path.relative_to(tree).as_posix()!r}")
+    return tree
+
+
+# --- Google Cloud Storage ---------------------------------------------------------------------
+
+def _gcs_client():
+    import google.auth
+    from google.auth.credentials import AnonymousCredentials
+    from google.auth.exceptions import DefaultCredentialsError
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        return storage.Client(credentials=AnonymousCredentials(), project=None)
+    try:
+        creds, project = google.auth.default(scopes=["https://www.googleapis.com/auth/devstorage.read_only"])
+    except DefaultCredentialsError:
+        raise UserError("gs://: no Google Application Default Credentials; run `gcloud auth application-default "
+                        "login` or set GOOGLE_APPLICATION_CREDENTIALS") from None
+    return storage.Client(credentials=creds, project=project)  # project may be None: reads need none
+
+
+def _gcs(ref: str, work: Path, opts: Options) -> Path:
+    from google.api_core import exceptions as gexc
+    from google.auth.exceptions import GoogleAuthError
+
+    bucket_name, _, prefix = ref.partition("/")
+    if not bucket_name:
+        raise UserError(f"data.source: gs://{ref}: expected gs://<bucket>/<prefix>")
+    client = _gcs_client()
+    try:
+        if prefix and not prefix.endswith("/"):
+            blob = client.bucket(bucket_name).get_blob(prefix)
+            if blob is not None:  # one object: an archive or a single image
+                path = work / _safe_name(prefix)
+                blob.download_to_filename(path)
+                return path
+            prefix += "/"  # a folder: "raw/a" must not match "raw/ab/..."
+        blobs = [b for b in client.list_blobs(bucket_name, prefix=prefix) if not b.name.endswith("/")]
+        if not blobs:
+            raise UserError(f"gs://{ref}: no objects under this prefix")
+        tree = work / "tree"
+        for blob in tqdm(blobs, unit="file", desc=f"gs://{bucket_name}", disable=None):
+            rel = safe_relpath(blob.name[len(prefix):], f"gs://{bucket_name}", "object")
+            if rel is None or is_junk(rel):
+                if rel:
+                    opts.skipped.append({"file": rel, "reason": "macOS/Windows metadata"})
+                continue
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            blob.download_to_filename(tree / rel)  # the client retries and checks the object's hash
+        return tree
+    except gexc.NotFound:  # a missing object gives None above, so this is the bucket
+        raise UserError(f"gs://{ref}: bucket {bucket_name!r} not found") from None
+    except gexc.Forbidden as err:
+        raise UserError(f"gs://{ref}: permission denied; the credentials need storage.objects.get and "
+                        f"storage.objects.list ({_one_line(err, 120)})") from None
+    except GoogleAuthError as err:  # e.g. expired user credentials
+        raise UserError(f"gs://{ref}: Google credentials could not be used ({_one_line(err, 120)}); run "
+                        "`gcloud auth application-default login`") from None
+    except (gexc.GoogleAPIError, requests.RequestException) as err:
+        raise UserError(f"gs://{ref}: {_one_line(err)}") from None
+
+
+# --- synthetic --------------------------------------------------------------------------------
+
+def _synthetic(ref: str, work: Path, opts: Options) -> Path:
+    if not ref.isdigit() or int(ref) < 1:
+        raise UserError(f"data.source: synthetic://{ref}: expected synthetic://<number of images>")
+    tree = work / "tree"
+    synthetic.generate(tree, int(ref))
+    return tree
+
+
+SOURCES = {"gdrive": _gdrive, "gs": _gcs, "http": _http, "https": _http, "synthetic": _synthetic}

@@ -1,0 +1,1 @@
+"""Evaluation: CLIP loading and the metrics the evaluate stage reports."""

@@ -1,0 +1,37 @@
+"""What people look at: the prompt x variant image grid and the Markdown table."""
+
+from PIL import Image, ImageDraw
+
+from sdtune import io
+
+LABEL_H = 14
+
+
+def grid(columns: dict, out_png, cell: int | None = None) -> tuple[int, int]:
+    """columns: {variant: [PIL images, one per prompt x seed]} -> one PNG, a column per variant."""
+    names = list(columns)
+    rows = len(columns[names[0]])
+    cell = cell or columns[names[0]][0].size[0]
+    sheet = Image.new("RGB", (cell * len(names), LABEL_H + cell * rows), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, name in enumerate(names):
+        draw.text((c * cell + 2, 1), name[: cell // 6], fill="black")
+        for r, img in enumerate(columns[name]):
+            sheet.paste(img.convert("RGB").resize((cell, cell)), (c * cell, LABEL_H + r * cell))
+    with io.atomic_path(out_png) as tmp:
+        sheet.save(tmp, format="PNG")
+    return sheet.size
+
+
+COLUMNS = [("variant", "{}"), ("clip_score", "{:.2f}"), ("fid", "{:.2f}"), ("kid", "{:.4f}"),
+           ("style_similarity", "{:.3f}"), ("psnr_to_lora", "{:.1f}"), ("lpips_like_to_lora", "{:.4f}"),
+           ("latency_s", "{:.3f}"), ("peak_memory_mib", "{:.0f}"), ("denoiser_mib", "{:.1f}")]
+
+
+def markdown(records: list[dict]) -> str:
+    head = "| " + " | ".join(name for name, _ in COLUMNS) + " |"
+    rule = "|" + "---|" * len(COLUMNS)
+    lines = [head, rule]
+    for rec in records:
+        lines.append("| " + " | ".join(fmt.format(rec[name]) for name, fmt in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,10 @@
+"""Profiling of training steps: where the time, FLOPs, bytes and dollars go.
+
+Modules (import the one you need; `charts` pulls in matplotlib):
+  phases    PhaseTimer (per-phase wall clock + profiler ranges), trace() -> Chrome trace
+  flops     count_flops(), achieved_tflops()
+  hardware  peak_tflops() from a datasheet table or a measured GEMM ceiling, mfu()
+  memory    peak_memory(), breakdown(), activations(), snapshot()
+  charts    phase_chart(), bar_chart()
+  cost      cost(), PRICES (approximate GCP on-demand prices)
+"""

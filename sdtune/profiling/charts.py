@@ -1,0 +1,62 @@
+"""PNG charts for the profile report.
+
+Uses matplotlib's object API (Figure + Agg canvas) rather than pyplot: no global figure state and
+no display backend to pick, so it runs the same headless, in threads and in tests.
+"""
+
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sdtune.io import atomic_path
+
+
+def _save(fig: Figure, out_png) -> None:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    with atomic_path(Path(out_png)) as tmp:
+        # The temporary name has no .png suffix, so the format is given explicitly.
+        fig.savefig(tmp, format="png", dpi=120)
+
+
+def phase_chart(summary: dict, out_png, title: str = "Time per training step") -> None:
+    """Stacked horizontal bars of mean phase times, one bar per config.
+
+    `summary` is one PhaseTimer.summary() or a {config label: summary} mapping. Means are stacked
+    because they add up to the mean step; the rest of the step is drawn as "untimed".
+    """
+    configs = {"run": summary} if "phases" in summary else summary
+    names = list(dict.fromkeys(n for s in configs.values() for n in s["phases"]))
+    labels = list(configs)
+    fig = Figure(figsize=(8, 1.2 + 0.5 * len(labels)))
+    ax = fig.add_subplot()
+    left = [0.0] * len(labels)
+    for name in names + ["untimed"]:
+        widths = []
+        for i, s in enumerate(configs.values()):
+            if name == "untimed":
+                widths.append(max(0.0, s["step_mean_ms"] - left[i]))
+            else:
+                widths.append(s["phases"].get(name, {}).get("mean_ms", 0.0))
+        ax.barh(labels, widths, left=left, label=name, color="lightgrey" if name == "untimed" else None)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_xlabel("ms (mean over measured steps)")
+    ax.set_title(title)
+    ax.invert_yaxis()  # first config on top, as listed
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    _save(fig, out_png)
+
+
+def bar_chart(rows, key: str, out_png, title: str, label: str = "name") -> None:
+    """One bar per matrix cell: `row[key]` against `row[label]`. A missing value shows as "n/a"."""
+    labels = [str(r.get(label, i)) for i, r in enumerate(rows)]
+    values = [r.get(key) for r in rows]
+    fig = Figure(figsize=(max(4, 1 + 0.8 * len(rows)), 4))
+    ax = fig.add_subplot()
+    bars = ax.bar(labels, [v or 0 for v in values])
+    ax.bar_label(bars, labels=["n/a" if v is None else f"{v:.3g}" for v in values], fontsize="small")
+    ax.set_ylabel(key)
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=30)
+    _save(fig, out_png)

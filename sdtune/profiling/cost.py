@@ -1,0 +1,38 @@
+"""Dollar cost of a run from its step time and an hourly price."""
+
+from sdtune.errors import UserError
+
+# On-demand hourly prices (USD) in us-central1, VM + attached GPUs, no sustained-use or committed
+# discounts. Recalled from the GCP pricing page, not fetched (this project builds offline):
+# approximate, check https://cloud.google.com/compute/gpus-pricing before quoting them.
+PRICES_AS_OF = "2025-01 (approximate)"
+PRICES_NOTE = "approximate, check the GCP pricing page: https://cloud.google.com/compute/gpus-pricing"
+PRICES = {
+    "g2-standard-4": {"usd_per_hour": 0.71, "gpus": "1x NVIDIA L4"},
+    "g2-standard-8": {"usd_per_hour": 0.85, "gpus": "1x NVIDIA L4"},
+    "g2-standard-16": {"usd_per_hour": 1.15, "gpus": "1x NVIDIA L4"},
+    "a2-highgpu-1g": {"usd_per_hour": 3.67, "gpus": "1x NVIDIA A100 40GB"},
+    "a2-ultragpu-1g": {"usd_per_hour": 5.07, "gpus": "1x NVIDIA A100 80GB"},
+    "a3-highgpu-8g": {"usd_per_hour": 88.49, "gpus": "8x NVIDIA H100 80GB"},
+}
+REGION = "us-central1"
+
+
+def hourly_price(machine_type: str) -> float:
+    """The table's hourly USD price of a machine type; a clear error for one not in it."""
+    if machine_type not in PRICES:
+        known = ", ".join(PRICES)
+        raise UserError(f"no price for machine type '{machine_type}'; known: {known} (or give usd_per_hour)")
+    return PRICES[machine_type]["usd_per_hour"]
+
+
+def cost(step_seconds: float, steps: int, hourly_usd: float) -> dict:
+    """USD per 1000 steps and for `steps` steps, at `hourly_usd` for the machine's wall time.
+
+    Counts training steps only: start-up, data caching and evaluation are extra.
+    """
+    usd_per_second = hourly_usd / 3600
+    return {
+        "usd_per_1000_steps": step_seconds * 1000 * usd_per_second,
+        "usd_per_run": step_seconds * steps * usd_per_second,
+    }

@@ -1,0 +1,90 @@
+"""Peak TFLOP/s of the device, and MFU against it.
+
+On a known GPU the peak is the vendor datasheet's dense (no 2:4 sparsity) tensor-core number;
+elsewhere (CPU, an unknown GPU) it is a GEMM ceiling measured on the spot, which is a fairer
+denominator than any nominal number for hardware we cannot look up.
+"""
+
+import re
+import time
+
+import torch
+
+# Dense TFLOP/s from NVIDIA datasheets. Ordered: the first regex that matches the upper-cased
+# torch.cuda.get_device_name() wins. fp32 is the non-tensor-core rate; tf32 applies when fp32
+# matmuls are allowed to use TF32 (see _tf32_enabled). NVL variants are left out on purpose:
+# their clocks differ, and an unknown name falls back to a measured ceiling.
+PEAKS = [
+    (r"\bL4\b", "L4", {"bf16": 121, "fp16": 121, "tf32": 60, "fp32": 30.3}),
+    (r"\bL40S\b", "L40S", {"bf16": 362, "fp16": 362, "tf32": 183, "fp32": 91.6}),
+    (r"\bA100\b", "A100", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}),
+    (r"\bH100\b.*PCIE", "H100 PCIe", {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51}),
+    (r"\bH100\b.*(SXM|HBM3)", "H100 SXM", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67}),
+    (r"\bH200\b(?!.*NVL)", "H200", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67}),
+    (r"\bT4\b", "T4", {"fp16": 65, "fp32": 8.1}),
+]
+
+_DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _tf32_enabled() -> bool:
+    # Reflects both torch.backends.cuda.matmul.allow_tf32 and set_float32_matmul_precision;
+    # the legacy getters raise once the new and old APIs have been mixed, this one does not.
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+def datasheet_peak(device_name: str, dtype: torch.dtype):
+    """(tflops, table name) for a GPU name and dtype, or None when not in the table."""
+    key = _DTYPE_KEYS.get(dtype)
+    if key == "fp32" and _tf32_enabled():
+        key = "tf32"
+    upper = device_name.upper()
+    for pattern, name, peaks in PEAKS:
+        if re.search(pattern, upper):
+            return (peaks[key], name) if key in peaks else None
+    return None
+
+
+def _matmul_seconds(a, b, repeats: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def measured_matmul_tflops(device="cpu", dtype=torch.float32, n=None, repeats=None, trials=3) -> float:
+    """Best-of-`trials` TFLOP/s of `repeats` n×n @ n×n matmuls on `device`: a practical ceiling.
+
+    Defaults keep it quick: n=1024 × 4 on CPU, n=8192 × 20 on CUDA. Best-of, because a slower trial
+    means interference (another process, a clock ramp), not a lower ceiling.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 1024)
+    repeats = repeats or (20 if cuda else 4)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    _matmul_seconds(a, b, 1, device)  # warm-up: library init, thread pool, cuBLAS handles
+    best = min(_matmul_seconds(a, b, repeats, device) for _ in range(trials))
+    return 2 * n**3 * repeats / best / 1e12
+
+
+def peak_tflops(device="cpu", dtype=torch.float32):
+    """(TFLOP/s, source): source is "datasheet:<name>" for a known GPU, else "measured"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        found = datasheet_peak(torch.cuda.get_device_name(device), dtype)
+        if found:
+            return float(found[0]), f"datasheet:{found[1]}"
+    return measured_matmul_tflops(device, dtype), "measured"
+
+
+def mfu(flops_per_step: int, step_seconds: float, peak: float) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s over `peak` TFLOP/s."""
+    if step_seconds <= 0 or peak <= 0:
+        raise ValueError(f"step_seconds and peak must be > 0, got {step_seconds}, {peak}")
+    return flops_per_step / step_seconds / (peak * 1e12)

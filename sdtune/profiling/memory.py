@@ -1,0 +1,92 @@
+"""Where the bytes go: peak memory, a weights/gradients/optimizer breakdown, CUDA snapshots."""
+
+import contextlib
+import resource
+import sys
+
+import torch
+
+from sdtune.io import atomic_path
+
+
+def reset_peak(device) -> None:
+    """Start a fresh CUDA peak. CPU peak RSS is a process lifetime maximum and cannot be reset."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device) -> dict:
+    """Peak memory so far. `peak_bytes` is the number to compare across runs on the same device.
+
+    CUDA: tensors allocated (max_memory_allocated) and held by the caching allocator (reserved).
+    CPU: the process's peak resident set, which includes Python, libraries and allocator caches.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        allocated = torch.cuda.max_memory_allocated(device)
+        return {
+            "peak_bytes": allocated,
+            "allocated_bytes": allocated,
+            "reserved_bytes": torch.cuda.max_memory_reserved(device),
+            "source": "torch.cuda.max_memory_allocated",
+        }
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in kilobytes on Linux but bytes on macOS.
+    rss = rss if sys.platform == "darwin" else rss * 1024
+    return {"peak_bytes": rss, "rss_bytes": rss, "source": "getrusage peak RSS (whole process)"}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def breakdown(model: torch.nn.Module, optimizer=None) -> dict:
+    """Bytes of parameters (all / trainable), of their gradients and of the optimizer state.
+
+    Buffers are not counted as weights. Counted from the tensors themselves, so it holds for any
+    dtype mix (e.g. a bf16 frozen base with float32 LoRA adapters).
+    """
+    params = list(model.parameters())
+    optimizer_bytes = 0
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            optimizer_bytes += sum(_nbytes(v) for v in state.values() if torch.is_tensor(v))
+    return {
+        "weights_bytes": sum(_nbytes(p) for p in params),
+        "trainable_bytes": sum(_nbytes(p) for p in params if p.requires_grad),
+        "gradients_bytes": sum(_nbytes(p.grad) for p in params if p.grad is not None),
+        "optimizer_bytes": optimizer_bytes,
+    }
+
+
+def activations(parts: dict, peak: dict, device) -> dict:
+    """Activation bytes estimated as peak allocated minus weights, gradients and optimizer state.
+
+    Only on CUDA, where the peak counts tensors alone; the estimate also holds temporaries such as
+    workspaces. On CPU the peak is a process RSS, so subtracting tensor bytes would mean nothing.
+    """
+    if torch.device(device).type != "cuda":
+        return {"activations_bytes": None, "activations_note": "not measured on CPU: peak RSS is not a tensor count"}
+    rest = parts["weights_bytes"] + parts["gradients_bytes"] + parts["optimizer_bytes"]
+    return {
+        "activations_bytes": max(0, peak["allocated_bytes"] - rest),
+        "activations_note": "peak allocated minus weights, gradients and optimizer state",
+    }
+
+
+@contextlib.contextmanager
+def snapshot(path, device, max_entries: int = 100_000):
+    """Record CUDA allocator history inside the block and dump it to `path` (a pickle for
+    https://pytorch.org/memory_viz). A no-op on CPU, so callers need not check the device."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    # max_entries bounds the ring buffer: the default is unbounded and grows with every alloc.
+    torch.cuda.memory._record_memory_history(max_entries=max_entries)
+    try:
+        yield
+        with atomic_path(path) as tmp:
+            torch.cuda.memory._dump_snapshot(str(tmp))
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)

@@ -1,0 +1,94 @@
+"""evaluate: sample fixed prompts x seeds from base, base+LoRA and every quantized variant.
+
+Writes reports/eval.json (a record per variant: CLIP score, FID, KID, style similarity,
+fidelity to base+LoRA, latency, peak memory, bytes), reports/eval.md, the grid
+reports/samples/grid.png and reports/eval_plot.json (for DVC plots).
+"""
+
+from pathlib import Path
+
+import torch
+
+from sdtune import families, io, params as params_lib, quantize, runtime
+from sdtune.data import cache as cache_lib
+from sdtune.errors import UserError, main_guard
+from sdtune.evaluate import clip as clip_lib, generate, metrics, report
+
+LORA_DIR, QUANT_DIR, CAPTIONS, RAW = "models/lora", Path("models/quantized"), "data/captions.jsonl", "data/raw"
+REPORT, TABLE, GRID, PLOT = "reports/eval.json", "reports/eval.md", "reports/samples/grid.png", "reports/eval_plot.json"
+
+
+def read_prompts(path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"evaluate.prompts: {path} not found (one prompt per line)")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+               if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise UserError(f"evaluate.prompts: {path} holds no prompt (one per line, # for comments)")
+    return prompts
+
+
+def variants(params):
+    """(name, pipeline kwargs) for base, base+LoRA and each saved quantized variant, in order."""
+    out = [("base", {}), ("lora", {"lora_dir": LORA_DIR})]
+    for row in io.read_json("reports/quantize.json")["variants"]:
+        kwargs = {"variant_dir": QUANT_DIR / row["variant"], "method": row["method"]}
+        if row["lora"] == "adapter":
+            kwargs["lora_dir"] = LORA_DIR
+        out.append((row["variant"], kwargs))
+    return out
+
+
+def real_images(params) -> list:
+    rows = io.read_jsonl(CAPTIONS)
+    size = params.model.resolution
+    return [((cache_lib.prepare(Path(RAW) / r["file"], size, True)[0] + 1) * 127.5).round().clamp(0, 255)
+            .to(torch.uint8) for r in rows]
+
+
+def evaluate_one(pipe, p, prompts, device, size):
+    samples = generate.sample_all(pipe, prompts, p.seeds, steps=p.steps, guidance=p.guidance_scale, size=size)
+    one = lambda: generate.sample(pipe, prompts[0], p.seeds[0], steps=p.steps, guidance=p.guidance_scale, size=size)
+    latency = metrics.time_it(one, repeats=p.latency_repeats, warmup=1, sync=device)["median_s"]
+    return [img for _, _, img in samples], latency
+
+
+@main_guard
+def main():
+    params = params_lib.load()
+    p, size = params.evaluate, params.model.resolution
+    family = families.get(params.model.family)
+    device = runtime.device(params.base)
+    prompts = read_prompts(p.prompts)
+    with runtime.stage("evaluate"):
+        clip = clip_lib.load_clip(p.clip_model, p.clip_revision, device=device)
+        real = real_images(params)
+        extractor = metrics.fid_extractor(p.fid_extractor, clip)
+        images, records = {}, []
+        for name, kwargs in variants(params):
+            metrics.reset_peak_memory(device)
+            pipe = generate.pipeline(family, params.model, device, lora_scale=p.lora_scale, **kwargs)
+            images[name], latency = evaluate_one(pipe, p, prompts, device, size)
+            denoiser = getattr(pipe, family.DENOISER_ATTR)
+            records.append({"variant": name, "latency_s": latency,
+                            "peak_memory_mib": metrics.peak_memory(device) / 2**20,
+                            "denoiser_mib": quantize.tensor_bytes(denoiser) / 2**20})
+            del pipe, denoiser
+        paired = [f"{pr}" for pr in prompts for _ in p.seeds]
+        for rec in records:
+            fake = images[rec["variant"]]
+            fid, kid, _ = metrics.fid_kid(real, fake, extractor)
+            fidelity = metrics.fidelity(fake, images["lora"], clip)
+            rec |= {"clip_score": metrics.clip_score(fake, paired, clip), "fid": fid, "kid": kid,
+                    "style_similarity": metrics.style_similarity(fake, real, clip),
+                    "psnr_to_lora": fidelity["psnr"], "lpips_like_to_lora": fidelity["lpips_like"]}
+        report.grid(images, GRID)
+        io.write_json(REPORT, {r["variant"]: {k: v for k, v in r.items() if k != "variant"} for r in records})
+        io.write_json(PLOT, records)
+        io.write_text(TABLE, report.markdown(records))
+    print(report.markdown(records))
+
+
+if __name__ == "__main__":
+    main()

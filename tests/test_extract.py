@@ -1,0 +1,168 @@
+"""Safe extraction: real archives on disk, well-formed and hostile."""
+
+import io
+import stat
+import tarfile
+import zipfile
+
+import pytest
+
+from sdtune.data.extract import archive_kind, extract, safe_relpath
+from sdtune.errors import UserError
+
+LIMITS = {"max_bytes": 10**6, "max_files": 100}
+GOOD = {
+    "set/a painting.png": b"\x89PNG fake one",
+    "set/ünïcødé/été 2.jpg": b"\xff\xd8 fake two",
+    "set/a painting.txt": b"a caption\n",
+}
+JUNK = {"__MACOSX/set/._a painting.png": b"apple", "set/.DS_Store": b"finder", "set/._x.png": b"apple"}
+
+
+def make_tar(path, members, mode="w"):
+    """members: name -> bytes, or name -> TarInfo field overrides (for links, devices...)."""
+    with tarfile.open(path, mode) as tf:
+        for name, spec in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(spec, bytes):
+                info.size = len(spec)
+                tf.addfile(info, io.BytesIO(spec))
+            else:
+                for key, value in spec.items():
+                    setattr(info, key, value)
+                tf.addfile(info)
+    return path
+
+
+def make_zip(path, members):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            if isinstance(data, zipfile.ZipInfo):
+                zf.writestr(data, b"/etc/passwd")
+            else:
+                zf.writestr(name, data)
+    return path
+
+
+def files_in(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("suffix,mode", [(".tar", "w"), (".tar.gz", "w:gz"), (".tgz", "w:gz"),
+                                         (".tar.bz2", "w:bz2"), (".tar.xz", "w:xz"), (".zip", None)])
+def test_extracts_every_format_with_unicode_names_and_drops_junk(tmp_path, suffix, mode):
+    members = {**GOOD, **JUNK, "./": {"type": tarfile.DIRTYPE}} if mode else {**GOOD, **JUNK}
+    path = tmp_path / f"set{suffix}"
+    make_tar(path, members, mode) if mode else make_zip(path, members)
+    skipped = extract(path, tmp_path / "out", **LIMITS)
+    assert files_in(tmp_path / "out") == GOOD
+    assert sorted(s["file"] for s in skipped) == sorted(JUNK)
+    assert archive_kind(path) == ("tar" if mode else "zip")
+
+
+def test_windows_backslash_names_become_folders(tmp_path):
+    path = make_zip(tmp_path / "win.zip", {"set\\one.png": b"x"})
+    extract(path, tmp_path / "out", **LIMITS)
+    assert files_in(tmp_path / "out") == {"set/one.png": b"x"}
+
+
+def _zip_link():
+    info = zipfile.ZipInfo("set/link.png")
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info
+
+
+def _zip_fifo():
+    info = zipfile.ZipInfo("set/pipe")
+    info.external_attr = (stat.S_IFIFO | 0o644) << 16
+    return info
+
+
+TAR_ATTACKS = [
+    ("../evil.png", b"x", "outside the target folder"),
+    ("set/../../evil.png", b"x", "outside the target folder"),
+    ("/etc/evil.png", b"x", "absolute path"),
+    ("set/link.png", {"type": tarfile.SYMTYPE, "linkname": "/etc/passwd"}, "link"),
+    ("set/inside-link.png", {"type": tarfile.SYMTYPE, "linkname": "a painting.png"}, "link"),
+    ("set/hard.png", {"type": tarfile.LNKTYPE, "linkname": "../../etc/passwd"}, "link"),
+    ("set/pipe", {"type": tarfile.FIFOTYPE}, "FIFO"),
+    ("set/tty", {"type": tarfile.CHRTYPE, "devmajor": 4, "devminor": 1}, "device"),
+]
+ZIP_ATTACKS = [
+    ("../evil.png", b"x", "outside the target folder"),
+    ("..\\..\\evil.png", b"x", "outside the target folder"),
+    ("/etc/evil.png", b"x", "absolute path"),
+    ("C:\\Windows\\evil.png", b"x", "absolute path"),
+    ("C:/evil.png", b"x", "absolute path"),
+    ("set/link.png", _zip_link(), "link"),
+    ("set/pipe", _zip_fifo(), "FIFO"),
+]
+
+
+@pytest.mark.parametrize("name,spec,problem", TAR_ATTACKS, ids=[a[0] for a in TAR_ATTACKS])
+def test_hostile_tar_is_refused_before_writing_anything(tmp_path, name, spec, problem):
+    path = make_tar(tmp_path / "bad.tar.gz", {**GOOD, name: spec}, "w:gz")
+    with pytest.raises(UserError, match=problem) as err:
+        extract(path, tmp_path / "out", **LIMITS)
+    assert repr(name) in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists() or files_in(tmp_path / "out") == {}
+    assert not (tmp_path / "evil.png").exists()
+
+
+@pytest.mark.parametrize("name,spec,problem", ZIP_ATTACKS, ids=[a[0] for a in ZIP_ATTACKS])
+def test_hostile_zip_is_refused_before_writing_anything(tmp_path, name, spec, problem):
+    path = make_zip(tmp_path / "bad.zip", {**GOOD, name: spec})
+    with pytest.raises(UserError, match=problem) as err:
+        extract(path, tmp_path / "out", **LIMITS)
+    assert repr(name) in str(err.value)
+    assert not (tmp_path / "out").exists() or files_in(tmp_path / "out") == {}
+
+
+def test_bomb_is_refused_by_size_before_extraction(tmp_path):
+    path = make_zip(tmp_path / "bomb.zip", {"zeros.png": bytes(5 * 10**6)})
+    assert path.stat().st_size < 10**5  # compresses ~1000:1
+    with pytest.raises(UserError, match=r"5000000 bytes uncompressed exceed max_archive_bytes=1000000"):
+        extract(path, tmp_path / "out", **LIMITS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_many_members_is_refused(tmp_path):
+    path = make_tar(tmp_path / "many.tar", {f"f{i}.txt": b"x" for i in range(101)})
+    with pytest.raises(UserError, match="101 members exceed max_archive_files=100"):
+        extract(path, tmp_path / "out", **LIMITS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_archive_is_a_user_error(tmp_path):
+    path = make_tar(tmp_path / "t.tar.gz", {"a.png": bytes(range(256)) * 4000}, "w:gz")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        extract(path, tmp_path / "out", **LIMITS)
+
+
+def test_misnamed_archive_and_plain_files(tmp_path):
+    fake = tmp_path / "data.zip"
+    fake.write_bytes(b"not an archive")
+    with pytest.raises(UserError, match="named like an archive"):
+        archive_kind(fake)
+    image = tmp_path / "one.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(600))
+    assert archive_kind(image) is None
+
+
+def test_safe_relpath_normalises():
+    assert safe_relpath("./a//b/./c.png", "x") == "a/b/c.png"
+    assert safe_relpath("./", "x") is None
+    with pytest.raises(UserError, match="NUL"):
+        safe_relpath("a\x00b", "x")
+
+
+def test_name_that_is_not_utf8_is_refused(tmp_path):
+    name = b"set/caf\xe9.png".decode("utf-8", "surrogateescape")  # a Latin-1 name from an old tool
+    path = tmp_path / "latin1.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo(name)
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(UserError, match="not valid UTF-8"):
+        extract(path, tmp_path / "out", **LIMITS)

@@ -1,0 +1,208 @@
+"""Image checks against real files on disk, one per defect."""
+
+import os
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdtune.data.images import BadImage, check_folder, load_rgb
+from sdtune.errors import UserError
+
+
+def noisy(size=(64, 48), mode="RGB", seed=0):
+    # noise so that JPEG bodies are long enough to cut in half meaningfully
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
+    return Image.fromarray(arr.squeeze(), mode)
+
+
+def png_with_header_size(path, width, height):
+    """A PNG whose IHDR claims width x height, followed by a tiny (wrong) body."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
+def by_file(verdicts):
+    return {v["file"]: v for v in verdicts}
+
+
+@pytest.fixture
+def raw(tmp_path):
+    d = tmp_path / "raw"
+    d.mkdir()
+    return d
+
+
+def test_good_images_with_unusual_names_are_kept(raw):
+    (raw / "sub dir").mkdir()
+    noisy().save(raw / "good.png")
+    noisy(seed=1).save(raw / "My Photo ü.JPG", format="JPEG")
+    noisy(seed=2).save(raw / "sub dir" / "shape.PnG", format="PNG")
+    noisy(seed=3).save(raw / "x.webp", format="WEBP")
+    noisy(seed=4).save(raw / "y.tif", format="TIFF")
+    (raw / "good.txt").write_text("a caption")
+    (raw / "good.caption").write_text("a caption")
+    (raw / "raw.manifest.json").write_text("{}")
+    verdicts = check_folder(raw, min_side=32)
+    assert [v["file"] for v in verdicts] == sorted(
+        ["good.png", "My Photo ü.JPG", "sub dir/shape.PnG", "x.webp", "y.tif"])
+    for v in verdicts:
+        assert (v["status"], v["reason"], v["warnings"]) == ("kept", None, []), v
+        assert (v["width"], v["height"]) == (64, 48)
+        assert len(v["sha256"]) == 64
+
+
+@pytest.mark.parametrize("name, make, reason", [
+    ("page.jpg", lambda p: p.write_text("<!DOCTYPE html><html><body>Sign in</body></html>"), "HTML"),
+    ("notes.jpg", lambda p: p.write_text("just some text\n"), "text file"),
+    ("noise.png", lambda p: p.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 300, np.uint8))),
+     "not an image"),
+    ("empty.jpg", lambda p: p.write_bytes(b""), "empty file"),
+])
+def test_files_that_are_not_images(raw, name, make, reason):
+    make(raw / name)
+    (v,) = check_folder(raw, min_side=8)
+    assert v["status"] == "skipped" and reason in v["reason"], v
+    if name != "empty.jpg":
+        assert v["reason"].startswith("not an image")
+
+
+def test_truncated_and_corrupt(raw):
+    noisy().save(raw / "whole.jpg", quality=95)
+    data = (raw / "whole.jpg").read_bytes()
+    (raw / "cut.jpg").write_bytes(data[: len(data) // 2])
+    noisy(seed=1).save(raw / "whole.png")
+    data = (raw / "whole.png").read_bytes()
+    (raw / "cut.png").write_bytes(data[: len(data) // 2])
+    (raw / "stub.png").write_bytes(data[:20])  # cut inside the header
+    # a valid PNG header and IHDR, then an IDAT full of bytes that are not zlib
+    good = bytearray((raw / "whole.png").read_bytes())
+    start = good.index(b"IDAT") + 4
+    good[start:start + 64] = b"\xff" * 64
+    (raw / "scrambled.png").write_bytes(bytes(good))
+    v = by_file(check_folder(raw, min_side=8))
+    assert v["whole.jpg"]["status"] == v["whole.png"]["status"] == "kept"
+    assert v["cut.jpg"]["status"] == "skipped" and v["cut.jpg"]["reason"].startswith("truncated")
+    assert v["cut.png"]["status"] == "skipped" and v["cut.png"]["reason"].startswith(("truncated", "corrupt"))
+    assert v["stub.png"]["reason"].startswith("truncated")
+    assert v["scrambled.png"]["status"] == "skipped"
+    assert v["scrambled.png"]["reason"].startswith(("corrupt", "truncated", "unreadable"))
+
+
+def test_bomb_is_refused_from_its_header(raw):
+    png_with_header_size(raw / "bomb.png", 100_000, 100_000)  # 10^10 pixels, a few bytes on disk
+    with pytest.raises(Image.DecompressionBombError):  # what Pillow alone would throw
+        Image.open(raw / "bomb.png")
+    (v,) = check_folder(raw, min_side=8)
+    assert v["status"] == "skipped"
+    assert v["reason"].startswith("too many pixels: 100000x100000")
+    assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's global limit is restored
+
+
+def test_max_pixels_is_the_users_limit(raw):
+    noisy((64, 48)).save(raw / "a.png")
+    (v,) = check_folder(raw, min_side=8, max_pixels=64 * 48 - 1)
+    assert v["status"] == "skipped" and "max_pixels 3,071" in v["reason"]
+    (v,) = check_folder(raw, min_side=8, max_pixels=64 * 48)
+    assert v["status"] == "kept"
+
+
+def test_too_small_skip_or_upscale(raw):
+    noisy((40, 20)).save(raw / "small.png")
+    (v,) = check_folder(raw, min_side=32, too_small="skip")
+    assert v["status"] == "skipped" and v["reason"] == "too small: short side 20 px < min_side 32"
+    (v,) = check_folder(raw, min_side=32, too_small="upscale")
+    assert v["status"] == "kept" and v["warnings"] == ["short side 20 px < min_side 32; will be upscaled"]
+    with pytest.raises(UserError, match="too_small"):
+        check_folder(raw, min_side=32, too_small="crop")
+
+
+def test_duplicates_and_symlinks(raw, tmp_path):
+    (raw / "b").mkdir()
+    noisy().save(raw / "a.png")
+    shutil.copy(raw / "a.png", raw / "b" / "copy.png")
+    outside = tmp_path / "secret.png"
+    noisy(seed=9).save(outside)
+    os.symlink(outside, raw / "link_out.png")
+    os.symlink(tmp_path, raw / "link_dir")
+    os.symlink(raw / "missing.png", raw / "dangling.png")
+    v = by_file(check_folder(raw, min_side=8))
+    assert v["a.png"]["status"] == "kept"
+    assert v["b/copy.png"]["status"] == "skipped"
+    assert v["b/copy.png"]["reason"] == "exact duplicate of a.png"
+    assert v["link_out.png"]["status"] == "skipped" and "outside the raw folder" in v["link_out.png"]["reason"]
+    assert v["link_out.png"]["sha256"] is None  # the target was never read
+    assert v["link_dir"]["status"] == "skipped"
+    assert v["dangling.png"]["status"] == "skipped" and "broken symlink" in v["dangling.png"]["reason"]
+
+
+def test_exif_rotation_swaps_the_size(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    noisy((40, 20)).save(tmp_path / "r.jpg", exif=exif)
+    assert load_rgb(tmp_path / "r.jpg").size == (20, 40)
+    (v,) = check_folder(tmp_path, min_side=8)
+    assert (v["width"], v["height"]) == (20, 40)
+
+
+def test_modes_become_8bit_rgb(tmp_path):
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # red in CMYK
+    pal = Image.new("P", (16, 16), 1)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.paste(0, (0, 0, 8, 16))
+    pal.save(tmp_path / "pal.png", transparency=0)  # left half transparent
+    Image.new("LA", (16, 16), (0, 0)).save(tmp_path / "la.png")  # fully transparent black
+    Image.new("RGBA", (16, 16), (0, 0, 0, 128)).save(tmp_path / "rgba.png")  # half-transparent black
+    Image.fromarray(np.full((16, 16), 65535, np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(np.full((16, 16), 32896, np.uint16)).save(tmp_path / "mid.png")
+    Image.new("L", (16, 16), 77).save(tmp_path / "gray.png")
+    Image.new("1", (16, 16), 1).save(tmp_path / "bilevel.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+
+    def px(name, xy=(12, 8)):
+        im = load_rgb(tmp_path / name)
+        assert im.mode == "RGB" and im.size == (16, 16)
+        return im.getpixel(xy)
+
+    r, g, b = px("cmyk.jpg")
+    assert r > 200 and g < 60 and b < 60
+    assert px("pal.png", (2, 2)) == (255, 255, 255) and px("pal.png") == (255, 0, 0)
+    assert px("la.png") == (255, 255, 255)
+    assert all(abs(c - 127) <= 1 for c in px("rgba.png"))
+    assert px("deep.png") == (255, 255, 255)
+    assert px("mid.png") == (128, 128, 128)
+    assert px("gray.png") == (77, 77, 77)
+    assert px("bilevel.png") == (255, 255, 255)
+    v = by_file(check_folder(tmp_path, min_side=8))
+    assert all(x["status"] == "kept" for x in v.values()), v
+    assert v["pal.png"]["warnings"] == ["transparency composited on white"]
+    assert v["gray.png"]["warnings"] == []
+
+
+def test_animated_gif_uses_the_first_frame(tmp_path):
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    assert load_rgb(tmp_path / "anim.gif").getpixel((5, 5)) == (255, 0, 0)
+    (v,) = check_folder(tmp_path, min_side=8)
+    assert v["status"] == "kept" and v["warnings"] == ["animated (3 frames): first frame used"]
+
+
+def test_load_rgb_raises_one_line_user_error(tmp_path):
+    (tmp_path / "page.jpg").write_text("<html></html>")
+    with pytest.raises(BadImage) as err:
+        load_rgb(tmp_path / "page.jpg")
+    assert isinstance(err.value, UserError)
+    assert str(err.value).startswith(f"{tmp_path / 'page.jpg'}: not an image")
+    assert "\n" not in str(err.value)
+
+
+def test_missing_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not a folder"):
+        check_folder(tmp_path / "nope", min_side=8)

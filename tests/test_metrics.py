@@ -1,0 +1,110 @@
+"""The evaluate metrics move the right way on constructed cases, all with the tiny offline CLIP.
+
+Cases: `real` (procedurally drawn shapes on gradients), `same` (a copy), `noisy` (real + Gaussian
+pixel noise, sigma 12) and `rand` (uniform noise images, unrelated to real).
+"""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from sdtune.data.synthetic import generate
+from sdtune.errors import UserError
+from sdtune.evaluate import metrics as M
+from sdtune.evaluate.clip import load_clip
+
+N, SIZE = 12, 48
+FID_ZERO_TOL = 1e-6  # identical sets: only float64 round-off (seen ~1e-8; noisy copy ~1e-2)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_clip("tiny")
+
+
+def _drawn(dest, n, size, seed=0):
+    return [Image.open(p).convert("RGB") for p in generate(dest, n, size=size, seed=seed) if p.suffix == ".png"]
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    real = torch.stack(M.as_images(_drawn(tmp_path_factory.mktemp("real"), N, SIZE)))
+    gen = torch.Generator().manual_seed(1)
+    noisy = (real.float() + 12 * torch.randn(real.shape, generator=gen)).clamp(0, 255).to(torch.uint8)
+    rand = torch.randint(0, 256, real.shape, generator=gen, dtype=torch.uint8)
+    return {"real": real, "same": real.clone(), "noisy": noisy, "rand": rand}
+
+
+def test_tiny_clip_is_deterministic(clip):
+    again, _ = load_clip("tiny")
+    for (name, a), b in zip(clip[0].state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_fid_kid_order(clip, sets):
+    ext = M.clip_image_extractor(clip)
+    fid = {k: M.fid_kid(sets["real"], sets[k], ext) for k in ("same", "noisy", "rand")}
+    assert abs(fid["same"][0]) < FID_ZERO_TOL
+    assert FID_ZERO_TOL < fid["noisy"][0] < fid["rand"][0]
+    # KID is an unbiased estimate: near 0 (it may dip below) for a copy, clearly above for noise.
+    assert fid["rand"][1] > fid["same"][1] and fid["rand"][1] > 0
+    assert all(math.isfinite(v) for triple in fid.values() for v in triple)
+
+
+def test_fidelity_order(clip, sets):
+    same = M.fidelity(sets["same"], sets["real"], clip)
+    noisy = M.fidelity(sets["noisy"], sets["real"], clip)
+    rand = M.fidelity(sets["rand"], sets["real"], clip)
+    assert same == {"psnr": M.PSNR_CAP_DB, "lpips_like": 0.0}
+    assert M.PSNR_CAP_DB > noisy["psnr"] > rand["psnr"]
+    assert 0.0 < noisy["lpips_like"] < rand["lpips_like"]
+
+
+def test_style_similarity(clip, sets):
+    to_itself = M.style_similarity(sets["real"], sets["real"], clip)
+    assert to_itself > M.style_similarity(sets["rand"], sets["real"], clip)
+    assert -1.0 <= to_itself <= 1.0
+
+
+def test_clip_score_range_and_inputs(clip, sets):
+    prompts = [f"a painting of shape {i}" for i in range(N)]
+    score = M.clip_score(sets["real"], prompts, clip)
+    assert math.isfinite(score) and 0.0 <= score <= 100.0
+    # A list of PIL images is the same input as the uint8 tensor.
+    pil = [Image.fromarray(t.permute(1, 2, 0).numpy()) for t in sets["real"]]
+    assert M.clip_score(pil, prompts, clip) == pytest.approx(score, abs=1e-4)
+
+
+def test_fid_kid_mixed_sizes_and_small_sets(clip, sets, tmp_path):
+    ext = M.clip_image_extractor(clip)
+    # Real images differ in size; three of them also make KID's subset size 3.
+    real = [_drawn(tmp_path / str(s), 1, s, seed=s)[0] for s in (40, 56, 64)]
+    fid, kid_mean, kid_std = M.fid_kid(real, sets["rand"], ext)
+    assert all(math.isfinite(v) for v in (fid, kid_mean, kid_std))
+    with pytest.raises(UserError, match=r"^fid: needs at least 2 real and 2 generated images, got 1 real") as err:
+        M.fid_kid(real[:1], sets["rand"], ext)
+    assert "\n" not in str(err.value)
+
+
+def test_extractor_names(clip):
+    assert isinstance(M.fid_extractor("clip", clip), M.ClipImageFeatures)
+    with pytest.raises(UserError, match="evaluate.fid_extractor"):
+        M.fid_extractor("vgg", clip)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is not None, reason="would fetch Inception weights")
+def test_inception_without_torch_fidelity_is_a_user_error(sets):
+    with pytest.raises(UserError, match="torch-fidelity"):
+        M.fid_kid(sets["real"], sets["rand"], M.fid_extractor("inception", None))
+
+
+def test_time_it_and_memory():
+    calls = []
+    out = M.time_it(lambda: calls.append(1), repeats=3, warmup=2, sync="cpu")
+    assert len(calls) == 5 and len(out["all_s"]) == 3
+    assert out["median_s"] == sorted(out["all_s"])[1]
+    assert M.peak_memory("cpu") > 10 * 2**20  # a process with torch loaded holds well over 10 MiB
+

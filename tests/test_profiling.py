@@ -1,0 +1,209 @@
+"""The profiling library on CPU, with a tiny real diffusers UNet and a matmul-heavy MLP."""
+
+import json
+import statistics
+import time
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from sdtune.errors import UserError
+from sdtune.profiling import charts, cost, flops, hardware, memory, phases
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def make_step(model, optimizer, timer):
+    """A realistic training step: batch, forward, loss, backward, optimizer update."""
+
+    def step():
+        timer.step_begin()
+        with timer.phase("data"):
+            latents = torch.randn(2, 4, 8, 8)
+            text = torch.randn(2, 7, 32)
+            t = torch.randint(0, 1000, (2,))
+            noise = torch.randn_like(latents)
+        with timer.phase("forward"):
+            pred = model(latents + noise, t, encoder_hidden_states=text).sample
+            loss = torch.nn.functional.mse_loss(pred, noise)
+        with timer.phase("backward"):
+            loss.backward()
+        with timer.phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        timer.step_end()
+
+    return step
+
+
+@pytest.fixture(scope="module")
+def unet_step():
+    model = tiny_unet()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    timer = phases.PhaseTimer("cpu", warmup=2)
+    return model, optimizer, timer, make_step(model, optimizer, timer)
+
+
+def test_flops_of_tiny_unet_match_an_independent_count(unet_step):
+    model, _, _, _ = unet_step
+    latents, text, t = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32), torch.tensor([1, 500])
+
+    def fwd_bwd():
+        model(latents, t, encoder_hidden_states=text).sample.square().mean().backward()
+
+    counted = flops.count_flops(fwd_bwd)
+    with FlopCounterMode(display=False) as independent:
+        fwd_bwd()
+    model.zero_grad(set_to_none=True)
+    assert counted == independent.get_total_flops() > 0
+    assert flops.achieved_tflops(2 * 10**12, 2.0) == pytest.approx(1.0)
+
+
+def test_phases_cover_the_step_and_summarise(unet_step):
+    _, _, timer, step = unet_step
+    for _ in range(7):
+        step()
+    s = timer.summary()
+    assert s["steps_measured"] == 5 and s["warmup_steps"] == 2
+    assert list(s["phases"]) == list(PHASES)
+    assert s["coverage"] >= 0.95, s
+    assert all(p["median_ms"] > 0 and p["mean_ms"] > 0 for p in s["phases"].values())
+    assert sum(p["mean_ms"] for p in s["phases"].values()) <= s["step_mean_ms"]
+
+
+def test_phases_accumulate_and_nested_phases_do_not_count_twice():
+    timer = phases.PhaseTimer()
+    timer.step_begin()
+    for _ in range(2):
+        with timer.phase("forward"):
+            with timer.phase("inner"):
+                time.sleep(0.01)
+    timer.step_end()
+    s = timer.summary()
+    assert s["phases"]["forward"]["mean_ms"] >= 20
+    assert s["phases"]["inner"]["mean_ms"] >= 20
+    assert s["coverage"] <= 1.0
+
+
+def test_disabled_timer_is_a_null_context():
+    timer = phases.PhaseTimer(enabled=False)
+    timer.step_begin()
+    with timer.phase("forward") as ctx:
+        assert ctx is None
+    timer.step_end()
+    assert timer.summary() is None and timer.steps == []
+
+
+def test_summary_without_measured_steps_says_so():
+    timer = phases.PhaseTimer(warmup=3)
+    timer.step_begin()
+    timer.step_end()
+    with pytest.raises(ValueError, match="no measured steps"):
+        timer.summary()
+
+
+def test_chrome_trace_is_json_with_phase_names(unet_step, tmp_path):
+    _, _, timer, step = unet_step
+    out = tmp_path / "trace.json"
+    phases.trace(step, out, steps=2, warmup=1)
+    events = json.loads(out.read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert set(PHASES) | {"step_0", "step_1"} <= names
+
+
+def test_mfu_of_a_matmul_step_is_a_fraction_of_the_measured_peak():
+    peak, source = hardware.peak_tflops("cpu", torch.float32)
+    assert source == "measured" and peak > 0
+    # Narrower matmuls than the 1024² ceiling, so the step cannot beat it even on a noisy machine.
+    mlp = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
+    x = torch.randn(64, 256)
+
+    def fwd_bwd():
+        mlp(x).sum().backward()
+
+    step_flops = flops.count_flops(fwd_bwd)
+    assert step_flops == 2 * (3 * 2 * 64 * 256 * 256) - 2 * 64 * 256 * 256  # no grad for x
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fwd_bwd()
+        times.append(time.perf_counter() - t0)
+    value = hardware.mfu(step_flops, statistics.median(times), peak)
+    assert 0 < value <= 1
+
+
+def test_datasheet_table_matches_device_names():
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert hardware.datasheet_peak("NVIDIA L4", bf16) == (121, "L4")
+    assert hardware.datasheet_peak("NVIDIA L4", fp32) == (30.3, "L4")
+    assert hardware.datasheet_peak("NVIDIA L40S", bf16)[1] == "L40S"
+    assert hardware.datasheet_peak("NVIDIA A100-SXM4-80GB", fp32) == (19.5, "A100")
+    assert hardware.datasheet_peak("NVIDIA H100 80GB HBM3", bf16) == (989, "H100 SXM")
+    assert hardware.datasheet_peak("NVIDIA H100 PCIe", torch.float16) == (756, "H100 PCIe")
+    assert hardware.datasheet_peak("NVIDIA H200", bf16) == (989, "H200")
+    assert hardware.datasheet_peak("NVIDIA H100 NVL", bf16) is None  # unknown: measure instead
+    assert hardware.datasheet_peak("Tesla T4", bf16) is None  # no bf16 tensor cores
+
+
+def test_breakdown_matches_hand_counted_bytes():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Linear(20, 5).to(torch.float64))
+    model[0].weight.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    model[1](model[0](torch.randn(3, 10)).double()).sum().backward()
+    optimizer.step()
+    trainable = 20 * 4 + (20 * 5 + 5) * 8
+    parts = memory.breakdown(model, optimizer)
+    assert parts == {
+        "weights_bytes": 10 * 20 * 4 + trainable,
+        "trainable_bytes": trainable,
+        "gradients_bytes": trainable,
+        # Adam: exp_avg and exp_avg_sq per trainable tensor, plus a float32 scalar "step" each.
+        "optimizer_bytes": 2 * trainable + 3 * 4,
+    }
+    assert memory.activations(parts, memory.peak_memory("cpu"), "cpu")["activations_bytes"] is None
+
+
+def test_peak_memory_and_snapshot_on_cpu(tmp_path):
+    peak = memory.peak_memory("cpu")
+    assert peak["peak_bytes"] == peak["rss_bytes"] > 10 * 2**20
+    with memory.snapshot(tmp_path / "mem.pickle", "cpu"):
+        pass
+    assert not (tmp_path / "mem.pickle").exists()
+
+
+def test_charts_are_real_pngs(tmp_path):
+    s = {"step_mean_ms": 10.0, "phases": {"forward": {"mean_ms": 4.0}, "backward": {"mean_ms": 5.0}}}
+    phase_png, bar_png = tmp_path / "phases.png", tmp_path / "bars.png"
+    charts.phase_chart({"fp32": s, "bf16": s}, phase_png)
+    charts.bar_chart([{"name": "a", "mfu": 0.4}, {"name": "b", "mfu": None}], "mfu", bar_png, "MFU")
+    for png in (phase_png, bar_png):
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    assert not list(tmp_path.glob(".*"))  # no temporaries left behind
+
+
+def test_cost():
+    c = cost.cost(step_seconds=0.5, steps=2000, hourly_usd=3.6)
+    assert c == pytest.approx({"usd_per_1000_steps": 0.5, "usd_per_run": 1.0})
+    assert cost.hourly_price("g2-standard-8") == pytest.approx(0.85)
+    with pytest.raises(UserError, match="g2-standard-8"):
+        cost.hourly_price("n1-nonexistent")

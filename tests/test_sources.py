@@ -1,0 +1,241 @@
+"""Every data source, exercised for real: files on disk, a local HTTP server, a Drive stand-in
+reached through gdown, and a GCS emulator."""
+
+import hashlib
+import io
+import os
+import subprocess
+import zipfile
+
+import pytest
+
+from sdtune.data.sources import fetch, tree_sha256
+from sdtune.errors import UserError
+from fixtures_data import Route, drive_stand_in, gcs_emulator, http_server  # noqa: F401
+
+SET = {"a painting.png": b"\x89PNG\r\n\x1a\n one", "ünï/été 2.jpg": b"\xff\xd8\xff two", "a painting.txt": b"cap\n"}
+
+
+def zip_bytes(members=SET) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def rows_of(members):
+    return [{"file": f, "sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for f, d in sorted(members.items())]
+
+
+def write_tree(root, members):
+    for name, data in members.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def leftovers(dest):
+    return sorted(p.name for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}"))
+
+
+# --- local ------------------------------------------------------------------------------------
+
+def test_local_folder_copies_files_and_reports_what_it_skips(tmp_path):
+    src = write_tree(tmp_path / "src", SET)
+    (tmp_path / "secret.png").write_bytes(b"outside")
+    os.symlink(tmp_path / "secret.png", src / "escape.png")
+    os.symlink("a painting.png", src / "alias.png")  # stays inside: its content is copied
+    os.symlink(tmp_path, src / "up")
+    os.symlink(src / "missing.png", src / "broken.png")
+    os.mkfifo(src / "pipe")
+    (src / ".DS_Store").write_bytes(b"finder")
+    (src / b"caf\xe9.png".decode("utf-8", "surrogateescape")).write_bytes(b"latin-1 name")
+    skipped = []
+    rows = fetch(str(src), tmp_path / "data" / "raw", skipped=skipped)
+    assert rows == rows_of({**SET, "alias.png": SET["a painting.png"]})
+    reasons = {s["file"]: s["reason"] for s in skipped}
+    assert set(reasons) == {"escape.png", "up", "broken.png", "pipe", ".DS_Store", "caf\ufffd.png"}
+    assert "outside the source folder" in reasons["escape.png"] and "outside" in reasons["up"]
+    assert leftovers(tmp_path / "data" / "raw") == []
+
+
+def test_local_archive_single_image_and_pin(tmp_path):
+    archive = tmp_path / "set.zip"
+    archive.write_bytes(zip_bytes())
+    pin = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert fetch(str(archive), tmp_path / "a", sha256=pin) == rows_of(SET)
+    image = tmp_path / "one.png"
+    image.write_bytes(SET["a painting.png"])
+    assert fetch(str(image), tmp_path / "b") == rows_of({"one.png": SET["a painting.png"]})
+    with pytest.raises(UserError, match=f"sha256 mismatch: pinned {'0' * 64}, got {pin}"):
+        fetch(str(archive), tmp_path / "c", sha256="0" * 64)
+    assert not (tmp_path / "c").exists() and leftovers(tmp_path / "c") == []
+
+
+def test_folder_pin_is_the_documented_sha256sum_listing(tmp_path):
+    src = write_tree(tmp_path / "src", SET)
+    rows = fetch(str(src), tmp_path / "raw")
+    shell = subprocess.run("find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum",
+                           shell=True, cwd=tmp_path / "raw", capture_output=True, text=True, check=True)
+    assert shell.stdout.split()[0] == tree_sha256(rows)
+    fetch(str(src), tmp_path / "again", sha256=tree_sha256(rows))
+    with pytest.raises(UserError, match="sorted manifest"):
+        fetch(str(src), tmp_path / "bad", sha256="f" * 64)
+
+
+@pytest.mark.parametrize("source,message", [
+    ("no/such/folder", "local path 'no/such/folder' does not exist"),
+    ("ftp://host/x.zip", "unknown scheme in 'ftp://host/x.zip'; supported: a local folder"),
+    ("synthetic://many", "expected synthetic://<number of images>"),
+    ("gdrive://folders/", "expected gdrive://<file id>"),
+])
+def test_bad_sources_are_user_errors(tmp_path, source, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("?", r"\?")):
+        fetch(source, tmp_path / "raw")
+
+
+def test_dest_must_be_empty_and_outside_the_source(tmp_path):
+    src = write_tree(tmp_path / "src", SET)
+    with pytest.raises(UserError, match="inside the source folder"):
+        fetch(str(src), src / "raw")
+    with pytest.raises(UserError, match="not an empty folder"):
+        fetch(str(src), src)
+
+
+def test_synthetic(tmp_path):
+    rows = fetch("synthetic://4", tmp_path / "raw")
+    assert [r["file"] for r in rows] == ["synthetic_000.png", "synthetic_000.txt", "synthetic_001.png",
+                                         "synthetic_001.txt", "synthetic_002.png", "synthetic_003.png",
+                                         "synthetic_003.txt"]
+
+
+# --- http(s) ----------------------------------------------------------------------------------
+
+def test_http_archive_with_retry_after_a_failing_first_response(tmp_path, http_server):
+    body = zip_bytes()
+    http_server.routes["/files/set.zip"] = Route(body, fail_first=1)
+    rows = fetch(http_server.url("/files/set.zip"), tmp_path / "raw",
+                 sha256=hashlib.sha256(body).hexdigest())
+    assert rows == rows_of(SET)
+    assert [k for k, _ in http_server.log] == ["/files/set.zip"] * 2
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_http_cut_download_resumes_with_range_or_restarts(tmp_path, http_server, ranges):
+    body = os.urandom(300_000)
+    http_server.routes["/big.png"] = Route(body, cut_first=True, ranges=ranges)
+    assert fetch(http_server.url("/big.png"), tmp_path / "raw") == rows_of({"big.png": body})
+    first, second = http_server.log
+    assert first == ("/big.png", None)
+    assert second[1] and second[1].startswith("bytes=") and int(second[1][6:-1]) > 0  # asked to resume
+    assert (tmp_path / "raw" / "big.png").read_bytes() == body
+
+
+def test_http_gives_up_after_retries_and_leaves_nothing(tmp_path, http_server):
+    http_server.routes["/down.zip"] = Route(b"x", fail_first=99)
+    with pytest.raises(UserError, match="download failed after 3 tries: HTTP 503"):
+        fetch(http_server.url("/down.zip"), tmp_path / "raw", retries=2)
+    assert len(http_server.log) == 3
+    assert not (tmp_path / "raw").exists() and leftovers(tmp_path / "raw") == []
+
+
+def test_http_client_errors_are_not_retried(tmp_path, http_server):
+    with pytest.raises(UserError, match="HTTP 404"):
+        fetch(http_server.url("/nothing.zip"), tmp_path / "raw")
+    assert len(http_server.log) == 1
+
+
+def test_http_html_page_and_pin_mismatch_are_refused(tmp_path, http_server):
+    http_server.routes["/page"] = Route(b"\n<!DOCTYPE html><html>Sign in</html>", headers={"Content-Type": "text/html"})
+    with pytest.raises(UserError, match="got an HTML page"):
+        fetch(http_server.url("/page"), tmp_path / "raw")
+    http_server.routes["/set.zip"] = Route(zip_bytes())
+    with pytest.raises(UserError, match="sha256 mismatch: pinned a{64}, got [0-9a-f]{64}"):
+        fetch(http_server.url("/set.zip"), tmp_path / "raw", sha256="a" * 64)
+    assert not (tmp_path / "raw").exists() and leftovers(tmp_path / "raw") == []
+
+
+# --- Google Drive through gdown -----------------------------------------------------------------
+
+FILE_ID, BIG_ID, QUOTA_ID, HTML_ID = "1fileAAAAAAAAAAAAAAAAAAAAAAAA", "1bigBBBBBBBBBBBBBBBBBBBBBBBBB", "1q", "1h"
+FOLDER_ID, SUB_ID = "1folderCCCCCCCCCCCCCCCCCCCCCC", "1subDDDDDDDDDDDDDDDDDDDDDDDDD"
+IMG_A, IMG_B = "1imgaEEEEEEEEEEEEEEEEEEEEEEEE", "1imgbFFFFFFFFFFFFFFFFFFFFFFFF"
+
+
+def drive_file(body, name):
+    return Route(body, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+def test_gdrive_file_and_virus_scan_confirmation(tmp_path, drive_stand_in):
+    routes = drive_stand_in.routes
+    routes[f"/uc?id={FILE_ID}"] = drive_file(zip_bytes(), "set.zip")
+    assert fetch(f"gdrive://{FILE_ID}", tmp_path / "a") == rows_of(SET)
+    # Large files first get a "can't scan for viruses" page whose form gdown submits.
+    routes[f"/uc?id={BIG_ID}"] = Route(
+        b'<!DOCTYPE html><html><body>\n<form id="download-form" action="https://drive.usercontent.google.com/download"'
+        b' method="get"><input type="hidden" name="id" value="' + BIG_ID.encode() + b'"><input type="hidden" '
+        b'name="confirm" value="t"></form>\n</body></html>', headers={"Content-Type": "text/html"})
+    routes[f"/download?id={BIG_ID}"] = drive_file(b"\x89PNG big", "big.png")
+    assert fetch(f"gdrive://{BIG_ID}", tmp_path / "b") == rows_of({"big.png": b"\x89PNG big"})
+
+
+def test_gdrive_html_pages_are_refused(tmp_path, drive_stand_in):
+    drive_stand_in.routes[f"/uc?id={QUOTA_ID}"] = Route(
+        b"<!DOCTYPE html><html><head><title>Google Drive - Quota exceeded</title></head><body>\n"
+        b'<p class="uc-error-subcaption">Too many users have viewed or downloaded this file recently.</p>\n'
+        b"</body></html>", headers={"Content-Type": "text/html"})
+    with pytest.raises(UserError, match="sent an HTML page instead of the file.*Too many users"):
+        fetch(f"gdrive://{QUOTA_ID}", tmp_path / "raw")
+    drive_stand_in.routes[f"/uc?id={HTML_ID}"] = drive_file(b"<html><body>virus scan warning</body></html>",
+                                                             "set.zip")
+    with pytest.raises(UserError, match="got an HTML page"):
+        fetch(f"gdrive://{HTML_ID}", tmp_path / "raw", sha256="b" * 64)
+    assert not (tmp_path / "raw").exists() and leftovers(tmp_path / "raw") == []
+
+
+def folder_view(title, links):
+    anchors = "".join(f'<a href="{href}">{name}</a>\n' for href, name in links)
+    return Route(f"<html><head><title>{title}</title></head><body>\n{anchors}</body></html>".encode(),
+                 headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+def test_gdrive_folder(tmp_path, drive_stand_in):
+    routes = drive_stand_in.routes
+    routes[f"/embeddedfolderview?id={FOLDER_ID}"] = folder_view("Sargent", [
+        (f"https://drive.google.com/file/d/{IMG_A}/view?usp=drive_web", "été 1.png"),
+        (f"https://drive.google.com/drive/folders/{SUB_ID}", "more")])
+    routes[f"/embeddedfolderview?id={SUB_ID}"] = folder_view("more", [
+        (f"https://drive.google.com/file/d/{IMG_B}/view?usp=drive_web", "b.jpg")])
+    routes[f"/uc?id={IMG_A}"] = drive_file(b"\x89PNG a", "x")
+    routes[f"/uc?id={IMG_B}"] = drive_file(b"\xff\xd8 b", "x")
+    rows = fetch(f"gdrive://folders/{FOLDER_ID}", tmp_path / "raw")
+    assert rows == rows_of({"été 1.png": b"\x89PNG a", "more/b.jpg": b"\xff\xd8 b"})
+
+
+# --- Google Cloud Storage through the emulator ----------------------------------------------------
+
+def test_gcs_prefix_single_object_and_errors(tmp_path, gcs_emulator):
+    bucket = gcs_emulator.create_bucket("art")
+    for name, data in {**SET, ".DS_Store": b"junk"}.items():
+        bucket.blob(f"raw/sargent/{name}").upload_from_string(data)
+    bucket.blob("raw/sargent-extra/not-me.png").upload_from_string(b"no")
+    bucket.blob("archives/set.zip").upload_from_string(zip_bytes())
+    skipped = []
+    assert fetch("gs://art/raw/sargent", tmp_path / "a", skipped=skipped) == rows_of(SET)
+    assert skipped == [{"file": ".DS_Store", "reason": "macOS/Windows metadata"}]
+    assert fetch("gs://art/archives/set.zip", tmp_path / "b") == rows_of(SET)
+    with pytest.raises(UserError, match="gs://art/nothing: no objects under this prefix"):
+        fetch("gs://art/nothing", tmp_path / "c")
+    with pytest.raises(UserError, match="gs://missing-bucket/x: bucket .missing-bucket. not found"):
+        fetch("gs://missing-bucket/x", tmp_path / "c")
+    assert leftovers(tmp_path / "c") == []
+
+
+def test_gcs_without_credentials_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("NO_GCE_CHECK", "true")  # no probe of the metadata server
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    with pytest.raises(UserError, match="no Google Application Default Credentials"):
+        fetch("gs://art/raw", tmp_path / "raw")
