@@ -119,8 +119,23 @@ class Evaluate(Section):
 
 
 class Profile(Section):
-    steps: int = Field(6, gt=1)
-    warmup: int = Field(2, ge=0)
+    steps: int = Field(6, gt=1)   # measured steps per matrix cell
+    warmup: int = Field(2, ge=0)  # steps run first and not measured (allocation, autotuning)
+    machine_type: str = "g2-standard-8"
+    usd_per_hour: float | None = Field(None, gt=0)  # None: the price table's on-demand price
+    # The optimization matrix: each cell is a name plus the train keys it changes.
+    matrix: list[dict] = [{"name": "baseline"}]
+    trace: bool = True
+
+    @field_validator("matrix")
+    @classmethod
+    def _named(cls, cells):
+        names = [c.get("name") for c in cells]
+        if not cells or not all(isinstance(n, str) and n for n in names):
+            raise ValueError("each cell needs a non-empty 'name'")
+        if len(set(names)) != len(names):
+            raise ValueError(f"cell names must be unique, got {names}")
+        return cells
 
 
 class Params(Section):

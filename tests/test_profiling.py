@@ -80,10 +80,10 @@ def test_flops_of_tiny_unet_match_an_independent_count(unet_step):
 
 def test_phases_cover_the_step_and_summarise(unet_step):
     _, _, timer, step = unet_step
-    for _ in range(7):
+    for _ in range(10):
         step()
     s = timer.summary()
-    assert s["steps_measured"] == 5 and s["warmup_steps"] == 2
+    assert s["steps_measured"] == 8 and s["warmup_steps"] == 2
     assert list(s["phases"]) == list(PHASES)
     assert s["coverage"] >= 0.95, s
     assert all(p["median_ms"] > 0 and p["mean_ms"] > 0 for p in s["phases"].values())
@@ -133,17 +133,20 @@ def test_chrome_trace_is_json_with_phase_names(unet_step, tmp_path):
 def test_mfu_of_a_matmul_step_is_a_fraction_of_the_measured_peak():
     peak, source = hardware.peak_tflops("cpu", torch.float32)
     assert source == "measured" and peak > 0
-    # Narrower matmuls than the 1024² ceiling, so the step cannot beat it even on a noisy machine.
-    mlp = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
-    x = torch.randn(64, 256)
+    # Much smaller matmuls than the 1024² ceiling (~10-30% of it alone), so the step stays under the
+    # peak even when other processes slowed the ceiling's measurement on a shared machine.
+    mlp = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128))
+    x = torch.randn(32, 128)
 
     def fwd_bwd():
         mlp(x).sum().backward()
 
     step_flops = flops.count_flops(fwd_bwd)
-    assert step_flops == 2 * (3 * 2 * 64 * 256 * 256) - 2 * 64 * 256 * 256  # no grad for x
+    assert step_flops == 5 * 2 * 32 * 128 * 128  # 2 forward GEMMs, 3 backward (x needs no grad)
+    for _ in range(3):
+        fwd_bwd()  # warm-up: first calls allocate and spin up threads
     times = []
-    for _ in range(5):
+    for _ in range(7):
         t0 = time.perf_counter()
         fwd_bwd()
         times.append(time.perf_counter() - t0)

@@ -56,7 +56,7 @@ def _matmul_seconds(a, b, repeats: int, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def measured_matmul_tflops(device="cpu", dtype=torch.float32, n=None, repeats=None, trials=3) -> float:
+def measured_matmul_tflops(device="cpu", dtype=torch.float32, n=None, repeats=None, trials=5) -> float:
     """Best-of-`trials` TFLOP/s of `repeats` n×n @ n×n matmuls on `device`: a practical ceiling.
 
     Defaults keep it quick: n=1024 × 4 on CPU, n=8192 × 20 on CUDA. Best-of, because a slower trial

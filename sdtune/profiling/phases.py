@@ -72,23 +72,27 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def _timed(self, name: str):
-        with record_function(name):
-            if self._current is None:
+        if self._current is None:
+            with record_function(name):
                 yield
-                return
-            _sync(self.device)
-            self._depth += 1
-            t0 = time.perf_counter()
-            try:
+            return
+        _sync(self.device)
+        self._depth += 1
+        # The clock wraps the profiler range, so the range's own cost counts inside the phase
+        # instead of showing up as untimed gaps between phases.
+        t0 = time.perf_counter()
+        try:
+            with record_function(name):
                 yield
-            finally:
+                # Inside the range: in a trace the phase lasts until its GPU work is done.
                 _sync(self.device)
-                ms = (time.perf_counter() - t0) * 1e3
-                self._depth -= 1
-                phases = self._current["phases"]
-                phases[name] = phases.get(name, 0.0) + ms
-                if self._depth == 0:
-                    self._current["top"] += ms
+        finally:
+            ms = (time.perf_counter() - t0) * 1e3
+            self._depth -= 1
+            phases = self._current["phases"]
+            phases[name] = phases.get(name, 0.0) + ms
+            if self._depth == 0:
+                self._current["top"] += ms
 
     def summary(self):
         """Per-phase median/mean ms, step median/mean ms and coverage over the steps after warm-up.
