@@ -31,7 +31,7 @@ def main():
     with runtime.stage("train"):
         run = loop.setup(params, CACHE)
         wb, log = wandb_logger(params) if run.accelerator.is_main_process else (None, None)
-        stats = loop.train(run, CKPT, log=log)
+        stats = loop.train(run, CKPT, CACHE, log=log)
         if run.accelerator.is_main_process:
             meta = runtime.provenance(params)
             outputs.write_lora(LORA_DIR, run, loop.final_lora(run), meta)

@@ -5,6 +5,8 @@ checkpointing, LoRA rank, ...). A cell runs the real `train_step` of the trainin
 what is measured is what `dvc repro` trains with.
 """
 
+import functools
+
 import torch
 from accelerate.state import AcceleratorState
 from pydantic import ValidationError
@@ -29,6 +31,26 @@ def cell_params(params, cell: dict):
     return params.model_copy(update={"train": train})
 
 
+@functools.cache
+def peak_of(device: str, dtype) -> tuple[float, str]:
+    """Measured once per stage: on CPU every cell is then held to the same ceiling."""
+    return hardware.peak_tflops(device, dtype)
+
+
+def model_flops(run, step: int) -> int:
+    """FLOPs of one step, without the forward recomputed by gradient checkpointing: MFU counts
+    the model's work, so recomputation lowers MFU instead of inflating it."""
+    model = run.accelerator.unwrap_model(run.denoiser)
+    recompute = model.is_gradient_checkpointing
+    if recompute:
+        model.disable_gradient_checkpointing()
+    try:
+        return flops.count_flops(loop.train_step, run, step)
+    finally:
+        if recompute:
+            model.enable_gradient_checkpointing()
+
+
 def measure(run, steps: int, warmup: int) -> dict:
     device = run.accelerator.device
     timer = phases.PhaseTimer(device, enabled=True, warmup=warmup)
@@ -51,9 +73,8 @@ def profile_cell(params, spec: dict, cache_dir, trace_path=None) -> dict:
     memory.reset_peak(device)
     summary = measure(run, p.steps, p.warmup)
     step_s = summary["step_median_ms"] / 1e3
-    n_flops = flops.count_flops(loop.train_step, run, p.warmup + p.steps)
-    dtype = DTYPES[run.accelerator.mixed_precision]
-    peak, peak_source = hardware.peak_tflops(device, dtype)
+    n_flops = model_flops(run, p.warmup + p.steps)
+    peak, peak_source = peak_of(str(device), DTYPES[run.accelerator.mixed_precision])
     peak_mem = memory.peak_memory(device)
     parts = memory.breakdown(run.accelerator.unwrap_model(run.denoiser), run.optimizer)
     usd = p.usd_per_hour or cost_lib.hourly_price(p.machine_type)

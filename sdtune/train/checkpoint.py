@@ -45,7 +45,8 @@ def _set_rng_state(state: dict, tensors: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save(ckpt_dir, step: int, lora: dict, optimizer, lr_scheduler, ema, history: list, keep: int) -> Path:
+def save(ckpt_dir, step: int, lora: dict, optimizer, lr_scheduler, ema, history: list, keep: int,
+         fingerprint: str = "") -> Path:
     ckpt_dir = Path(ckpt_dir)
     dest = ckpt_dir / f"{PREFIX}{step:07d}"
     state, rng = _rng_state()
@@ -55,7 +56,8 @@ def save(ckpt_dir, step: int, lora: dict, optimizer, lr_scheduler, ema, history:
         save_file(rng, str(tmp / "rng.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "ema": ema.state_dict() if ema is not None else None}, tmp / "state.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "rng": state, "history": history}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint,
+                                                    "rng": state, "history": history}))
     for old in all_checkpoints(ckpt_dir)[:-keep]:
         shutil.rmtree(old)
     return dest
@@ -70,8 +72,20 @@ def all_checkpoints(ckpt_dir) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def latest(ckpt_dir) -> Path | None:
+def fingerprint_of(path) -> str:
+    return json.loads((Path(path) / "state.json").read_text()).get("fingerprint", "")
+
+
+def latest(ckpt_dir, fingerprint: str = "") -> Path | None:
+    """The newest checkpoint of this very run. Checkpoints left by a run with other params or
+    data (another fingerprint) would resume the wrong run: they are removed, and said so."""
     found = all_checkpoints(ckpt_dir)
+    stale = [p for p in found if fingerprint_of(p) != fingerprint]
+    for p in stale:
+        shutil.rmtree(p)
+    if stale:
+        print(f"train: removed {len(stale)} checkpoint(s) in {ckpt_dir} made with other params or data")
+    found = [p for p in found if p not in stale]
     return found[-1] if found else None
 
 

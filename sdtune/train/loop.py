@@ -6,6 +6,7 @@ alone, so a run resumed from a checkpoint computes exactly what an uninterrupted
 """
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from sdtune import families
+from sdtune import families, io
 from sdtune.data import cache as cache_lib
 from sdtune.errors import UserError
 from sdtune.train import checkpoint, lora, optim
@@ -64,6 +66,8 @@ def setup(params, cache_dir) -> Run:
     use_cuda = wants_cuda(params.base.device)
     accelerator = Accelerator(cpu=not use_cuda,
                               mixed_precision=mixed_precision(p.mixed_precision, "cuda" if use_cuda else "cpu"))
+    # Seeds python, numpy and torch: the LoRA initialisation and dropout draw from them.
+    set_seed(params.base.seed)
     if p.deterministic:
         torch.use_deterministic_algorithms(True)
     family = families.get(m.family)
@@ -147,8 +151,21 @@ def _set_lora(run: Run):
     return set_tensors
 
 
-def resume(run: Run, ckpt_dir) -> Path | None:
-    last = checkpoint.latest(ckpt_dir)
+# Keys that change what is logged or kept, not what is computed: a run may resume across them.
+NOT_FINGERPRINTED = {"checkpoint_every", "keep_checkpoints", "log_every", "wandb", "wandb_project"}
+
+
+def fingerprint(run: Run, cache_dir) -> str:
+    """What a checkpoint must match to be resumed: train and model params, seed, cached data."""
+    train = {k: v for k, v in run.params.train.model_dump().items() if k not in NOT_FINGERPRINTED}
+    parts = {"train": train, "model": run.params.model.model_dump(), "seed": run.params.base.seed,
+             "cache": io.sha256_file(Path(cache_dir) / "index.json"),
+             "processes": run.accelerator.num_processes}
+    return io.sha256_text(json.dumps(parts, sort_keys=True))
+
+
+def resume(run: Run, ckpt_dir, cache_dir) -> Path | None:
+    last = checkpoint.latest(ckpt_dir, fingerprint(run, cache_dir))
     if last is not None:
         run.step, run.history = checkpoint.load(last, _set_lora(run), run.optimizer, run.lr_scheduler, run.ema)
     return last
@@ -167,10 +184,11 @@ def _flush(run: Run, pending: list) -> None:
     pending.clear()
 
 
-def train(run: Run, ckpt_dir, log=None) -> dict:
-    """The loop. Resumes from the newest checkpoint in `ckpt_dir`, if there is one."""
+def train(run: Run, ckpt_dir, cache_dir, log=None) -> dict:
+    """The loop. Resumes from the newest checkpoint in `ckpt_dir` made by this same run, if any."""
     p, acc = run.params.train, run.accelerator
-    resumed = resume(run, ckpt_dir)
+    resumed = resume(run, ckpt_dir, cache_dir)
+    mark = fingerprint(run, cache_dir)
     start, pending, t0 = run.step, [], time.perf_counter()
     bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc="train", unit="step",
                disable=not acc.is_main_process)
@@ -185,7 +203,7 @@ def train(run: Run, ckpt_dir, log=None) -> dict:
                 log(run.history[-1])
         if acc.is_main_process and (run.step % p.checkpoint_every == 0) and not last:
             checkpoint.save(ckpt_dir, run.step, lora.peft_state(acc.unwrap_model(run.denoiser)),
-                            run.optimizer, run.lr_scheduler, run.ema, run.history, p.keep_checkpoints)
+                            run.optimizer, run.lr_scheduler, run.ema, run.history, p.keep_checkpoints, mark)
     acc.wait_for_everyone()
     seconds = time.perf_counter() - t0
     done = p.steps - start

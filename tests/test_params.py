@@ -1,0 +1,65 @@
+"""params.yaml validation: every bad value stops with one line naming the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdtune import params
+from sdtune.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BAD = [
+    ({"train": {"lora": {"rank": 0}}}, "train.lora.rank", "greater than 0"),
+    ({"train": {"lr": -1.0e-4}}, "train.lr", "greater than 0"),
+    ({"model": {"resolution": 500}}, "model.resolution", "multiple of 8"),
+    ({"model": {"family": "sd9"}}, "model.family", "'sd1', 'sd2', 'sdxl' or 'sd3'"),
+    ({"train": {"stpes": 10}}, "unknown key 'train.stpes'", "allowed here: steps"),
+    ({"trian": {}}, "unknown key 'trian'", "allowed here: base, data"),
+    ({"train": {"steps": "10"}}, "train.steps", "valid integer"),
+    ({"train": {"gradient_checkpointing": "yes"}}, "train.gradient_checkpointing", "valid boolean"),
+    ({"caption": {"template": "no slot"}}, "caption.template", "{caption}"),
+    ({"quantize": {"variants": ["int3"]}}, "quantize.variants.0", "'bf16'"),
+    ({"profile": {"matrix": [{"mixed_precision": "bf16"}]}}, "profile.matrix", "'name'"),
+]
+
+
+@pytest.mark.parametrize("raw, key, allowed", BAD)
+def test_bad_value_is_one_line_naming_the_key(raw, key, allowed):
+    with pytest.raises(UserError) as err:
+        params.parse(raw)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert key in msg and allowed in msg
+
+
+def test_defaults_are_the_real_run_and_repo_params_load():
+    p = params.load(ROOT / "params.yaml")
+    assert p.data.source == "gdrive://1capT9kF-zCu2OiNVzm7VG5DQDaAQLl1Q"
+    assert p.model.id == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert (p.model.resolution, p.train.lora.rank) == (512, 16)
+
+
+def test_floats_accept_ints_but_not_strings():
+    assert params.parse({"train": {"lr": 1}}).train.lr == 1.0
+    with pytest.raises(UserError, match="train.lr"):
+        params.parse({"train": {"lr": "1e-4"}})
+
+
+def test_stage_prints_one_line_and_no_traceback(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  lora:\n    rank: 0\n")
+    out = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "error: params.yaml: train.lora.rank: Input should be greater than 0 (got 0)"
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_and_broken_params_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        params.load(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        params.load(tmp_path / "params.yaml")

@@ -1,0 +1,98 @@
+"""The offline demo end to end: `make demo` (a real `dvc exp run`) in a fresh copy of the repo."""
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run
+from sdtune import params as params_lib
+from sdtune.families import common, sd
+
+pytestmark = pytest.mark.slow
+STAGES = ["fetch", "caption", "cache", "train", "quantize", "evaluate", "profile"]
+
+
+def finite_numbers(obj):
+    if isinstance(obj, dict):
+        return all(finite_numbers(v) for v in obj.values())
+    if isinstance(obj, list):
+        return all(finite_numbers(v) for v in obj)
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    return True
+
+
+def ran(output: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+def test_every_stage_ran_and_wrote_its_outputs(demo):
+    log = (demo / "demo.log").read_text()
+    assert ran(log) == STAGES
+    for path in ["data/raw.manifest.json", "data/captions.jsonl", "cache/index.json",
+                 "models/lora/pytorch_lora_weights.safetensors", "models/quantized/int8wo-fused/config.json",
+                 "reports/train_loss.png", "reports/captions.png", "reports/eval.md", "reports/profile.md",
+                 "reports/profile/phases.png"]:
+        assert (demo / path).is_file(), path
+    for stage in STAGES:
+        assert json.loads((demo / f"reports/stages/{stage}.json").read_text())["seconds"] > 0
+
+
+def test_reports_hold_finite_numbers(demo):
+    train = json.loads((demo / "reports/train.json").read_text())
+    assert train["steps"] == 30 and math.isfinite(train["final_loss"])
+    evals = json.loads((demo / "reports/eval.json").read_text())
+    assert list(evals) == ["base", "lora", "int8wo-fused"]
+    for record in evals.values():
+        for key in ["clip_score", "fid", "kid", "style_similarity", "psnr_to_lora", "latency_s", "peak_memory_mib"]:
+            assert math.isfinite(record[key]), key
+    assert evals["lora"]["psnr_to_lora"] == 100.0  # its own reference
+    profile = json.loads((demo / "reports/profile.json").read_text())
+    assert finite_numbers(profile)
+    for cell in profile["cells"].values():
+        assert 0 < cell["mfu"] <= 1
+        assert cell["coverage"] >= 0.95
+    trace = json.loads((demo / "reports/profile/trace-baseline.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"forward", "backward", "optimizer"} <= names
+
+
+def test_sample_grid_is_a_png_of_the_expected_size(demo):
+    img = Image.open(demo / "reports/samples/grid.png")
+    assert img.format == "PNG"
+    # 3 variants side by side; 2 prompts x 2 seeds down; 64 px cells under a 14 px label row.
+    assert img.size == (3 * 64, 14 + 4 * 64)
+
+
+def test_lora_changes_the_output_and_scale_zero_does_not(demo):
+    model = params_lib.parse({"model": {"id": "tiny", "resolution": 64}}).model
+    pipe = sd.load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        g = torch.Generator().manual_seed(7)
+        return pipe("a red circle", num_inference_steps=3, height=64, width=64, generator=g, output_type="np").images
+
+    base = image()
+    pipe.load_lora_weights(str(demo / "models/lora"), weight_name=common.LORA_FILE, adapter_name="demo")
+    tuned = image()
+    pipe.set_adapters(["demo"], [0.0])
+    zero = image()
+    assert abs(tuned - base).max() > 1e-3
+    assert abs(zero - base).max() == 0
+    meta = common.read_metadata(demo / "models/lora" / common.LORA_FILE)
+    assert meta["base_model"] == "tiny" and len(meta["dataset_manifest_sha256"]) == 64
+
+
+def test_second_repro_does_nothing_and_train_params_rerun_only_downstream(demo):
+    again = run(["dvc", "repro"], demo)
+    assert ran(again.stdout) == []
+    assert "Data and pipelines are up to date" in again.stdout
+    text = (demo / "params.yaml").read_text()
+    (demo / "params.yaml").write_text(text.replace("steps: 30", "steps: 20", 1))
+    changed = run(["dvc", "repro"], demo, timeout=1200)
+    assert ran(changed.stdout) == ["train", "quantize", "evaluate", "profile"]
+    assert json.loads((demo / "reports/train.json").read_text())["steps"] == 20

@@ -1,0 +1,150 @@
+"""Training: identical reruns, exact resume after SIGKILL, a NaN loss stops cleanly, exact cache reuse."""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import OFFLINE, ROOT
+from sdtune import io, params as params_lib
+from sdtune.data import cache, synthetic
+from sdtune.families import common, sd
+from sdtune.train import checkpoint, loop
+
+PARAMS = """\
+base: {seed: 3}
+model: {id: tiny, resolution: 32}
+train: {steps: 8, batch_size: 2, lr: 1.0e-3, checkpoint_every: 2, keep_checkpoints: 2, log_every: 1,
+        wandb: disabled, deterministic: true, ema_decay: 0.9, lora: {rank: 4, alpha: 4.0}}
+"""
+
+
+def captions_for(raw: Path) -> list[dict]:
+    return [{"file": p.name, "sha256": io.sha256_file(p), "caption": f"a picture {i}"}
+            for i, p in enumerate(sorted(raw.glob("*.png")))]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A folder with params.yaml and a built cache, ready for `python -m stages.train`."""
+    ws = tmp_path_factory.mktemp("train")
+    synthetic.generate(ws / "data/raw", 6, size=48)
+    (ws / "params.yaml").write_text(PARAMS)
+    p = params_lib.load(ws / "params.yaml")
+    cache.build(captions_for(ws / "data/raw"), ws / "data/raw", ws / "cache", sd, p.model, p.cache, sd.load_pipeline)
+    return ws
+
+
+def clone(workspace: Path, dest: Path) -> Path:
+    shutil.copytree(workspace, dest)
+    return dest
+
+
+def train_cmd(ws: Path, **kwargs):
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=ws, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def train(ws: Path) -> subprocess.CompletedProcess:
+    proc = train_cmd(ws)
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def lora_bytes(ws: Path) -> bytes:
+    return (ws / "models/lora" / common.LORA_FILE).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workspace, tmp_path_factory):
+    ws = clone(workspace, tmp_path_factory.mktemp("straight") / "ws")
+    done = train(ws)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return ws
+
+
+def test_two_identical_runs_give_a_bit_identical_lora(uninterrupted, workspace, tmp_path):
+    again = clone(workspace, tmp_path / "again")
+    assert train(again).returncode == 0
+    assert lora_bytes(again) == lora_bytes(uninterrupted)
+
+
+def test_sigkill_then_rerun_resumes_to_a_bit_identical_lora(uninterrupted, workspace, tmp_path):
+    ws = clone(workspace, tmp_path / "killed")
+    kill_after = random.Random().choice([2, 4, 6])  # a random step, reported on failure
+    proc = train_cmd(ws)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        last = checkpoint.all_checkpoints(ws / "checkpoints")
+        if last and int(last[-1].name.split("-")[1]) >= kill_after:
+            break
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (ws / "models/lora").exists(), "a killed run must not leave a finished-looking LoRA"
+    resumed = train(ws)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert io.read_json(ws / "reports/train.json")["resumed_from"], f"did not resume (killed after {kill_after})"
+    assert lora_bytes(ws) == lora_bytes(uninterrupted), f"killed after step {kill_after}"
+
+
+def test_checkpoints_of_other_params_are_not_resumed(uninterrupted, tmp_path):
+    ws = clone(uninterrupted, tmp_path / "changed")
+    shutil.rmtree(ws / "models")
+    (ws / "params.yaml").write_text(PARAMS.replace("lr: 1.0e-3", "lr: 2.0e-3"))
+    done = train(ws)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "made with other params or data" in done.stdout
+    assert io.read_json(ws / "reports/train.json")["resumed_from"] is None
+
+
+def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(workspace, tmp_path):
+    ws = clone(workspace, tmp_path / "nan")
+    shutil.rmtree(ws / "checkpoints", ignore_errors=True)
+    p = params_lib.load(ws / "params.yaml")
+    # Poison the cached item that step 5 (0-based 4) trains on first.
+    items = io.read_json(ws / "cache/index.json")["items"]
+    fake = SimpleNamespace(params=p, items=items, accelerator=SimpleNamespace(num_processes=1, process_index=0))
+    bad = items[loop.sample_indices(fake, 4, 0)[0]]["key"]
+    earlier = {i for s in range(4) for i in loop.sample_indices(fake, s, 0)}
+    if items.index(next(it for it in items if it["key"] == bad)) in earlier:
+        pytest.skip("the poisoned item is also sampled earlier with this seed")
+    path = ws / "cache/items" / f"{bad}.safetensors"
+    tensors = load_file(str(path))
+    tensors["latents"] = torch.full_like(tensors["latents"], float("nan"))
+    save_file(tensors, str(path))
+    done = train(ws)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: train: the loss became nan at step 5;")
+    assert "Traceback" not in done.stderr
+    kept = [int(c.name.split("-")[1]) for c in checkpoint.all_checkpoints(ws / "checkpoints")]
+    assert kept == [2, 4]
+    assert not (ws / "models/lora").exists()
+
+
+def test_cache_reencodes_exactly_what_changed(workspace, tmp_path):
+    ws = clone(workspace, tmp_path / "cache")
+    p = params_lib.load(ws / "params.yaml")
+    rows = captions_for(ws / "data/raw")
+    before = sorted(os.listdir(ws / "cache/items"))
+    same = cache.build(rows, ws / "data/raw", ws / "cache", sd, p.model, p.cache, sd.load_pipeline)
+    assert (same["encoded"], same["reused"]) == (0, len(rows))
+    rows[1]["caption"] = "a different caption"
+    one = cache.build(rows, ws / "data/raw", ws / "cache", sd, p.model, p.cache, sd.load_pipeline)
+    assert (one["encoded"], one["removed"]) == (1, 1)
+    after = sorted(os.listdir(ws / "cache/items"))
+    assert len(set(before) - set(after)) == 1
+    bigger = params_lib.parse({"model": {"id": "tiny", "resolution": 40}}).model
+    every = cache.build(rows, ws / "data/raw", ws / "cache", sd, bigger, p.cache, sd.load_pipeline)
+    assert every["encoded"] == len(rows)
