@@ -68,7 +68,9 @@ def build(rows, raw_dir, out_dir, family, model, cache, load_pipeline, device="c
             tensors = family.encode_images(pipe, pixels, [m for _, m in prepared])
             tensors |= family.encode_prompts(pipe, [r["caption"] for r, _ in chunk])
             for i, (row, key) in enumerate(chunk):
-                one = {name: t[i].detach().to("cpu", dtype).contiguous() for name, t in tensors.items()}
+                # Only floating tensors take the cache dtype; integer ones (sizes, ids) stay exact.
+                one = {name: t[i].detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+                       for name, t in tensors.items()}
                 with io.atomic_path(items / f"{key}.safetensors") as tmp:
                     save_file(one, str(tmp), metadata={"file": row["file"]})
         del pipe

@@ -13,7 +13,8 @@
     encode_images(pipe, pixels, meta)           -> {name: tensor[B, ...]} to cache (latents, sizes)
     encode_prompts(pipe, captions)              -> {name: tensor[B, ...]} to cache (embeddings)
     training_loss(denoiser, scheduler, batch, generator, train) -> loss per sample, shape [B]
-    save_lora(directory, state_dict, metadata)  writes pytorch_lora_weights.safetensors
+    save_lora(directory, state_dict, metadata, adapter_metadata=None)
+                                                writes pytorch_lora_weights.safetensors
 
 `model` is `sdtune.params.Model`; `train` is `sdtune.params.Train`; `batch` holds the
 cached tensors stacked on dim 0; `generator` is a CPU torch.Generator seeded per step so

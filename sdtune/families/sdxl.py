@@ -1,0 +1,216 @@
+"""Stable Diffusion XL: two CLIP text encoders, a UNet conditioned on pooled text and image sizes.
+
+What differs from SD 1.x/2.x (sd.py):
+- the prompt embedding is both encoders' penultimate hidden states side by side, and the
+  second encoder's pooled, projected output goes in separately ("text_embeds");
+- the UNet is also told each image's original size, crop offset and target size
+  ("time_ids", six numbers), so the cache stores them per item;
+- the VAE overflows in float16 (its config says force_upcast), so it encodes in float32.
+"""
+
+import tempfile
+
+import torch
+from diffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from sdtune.families import common
+
+PIPELINE = StableDiffusionXLPipeline
+DENOISER = UNet2DConditionModel
+DENOISER_ATTR = "unet"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+# ---- the tiny random-initialised variant (offline tests and the demo) ----
+# Sizes follow diffusers' own SDXL pipeline tests. The two text encoders have hidden size 32
+# each, so the prompt embedding is 64 wide (cross_attention_dim); the UNet's added embedding
+# takes 6 time ids x addition_time_embed_dim 8 + the pooled projection 32 = 80 inputs.
+
+TEXT_DIM = 32
+TIME_EMBED_DIM = 8
+
+
+def tiny_unet():
+    with common.seeded(11):
+        return UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(2, 4), norm_num_groups=1, attention_head_dim=(2, 4),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            use_linear_projection=True, transformer_layers_per_block=(1, 2),
+            cross_attention_dim=2 * TEXT_DIM,
+            addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_DIM,
+        )
+
+
+def tiny_vae():
+    with common.seeded(12):
+        # scaling_factor and force_upcast as in SDXL's own VAE config.
+        return AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=32, sample_size=128, scaling_factor=0.13025, force_upcast=True,
+        )
+
+
+def _tiny_text_config():
+    # Token ids match common.clip_tokenizer(): bos 512, eos = pad 513 (so the pooled output is
+    # read at the first eos, as with the real CLIP).
+    return CLIPTextConfig(
+        vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+        hidden_size=TEXT_DIM, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=TEXT_DIM,
+    )
+
+
+def tiny_text_encoder():
+    with common.seeded(13):
+        return CLIPTextModel(_tiny_text_config())
+
+
+def tiny_text_encoder_2():
+    with common.seeded(14):
+        return CLIPTextModelWithProjection(_tiny_text_config())
+
+
+def _prediction_type(model):
+    return "epsilon" if model.prediction_type == "default" else model.prediction_type
+
+
+def tiny_scheduler(model):
+    """The training noise scheduler: DDPM with SDXL's betas."""
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         num_train_timesteps=1000, clip_sample=False, steps_offset=1,
+                         prediction_type=_prediction_type(model))
+
+
+def tiny_sampling_scheduler(model):
+    """The pipeline's sampler: Euler, as SDXL ships with."""
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                                  prediction_type=_prediction_type(model))
+
+
+# ---- loading ----
+
+def _override(scheduler, model):
+    if model.prediction_type != "default":
+        scheduler.register_to_config(prediction_type=model.prediction_type)
+    return scheduler
+
+
+def load_noise_scheduler(model):
+    if model.id == "tiny":
+        return tiny_scheduler(model)
+    try:
+        # SDXL ships an Euler config; DDPM reads the same betas from it (as diffusers' SDXL training script does).
+        sched = DDPMScheduler.from_pretrained(model.id, subfolder="scheduler", revision=model.revision)
+    except (OSError, ValueError) as err:
+        raise common.hub_error(model, err) from None
+    return _override(sched, model)
+
+
+def load_denoiser(model, dtype=torch.float32, quantization_config=None):
+    if model.id == "tiny":
+        return tiny_unet().to(dtype)
+    try:
+        return UNet2DConditionModel.from_pretrained(
+            model.id, subfolder="unet", revision=model.revision, torch_dtype=dtype,
+            quantization_config=quantization_config)
+    except (OSError, ValueError) as err:
+        raise common.hub_error(model, err) from None
+
+
+def load_tokenizer(model):
+    """The first tokenizer; both of SDXL's have the same 77-token limit."""
+    if model.id == "tiny":
+        return common.clip_tokenizer()
+    try:
+        return CLIPTokenizer.from_pretrained(model.id, subfolder="tokenizer", revision=model.revision)
+    except (OSError, ValueError) as err:
+        raise common.hub_error(model, err) from None
+
+
+def load_pipeline(model, dtype=torch.float32, **components):
+    """The whole pipeline; `components` (e.g. unet=...) replace the loaded ones.
+
+    No invisible watermark: it needs an extra package and changes the pixels the evaluation measures.
+    """
+    if model.id == "tiny":
+        parts = dict(unet=tiny_unet().to(dtype), vae=tiny_vae().to(dtype),
+                     text_encoder=tiny_text_encoder().to(dtype), text_encoder_2=tiny_text_encoder_2().to(dtype),
+                     tokenizer=common.clip_tokenizer(), tokenizer_2=common.clip_tokenizer(),
+                     scheduler=tiny_sampling_scheduler(model)) | components
+        return PIPELINE(**parts, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    try:
+        pipe = PIPELINE.from_pretrained(model.id, revision=model.revision, torch_dtype=dtype,
+                                        add_watermarker=False, **components)
+    except (OSError, ValueError) as err:
+        raise common.hub_error(model, err) from None
+    _override(pipe.scheduler, model)
+    return pipe
+
+
+# ---- what the cache stores ----
+
+@torch.no_grad()
+def encode_images(pipe, pixels, meta):
+    """pixels: float in [-1, 1], [B, 3, H, W]; meta: per image {"original_size", "crop_top_left"}.
+
+    Returns the scaled latents and the six size/crop numbers SDXL's UNet is conditioned on:
+    (original h, w, crop top, left, target h, w).
+    """
+    vae = pipe.vae
+    loaded = vae.dtype
+    upcast = vae.config.force_upcast and loaded != torch.float32
+    if upcast:
+        vae.to(torch.float32)  # SDXL's VAE overflows in float16; put it back afterwards
+    try:
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    finally:
+        if upcast:
+            vae.to(loaded)
+    target = tuple(pixels.shape[-2:])
+    # Integers, so a bfloat16 cache cannot round a size (3000 would become 3008).
+    time_ids = torch.tensor([[*m["original_size"], *m["crop_top_left"], *target] for m in meta],
+                            dtype=torch.int64)
+    return {"latents": latents * vae.config.scaling_factor, "time_ids": time_ids}
+
+
+@torch.no_grad()
+def encode_prompts(pipe, captions):
+    """The pipeline's own encode_prompt, so training sees exactly what sampling will."""
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+        captions, device=pipe.text_encoder_2.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+
+# ---- the objective ----
+
+def training_loss(denoiser, scheduler, batch, generator, train):
+    latents = batch["latents"]
+    noise = common.sample_noise(latents, generator, train.noise_offset)
+    timesteps = common.sample_timesteps(scheduler, latents.shape[0], generator).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    added = {"text_embeds": batch["pooled_prompt_embeds"], "time_ids": batch["time_ids"].to(latents.dtype)}
+    pred = denoiser(noisy, timesteps, encoder_hidden_states=batch["prompt_embeds"],
+                    added_cond_kwargs=added).sample
+    return common.diffusion_loss(pred, latents, noise, timesteps, scheduler, train)
+
+
+# ---- LoRA file ----
+
+def save_lora(directory, state_dict, metadata, adapter_metadata=None):
+    """diffusers keys via the pipeline's own writer, then our provenance added as metadata."""
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        PIPELINE.save_lora_weights(tmp, unet_lora_layers=state_dict,
+                                   unet_lora_adapter_metadata=adapter_metadata)
+        written = f"{tmp}/{common.LORA_FILE}"
+        tensors = load_file(written)
+        meta = common.read_metadata(written) | metadata
+    return common.write_lora(directory, tensors, meta)

@@ -1,0 +1,56 @@
+"""Two CPU processes over gloo (torchrun): ranks see different data and end with the same LoRA."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import OFFLINE, ROOT
+from test_train import captions_for
+from sdtune import params as params_lib
+from sdtune.data import cache, synthetic
+from sdtune.families import common, sd
+
+PARAMS = """\
+base: {seed: 5, device: cpu}
+model: {id: tiny, resolution: 32}
+train: {steps: 4, batch_size: 2, lr: 1.0e-3, checkpoint_every: 100, log_every: 1, wandb: disabled,
+        lora: {rank: 4, alpha: 4.0}}
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_see_different_data_and_save_rank0s_lora(tmp_path):
+    synthetic.generate(tmp_path / "data/raw", 8, size=40)
+    (tmp_path / "params.yaml").write_text(PARAMS)
+    p = params_lib.load(tmp_path / "params.yaml")
+    cache.build(captions_for(tmp_path / "data/raw"), tmp_path / "data/raw", tmp_path / "cache", sd, p.model,
+                p.cache, sd.load_pipeline)
+    out = tmp_path / "dump"
+    out.mkdir()
+    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
+    cmd = [*torchrun.split(), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29513",
+           str(ROOT / "tests/dist_train.py"), str(out)]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    for (s0, m0, idx0), (s1, m1, idx1) in zip(ranks[0]["seen"], ranks[1]["seen"]):
+        assert (s0, m0) == (s1, m1)
+        assert not set(idx0) & set(idx1), f"step {s0}: both ranks trained on {set(idx0) & set(idx1)}"
+
+    held = [load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)]
+    saved = load_file(str(tmp_path / "models/lora" / common.LORA_FILE))
+    assert held[0].keys() == held[1].keys()
+    for key in held[0]:
+        assert (held[0][key] == held[1][key]).all(), key  # DDP kept the ranks in step
+    # The published file holds exactly what rank 0 holds (diffusers' writer adds the "unet." prefix).
+    assert {k.removeprefix("unet."): v for k, v in saved.items()}.keys() == held[0].keys()
+    for key, value in saved.items():
+        assert (value == held[0][key.removeprefix("unet.")]).all(), key

@@ -1,0 +1,181 @@
+"""The SDXL family on its tiny random-initialised variant: encode, train LoRA, save, load, sample."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdtune import io, params as params_lib
+from sdtune.data import cache, synthetic
+from sdtune.evaluate import generate
+from sdtune.families import common, sdxl
+from sdtune.train import lora, loop, outputs
+
+RES = 64
+PROMPT = "a red circle on a gradient"
+
+
+def make_params(**train):
+    train = {"steps": 3, "batch_size": 2, "lr": 1e-3, "wandb": "disabled", "log_every": 1,
+             "checkpoint_every": 100, **train}
+    return params_lib.parse({"base": {"device": "cpu"}, "model": {"family": "sdxl", "id": "tiny", "resolution": RES},
+                             "cache": {"batch_size": 2}, "train": train})
+
+
+def quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, output_type="np"):
+    g = torch.Generator().manual_seed(7)
+    out = pipe(PROMPT, num_inference_steps=2, height=RES, width=RES, generator=g, output_type=output_type)
+    return np.asarray(out.images)
+
+
+def sample_latents(pipe):
+    """The denoised latents: the LoRA lives in the UNet, so no need to pay for VAE decodes."""
+    return sample(pipe, output_type="latent")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Three synthetic squares plus one landscape image (so one item has a real crop offset)."""
+    raw = tmp_path_factory.mktemp("raw")
+    synthetic.generate(raw, 3, size=96)
+    Image.new("RGB", (128, 96), (200, 40, 40)).save(raw / "wide.png")
+    files = sorted(p.name for p in raw.glob("*.png"))
+    rows = [{"file": f, "sha256": io.sha256_file(raw / f), "caption": f"picture {i}"} for i, f in enumerate(files)]
+    return raw, rows
+
+
+@pytest.fixture(scope="module")
+def encoded(data):
+    """Each item's tensors, as the cache would hold them, plus the prepared meta."""
+    raw, rows = data
+    pipe = sdxl.load_pipeline(make_params().model)
+    prepared = [cache.prepare(raw / r["file"], RES, True) for r in rows]
+    pixels = torch.stack([p for p, _ in prepared])
+    tensors = sdxl.encode_images(pipe, pixels, [m for _, m in prepared])
+    tensors |= sdxl.encode_prompts(pipe, [r["caption"] for r in rows])
+    items = [{k: v[i] for k, v in tensors.items()} for i in range(len(rows))]
+    return items, [m for _, m in prepared]
+
+
+@pytest.fixture(scope="module")
+def trained(encoded, tmp_path_factory):
+    """A few optimizer steps called directly; returns (losses, weights before, after, saved LoRA dir)."""
+    items, _ = encoded
+    params = make_params()
+    denoiser = sdxl.load_denoiser(params.model)
+    lora.add(denoiser, params.train.lora, sdxl.LORA_TARGETS)
+    opt = torch.optim.AdamW(lora.trainable(denoiser), lr=params.train.lr)
+    scheduler = sdxl.load_noise_scheduler(params.model)
+    before = [p.detach().clone() for p in lora.trainable(denoiser)]
+    losses = []
+    for step in range(params.train.steps):
+        idx = [(2 * step + j) % len(items) for j in range(params.train.batch_size)]
+        batch = {k: torch.stack([items[i][k] for i in idx]) for k in items[0]}
+        loss = sdxl.training_loss(denoiser, scheduler, batch, torch.Generator().manual_seed(step), params.train)
+        assert loss.shape == (params.train.batch_size,)
+        loss.mean().backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.mean().item())
+    after = [p.detach().clone() for p in lora.trainable(denoiser)]
+    out = tmp_path_factory.mktemp("lora")
+    sdxl.save_lora(out, lora.diffusers_state(denoiser), {"base_model": "tiny", "family": "sdxl"})
+    return losses, before, after, out
+
+
+def test_encode_stores_latents_two_encoder_embeddings_and_size_conditioning(encoded):
+    items, metas = encoded
+    one = items[0]
+    assert one["latents"].shape == (4, RES // 2, RES // 2)  # the tiny VAE downsamples by 2
+    assert one["prompt_embeds"].shape == (77, 2 * sdxl.TEXT_DIM)  # both encoders side by side
+    assert one["pooled_prompt_embeds"].shape == (sdxl.TEXT_DIM,)
+    for item, meta in zip(items, metas):
+        assert item["time_ids"].tolist() == [*meta["original_size"], *meta["crop_top_left"], RES, RES]
+    wide = items[-1]["time_ids"].tolist()  # wide.png: 128 x 96, resized to 85 x 64, centre crop
+    assert wide == [96, 128, 0, 10, RES, RES]
+
+
+def test_prompt_embeds_match_the_pipelines_own_encoding():
+    pipe = sdxl.load_pipeline(make_params().model)
+    ours = sdxl.encode_prompts(pipe, [PROMPT])
+    embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(ours["prompt_embeds"], embeds)
+    torch.testing.assert_close(ours["pooled_prompt_embeds"], pooled)
+    # The first half is encoder 1's penultimate layer.
+    ids = common.tokenize(pipe.tokenizer, [PROMPT], "cpu")
+    first = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(ours["prompt_embeds"][..., :sdxl.TEXT_DIM], first)
+
+
+def test_float16_vae_encodes_in_float32_and_is_put_back():
+    pipe = sdxl.load_pipeline(make_params().model)
+    pipe.vae.to(torch.float16)
+    pixels = torch.rand(1, 3, RES, RES) * 2 - 1
+    out = sdxl.encode_images(pipe, pixels, [{"original_size": (RES, RES), "crop_top_left": (0, 0)}])
+    assert out["latents"].dtype == torch.float32 and torch.isfinite(out["latents"]).all()
+    assert pipe.vae.dtype == torch.float16
+
+
+def test_training_steps_give_finite_loss_and_move_the_lora(trained):
+    losses, before, after, _ = trained
+    assert all(math.isfinite(x) for x in losses)
+    assert any(not torch.equal(b, a) for b, a in zip(before, after))
+
+
+def test_saved_lora_loads_into_a_fresh_pipeline_and_changes_the_output(trained):
+    *_, out = trained
+    assert common.read_metadata(out / common.LORA_FILE)["family"] == "sdxl"
+    pipe = quiet(sdxl.load_pipeline(make_params().model))
+    base = sample_latents(pipe)
+    pipe.load_lora_weights(str(out), weight_name=common.LORA_FILE, adapter_name="t")
+    with_lora = sample_latents(pipe)
+    print("max |lora - base|", np.abs(with_lora - base).max())
+    assert not np.allclose(base, with_lora, atol=1e-4)
+    pipe.set_adapters(["t"], [0.0])
+    np.testing.assert_allclose(sample_latents(pipe), base, atol=1e-6)
+
+
+def test_cache_build_and_training_loop_end_to_end(data, tmp_path):
+    """The real stages' path: cache.build stores what the family needs, the loop trains on it."""
+    raw, rows = data
+    params = make_params(steps=3)
+    family = sdxl
+    counts = cache.build(rows, raw, tmp_path / "cache", family, params.model, params.cache, family.load_pipeline)
+    assert counts["encoded"] == len(rows)
+    assert set(cache.load(tmp_path / "cache")[0]) == {"latents", "time_ids", "prompt_embeds", "pooled_prompt_embeds"}
+
+    run = loop.setup(params, tmp_path / "cache")
+    stats = loop.train(run, tmp_path / "ckpt", tmp_path / "cache")  # as stages/train.py calls it
+    assert stats["steps"] == 3 and math.isfinite(stats["final_loss"])
+    lora_file = outputs.write_lora(tmp_path / "lora", run, loop.final_lora(run), {"base_model": "tiny"})
+    assert lora_file.is_file()
+
+    # The published file loads the way the evaluate stage loads it.
+    pipe = generate.pipeline(family, params.model, torch.device("cpu"), lora_dir=tmp_path / "lora")
+    assert "sdtune" in pipe.get_active_adapters()
+    assert sample(pipe).shape == (1, RES, RES, 3)
+
+    # A second build re-encodes nothing.
+    again = cache.build(rows, raw, tmp_path / "cache", family, params.model, params.cache, family.load_pipeline)
+    assert again["encoded"] == 0 and again["reused"] == len(rows)
+
+
+def test_real_loading_code_reads_a_saved_pipeline(tmp_path):
+    """The from_pretrained paths (subfolders, scheduler, prediction type) on a local copy of the tiny model."""
+    sdxl.load_pipeline(make_params().model).save_pretrained(tmp_path)
+    model = params_lib.parse({"model": {"family": "sdxl", "id": str(tmp_path), "resolution": RES,
+                                        "prediction_type": "v_prediction"}}).model
+    pipe = sdxl.load_pipeline(model)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.text_encoder_2.config.projection_dim == sdxl.TEXT_DIM
+    noise = sdxl.load_noise_scheduler(model)  # DDPM read from the Euler config SDXL ships
+    assert noise.config.prediction_type == "v_prediction" and noise.config.beta_schedule == "scaled_linear"
+    assert sdxl.load_denoiser(model).config.addition_embed_type == "text_time"
+    assert sdxl.load_tokenizer(model).model_max_length == 77
