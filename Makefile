@@ -12,7 +12,8 @@ DEMO = \
 	-S ++cache.batch_size=4 \
 	-S ++train.steps=30 -S ++train.batch_size=2 -S ++train.lr=1.0e-3 -S ++train.lr_scheduler=constant \
 	-S ++train.warmup_steps=0 -S ++train.snr_gamma=null -S ++train.checkpoint_every=10 -S ++train.log_every=5 \
-	-S ++train.wandb=disabled \
+	-S ++train.wandb=disabled -S ++train.validate_every=15 -S ++train.validation_steps=4 \
+	-S '++train.validation_prompts=[a red circle on a gradient]' \
 	-S '++quantize.variants=[int8wo]' -S '++quantize.lora_modes=[fused]' \
 	-S ++evaluate.prompts=prompts/demo.txt -S ++evaluate.clip_model=tiny -S ++evaluate.steps=4 \
 	-S '++evaluate.seeds=[0, 1]' -S ++evaluate.latency_repeats=2 \

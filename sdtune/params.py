@@ -96,6 +96,18 @@ class Train(Section):
     wandb: Literal["disabled", "offline", "online"] = "offline"
     wandb_project: str = "sdtune"
     deterministic: bool = False
+    qlora: bool = False  # the frozen denoiser in 4-bit NF4 (bitsandbytes, CUDA only)
+    # Validation images every N steps (None: never), same prompts and seeds each time.
+    validate_every: int | None = Field(None, gt=0)
+    validation_prompts: list[str] = ["a painting by sargent, a portrait of a woman in a white dress"]
+    validation_seeds: list[int] = [0, 1]
+    validation_steps: int = Field(25, gt=0)
+    # Flow-matching families (SD3.x): how timesteps are drawn and how the loss is weighted.
+    timestep_density: Literal["logit_normal", "uniform", "mode"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = Field(1.29, ge=-1.0, le=1.75)
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
 
 
 class Quantize(Section):

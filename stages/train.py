@@ -2,27 +2,32 @@
 
 Writes models/lora/ (pytorch_lora_weights.safetensors in diffusers keys, with provenance
 metadata), checkpoints/ (kept between runs: a rerun resumes), reports/train.json and the
-loss curve (reports/train_loss.csv, reports/train_loss.png).
+loss curve (reports/train_loss.csv, reports/train_loss.png) and, when train.validate_every is
+set, validation images (reports/validation/step-*.png).
 """
 
 import json
+from pathlib import Path
 
 from sdtune import params as params_lib, runtime
 from sdtune.errors import main_guard
-from sdtune.train import loop, outputs
+from sdtune.train import loop, outputs, validate as validate_lib
 
-CACHE, LORA_DIR, CKPT = "cache", "models/lora", "checkpoints"
+CACHE, LORA_DIR, CKPT, VALIDATION = "cache", "models/lora", "checkpoints", "reports/validation"
 
 
 def wandb_logger(params):
-    """W&B is imported only when it is on; the config holds params, never secrets."""
+    """W&B is imported only when it is on; the config holds params, never secrets.
+
+    Returns (run, log a metrics row, log an image file)."""
     if params.train.wandb == "disabled":
-        return None, lambda row: None
+        return None, None, None
     import wandb
 
     run = wandb.init(project=params.train.wandb_project, mode=params.train.wandb,
                      config=json.loads(params.model_dump_json()))
-    return run, lambda row: wandb.log(row, step=row["step"])
+    return (run, lambda row: wandb.log(row, step=row["step"]),
+            lambda path, step: wandb.log({"validation": wandb.Image(str(path))}, step=step))
 
 
 @main_guard
@@ -30,8 +35,10 @@ def main():
     params = params_lib.load()
     with runtime.stage("train"):
         run = loop.setup(params, CACHE)
-        wb, log = wandb_logger(params) if run.accelerator.is_main_process else (None, None)
-        stats = loop.train(run, CKPT, CACHE, log=log)
+        wb, log, log_image = wandb_logger(params) if run.accelerator.is_main_process else (None, None, None)
+        Path(VALIDATION).mkdir(parents=True, exist_ok=True)  # a DVC output even when validation is off
+        validate = validate_lib.Validator(params, run.family, VALIDATION, log_image)
+        stats = loop.train(run, CKPT, CACHE, log=log, validate=validate)
         if run.accelerator.is_main_process:
             meta = runtime.provenance(params)
             outputs.write_lora(LORA_DIR, run, loop.final_lora(run), meta)

@@ -60,7 +60,9 @@ def build(rows, raw_dir, out_dir, family, model, cache, load_pipeline, device="c
     dtype = DTYPES[cache.dtype]
 
     if todo:
-        pipe = load_pipeline(model, torch.float32).to(device)
+        # Encoders only: the denoiser is not needed here (for SD3.5 Large it alone is 16 GB).
+        dtype_load = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        pipe = load_pipeline(model, dtype_load, **{family.DENOISER_ATTR: None}).to(device)
         for start in tqdm(range(0, len(todo), cache.batch_size), desc="cache", unit="batch"):
             chunk = todo[start:start + cache.batch_size]
             prepared = [prepare(raw_dir / r["file"], model.resolution, cache.center_crop) for r, _ in chunk]

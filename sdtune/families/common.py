@@ -24,6 +24,18 @@ def seeded(seed: int):
         yield
 
 
+def tiny_quantized(module, dtype, quantization_config=None):
+    """A tiny model in `dtype`; with a quantization config it goes through a folder so the
+    quantizer applies exactly as it does to a real checkpoint."""
+    if quantization_config is None:
+        return module.to(dtype)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        module.save_pretrained(tmp)
+        return type(module).from_pretrained(tmp, torch_dtype=dtype, quantization_config=quantization_config)
+
+
 def clip_tokenizer(max_length: int = 77):
     from transformers import CLIPTokenizer
 

@@ -4,7 +4,7 @@ import tempfile
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
 from sdtune.families import common
 
@@ -71,7 +71,7 @@ def load_noise_scheduler(model):
 
 def load_denoiser(model, dtype=torch.float32, quantization_config=None):
     if model.id == "tiny":
-        return tiny_unet().to(dtype)
+        return common.tiny_quantized(tiny_unet(), dtype, quantization_config)
     try:
         return UNet2DConditionModel.from_pretrained(
             model.id, subfolder="unet", revision=model.revision, torch_dtype=dtype,
@@ -84,7 +84,8 @@ def load_tokenizer(model):
     if model.id == "tiny":
         return common.clip_tokenizer()
     try:
-        return CLIPTokenizer.from_pretrained(model.id, subfolder="tokenizer", revision=model.revision)
+        # AutoTokenizer raises on a missing repo; CLIPTokenizer.from_pretrained may return an empty one.
+        return AutoTokenizer.from_pretrained(model.id, subfolder="tokenizer", revision=model.revision)
     except (OSError, ValueError) as err:
         raise common.hub_error(model, err) from None
 

@@ -115,7 +115,7 @@ def load_noise_scheduler(model):
 
 def load_denoiser(model, dtype=torch.float32, quantization_config=None):
     if model.id == "tiny":
-        return tiny_unet().to(dtype)
+        return common.tiny_quantized(tiny_unet(), dtype, quantization_config)
     try:
         return UNet2DConditionModel.from_pretrained(
             model.id, subfolder="unet", revision=model.revision, torch_dtype=dtype,

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from sdtune import families, io
 from sdtune.data import cache as cache_lib
 from sdtune.errors import UserError
+from sdtune.profiling import memory
 from sdtune.train import checkpoint, lora, optim
 
 
@@ -45,6 +46,19 @@ def wants_cuda(device: str) -> bool:
     return device != "cpu" and torch.cuda.is_available()
 
 
+def qlora_config(train, accelerator, compute_dtype):
+    """QLoRA: the frozen denoiser quantized to 4-bit NF4 as it loads; LoRA trains on top."""
+    if not train.qlora:
+        return None
+    if accelerator.device.type != "cuda":
+        raise UserError("train.qlora: 4-bit NF4 loading needs a CUDA GPU (bitsandbytes through diffusers); "
+                        "set train.qlora: false to train in full precision here")
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 @dataclass
 class Run:
     params: object
@@ -58,6 +72,7 @@ class Run:
     ema: object = None
     history: list = field(default_factory=list)
     step: int = 0
+    grad_norm: object = None  # of the last step, still on the device
 
 
 def setup(params, cache_dir) -> Run:
@@ -78,7 +93,8 @@ def setup(params, cache_dir) -> Run:
 
     # The frozen base sits in the compute dtype; the LoRA weights stay float32 for stable updates.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    denoiser = family.load_denoiser(m, dtype=weight_dtype)
+    denoiser = family.load_denoiser(m, dtype=weight_dtype, quantization_config=qlora_config(p, accelerator, weight_dtype))
+    denoiser.train()  # from_pretrained returns eval mode, which would switch LoRA dropout off
     lora.add(denoiser, p.lora, family.LORA_TARGETS)
     for param in lora.trainable(denoiser):
         param.data = param.data.float()
@@ -134,7 +150,7 @@ def train_step(run: Run, step: int, timer=NullTimer()) -> torch.Tensor:
                 acc.backward(loss / p.grad_accum)
         total += loss.detach() / p.grad_accum
     with timer.phase("optimizer"):
-        acc.clip_grad_norm_(lora.trainable(run.denoiser), p.max_grad_norm)
+        run.grad_norm = acc.clip_grad_norm_(lora.trainable(run.denoiser), p.max_grad_norm)
         run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -152,7 +168,8 @@ def _set_lora(run: Run):
 
 
 # Keys that change what is logged or kept, not what is computed: a run may resume across them.
-NOT_FINGERPRINTED = {"checkpoint_every", "keep_checkpoints", "log_every", "wandb", "wandb_project"}
+NOT_FINGERPRINTED = {"checkpoint_every", "keep_checkpoints", "log_every", "wandb", "wandb_project",
+                     "validate_every", "validation_prompts", "validation_seeds", "validation_steps"}
 
 
 def fingerprint(run: Run, cache_dir) -> str:
@@ -175,16 +192,16 @@ def _flush(run: Run, pending: list) -> None:
     """Move the pending per-step losses to the host once, and stop on the first non-finite one."""
     if not pending:
         return
-    losses = torch.stack([loss for _, loss in pending]).float().cpu().tolist()
-    for (step, _), value in zip(pending, losses):
-        if not math.isfinite(value):
-            raise UserError(f"train: the loss became {value} at step {step}; stopped. The last good "
+    values = torch.stack([torch.stack([loss.float(), norm.float()]) for _, loss, norm, _ in pending]).cpu().tolist()
+    for (step, _, _, lr), (loss, norm) in zip(pending, values):
+        if not math.isfinite(loss):
+            raise UserError(f"train: the loss became {loss} at step {step}; stopped. The last good "
                             f"checkpoint is kept; lower train.lr or change train.mixed_precision")
-        run.history.append({"step": step, "loss": value, "lr": run.lr_scheduler.get_last_lr()[0]})
+        run.history.append({"step": step, "loss": loss, "lr": lr, "grad_norm": norm})
     pending.clear()
 
 
-def train(run: Run, ckpt_dir, cache_dir, log=None) -> dict:
+def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None) -> dict:
     """The loop. Resumes from the newest checkpoint in `ckpt_dir` made by this same run, if any."""
     p, acc = run.params.train, run.accelerator
     resumed = resume(run, ckpt_dir, cache_dir)
@@ -193,7 +210,9 @@ def train(run: Run, ckpt_dir, cache_dir, log=None) -> dict:
     bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc="train", unit="step",
                disable=not acc.is_main_process)
     for step in bar:
-        pending.append((step + 1, train_step(run, step)))
+        lr = run.lr_scheduler.get_last_lr()[0]  # the rate this step uses
+        loss = train_step(run, step)
+        pending.append((step + 1, loss, run.grad_norm.detach(), lr))
         run.step = step + 1
         last = run.step == p.steps
         if run.step % p.log_every == 0 or run.step % p.checkpoint_every == 0 or last:
@@ -201,6 +220,8 @@ def train(run: Run, ckpt_dir, cache_dir, log=None) -> dict:
             bar.set_postfix(loss=f"{run.history[-1]['loss']:.4f}")
             if log is not None:
                 log(run.history[-1])
+        if validate is not None and p.validate_every and (run.step % p.validate_every == 0 or last):
+            validate(run)
         if acc.is_main_process and (run.step % p.checkpoint_every == 0) and not last:
             checkpoint.save(ckpt_dir, run.step, lora.peft_state(acc.unwrap_model(run.denoiser)),
                             run.optimizer, run.lr_scheduler, run.ema, run.history, p.keep_checkpoints, mark)
@@ -214,6 +235,7 @@ def train(run: Run, ckpt_dir, cache_dir, log=None) -> dict:
         "steps_per_second": done / seconds if done else 0.0,
         "images_per_second": done * p.batch_size * p.grad_accum * acc.num_processes / seconds if done else 0.0,
         "mixed_precision": acc.mixed_precision, "device": str(acc.device), "processes": acc.num_processes,
+        "peak_memory_bytes": memory.peak_memory(acc.device)["peak_bytes"],
     }
 
 

@@ -24,7 +24,7 @@ def write_lora(directory, run, state_dict, metadata) -> Path:
 def write_reports(run, stats) -> None:
     io.write_json(REPORT, stats)
     buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["step", "loss", "lr"], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=["step", "loss", "lr", "grad_norm"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(run.history)
     io.write_text(CURVE_CSV, buf.getvalue())

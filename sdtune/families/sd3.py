@@ -1,0 +1,232 @@
+"""Stable Diffusion 3.x (SD3.5 Medium/Large): two CLIP encoders and T5, an MMDiT transformer,
+rectified flow matching."""
+
+import string
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline)
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel,
+                          T5Tokenizer)
+
+from sdtune.errors import UserError
+from sdtune.families import common
+
+PIPELINE = StableDiffusion3Pipeline
+DENOISER = SD3Transformer2DModel
+DENOISER_ATTR = "transformer"
+# Attention projections of the joint blocks: the image stream (to_*) and the text stream (add_*,
+# to_add_out). The suffixes also catch SD3.5's second image-only attention (attn2).
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+# T5 tokens per prompt: the pipeline's own default at inference, so training sees the same context.
+T5_MAX_LENGTH = 256
+
+DENSITIES = ("logit_normal", "uniform", "mode")
+WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+
+# ---- the tiny random-initialised variant (offline tests and the demo) ----
+# Sizes follow diffusers' SD3 pipeline tests, made consistent: CLIP hidden 32 + 32 = 64 = T5 width =
+# joint_attention_dim, so the CLIP states are padded by nothing; pooled 32 + 32 = pooled_projection_dim.
+# Modules built from a config start in train mode; from_pretrained returns them in eval mode, so do we.
+
+def tiny_transformer():
+    with common.seeded(1):
+        return SD3Transformer2DModel(
+            sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+            caption_projection_dim=32, pooled_projection_dim=64,
+            dual_attention_layers=(0,), qk_norm="rms_norm",  # SD3.5's MMDiT-X layout
+        ).eval()
+
+
+def tiny_vae():
+    with common.seeded(2):
+        return AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
+            shift_factor=0.0609, scaling_factor=1.5035,
+        ).eval()
+
+
+def tiny_clip(seed):
+    with common.seeded(seed):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+            max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
+        )).eval()
+
+
+def tiny_t5_tokenizer():
+    """T5's layout (<pad>=0, </s>=1, <unk>=2, then pieces) with one piece per printable character;
+    built in code, so nothing is read from disk or the hub."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in string.printable if not c.isspace()]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def tiny_t5():
+    with common.seeded(5):
+        return T5EncoderModel(T5Config(
+            vocab_size=len(tiny_t5_tokenizer()), d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        )).eval()
+
+
+def tiny_scheduler():
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3.5's config
+
+
+# ---- loading ----
+
+def _flow_only(model):
+    if model.prediction_type != "default":
+        raise UserError(f"model.prediction_type: {model.prediction_type!r} does not apply to sd3, which "
+                        f"is trained by flow matching; leave it at 'default'")
+
+
+def load_noise_scheduler(model):
+    _flow_only(model)
+    if model.id == "tiny":
+        return tiny_scheduler()
+    try:
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(
+            model.id, subfolder="scheduler", revision=model.revision)
+    except (OSError, ValueError) as err:
+        raise common.hub_error(model, err) from None
+
+
+def load_denoiser(model, dtype=torch.float32, quantization_config=None):
+    """The transformer alone; `quantization_config` (e.g. BitsAndBytesConfig NF4 for QLoRA on
+    SD3.5 Large) is applied as it loads."""
+    if model.id == "tiny":
+        denoiser = tiny_transformer().to(dtype)
+        if quantization_config is None:
+            return denoiser
+        # Quantizers act at load time, so the tiny model goes through a folder like a real one.
+        with tempfile.TemporaryDirectory() as tmp:
+            denoiser.save_pretrained(tmp)
+            return DENOISER.from_pretrained(tmp, torch_dtype=dtype, quantization_config=quantization_config)
+    try:
+        return DENOISER.from_pretrained(
+            model.id, subfolder="transformer", revision=model.revision, torch_dtype=dtype,
+            quantization_config=quantization_config)
+    except (OSError, ValueError) as err:
+        raise common.hub_error(model, err) from None
+
+
+def load_tokenizer(model):
+    """The first CLIP tokenizer: its 77 tokens are the tightest caption limit of the three."""
+    if model.id == "tiny":
+        return common.clip_tokenizer()
+    try:
+        # AutoTokenizer, not CLIPTokenizer: with transformers 5 the latter quietly builds an empty
+        # tokenizer when the files are missing, instead of failing.
+        return AutoTokenizer.from_pretrained(model.id, subfolder="tokenizer", revision=model.revision)
+    except (OSError, ValueError) as err:
+        raise common.hub_error(model, err) from None
+
+
+def load_pipeline(model, dtype=torch.float32, **components):
+    """The whole pipeline; `components` (e.g. transformer=..., or transformer=None to skip it) replace
+    the loaded ones."""
+    if model.id == "tiny":
+        parts = dict(transformer=tiny_transformer(), vae=tiny_vae(),
+                     text_encoder=tiny_clip(3), text_encoder_2=tiny_clip(4), text_encoder_3=tiny_t5(),
+                     tokenizer=common.clip_tokenizer(), tokenizer_2=common.clip_tokenizer(),
+                     tokenizer_3=tiny_t5_tokenizer(), scheduler=tiny_scheduler())
+        # Cast only what we built: a passed-in component (maybe quantized) keeps its own dtype.
+        parts = {k: v.to(dtype) if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
+        return PIPELINE(**(parts | components))
+    try:
+        return PIPELINE.from_pretrained(model.id, revision=model.revision, torch_dtype=dtype, **components)
+    except (OSError, ValueError) as err:
+        raise common.hub_error(model, err) from None
+
+
+# ---- what the cache stores ----
+
+@torch.no_grad()
+def encode_images(pipe, pixels, meta=None):
+    """pixels: float in [-1, 1], [B, 3, H, W]. The latents are shifted and scaled, ready for the
+    transformer (the pipeline undoes exactly this before decoding)."""
+    vae = pipe.vae
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    return {"latents": (latents - vae.config.shift_factor) * vae.config.scaling_factor}
+
+
+@torch.no_grad()
+def encode_prompts(pipe, captions):
+    """The pipeline's own encoder, so training and sampling condition the same way: CLIP-L and
+    CLIP-G penultimate states side by side, zero-padded to T5's width, then the T5 sequence after
+    them; pooled = both CLIP projections side by side."""
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        captions, None, None, do_classifier_free_guidance=False, max_sequence_length=T5_MAX_LENGTH)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
+# ---- the objective ----
+
+def _choice(train, name, default, allowed):
+    value = getattr(train, name, default)
+    if value not in allowed:  # diffusers treats any unknown name as uniform / unweighted
+        raise UserError(f"train.{name}: {value!r} is not allowed; use one of {', '.join(allowed)}")
+    return value
+
+
+def sample_sigmas(scheduler, batch_size, generator, train):
+    """Noise levels for a batch, from the configured density over the scheduler's (shifted) table,
+    the same table sampling walks down. Returns (sigmas, timesteps), each [B]."""
+    u = compute_density_for_timestep_sampling(
+        _choice(train, "timestep_density", "logit_normal", DENSITIES), batch_size,
+        logit_mean=getattr(train, "logit_mean", 0.0), logit_std=getattr(train, "logit_std", 1.0),
+        mode_scale=getattr(train, "mode_scale", 1.29), generator=generator)
+    n = scheduler.config.num_train_timesteps
+    index = (u * n).long().clamp(0, n - 1)
+    return scheduler.sigmas[index], scheduler.timesteps[index]
+
+
+def training_loss(denoiser, scheduler, batch, generator, train):
+    if train.snr_gamma is not None:
+        raise UserError("train.snr_gamma: min-SNR weighting is for epsilon/v models; sd3 is trained by "
+                        "flow matching, so leave it unset and use train.loss_weighting")
+    weighting = _choice(train, "loss_weighting", "none", WEIGHTINGS)
+    latents = batch["latents"]
+    noise = common.sample_noise(latents, generator, train.noise_offset)
+    sigmas, timesteps = sample_sigmas(scheduler, latents.shape[0], generator, train)
+    sigmas = sigmas.to(latents.device, latents.dtype).view(-1, 1, 1, 1)
+    # Rectified flow: a straight line from the image (sigma 0) to noise (sigma 1); the model
+    # predicts its velocity, noise - x0.
+    noisy = (1 - sigmas) * latents + sigmas * noise
+    pred = denoiser(hidden_states=noisy, timestep=timesteps.to(latents.device),
+                    encoder_hidden_states=batch["prompt_embeds"],
+                    pooled_projections=batch["pooled_prompt_embeds"], return_dict=False)[0]
+    target = noise - latents
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    return loss * compute_loss_weighting_for_sd3(weighting, sigmas.flatten().float())
+
+
+# ---- LoRA file ----
+
+def save_lora(directory, state_dict, metadata, adapter_metadata=None):
+    """diffusers keys via the pipeline's own writer, then our provenance added as metadata."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors.torch import load_file
+
+    # One key style throughout (peft's lora_A/lora_B, as diffusers' own SD3 trainer writes). The
+    # UNet-style conversion renames to_q/to_k/to_v/to_out.0 to lora.down/up but not add_*; given such
+    # a mix, load_lora_weights judges the format by the first key and silently skips the rest.
+    state_dict = convert_unet_state_dict_to_peft(state_dict)
+    with tempfile.TemporaryDirectory() as tmp:
+        PIPELINE.save_lora_weights(tmp, transformer_lora_layers=state_dict,
+                                   transformer_lora_adapter_metadata=adapter_metadata)
+        written = f"{tmp}/{common.LORA_FILE}"
+        tensors = load_file(written)
+        meta = common.read_metadata(written) | metadata
+    return common.write_lora(directory, tensors, meta)

@@ -1,0 +1,46 @@
+"""Validation images during training: fixed prompts and seeds, so steps compare side by side."""
+
+from pathlib import Path
+
+import torch
+
+from sdtune.evaluate import report
+
+
+class Validator:
+    """Samples the LoRA being trained every `train.validate_every` steps into reports/validation/.
+
+    The pipeline's encoders and VAE load once, on first use; the denoiser is the one in training.
+    The global RNG is saved and restored around sampling, so validating never changes the run.
+    """
+
+    def __init__(self, params, family, out_dir="reports/validation", log_image=None):
+        self.params, self.family, self.out_dir, self.log_image = params, family, Path(out_dir), log_image
+        self.pipe = None
+
+    def __call__(self, run):
+        acc, p = run.accelerator, self.params.train
+        if not acc.is_main_process:
+            return
+        model = acc.unwrap_model(run.denoiser)
+        if self.pipe is None:
+            dtype = next(model.parameters()).dtype
+            self.pipe = self.family.load_pipeline(self.params.model, dtype, **{self.family.DENOISER_ATTR: None})
+            self.pipe.set_progress_bar_config(disable=True)
+            self.pipe.to(acc.device)
+        self.pipe.register_modules(**{self.family.DENOISER_ATTR: model})
+        size = self.params.model.resolution
+        model.eval()
+        images = []
+        with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []), torch.no_grad(), acc.autocast():
+            for prompt in p.validation_prompts:
+                for seed in p.validation_seeds:
+                    g = torch.Generator("cpu").manual_seed(seed)
+                    images.append(self.pipe(prompt, num_inference_steps=p.validation_steps, height=size,
+                                            width=size, generator=g).images[0])
+        model.train()
+        path = self.out_dir / f"step-{run.step:07d}.png"
+        report.grid({f"step {run.step}": images}, path)
+        if self.log_image is not None:
+            self.log_image(path, run.step)
+        return path
