@@ -115,11 +115,13 @@ def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(workspa
     p = params_lib.load(ws / "params.yaml")
     # Poison the cached item that step 5 (0-based 4) trains on first.
     items = io.read_json(ws / "cache/index.json")["items"]
-    fake = SimpleNamespace(params=p, items=items, accelerator=SimpleNamespace(num_processes=1, process_index=0))
-    bad = items[loop.sample_indices(fake, 4, 0)[0]]["key"]
+    fake = SimpleNamespace(params=p, items=cache.load(ws / "cache"), batches={},
+                           accelerator=SimpleNamespace(num_processes=1, process_index=0))
+    first = loop.sample_indices(fake, 4, 0)[0]
     earlier = {i for s in range(4) for i in loop.sample_indices(fake, s, 0)}
-    if items.index(next(it for it in items if it["key"] == bad)) in earlier:
+    if first in earlier:
         pytest.skip("the poisoned item is also sampled earlier with this seed")
+    bad = items[first]["key"]
     path = ws / "cache/items" / f"{bad}.safetensors"
     tensors = load_file(str(path))
     tensors["latents"] = torch.full_like(tensors["latents"], float("nan"))
@@ -148,3 +150,27 @@ def test_cache_reencodes_exactly_what_changed(workspace, tmp_path):
     bigger = params_lib.parse({"model": {"id": "tiny", "resolution": 40}}).model
     every = cache.build(rows, ws / "data/raw", ws / "cache", sd, bigger, p.cache, sd.load_pipeline)
     assert every["encoded"] == len(rows)
+
+
+def test_buckets_group_by_shape_and_a_small_bucket_makes_a_small_batch(tmp_path):
+    from PIL import Image
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(5):  # five landscape images and one portrait: the portrait bucket has 1 < batch size
+        Image.new("RGB", (96, 48), (40 * i, 20, 20)).save(raw / f"wide_{i}.png")
+    Image.new("RGB", (48, 96), (20, 200, 20)).save(raw / "tall.png")
+    p = params_lib.parse({"model": {"id": "tiny", "resolution": 32}, "train": {"batch_size": 2},
+                          "cache": {"buckets": True, "bucket_step": 16}})
+    rows = captions_for(raw)
+    cache.build(rows, raw, tmp_path / "cache", sd, p.model, p.cache, sd.load_pipeline)
+    items = cache.load(tmp_path / "cache")
+    shapes = {tuple(it["latents"].shape) for it in items}
+    assert len(shapes) == 2  # a wide bucket and a tall one
+    fake = SimpleNamespace(params=p, items=items, batches={},
+                           accelerator=SimpleNamespace(num_processes=1, process_index=0))
+    epoch = loop.epoch_batches(fake, 0)
+    assert sorted(len(b) for b in epoch) == [1, 1, 2, 2]
+    for batch in epoch:
+        assert len({tuple(items[i]["latents"].shape) for i in batch}) == 1
+    assert sorted(i for b in epoch for i in b) == list(range(6))

@@ -27,25 +27,38 @@ def item_key(row, model, cache) -> str:
         "family": model.family, "model": model.id, "revision": model.revision,
         "prediction_type": model.prediction_type, "resolution": model.resolution,
         "center_crop": cache.center_crop, "dtype": cache.dtype,
+        "bucket_step": cache.bucket_step if cache.buckets else None,
     }
     return io.sha256_text(json.dumps(parts, sort_keys=True))
 
 
-def prepare(path, resolution: int, center_crop: bool):
-    """Resize the short side to `resolution` and crop a square; pixels in [-1, 1].
+def bucket_size(width: int, height: int, resolution: int, step: int) -> tuple[int, int]:
+    """Aspect-ratio bucketing: the (width, height) in multiples of `step`, at most resolution²
+    pixels, whose aspect is the image's (clipped to 1:2 .. 2:1)."""
+    aspect = min(max(width / height, 0.5), 2.0)
+    area = resolution * resolution
+    w = max(step, int((area * aspect) ** 0.5) // step * step)
+    h = max(step, int((area / aspect) ** 0.5) // step * step)
+    return w, h
 
+
+def prepare(path, resolution: int, center_crop: bool, bucket_step: int | None = None):
+    """Resize to cover the target and crop it; pixels in [-1, 1].
+
+    The target is a resolution² square, or with `bucket_step` the image's aspect-ratio bucket.
     Returns the tensor and the original size and crop offset (SDXL conditions on both).
     """
     img = load_rgb(path)
     w, h = img.size
-    scale = resolution / min(w, h)
-    new = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    tw, th = bucket_size(w, h, resolution, bucket_step) if bucket_step else (resolution, resolution)
+    scale = max(tw / w, th / h)
+    new = (max(tw, round(w * scale)), max(th, round(h * scale)))
     img = img.resize(new, Image.Resampling.LANCZOS)
-    left = (new[0] - resolution) // 2 if center_crop else 0
-    top = (new[1] - resolution) // 2 if center_crop else 0
-    img = img.crop((left, top, left + resolution, top + resolution))
+    left = (new[0] - tw) // 2 if center_crop else 0
+    top = (new[1] - th) // 2 if center_crop else 0
+    img = img.crop((left, top, left + tw, top + th))
     pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    pixels = pixels.view(resolution, resolution, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+    pixels = pixels.view(th, tw, 3).permute(2, 0, 1).float() / 127.5 - 1.0
     meta = {"original_size": (h, w), "crop_top_left": (top, left)}
     return pixels, meta
 
@@ -65,16 +78,21 @@ def build(rows, raw_dir, out_dir, family, model, cache, load_pipeline, device="c
         pipe = load_pipeline(model, dtype_load, **{family.DENOISER_ATTR: None}).to(device)
         for start in tqdm(range(0, len(todo), cache.batch_size), desc="cache", unit="batch"):
             chunk = todo[start:start + cache.batch_size]
-            prepared = [prepare(raw_dir / r["file"], model.resolution, cache.center_crop) for r, _ in chunk]
-            pixels = torch.stack([p for p, _ in prepared]).to(device)
-            tensors = family.encode_images(pipe, pixels, [m for _, m in prepared])
-            tensors |= family.encode_prompts(pipe, [r["caption"] for r, _ in chunk])
-            for i, (row, key) in enumerate(chunk):
-                # Only floating tensors take the cache dtype; integer ones (sizes, ids) stay exact.
-                one = {name: t[i].detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
-                       for name, t in tensors.items()}
-                with io.atomic_path(items / f"{key}.safetensors") as tmp:
-                    save_file(one, str(tmp), metadata={"file": row["file"]})
+            step = cache.bucket_step if cache.buckets else None
+            prepared = [prepare(raw_dir / r["file"], model.resolution, cache.center_crop, step) for r, _ in chunk]
+            # One encoder call per image size (buckets differ in size; squares are one group).
+            for size in dict.fromkeys(p.shape for p, _ in prepared):
+                group = [i for i, (p, _) in enumerate(prepared) if p.shape == size]
+                pixels = torch.stack([prepared[i][0] for i in group]).to(device)
+                tensors = family.encode_images(pipe, pixels, [prepared[i][1] for i in group])
+                tensors |= family.encode_prompts(pipe, [chunk[i][0]["caption"] for i in group])
+                for j, i in enumerate(group):
+                    row, key = chunk[i]
+                    # Only floating tensors take the cache dtype; integer ones (sizes, ids) stay exact.
+                    one = {name: t[j].detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+                           for name, t in tensors.items()}
+                    with io.atomic_path(items / f"{key}.safetensors") as tmp:
+                        save_file(one, str(tmp), metadata={"file": row["file"]})
         del pipe
 
     wanted = {f"{k}.safetensors" for k in keys}

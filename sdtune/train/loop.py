@@ -73,6 +73,7 @@ class Run:
     history: list = field(default_factory=list)
     step: int = 0
     grad_norm: object = None  # of the last step, still on the device
+    batches: dict = field(default_factory=dict)  # epoch -> its batches (see epoch_batches)
 
 
 def setup(params, cache_dir) -> Run:
@@ -108,20 +109,37 @@ def setup(params, cache_dir) -> Run:
     return Run(params, accelerator, family, denoiser, family.load_noise_scheduler(m), opt, sched, items, ema)
 
 
+def epoch_batches(run: Run, epoch: int) -> list[list[int]]:
+    """The epoch's batches, a function of (seed, epoch) alone.
+
+    Items are grouped by latent shape (one group per aspect-ratio bucket; one group when all
+    are square crops), shuffled within each group and cut into batches of train.batch_size (a
+    group smaller than the batch makes one smaller batch), then the batches are shuffled.
+    """
+    if epoch not in run.batches:
+        g = torch.Generator().manual_seed(run.params.base.seed * 7919 + epoch)
+        groups = {}
+        for i, item in enumerate(run.items):
+            groups.setdefault(tuple(item["latents"].shape), []).append(i)
+        size, batches = run.params.train.batch_size, []
+        for members in groups.values():
+            order = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
+            batches += [order[k:k + size] for k in range(0, len(order), size)]
+        run.batches = {e: b for e, b in run.batches.items() if e >= epoch - 1}  # keep memory flat
+        run.batches[epoch] = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+    return run.batches[epoch]
+
+
 def sample_indices(run: Run, step: int, micro: int) -> list[int]:
     """Which cached items this process trains on at (step, micro-batch).
 
-    Sample i of the run is item perm_e[i mod n] with perm_e a permutation seeded by
-    (seed, epoch e = i div n); ranks take interleaved slices, so they see different data.
+    Global batch b = (step * grad_accum + micro) * processes + rank walks through the epochs'
+    batches in order, so ranks take different batches and a resumed run takes the same ones.
     """
-    p, acc, n = run.params.train, run.accelerator, len(run.items)
-    first = ((step * p.grad_accum + micro) * acc.num_processes + acc.process_index) * p.batch_size
-    out = []
-    for i in range(first, first + p.batch_size):
-        epoch = i // n
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(run.params.base.seed * 7919 + epoch))
-        out.append(int(perm[i % n]))
-    return out
+    acc = run.accelerator
+    b = (step * run.params.train.grad_accum + micro) * acc.num_processes + acc.process_index
+    per_epoch = len(epoch_batches(run, 0))
+    return epoch_batches(run, b // per_epoch)[b % per_epoch]
 
 
 def step_generator(run: Run, step: int, micro: int) -> torch.Generator:
