@@ -12,7 +12,7 @@ from sdtune import params as params_lib
 from sdtune.families import common, sd
 
 pytestmark = pytest.mark.slow
-STAGES = ["fetch", "caption", "cache", "train", "quantize", "evaluate", "profile"]
+STAGES = ["fetch", "caption", "cache", "train", "quantize", "evaluate", "profile", "report"]
 
 
 def finite_numbers(obj):
@@ -35,9 +35,9 @@ def test_every_stage_ran_and_wrote_its_outputs(demo):
     for path in ["data/raw.manifest.json", "data/captions.jsonl", "cache/index.json",
                  "models/lora/pytorch_lora_weights.safetensors", "models/quantized/int8wo-fused/config.json",
                  "reports/train_loss.png", "reports/captions.png", "reports/eval.md", "reports/profile.md",
-                 "reports/profile/phases.png"]:
+                 "reports/profile/phases.png", "reports/validation/step-0000030.png", "reports/REPORT.md"]:
         assert (demo / path).is_file(), path
-    for stage in STAGES:
+    for stage in STAGES[:-1]:
         assert json.loads((demo / f"reports/stages/{stage}.json").read_text())["seconds"] > 0
 
 
@@ -94,5 +94,12 @@ def test_second_repro_does_nothing_and_train_params_rerun_only_downstream(demo):
     text = (demo / "params.yaml").read_text()
     (demo / "params.yaml").write_text(text.replace("steps: 30", "steps: 20", 1))
     changed = run(["dvc", "repro"], demo, timeout=1200)
-    assert ran(changed.stdout) == ["train", "quantize", "evaluate", "profile"]
+    assert ran(changed.stdout) == ["train", "quantize", "evaluate", "profile", "report"]
     assert json.loads((demo / "reports/train.json").read_text())["steps"] == 20
+
+
+def test_report_is_generated_from_the_numbers(demo):
+    text = (demo / "reports/REPORT.md").read_text()
+    evals = json.loads((demo / "reports/eval.json").read_text())
+    assert f"{evals['int8wo-fused']['psnr_to_lora']:.1f} dB" in text
+    assert "## What helped, what did not" in text and "`checkpointing`" in text

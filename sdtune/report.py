@@ -1,0 +1,97 @@
+"""The findings report: one Markdown page from the numbers the other stages measured.
+
+Every sentence in "What helped, what did not" is computed from reports/*.json; nothing is canned.
+"""
+
+from pathlib import Path
+
+from sdtune import io
+
+
+def _pct(new: float, old: float) -> str:
+    return f"{(new - old) / old:+.0%}" if old else "n/a"
+
+
+def setup_section(params, provenance: dict, data: dict, train: dict) -> list[str]:
+    return [
+        "## Setup",
+        "",
+        f"- model: `{params.model.id}` ({params.model.family}, revision `{params.model.revision}`), "
+        f"{params.model.resolution} px",
+        f"- data: `{params.data.source}`: {data['kept']} images kept, {data['skipped']} skipped "
+        f"(reasons in `reports/data.json`)",
+        f"- LoRA rank {params.train.lora.rank}, alpha {params.train.lora.alpha}; {train['steps']} steps of batch "
+        f"{params.train.batch_size} × accumulation {params.train.grad_accum} × {train['processes']} process(es)",
+        f"- hardware: {train['device']}, mixed precision `{train['mixed_precision']}`",
+        f"- commit `{provenance['git_commit']}`, sdtune {provenance['sdtune_version']}, dataset manifest "
+        f"sha256 `{provenance['dataset_manifest_sha256'][:16]}…`",
+        "",
+    ]
+
+
+def training_section(train: dict) -> list[str]:
+    return [
+        "## Training",
+        "",
+        f"Final loss {train['final_loss']:.4f} after {train['steps']} steps in {train['seconds']:.1f} s "
+        f"({train['steps_per_second']:.2f} steps/s, {train['images_per_second']:.2f} images/s).",
+        "",
+        "![training loss](train_loss.png)",
+        "",
+    ]
+
+
+def findings(evals: dict, profile: dict) -> list[str]:
+    """Sentences from the measured numbers: what each optimization and each variant bought."""
+    lines = []
+    cells = list(profile["cells"].values())
+    base = cells[0]
+    for cell in cells[1:]:
+        speed = base["step_ms"] / cell["step_ms"]
+        verdict = "helped" if speed > 1.05 else "did not help" if speed < 0.95 else "made no real difference"
+        lines.append(f"- `{cell['name']}` {verdict}: {speed:.2f}× the speed of `{base['name']}` "
+                     f"({cell['step_ms']:.1f} vs {base['step_ms']:.1f} ms/step), MFU {cell['mfu']:.1%} vs "
+                     f"{base['mfu']:.1%}, peak memory {_pct(cell['memory']['peak_bytes'], base['memory']['peak_bytes'])}.")
+    if "base" in evals and "lora" in evals:
+        b, t = evals["base"], evals["lora"]
+        moved = "closer to" if t["style_similarity"] > b["style_similarity"] else "no closer to"
+        lines.append(f"- The LoRA moved samples {moved} the training set's style: similarity "
+                     f"{t['style_similarity']:.3f} vs {b['style_similarity']:.3f} for the base model; "
+                     f"FID {t['fid']:.2f} vs {b['fid']:.2f}.")
+    for name, rec in evals.items():
+        if name in ("base", "lora"):
+            continue
+        ref = evals["lora"]
+        lines.append(f"- `{name}`: denoiser {rec['denoiser_mib']:.1f} MiB ({_pct(rec['denoiser_mib'], ref['denoiser_mib'])}), "
+                     f"latency {rec['latency_s']:.3f} s ({_pct(rec['latency_s'], ref['latency_s'])}), "
+                     f"PSNR to the unquantized LoRA model {rec['psnr_to_lora']:.1f} dB, CLIP score "
+                     f"{rec['clip_score']:.2f} vs {ref['clip_score']:.2f}.")
+    return lines
+
+
+def stage_times(folder) -> list[str]:
+    rows = [io.read_json(p) for p in sorted(Path(folder).glob("*.json"))]
+    total = sum(r["seconds"] for r in rows) or 1.0
+    out = ["| stage | seconds | share |", "|---|---|---|"]
+    out += [f"| {r['stage']} | {r['seconds']:.1f} | {r['seconds'] / total:.0%} |" for r in rows]
+    return out
+
+
+def build(params, provenance, reports="reports") -> str:
+    r = Path(reports)
+    data, train = io.read_json(r / "data.json"), io.read_json(r / "train.json")
+    evals, profile = io.read_json(r / "eval.json"), io.read_json(r / "profile.json")
+    best = profile["cells"][profile["best"]]
+    lines = ["# sdtune report", ""]
+    lines += setup_section(params, provenance, data, train)
+    lines += training_section(train)
+    lines += ["## Evaluation", "", (r / "eval.md").read_text().strip(), "", "![samples](samples/grid.png)", ""]
+    lines += ["## Profile", "", (r / "profile.md").read_text().strip(), "",
+              "![phases](profile/phases.png)", "", "![step time](profile/step_ms.png)", ""]
+    lines += ["## Cost", "",
+              f"At ${best['cost']['usd_per_hour']:.2f}/h ({params.profile.machine_type}), the fastest cell "
+              f"`{best['name']}` costs ${best['cost']['usd_per_1000_steps']:.3f} per 1,000 steps and "
+              f"${best['cost']['usd_per_run']:.3f} for this run's {params.train.steps} steps (training only).", ""]
+    lines += ["## Stage times", ""] + stage_times(r / "stages") + [""]
+    lines += ["## What helped, what did not", ""] + findings(evals, profile) + [""]
+    return "\n".join(lines)
