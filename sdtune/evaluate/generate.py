@@ -1,6 +1,11 @@
 """Build a pipeline for one variant (base, base+LoRA, a saved quantized denoiser) and sample it."""
 
+import contextlib
+import re
+import warnings
+
 import torch
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from sdtune import quantize
@@ -17,13 +22,70 @@ def add_lora(pipe, lora_dir, scale: float = 1.0):
     """Load the LoRA into the pipeline; a LoRA made for another architecture is one clear line."""
     path = common.lora_path(lora_dir)
     try:
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="sdtune")
+        trained_on = common.read_metadata(path).get("base_model", "an unknown model")
+    except SafetensorError as err:
+        raise UserError(f"{path}: not a readable safetensors LoRA file ({err})") from None
+
+    def misfit(reason):
+        return UserError(f"{path}: this LoRA does not fit the base model (it was trained on "
+                         f"{trained_on!r}): {reason[:300]}")
+
+    missing, total = _missing_modules(pipe, path)
+    if missing:
+        raise misfit(f"{len(missing)} of its {total} modules are not in the model, e.g. {missing[0]}")
+    try:
+        with _libraries_silent():
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="sdtune")
     except (ValueError, RuntimeError, KeyError) as err:
-        meta = common.read_metadata(path)
-        raise UserError(f"{path}: this LoRA does not fit the base model (it was trained on "
-                        f"{meta.get('base_model', 'an unknown model')!r}): {str(err).splitlines()[0][:200]}") from None
+        raise misfit(_reason(err)) from None
+    if not any("sdtune" in names for names in pipe.get_list_adapters().values()):
+        # Keys diffusers did not recognise for any component are skipped without an error.
+        raise misfit("none of its weights matched a component of the pipeline")
     pipe.set_adapters(["sdtune"], [scale])
     return pipe
+
+
+def _missing_modules(pipe, path):
+    """The modules a diffusers-key LoRA (`unet.<module>.lora...`) targets that the pipeline lacks.
+
+    diffusers only warns about such keys and loads the rest, so a LoRA made for another
+    architecture could load and silently do little or nothing. Keys in other layouts (kohya's
+    lora_unet_...) are left to diffusers' converters. Returns (missing, number of modules)."""
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    wanted = set()
+    for key in keys:
+        component, _, rest = key.partition(".")
+        parts = re.split(r"\.(?=lora[._]|alpha$)", rest, maxsplit=1)
+        if len(parts) == 2:
+            wanted.add((component, parts[0]))
+    present = {}
+    for c in {c for c, _ in wanted}:
+        model = pipe.components.get(c)  # a LoRA for a component this pipeline lacks: all missing
+        present[c] = {name for name, _ in model.named_modules()} if isinstance(model, torch.nn.Module) else set()
+    return sorted(f"{c}.{m}" for c, m in wanted if m not in present[c]), len(wanted)
+
+
+def _reason(err) -> str:
+    """The informative line of a load error (torch puts "size mismatch for ..." on line 2+)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    return next((line for line in lines if "mismatch" in line), lines[0])
+
+
+@contextlib.contextmanager
+def _libraries_silent():
+    """diffusers logs its own copy of a load error and warns about unmatched keys, peft warns about
+    config/state-dict differences; add_lora reports what matters as one line, so they are off here."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity(dlog.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        dlog.set_verbosity(level)
 
 
 def pipeline(family, model, device, *, lora_dir=None, variant_dir=None, method=None, lora_scale=1.0):

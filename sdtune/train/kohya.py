@@ -102,7 +102,8 @@ def from_kohya(kohya_state: dict) -> tuple[dict, float]:
             ranks[module] = tensor.shape[0]
         else:
             state[module + UP] = tensor
-    downs, ups = {k[:-len(DOWN)] for k in state if k.endswith(DOWN)}, {k[:-len(UP)] for k in state if k.endswith(UP)}
+    downs = {k[:-len(DOWN)] for k in state if k.endswith(DOWN)}
+    ups = {k[:-len(UP)] for k in state if k.endswith(UP)}
     if not downs or downs != ups:
         raise UserError(f"kohya import: every module needs both lora_down and lora_up; "
                         f"unpaired: {sorted(downs ^ ups)[:3] or 'no LoRA tensors at all'}")
@@ -112,16 +113,24 @@ def from_kohya(kohya_state: dict) -> tuple[dict, float]:
     return state, values.pop()
 
 
+def supports(params) -> bool:
+    """Whether the train stage can write the kohya file: SD 1.x/2.x UNet names, plain LoRA.
+    (SDXL kohya files use sgm block names; DoRA's magnitude has no settled kohya layout.)"""
+    return params.model.family in BASE_VERSION and not params.train.lora.use_dora
+
+
 def kohya_metadata(kohya_state: dict, alpha: float, metadata: dict) -> dict:
     """Our provenance plus the ss_* keys sd-scripts writes and A1111 reads."""
+    family = metadata.get("model_family")
+    if family not in BASE_VERSION:
+        # A1111 takes a file without ss_base_model_version for SD 1.x: never write one for another family.
+        raise UserError(f"kohya export: model_family {family!r} is not supported; only {', '.join(BASE_VERSION)}")
     ranks = {t.shape[0] for k, t in kohya_state.items() if k.endswith(".lora_down.weight")}
     # The peft adapter config describes the diffusers file; here alpha lives in the tensors.
     meta = {"format": "pt"} | {k: v for k, v in metadata.items() if k != "lora_adapter_metadata"}
     meta |= {"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks)),
-             "ss_network_alpha": str(float(alpha))}
-    family = metadata.get("model_family")
-    if family in BASE_VERSION:
-        meta |= {"ss_base_model_version": BASE_VERSION[family], "ss_v2": str(family == "sd2")}
+             "ss_network_alpha": str(float(alpha)),
+             "ss_base_model_version": BASE_VERSION[family], "ss_v2": str(family == "sd2")}
     return meta
 
 

@@ -5,7 +5,9 @@ import io as _io
 from pathlib import Path
 
 from sdtune import io
-from sdtune.train import lora
+from safetensors.torch import load_file
+
+from sdtune.train import kohya, lora
 
 REPORT, CURVE_CSV, CURVE_PNG = "reports/train.json", "reports/train_loss.csv", "reports/train_loss.png"
 
@@ -18,6 +20,8 @@ def write_lora(directory, run, state_dict, metadata) -> Path:
     with io.atomic_path(directory) as tmp:
         tmp.mkdir()
         path = run.family.save_lora(tmp, state_dict, metadata, adapter_metadata=adapter_meta)
+        if kohya.supports(run.params):  # the same LoRA in the keys AUTOMATIC1111 and ComfyUI read
+            kohya.write_kohya(tmp, load_file(path), run.params.train.lora.alpha, metadata)
     return directory / path.name
 
 

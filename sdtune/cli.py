@@ -1,0 +1,214 @@
+"""The `sdtune` command: `sdtune generate` samples the base model, base + LoRA or a quantized variant.
+
+    sdtune generate --prompt "a portrait" --lora models/lora --out out.png
+    sdtune generate --prompts prompts/eval.txt --seeds 1,2,3 --variant int8wo-fused --out samples/
+
+Defaults come from params.yaml (model section; steps, guidance and LoRA scale from evaluate;
+the size from model.resolution; the seed from base.seed). Every user mistake is one line,
+`error: ...`, and exit code 2.
+"""
+
+import argparse
+import logging
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from sdtune.errors import UserError, main_guard
+from sdtune.params import FAMILIES  # light: pydantic only; torch and diffusers load after quiet_libraries()
+
+QUANT_DIR = Path("models/quantized")
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # --out suffix -> Pillow format
+SCHEDULERS = {"default": None, "euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler",
+              "dpm": "DPMSolverMultistepScheduler"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one `error: ...` line (exit 2) instead of usage + message."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def seeds_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="sdtune", description="LoRA fine-tuning of Stable Diffusion: tools beside the DVC stages.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    g = sub.add_parser("generate", help="sample the base model, base + LoRA, or a quantized variant")
+    what = g.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="one prompt")
+    what.add_argument("--prompts", type=Path, help="a text file, one prompt per line (# comments)")
+    g.add_argument("--out", type=Path, required=True,
+                   help="an image file for one image; a folder with --prompts or several seeds")
+    g.add_argument("--lora", type=Path, help="LoRA folder (models/lora) or .safetensors file")
+    g.add_argument("--lora-scale", type=float, help="LoRA strength (default: evaluate.lora_scale)")
+    g.add_argument("--variant", help=f"a quantized variant in {QUANT_DIR}/, e.g. int8wo-fused")
+    g.add_argument("--params", type=Path, help="params file (default: ./params.yaml if present)")
+    g.add_argument("--model-id", help="base model (default: params model.id)")
+    g.add_argument("--revision", help="base model revision (default: params model.revision, or main with --model-id)")
+    g.add_argument("--family", choices=FAMILIES, help="model family (default: params model.family)")
+    seeds = g.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, help="default: params base.seed")
+    seeds.add_argument("--seeds", type=seeds_list, help="several seeds, e.g. 1,2,3")
+    g.add_argument("--steps", type=int, help="denoising steps (default: evaluate.steps)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: evaluate.guidance_scale)")
+    g.add_argument("--size", type=int, help="image height and width in pixels (default: model.resolution)")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default="default", help="sampling scheduler")
+    g.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format for the denoiser")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: params base.device")
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Library notices (import-time messages, logging) would bury the one line a mistake gets.
+    Called before torch/diffusers are imported, so the environment variables still count."""
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("torchao", "torch.utils._pytree", "diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.simplefilter("ignore", FutureWarning)  # deprecation notices meant for sdtune's developers
+
+
+def load_params(args):
+    from sdtune import params as params_lib
+
+    if args.params is not None:
+        params = params_lib.load(args.params)
+    elif Path("params.yaml").is_file():
+        params = params_lib.load("params.yaml")
+    else:
+        params = params_lib.parse({})  # outside a checkout: the defaults (SD 1.5)
+    model = params.model.model_dump()
+    if args.model_id is not None:
+        # Another model: the params' pinned revision belongs to the params' model.
+        model |= {"id": args.model_id, "revision": args.revision or "main"}
+    elif args.revision is not None:
+        model["revision"] = args.revision
+    if args.family is not None:
+        model["family"] = args.family
+    raw = params.model_dump() | {"model": model}
+    return params_lib.parse(raw, "command line")
+
+
+def read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"--prompts: {path} not found (one prompt per line)")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+               if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"--prompts: {path} holds no prompt (one per line, # for comments)")
+    return prompts
+
+
+def variant_kwargs(name, lora):
+    """pipeline() arguments for models/quantized/<name>/: method-mode, e.g. int8wo-fused."""
+    from sdtune import quantize
+
+    folder = QUANT_DIR / name
+    if not folder.is_dir():
+        have = sorted(p.name for p in QUANT_DIR.iterdir() if p.is_dir()) if QUANT_DIR.is_dir() else []
+        listed = ", ".join(have) if have else "none (run the quantize stage or dvc pull)"
+        raise UserError(f"--variant: no variant {name!r} in {QUANT_DIR}/; available: {listed}")
+    method, _, mode = name.partition("-")
+    if method not in quantize.METHODS:
+        raise UserError(f"--variant: {name!r} does not start with a known method ({', '.join(quantize.METHODS)})")
+    quantize.check_supported(method)
+    if mode == "fused" and lora is not None:
+        raise UserError(f"--variant: {name!r} already has the LoRA fused in; drop --lora")
+    if mode == "adapter" and lora is None:
+        lora = Path("models/lora")  # the quantized base, with the LoRA on top at run time
+    return {"variant_dir": folder, "method": method, "lora_dir": lora}
+
+
+def check_numbers(steps, guidance, size):
+    if steps <= 0:
+        raise UserError(f"--steps: must be positive, got {steps}")
+    if guidance < 0:
+        raise UserError(f"--guidance: must be >= 0, got {guidance}")
+    if size <= 0 or size % 8:
+        raise UserError(f"--size: must be a positive multiple of 8 (the VAE's factor), got {size}")
+
+
+def out_paths(out: Path, prompts, seeds, many: bool) -> list[Path]:
+    """One file per prompt x seed: `out` itself for a single image, else <out>/NNN-<slug>-seed<S>.png."""
+    if not many:
+        if out.suffix.lower() not in FORMATS:
+            raise UserError(f"--out: {out} should end in one of {', '.join(FORMATS)} for one image")
+        return [out]
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} is a file; with --prompts or several seeds it must be a folder")
+    paths = []
+    for i, prompt in enumerate(prompts, 1):
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
+        paths += [out / f"{i:03d}-{slug}-seed{seed}.png" for seed in seeds]
+    return paths
+
+
+def tune(pipe, family, scheduler, channels_last, compile_):
+    """Sampling options that change the pipeline, not the weights."""
+    import diffusers
+    import torch
+
+    if SCHEDULERS[scheduler] is not None:
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    denoiser = getattr(pipe, family.DENOISER_ATTR)
+    if channels_last:
+        denoiser.to(memory_format=torch.channels_last)
+    if compile_:
+        denoiser.compile()  # in place: the pipeline keeps its module (and its config)
+    return pipe
+
+
+def generate(args) -> None:
+    quiet_libraries()
+    from sdtune import families, io, params as params_lib, runtime
+    from sdtune.evaluate import generate as gen
+
+    params = load_params(args)
+    ev = params.evaluate
+    steps = args.steps if args.steps is not None else ev.steps
+    guidance = args.guidance if args.guidance is not None else ev.guidance_scale
+    size = args.size if args.size is not None else params.model.resolution
+    scale = args.lora_scale if args.lora_scale is not None else ev.lora_scale
+    seeds = args.seeds or [args.seed if args.seed is not None else params.base.seed]
+    check_numbers(steps, guidance, size)
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    paths = out_paths(args.out, prompts, seeds, many=args.prompts is not None or len(seeds) > 1)
+
+    family = families.get(params.model.family)
+    device = runtime.device(params_lib.Base(device=args.device or params.base.device))
+    kwargs = variant_kwargs(args.variant, args.lora) if args.variant else {"lora_dir": args.lora}
+    if kwargs["lora_dir"] is not None:
+        from sdtune.families import common
+
+        common.lora_path(kwargs["lora_dir"])  # a missing LoRA fails before the model loads
+    pipe = gen.pipeline(family, params.model, device, lora_scale=scale, **kwargs)
+    tune(pipe, family, args.scheduler, args.channels_last, args.compile)
+
+    jobs = [(p, s) for p in prompts for s in seeds]
+    for (prompt, seed), path in zip(jobs, paths):
+        image = gen.sample(pipe, prompt, seed, steps=steps, guidance=guidance, size=size)
+        with io.atomic_path(path) as tmp:
+            image.save(tmp, format=FORMATS[path.suffix.lower()])
+        print(path)
+
+
+@main_guard
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        generate(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
