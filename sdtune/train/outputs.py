@@ -4,9 +4,9 @@ import csv
 import io as _io
 from pathlib import Path
 
-from sdtune import io
 from safetensors.torch import load_file
 
+from sdtune import io
 from sdtune.train import kohya, lora
 
 REPORT, CURVE_CSV, CURVE_PNG = "reports/train.json", "reports/train_loss.csv", "reports/train_loss.png"
