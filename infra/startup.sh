@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Startup script of the sdtune VM (runs as root on every boot; each step is skipped once done).
+#   1. wait for the NVIDIA driver (the Deep Learning VM image installs it on first boot)
+#   2. install Docker (if the image lacks it) and the NVIDIA container toolkit
+#   3. clone the repository at the configured ref and build the sdtune:latest image
+#   4. set SDTUNE_RUNNER=docker for every login, so `dvc repro` runs each stage in the image
+# Settings come from instance metadata written by Terraform: sdtune-repo-url, sdtune-repo-ref,
+# sdtune-bucket. Log: journalctl -u google-startup-scripts (or the serial console output).
+set -euo pipefail
+
+SRC=/opt/sdtune
+STATE=/var/lib/sdtune-startup
+mkdir -p "$STATE"
+
+log() { printf 'sdtune-startup: %s\n' "$*"; }
+
+metadata() {
+    curl -fsS --retry 5 -H "Metadata-Flavor: Google" \
+        "http://metadata.google.internal/computeMetadata/v1/instance/attributes/$1"
+}
+
+apt_install() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+}
+
+repo_url=$(metadata sdtune-repo-url)
+repo_ref=$(metadata sdtune-repo-ref)
+bucket=$(metadata sdtune-bucket)
+
+# 1. The driver: the image installs it on first boot (metadata install-nvidia-driver=True).
+for _ in $(seq 1 60); do
+    nvidia-smi >/dev/null 2>&1 && break
+    log "waiting for the NVIDIA driver"
+    sleep 10
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
+    log "WARNING: nvidia-smi fails; GPU stages will fail (Secure Boot needs a signed driver: see infra/README.md)"
+
+# 2. Docker and the NVIDIA container toolkit (NVIDIA's apt repository, signed by its key).
+if ! command -v docker >/dev/null 2>&1; then
+    log "installing docker.io"
+    apt-get update -q
+    apt_install docker.io
+    systemctl enable --now docker
+fi
+# The Dockerfile uses RUN --mount, which needs BuildKit (the buildx plugin).
+if ! docker buildx version >/dev/null 2>&1; then
+    log "installing docker-buildx"
+    apt-get update -q
+    apt_install docker-buildx || apt_install docker-buildx-plugin
+fi
+if ! command -v nvidia-ctk >/dev/null 2>&1; then
+    log "installing the NVIDIA container toolkit"
+    apt_install ca-certificates curl gnupg
+    keyring=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg
+    curl -fsSL https://nvidia.github.io/libnvidia-container/gpgkey | gpg --batch --yes --dearmor -o "$keyring"
+    curl -fsSL https://nvidia.github.io/libnvidia-container/stable/deb/nvidia-container-toolkit.list |
+        sed "s#deb https://#deb [signed-by=$keyring] https://#" >/etc/apt/sources.list.d/nvidia-container-toolkit.list
+    apt-get update -q
+    apt_install nvidia-container-toolkit
+fi
+if [ ! -f "$STATE/docker-runtime-configured" ]; then
+    nvidia-ctk runtime configure --runtime=docker
+    systemctl restart docker
+    touch "$STATE/docker-runtime-configured"
+fi
+
+# 3. The image, rebuilt when the ref's commit changes.
+command -v git >/dev/null 2>&1 || { apt-get update -q && apt_install git; }
+if [ ! -d "$SRC/.git" ]; then
+    git clone --quiet "$repo_url" "$SRC"
+fi
+git -C "$SRC" fetch --quiet --tags origin "$repo_ref"
+git -C "$SRC" checkout --quiet --detach FETCH_HEAD
+commit=$(git -C "$SRC" rev-parse HEAD)
+if [ "$(cat "$STATE/image-commit" 2>/dev/null || true)" != "$commit" ] ||
+    ! docker image inspect sdtune:latest >/dev/null 2>&1; then
+    log "building sdtune:latest from $repo_url at $commit"
+    DOCKER_BUILDKIT=1 docker build --file "$SRC/docker/Dockerfile" --tag sdtune:latest --label "org.opencontainers.image.revision=$commit" "$SRC"
+    printf '%s\n' "$commit" >"$STATE/image-commit"
+fi
+if docker run --rm --gpus all sdtune:latest python -c "import torch; assert torch.cuda.is_available()"; then
+    log "sdtune:latest sees the GPU(s)"
+else
+    log "WARNING: torch in sdtune:latest sees no GPU"
+fi
+
+# 4. Every login shell (and PAM sessions) runs the stages in the image.
+cat >/etc/profile.d/sdtune.sh <<EOF
+# Written by the sdtune startup script.
+export SDTUNE_RUNNER=docker
+export SDTUNE_IMAGE=sdtune:latest
+export SDTUNE_DVC_REMOTE=gs://$bucket/dvc
+EOF
+if ! grep -q '^SDTUNE_RUNNER=' /etc/environment; then
+    printf 'SDTUNE_RUNNER=docker\n' >>/etc/environment
+fi
+log "ready: SDTUNE_RUNNER=docker, image sdtune:latest ($commit), DVC remote gs://$bucket/dvc"

