@@ -54,3 +54,21 @@ def test_two_ranks_see_different_data_and_save_rank0s_lora(tmp_path):
     assert {k.removeprefix("unet."): v for k, v in saved.items()}.keys() == held[0].keys()
     for key, value in saved.items():
         assert (value == held[0][key.removeprefix("unet.")]).all(), key
+
+
+@pytest.mark.slow
+def test_docker_run_trains_with_two_processes(tmp_path):
+    """The scale-out path the README documents: SDTUNE_PROCESSES=2 docker/run train."""
+    synthetic.generate(tmp_path / "data/raw", 4, size=40)
+    (tmp_path / "params.yaml").write_text(PARAMS.replace("steps: 4", "steps: 2"))
+    p = params_lib.load(tmp_path / "params.yaml")
+    cache.build(captions_for(tmp_path / "data/raw"), tmp_path / "data/raw", tmp_path / "cache", sd, p.model,
+                p.cache, sd.load_pipeline)
+    shutil.copytree(ROOT / "stages", tmp_path / "stages")
+    done = subprocess.run([str(ROOT / "docker/run"), "train"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                                            "SDTUNE_PROCESSES": "2", "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "reports/train.json").read_text())
+    assert report["processes"] == 2
+    assert (tmp_path / "models/lora" / common.LORA_FILE).is_file()
