@@ -3,7 +3,6 @@
 Writes reports/quantize.json: bytes on disk, bytes in memory after loading, load time.
 """
 
-import shutil
 from pathlib import Path
 
 from tqdm import tqdm

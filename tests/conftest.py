@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["fixtures_data"]  # gcs_emulator, http_server, drive_stand_in
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Nothing in a test may reach the network beyond 127.0.0.1.

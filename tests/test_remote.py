@@ -6,13 +6,12 @@ import pytest
 from PIL import Image
 
 from conftest import run
-from fixtures_data import gcs_emulator  # noqa: F401  (a pytest fixture)
 from sdtune.families import common
 
 pytestmark = pytest.mark.slow
 
 
-def test_dvc_push_then_pull_in_a_fresh_clone_then_generate(demo, gcs_emulator, tmp_path):  # noqa: F811
+def test_dvc_push_then_pull_in_a_fresh_clone_then_generate(demo, gcs_emulator, tmp_path):
     gcs_emulator.create_bucket("sdtune-dvc")
     endpoint = os.environ["STORAGE_EMULATOR_HOST"]
     # What the README tells a user to run with the Terraform output, plus the emulator's address.

@@ -11,7 +11,7 @@ import pytest
 
 from sdtune.data.sources import fetch, tree_sha256
 from sdtune.errors import UserError
-from fixtures_data import Route, drive_stand_in, gcs_emulator, http_server  # noqa: F401
+from fixtures_data import Route
 
 SET = {"a painting.png": b"\x89PNG\r\n\x1a\n one", "ünï/été 2.jpg": b"\xff\xd8\xff two", "a painting.txt": b"cap\n"}
 

@@ -36,6 +36,50 @@ def tiny_quantized(module, dtype, quantization_config=None):
         return type(module).from_pretrained(tmp, torch_dtype=dtype, quantization_config=quantization_config)
 
 
+def from_hub(model, cls, subfolder=None, **kwargs):
+    """`cls.from_pretrained` at the params' id and revision; a failure is one clear line."""
+    try:
+        return cls.from_pretrained(model.id, subfolder=subfolder, revision=model.revision, **kwargs)
+    except (OSError, ValueError) as err:
+        raise hub_error(model, err) from None
+
+
+def load_denoiser(model, cls, subfolder, tiny, dtype, quantization_config=None):
+    """The denoiser alone: `tiny()` built from a config, or the hub checkpoint's `subfolder`;
+    a quantization config (NF4 for QLoRA, torchao) applies as it loads."""
+    if model.id == "tiny":
+        return tiny_quantized(tiny(), dtype, quantization_config)
+    return from_hub(model, cls, subfolder, torch_dtype=dtype, quantization_config=quantization_config)
+
+
+def load_tokenizer(model):
+    """The first CLIP tokenizer: its 77 tokens are the caption limit in every family."""
+    if model.id == "tiny":
+        return clip_tokenizer()
+    from transformers import AutoTokenizer
+
+    # AutoTokenizer, not CLIPTokenizer: with transformers 5 the latter quietly builds an empty
+    # tokenizer when the files are missing, instead of failing.
+    return from_hub(model, AutoTokenizer, "tokenizer")
+
+
+def load_ddpm_scheduler(model, tiny):
+    """The training scheduler of the epsilon/v families, with params' prediction type if set."""
+    from diffusers import DDPMScheduler
+
+    if model.id == "tiny":
+        return tiny(model)
+    # SDXL ships an Euler config; DDPM reads the same betas from it, as diffusers' training scripts do.
+    return set_prediction_type(from_hub(model, DDPMScheduler, "scheduler"), model)
+
+
+def set_prediction_type(scheduler, model):
+    """params' model.prediction_type, when not "default", overrides the checkpoint's."""
+    if model.prediction_type != "default":
+        scheduler.register_to_config(prediction_type=model.prediction_type)
+    return scheduler
+
+
 def clip_tokenizer(max_length: int = 77):
     from transformers import CLIPTokenizer
 

@@ -4,7 +4,7 @@ import tempfile
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdtune.families import common
 
@@ -53,41 +53,15 @@ def tiny_scheduler(model):
 
 # ---- loading ----
 
-def _override(scheduler, model):
-    if model.prediction_type != "default":
-        scheduler.register_to_config(prediction_type=model.prediction_type)
-    return scheduler
-
-
 def load_noise_scheduler(model):
-    if model.id == "tiny":
-        return tiny_scheduler(model)
-    try:
-        sched = DDPMScheduler.from_pretrained(model.id, subfolder="scheduler", revision=model.revision)
-    except (OSError, ValueError) as err:
-        raise common.hub_error(model, err) from None
-    return _override(sched, model)
+    return common.load_ddpm_scheduler(model, tiny_scheduler)
 
 
 def load_denoiser(model, dtype=torch.float32, quantization_config=None):
-    if model.id == "tiny":
-        return common.tiny_quantized(tiny_unet(), dtype, quantization_config)
-    try:
-        return UNet2DConditionModel.from_pretrained(
-            model.id, subfolder="unet", revision=model.revision, torch_dtype=dtype,
-            quantization_config=quantization_config)
-    except (OSError, ValueError) as err:
-        raise common.hub_error(model, err) from None
+    return common.load_denoiser(model, DENOISER, "unet", tiny_unet, dtype, quantization_config)
 
 
-def load_tokenizer(model):
-    if model.id == "tiny":
-        return common.clip_tokenizer()
-    try:
-        # AutoTokenizer raises on a missing repo; CLIPTokenizer.from_pretrained may return an empty one.
-        return AutoTokenizer.from_pretrained(model.id, subfolder="tokenizer", revision=model.revision)
-    except (OSError, ValueError) as err:
-        raise common.hub_error(model, err) from None
+load_tokenizer = common.load_tokenizer
 
 
 def load_pipeline(model, dtype=torch.float32, **components):
@@ -102,7 +76,7 @@ def load_pipeline(model, dtype=torch.float32, **components):
                                         safety_checker=None, requires_safety_checker=False, **components)
     except (OSError, ValueError) as err:
         raise common.hub_error(model, err) from None
-    _override(pipe.scheduler, model)
+    common.set_prediction_type(pipe.scheduler, model)
     return pipe
 
 

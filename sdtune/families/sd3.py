@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                        StableDiffusion3Pipeline)
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel,
+from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel,
                           T5Tokenizer)
 
 from sdtune.errors import UserError
@@ -95,42 +95,16 @@ def load_noise_scheduler(model):
     _flow_only(model)
     if model.id == "tiny":
         return tiny_scheduler()
-    try:
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(
-            model.id, subfolder="scheduler", revision=model.revision)
-    except (OSError, ValueError) as err:
-        raise common.hub_error(model, err) from None
+    return common.from_hub(model, FlowMatchEulerDiscreteScheduler, "scheduler")
 
 
 def load_denoiser(model, dtype=torch.float32, quantization_config=None):
     """The transformer alone; `quantization_config` (e.g. BitsAndBytesConfig NF4 for QLoRA on
     SD3.5 Large) is applied as it loads."""
-    if model.id == "tiny":
-        denoiser = tiny_transformer().to(dtype)
-        if quantization_config is None:
-            return denoiser
-        # Quantizers act at load time, so the tiny model goes through a folder like a real one.
-        with tempfile.TemporaryDirectory() as tmp:
-            denoiser.save_pretrained(tmp)
-            return DENOISER.from_pretrained(tmp, torch_dtype=dtype, quantization_config=quantization_config)
-    try:
-        return DENOISER.from_pretrained(
-            model.id, subfolder="transformer", revision=model.revision, torch_dtype=dtype,
-            quantization_config=quantization_config)
-    except (OSError, ValueError) as err:
-        raise common.hub_error(model, err) from None
+    return common.load_denoiser(model, DENOISER, "transformer", tiny_transformer, dtype, quantization_config)
 
 
-def load_tokenizer(model):
-    """The first CLIP tokenizer: its 77 tokens are the tightest caption limit of the three."""
-    if model.id == "tiny":
-        return common.clip_tokenizer()
-    try:
-        # AutoTokenizer, not CLIPTokenizer: with transformers 5 the latter quietly builds an empty
-        # tokenizer when the files are missing, instead of failing.
-        return AutoTokenizer.from_pretrained(model.id, subfolder="tokenizer", revision=model.revision)
-    except (OSError, ValueError) as err:
-        raise common.hub_error(model, err) from None
+load_tokenizer = common.load_tokenizer
 
 
 def load_pipeline(model, dtype=torch.float32, **components):

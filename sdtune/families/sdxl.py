@@ -13,7 +13,7 @@ import tempfile
 import torch
 from diffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sdtune.families import common
 
@@ -96,42 +96,15 @@ def tiny_sampling_scheduler(model):
 
 # ---- loading ----
 
-def _override(scheduler, model):
-    if model.prediction_type != "default":
-        scheduler.register_to_config(prediction_type=model.prediction_type)
-    return scheduler
-
-
 def load_noise_scheduler(model):
-    if model.id == "tiny":
-        return tiny_scheduler(model)
-    try:
-        # SDXL ships an Euler config; DDPM reads the same betas from it (as diffusers' SDXL training script does).
-        sched = DDPMScheduler.from_pretrained(model.id, subfolder="scheduler", revision=model.revision)
-    except (OSError, ValueError) as err:
-        raise common.hub_error(model, err) from None
-    return _override(sched, model)
+    return common.load_ddpm_scheduler(model, tiny_scheduler)
 
 
 def load_denoiser(model, dtype=torch.float32, quantization_config=None):
-    if model.id == "tiny":
-        return common.tiny_quantized(tiny_unet(), dtype, quantization_config)
-    try:
-        return UNet2DConditionModel.from_pretrained(
-            model.id, subfolder="unet", revision=model.revision, torch_dtype=dtype,
-            quantization_config=quantization_config)
-    except (OSError, ValueError) as err:
-        raise common.hub_error(model, err) from None
+    return common.load_denoiser(model, DENOISER, "unet", tiny_unet, dtype, quantization_config)
 
 
-def load_tokenizer(model):
-    """The first tokenizer; both of SDXL's have the same 77-token limit."""
-    if model.id == "tiny":
-        return common.clip_tokenizer()
-    try:
-        return CLIPTokenizer.from_pretrained(model.id, subfolder="tokenizer", revision=model.revision)
-    except (OSError, ValueError) as err:
-        raise common.hub_error(model, err) from None
+load_tokenizer = common.load_tokenizer
 
 
 def load_pipeline(model, dtype=torch.float32, **components):
@@ -150,7 +123,7 @@ def load_pipeline(model, dtype=torch.float32, **components):
                                         add_watermarker=False, **components)
     except (OSError, ValueError) as err:
         raise common.hub_error(model, err) from None
-    _override(pipe.scheduler, model)
+    common.set_prediction_type(pipe.scheduler, model)
     return pipe
 
 
