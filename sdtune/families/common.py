@@ -2,12 +2,13 @@
 
 import contextlib
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sdtune import io
 from sdtune.errors import UserError
@@ -29,8 +30,6 @@ def tiny_quantized(module, dtype, quantization_config=None):
     quantizer applies exactly as it does to a real checkpoint."""
     if quantization_config is None:
         return module.to(dtype)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         module.save_pretrained(tmp)
         return type(module).from_pretrained(tmp, torch_dtype=dtype, quantization_config=quantization_config)
@@ -138,6 +137,17 @@ def write_lora(directory, tensors: dict, metadata: dict) -> Path:
     with io.atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
     return path
+
+
+def save_lora(pipeline_cls, directory, metadata, **layers_and_adapter_metadata) -> Path:
+    """diffusers keys via the pipeline's own LoRA writer, then our provenance merged into its
+    metadata. The keyword names the denoiser: unet_lora_layers=... / transformer_lora_layers=..."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline_cls.save_lora_weights(tmp, **layers_and_adapter_metadata)
+        written = f"{tmp}/{LORA_FILE}"
+        tensors = load_file(written)
+        meta = read_metadata(written) | metadata
+    return write_lora(directory, tensors, meta)
 
 
 def lora_path(path) -> Path:

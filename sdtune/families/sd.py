@@ -1,6 +1,5 @@
 """Stable Diffusion 1.x and 2.x: one CLIP text encoder, a UNet, epsilon or v-prediction."""
 
-import tempfile
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -110,13 +109,5 @@ def training_loss(denoiser, scheduler, batch, generator, train):
 # ---- LoRA file ----
 
 def save_lora(directory, state_dict, metadata, adapter_metadata=None):
-    """diffusers keys via the pipeline's own writer, then our provenance added as metadata."""
-    from safetensors.torch import load_file
-
-    with tempfile.TemporaryDirectory() as tmp:
-        PIPELINE.save_lora_weights(tmp, unet_lora_layers=state_dict,
-                                   unet_lora_adapter_metadata=adapter_metadata)
-        written = f"{tmp}/{common.LORA_FILE}"
-        tensors = load_file(written)
-        meta = common.read_metadata(written) | metadata
-    return common.write_lora(directory, tensors, meta)
+    return common.save_lora(PIPELINE, directory, metadata, unet_lora_layers=state_dict,
+                            unet_lora_adapter_metadata=adapter_metadata)

@@ -2,7 +2,6 @@
 rectified flow matching."""
 
 import string
-import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -191,16 +190,10 @@ def training_loss(denoiser, scheduler, batch, generator, train):
 def save_lora(directory, state_dict, metadata, adapter_metadata=None):
     """diffusers keys via the pipeline's own writer, then our provenance added as metadata."""
     from diffusers.utils import convert_unet_state_dict_to_peft
-    from safetensors.torch import load_file
 
     # One key style throughout (peft's lora_A/lora_B, as diffusers' own SD3 trainer writes). The
     # UNet-style conversion renames to_q/to_k/to_v/to_out.0 to lora.down/up but not add_*; given such
     # a mix, load_lora_weights judges the format by the first key and silently skips the rest.
-    state_dict = convert_unet_state_dict_to_peft(state_dict)
-    with tempfile.TemporaryDirectory() as tmp:
-        PIPELINE.save_lora_weights(tmp, transformer_lora_layers=state_dict,
-                                   transformer_lora_adapter_metadata=adapter_metadata)
-        written = f"{tmp}/{common.LORA_FILE}"
-        tensors = load_file(written)
-        meta = common.read_metadata(written) | metadata
-    return common.write_lora(directory, tensors, meta)
+    return common.save_lora(PIPELINE, directory, metadata,
+                            transformer_lora_layers=convert_unet_state_dict_to_peft(state_dict),
+                            transformer_lora_adapter_metadata=adapter_metadata)

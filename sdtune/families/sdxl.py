@@ -8,7 +8,6 @@ What differs from SD 1.x/2.x (sd.py):
 - the VAE overflows in float16 (its config says force_upcast), so it encodes in float32.
 """
 
-import tempfile
 
 import torch
 from diffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline,
@@ -177,13 +176,5 @@ def training_loss(denoiser, scheduler, batch, generator, train):
 # ---- LoRA file ----
 
 def save_lora(directory, state_dict, metadata, adapter_metadata=None):
-    """diffusers keys via the pipeline's own writer, then our provenance added as metadata."""
-    from safetensors.torch import load_file
-
-    with tempfile.TemporaryDirectory() as tmp:
-        PIPELINE.save_lora_weights(tmp, unet_lora_layers=state_dict,
-                                   unet_lora_adapter_metadata=adapter_metadata)
-        written = f"{tmp}/{common.LORA_FILE}"
-        tensors = load_file(written)
-        meta = common.read_metadata(written) | metadata
-    return common.write_lora(directory, tensors, meta)
+    return common.save_lora(PIPELINE, directory, metadata, unet_lora_layers=state_dict,
+                            unet_lora_adapter_metadata=adapter_metadata)
