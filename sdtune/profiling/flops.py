@@ -5,7 +5,24 @@ actually dispatched, which is what MFU is defined on. Elementwise ops, norms and
 update are not counted: they are memory-bound and small next to the GEMMs.
 """
 
+import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+
+
+def _register_cpu_attention_flops():
+    # FlopCounterMode has formulas for the CUDA attention kernels but not for the CPU flash kernel,
+    # so on CPU attention would count as 0 FLOPs. Same formulas as the CUDA kernels.
+    aten = torch.ops.aten
+    pairs = [(aten._scaled_dot_product_flash_attention_for_cpu, flop_counter.sdpa_flop),
+             (aten._scaled_dot_product_flash_attention_for_cpu_backward, flop_counter.sdpa_backward_flop)]
+    for op, formula in pairs:
+        if op not in flop_counter.flop_registry:
+            # get_raw: the formula is already wrapped to take shapes.
+            flop_counter.register_flop_formula(op, get_raw=True)(formula)
+
+
+_register_cpu_attention_flops()
 
 
 def count_flops(fn, *args, **kwargs) -> int:

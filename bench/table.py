@@ -1,0 +1,116 @@
+"""Turn bench.train_step JSON files into one Markdown table plus a targets table.
+
+    python -m bench.table runs/*.json --json bench.json --md bench.md
+
+A JSON holding {"name", "error"} (what bench/gpu.sh writes for a run that failed, timed out or
+was skipped) shows up as a row with its error, so a missing number is never silently dropped.
+"""
+
+import argparse
+import json
+import operator
+from pathlib import Path
+
+from sdtune.io import atomic_path
+
+GIB = 2**30
+
+# (what, which runs, key, comparison, threshold, how to show the value). Baseline and tiny runs
+# never count towards a target; among the matching runs the best one is judged.
+TARGETS = [
+    ("SD1.5 LoRA bs16 512² MFU ≥ 35%", {"arch": "sd15", "bs": 16, "res": 512}, "mfu", ">=", 0.35,
+     lambda v: f"{v:.1%}"),
+    ("SD1.5 LoRA bs1 512² ≤ 0.06 s/step", {"arch": "sd15", "bs": 1, "res": 512}, "step_ms", "<=", 60,
+     lambda v: f"{v / 1e3:.3f} s"),
+    ("SD3.5 Medium LoRA bs3 1024² ≤ 0.35 s/step", {"arch": "sd35m", "bs": 3, "res": 1024}, "step_ms", "<=", 350,
+     lambda v: f"{v / 1e3:.3f} s"),
+    ("SD3.5 Large QLoRA bs1 1024² peak ≤ 20 GiB", {"arch": "sd35l", "bs": 1, "res": 1024, "nf4": True},
+     "peak_memory_bytes", "<=", 20 * GIB, lambda v: f"{v / GIB:.1f} GiB"),
+]
+OPS = {">=": operator.ge, "<=": operator.le}
+
+
+def load(paths) -> list[dict]:
+    return [json.loads(Path(p).read_text()) for p in paths]
+
+
+def _ok(r) -> bool:
+    return "error" not in r
+
+
+def speedup(r, rows):
+    """Step time of the diffusers-example baseline with the same arch/size/batch over this run's."""
+    if not _ok(r) or r["baseline"]:
+        return None
+    same = [b for b in rows if _ok(b) and b["baseline"]
+            and all(b[k] == r[k] for k in ("arch", "tiny", "res", "bs"))]
+    return min(b["step_ms"] for b in same) / r["step_ms"] if same else None
+
+
+def results_table(rows) -> str:
+    head = ("| run | step ms | pipelined ms | img/s | TFLOP/step | MFU | peak GiB | vs baseline |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        if not _ok(r):
+            lines.append(f"| {r['name']} | {r['error']} | | | | | | |")
+            continue
+        s = speedup(r, rows)
+        lines.append(
+            f"| {r['name']} | {r['step_ms']:.1f} | {r['step_ms_pipelined']:.1f} | {r['images_per_second']:.2f} "
+            f"| {r['flops_per_step'] / 1e12:.3g} | {r['mfu']:.1%} | {r['peak_memory_bytes'] / GIB:.2f} "
+            f"| {'' if s is None else f'{s:.2f}×'} |")
+    return "\n".join(lines)
+
+
+def judge(rows) -> list[dict]:
+    out = []
+    for what, match, key, op, threshold, show in TARGETS:
+        runs = [r for r in rows if _ok(r) and not r["baseline"] and not r["tiny"]
+                and all(r.get(k) == v for k, v in match.items())]
+        if not runs:
+            out.append({"target": what, "run": None, "value": None, "result": "not run"})
+            continue
+        pick = max if op == ">=" else min
+        best = pick(runs, key=lambda r: r[key])
+        ok = OPS[op](best[key], threshold)
+        out.append({"target": what, "run": best["name"], "value": best[key], "shown": show(best[key]),
+                    "result": "pass" if ok else "FAIL"})
+    return out
+
+
+def targets_table(judged) -> str:
+    lines = ["| target | best run | value | result |", "|---|---|---:|---|"]
+    for t in judged:
+        lines.append(f"| {t['target']} | {t['run'] or '—'} | {t.get('shown', '—')} | {t['result']} |")
+    return "\n".join(lines)
+
+
+def render(rows) -> str:
+    devices = sorted({r["device_name"] for r in rows if _ok(r)})
+    return "\n\n".join([
+        f"Device: {', '.join(devices) or 'none'}. Step ms: median of synchronised steps after warm-up; "
+        "pipelined ms: back-to-back steps, one sync at the end. MFU on model FLOPs (no recompute).",
+        results_table(rows), targets_table(judge(rows))]) + "\n"
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(prog="python -m bench.table", description=__doc__.splitlines()[0])
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--json", help="write all results and the judged targets here")
+    p.add_argument("--md", help="write the Markdown here")
+    args = p.parse_args(argv)
+    rows = load(args.paths)
+    md = render(rows)
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps({"results": rows, "targets": judge(rows)}, indent=1) + "\n")
+    if args.md:
+        with atomic_path(args.md) as tmp:
+            tmp.write_text(md)
+    print(md, end="")
+    return md
+
+
+if __name__ == "__main__":
+    main()

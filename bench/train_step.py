@@ -1,0 +1,347 @@
+"""One LoRA training step on a random-weight, real-size denoiser: step time, FLOPs, MFU, peak memory.
+
+    python -m bench.train_step --arch sd15 --res 512 --bs 16 --precision bf16 --compile --json out.json
+
+The inputs stand in for cached latents and text embeddings (what sdtune's train stage reads), so
+a step is the denoiser's forward and backward plus the optimizer, as in sdtune.train.loop.
+
+--baseline writes the step the way diffusers' examples/text_to_image/train_text_to_image_lora.py
+does instead: VAE encode and text-encoder forward inside every step, fp16 weights with fp16
+autocast and a GradScaler, no compile, one loss.item() per step. SD1.5 only, as that script is.
+"""
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from bench import archs
+from sdtune.io import atomic_path
+from sdtune.profiling import flops, hardware, memory
+from sdtune.profiling.phases import PhaseTimer
+from sdtune.train import lora, optim
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="sd15", choices=list(archs.ARCHS))
+    p.add_argument("--tiny", action="store_true", help="the tiny config of the arch (CPU tests)")
+    p.add_argument("--res", type=int, help="image side in pixels (default: the arch's native one, 64 if --tiny)")
+    p.add_argument("--bs", type=int, default=1)
+    p.add_argument("--precision", choices=list(DTYPES), help="default bf16; fp16 with --baseline")
+    p.add_argument("--tf32", action="store_true", help="let fp32 matmuls and convs use TF32")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    p.add_argument("--compile-scope", choices=["full", "blocks"],
+                   help="whole model, or each repeated block (regional: faster to compile); "
+                        "default full for UNets, blocks for SD3")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--nf4", action="store_true", help="NF4 base weights via bitsandbytes (QLoRA); CUDA only")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "math"],
+                   help="sdpa: let torch pick the fused kernel; math: the unfused reference")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--baseline", action="store_true", help="the diffusers-example way (see above)")
+    p.add_argument("--steps", type=int, default=20, help="measured steps")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--phases", action="store_true",
+                   help="also time forward/backward/optimizer (a sync at each boundary: slower steps)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda[:i], or meta: count the FLOPs of a step at any size, time nothing")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (on a loaded machine 1 avoids spin-waits)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", help="label in the table (default: built from the options)")
+    p.add_argument("--json", help="write the result here")
+    args = p.parse_args(argv)
+
+    arch = archs.get(args.arch)
+    args.res = args.res or (archs.TINY_RES if args.tiny else arch.res)
+    args.precision = args.precision or ("fp16" if args.baseline else "bf16")
+    args.compile_scope = args.compile_scope or ("blocks" if arch.objective == "flow" else "full")
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    cuda = args.device.startswith("cuda")
+    if args.nf4 and not cuda:
+        p.error("--nf4 needs a CUDA GPU: bitsandbytes' 4-bit training kernels are CUDA only here")
+    if args.nf4 and args.precision == "fp32":
+        p.error("--nf4 computes in bf16 or fp16; pick --precision bf16")
+    if args.baseline and (args.arch != "sd15" or args.compile or args.nf4):
+        p.error("--baseline is the SD1.5 diffusers example: --arch sd15, no --compile, no --nf4")
+    if args.res % 8:
+        p.error("--res must be a multiple of 8 (the VAE downsamples 8x)")
+    args.name = args.name or label(args)
+    return args
+
+
+def label(args) -> str:
+    parts = [args.arch + ("-tiny" if args.tiny else ""), f"{args.res}px", f"bs{args.bs}", args.precision]
+    if args.baseline:
+        parts.append("baseline")
+    if args.compile:
+        parts.append("compile" + ("" if args.compile_mode == "default" else f"-{args.compile_mode}"))
+    for flag, text in [(args.checkpointing, "ckpt"), (args.nf4, "nf4"), (args.tf32, "tf32"),
+                       (args.channels_last, "channels-last"), (args.optimizer == "adamw8bit", "adamw8bit"),
+                       (args.attention == "math", "math-attn")]:
+        if flag:
+            parts.append(text)
+    return " ".join(parts)
+
+
+class Bench:
+    """The model, optimizer and pre-made inputs of one configuration, and its step()."""
+
+    def __init__(self, args):
+        self.args = args
+        self.arch = archs.get(args.arch)
+        self.device = torch.device(args.device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(args.seed)
+        tf32 = "tf32" if args.tf32 else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = tf32
+        torch.backends.cudnn.conv.fp32_precision = tf32
+        dtype = DTYPES[args.precision]
+        self.dtype = dtype
+
+        self.model = archs.build(self.arch, args.tiny, self.device, dtype, nf4=args.nf4)
+        lora.add(self.model, SimpleNamespace(rank=args.rank, alpha=float(args.rank), dropout=0.0, init="gaussian",
+                                             target_modules=None, use_dora=False), self.arch.lora_targets)
+        self.params = lora.trainable(self.model)
+        for p in self.params:  # LoRA weights stay float32 for stable updates, as in sdtune.train.loop
+            p.data = p.data.float()
+        self.model.train()
+        if args.checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        if args.channels_last:
+            self.model.to(memory_format=self.memory_format)
+
+        if args.baseline:
+            self._setup_baseline()
+        else:
+            self.optimizer = optim.optimizer(args.optimizer, self.params, 1e-4, 1e-2, self.device)
+            self.latents, self.cond = archs.inputs(self.arch, args.bs, args.res, self.device, dtype, args.tiny)
+            # DDPM's scaled-linear schedule (SD1.x/SDXL), kept on the device so noising needs no copy.
+            betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, device=self.device) ** 2
+            self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.forward = self.model
+        self.amp = (torch.autocast(self.device.type, dtype=dtype)
+                    if dtype != torch.float32 and self.device.type != "meta" else contextlib.nullcontext())
+
+    def _setup_baseline(self):
+        from diffusers import DDPMScheduler
+
+        args = self.args
+        self.vae = archs.build_vae(args.tiny, self.device, self.dtype).requires_grad_(False)
+        self.text_encoder = archs.build_text_encoder(args.tiny, self.device, self.dtype).requires_grad_(False)
+        # The example's pre-processed batch: pixels in [-1, 1] and token ids; decoding and augmenting
+        # images on the host is left out of both ways.
+        self.pixels = torch.rand(args.bs, 3, args.res, args.res, device=self.device).mul(2).sub(1).to(self.dtype)
+        vocab = self.text_encoder.config.vocab_size
+        self.input_ids = torch.randint(0, vocab, (args.bs, 77), device=self.device)
+        self.scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear")
+        if args.optimizer == "adamw8bit":  # the example's --use_8bit_adam
+            self.optimizer = optim.optimizer("adamw8bit", self.params, 1e-4, 1e-2, self.device)
+        else:
+            self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=1e-2)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def compile(self):
+        a = self.args
+        mode = None if a.compile_mode == "default" else a.compile_mode
+        if a.compile_scope == "full":
+            self.forward = torch.compile(self.model, mode=mode)
+        else:
+            for m in self.model.modules():
+                if type(m).__name__ in self.arch.blocks:
+                    m.compile(mode=mode)
+
+    def _attention(self):
+        return sdpa_kernel(SDPBackend.MATH) if self.args.attention == "math" else contextlib.nullcontext()
+
+    def _noised(self, x):
+        """(noisy latents, timesteps, target) for the arch's objective, all made on the device."""
+        noise = torch.randn_like(x)
+        b = x.shape[0]
+        if self.arch.objective == "epsilon":
+            t = torch.randint(0, 1000, (b,), device=x.device)
+            a = self.alphas_cumprod[t].view(b, 1, 1, 1)
+            return (a.sqrt() * x + (1 - a).sqrt() * noise).to(x.dtype), t, noise
+        # Rectified flow with logit-normal sigmas, as SD3 is trained.
+        s = torch.sigmoid(torch.randn(b, device=x.device)).view(b, 1, 1, 1)
+        return ((1 - s) * x + s * noise).to(x.dtype), s.flatten() * 1000, noise - x
+
+    def step(self, timer=PhaseTimer(enabled=False)):
+        """One optimizer step. Returns the loss, still on the device (no host sync here)."""
+        if self.args.baseline:
+            return self._baseline_step(timer)
+        if self.args.compile and self.args.compile_mode == "reduce-overhead":
+            # CUDA graphs reuse their output buffers; mark where one step's tensors stop being needed.
+            torch.compiler.cudagraph_mark_step_begin()
+        with timer.phase("forward"), self.amp, self._attention():
+            noisy, t, target = self._noised(self.latents)
+            noisy = noisy.contiguous(memory_format=self.memory_format)
+            pred = self.forward(**{self.arch.sample_arg: noisy, "timestep": t}, **self.cond).sample
+            loss = F.mse_loss(pred.float(), target.float())
+        with timer.phase("backward"):
+            loss.backward()
+        with timer.phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def _baseline_step(self, timer):
+        # Mirrors the example's loop body, line for line where it matters for speed.
+        with timer.phase("encode"):
+            latents = self.vae.encode(self.pixels).latent_dist.sample() * self.vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, 1000, (latents.shape[0],), device=latents.device).long()
+            noisy = self.scheduler.add_noise(latents, noise, t)
+            text = self.text_encoder(self.input_ids, return_dict=False)[0]
+        with timer.phase("forward"), self.amp, self._attention():
+            pred = self.model(noisy, t, text, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+        if not loss.is_meta:
+            loss.item()  # the example logs train_loss += avg_loss.item() every step
+        with timer.phase("backward"):
+            self.scaler.scale(loss).backward()
+        with timer.phase("optimizer"):
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad()
+        return loss.detach()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_model_flops(bench) -> dict:
+    """FLOPs of one step as dispatched, and without the recompute of gradient checkpointing.
+
+    MFU is defined on the model's FLOPs, so recompute must not count: with checkpointing the step
+    is counted once more with it switched off (that step needs the memory checkpointing saves).
+    """
+    dispatched = flops.count_flops(bench.step)
+    out = {"flops_per_step": dispatched, "flops_dispatched": dispatched}
+    if bench.args.checkpointing:
+        bench.model.disable_gradient_checkpointing()
+        try:
+            out["flops_per_step"] = flops.count_flops(bench.step)
+        except torch.OutOfMemoryError:
+            out["flops_note"] = "out of memory without checkpointing: flops_per_step includes recompute"
+        finally:
+            bench.model.enable_gradient_checkpointing()
+    return out
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def run(args) -> dict:
+    bench = Bench(args)
+    device = bench.device
+    counted = count_model_flops(bench)  # eager, before compiling: FlopCounterMode does not see inside compiled code
+    if device.type == "meta":  # shapes only: FLOPs are all there is to measure
+        return {"name": args.name, "arch": args.arch, "res": args.res, "bs": args.bs, **counted}
+    if args.compile:
+        bench.compile()
+    memory.reset_peak(device)
+
+    # Per-step times: the timer syncs at each step's start and end (and at phase edges with --phases).
+    timer = PhaseTimer(device, warmup=args.warmup)
+    phase_timer = timer if args.phases else PhaseTimer(device, enabled=False)
+    for _ in range(args.warmup + args.steps):
+        timer.step_begin()
+        loss = bench.step(phase_timer)
+        timer.step_end()
+    summary = timer.summary()
+    # Back to back with one sync at the end, as the training loop runs: the host queues the next
+    # step while the GPU finishes this one.
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = bench.step()
+    _sync(device)
+    pipelined_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+
+    peak_mem = memory.peak_memory(device)
+    parts = memory.breakdown(bench.model, bench.optimizer)
+    step_s = summary["step_median_ms"] / 1e3
+    peak, peak_source = hardware.peak_tflops(device, DTYPES[args.precision])
+    result = {
+        "name": args.name, "arch": args.arch, "tiny": args.tiny, "res": args.res, "bs": args.bs,
+        "precision": args.precision, "tf32": args.tf32, "baseline": args.baseline, "compile": args.compile,
+        "compile_mode": args.compile_mode if args.compile else None,
+        "compile_scope": args.compile_scope if args.compile else None,
+        "checkpointing": args.checkpointing, "optimizer": args.optimizer, "rank": args.rank, "nf4": args.nf4,
+        "attention": args.attention, "channels_last": args.channels_last,
+        "steps": args.steps, "warmup": args.warmup,
+        "step_ms": summary["step_median_ms"], "step_ms_mean": summary["step_mean_ms"],
+        "step_ms_pipelined": pipelined_ms, "images_per_second": args.bs / step_s,
+        "phases": summary["phases"] if args.phases else None,
+        **counted,
+        "achieved_tflops": flops.achieved_tflops(counted["flops_per_step"], step_s),
+        "peak_tflops": peak, "peak_source": peak_source,
+        "mfu": hardware.mfu(counted["flops_per_step"], step_s, peak),
+        "hfu": hardware.mfu(counted["flops_dispatched"], step_s, peak),
+        "peak_memory_bytes": peak_mem["peak_bytes"], "memory": peak_mem | parts,
+        # Counted on a meta copy: NF4 packs two weights per stored element.
+        "params": archs.n_params(archs.build(bench.arch, args.tiny)), "trainable_params": sum(p.numel() for p in bench.params),
+        "final_loss": float(loss),
+        "device": str(device), "device_name": device_name(device),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:],
+    }
+    try:
+        import diffusers
+        import peft
+        result["versions"] |= {"diffusers": diffusers.__version__, "peft": peft.__version__}
+    except ImportError:
+        pass
+    return result
+
+
+def main(argv=None) -> dict:
+    # diffusers warns on every .to(dtype) of a model built from a config; nothing to act on here.
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    args = parse(argv)
+    result = run(args)
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+    if "step_ms" not in result:
+        print(f"{result['name']}: {result['flops_per_step'] / 1e12:.4g} TFLOP/step "
+              f"({result['flops_dispatched'] / 1e12:.4g} dispatched)")
+        return result
+    mem_gib = result["peak_memory_bytes"] / 2**30
+    print(f"{result['name']}: {result['step_ms']:.1f} ms/step (pipelined {result['step_ms_pipelined']:.1f}), "
+          f"{result['flops_per_step'] / 1e12:.3g} TFLOP/step, MFU {result['mfu']:.1%}, peak {mem_gib:.2f} GiB")
+    return result
+
+
+if __name__ == "__main__":
+    main()
