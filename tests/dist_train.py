@@ -6,7 +6,7 @@ import sys
 
 from safetensors.torch import save_file
 
-from sdtune import params as params_lib
+from sdtune import params as params_lib, runtime
 from sdtune.train import loop, lora, outputs
 
 out = sys.argv[1]
@@ -31,4 +31,4 @@ save_file({k: v.contiguous() for k, v in state.items()}, f"{out}/rank{rank}.safe
 with open(f"{out}/rank{rank}.json", "w") as f:
     json.dump({"seen": seen, "world": run.accelerator.num_processes}, f)
 if run.accelerator.is_main_process:
-    outputs.write_lora("models/lora", run, loop.final_lora(run), {"test": "distributed"})
+    outputs.write_lora("models/lora", run, loop.final_lora(run), runtime.provenance(params))

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from sdtune import io
 from sdtune.errors import UserError
@@ -130,12 +130,26 @@ def sample_noise(latents, generator, offset: float):
     return noise.to(latents.device, latents.dtype)
 
 
-def write_lora(directory, tensors: dict, metadata: dict) -> Path:
-    """Write a LoRA safetensors file with string metadata, atomically."""
-    path = Path(directory) / LORA_FILE
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The same file with its JSON header in sorted key order.
+
+    safetensors writes the metadata from a hash map, so its order (and the file's bytes) changes
+    from process to process; sorted, the same tensors and metadata always give the same bytes.
+    The data offsets count from the end of the header, so they stay valid.
+    """
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
+    return len(text).to_bytes(8, "little") + text + blob[8 + size:]
+
+
+def write_lora(directory, tensors: dict, metadata: dict, name: str = LORA_FILE) -> Path:
+    """Write a LoRA safetensors file with string metadata, atomically and byte-reproducibly."""
+    path = Path(directory) / name
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    with io.atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
+    io.write_bytes(path, canonical_safetensors(blob))
     return path
 
 

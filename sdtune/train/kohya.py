@@ -16,14 +16,12 @@ any alpha != rank) and has no inverse that gives our keys back, so the mapping i
 out here; tests check our names against it and load our file with diffusers' kohya reader.
 """
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from sdtune import io
 from sdtune.errors import UserError
+from sdtune.families import common
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 PREFIX, KOHYA_PREFIX = "unet.", "lora_unet_"
@@ -138,8 +136,4 @@ def write_kohya(directory, diffusers_state: dict, alpha: float, metadata: dict) 
     """Write <directory>/pytorch_lora_weights_kohya.safetensors atomically."""
     tensors = to_kohya(diffusers_state, alpha)
     meta = kohya_metadata(tensors, alpha, metadata)
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    path = Path(directory) / KOHYA_FILE
-    with io.atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    return path
+    return common.write_lora(directory, tensors, meta, name=KOHYA_FILE)
