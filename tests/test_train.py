@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import OFFLINE, ROOT
 from sdtune import io, params as params_lib
+from sdtune.errors import UserError
 from sdtune.data import cache, synthetic
 from sdtune.families import common, sd
 from sdtune.train import checkpoint, loop
@@ -174,3 +175,36 @@ def test_buckets_group_by_shape_and_a_small_bucket_makes_a_small_batch(tmp_path)
     for batch in epoch:
         assert len({tuple(items[i]["latents"].shape) for i in batch}) == 1
     assert sorted(i for b in epoch for i in b) == list(range(6))
+
+
+def in_process_params(workspace, **train):
+    raw = {"base": {"seed": 3, "device": "cpu"}, "model": {"id": "tiny", "resolution": 32},
+           "train": {"steps": 2, "batch_size": 2, "wandb": "disabled", "lora": {"rank": 4, "alpha": 4.0}, **train}}
+    return params_lib.parse(raw)
+
+
+def test_qlora_without_cuda_is_one_clear_line(workspace):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError) as err:
+        loop.setup(in_process_params(workspace, qlora=True), workspace / "cache")
+    assert str(err.value).startswith("train.qlora: 4-bit NF4 loading needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("optimizer, lr", [("adamw8bit", 1.0e-3), ("prodigy", 1.0)])
+def test_other_optimizers_train_on_cpu(workspace, optimizer, lr):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run = loop.setup(in_process_params(workspace, optimizer=optimizer, lr=lr), workspace / "cache")
+    before = {k: v.clone() for k, v in lora_state(run).items()}
+    losses = [loop.train_step(run, s).item() for s in range(2)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    after = lora_state(run)
+    assert any((after[k] != before[k]).any() for k in before)
+
+
+def lora_state(run):
+    from sdtune.train import lora
+
+    return lora.peft_state(run.accelerator.unwrap_model(run.denoiser))

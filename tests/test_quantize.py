@@ -1,0 +1,83 @@
+"""Quantized variants: reload without re-quantizing, same image for the same seed, fidelity ordering."""
+
+import pytest
+import torch
+
+from sdtune import params as params_lib, quantize
+from sdtune.errors import UserError
+from sdtune.evaluate import generate, metrics
+from sdtune.evaluate.clip import load_clip
+from sdtune.families import common, sd
+from sdtune.train import lora
+
+MODEL = params_lib.parse({"model": {"id": "tiny", "resolution": 64}}).model
+PROMPTS, SEEDS = ["a red circle", "a blue square"], [0, 1]
+
+
+def images(pipe):
+    return [img for _, _, img in generate.sample_all(pipe, PROMPTS, SEEDS, steps=3, guidance=7.5, size=64)]
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    """A non-zero LoRA for the tiny SD1 model, written the way the train stage writes it."""
+    unet = sd.tiny_unet()
+    cfg = params_lib.parse({"train": {"lora": {"rank": 4, "alpha": 4.0}}}).train.lora
+    lora.add(unet, cfg, sd.LORA_TARGETS)
+    g = torch.Generator().manual_seed(0)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+    out = tmp_path_factory.mktemp("lora")
+    sd.save_lora(out, lora.diffusers_state(unet), {"base_model": "tiny"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def variant(lora_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quantized") / "int8wo-fused"
+    row = quantize.make_variant(sd, MODEL, lora_dir, "int8wo", "fused", out)
+    return out, row
+
+
+def test_report_row_measures_size_and_load(variant):
+    _, row = variant
+    assert row["variant"] == "int8wo-fused" and row["disk_bytes"] > 0 and row["load_seconds"] > 0
+    parent = quantize.tensor_bytes(sd.tiny_unet())
+    assert row["memory_bytes"] < parent  # int8 weights: smaller than the float32 parent
+
+
+def test_saved_variant_reloads_and_gives_the_same_image_for_the_same_seed(variant):
+    path, _ = variant
+    first = images(generate.pipeline(sd, MODEL, torch.device("cpu"), variant_dir=path, method="int8wo"))
+    again = images(generate.pipeline(sd, MODEL, torch.device("cpu"), variant_dir=path, method="int8wo"))
+    assert [a.tobytes() for a in first] == [b.tobytes() for b in again]
+    reloaded = quantize.load_variant(sd, path, "int8wo")
+    qtypes = {type(m.weight).__name__ for m in reloaded.modules() if isinstance(m, torch.nn.Linear)}
+    assert "Int8Tensor" in qtypes  # loaded as int8 from disk, not quantized again from float
+
+
+def test_int8_fidelity_is_below_the_parents_own_and_above_a_random_models(variant, lora_dir):
+    path, _ = variant
+    cpu = torch.device("cpu")
+    parent = images(generate.pipeline(sd, MODEL, cpu, lora_dir=lora_dir))
+    int8 = images(generate.pipeline(sd, MODEL, cpu, variant_dir=path, method="int8wo"))
+    with common.seeded(99):
+        other = sd.tiny_unet()  # same architecture, other random weights
+    random_model = images(sd.load_pipeline(MODEL, torch.float32, unet=other))
+    clip = load_clip("tiny")
+
+    def psnr(imgs):
+        return metrics.fidelity(imgs, parent, clip)["psnr"]
+
+    assert psnr(parent) == metrics.PSNR_CAP_DB  # the parent against itself
+    assert psnr(random_model) < psnr(int8) < metrics.PSNR_CAP_DB
+
+
+@pytest.mark.parametrize("name", ["nf4", "int8", "float8wo"])
+def test_cuda_only_methods_refuse_in_one_line_without_cuda(name):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError) as err:
+        quantize.check_supported(name)
+    assert "\n" not in str(err.value) and f"'{name}' needs a CUDA GPU" in str(err.value)
