@@ -88,6 +88,9 @@ class Train(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "math"] = "sdpa"  # math: the unfused reference kernel, for comparison
+    channels_last: bool = False  # NHWC memory layout for the UNet's convolutions
+    compile: bool = False  # torch.compile the denoiser (minutes of compile time, then faster steps)
     snr_gamma: float | None = Field(None, gt=0)
     noise_offset: float = Field(0.0, ge=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
@@ -23,6 +24,12 @@ from sdtune.data import cache as cache_lib
 from sdtune.errors import UserError
 from sdtune.profiling import memory
 from sdtune.train import checkpoint, lora, optim
+
+
+def attention(choice: str):
+    """train.attention: "sdpa" lets PyTorch pick its fastest fused kernel; "math" forces the plain
+    reference implementation (what attention costs without the fused kernels)."""
+    return sdpa_kernel(SDPBackend.MATH) if choice == "math" else contextlib.nullcontext()
 
 
 class NullTimer:
@@ -101,10 +108,14 @@ def setup(params, cache_dir) -> Run:
         param.data = param.data.float()
     if p.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
+    if p.channels_last:
+        denoiser.to(memory_format=torch.channels_last)
 
     opt = optim.optimizer(p.optimizer, lora.trainable(denoiser), p.lr, p.weight_decay, accelerator.device)
     sched = optim.scheduler(p.lr_scheduler, opt, p.warmup_steps, p.steps)
     denoiser, opt = accelerator.prepare(denoiser, opt)
+    if p.compile:
+        denoiser.compile()  # in place: state-dict keys, LoRA saving and resume are unchanged
     ema = EMAModel(lora.trainable(denoiser), decay=p.ema_decay) if p.ema_decay else None
     return Run(params, accelerator, family, denoiser, family.load_noise_scheduler(m), opt, sched, items, ema)
 
@@ -160,7 +171,7 @@ def train_step(run: Run, step: int, timer=NullTimer()) -> torch.Tensor:
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
         # Under DDP only the last micro-batch all-reduces the gradients.
         sync = contextlib.nullcontext() if micro == p.grad_accum - 1 else acc.no_sync(run.denoiser)
-        with sync:
+        with sync, attention(p.attention):
             with timer.phase("forward"), acc.autocast():
                 loss = run.family.training_loss(run.denoiser, run.noise_scheduler, batch,
                                                 step_generator(run, step, micro), p).mean()
