@@ -208,3 +208,21 @@ def lora_state(run):
     from sdtune.train import lora
 
     return lora.peft_state(run.accelerator.unwrap_model(run.denoiser))
+
+
+def test_wandb_offline_logs_metrics_and_validation_images_and_no_secret(workspace, tmp_path):
+    ws = clone(workspace, tmp_path / "wandb")
+    shutil.rmtree(ws / "checkpoints", ignore_errors=True)
+    (ws / "params.yaml").write_text(PARAMS.replace("wandb: disabled", "wandb: offline").replace(
+        "steps: 8", "steps: 2, validate_every: 2, validation_steps: 2"))
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "WANDB_API_KEY": "secret-key-1234567890abcdef"}
+    env.pop("WANDB_MODE")
+    done = subprocess.run([sys.executable, "-m", "stages.train"], cwd=ws, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((ws / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].rglob("*.png")), "the validation image was not logged"
+    for path in (ws / "wandb").rglob("*"):
+        if path.is_file() and path.stat().st_size < 5_000_000:
+            assert b"secret-key-1234567890abcdef" not in path.read_bytes(), path
