@@ -17,7 +17,8 @@ DEMO = \
 	-S '++quantize.variants=[int8wo]' -S '++quantize.lora_modes=[fused]' \
 	-S ++evaluate.prompts=prompts/demo.txt -S ++evaluate.clip_model=tiny -S ++evaluate.steps=4 \
 	-S '++evaluate.seeds=[0, 1]' -S ++evaluate.latency_repeats=2 \
-	-S ++profile.steps=3 -S ++profile.warmup=1 \
+	-S ++profile.steps=3 -S ++profile.warmup=2 \
+	-S '++profile.inference=[{name: fp32}, {name: fp32-no-lora, lora: false}, {name: math-attention, attention: math}]' \
 	-S '++profile.matrix=[{name: baseline}, {name: checkpointing, gradient_checkpointing: true}, {name: math-attention, attention: math}, {name: channels-last, channels_last: true}, {name: rank4, lora: {rank: 4, alpha: 4.0}}]'
 
 .PHONY: install demo test lint

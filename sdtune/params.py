@@ -142,9 +142,11 @@ class Profile(Section):
     usd_per_hour: float | None = Field(None, gt=0)  # None: the price table's on-demand price
     # The optimization matrix: each cell is a name plus the train keys it changes.
     matrix: list[dict] = [{"name": "baseline"}]
+    # Generation cells: a name plus dtype, attention, channels_last, compile, lora (see profiling/inference.py).
+    inference: list[dict] = [{"name": "fp32"}]
     trace: bool = True
 
-    @field_validator("matrix")
+    @field_validator("matrix", "inference")
     @classmethod
     def _named(cls, cells):
         names = [c.get("name") for c in cells]

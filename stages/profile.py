@@ -1,4 +1,5 @@
-"""profile: where the training step's time and memory go, for each optimization-matrix cell.
+"""profile: where the training step's time and memory go, for each optimization-matrix cell,
+and what generation costs for each inference cell.
 
 Writes reports/profile.json (phase times, FLOPs, MFU, memory, cost per cell),
 reports/profile.md (the tables), reports/profile/ (phase and bar charts, Chrome traces
@@ -11,9 +12,9 @@ from tqdm import tqdm
 
 from sdtune import io, params as params_lib, runtime
 from sdtune.errors import main_guard
-from sdtune.profiling import charts, run as prof
+from sdtune.profiling import charts, inference, run as prof
 
-CACHE, OUT_DIR = "cache", Path("reports/profile")
+CACHE, LORA_DIR, OUT_DIR = "cache", "models/lora", Path("reports/profile")
 REPORT, TABLE, PLOT = "reports/profile.json", "reports/profile.md", "reports/profile_cells.json"
 
 
@@ -50,11 +51,15 @@ def main():
             charts.phase_chart({c["name"]: c["phases"] for c in cells}, tmp / "phases.png")
             charts.bar_chart(cells, "step_ms", tmp / "step_ms.png", "Training step time (ms, median)")
             charts.bar_chart(cells, "mfu", tmp / "mfu.png", "Model FLOPs utilisation")
-        io.write_json(REPORT, {"best": best["name"], "cells": {c["name"]: c for c in cells}})
+            gen = [inference.profile_cell(params, spec, LORA_DIR, cells[0]["device"])
+                   for spec in tqdm(p.inference, desc="inference", unit="cell")]
+            charts.bar_chart(gen, "seconds_per_image", tmp / "inference.png", "Generation time (s per image, median)")
+        io.write_json(REPORT, {"best": best["name"], "cells": {c["name"]: c for c in cells},
+                               "inference": {c["name"]: c for c in gen}})
         io.write_json(PLOT, [{"cell": c["name"], "step_ms": c["step_ms"], "mfu": c["mfu"],
                               "peak_mib": c["memory"]["peak_bytes"] / 2**20} for c in cells])
-        io.write_text(TABLE, table(cells))
-    print(table(cells))
+        io.write_text(TABLE, table(cells) + "\n" + inference.table(gen))
+    print(table(cells) + "\n" + inference.table(gen))
 
 
 if __name__ == "__main__":

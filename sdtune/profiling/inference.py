@@ -1,0 +1,77 @@
+"""Profile generation (the evaluate stage's sampling): one cell per inference setting.
+
+A cell is a name plus any of: dtype (float32, bfloat16, float16), attention (sdpa, math),
+channels_last, compile, lora (load models/lora on top). Each reports the median seconds per
+image after warm-up, FLOPs per image (FlopCounterMode over one sample), MFU and peak memory.
+"""
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from sdtune import families
+from sdtune.errors import UserError
+from sdtune.evaluate import generate, metrics
+from sdtune.profiling import flops, hardware, memory
+from sdtune.train.loop import attention
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Cell(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attention: Literal["sdpa", "math"] = "sdpa"
+    channels_last: bool = False
+    compile: bool = False
+    lora: bool = True
+
+
+def parse_cell(raw: dict) -> Cell:
+    try:
+        return Cell.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(x) for x in first["loc"])
+        raise UserError(f"params.yaml: profile.inference.{raw.get('name', '?')}.{key}: {first['msg']}") from None
+
+
+def profile_cell(params, raw: dict, lora_dir, device, repeats: int = 3) -> dict:
+    cell = parse_cell(raw)
+    family = families.get(params.model.family)
+    pipe = family.load_pipeline(params.model, DTYPES[cell.dtype]).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if cell.lora:
+        generate.add_lora(pipe, lora_dir)
+    denoiser = getattr(pipe, family.DENOISER_ATTR)
+    if cell.channels_last:
+        denoiser.to(memory_format=torch.channels_last)
+    if cell.compile:
+        denoiser.compile()
+    e = params.evaluate
+
+    def one():
+        with attention(cell.attention), torch.no_grad():
+            return generate.sample(pipe, "a painting", e.seeds[0], steps=e.steps, guidance=e.guidance_scale,
+                                   size=params.model.resolution)
+
+    memory.reset_peak(device)
+    timing = metrics.time_it(one, repeats=repeats, warmup=1, sync=device)
+    n_flops = flops.count_flops(one)
+    peak, source = hardware.peak_tflops(device, DTYPES[cell.dtype])
+    seconds = timing["median_s"]
+    return {"name": cell.name, "cell": cell.model_dump(), "seconds_per_image": seconds,
+            "denoiser_steps_per_second": e.steps / seconds, "flops_per_image": n_flops,
+            "achieved_tflops": flops.achieved_tflops(n_flops, seconds), "mfu": hardware.mfu(n_flops, seconds, peak),
+            "peak_tflops": peak, "peak_source": source,
+            "peak_memory_bytes": memory.peak_memory(device)["peak_bytes"]}
+
+
+def table(cells) -> str:
+    lines = ["| inference cell | s/image | denoiser steps/s | TFLOP/s | MFU | peak MiB |", "|---|---|---|---|---|---|"]
+    for c in cells:
+        lines.append(f"| {c['name']} | {c['seconds_per_image']:.3f} | {c['denoiser_steps_per_second']:.1f} | "
+                     f"{c['achieved_tflops']:.4f} | {c['mfu']:.1%} | {c['peak_memory_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines) + "\n"
