@@ -48,8 +48,12 @@ def real_images(params) -> list:
 
 
 def evaluate_one(pipe, p, prompts, device, size):
+    """Every prompt x seed, then the latency of one image (median after a warm-up)."""
     samples = generate.sample_all(pipe, prompts, p.seeds, steps=p.steps, guidance=p.guidance_scale, size=size)
-    one = lambda: generate.sample(pipe, prompts[0], p.seeds[0], steps=p.steps, guidance=p.guidance_scale, size=size)
+
+    def one():
+        generate.sample(pipe, prompts[0], p.seeds[0], steps=p.steps, guidance=p.guidance_scale, size=size)
+
     latency = metrics.time_it(one, repeats=p.latency_repeats, warmup=1, sync=device)["median_s"]
     return [img for _, _, img in samples], latency
 
@@ -75,7 +79,7 @@ def main():
                             "peak_memory_mib": metrics.peak_memory(device) / 2**20,
                             "denoiser_mib": quantize.tensor_bytes(denoiser) / 2**20})
             del pipe, denoiser
-        paired = [f"{pr}" for pr in prompts for _ in p.seeds]
+        paired = [prompt for prompt in prompts for _ in p.seeds]  # the prompt of each image, in order
         for rec in records:
             fake = images[rec["variant"]]
             fid, kid, _ = metrics.fid_kid(real, fake, extractor)
