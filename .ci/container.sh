@@ -16,9 +16,10 @@
 set -euo pipefail
 
 BASE_IMAGE=${SDTUNE_CI_BASE_IMAGE:-localhost/sdtune-ci-base:bookworm}
-DEBIAN_MIRROR=${SDTUNE_CI_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+DEBIAN_MIRROR=${SDTUNE_CI_DEBIAN_MIRROR:-}  # empty: debootstrap's own default mirror
 TORCH_VERSION=${SDTUNE_CI_TORCH_VERSION:-2.13.0+cpu}
-INDEX_URL=${SDTUNE_CI_INDEX_URL:-https://pypi.org/simple}
+# The index the host's pip uses (empty: pip's default), so the build reaches what this machine reaches.
+INDEX_URL=${SDTUNE_CI_INDEX_URL:-$(python3 -m pip config get global.index-url 2>/dev/null || true)}
 STATE=${SDTUNE_CI_STATE:-/var/tmp/sdtune-ci}
 CA_BUNDLE=${SDTUNE_CI_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 APT_PACKAGES="podman buildah runc catatonit uidmap debootstrap"
@@ -71,8 +72,8 @@ make_base() {
     [ "$(id -u)" = 0 ] || cannot "making the base image with debootstrap needs root"
     local t0=$SECONDS root
     root=$(mktemp -d "${TMPDIR:-/tmp}/sdtune-rootfs.XXXXXX")
-    log "debootstrap bookworm (minbase) from $DEBIAN_MIRROR"
-    if ! debootstrap --variant=minbase bookworm "$root" "$DEBIAN_MIRROR" >"$STATE/debootstrap.log" 2>&1; then
+    log "debootstrap bookworm (minbase) from ${DEBIAN_MIRROR:-the default mirror}"
+    if ! debootstrap --variant=minbase bookworm "$root" ${DEBIAN_MIRROR:+"$DEBIAN_MIRROR"} >"$STATE/debootstrap.log" 2>&1; then
         tail -n 5 "$STATE/debootstrap.log" >&2
         rm -rf "$root"
         cannot "debootstrap failed (log: $STATE/debootstrap.log)"
