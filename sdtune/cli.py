@@ -99,16 +99,6 @@ def load_params(args):
     return params_lib.parse(raw, "command line")
 
 
-def read_prompts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise UserError(f"--prompts: {path} not found (one prompt per line)")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-               if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise UserError(f"--prompts: {path} holds no prompt (one per line, # for comments)")
-    return prompts
-
-
 def variant_kwargs(name, lora):
     """pipeline() arguments for models/quantized/<name>/: method-mode, e.g. int8wo-fused."""
     from sdtune import quantize
@@ -181,7 +171,7 @@ def generate(args) -> None:
     scale = args.lora_scale if args.lora_scale is not None else ev.lora_scale
     seeds = args.seeds or [args.seed if args.seed is not None else params.base.seed]
     check_numbers(steps, guidance, size)
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    prompts = [args.prompt] if args.prompt is not None else gen.read_prompts(args.prompts, "--prompts")
     paths = out_paths(args.out, prompts, seeds, many=args.prompts is not None or len(seeds) > 1)
 
     family = families.get(params.model.family)

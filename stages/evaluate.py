@@ -11,22 +11,11 @@ import torch
 
 from sdtune import families, io, params as params_lib, quantize, runtime
 from sdtune.data import cache as cache_lib
-from sdtune.errors import UserError, main_guard
+from sdtune.errors import main_guard
 from sdtune.evaluate import clip as clip_lib, generate, metrics, report
 
 LORA_DIR, QUANT_DIR, CAPTIONS, RAW = "models/lora", Path("models/quantized"), "data/captions.jsonl", "data/raw"
 REPORT, TABLE, GRID, PLOT = "reports/eval.json", "reports/eval.md", "reports/samples/grid.png", "reports/eval_plot.json"
-
-
-def read_prompts(path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"evaluate.prompts: {path} not found (one prompt per line)")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-               if line.strip() and not line.startswith("#")]
-    if not prompts:
-        raise UserError(f"evaluate.prompts: {path} holds no prompt (one per line, # for comments)")
-    return prompts
 
 
 def variants(params):
@@ -64,7 +53,7 @@ def main():
     p, size = params.evaluate, params.model.resolution
     family = families.get(params.model.family)
     device = runtime.device(params.base)
-    prompts = read_prompts(p.prompts)
+    prompts = generate.read_prompts(p.prompts, "evaluate.prompts")
     with runtime.stage("evaluate"):
         clip = clip_lib.load_clip(p.clip_model, p.clip_revision, device=device)
         real = real_images(params)

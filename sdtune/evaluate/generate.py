@@ -3,6 +3,7 @@
 import contextlib
 import re
 import warnings
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -11,6 +12,18 @@ from tqdm import tqdm
 from sdtune import quantize
 from sdtune.errors import UserError
 from sdtune.families import common
+
+
+def read_prompts(path, key: str) -> list[str]:
+    """One prompt per line, # for comments; `key` names where the path came from in errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{key}: {path} not found (one prompt per line)")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+               if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"{key}: {path} holds no prompt (one per line, # for comments)")
+    return prompts
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
