@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench import archs
 from sdtune.io import atomic_path
 from sdtune.profiling import flops, hardware, memory
-from sdtune.profiling.phases import PhaseTimer
+from sdtune.profiling.phases import PhaseTimer, sync
 from sdtune.train import lora, optim
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -228,11 +228,6 @@ class Bench:
         return loss.detach()
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def count_model_flops(bench) -> dict:
     """FLOPs of one step as dispatched, and without the recompute of gradient checkpointing.
 
@@ -278,11 +273,11 @@ def run(args) -> dict:
     summary = timer.summary()
     # Back to back with one sync at the end, as the training loop runs: the host queues the next
     # step while the GPU finishes this one.
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         loss = bench.step()
-    _sync(device)
+    sync(device)
     pipelined_ms = (time.perf_counter() - t0) * 1e3 / args.steps
 
     peak_mem = memory.peak_memory(device)

@@ -13,6 +13,7 @@ from sdtune import families, io, params as params_lib, quantize, runtime
 from sdtune.data import cache as cache_lib
 from sdtune.errors import main_guard
 from sdtune.evaluate import clip as clip_lib, generate, metrics, report
+from sdtune.profiling import memory
 
 LORA_DIR, QUANT_DIR, CAPTIONS, RAW = "models/lora", Path("models/quantized"), "data/captions.jsonl", "data/raw"
 REPORT, TABLE, GRID, PLOT = "reports/eval.json", "reports/eval.md", "reports/samples/grid.png", "reports/eval_plot.json"
@@ -60,12 +61,12 @@ def main():
         extractor = metrics.fid_extractor(p.fid_extractor, clip)
         images, records = {}, []
         for name, kwargs in variants(params):
-            metrics.reset_peak_memory(device)
+            memory.reset_peak(device)
             pipe = generate.pipeline(family, params.model, device, lora_scale=p.lora_scale, **kwargs)
             images[name], latency = evaluate_one(pipe, p, prompts, device, size)
             denoiser = getattr(pipe, family.DENOISER_ATTR)
             records.append({"variant": name, "latency_s": latency,
-                            "peak_memory_mib": metrics.peak_memory(device) / 2**20,
+                            "peak_memory_mib": memory.peak_memory(device)["peak_bytes"] / 2**20,
                             "denoiser_mib": quantize.tensor_bytes(denoiser) / 2**20})
             del pipe, denoiser
         paired = [prompt for prompt in prompts for _ in p.seeds]  # the prompt of each image, in order

@@ -7,9 +7,7 @@ images differ in size: the CLIP processor (or Inception's own resize) brings eac
 `clip` arguments are the (model, processor) pair from `sdtune.evaluate.clip.load_clip`.
 """
 
-import resource
 import statistics
-import sys
 import time
 import warnings
 from itertools import groupby
@@ -24,6 +22,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.multimodal.clip_score import CLIPScore
 
 from sdtune.errors import UserError
+from sdtune.profiling import phases
 
 PSNR_CAP_DB = 100.0  # identical images give inf dB, which JSON cannot hold; 100 dB means "identical"
 KID_SUBSET_MAX = 50
@@ -219,11 +218,6 @@ def fidelity(images, reference, clip) -> dict:
     return {"psnr": statistics.fmean(psnr), "lpips_like": float(_token_distance(images, reference, clip).mean())}
 
 
-def _sync(device) -> None:
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_it(fn, repeats: int, warmup: int = 1, sync=None) -> dict:
     """Wall time of `fn()`: `warmup` untimed calls, then `repeats` timed ones.
 
@@ -236,23 +230,9 @@ def time_it(fn, repeats: int, warmup: int = 1, sync=None) -> dict:
         fn()
     times = []
     for _ in range(repeats):
-        _sync(sync)
+        phases.sync(sync)
         start = time.perf_counter()
         fn()
-        _sync(sync)
+        phases.sync(sync)
         times.append(time.perf_counter() - start)
     return {"median_s": statistics.median(times), "all_s": times}
-
-
-def reset_peak_memory(device) -> None:
-    """Start a fresh CUDA peak; the CPU peak (process RSS high-water mark) cannot be reset."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device) -> int:
-    """Peak bytes: CUDA max_memory_allocated since the last reset, else the process' peak RSS ever."""
-    if torch.device(device).type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB

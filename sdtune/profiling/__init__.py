@@ -1,7 +1,7 @@
 """Profiling of training steps: where the time, FLOPs, bytes and dollars go.
 
 Modules (import the one you need; `charts` pulls in matplotlib):
-  phases    PhaseTimer (per-phase wall clock + profiler ranges), trace() -> Chrome trace
+  phases    PhaseTimer (per-phase wall clock + profiler ranges), sync(), trace() -> Chrome trace
   flops     count_flops(), achieved_tflops()
   hardware  peak_tflops() from a datasheet table or a measured GEMM ceiling, mfu()
   memory    reset_peak(), peak_memory(), breakdown(), activations(), snapshot()

@@ -18,9 +18,10 @@ from sdtune.io import atomic_path
 _NULL = contextlib.nullcontext()
 
 
-def _sync(device: torch.device) -> None:
-    # CUDA kernels run asynchronously; without a sync the clock measures launch time, not work.
-    if device.type == "cuda":
+def sync(device) -> None:
+    """Drain the CUDA queue (a no-op elsewhere): kernels run asynchronously, and without a
+    sync a clock measures their launch, not their work."""
+    if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
@@ -51,7 +52,7 @@ class PhaseTimer:
     def step_begin(self) -> None:
         if not self.enabled:
             return
-        _sync(self.device)
+        sync(self.device)
         self._current = {"phases": {}, "top": 0.0}
         self._t0 = time.perf_counter()
 
@@ -60,7 +61,7 @@ class PhaseTimer:
             return
         if self._current is None:
             raise RuntimeError("PhaseTimer.step_end() called without step_begin()")
-        _sync(self.device)
+        sync(self.device)
         self._current["step_ms"] = (time.perf_counter() - self._t0) * 1e3
         self.steps.append(self._current)
         self._current = None
@@ -76,7 +77,7 @@ class PhaseTimer:
             with record_function(name):
                 yield
             return
-        _sync(self.device)
+        sync(self.device)
         self._depth += 1
         # The clock wraps the profiler range, so the range's own cost counts inside the phase
         # instead of showing up as untimed gaps between phases.
@@ -85,7 +86,7 @@ class PhaseTimer:
             with record_function(name):
                 yield
                 # Inside the range: in a trace the phase lasts until its GPU work is done.
-                _sync(self.device)
+                sync(self.device)
         finally:
             ms = (time.perf_counter() - t0) * 1e3
             self._depth -= 1
