@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from sdtune import families, io
+from sdtune import families, io, runtime
 from sdtune.data import cache as cache_lib
 from sdtune.errors import UserError
 from sdtune.profiling import memory
@@ -45,12 +45,6 @@ def mixed_precision(choice: str, device_type: str) -> str:
     if device_type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
-
-
-def wants_cuda(device: str) -> bool:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("base.device: 'cuda' was asked for but no CUDA device is available; use auto or cpu")
-    return device != "cpu" and torch.cuda.is_available()
 
 
 def qlora_config(train, accelerator, compute_dtype):
@@ -86,9 +80,8 @@ class Run:
 def setup(params, cache_dir) -> Run:
     """Load the cache and the denoiser, attach LoRA, build the optimizer; nothing trained yet."""
     p, m = params.train, params.model
-    use_cuda = wants_cuda(params.base.device)
-    accelerator = Accelerator(cpu=not use_cuda,
-                              mixed_precision=mixed_precision(p.mixed_precision, "cuda" if use_cuda else "cpu"))
+    device_type = runtime.device(params.base).type
+    accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision(p.mixed_precision, device_type))
     # Seeds python, numpy and torch: the LoRA initialisation and dropout draw from them.
     set_seed(params.base.seed)
     if p.deterministic:
