@@ -169,11 +169,10 @@ class Params(Section):
     profile: Profile = Profile()
 
 
-def _one_line(err: ValidationError, source: str) -> str:
+def _one_line(err: ValidationError, model: type[BaseModel], where: str, source: str) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
+    key = ".".join([where] * bool(where) + [str(p) for p in first["loc"]])
     if first["type"] == "extra_forbidden":
-        model = Params
         for part in first["loc"][:-1]:
             model = model.model_fields[part].annotation
         allowed = ", ".join(model.model_fields)
@@ -183,15 +182,20 @@ def _one_line(err: ValidationError, source: str) -> str:
     return f"{source}: {key}: {first['msg']}{got}"
 
 
+def validate(model: type[BaseModel], raw: dict, where: str = "", source: str = "params.yaml"):
+    """`model` from `raw`, or a one-line UserError naming `where`.key (e.g. profile.matrix.bf16.lr)."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_one_line(err, model, where, source)) from None
+
+
 def parse(raw: dict, source: str = "params.yaml") -> Params:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of sections at the top level")
-    try:
-        return Params.model_validate(raw)
-    except ValidationError as err:
-        raise UserError(_one_line(err, source)) from None
+    return validate(Params, raw, source=source)
 
 
 def load(path="params.yaml") -> Params:

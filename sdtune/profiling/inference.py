@@ -8,10 +8,10 @@ image after warm-up, FLOPs per image (FlopCounterMode over one sample), MFU and 
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from sdtune import families
-from sdtune.errors import UserError
+from sdtune.params import validate
 from sdtune.evaluate import generate, metrics
 from sdtune.profiling import flops, hardware, memory
 from sdtune.train.loop import attention
@@ -30,12 +30,7 @@ class Cell(BaseModel):
 
 
 def parse_cell(raw: dict) -> Cell:
-    try:
-        return Cell.model_validate(raw)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(x) for x in first["loc"])
-        raise UserError(f"params.yaml: profile.inference.{raw.get('name', '?')}.{key}: {first['msg']}") from None
+    return validate(Cell, raw, where=f"profile.inference.{raw.get('name', '?')}")
 
 
 def profile_cell(params, raw: dict, lora_dir, device, repeats: int = 3) -> dict:

@@ -9,10 +9,8 @@ import functools
 
 import torch
 from accelerate.state import AcceleratorState
-from pydantic import ValidationError
 
-from sdtune.errors import UserError
-from sdtune.params import Train
+from sdtune.params import Train, validate
 from sdtune.profiling import cost as cost_lib, flops, hardware, memory, phases
 from sdtune.train import loop
 
@@ -22,12 +20,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 def cell_params(params, cell: dict):
     """params with the cell's train overrides applied, validated like params.yaml itself."""
     name, overrides = cell["name"], {k: v for k, v in cell.items() if k != "name"}
-    try:
-        train = Train.model_validate(params.train.model_dump() | overrides)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(x) for x in first["loc"])
-        raise UserError(f"params.yaml: profile.matrix.{name}.{key}: {first['msg']}") from None
+    train = validate(Train, params.train.model_dump() | overrides, where=f"profile.matrix.{name}")
     return params.model_copy(update={"train": train})
 
 
