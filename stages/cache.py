@@ -13,7 +13,7 @@ def main():
     family = families.get(params.model.family)
     with runtime.stage("cache"):
         rows = io.read_jsonl(CAPTIONS)
-        counts = cache.build(rows, RAW, OUT, family, params.model, params.cache, family.load_pipeline,
+        counts = cache.build(rows, RAW, OUT, family, params.model, params.cache,
                              device=runtime.device(params.base))
     print(f"cache: {counts['items']} items ({counts['encoded']} encoded, {counts['reused']} reused, "
           f"{counts['removed']} stale removed) in {OUT}/")

@@ -29,7 +29,7 @@ def test_two_ranks_see_different_data_and_save_rank0s_lora(tmp_path):
     (tmp_path / "params.yaml").write_text(PARAMS)
     p = params_lib.load(tmp_path / "params.yaml")
     cache.build(captions_for(tmp_path / "data/raw"), tmp_path / "data/raw", tmp_path / "cache", sd, p.model,
-                p.cache, sd.load_pipeline)
+                p.cache)
     out = tmp_path / "dump"
     out.mkdir()
     torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
@@ -63,7 +63,7 @@ def test_docker_run_trains_with_two_processes(tmp_path):
     (tmp_path / "params.yaml").write_text(PARAMS.replace("steps: 4", "steps: 2"))
     p = params_lib.load(tmp_path / "params.yaml")
     cache.build(captions_for(tmp_path / "data/raw"), tmp_path / "data/raw", tmp_path / "cache", sd, p.model,
-                p.cache, sd.load_pipeline)
+                p.cache)
     shutil.copytree(ROOT / "stages", tmp_path / "stages")
     done = subprocess.run([str(ROOT / "docker/run"), "train"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600, env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",

@@ -234,10 +234,10 @@ def test_cache_then_train_end_to_end(images, tmp_path):
     rows = [{"file": f.name, "sha256": io.sha256_file(f), "caption": c} for f, c in zip(files, CAPTIONS)]
     p = make_params(steps=3, batch_size=2, lr=1e-3, checkpoint_every=2, log_every=1)
     family = get("sd3")
-    counts = cache_lib.build(rows, raw, tmp_path / "cache", family, p.model, p.cache, family.load_pipeline)
+    counts = cache_lib.build(rows, raw, tmp_path / "cache", family, p.model, p.cache)
     assert counts["encoded"] == 2
     assert set(cache_lib.load(tmp_path / "cache")[0]) == {"latents", "prompt_embeds", "pooled_prompt_embeds"}
-    again = cache_lib.build(rows, raw, tmp_path / "cache", family, p.model, p.cache, family.load_pipeline)
+    again = cache_lib.build(rows, raw, tmp_path / "cache", family, p.model, p.cache)
     assert again["reused"] == 2 and again["encoded"] == 0
 
     run = loop.setup(p, tmp_path / "cache")

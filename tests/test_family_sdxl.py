@@ -147,7 +147,7 @@ def test_cache_build_and_training_loop_end_to_end(data, tmp_path):
     raw, rows = data
     params = make_params(steps=3)
     family = sdxl
-    counts = cache.build(rows, raw, tmp_path / "cache", family, params.model, params.cache, family.load_pipeline)
+    counts = cache.build(rows, raw, tmp_path / "cache", family, params.model, params.cache)
     assert counts["encoded"] == len(rows)
     assert set(cache.load(tmp_path / "cache")[0]) == {"latents", "time_ids", "prompt_embeds", "pooled_prompt_embeds"}
 
@@ -163,7 +163,7 @@ def test_cache_build_and_training_loop_end_to_end(data, tmp_path):
     assert sample(pipe).shape == (1, RES, RES, 3)
 
     # A second build re-encodes nothing.
-    again = cache.build(rows, raw, tmp_path / "cache", family, params.model, params.cache, family.load_pipeline)
+    again = cache.build(rows, raw, tmp_path / "cache", family, params.model, params.cache)
     assert again["encoded"] == 0 and again["reused"] == len(rows)
 
 

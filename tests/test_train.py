@@ -41,7 +41,7 @@ def workspace(tmp_path_factory):
     synthetic.generate(ws / "data/raw", 6, size=48)
     (ws / "params.yaml").write_text(PARAMS)
     p = params_lib.load(ws / "params.yaml")
-    cache.build(captions_for(ws / "data/raw"), ws / "data/raw", ws / "cache", sd, p.model, p.cache, sd.load_pipeline)
+    cache.build(captions_for(ws / "data/raw"), ws / "data/raw", ws / "cache", sd, p.model, p.cache)
     return ws
 
 
@@ -141,15 +141,15 @@ def test_cache_reencodes_exactly_what_changed(workspace, tmp_path):
     p = params_lib.load(ws / "params.yaml")
     rows = captions_for(ws / "data/raw")
     before = sorted(os.listdir(ws / "cache/items"))
-    same = cache.build(rows, ws / "data/raw", ws / "cache", sd, p.model, p.cache, sd.load_pipeline)
+    same = cache.build(rows, ws / "data/raw", ws / "cache", sd, p.model, p.cache)
     assert (same["encoded"], same["reused"]) == (0, len(rows))
     rows[1]["caption"] = "a different caption"
-    one = cache.build(rows, ws / "data/raw", ws / "cache", sd, p.model, p.cache, sd.load_pipeline)
+    one = cache.build(rows, ws / "data/raw", ws / "cache", sd, p.model, p.cache)
     assert (one["encoded"], one["removed"]) == (1, 1)
     after = sorted(os.listdir(ws / "cache/items"))
     assert len(set(before) - set(after)) == 1
     bigger = params_lib.parse({"model": {"id": "tiny", "resolution": 40}}).model
-    every = cache.build(rows, ws / "data/raw", ws / "cache", sd, bigger, p.cache, sd.load_pipeline)
+    every = cache.build(rows, ws / "data/raw", ws / "cache", sd, bigger, p.cache)
     assert every["encoded"] == len(rows)
 
 
@@ -164,7 +164,7 @@ def test_buckets_group_by_shape_and_a_small_bucket_makes_a_small_batch(tmp_path)
     p = params_lib.parse({"model": {"id": "tiny", "resolution": 32}, "train": {"batch_size": 2},
                           "cache": {"buckets": True, "bucket_step": 16}})
     rows = captions_for(raw)
-    cache.build(rows, raw, tmp_path / "cache", sd, p.model, p.cache, sd.load_pipeline)
+    cache.build(rows, raw, tmp_path / "cache", sd, p.model, p.cache)
     items = cache.load(tmp_path / "cache")
     shapes = {tuple(it["latents"].shape) for it in items}
     assert len(shapes) == 2  # a wide bucket and a tall one

@@ -63,7 +63,7 @@ def prepare(path, resolution: int, center_crop: bool, bucket_step: int | None = 
     return pixels, meta
 
 
-def build(rows, raw_dir, out_dir, family, model, cache, load_pipeline, device="cpu") -> dict:
+def build(rows, raw_dir, out_dir, family, model, cache, device="cpu") -> dict:
     """Bring `out_dir` up to date with `rows` (from captions.jsonl). Returns counts."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     items = out_dir / "items"
@@ -75,7 +75,7 @@ def build(rows, raw_dir, out_dir, family, model, cache, load_pipeline, device="c
     if todo:
         # Encoders only: the denoiser is not needed here (for SD3.5 Large it alone is 16 GB).
         dtype_load = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        pipe = load_pipeline(model, dtype_load, **{family.DENOISER_ATTR: None}).to(device)
+        pipe = family.load_pipeline(model, dtype_load, **{family.DENOISER_ATTR: None}).to(device)
         for start in tqdm(range(0, len(todo), cache.batch_size), desc="cache", unit="batch"):
             chunk = todo[start:start + cache.batch_size]
             step = cache.bucket_step if cache.buckets else None
