@@ -36,9 +36,12 @@ def tiny_quantized(module, dtype, quantization_config=None):
 
 
 def from_hub(model, cls, subfolder=None, **kwargs):
-    """`cls.from_pretrained` at the params' id and revision; a failure is one clear line."""
+    """`cls.from_pretrained` at the params' id and revision (a component's `subfolder`, or the
+    whole pipeline without one); a failure is one clear line."""
+    if subfolder is not None:
+        kwargs["subfolder"] = subfolder
     try:
-        return cls.from_pretrained(model.id, subfolder=subfolder, revision=model.revision, **kwargs)
+        return cls.from_pretrained(model.id, revision=model.revision, **kwargs)
     except (OSError, ValueError) as err:
         raise hub_error(model, err) from None
 

@@ -70,11 +70,8 @@ def load_pipeline(model, dtype=torch.float32, **components):
                      text_encoder=tiny_text_encoder().to(dtype), tokenizer=common.clip_tokenizer(),
                      scheduler=tiny_scheduler(model)) | components
         return PIPELINE(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    try:
-        pipe = PIPELINE.from_pretrained(model.id, revision=model.revision, torch_dtype=dtype,
-                                        safety_checker=None, requires_safety_checker=False, **components)
-    except (OSError, ValueError) as err:
-        raise common.hub_error(model, err) from None
+    pipe = common.from_hub(model, PIPELINE, torch_dtype=dtype, safety_checker=None,
+                           requires_safety_checker=False, **components)
     common.set_prediction_type(pipe.scheduler, model)
     return pipe
 

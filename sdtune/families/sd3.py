@@ -117,10 +117,7 @@ def load_pipeline(model, dtype=torch.float32, **components):
         # Cast only what we built: a passed-in component (maybe quantized) keeps its own dtype.
         parts = {k: v.to(dtype) if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
         return PIPELINE(**(parts | components))
-    try:
-        return PIPELINE.from_pretrained(model.id, revision=model.revision, torch_dtype=dtype, **components)
-    except (OSError, ValueError) as err:
-        raise common.hub_error(model, err) from None
+    return common.from_hub(model, PIPELINE, torch_dtype=dtype, **components)
 
 
 # ---- what the cache stores ----

@@ -117,11 +117,7 @@ def load_pipeline(model, dtype=torch.float32, **components):
                      tokenizer=common.clip_tokenizer(), tokenizer_2=common.clip_tokenizer(),
                      scheduler=tiny_sampling_scheduler(model)) | components
         return PIPELINE(**parts, force_zeros_for_empty_prompt=True, add_watermarker=False)
-    try:
-        pipe = PIPELINE.from_pretrained(model.id, revision=model.revision, torch_dtype=dtype,
-                                        add_watermarker=False, **components)
-    except (OSError, ValueError) as err:
-        raise common.hub_error(model, err) from None
+    pipe = common.from_hub(model, PIPELINE, torch_dtype=dtype, add_watermarker=False, **components)
     common.set_prediction_type(pipe.scheduler, model)
     return pipe
 
