@@ -73,7 +73,7 @@ def quiet_libraries() -> None:
     Called before torch/diffusers are imported, so the environment variables still count."""
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("torchao", "torch.utils._pytree", "diffusers", "transformers"):
+    for name in ("diffusers", "transformers"):  # sdtune/__init__.py already quiets the import-time ones
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.simplefilter("ignore", FutureWarning)  # deprecation notices meant for sdtune's developers
 
