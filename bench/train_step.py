@@ -157,7 +157,9 @@ class Bench:
             self.optimizer = optim.optimizer("adamw8bit", self.params, 1e-4, 1e-2, self.device)
         else:
             self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=1e-2)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        # On meta (FLOP counting) the scaler would read its inf flag with .item(); it changes no FLOPs.
+        self.scaler = torch.amp.GradScaler(self.device.type if self.device.type != "meta" else "cpu",
+                                           enabled=self.dtype == torch.float16 and self.device.type != "meta")
 
     def compile(self):
         a = self.args
