@@ -3,7 +3,8 @@ and what generation costs for each inference cell.
 
 Writes reports/profile.json (phase times, FLOPs, MFU, memory, cost per cell),
 reports/profile.md (the tables), reports/profile/ (phase and bar charts, Chrome traces
-of the baseline and of the fastest cell) and reports/profile_cells.json (DVC plots).
+of the baseline and of the fastest cell and, on CUDA, their allocator snapshots) and
+reports/profile_cells.json (DVC plots).
 """
 
 from pathlib import Path

@@ -74,6 +74,11 @@ def profile_cell(params, spec: dict, cache_dir, trace_path=None) -> dict:
     if trace_path is not None:
         step, names = iter(range(10_000, 20_000)), phases.PhaseTimer(device)  # names the phases in the trace
         phases.trace(lambda: loop.train_step(run, next(step), names), trace_path, steps=2, warmup=0)
+        # On CUDA, also the allocator's history of two steps (open it at https://pytorch.org/memory_viz);
+        # memory.snapshot does nothing on CPU.
+        with memory.snapshot(trace_path.with_name(f"memory-{spec['name']}.pickle"), device):
+            for _ in range(2):
+                loop.train_step(run, next(step))
     images = cell.train.batch_size * cell.train.grad_accum
     return {
         "name": spec["name"], "spec": spec, "device": str(device),
