@@ -55,3 +55,24 @@ def demo(tmp_path_factory):
     out = run(["make", "demo"], repo, timeout=1200)
     (repo / "demo.log").write_text(out.stdout + out.stderr)
     return repo
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory):
+    """A non-zero LoRA for the tiny SD1 model, written the way the train stage writes it."""
+    import torch  # here, not at the top: the offline variables above must be set before these imports
+
+    from sdtune import params as params_lib
+    from sdtune.families import sd
+    from sdtune.train import lora
+
+    unet = sd.tiny_unet()
+    cfg = params_lib.parse({"train": {"lora": {"rank": 4, "alpha": 4.0}}}).train.lora
+    lora.add(unet, cfg, sd.LORA_TARGETS)
+    g = torch.Generator().manual_seed(0)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+    out = tmp_path_factory.mktemp("lora")
+    sd.save_lora(out, lora.diffusers_state(unet), {"base_model": "tiny"})
+    return out

@@ -8,7 +8,6 @@ from sdtune.errors import UserError
 from sdtune.evaluate import generate, metrics
 from sdtune.evaluate.clip import load_clip
 from sdtune.families import common, sd
-from sdtune.train import lora
 
 MODEL = params_lib.parse({"model": {"id": "tiny", "resolution": 64}}).model
 PROMPTS, SEEDS = ["a red circle", "a blue square"], [0, 1]
@@ -16,21 +15,6 @@ PROMPTS, SEEDS = ["a red circle", "a blue square"], [0, 1]
 
 def images(pipe):
     return [img for _, _, img in generate.sample_all(pipe, PROMPTS, SEEDS, steps=3, guidance=7.5, size=64)]
-
-
-@pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory):
-    """A non-zero LoRA for the tiny SD1 model, written the way the train stage writes it."""
-    unet = sd.tiny_unet()
-    cfg = params_lib.parse({"train": {"lora": {"rank": 4, "alpha": 4.0}}}).train.lora
-    lora.add(unet, cfg, sd.LORA_TARGETS)
-    g = torch.Generator().manual_seed(0)
-    for name, p in unet.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=g) * 0.3
-    out = tmp_path_factory.mktemp("lora")
-    sd.save_lora(out, lora.diffusers_state(unet), {"base_model": "tiny"})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,108 @@
+"""The CUDA-only paths: bf16 training with fused AdamW, QLoRA on an NF4 base, the bitsandbytes and
+float8 variants, and the profile stage's trace and allocator snapshot.
+
+They skip on a machine without CUDA (CI has none); `bash bench/gpu.sh` runs them on a GPU first.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+
+from sdtune import io, params as params_lib, quantize
+from sdtune.data import cache, synthetic
+from sdtune.evaluate import generate
+from sdtune.families import sd
+from sdtune.profiling import run as prof
+from sdtune.train import lora, loop
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+MODEL = params_lib.parse({"model": {"id": "tiny", "resolution": 64}}).model
+
+
+def params(**train):
+    return params_lib.parse({
+        "base": {"seed": 3, "device": "cuda"}, "model": {"id": "tiny", "resolution": 32},
+        "train": {"steps": 4, "batch_size": 2, "wandb": "disabled", "mixed_precision": "bf16",
+                  "lr": 1.0e-3, "lora": {"rank": 4, "alpha": 4.0}, **train},
+        "profile": {"steps": 2, "warmup": 1}})
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("gpu")
+    synthetic.generate(ws / "raw", 4, size=48)
+    rows = [{"file": f.name, "sha256": io.sha256_file(f), "caption": f"a picture {i}"}
+            for i, f in enumerate(sorted((ws / "raw").glob("*.png")))]
+    p = params()
+    cache.build(rows, ws / "raw", ws / "cache", sd, p.model, p.cache)
+    return ws / "cache"
+
+
+def setup(p, cache_dir):
+    AcceleratorState._reset_state(reset_partial_state=True)  # one accelerate state per process
+    return loop.setup(p, cache_dir)
+
+
+def assert_trains(run):
+    """Two steps: finite losses, and the LoRA weights moved."""
+    model = run.accelerator.unwrap_model(run.denoiser)
+    before = {k: v.clone() for k, v in lora.peft_state(model).items()}
+    losses = torch.stack([loop.train_step(run, s) for s in range(2)])
+    assert torch.isfinite(losses).all(), losses
+    after = lora.peft_state(model)
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+    assert all(v.device.type == "cuda" for v in after.values())
+
+
+def test_bf16_training_on_cuda_uses_fused_adamw(cache_dir):
+    run = setup(params(), cache_dir)
+    assert run.accelerator.device.type == "cuda" and run.accelerator.mixed_precision == "bf16"
+    assert run.optimizer.optimizer.defaults["fused"] is True
+    assert_trains(run)
+
+
+def test_qlora_trains_lora_on_an_nf4_base(cache_dir):
+    import bitsandbytes as bnb
+
+    run = setup(params(qlora=True), cache_dir)
+    model = run.accelerator.unwrap_model(run.denoiser)
+    nf4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert nf4 and {m.weight.quant_type for m in nf4} == {"nf4"}
+    assert not any(m.weight.requires_grad for m in nf4)  # frozen base; only LoRA trains
+    assert_trains(run)
+
+
+def images(pipe):
+    return [np.asarray(img, dtype=np.int16) for _, _, img in
+            generate.sample_all(pipe, ["a red circle", "a blue square"], [0, 1], steps=3, guidance=7.5, size=64)]
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8", "float8wo"])
+def test_cuda_variants_are_smaller_reload_and_render_the_same_image_twice(method, lora_dir, tmp_path):
+    if method == "float8wo":
+        pytest.importorskip("torchao")
+    out = tmp_path / method
+    row = quantize.make_variant(sd, MODEL, lora_dir, method, "fused", out)
+    assert row["memory_bytes"] < quantize.tensor_bytes(sd.tiny_unet())
+    device = torch.device("cuda")
+    first = images(generate.pipeline(sd, MODEL, device, variant_dir=out, method=method))
+    again = images(generate.pipeline(sd, MODEL, device, variant_dir=out, method=method))
+    # Same seed, same image: allow one level of rounding where a GPU kernel's reduction order varies.
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(first, again))
+    assert all(a.std() > 0 for a in first)  # pictures, not a constant fill
+
+
+def test_profile_cell_on_cuda_writes_a_gpu_trace_and_an_allocator_snapshot(cache_dir, tmp_path):
+    trace = tmp_path / "trace-baseline.json"
+    cell = prof.profile_cell(params(), {"name": "baseline"}, cache_dir, trace)
+    assert cell["device"].startswith("cuda") and 0 < cell["mfu"] <= 1
+    assert cell["peak_source"].startswith(("datasheet:", "measured"))
+    assert cell["memory"]["peak_bytes"] > 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("cat") == "kernel" for e in events)  # GPU kernels, not only host ops
+    snapshot = tmp_path / "memory-baseline.pickle"
+    assert snapshot.stat().st_size > 0
