@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU benchmark matrix in one go, for one H100/H200, in about 8 minutes:
+# The GPU tests and benchmark matrix in one go, for one H100/H200, in about 8 minutes:
 #
-#   bash bench/gpu.sh            # results in $OUT (default ./bench-out): bench.json, bench.md, runs/
+#   bash bench/gpu.sh            # results in $OUT (default ./bench-out): bench.json, bench.md, runs/,
+#                                # gpu-tests.txt (tests/test_gpu.py), versions.txt, nvidia-smi.txt
 #
 # Each run is its own process under its own `timeout`, so a hang or an OOM costs that run only.
 # Runs go in order of importance (the four targets first) and one that no longer fits the overall
@@ -20,35 +21,46 @@ start=$SECONDS
 # CPU smoke test of this script.
 read -r -a EXTRA <<<"${BENCH_EXTRA:-}"
 
-# Wheels for what the box may lack or have too old (diffusers, bitsandbytes): each is installed
-# unless that very version is there, without deps or an index, since the box has no network.
+PY=${PYTHON:-python3}
+
+# Wheels for what the box lacks (diffusers, bitsandbytes, torchao, pydantic, ruamel.yaml): installed
+# into a folder of their own, without deps or an index (the box has no network), and put first on
+# the path so they win over any other version there. sdtune itself runs from the checkout.
 install() {
-    local whl dist version
     shopt -s nullglob
-    for whl in bench/wheels/*.whl; do
-        dist=$(basename "$whl" | cut -d- -f1)
-        version=$(basename "$whl" | cut -d- -f2)
-        if python -m pip show "$dist" 2>/dev/null | grep -qx "Version: $version"; then
-            echo "have $dist $version"
-        else
-            python -m pip install -q --no-index --no-deps "$whl"
-        fi
-    done
+    local wheels=(bench/wheels/*.whl)
     shopt -u nullglob
-    # No build isolation: it would try to download setuptools. Running from the checkout works too.
-    python -m pip install -q --no-deps --no-build-isolation -e . \
-        || echo "warning: editable install failed; running sdtune from the checkout"
+    if ((${#wheels[@]})); then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/sdtune-site "${wheels[@]}"
+        export PYTHONPATH=/tmp/sdtune-site:$PWD
+    else
+        export PYTHONPATH=$PWD
+    fi
 }
 [[ -n ${BENCH_SKIP_INSTALL:-} ]] || install
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
-if ! python -c "import torch, diffusers, peft, bitsandbytes; print('torch', torch.__version__, 'diffusers', \
+if ! "$PY" -c "import torch, diffusers, peft, bitsandbytes; print('torch', torch.__version__, 'diffusers', \
 diffusers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, \
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" >"$OUT/versions.txt" 2>&1; then
     cat "$OUT/versions.txt"
     echo "missing packages; put the wheels the box lacks in bench/wheels/ (see docs/benchmarks.md)"
     exit 1
 fi
+# The matmul ceiling this card reaches (the datasheet peak is the MFU denominator; this is what real
+# GEMMs get).
+"$PY" -c "import torch; from sdtune.profiling import hardware; \
+print('bf16 matmul ceiling (8192^3, best of 5): %.0f TFLOP/s' % hardware.measured_matmul_tflops( \
+'cuda' if torch.cuda.is_available() else 'cpu', torch.bfloat16))" >>"$OUT/versions.txt" 2>&1 || true
 cat "$OUT/versions.txt"
+
+# The CUDA-only tests (QLoRA, fused AdamW, bitsandbytes/float8 variants, trace and snapshot) first:
+# they are quick, and they say whether the code paths the benchmark times work at all.
+if [[ -z ${BENCH_SKIP_TESTS:-} ]]; then
+    echo "== tests/test_gpu.py"
+    timeout --kill-after=10 "${BENCH_TESTS_TIMEOUT_S:-150}" "$PY" -m pytest -q -p no:cacheprovider -rs \
+        tests/test_gpu.py >"$OUT/gpu-tests.txt" 2>&1 || true
+    tail -n 5 "$OUT/gpu-tests.txt"
+fi
 results=()
 
 stub() {  # NAME MESSAGE: a result file that says why there are no numbers
@@ -72,7 +84,7 @@ run() {
     fi
     echo "== $name (timeout ${limit}s, ${left}s left)"
     rc=0
-    timeout --kill-after=10 "$limit" python -m bench.train_step --name "$name" --json "$RUNS/$name.json" "$@" "${EXTRA[@]}" \
+    timeout --kill-after=10 "$limit" "$PY" -m bench.train_step --name "$name" --json "$RUNS/$name.json" "$@" "${EXTRA[@]}" \
         >"$RUNS/$name.log" 2>&1 || rc=$?
     if ((rc == 0)); then
         tail -n 1 "$RUNS/$name.log"
@@ -90,27 +102,32 @@ STEPS=(--steps 10 --warmup 3)
 # Compiled runs need more warm-up: the first steps compile forward, backward and recompile once.
 CSTEPS=(--steps 10 --warmup 5)
 
-# The four targets first, each with the eager run it is compared with.
+# The four targets first, eager (each then has a number even if time runs out), then the diffusers
+# example's way for the speedup column, then the compiled runs, then one change at a time.
 run sd15-bs16-bf16 90 "${SD15[@]}" --bs 16 --precision bf16 "${STEPS[@]}"
-run sd15-bs16-bf16-compile 200 "${SD15[@]}" --bs 16 --precision bf16 --compile "${CSTEPS[@]}"
 run sd15-bs1-bf16 60 "${SD15[@]}" --bs 1 --precision bf16 "${STEPS[@]}"
-run sd15-bs1-bf16-compile-cudagraphs 200 "${SD15[@]}" --bs 1 --precision bf16 --compile \
-    --compile-mode reduce-overhead "${CSTEPS[@]}"
 run sd35m-bs3-bf16 90 --arch sd35m --res 1024 --bs 3 --precision bf16 "${STEPS[@]}"
-run sd35m-bs3-bf16-compile 180 --arch sd35m --res 1024 --bs 3 --precision bf16 --compile "${CSTEPS[@]}"
 run sd35l-bs1-nf4-ckpt 120 --arch sd35l --res 1024 --bs 1 --precision bf16 --nf4 --checkpointing \
     --steps 5 --warmup 2
-# The diffusers-example way, for the speedup column.
 run sd15-bs16-baseline 90 "${SD15[@]}" --bs 16 --baseline "${STEPS[@]}"
 run sd15-bs1-baseline 60 "${SD15[@]}" --bs 1 --baseline "${STEPS[@]}"
+run sd15-bs1-bf16-compile-cudagraphs 200 "${SD15[@]}" --bs 1 --precision bf16 --compile \
+    --compile-mode reduce-overhead "${CSTEPS[@]}"
+run sd15-bs16-bf16-compile 200 "${SD15[@]}" --bs 16 --precision bf16 --compile "${CSTEPS[@]}"
+run sd35m-bs3-bf16-compile 180 --arch sd35m --res 1024 --bs 3 --precision bf16 --compile "${CSTEPS[@]}"
 # The rest of the SD1.5 matrix: one change at a time from sd15-bs16-bf16.
-run sd15-bs16-fp32 90 "${SD15[@]}" --bs 16 --precision fp32 "${STEPS[@]}"
+run sd15-bs16-bf16-channels-last 60 "${SD15[@]}" --bs 16 --precision bf16 --channels-last "${STEPS[@]}"
 run sd15-bs16-bf16-ckpt 60 "${SD15[@]}" --bs 16 --precision bf16 --checkpointing "${STEPS[@]}"
 run sd15-bs16-bf16-adamw8bit 60 "${SD15[@]}" --bs 16 --precision bf16 --optimizer adamw8bit "${STEPS[@]}"
-run sd15-bs16-bf16-channels-last 60 "${SD15[@]}" --bs 16 --precision bf16 --channels-last "${STEPS[@]}"
 run sd15-bs16-bf16-math-attn 60 "${SD15[@]}" --bs 16 --precision bf16 --attention math "${STEPS[@]}"
+run sd15-bs16-fp32 90 "${SD15[@]}" --bs 16 --precision fp32 "${STEPS[@]}"
 run sd15-bs1-fp32 60 "${SD15[@]}" --bs 1 --precision fp32 "${STEPS[@]}"
 run sd35l-bs1-nf4 120 --arch sd35l --res 1024 --bs 1 --precision bf16 --nf4 --steps 5 --warmup 2
 
-python -m bench.table "${results[@]}" --json "$OUT/bench.json" --md "$OUT/bench.md"
+"$PY" -m bench.table "${results[@]}" --json "$OUT/bench.json" --md "$OUT/bench.md"
+# BENCH_PACK=1 (the device call sets it): the per-run logs and JSON as one tarball, since only a
+# few files come back from such a machine.
+if [[ -n ${BENCH_PACK:-} ]]; then
+    tar -czf "$OUT/runs.tar.gz" -C "$OUT" runs && rm -rf "$RUNS"
+fi
 echo "total $((SECONDS - start))s; results in $OUT"
