@@ -10,9 +10,14 @@ from sdtune.io import atomic_path
 
 
 def reset_peak(device) -> None:
-    """Start a fresh CUDA peak. CPU peak RSS is a process lifetime maximum and cannot be reset."""
+    """Start a fresh CUDA peak. CPU peak RSS is a process lifetime maximum and cannot be reset.
+
+    The allocator's cache is emptied first, so the reserved peak too is that of what follows
+    (a FLOP count without checkpointing, say, would otherwise leave its blocks reserved).
+    """
     device = torch.device(device)
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
