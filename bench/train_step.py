@@ -29,8 +29,8 @@ from sdtune.profiling.phases import PhaseTimer, sync
 from sdtune.train import lora, optim
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
+BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
 def parse(argv=None):
@@ -51,8 +51,9 @@ def parse(argv=None):
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--nf4", action="store_true", help="NF4 base weights via bitsandbytes (QLoRA); CUDA only")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "math"],
-                   help="sdpa: let torch pick the fused kernel; math: the unfused reference")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", *BACKENDS],
+                   help="sdpa: let torch pick the fused kernel; math: the unfused reference; "
+                        "flash, efficient, cudnn: that SDPA kernel only")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--baseline", action="store_true", help="the diffusers-example way (see above)")
     p.add_argument("--steps", type=int, default=20, help="measured steps")
@@ -93,7 +94,7 @@ def label(args) -> str:
         parts.append("compile" + ("" if args.compile_mode == "default" else f"-{args.compile_mode}"))
     for flag, text in [(args.checkpointing, "ckpt"), (args.nf4, "nf4"), (args.tf32, "tf32"),
                        (args.channels_last, "channels-last"), (args.optimizer == "adamw8bit", "adamw8bit"),
-                       (args.attention == "math", "math-attn")]:
+                       (args.attention != "sdpa", f"{args.attention}-attn")]:
         if flag:
             parts.append(text)
     return " ".join(parts)
@@ -172,7 +173,8 @@ class Bench:
                     m.compile(mode=mode)
 
     def _attention(self):
-        return sdpa_kernel(SDPBackend.MATH) if self.args.attention == "math" else contextlib.nullcontext()
+        choice = self.args.attention
+        return sdpa_kernel(BACKENDS[choice]) if choice in BACKENDS else contextlib.nullcontext()
 
     def _noised(self, x):
         """(noisy latents, timesteps, target) for the arch's objective, all made on the device."""
