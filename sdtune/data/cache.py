@@ -63,6 +63,23 @@ def prepare(path, resolution: int, center_crop: bool, bucket_step: int | None = 
     return pixels, meta
 
 
+def load_encoders(family, model, device):
+    """The pipeline without its denoiser (for SD3.5 Large that alone is 16 GB): VAE, tokenizers
+    and text encoders, bf16 on CUDA and float32 elsewhere."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return family.load_pipeline(model, dtype, **{family.DENOISER_ATTR: None}).to(device)
+
+
+def encode(family, pipe, prepared, captions, dtype, device) -> list[dict]:
+    """Encode same-size images (from `prepare`) and their captions: one dict of CPU tensors per item.
+    Only floating tensors take `dtype`; integer ones (SDXL's sizes and crops) stay exact."""
+    pixels = torch.stack([pix for pix, _ in prepared]).to(device)
+    tensors = family.encode_images(pipe, pixels, [meta for _, meta in prepared])
+    tensors |= family.encode_prompts(pipe, captions)
+    return [{name: t[j].detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+             for name, t in tensors.items()} for j in range(len(prepared))]
+
+
 def build(rows, raw_dir, out_dir, family, model, cache, device="cpu") -> dict:
     """Bring `out_dir` up to date with `rows` (from captions.jsonl). Returns counts."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
@@ -73,9 +90,7 @@ def build(rows, raw_dir, out_dir, family, model, cache, device="cpu") -> dict:
     dtype = DTYPES[cache.dtype]
 
     if todo:
-        # Encoders only: the denoiser is not needed here (for SD3.5 Large it alone is 16 GB).
-        dtype_load = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        pipe = family.load_pipeline(model, dtype_load, **{family.DENOISER_ATTR: None}).to(device)
+        pipe = load_encoders(family, model, device)
         for start in tqdm(range(0, len(todo), cache.batch_size), desc="cache", unit="batch"):
             chunk = todo[start:start + cache.batch_size]
             step = cache.bucket_step if cache.buckets else None
@@ -83,14 +98,10 @@ def build(rows, raw_dir, out_dir, family, model, cache, device="cpu") -> dict:
             # One encoder call per image size (buckets differ in size; squares are one group).
             for size in dict.fromkeys(p.shape for p, _ in prepared):
                 group = [i for i, (p, _) in enumerate(prepared) if p.shape == size]
-                pixels = torch.stack([prepared[i][0] for i in group]).to(device)
-                tensors = family.encode_images(pipe, pixels, [prepared[i][1] for i in group])
-                tensors |= family.encode_prompts(pipe, [chunk[i][0]["caption"] for i in group])
-                for j, i in enumerate(group):
+                encoded = encode(family, pipe, [prepared[i] for i in group],
+                                 [chunk[i][0]["caption"] for i in group], dtype, device)
+                for i, one in zip(group, encoded):
                     row, key = chunk[i]
-                    # Only floating tensors take the cache dtype; integer ones (sizes, ids) stay exact.
-                    one = {name: t[j].detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
-                           for name, t in tensors.items()}
                     with io.atomic_path(items / f"{key}.safetensors") as tmp:
                         save_file(one, str(tmp), metadata={"file": row["file"]})
         del pipe
