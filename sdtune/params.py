@@ -140,7 +140,8 @@ class Profile(Section):
     warmup: int = Field(2, ge=0)  # steps run first and not measured (allocation, autotuning)
     machine_type: str = "g2-standard-8"
     usd_per_hour: float | None = Field(None, gt=0)  # None: the price table's on-demand price
-    # The optimization matrix: each cell is a name plus the train keys it changes.
+    # The optimization matrix: each cell is a name plus the train keys it changes, and optionally
+    # latents: on_the_fly (read, resize and encode the images every step instead of reading the cache).
     matrix: list[dict] = [{"name": "baseline"}]
     # Generation cells: a name plus dtype, attention, channels_last, compile, lora (see profiling/inference.py).
     inference: list[dict] = [{"name": "fp32"}]

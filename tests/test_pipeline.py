@@ -106,3 +106,9 @@ def test_report_is_generated_from_the_numbers(demo):
     evals = json.loads((demo / "reports/eval.json").read_text())
     assert f"{evals['int8wo-fused']['psnr_to_lora']:.1f} dB" in text
     assert "## What helped, what did not" in text and "`checkpointing`" in text
+    # The on-the-fly cell is the way without the cache: its sentence is about what the cache bought.
+    cells = json.loads((demo / "reports/profile.json").read_text())["cells"]
+    fly, base = cells["on-the-fly"], cells["baseline"]
+    assert fly["phases"]["phases"]["encode"]["median_ms"] > 0
+    assert (f"and ran {fly['step_ms'] / base['step_ms']:.2f}× the speed of `on-the-fly`" in text
+            and f"({fly['step_ms']:.1f} vs {base['step_ms']:.1f} ms/step" in text)

@@ -210,3 +210,64 @@ def test_cost():
     assert cost.hourly_price("g2-standard-8") == pytest.approx(0.85)
     with pytest.raises(UserError, match="g2-standard-8"):
         cost.hourly_price("n1-nonexistent")
+
+
+@pytest.fixture(scope="module")
+def train_workspace(tmp_path_factory):
+    """data/raw and a built cache for the tiny SD1 model, as the profile stage finds them."""
+    from sdtune import io, params as params_lib
+    from sdtune.data import cache, synthetic
+    from sdtune.families import sd
+
+    ws = tmp_path_factory.mktemp("profile")
+    raw = ws / "data/raw"
+    synthetic.generate(raw, 4, size=48)
+    rows = [{"file": f.name, "sha256": io.sha256_file(f), "caption": f"a picture {i}"}
+            for i, f in enumerate(sorted(raw.glob("*.png")))]
+    p = params_lib.parse({"base": {"seed": 1, "device": "cpu"}, "model": {"id": "tiny", "resolution": 32},
+                          "train": {"batch_size": 2, "wandb": "disabled", "lora": {"rank": 4, "alpha": 4.0}},
+                          "profile": {"steps": 2, "warmup": 1, "usd_per_hour": 1.0}})
+    cache.build(rows, raw, ws / "cache", sd, p.model, p.cache)
+    return ws, p
+
+
+def test_on_the_fly_cell_encodes_every_step_and_feeds_the_same_latents(train_workspace):
+    from sdtune.data import cache
+    from sdtune.profiling import run as prof
+
+    ws, p = train_workspace
+    torch.set_num_threads(1)
+    cached = prof.profile_cell(p, {"name": "cached"}, ws / "cache", raw_dir=ws / "data/raw")
+    fly = prof.profile_cell(p, {"name": "fly", "latents": "on_the_fly"}, ws / "cache", raw_dir=ws / "data/raw")
+    for name in ("decode", "encode"):
+        assert fly["phases"]["phases"][name]["median_ms"] > 0
+        assert name not in cached["phases"]["phases"]
+    assert fly["coverage"] >= 0.95
+    # The VAE and text encoder run inside the counted step, so it does more work than the cached one.
+    assert fly["flops_per_step"] > cached["flops_per_step"] > 0
+
+    # What the encoders make every step is what the cache holds: the cells differ in time only.
+    from accelerate.state import AcceleratorState
+    from sdtune.train import loop
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run = loop.setup(p, ws / "cache")
+    stored = list(run.items)
+    prof.OnTheFly(run, ws / "cache", ws / "data/raw")(0, loop.NullTimer())
+    fresh = loop.sample_indices(run, 0, 0)
+    assert len(fresh) == 2
+    for i in fresh:
+        assert run.items[i] is not stored[i] and run.items[i].keys() == stored[i].keys()
+        for k in stored[i]:
+            assert run.items[i][k].dtype == stored[i][k].dtype == cache.DTYPES[p.cache.dtype]
+            torch.testing.assert_close(run.items[i][k], stored[i][k], rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_latents_value_is_one_line(train_workspace):
+    from sdtune.profiling import run as prof
+
+    ws, p = train_workspace
+    with pytest.raises(UserError) as err:
+        prof.cell_params(p, {"name": "x", "latents": "onthefly"})
+    assert str(err.value) == ("params.yaml: profile.matrix.x.latents: expected one of cached, on_the_fly "
+                              "(got 'onthefly')")

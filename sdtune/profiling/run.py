@@ -6,10 +6,14 @@ what is measured is what `dvc repro` trains with.
 """
 
 import functools
+from pathlib import Path
 
 import torch
 from accelerate.state import AcceleratorState
 
+from sdtune import io
+from sdtune.data import cache as cache_lib
+from sdtune.errors import UserError
 from sdtune.params import Train, validate
 from sdtune.profiling import cost as cost_lib, flops, hardware, memory, phases
 from sdtune.train import loop
@@ -17,11 +21,49 @@ from sdtune.train import loop
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 
 
+# A cell's keys that are not train keys: "latents" says where each step's latents and text
+# embeddings come from, the cache (what `dvc repro` trains with) or encoded again every step.
+LATENTS = ("cached", "on_the_fly")
+
+
 def cell_params(params, cell: dict):
     """params with the cell's train overrides applied, validated like params.yaml itself."""
-    name, overrides = cell["name"], {k: v for k, v in cell.items() if k != "name"}
+    name = cell["name"]
+    overrides = {k: v for k, v in cell.items() if k not in ("name", "latents")}
+    if cell.get("latents", "cached") not in LATENTS:
+        raise UserError(f"params.yaml: profile.matrix.{name}.latents: expected one of {', '.join(LATENTS)} "
+                        f"(got {cell['latents']!r})")
     train = validate(Train, params.train.model_dump() | overrides, where=f"profile.matrix.{name}")
     return params.model_copy(update={"train": train})
+
+
+class OnTheFly:
+    """Each step's batch made the way diffusers' example scripts make it (their data loader runs
+    in the main process by default): read and resize the images, then the VAE and the text
+    encoders, every step. The fresh tensors replace the step's items before `loop.train_step`
+    reads them, so both cells run the same step and differ by exactly what the cache saves."""
+
+    def __init__(self, run, cache_dir, raw_dir):
+        p = run.params
+        self.run, self.raw_dir = run, Path(raw_dir)
+        self.rows = io.read_json(Path(cache_dir) / "index.json")["items"]  # in run.items' order
+        self.device = run.accelerator.device
+        self.pipe = cache_lib.load_encoders(run.family, p.model, self.device)
+        self.dtype = cache_lib.DTYPES[p.cache.dtype]
+        self.bucket_step = p.cache.bucket_step if p.cache.buckets else None
+
+    def __call__(self, step: int, timer) -> None:
+        run, model = self.run, self.run.params.model
+        for micro in range(run.params.train.grad_accum):
+            idx = loop.sample_indices(run, step, micro)
+            with timer.phase("decode"):
+                prepared = [cache_lib.prepare(self.raw_dir / self.rows[i]["file"], model.resolution,
+                                              run.params.cache.center_crop, self.bucket_step) for i in idx]
+            with timer.phase("encode"), torch.no_grad():
+                fresh = cache_lib.encode(run.family, self.pipe, prepared, [self.rows[i]["caption"] for i in idx],
+                                         self.dtype, self.device)
+            for i, item in zip(idx, fresh):
+                run.items[i] = item
 
 
 @functools.cache
@@ -30,55 +72,63 @@ def peak_of(device: str, dtype) -> tuple[float, str]:
     return hardware.peak_tflops(device, dtype)
 
 
-def model_flops(run, step: int) -> int:
-    """FLOPs of one step, without the forward recomputed by gradient checkpointing: MFU counts
-    the model's work, so recomputation lowers MFU instead of inflating it."""
+def model_flops(run, step_fn, step: int) -> int:
+    """FLOPs of one step (encoding included when it runs every step), without the forward
+    recomputed by gradient checkpointing: MFU counts the model's work, so recomputation lowers
+    MFU instead of inflating it."""
     model = run.accelerator.unwrap_model(run.denoiser)
     recompute = model.is_gradient_checkpointing
     if recompute:
         model.disable_gradient_checkpointing()
     try:
-        return flops.count_flops(loop.train_step, run, step)
+        return flops.count_flops(step_fn, step)
     finally:
         if recompute:
             model.enable_gradient_checkpointing()
 
 
-def measure(run, steps: int, warmup: int) -> dict:
+def measure(run, step_fn, steps: int, warmup: int) -> dict:
     device = run.accelerator.device
     timer = phases.PhaseTimer(device, enabled=True, warmup=warmup)
     for i in range(warmup + steps):
         timer.step_begin()
-        loss = loop.train_step(run, i, timer)
+        loss = step_fn(i, timer)
         with timer.phase("logging"):
             loss.item()  # the host sync the loop does once per log interval
         timer.step_end()
     return timer.summary()
 
 
-def profile_cell(params, spec: dict, cache_dir, trace_path=None) -> dict:
+def profile_cell(params, spec: dict, cache_dir, trace_path=None, raw_dir="data/raw") -> dict:
     p = params.profile
     cell = cell_params(params, spec)
     # Each cell may ask for another precision; accelerate keeps one state per process.
     AcceleratorState._reset_state(reset_partial_state=True)
     run = loop.setup(cell, cache_dir)
+    fly = OnTheFly(run, cache_dir, raw_dir) if spec.get("latents") == "on_the_fly" else None
+
+    def step_fn(i, timer=loop.NullTimer()):
+        if fly is not None:
+            fly(i, timer)
+        return loop.train_step(run, i, timer)
+
     device = run.accelerator.device
     memory.reset_peak(device)
-    summary = measure(run, p.steps, p.warmup)
+    summary = measure(run, step_fn, p.steps, p.warmup)
     step_s = summary["step_median_ms"] / 1e3
-    n_flops = model_flops(run, p.warmup + p.steps)
+    n_flops = model_flops(run, step_fn, p.warmup + p.steps)
     peak, peak_source = peak_of(str(device), DTYPES[run.accelerator.mixed_precision])
     peak_mem = memory.peak_memory(device)
     parts = memory.breakdown(run.accelerator.unwrap_model(run.denoiser), run.optimizer)
     usd = p.usd_per_hour or cost_lib.hourly_price(p.machine_type)
     if trace_path is not None:
         step, names = iter(range(10_000, 20_000)), phases.PhaseTimer(device)  # names the phases in the trace
-        phases.trace(lambda: loop.train_step(run, next(step), names), trace_path, steps=2, warmup=0)
+        phases.trace(lambda: step_fn(next(step), names), trace_path, steps=2, warmup=0)
         # On CUDA, also the allocator's history of two steps (open it at https://pytorch.org/memory_viz);
         # memory.snapshot does nothing on CPU.
         with memory.snapshot(trace_path.with_name(f"memory-{spec['name']}.pickle"), device):
             for _ in range(2):
-                loop.train_step(run, next(step))
+                step_fn(next(step))
     images = cell.train.batch_size * cell.train.grad_accum
     return {
         "name": spec["name"], "spec": spec, "device": str(device),
