@@ -59,12 +59,12 @@ def findings(evals: dict, profile: dict) -> list[str]:
             # Here the cell is the way without the optimization, so the sentence is about the cache,
             # against the cell with the same train keys that reads the cache (else the first cell).
             ref = _same_but_cached(cell, cells) or base
-            speed = ref["step_ms"] / cell["step_ms"]
+            gain = cell["step_ms"] / ref["step_ms"]
             ph = cell["phases"]["phases"]
             encode_ms = sum(ph.get(n, {}).get("median_ms", 0.0) for n in ("decode", "encode"))
-            verdict = "helped" if speed < 0.95 else "did not help" if speed > 1.05 else "made no real difference"
+            verdict = "helped" if gain > 1.05 else "did not help" if gain < 0.95 else "made no real difference"
             lines.append(f"- Caching latents and text embeddings {verdict}: `{ref['name']}` reads the cache "
-                         f"and ran {1 / speed:.2f}× the speed of `{cell['name']}`, which reads, resizes and "
+                         f"and ran {gain:.2f}× the speed of `{cell['name']}`, which reads, resizes and "
                          f"encodes its images every step ({cell['step_ms']:.1f} vs {ref['step_ms']:.1f} ms/step; "
                          f"{encode_ms:.1f} ms of it decoding and encoding).")
             continue
