@@ -2,9 +2,10 @@
 and what generation costs for each inference cell.
 
 Writes reports/profile.json (phase times, FLOPs, MFU, memory, cost per cell),
-reports/profile.md (the tables), reports/profile/ (phase and bar charts, Chrome traces
-of the baseline and of the fastest cell and, on CUDA, their allocator snapshots) and
-reports/profile_cells.json (DVC plots).
+reports/profile.md (the tables), reports/profile/ (phase and bar charts),
+reports/profile_cells.json (DVC plots) and reports/traces/ (Chrome traces of the baseline
+and of the fastest cell and, on CUDA, their allocator snapshots; kept apart from the plots,
+which DVC reads as data).
 """
 
 from pathlib import Path
@@ -15,7 +16,7 @@ from sdtune import io, params as params_lib, runtime
 from sdtune.errors import main_guard
 from sdtune.profiling import charts, inference, run as prof
 
-CACHE, LORA_DIR, OUT_DIR = "cache", "models/lora", Path("reports/profile")
+CACHE, LORA_DIR, OUT_DIR, TRACES = "cache", "models/lora", Path("reports/profile"), Path("reports/traces")
 REPORT, TABLE, PLOT = "reports/profile.json", "reports/profile.md", "reports/profile_cells.json"
 
 
@@ -40,15 +41,16 @@ def main():
     params = params_lib.load()
     p = params.profile
     with runtime.stage("profile"):
-        with io.atomic_path(OUT_DIR) as tmp:
+        with io.atomic_path(OUT_DIR) as tmp, io.atomic_path(TRACES) as traces:
             tmp.mkdir()
+            traces.mkdir()
             cells = []
             for i, spec in enumerate(tqdm(p.matrix, desc="profile", unit="cell")):
-                trace = tmp / f"trace-{spec['name']}.json" if p.trace and i == 0 else None
+                trace = traces / f"trace-{spec['name']}.json" if p.trace and i == 0 else None
                 cells.append(prof.profile_cell(params, spec, CACHE, trace))
             best = min(cells, key=lambda c: c["step_ms"])
             if p.trace and best is not cells[0]:  # the fastest cell's trace, to compare with the baseline's
-                prof.profile_cell(params, best["spec"], CACHE, tmp / f"trace-{best['name']}.json")
+                prof.profile_cell(params, best["spec"], CACHE, traces / f"trace-{best['name']}.json")
             charts.phase_chart({c["name"]: c["phases"] for c in cells}, tmp / "phases.png")
             charts.bar_chart(cells, "step_ms", tmp / "step_ms.png", "Training step time (ms, median)")
             charts.bar_chart(cells, "mfu", tmp / "mfu.png", "Model FLOPs utilisation")

@@ -58,7 +58,7 @@ def test_reports_hold_finite_numbers(demo):
     assert list(profile["inference"]) == ["fp32", "fp32-no-lora", "math-attention"]
     for cell in profile["inference"].values():
         assert cell["seconds_per_image"] > 0 and 0 < cell["mfu"] <= 1 and cell["flops_per_image"] > 0
-    trace = json.loads((demo / "reports/profile/trace-baseline.json").read_text())
+    trace = json.loads((demo / "reports/traces/trace-baseline.json").read_text())
     names = {e.get("name") for e in trace["traceEvents"]}
     assert {"forward", "backward", "optimizer"} <= names
 
