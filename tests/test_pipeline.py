@@ -112,3 +112,10 @@ def test_report_is_generated_from_the_numbers(demo):
     assert fly["phases"]["phases"]["encode"]["median_ms"] > 0
     assert (f"and ran {fly['step_ms'] / base['step_ms']:.2f}× the speed of `on-the-fly`" in text
             and f"({fly['step_ms']:.1f} vs {base['step_ms']:.1f} ms/step" in text)
+
+
+def test_dvc_plots_show_reads_every_declared_plot(demo):
+    # Plots folders hold only what DVC can render: images and tables (traces live in reports/traces).
+    out = run(["dvc", "plots", "show", "-o", str(demo / "plots-html")], demo)
+    assert "failed to load" not in (out.stdout + out.stderr).lower(), out.stderr
+    assert (demo / "plots-html/index.html").stat().st_size > 0
