@@ -177,10 +177,6 @@ def generate(args) -> None:
     family = families.get(params.model.family)
     device = runtime.device(params_lib.Base(device=args.device or params.base.device))
     kwargs = variant_kwargs(args.variant, args.lora) if args.variant else {"lora_dir": args.lora}
-    if kwargs["lora_dir"] is not None:
-        from sdtune.families import common
-
-        common.lora_path(kwargs["lora_dir"])  # a missing LoRA fails before the model loads
     pipe = gen.pipeline(family, params.model, device, lora_scale=scale, **kwargs)
     tune(pipe, family, args.scheduler, args.channels_last, args.compile)
 

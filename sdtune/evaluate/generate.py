@@ -104,6 +104,8 @@ def _libraries_silent():
 def pipeline(family, model, device, *, lora_dir=None, variant_dir=None, method=None, lora_scale=1.0):
     """base: neither; base+LoRA: lora_dir; a quantized variant: variant_dir + method (+ lora_dir
     when its LoRA was kept as an adapter)."""
+    if lora_dir is not None:
+        common.lora_path(lora_dir)  # a missing LoRA fails before the model loads
     if variant_dir is not None:
         denoiser = quantize.load_variant(family, variant_dir, method)
         dtype = quantize.METHODS[method].dtype
