@@ -233,21 +233,16 @@ class Bench:
 
 
 def count_model_flops(bench) -> dict:
-    """FLOPs of one step as dispatched, and without the recompute of gradient checkpointing.
-
-    MFU is defined on the model's FLOPs, so recompute must not count: with checkpointing the step
-    is counted once more with it switched off (that step needs the memory checkpointing saves).
-    """
+    """FLOPs of one step as dispatched, and without the recompute of gradient checkpointing
+    (counted once more with it switched off; see flops.no_recompute)."""
     dispatched = flops.count_flops(bench.step)
     out = {"flops_per_step": dispatched, "flops_dispatched": dispatched}
     if bench.args.checkpointing:
-        bench.model.disable_gradient_checkpointing()
         try:
-            out["flops_per_step"] = flops.count_flops(bench.step)
+            with flops.no_recompute(bench.model):
+                out["flops_per_step"] = flops.count_flops(bench.step)
         except torch.OutOfMemoryError:
             out["flops_note"] = "out of memory without checkpointing: flops_per_step includes recompute"
-        finally:
-            bench.model.enable_gradient_checkpointing()
     return out
 
 

@@ -5,6 +5,8 @@ actually dispatched, which is what MFU is defined on. Elementwise ops, norms and
 update are not counted: they are memory-bound and small next to the GEMMs.
 """
 
+import contextlib
+
 import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
@@ -23,6 +25,23 @@ def _register_cpu_attention_flops():
 
 
 _register_cpu_attention_flops()
+
+
+@contextlib.contextmanager
+def no_recompute(model):
+    """Gradient checkpointing off inside the block (and back on after, if it was on).
+
+    MFU is defined on the model's FLOPs, so the forward recomputed by checkpointing must not count:
+    count a step inside this block. That step needs the memory checkpointing saves.
+    """
+    recompute = getattr(model, "is_gradient_checkpointing", False)
+    if recompute:
+        model.disable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if recompute:
+            model.enable_gradient_checkpointing()
 
 
 def count_flops(fn, *args, **kwargs) -> int:

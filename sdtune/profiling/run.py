@@ -74,17 +74,9 @@ def peak_of(device: str, dtype) -> tuple[float, str]:
 
 def model_flops(run, step_fn, step: int) -> int:
     """FLOPs of one step (encoding included when it runs every step), without the forward
-    recomputed by gradient checkpointing: MFU counts the model's work, so recomputation lowers
-    MFU instead of inflating it."""
-    model = run.accelerator.unwrap_model(run.denoiser)
-    recompute = model.is_gradient_checkpointing
-    if recompute:
-        model.disable_gradient_checkpointing()
-    try:
+    recomputed by gradient checkpointing: recomputation lowers MFU instead of inflating it."""
+    with flops.no_recompute(run.accelerator.unwrap_model(run.denoiser)):
         return flops.count_flops(step_fn, step)
-    finally:
-        if recompute:
-            model.enable_gradient_checkpointing()
 
 
 def measure(run, step_fn, steps: int, warmup: int) -> dict:
