@@ -4,20 +4,16 @@
 anything else is loaded with `from_pretrained` at a pinned revision.
 """
 
-from pathlib import Path
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-import torch
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+from sdtune.families import common
 
-TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "clip-tokenizer"
 TINY_IMAGE_SIZE = 32
 TINY_SEED = 0
 
 
 def _tiny() -> tuple[CLIPModel, CLIPProcessor]:
-    tokenizer = CLIPTokenizer(
-        str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77
-    )
+    tokenizer = common.clip_tokenizer()
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer),  # 514: the byte symbols, with and without </w>, plus bos/eos
@@ -37,8 +33,7 @@ def _tiny() -> tuple[CLIPModel, CLIPProcessor]:
         projection_dim=32,
     )
     # Seed inside a forked RNG: the same weights every call, without disturbing the caller's RNG.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
+    with common.seeded(TINY_SEED):
         model = CLIPModel(config)
     # The same resize/crop/normalisation as the real processor, only at the tiny model's size.
     image_processor = CLIPImageProcessor(

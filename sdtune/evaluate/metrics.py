@@ -22,6 +22,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.multimodal.clip_score import CLIPScore
 
 from sdtune.errors import UserError
+from sdtune.families import common
 from sdtune.profiling import phases
 
 PSNR_CAP_DB = 100.0  # identical images give inf dB, which JSON cannot hold; 100 dB means "identical"
@@ -168,8 +169,7 @@ def fid_kid(real, fake, extractor) -> tuple[float, float, float]:
         for batch in _batches(images):
             fid.update(batch.to(device), real=is_real)
             kid.update(batch.to(device), real=is_real)
-    with torch.random.fork_rng(devices=[]):  # KID samples subsets with torch.randperm
-        torch.manual_seed(0)
+    with common.seeded(0):  # KID samples subsets with torch.randperm
         kid_mean, kid_std = kid.compute()
     return float(fid.compute()), float(kid_mean), float(kid_std)
 
