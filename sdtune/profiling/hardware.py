@@ -5,6 +5,7 @@ elsewhere (CPU, an unknown GPU) it is a GEMM ceiling measured on the spot, which
 denominator than any nominal number for hardware we cannot look up.
 """
 
+import functools
 import re
 import time
 
@@ -73,14 +74,23 @@ def measured_matmul_tflops(device="cpu", dtype=torch.float32, n=None, repeats=No
     return 2 * n**3 * repeats / best / 1e12
 
 
+@functools.cache
+def _ceiling(device: str, dtype: torch.dtype) -> float:
+    return measured_matmul_tflops(device, dtype)
+
+
 def peak_tflops(device="cpu", dtype=torch.float32):
-    """(TFLOP/s, source): source is "datasheet:<name>" for a known GPU, else "measured"."""
+    """(TFLOP/s, source): source is "datasheet:<name>" for a known GPU, else "measured".
+
+    The measured ceiling is measured once per process, device and dtype, so every training and
+    inference cell of a profile is held to the same one.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         found = datasheet_peak(torch.cuda.get_device_name(device), dtype)
         if found:
             return float(found[0]), f"datasheet:{found[1]}"
-    return measured_matmul_tflops(device, dtype), "measured"
+    return _ceiling(str(device), dtype), "measured"
 
 
 def mfu(flops_per_step: int, step_seconds: float, peak: float) -> float:

@@ -5,7 +5,6 @@ checkpointing, LoRA rank, ...). A cell runs the real `train_step` of the trainin
 what is measured is what `dvc repro` trains with.
 """
 
-import functools
 from pathlib import Path
 
 import torch
@@ -66,12 +65,6 @@ class OnTheFly:
                 run.items[i] = item
 
 
-@functools.cache
-def peak_of(device: str, dtype) -> tuple[float, str]:
-    """Measured once per stage: on CPU every cell is then held to the same ceiling."""
-    return hardware.peak_tflops(device, dtype)
-
-
 def model_flops(run, step_fn, step: int) -> int:
     """FLOPs of one step (encoding included when it runs every step), without the forward
     recomputed by gradient checkpointing: recomputation lowers MFU instead of inflating it."""
@@ -109,7 +102,7 @@ def profile_cell(params, spec: dict, cache_dir, trace_path=None, raw_dir="data/r
     summary = measure(run, step_fn, p.steps, p.warmup)
     step_s = summary["step_median_ms"] / 1e3
     n_flops = model_flops(run, step_fn, p.warmup + p.steps)
-    peak, peak_source = peak_of(str(device), DTYPES[run.accelerator.mixed_precision])
+    peak, peak_source = hardware.peak_tflops(device, DTYPES[run.accelerator.mixed_precision])
     peak_mem = memory.peak_memory(device)
     parts = memory.breakdown(run.accelerator.unwrap_model(run.denoiser), run.optimizer)
     usd = p.usd_per_hour or cost_lib.hourly_price(p.machine_type)
