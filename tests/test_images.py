@@ -143,6 +143,18 @@ def test_duplicates_and_symlinks(raw, tmp_path):
     assert v["dangling.png"]["status"] == "skipped" and "broken symlink" in v["dangling.png"]["reason"]
 
 
+def test_symlink_loop_is_a_skipped_file_not_a_crash(raw):
+    noisy().save(raw / "a.png")
+    os.symlink("loop_b.png", raw / "loop_a.png")
+    os.symlink("loop_a.png", raw / "loop_b.png")
+    os.symlink("self.png", raw / "self.png")
+    v = by_file(check_folder(raw, min_side=8))
+    assert v["a.png"]["status"] == "kept"
+    for name in ("loop_a.png", "loop_b.png", "self.png"):
+        assert v[name]["status"] == "skipped" and "symlink loop" in v[name]["reason"]
+        assert v[name]["sha256"] is None
+
+
 def test_exif_rotation_swaps_the_size(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display

@@ -6,12 +6,12 @@ cache and the evaluation can open. A bad file becomes a verdict with a reason, n
 
 import contextlib
 import os
-import stat
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from sdtune.data.extract import link_problem
 from sdtune.errors import UserError
 from sdtune.io import sha256_file
 
@@ -148,17 +148,15 @@ def _is_sidecar_or_manifest(name: str) -> bool:
 
 def _check_one(raw_dir: Path, path: Path, verdict: dict, seen: dict, *, min_side, too_small, max_pixels):
     """Fill `verdict` in place; return the reason to skip, or None to keep."""
-    if path.is_symlink():
-        target = path.resolve()
-        if not target.is_relative_to(raw_dir.resolve()):
-            return f"symlink pointing outside the raw folder (-> {os.readlink(path)}); not followed"
-        if not target.exists():
-            return f"broken symlink (-> {os.readlink(path)})"
-    mode = path.stat().st_mode
-    if stat.S_ISDIR(mode):
+    problem = link_problem(path, raw_dir)
+    if problem == "outside":
+        return f"symlink pointing outside the raw folder (-> {os.readlink(path)}); not followed"
+    if problem in ("symlink loop", "broken symlink"):
+        return f"{problem} (-> {os.readlink(path)})"
+    if problem == "symlink to a folder":
         return "symlink to a folder; not followed"
-    if not stat.S_ISREG(mode):
-        return "not a regular file"
+    if problem:
+        return problem  # "not a regular file"
     if path.stat().st_size == 0:
         return "empty file (0 bytes)"
     verdict["sha256"] = sha256_file(path)

@@ -20,7 +20,6 @@ gdown retries Drive downloads itself; google-cloud-storage applies its own retry
 import os
 import re
 import shutil
-import stat
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import requests
 from tqdm import tqdm
 
 from sdtune.data import synthetic
-from sdtune.data.extract import archive_kind, extract, is_junk, is_utf8, safe_relpath
+from sdtune.data.extract import archive_kind, extract, is_junk, is_utf8, link_problem, safe_relpath
 from sdtune.errors import UserError
 from sdtune.io import atomic_path, sha256_file, sha256_text
 
@@ -179,21 +178,15 @@ def _skip_reason(src: Path, root: Path, rel: str) -> str | None:
         return "name is not valid UTF-8"
     if is_junk(rel):
         return "macOS/Windows metadata"
-    if src.is_symlink():
-        try:
-            target = src.resolve()
-        except (OSError, RuntimeError):
-            return "symlink loop"
-        if not target.is_relative_to(root):
-            return f"symlink to {target}, outside the source folder (not followed)"
-        if not target.exists():
-            return "broken symlink"
-        if target.is_dir():
-            return "symlink to a folder (not followed)"
-    mode = src.stat().st_mode  # the target's, for a symlink that stays inside
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        return "not a regular file (device, FIFO or socket)"
-    return None
+    problem = link_problem(src, root)
+    if problem == "outside":
+        return f"symlink to {src.resolve()}, outside the source folder (not followed)"
+    return _LINK_REASONS[problem] if problem else None
+
+
+_LINK_REASONS = {"symlink loop": "symlink loop", "broken symlink": "broken symlink",
+                 "symlink to a folder": "symlink to a folder (not followed)",
+                 "not a regular file": "not a regular file (device, FIFO or socket)"}
 
 
 # --- http(s) ----------------------------------------------------------------------------------
