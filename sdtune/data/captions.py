@@ -12,11 +12,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from sdtune.data.images import MAX_PIXELS, load_rgb
+from sdtune.data.images import MAX_PIXELS, SIDECARS, load_rgb
 from sdtune.errors import UserError
 from sdtune.io import atomic_path
 
-SIDECARS = (".txt", ".caption")  # first found wins
 TINY = "tiny"
 TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-captioner"
 
@@ -36,7 +35,8 @@ KINDS = {
 
 
 def read_sidecar(image_path, notes: list | None = None) -> str | None:
-    """The caption in `<stem>.txt` or `<stem>.caption` beside the image, whitespace collapsed.
+    """The caption in `<stem>.txt` or `<stem>.caption` (SIDECARS, first found wins) beside the image,
+    whitespace collapsed.
 
     An unreadable, non-UTF-8 or empty sidecar counts as none; why is appended to `notes`.
     """

@@ -16,7 +16,7 @@ from sdtune.errors import UserError
 from sdtune.io import sha256_file
 
 MAX_PIXELS = 178_956_970  # Pillow's own hard limit (2 x MAX_IMAGE_PIXELS)
-SIDECARS = (".txt", ".caption")
+SIDECARS = (".txt", ".caption")  # caption files beside an image; captions reads them in this order
 WHITE = (255, 255, 255)
 
 
