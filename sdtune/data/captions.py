@@ -169,11 +169,11 @@ def load_captioner(model_id: str, revision: str, *, seed: int = 0, device: str =
     import torch
     import transformers
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("base.device: 'cuda' asked for, but torch sees no CUDA device")
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    from sdtune import params as params_lib, runtime  # runtime imports torch: loaded only when captioning
+
+    chosen = runtime.device(params_lib.validate(params_lib.Base, {"device": device}, "base"))
+    dtype = torch.float16 if chosen.type == "cuda" else torch.float32
+    device = str(chosen)
     if model_id == TINY:
         model, processor, extra = _tiny(seed)
         model, kind = model.to(dtype), KINDS["blip"]
