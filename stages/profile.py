@@ -50,7 +50,7 @@ def main():
                 cells.append(prof.profile_cell(params, spec, CACHE, trace))
             best = min(cells, key=lambda c: c["step_ms"])
             if p.trace and best is not cells[0]:  # the fastest cell's trace, to compare with the baseline's
-                prof.profile_cell(params, best["spec"], CACHE, traces / f"trace-{best['name']}.json")
+                prof.trace_cell(params, best["spec"], CACHE, traces / f"trace-{best['name']}.json")
             charts.phase_chart({c["name"]: c["phases"] for c in cells}, tmp / "phases.png")
             charts.bar_chart(cells, "step_ms", tmp / "step_ms.png", "Training step time (ms, median)")
             charts.bar_chart(cells, "mfu", tmp / "mfu.png", "Model FLOPs utilisation")

@@ -271,3 +271,13 @@ def test_unknown_latents_value_is_one_line(train_workspace):
         prof.cell_params(p, {"name": "x", "latents": "onthefly"})
     assert str(err.value) == ("params.yaml: profile.matrix.x.latents: expected one of cached, on_the_fly "
                               "(got 'onthefly')")
+
+
+def test_trace_cell_writes_a_chrome_trace_of_the_cells_steps(train_workspace, tmp_path):
+    from sdtune.profiling import run as prof
+
+    ws, p = train_workspace
+    trace = tmp_path / "trace-fly.json"
+    prof.trace_cell(p, {"name": "fly", "latents": "on_the_fly"}, ws / "cache", trace, raw_dir=ws / "data/raw")
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {"step_0", "step_1", "encode", "forward", "backward"} <= names

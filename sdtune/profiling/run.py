@@ -84,8 +84,8 @@ def measure(run, step_fn, steps: int, warmup: int) -> dict:
     return timer.summary()
 
 
-def profile_cell(params, spec: dict, cache_dir, trace_path=None, raw_dir="data/raw") -> dict:
-    p = params.profile
+def _setup(params, spec: dict, cache_dir, raw_dir):
+    """(cell params, run, step_fn) for one matrix cell; step_fn(i, timer) runs training step i."""
     cell = cell_params(params, spec)
     # Each cell may ask for another precision; accelerate keeps one state per process.
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -97,6 +97,29 @@ def profile_cell(params, spec: dict, cache_dir, trace_path=None, raw_dir="data/r
             fly(i, timer)
         return loop.train_step(run, i, timer)
 
+    return cell, run, step_fn
+
+
+def _trace(run, step_fn, name: str, trace_path, warmup: int) -> None:
+    """A Chrome trace of two steps and, on CUDA, the allocator's history of two more (open it at
+    https://pytorch.org/memory_viz; memory.snapshot does nothing on CPU)."""
+    device = run.accelerator.device
+    step, names = iter(range(10_000, 20_000)), phases.PhaseTimer(device)  # names the phases in the trace
+    phases.trace(lambda: step_fn(next(step), names), trace_path, steps=2, warmup=warmup)
+    with memory.snapshot(trace_path.with_name(f"memory-{name}.pickle"), device):
+        for _ in range(2):
+            step_fn(next(step))
+
+
+def trace_cell(params, spec: dict, cache_dir, trace_path, raw_dir="data/raw") -> None:
+    """Only the trace and snapshot of one cell (the fastest, once the matrix has been measured)."""
+    _, run, step_fn = _setup(params, spec, cache_dir, raw_dir)
+    _trace(run, step_fn, spec["name"], trace_path, warmup=params.profile.warmup)
+
+
+def profile_cell(params, spec: dict, cache_dir, trace_path=None, raw_dir="data/raw") -> dict:
+    p = params.profile
+    cell, run, step_fn = _setup(params, spec, cache_dir, raw_dir)
     device = run.accelerator.device
     memory.reset_peak(device)
     summary = measure(run, step_fn, p.steps, p.warmup)
@@ -107,13 +130,7 @@ def profile_cell(params, spec: dict, cache_dir, trace_path=None, raw_dir="data/r
     parts = memory.breakdown(run.accelerator.unwrap_model(run.denoiser), run.optimizer)
     usd = p.usd_per_hour or cost_lib.hourly_price(p.machine_type)
     if trace_path is not None:
-        step, names = iter(range(10_000, 20_000)), phases.PhaseTimer(device)  # names the phases in the trace
-        phases.trace(lambda: step_fn(next(step), names), trace_path, steps=2, warmup=0)
-        # On CUDA, also the allocator's history of two steps (open it at https://pytorch.org/memory_viz);
-        # memory.snapshot does nothing on CPU.
-        with memory.snapshot(trace_path.with_name(f"memory-{spec['name']}.pickle"), device):
-            for _ in range(2):
-                step_fn(next(step))
+        _trace(run, step_fn, spec["name"], trace_path, warmup=0)  # already warm
     images = cell.train.batch_size * cell.train.grad_accum
     return {
         "name": spec["name"], "spec": spec, "device": str(device),
