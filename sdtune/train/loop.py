@@ -134,22 +134,26 @@ def epoch_batches(run: Run, epoch: int) -> list[list[int]]:
     return run.batches[epoch]
 
 
+def _global_batch(run: Run, step: int, micro: int) -> int:
+    """The global batch number of this process at (step, micro-batch):
+    (step * grad_accum + micro) * processes + rank."""
+    acc = run.accelerator
+    return (step * run.params.train.grad_accum + micro) * acc.num_processes + acc.process_index
+
+
 def sample_indices(run: Run, step: int, micro: int) -> list[int]:
     """Which cached items this process trains on at (step, micro-batch).
 
-    Global batch b = (step * grad_accum + micro) * processes + rank walks through the epochs'
-    batches in order, so ranks take different batches and a resumed run takes the same ones.
+    The global batch b (see _global_batch) walks through the epochs' batches in order, so
+    ranks take different batches and a resumed run takes the same ones.
     """
-    acc = run.accelerator
-    b = (step * run.params.train.grad_accum + micro) * acc.num_processes + acc.process_index
+    b = _global_batch(run, step, micro)
     per_epoch = len(epoch_batches(run, 0))
     return epoch_batches(run, b // per_epoch)[b % per_epoch]
 
 
 def step_generator(run: Run, step: int, micro: int) -> torch.Generator:
-    acc = run.accelerator
-    index = (step * run.params.train.grad_accum + micro) * acc.num_processes + acc.process_index
-    return torch.Generator().manual_seed(run.params.base.seed * 1_000_003 + index)
+    return torch.Generator().manual_seed(run.params.base.seed * 1_000_003 + _global_batch(run, step, micro))
 
 
 def train_step(run: Run, step: int, timer=NullTimer()) -> torch.Tensor:
