@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from sdtune.profiling.phases import sync
+
 # Dense TFLOP/s from NVIDIA datasheets. Ordered: the first regex that matches the upper-cased
 # torch.cuda.get_device_name() wins. fp32 is the non-tensor-core rate; tf32 applies when fp32
 # matmuls are allowed to use TF32 (see _tf32_enabled). NVL variants are left out on purpose:
@@ -47,13 +49,11 @@ def datasheet_peak(device_name: str, dtype: torch.dtype):
 
 
 def _matmul_seconds(a, b, repeats: int, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         torch.mm(a, b)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return time.perf_counter() - t0
 
 

@@ -144,7 +144,7 @@ def trace(step_fn, out_json, steps: int = 3, warmup: int = 1, record_shapes: boo
             with record_function(f"step_{i}"):
                 step_fn()
         if torch.cuda.is_available():
-            torch.cuda.synchronize()
+            sync("cuda")
     with atomic_path(Path(out_json)) as tmp:
         prof.export_chrome_trace(str(tmp))
     return prof
