@@ -11,13 +11,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from sdtune import families
+from sdtune.data import cache as cache_lib
 from sdtune.params import validate
 from sdtune.evaluate import generate, metrics
 from sdtune.profiling import flops, hardware, memory
 from sdtune.train.loop import attention
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class Cell(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -36,7 +34,7 @@ def parse_cell(raw: dict) -> Cell:
 def profile_cell(params, raw: dict, lora_dir, device, repeats: int = 3) -> dict:
     cell = parse_cell(raw)
     family = families.get(params.model.family)
-    pipe = family.load_pipeline(params.model, DTYPES[cell.dtype]).to(device)
+    pipe = family.load_pipeline(params.model, cache_lib.DTYPES[cell.dtype]).to(device)
     pipe.set_progress_bar_config(disable=True)
     if cell.lora:
         generate.add_lora(pipe, lora_dir)
@@ -55,7 +53,7 @@ def profile_cell(params, raw: dict, lora_dir, device, repeats: int = 3) -> dict:
     memory.reset_peak(device)
     timing = metrics.time_it(one, repeats=repeats, warmup=1, sync=device)
     n_flops = flops.count_flops(one)
-    peak, source = hardware.peak_tflops(device, DTYPES[cell.dtype])
+    peak, source = hardware.peak_tflops(device, cache_lib.DTYPES[cell.dtype])
     seconds = timing["median_s"]
     return {"name": cell.name, "cell": cell.model_dump(), "seconds_per_image": seconds,
             "denoiser_steps_per_second": e.steps / seconds, "flops_per_image": n_flops,
