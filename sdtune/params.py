@@ -13,6 +13,7 @@ from ruamel.yaml import YAML, YAMLError
 from sdtune.errors import UserError
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
+MAX_PIXELS = 178_956_970  # Pillow's own hard limit (2 x MAX_IMAGE_PIXELS); the images' default too
 
 
 class Section(BaseModel):
@@ -30,7 +31,7 @@ class Data(Section):
     sha256: str | None = None  # pin of the downloaded file (archive or single image)
     max_archive_bytes: int = Field(20 * 10**9, gt=0)
     max_archive_files: int = Field(100_000, gt=0)
-    max_pixels: int = Field(178_956_970, gt=0)  # Pillow's own bomb limit
+    max_pixels: int = Field(MAX_PIXELS, gt=0)  # every image read (checks, captions, cache) obeys it
     too_small: Literal["skip", "upscale"] = "upscale"
     retries: int = Field(4, ge=0)
 

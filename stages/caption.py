@@ -33,7 +33,7 @@ def main():
             for warning in row.pop("warnings", []):
                 print(f"caption: warning: {row['file']}: {warning}")
         io.write_jsonl(OUT, rows)
-        captions.contact_sheet(RAW, rows, SHEET)
+        captions.contact_sheet(RAW, rows, SHEET, max_pixels=params.data.max_pixels)
     note = f"; skipped {len(skipped)} (reasons in {REPORT})" if skipped else ""
     print(f"caption: kept {len(kept)} images{note}; captions in {OUT}, contact sheet {SHEET}")
 

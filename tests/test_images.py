@@ -114,6 +114,19 @@ def test_max_pixels_is_the_users_limit(raw):
     assert v["status"] == "kept"
 
 
+def test_max_pixels_reaches_every_later_read(raw, tmp_path):
+    from sdtune.data import cache
+    from sdtune.data.captions import contact_sheet
+
+    noisy((64, 48)).save(raw / "a.png")
+    with pytest.raises(BadImage, match="max_pixels 3,071"):
+        cache.prepare(raw / "a.png", 32, True, max_pixels=64 * 48 - 1)
+    assert cache.prepare(raw / "a.png", 32, True, max_pixels=64 * 48)[0].shape == (3, 32, 32)
+    rows = [{"file": "a.png", "caption": "a"}]
+    with pytest.raises(BadImage, match="max_pixels 3,071"):
+        contact_sheet(raw, rows, tmp_path / "sheet.png", max_pixels=64 * 48 - 1)
+
+
 def test_too_small_skip_or_upscale(raw):
     noisy((40, 20)).save(raw / "small.png")
     (v,) = check_folder(raw, min_side=32, too_small="skip")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from sdtune import io
-from sdtune.data.images import load_rgb
+from sdtune.data.images import MAX_PIXELS, load_rgb
 
 VERSION = 1  # bump when what an item holds changes
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -42,13 +42,15 @@ def bucket_size(width: int, height: int, resolution: int, step: int) -> tuple[in
     return w, h
 
 
-def prepare(path, resolution: int, center_crop: bool, bucket_step: int | None = None):
+def prepare(path, resolution: int, center_crop: bool, bucket_step: int | None = None, *,
+            max_pixels: int = MAX_PIXELS):
     """Resize to cover the target and crop it; pixels in [-1, 1].
 
     The target is a resolution² square, or with `bucket_step` the image's aspect-ratio bucket.
+    `max_pixels` is data.max_pixels, the limit the image checks kept the image under.
     Returns the tensor and the original size and crop offset (SDXL conditions on both).
     """
-    img = load_rgb(path)
+    img = load_rgb(path, max_pixels)
     w, h = img.size
     tw, th = bucket_size(w, h, resolution, bucket_step) if bucket_step else (resolution, resolution)
     scale = max(tw / w, th / h)
@@ -80,8 +82,9 @@ def encode(family, pipe, prepared, captions, dtype, device) -> list[dict]:
              for name, t in tensors.items()} for j in range(len(prepared))]
 
 
-def build(rows, raw_dir, out_dir, family, model, cache, device="cpu") -> dict:
-    """Bring `out_dir` up to date with `rows` (from captions.jsonl). Returns counts."""
+def build(rows, raw_dir, out_dir, family, model, cache, device="cpu", *, max_pixels: int = MAX_PIXELS) -> dict:
+    """Bring `out_dir` up to date with `rows` (from captions.jsonl). Returns counts.
+    `max_pixels` (data.max_pixels) only bounds reading the images: it is not part of the keys."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     items = out_dir / "items"
     items.mkdir(parents=True, exist_ok=True)
@@ -94,7 +97,8 @@ def build(rows, raw_dir, out_dir, family, model, cache, device="cpu") -> dict:
         for start in tqdm(range(0, len(todo), cache.batch_size), desc="cache", unit="batch"):
             chunk = todo[start:start + cache.batch_size]
             step = cache.bucket_step if cache.buckets else None
-            prepared = [prepare(raw_dir / r["file"], model.resolution, cache.center_crop, step) for r, _ in chunk]
+            prepared = [prepare(raw_dir / r["file"], model.resolution, cache.center_crop, step,
+                                max_pixels=max_pixels) for r, _ in chunk]
             # One encoder call per image size (buckets differ in size; squares are one group).
             for size in dict.fromkeys(p.shape for p, _ in prepared):
                 group = [i for i, (p, _) in enumerate(prepared) if p.shape == size]

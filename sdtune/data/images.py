@@ -14,8 +14,8 @@ from PIL import Image, ImageOps
 from sdtune.data.extract import link_problem
 from sdtune.errors import UserError
 from sdtune.io import sha256_file
+from sdtune.params import MAX_PIXELS  # data.max_pixels' default, defined once
 
-MAX_PIXELS = 178_956_970  # Pillow's own hard limit (2 x MAX_IMAGE_PIXELS)
 SIDECARS = (".txt", ".caption")  # caption files beside an image; captions reads them in this order
 WHITE = (255, 255, 255)
 
