@@ -48,13 +48,16 @@ def _same_but_cached(cell: dict, cells: list[dict]):
     return next((c for c in cells if c["spec"].get("latents", "cached") == "cached" and keys(c) == keys(cell)), None)
 
 
+def _verdict(speedup: float) -> str:
+    return "helped" if speedup > 1.05 else "did not help" if speedup < 0.95 else "made no real difference"
+
+
 def findings(evals: dict, profile: dict) -> list[str]:
     """Sentences from the measured numbers: what each optimization and each variant bought."""
     lines = []
     cells = list(profile["cells"].values())
     base = cells[0]
     for cell in cells[1:]:
-        speed = base["step_ms"] / cell["step_ms"]
         if cell["spec"].get("latents") == "on_the_fly":
             # Here the cell is the way without the optimization, so the sentence is about the cache,
             # against the cell with the same train keys that reads the cache (else the first cell).
@@ -62,14 +65,13 @@ def findings(evals: dict, profile: dict) -> list[str]:
             gain = cell["step_ms"] / ref["step_ms"]
             ph = cell["phases"]["phases"]
             encode_ms = sum(ph.get(n, {}).get("median_ms", 0.0) for n in ("decode", "encode"))
-            verdict = "helped" if gain > 1.05 else "did not help" if gain < 0.95 else "made no real difference"
-            lines.append(f"- Caching latents and text embeddings {verdict}: `{ref['name']}` reads the cache "
+            lines.append(f"- Caching latents and text embeddings {_verdict(gain)}: `{ref['name']}` reads the cache "
                          f"and ran {gain:.2f}× the speed of `{cell['name']}`, which reads, resizes and "
                          f"encodes its images every step ({cell['step_ms']:.1f} vs {ref['step_ms']:.1f} ms/step; "
                          f"{encode_ms:.1f} ms of it decoding and encoding).")
             continue
-        verdict = "helped" if speed > 1.05 else "did not help" if speed < 0.95 else "made no real difference"
-        lines.append(f"- `{cell['name']}` {verdict}: {speed:.2f}× the speed of `{base['name']}` "
+        speed = base["step_ms"] / cell["step_ms"]
+        lines.append(f"- `{cell['name']}` {_verdict(speed)}: {speed:.2f}× the speed of `{base['name']}` "
                      f"({cell['step_ms']:.1f} vs {base['step_ms']:.1f} ms/step), MFU {cell['mfu']:.1%} vs "
                      f"{base['mfu']:.1%}, peak memory {_pct(cell['memory']['peak_bytes'], base['memory']['peak_bytes'])}.")
     if "base" in evals and "lora" in evals:
