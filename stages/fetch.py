@@ -11,11 +11,10 @@ RAW, MANIFEST = "data/raw", "data/raw.manifest.json"
 def main():
     p = params_lib.load().data
     with runtime.stage("fetch"):
-        # Fetch into a temporary folder and swap it in: a failed fetch keeps the old data/raw.
+        # replace: fetch builds beside data/raw and swaps it in at the end; a failed fetch keeps the old one.
         skipped = []  # links leaving the source, special files, OS junk: never copied
-        with io.atomic_path(RAW) as tmp:
-            rows = sources.fetch(p.source, tmp, sha256=p.sha256, retries=p.retries, skipped=skipped,
-                                 max_archive_bytes=p.max_archive_bytes, max_archive_files=p.max_archive_files)
+        rows = sources.fetch(p.source, RAW, sha256=p.sha256, retries=p.retries, skipped=skipped, replace=True,
+                             max_archive_bytes=p.max_archive_bytes, max_archive_files=p.max_archive_files)
         io.write_json(MANIFEST, {"source": p.source, "files": rows, "skipped": skipped})
     note = f"; left out {len(skipped)} (reasons in {MANIFEST})" if skipped else ""
     print(f"fetch: {len(rows)} files from {p.source} into {RAW}/{note}")

@@ -103,6 +103,23 @@ def test_dest_must_be_empty_and_outside_the_source(tmp_path):
         fetch(str(src), src)
 
 
+def test_replace_swaps_a_finished_fetch_over_an_earlier_one(tmp_path, http_server):
+    dest = tmp_path / "raw"
+    fetch("synthetic://1", dest)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    http_server.routes["/down.zip"] = Route(b"x", fail_first=99)
+    with pytest.raises(UserError, match="download failed"):
+        fetch(http_server.url("/down.zip"), dest, retries=0, replace=True)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before  # a failed fetch keeps the old one
+    src = write_tree(tmp_path / "src", SET)
+    assert fetch(str(src), dest, replace=True) == rows_of(SET)
+    assert sorted(p.name for p in dest.iterdir()) == ["a painting.png", "a painting.txt", "ünï"]
+    assert leftovers(dest) == []
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(UserError, match="not an empty folder"):
+        fetch(str(src), tmp_path / "file", replace=True)
+
+
 def test_synthetic(tmp_path):
     rows = fetch("synthetic://4", tmp_path / "raw")
     assert [r["file"] for r in rows] == ["synthetic_000.png", "synthetic_000.txt", "synthetic_001.png",

@@ -52,8 +52,11 @@ class Options:
 
 def fetch(source: str, dest: Path, *, sha256: str | None = None, retries: int = 4,
           max_archive_bytes: int = 20 * 10**9, max_archive_files: int = 100_000,
-          skipped: list | None = None) -> list[dict]:
+          skipped: list | None = None, replace: bool = False) -> list[dict]:
     """Materialise `source` into the folder `dest` (absent or empty); see the module docstring.
+
+    With `replace`, `dest` may be a folder holding an earlier fetch: the new one is swapped in
+    only once it is complete, so a failed fetch leaves the old folder as it was.
 
     Returns manifest rows sorted by file: {"file": posix path inside dest, "sha256", "size"}.
     What was left out (symlinks leaving a local folder, special files, macOS junk) is appended
@@ -61,7 +64,7 @@ def fetch(source: str, dest: Path, *, sha256: str | None = None, retries: int = 
     Downloads are tried 1 + `retries` times.
     """
     dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+    if dest.exists() and (not dest.is_dir() or (not replace and any(dest.iterdir()))):
         raise UserError(f"{dest}: already exists and is not an empty folder; remove it to fetch again")
     pin = _parse_pin(sha256)
     get, ref = _resolve(source)
