@@ -11,7 +11,7 @@ import json
 import operator
 from pathlib import Path
 
-from sdtune.io import atomic_path
+from sdtune import io
 
 GIB = 2**30
 
@@ -86,12 +86,12 @@ def targets_table(judged) -> str:
     return "\n".join(lines)
 
 
-def render(rows) -> str:
+def render(rows, judged) -> str:
     devices = sorted({r["device_name"] for r in rows if _ok(r)})
     return "\n\n".join([
         f"Device: {', '.join(devices) or 'none'}. Step ms: median of synchronised steps after warm-up; "
         "pipelined ms: back-to-back steps, one sync at the end. MFU on model FLOPs (no recompute).",
-        results_table(rows), targets_table(judge(rows))]) + "\n"
+        results_table(rows), targets_table(judged)]) + "\n"
 
 
 def main(argv=None) -> str:
@@ -101,13 +101,12 @@ def main(argv=None) -> str:
     p.add_argument("--md", help="write the Markdown here")
     args = p.parse_args(argv)
     rows = load(args.paths)
-    md = render(rows)
+    judged = judge(rows)
+    md = render(rows, judged)
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps({"results": rows, "targets": judge(rows)}, indent=1) + "\n")
+        io.write_text(args.json, json.dumps({"results": rows, "targets": judged}, indent=1) + "\n")
     if args.md:
-        with atomic_path(args.md) as tmp:
-            tmp.write_text(md)
+        io.write_text(args.md, md)
     print(md, end="")
     return md
 

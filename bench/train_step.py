@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench import archs
-from sdtune.io import atomic_path
+from sdtune import io
 from sdtune.profiling import flops, hardware, memory
 from sdtune.profiling.phases import PhaseTimer, sync
 from sdtune.train import lora, optim
@@ -325,8 +325,7 @@ def main(argv=None) -> dict:
     args = parse(argv)
     result = run(args)
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(result, indent=1) + "\n")
+        io.write_text(args.json, json.dumps(result, indent=1) + "\n")
     if "step_ms" not in result:
         print(f"{result['name']}: {result['flops_per_step'] / 1e12:.4g} TFLOP/step "
               f"({result['flops_dispatched'] / 1e12:.4g} dispatched)")
