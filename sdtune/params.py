@@ -67,6 +67,11 @@ class Cache(Section):
     buckets: bool = False  # aspect-ratio buckets instead of square crops
     bucket_step: int = Field(64, gt=0, multiple_of=8)  # bucket sides are multiples of this (pixels)
 
+    @property
+    def crop_step(self) -> int | None:
+        """What cache.prepare crops to: bucket_step with buckets on, None for resolution² squares."""
+        return self.bucket_step if self.buckets else None
+
 
 class Lora(Section):
     rank: int = Field(16, gt=0)

@@ -27,7 +27,7 @@ def item_key(row, model, cache) -> str:
         "family": model.family, "model": model.id, "revision": model.revision,
         "prediction_type": model.prediction_type, "resolution": model.resolution,
         "center_crop": cache.center_crop, "dtype": cache.dtype,
-        "bucket_step": cache.bucket_step if cache.buckets else None,
+        "bucket_step": cache.crop_step,
     }
     return io.sha256_text(json.dumps(parts, sort_keys=True))
 
@@ -94,9 +94,9 @@ def build(rows, raw_dir, out_dir, family, model, cache, device="cpu", *, max_pix
 
     if todo:
         pipe = load_encoders(family, model, device)
+        step = cache.crop_step
         for start in tqdm(range(0, len(todo), cache.batch_size), desc="cache", unit="batch"):
             chunk = todo[start:start + cache.batch_size]
-            step = cache.bucket_step if cache.buckets else None
             prepared = [prepare(raw_dir / r["file"], model.resolution, cache.center_crop, step,
                                 max_pixels=max_pixels) for r, _ in chunk]
             # One encoder call per image size (buckets differ in size; squares are one group).
