@@ -207,8 +207,9 @@ def fingerprint(run: Run, cache_dir) -> str:
     return io.sha256_text(json.dumps(parts, sort_keys=True))
 
 
-def resume(run: Run, ckpt_dir, cache_dir) -> Path | None:
-    last = checkpoint.latest(ckpt_dir, fingerprint(run, cache_dir))
+def resume(run: Run, ckpt_dir, mark: str) -> Path | None:
+    """Load the newest checkpoint in `ckpt_dir` whose fingerprint is `mark`, if any."""
+    last = checkpoint.latest(ckpt_dir, mark)
     if last is not None:
         run.step, run.history = checkpoint.load(last, _set_lora(run), run.optimizer, run.lr_scheduler, run.ema)
     return last
@@ -230,8 +231,8 @@ def _flush(run: Run, pending: list) -> None:
 def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None) -> dict:
     """The loop. Resumes from the newest checkpoint in `ckpt_dir` made by this same run, if any."""
     p, acc = run.params.train, run.accelerator
-    resumed = resume(run, ckpt_dir, cache_dir)
     mark = fingerprint(run, cache_dir)
+    resumed = resume(run, ckpt_dir, mark)
     start, pending, t0 = run.step, [], time.perf_counter()
     bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc="train", unit="step",
                disable=not acc.is_main_process)
