@@ -49,15 +49,15 @@ class OnTheFly:
         self.device = run.accelerator.device
         self.pipe = cache_lib.load_encoders(run.family, p.model, self.device)
         self.dtype = cache_lib.DTYPES[p.cache.dtype]
-        self.bucket_step = p.cache.bucket_step if p.cache.buckets else None
 
     def __call__(self, step: int, timer) -> None:
         run, model = self.run, self.run.params.model
         for micro in range(run.params.train.grad_accum):
             idx = loop.sample_indices(run, step, micro)
             with timer.phase("decode"):
-                prepared = [cache_lib.prepare(self.raw_dir / self.rows[i]["file"], model.resolution,
-                                              run.params.cache.center_crop, self.bucket_step) for i in idx]
+                c = run.params.cache
+                prepared = [cache_lib.prepare(self.raw_dir / self.rows[i]["file"], model.resolution, c.center_crop,
+                                              c.crop_step, max_pixels=run.params.data.max_pixels) for i in idx]
             with timer.phase("encode"), torch.no_grad():
                 fresh = cache_lib.encode(run.family, self.pipe, prepared, [self.rows[i]["caption"] for i in idx],
                                          self.dtype, self.device)
