@@ -226,3 +226,17 @@ def test_wandb_offline_logs_metrics_and_validation_images_and_no_secret(workspac
     for path in (ws / "wandb").rglob("*"):
         if path.is_file() and path.stat().st_size < 5_000_000:
             assert b"secret-key-1234567890abcdef" not in path.read_bytes(), path
+
+
+def test_attention_forces_the_named_kernel_and_sdpa_leaves_the_choice_to_pytorch():
+    flags = {"math": torch.backends.cuda.math_sdp_enabled, "flash": torch.backends.cuda.flash_sdp_enabled,
+             "efficient": torch.backends.cuda.mem_efficient_sdp_enabled,
+             "cudnn": torch.backends.cuda.cudnn_sdp_enabled}
+    default = {name: enabled() for name, enabled in flags.items()}
+    assert set(loop.BACKENDS) == set(flags)
+    for choice in loop.BACKENDS:
+        with loop.attention(choice):
+            assert {name for name, enabled in flags.items() if enabled()} == {choice}
+    with loop.attention("sdpa"):
+        assert {name: enabled() for name, enabled in flags.items()} == default
+    assert {name: enabled() for name, enabled in flags.items()} == default

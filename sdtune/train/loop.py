@@ -26,10 +26,17 @@ from sdtune.profiling import memory
 from sdtune.train import checkpoint, lora, optim
 
 
+# Attention kernels that can be forced by name; any other choice ("sdpa") leaves PyTorch to pick.
+BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
 def attention(choice: str):
     """train.attention: "sdpa" lets PyTorch pick its fastest fused kernel; "math" forces the plain
-    reference implementation (what attention costs without the fused kernels)."""
-    return sdpa_kernel(SDPBackend.MATH) if choice == "math" else contextlib.nullcontext()
+    reference implementation (what attention costs without the fused kernels); "flash",
+    "efficient" and "cudnn" force one fused kernel (for benchmarks; train.attention allows
+    only "sdpa" and "math")."""
+    return sdpa_kernel(BACKENDS[choice]) if choice in BACKENDS else contextlib.nullcontext()
 
 
 class NullTimer:
