@@ -240,3 +240,9 @@ def test_attention_forces_the_named_kernel_and_sdpa_leaves_the_choice_to_pytorch
     with loop.attention("sdpa"):
         assert {name: enabled() for name, enabled in flags.items()} == default
     assert {name: enabled() for name, enabled in flags.items()} == default
+
+
+def test_weight_dtype_follows_mixed_precision():
+    assert loop.weight_dtype("no") == torch.float32
+    assert loop.weight_dtype("fp16") == torch.float16
+    assert loop.weight_dtype("bf16") == torch.bfloat16

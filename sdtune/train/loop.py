@@ -54,6 +54,11 @@ def mixed_precision(choice: str, device_type: str) -> str:
     return "no"
 
 
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    """The frozen base's dtype for accelerate's mixed precision ("no", "fp16" or "bf16")."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
 def qlora_config(train, accelerator, compute_dtype):
     """QLoRA: the frozen denoiser quantized to 4-bit NF4 as it loads; LoRA trains on top."""
     if not train.qlora:
@@ -100,8 +105,8 @@ def setup(params, cache_dir) -> Run:
         raise UserError(f"{cache_dir}/index.json: the cache holds no items; run the cache stage first")
 
     # The frozen base sits in the compute dtype; the LoRA weights stay float32 for stable updates.
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    denoiser = family.load_denoiser(m, dtype=weight_dtype, quantization_config=qlora_config(p, accelerator, weight_dtype))
+    dtype = weight_dtype(accelerator.mixed_precision)
+    denoiser = family.load_denoiser(m, dtype=dtype, quantization_config=qlora_config(p, accelerator, dtype))
     denoiser.train()  # from_pretrained returns eval mode, which would switch LoRA dropout off
     lora.add(denoiser, p.lora, family.LORA_TARGETS)
     for param in lora.trainable(denoiser):
