@@ -65,6 +65,20 @@ def load_tokenizer(model):
     return from_hub(model, AutoTokenizer, "tokenizer")
 
 
+def prediction_type(model) -> str:
+    """params' model.prediction_type for a scheduler built from scratch: "default" is epsilon."""
+    return "epsilon" if model.prediction_type == "default" else model.prediction_type
+
+
+def tiny_ddpm_scheduler(model):
+    """The tiny models' training noise scheduler: DDPM with SD's (and SDXL's) betas."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         num_train_timesteps=1000, clip_sample=False, steps_offset=1,
+                         prediction_type=prediction_type(model))
+
+
 def load_ddpm_scheduler(model, tiny):
     """The training scheduler of the epsilon/v families, with params' prediction type if set."""
     from diffusers import DDPMScheduler

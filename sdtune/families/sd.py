@@ -2,7 +2,7 @@
 
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdtune.families import common
@@ -43,11 +43,7 @@ def tiny_text_encoder():
         ))
 
 
-def tiny_scheduler(model):
-    kind = "epsilon" if model.prediction_type == "default" else model.prediction_type
-    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         num_train_timesteps=1000, clip_sample=False, steps_offset=1,
-                         prediction_type=kind)
+tiny_scheduler = common.tiny_ddpm_scheduler
 
 
 # ---- loading ----

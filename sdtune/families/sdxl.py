@@ -10,8 +10,7 @@ What differs from SD 1.x/2.x (sd.py):
 
 
 import torch
-from diffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline,
-                       UNet2DConditionModel)
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sdtune.families import common
@@ -75,22 +74,14 @@ def tiny_text_encoder_2():
         return CLIPTextModelWithProjection(_tiny_text_config())
 
 
-def _prediction_type(model):
-    return "epsilon" if model.prediction_type == "default" else model.prediction_type
-
-
-def tiny_scheduler(model):
-    """The training noise scheduler: DDPM with SDXL's betas."""
-    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         num_train_timesteps=1000, clip_sample=False, steps_offset=1,
-                         prediction_type=_prediction_type(model))
+tiny_scheduler = common.tiny_ddpm_scheduler  # the training noise scheduler: DDPM with SDXL's betas
 
 
 def tiny_sampling_scheduler(model):
     """The pipeline's sampler: Euler, as SDXL ships with."""
     return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                   num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
-                                  prediction_type=_prediction_type(model))
+                                  prediction_type=common.prediction_type(model))
 
 
 # ---- loading ----
