@@ -120,10 +120,14 @@ def pipeline(family, model, device, *, lora_dir=None, variant_dir=None, method=N
     return pipe
 
 
-def sample(pipe, prompt: str, seed: int, *, steps: int, guidance: float, size: int, **extra):
+def sample(pipe, prompt: str, seed: int, *, steps: int, guidance: float | None, size: int, **extra):
+    """One image, its noise from a CPU generator seeded with `seed`; guidance None keeps the
+    pipeline's default guidance scale."""
     generator = torch.Generator("cpu").manual_seed(seed)
-    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                generator=generator, **extra).images[0]
+    if guidance is not None:
+        extra["guidance_scale"] = guidance
+    return pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=generator,
+                **extra).images[0]
 
 
 def sample_all(pipe, prompts, seeds, *, steps, guidance, size, desc="generate"):

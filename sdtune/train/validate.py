@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from sdtune.evaluate import report
+from sdtune.evaluate import generate, report
 
 
 class Validator:
@@ -35,9 +35,9 @@ class Validator:
         with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []), torch.no_grad(), acc.autocast():
             for prompt in p.validation_prompts:
                 for seed in p.validation_seeds:
-                    g = torch.Generator("cpu").manual_seed(seed)
-                    images.append(self.pipe(prompt, num_inference_steps=p.validation_steps, height=size,
-                                            width=size, generator=g).images[0])
+                    # guidance None: the pipeline's default guidance scale
+                    images.append(generate.sample(self.pipe, prompt, seed, steps=p.validation_steps,
+                                                  guidance=None, size=size))
         model.train()
         path = self.out_dir / f"step-{run.step:07d}.png"
         report.grid({f"step {run.step}": images}, path)
