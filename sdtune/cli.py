@@ -19,7 +19,6 @@ from pathlib import Path
 from sdtune.errors import UserError, main_guard
 from sdtune.params import FAMILIES  # light: pydantic only; torch and diffusers load after quiet_libraries()
 
-QUANT_DIR = Path("models/quantized")
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # --out suffix -> Pillow format
 SCHEDULERS = {"default": None, "euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler",
               "dpm": "DPMSolverMultistepScheduler"}
@@ -50,7 +49,7 @@ def build_parser() -> Parser:
                    help="an image file for one image; a folder with --prompts or several seeds")
     g.add_argument("--lora", type=Path, help="LoRA folder (models/lora) or .safetensors file")
     g.add_argument("--lora-scale", type=float, help="LoRA strength (default: evaluate.lora_scale)")
-    g.add_argument("--variant", help=f"a quantized variant in {QUANT_DIR}/, e.g. int8wo-fused")
+    g.add_argument("--variant", help="a quantized variant in models/quantized/, e.g. int8wo-fused")
     g.add_argument("--params", type=Path, help="params file (default: ./params.yaml if present)")
     g.add_argument("--model-id", help="base model (default: params model.id)")
     g.add_argument("--revision", help="base model revision (default: params model.revision, or main with --model-id)")
@@ -103,20 +102,18 @@ def variant_kwargs(name, lora):
     """pipeline() arguments for models/quantized/<name>/: method-mode, e.g. int8wo-fused."""
     from sdtune import quantize
 
-    folder = QUANT_DIR / name
-    if not folder.is_dir():
-        have = sorted(p.name for p in QUANT_DIR.iterdir() if p.is_dir()) if QUANT_DIR.is_dir() else []
+    quant_dir = quantize.QUANT_DIR
+    if not (quant_dir / name).is_dir():
+        have = sorted(p.name for p in quant_dir.iterdir() if p.is_dir()) if quant_dir.is_dir() else []
         listed = ", ".join(have) if have else "none (run the quantize stage or dvc pull)"
-        raise UserError(f"--variant: no variant {name!r} in {QUANT_DIR}/; available: {listed}")
-    method, _, mode = name.partition("-")
+        raise UserError(f"--variant: no variant {name!r} in {quant_dir}/; available: {listed}")
+    method, mode = quantize.variant_parts(name)
     if method not in quantize.METHODS:
         raise UserError(f"--variant: {name!r} does not start with a known method ({', '.join(quantize.METHODS)})")
     quantize.check_supported(method)
     if mode == "fused" and lora is not None:
         raise UserError(f"--variant: {name!r} already has the LoRA fused in; drop --lora")
-    if mode == "adapter" and lora is None:
-        lora = Path("models/lora")  # the quantized base, with the LoRA on top at run time
-    return {"variant_dir": folder, "method": method, "lora_dir": lora}
+    return quantize.pipeline_kwargs(name, lora)  # an adapter variant: the LoRA on top at run time
 
 
 def check_numbers(steps, guidance, size):

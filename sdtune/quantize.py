@@ -16,6 +16,9 @@ import torch
 from sdtune.errors import UserError
 from sdtune.families import common
 
+LORA_DIR = Path("models/lora")         # the train stage's LoRA
+QUANT_DIR = Path("models/quantized")   # the quantize stage's variants, one folder each
+
 
 @dataclass(frozen=True)
 class Method:
@@ -51,6 +54,26 @@ METHODS = {
                                        bnb_4bit_compute_dtype=torch.bfloat16), needs="cuda"),
     "int8": Method(torch.float16, _bnb(load_in_8bit=True), needs="cuda"),
 }
+
+
+def variant_name(method: str, mode: str) -> str:
+    """A variant's name, and its folder in QUANT_DIR: method-mode, e.g. int8wo-fused."""
+    return f"{method}-{mode}"
+
+
+def variant_parts(name: str) -> tuple[str, str]:
+    """(method, mode) of a variant name."""
+    method, _, mode = name.partition("-")
+    return method, mode
+
+
+def pipeline_kwargs(name: str, lora_dir=None) -> dict:
+    """generate.pipeline() arguments for the variant QUANT_DIR/<name>: its method, and the LoRA to
+    load on top: `lora_dir`, or LORA_DIR by default when the variant kept its LoRA as an adapter."""
+    method, mode = variant_parts(name)
+    if lora_dir is None and mode == "adapter":
+        lora_dir = LORA_DIR
+    return {"variant_dir": QUANT_DIR / name, "method": method, "lora_dir": lora_dir}
 
 
 def check_supported(name: str) -> None:
@@ -109,7 +132,7 @@ def make_variant(family, model, lora_dir, name: str, mode: str, out_dir) -> dict
     t0 = time.perf_counter()
     reloaded = load_variant(family, out_dir, name)
     load_s = time.perf_counter() - t0
-    return {"variant": f"{name}-{mode}", "method": name, "lora": mode, "dtype": str(method.dtype).split(".")[-1],
+    return {"variant": variant_name(name, mode), "method": name, "lora": mode, "dtype": str(method.dtype).split(".")[-1],
             "disk_bytes": folder_bytes(out_dir), "memory_bytes": tensor_bytes(reloaded),
             "quantize_seconds": quantize_s, "load_seconds": load_s}
 

@@ -15,18 +15,15 @@ from sdtune.errors import main_guard
 from sdtune.evaluate import clip as clip_lib, generate, metrics, report
 from sdtune.profiling import memory
 
-LORA_DIR, QUANT_DIR, CAPTIONS, RAW = "models/lora", Path("models/quantized"), "data/captions.jsonl", "data/raw"
+CAPTIONS, RAW = "data/captions.jsonl", "data/raw"
 REPORT, TABLE, GRID, PLOT = "reports/eval.json", "reports/eval.md", "reports/samples/grid.png", "reports/eval_plot.json"
 
 
 def variants(params):
     """(name, pipeline kwargs) for base, base+LoRA and each saved quantized variant, in order."""
-    out = [("base", {}), ("lora", {"lora_dir": LORA_DIR})]
-    for row in io.read_json("reports/quantize.json")["variants"]:
-        kwargs = {"variant_dir": QUANT_DIR / row["variant"], "method": row["method"]}
-        if row["lora"] == "adapter":
-            kwargs["lora_dir"] = LORA_DIR
-        out.append((row["variant"], kwargs))
+    out = [("base", {}), ("lora", {"lora_dir": quantize.LORA_DIR})]
+    out += [(row["variant"], quantize.pipeline_kwargs(row["variant"]))
+            for row in io.read_json("reports/quantize.json")["variants"]]
     return out
 
 

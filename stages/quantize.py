@@ -3,14 +3,12 @@
 Writes reports/quantize.json: bytes on disk, bytes in memory after loading, load time.
 """
 
-from pathlib import Path
-
 from tqdm import tqdm
 
 from sdtune import families, io, params as params_lib, quantize, runtime
 from sdtune.errors import main_guard
 
-LORA_DIR, OUT, REPORT = "models/lora", Path("models/quantized"), "reports/quantize.json"
+REPORT = "reports/quantize.json"
 
 
 @main_guard
@@ -22,11 +20,12 @@ def main():
         quantize.check_supported(name)
     with runtime.stage("quantize"):
         rows = []
-        with io.atomic_path(OUT) as tmp:
+        with io.atomic_path(quantize.QUANT_DIR) as tmp:
             tmp.mkdir()
             jobs = [(n, m) for n in p.variants for m in p.lora_modes]
             for name, mode in tqdm(jobs, desc="quantize", unit="variant"):
-                rows.append(quantize.make_variant(family, params.model, LORA_DIR, name, mode, tmp / f"{name}-{mode}"))
+                rows.append(quantize.make_variant(family, params.model, quantize.LORA_DIR, name, mode,
+                                                  tmp / quantize.variant_name(name, mode)))
         io.write_json(REPORT, {"variants": rows})
     for r in rows:
         print(f"quantize: {r['variant']}: {r['disk_bytes'] / 2**20:.1f} MiB on disk, "

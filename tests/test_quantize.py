@@ -65,3 +65,12 @@ def test_cuda_only_methods_refuse_in_one_line_without_cuda(name):
     with pytest.raises(UserError) as err:
         quantize.check_supported(name)
     assert "\n" not in str(err.value) and f"'{name}' needs a CUDA GPU" in str(err.value)
+
+
+def test_pipeline_kwargs_name_the_folder_and_load_the_lora_only_for_an_adapter_variant():
+    assert quantize.variant_name("int8wo", "fused") == "int8wo-fused"
+    assert quantize.variant_parts("int8wo-fused") == ("int8wo", "fused")
+    assert quantize.pipeline_kwargs("int8wo-fused") == {
+        "variant_dir": quantize.QUANT_DIR / "int8wo-fused", "method": "int8wo", "lora_dir": None}
+    assert quantize.pipeline_kwargs("bf16-adapter")["lora_dir"] == quantize.LORA_DIR
+    assert quantize.pipeline_kwargs("bf16-adapter", "other")["lora_dir"] == "other"
