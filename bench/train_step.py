@@ -21,16 +21,13 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench import archs
 from sdtune import io
 from sdtune.profiling import flops, hardware, memory
 from sdtune.profiling.phases import PhaseTimer, sync
-from sdtune.train import lora, optim
+from sdtune.train import lora, loop, optim
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
 def parse(argv=None):
@@ -51,7 +48,7 @@ def parse(argv=None):
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--nf4", action="store_true", help="NF4 base weights via bitsandbytes (QLoRA); CUDA only")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", *BACKENDS],
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", *loop.BACKENDS],
                    help="sdpa: let torch pick the fused kernel; math: the unfused reference; "
                         "flash, efficient, cudnn: that SDPA kernel only")
     p.add_argument("--channels-last", action="store_true")
@@ -172,10 +169,6 @@ class Bench:
                 if type(m).__name__ in self.arch.blocks:
                     m.compile(mode=mode)
 
-    def _attention(self):
-        choice = self.args.attention
-        return sdpa_kernel(BACKENDS[choice]) if choice in BACKENDS else contextlib.nullcontext()
-
     def _noised(self, x):
         """(noisy latents, timesteps, target) for the arch's objective, all made on the device."""
         noise = torch.randn_like(x)
@@ -195,7 +188,7 @@ class Bench:
         if self.args.compile and self.args.compile_mode == "reduce-overhead":
             # CUDA graphs reuse their output buffers; mark where one step's tensors stop being needed.
             torch.compiler.cudagraph_mark_step_begin()
-        with timer.phase("forward"), self.amp, self._attention():
+        with timer.phase("forward"), self.amp, loop.attention(self.args.attention):
             noisy, t, target = self._noised(self.latents)
             noisy = noisy.contiguous(memory_format=self.memory_format)
             pred = self.forward(**{self.arch.sample_arg: noisy, "timestep": t}, **self.cond).sample
@@ -216,7 +209,7 @@ class Bench:
             t = torch.randint(0, 1000, (latents.shape[0],), device=latents.device).long()
             noisy = self.scheduler.add_noise(latents, noise, t)
             text = self.text_encoder(self.input_ids, return_dict=False)[0]
-        with timer.phase("forward"), self.amp, self._attention():
+        with timer.phase("forward"), self.amp, loop.attention(self.args.attention):
             pred = self.model(noisy, t, text, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
         if not loss.is_meta:

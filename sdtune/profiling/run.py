@@ -17,9 +17,6 @@ from sdtune.params import Train, validate
 from sdtune.profiling import cost as cost_lib, flops, hardware, memory, phases
 from sdtune.train import loop
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
-
-
 # A cell's keys that are not train keys: "latents" says where each step's latents and text
 # embeddings come from, the cache (what `dvc repro` trains with) or encoded again every step.
 LATENTS = ("cached", "on_the_fly")
@@ -125,7 +122,7 @@ def profile_cell(params, spec: dict, cache_dir, trace_path=None, raw_dir="data/r
     summary = measure(run, step_fn, p.steps, p.warmup)
     step_s = summary["step_median_ms"] / 1e3
     n_flops = model_flops(run, step_fn, p.warmup + p.steps)
-    peak, peak_source = hardware.peak_tflops(device, DTYPES[run.accelerator.mixed_precision])
+    peak, peak_source = hardware.peak_tflops(device, loop.weight_dtype(run.accelerator.mixed_precision))
     peak_mem = memory.peak_memory(device)
     parts = memory.breakdown(run.accelerator.unwrap_model(run.denoiser), run.optimizer)
     usd = p.usd_per_hour or cost_lib.hourly_price(p.machine_type)
