@@ -31,6 +31,11 @@ def sha256_text(text: str) -> str:
     return sha256_bytes(text.encode("utf-8"))
 
 
+def sha256_json(obj) -> str:
+    """A content hash of `obj` that does not depend on key order (cache keys, fingerprints)."""
+    return sha256_text(json.dumps(obj, sort_keys=True))
+
+
 @contextlib.contextmanager
 def atomic_path(dest):
     """Yield a temporary path beside `dest`; on success rename it over `dest`.

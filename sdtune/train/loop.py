@@ -6,7 +6,6 @@ alone, so a run resumed from a checkpoint computes exactly what an uninterrupted
 """
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -216,7 +215,7 @@ def fingerprint(run: Run, cache_dir) -> str:
     parts = {"train": train, "model": run.params.model.model_dump(), "seed": run.params.base.seed,
              "cache": io.sha256_file(Path(cache_dir) / "index.json"),
              "processes": run.accelerator.num_processes}
-    return io.sha256_text(json.dumps(parts, sort_keys=True))
+    return io.sha256_json(parts)
 
 
 def resume(run: Run, ckpt_dir, mark: str) -> Path | None:
