@@ -1,7 +1,6 @@
 """What every stage shares: its device, its wall time, and provenance strings."""
 
 import contextlib
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +21,11 @@ def device(base) -> torch.device:
     return torch.device("cuda")
 
 
+def compute_dtype(device) -> torch.dtype:
+    """What the frozen models compute in: bfloat16 on CUDA, float32 (the reference) elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 @contextlib.contextmanager
 def stage(name: str):
     """Time a stage and record it in reports/stages/<name>.json (the profile report reads these)."""
@@ -40,7 +44,7 @@ def git_commit() -> str:
 
 def params_hash(params, *sections: str) -> str:
     dumped = {s: getattr(params, s).model_dump() for s in sections}
-    return io.sha256_text(json.dumps(dumped, sort_keys=True))
+    return io.sha256_json(dumped)
 
 
 def provenance(params, manifest_path="data/raw.manifest.json") -> dict:

@@ -6,7 +6,6 @@ key is already on disk is reused; stale items are deleted. So changing one capti
 re-encodes one item, and changing the resolution re-encodes all of them, exactly.
 """
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from sdtune import io
+from sdtune import io, runtime
 from sdtune.data.images import MAX_PIXELS, load_rgb
 
 VERSION = 1  # bump when what an item holds changes
@@ -29,7 +28,7 @@ def item_key(row, model, cache) -> str:
         "center_crop": cache.center_crop, "dtype": cache.dtype,
         "bucket_step": cache.crop_step,
     }
-    return io.sha256_text(json.dumps(parts, sort_keys=True))
+    return io.sha256_json(parts)
 
 
 def bucket_size(width: int, height: int, resolution: int, step: int) -> tuple[int, int]:
@@ -68,8 +67,7 @@ def prepare(path, resolution: int, center_crop: bool, bucket_step: int | None = 
 def load_encoders(family, model, device):
     """The pipeline without its denoiser (for SD3.5 Large that alone is 16 GB): VAE, tokenizers
     and text encoders, bf16 on CUDA and float32 elsewhere."""
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return family.load_pipeline(model, dtype, **{family.DENOISER_ATTR: None}).to(device)
+    return family.load_pipeline(model, runtime.compute_dtype(device), **{family.DENOISER_ATTR: None}).to(device)
 
 
 def encode(family, pipe, prepared, captions, dtype, device) -> list[dict]:

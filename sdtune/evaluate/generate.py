@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from sdtune import quantize
+from sdtune import quantize, runtime
 from sdtune.errors import UserError
 from sdtune.families import common
 
@@ -24,11 +24,6 @@ def read_prompts(path, key: str) -> list[str]:
     if not prompts:
         raise UserError(f"{key}: {path} holds no prompt (one per line, # for comments)")
     return prompts
-
-
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU (the reference), bfloat16 on CUDA."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def add_lora(pipe, lora_dir, scale: float = 1.0):
@@ -111,7 +106,7 @@ def pipeline(family, model, device, *, lora_dir=None, variant_dir=None, method=N
         dtype = quantize.METHODS[method].dtype
         pipe = family.load_pipeline(model, dtype, **{family.DENOISER_ATTR: denoiser})
     else:
-        dtype = compute_dtype(device)
+        dtype = runtime.compute_dtype(device)
         pipe = family.load_pipeline(model, dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
