@@ -26,6 +26,17 @@ def compute_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without a host sync. A copy to CUDA from ordinary (pageable)
+    memory blocks the host until the GPU has run everything queued before it, so the host could
+    not prepare step n+1 while the GPU runs step n; from pinned memory a non-blocking copy just
+    joins the queue (torch's pinned-memory cache keeps the buffer alive until the copy is done)."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @contextlib.contextmanager
 def stage(name: str):
     """Time a stage and record it in reports/stages/<name>.json (the profile report reads these)."""

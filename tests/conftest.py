@@ -6,6 +6,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest_plugins = ["fixtures_data"]  # gcs_emulator, http_server, drive_stand_in
 
@@ -17,6 +19,24 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "di
            "GIT_AUTHOR_NAME": "sdtune tests", "GIT_AUTHOR_EMAIL": "tests@localhost",
            "GIT_COMMITTER_NAME": "sdtune tests", "GIT_COMMITTER_EMAIL": "tests@localhost"}
 os.environ.update(OFFLINE)
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that read a tensor's value back to Python (.item(), bool(t), nonzero):
+    on a GPU each one makes the host wait for the device. CPU tests run the same code, so a read
+    added to the training step fails here before it slows a GPU run."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.masked_select.default}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def repo_files() -> list[str]:

@@ -249,3 +249,16 @@ def test_cache_then_train_end_to_end(images, tmp_path):
     pipe.load_lora_weights(str(path.parent), weight_name=path.name)
     torch.testing.assert_close(get_peft_model_state_dict(pipe.transformer, adapter_name="default_0"),
                                lora.peft_state(run.accelerator.unwrap_model(run.denoiser)))
+
+
+@pytest.mark.parametrize("weighting", sd3.WEIGHTINGS)
+def test_the_loss_and_its_backward_read_nothing_back_to_the_host(params, batch, weighting):
+    from conftest import HostReads
+
+    denoiser = sd3.load_denoiser(params.model)
+    lora.add(denoiser, params.train.lora, sd3.LORA_TARGETS)
+    train, scheduler = make_params(loss_weighting=weighting).train, sd3.load_noise_scheduler(params.model)
+    with HostReads() as host:
+        loss = sd3.training_loss(denoiser, scheduler, batch, torch.Generator().manual_seed(0), train).mean()
+        loss.backward()
+    assert host.reads == []

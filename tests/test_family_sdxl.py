@@ -179,3 +179,18 @@ def test_real_loading_code_reads_a_saved_pipeline(tmp_path):
     assert noise.config.prediction_type == "v_prediction" and noise.config.beta_schedule == "scaled_linear"
     assert sdxl.load_denoiser(model).config.addition_embed_type == "text_time"
     assert sdxl.load_tokenizer(model).model_max_length == 77
+
+
+def test_the_loss_and_its_backward_read_nothing_back_to_the_host(encoded):
+    from conftest import HostReads
+
+    items, _ = encoded
+    params = make_params()
+    denoiser = sdxl.load_denoiser(params.model)
+    lora.add(denoiser, params.train.lora, sdxl.LORA_TARGETS)
+    batch = {k: torch.stack([item[k] for item in items[:2]]) for k in items[0]}
+    scheduler = sdxl.load_noise_scheduler(params.model)
+    with HostReads() as host:
+        loss = sdxl.training_loss(denoiser, scheduler, batch, torch.Generator().manual_seed(0), params.train).mean()
+        loss.backward()
+    assert host.reads == []

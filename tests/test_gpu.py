@@ -1,5 +1,5 @@
-"""The CUDA-only paths: bf16 training with fused AdamW, QLoRA on an NF4 base, the bitsandbytes and
-float8 variants, and the profile stage's trace and allocator snapshot.
+"""The CUDA-only paths: bf16 training with fused AdamW and no host sync in the step, QLoRA on an
+NF4 base, the bitsandbytes and float8 variants, and the profile stage's trace and allocator snapshot.
 
 They skip on a machine without CUDA (CI has none); `bash bench/gpu.sh` runs them on a GPU first.
 """
@@ -63,6 +63,20 @@ def test_bf16_training_on_cuda_uses_fused_adamw(cache_dir):
     assert run.accelerator.device.type == "cuda" and run.accelerator.mixed_precision == "bf16"
     assert run.optimizer.optimizer.defaults["fused"] is True
     assert_trains(run)
+
+
+def test_a_cuda_training_step_never_makes_the_host_wait(cache_dir):
+    """No synchronising CUDA call in a step: the batch, noise and timesteps reach the GPU through
+    pinned memory, and nothing is read back, so the host queues step n+1 while step n runs."""
+    run = setup(params(ema_decay=0.9, snr_gamma=5.0), cache_dir)
+    loop.train_step(run, 0)  # the first step builds the optimizer's state and the pinned-memory cache
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = loop.train_step(run, 1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)
 
 
 def test_qlora_trains_lora_on_an_nf4_base(cache_dir):

@@ -246,3 +246,18 @@ def test_weight_dtype_follows_mixed_precision():
     assert loop.weight_dtype("no") == torch.float32
     assert loop.weight_dtype("fp16") == torch.float16
     assert loop.weight_dtype("bf16") == torch.bfloat16
+
+
+def test_a_training_step_reads_nothing_back_to_the_host(workspace):
+    """No .item() or data-dependent shape in the step (noise, loss, clipping, fused AdamW, EMA):
+    the loop reads the losses back once per log interval, so a GPU never waits on the host."""
+    from accelerate.state import AcceleratorState
+    from conftest import HostReads
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run = loop.setup(in_process_params(workspace, ema_decay=0.9, snr_gamma=5.0), workspace / "cache")
+    loop.train_step(run, 0)  # the first step builds the optimizer's state
+    with HostReads() as host:
+        loss = loop.train_step(run, 1)
+    assert host.reads == []
+    assert torch.isfinite(loss)

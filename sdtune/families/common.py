@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from sdtune import io
+from sdtune import io, runtime
 from sdtune.errors import UserError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -114,8 +114,10 @@ def hub_error(model, err) -> UserError:
                      f"{str(err).splitlines()[0]}")
 
 
-def sample_timesteps(scheduler, batch_size, generator):
-    return torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+def sample_timesteps(scheduler, batch_size, generator, device):
+    """Drawn on the host from the step's generator (the same on every device), copied without a sync."""
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    return runtime.to_device(t, device)
 
 
 def diffusion_loss(pred, latents, noise, timesteps, scheduler, train):
@@ -144,7 +146,7 @@ def sample_noise(latents, generator, offset: float):
     if offset:
         # Noise offset (Guttenberg 2023): lets the model learn very dark and very bright images.
         noise = noise + offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-    return noise.to(latents.device, latents.dtype)
+    return runtime.to_device(noise, latents.device).to(latents.dtype)
 
 
 def canonical_safetensors(blob: bytes) -> bytes:

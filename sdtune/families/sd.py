@@ -93,7 +93,7 @@ def encode_prompts(pipe, captions):
 def training_loss(denoiser, scheduler, batch, generator, train):
     latents = batch["latents"]
     noise = common.sample_noise(latents, generator, train.noise_offset)
-    timesteps = common.sample_timesteps(scheduler, latents.shape[0], generator).to(latents.device)
+    timesteps = common.sample_timesteps(scheduler, latents.shape[0], generator, latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     pred = denoiser(noisy, timesteps, encoder_hidden_states=batch["prompt_embeds"]).sample
     return common.diffusion_loss(pred, latents, noise, timesteps, scheduler, train)

@@ -11,6 +11,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel,
                           T5Tokenizer)
 
+from sdtune import runtime
 from sdtune.errors import UserError
 from sdtune.families import common
 
@@ -170,11 +171,12 @@ def training_loss(denoiser, scheduler, batch, generator, train):
     latents = batch["latents"]
     noise = common.sample_noise(latents, generator, train.noise_offset)
     sigmas, timesteps = sample_sigmas(scheduler, latents.shape[0], generator, train)
-    sigmas = sigmas.to(latents.device, latents.dtype).view(-1, 1, 1, 1)
+    sigmas = runtime.to_device(sigmas, latents.device).to(latents.dtype).view(-1, 1, 1, 1)
+    timesteps = runtime.to_device(timesteps, latents.device)
     # Rectified flow: a straight line from the image (sigma 0) to noise (sigma 1); the model
     # predicts its velocity, noise - x0.
     noisy = (1 - sigmas) * latents + sigmas * noise
-    pred = denoiser(hidden_states=noisy, timestep=timesteps.to(latents.device),
+    pred = denoiser(hidden_states=noisy, timestep=timesteps,
                     encoder_hidden_states=batch["prompt_embeds"],
                     pooled_projections=batch["pooled_prompt_embeds"], return_dict=False)[0]
     target = noise - latents

@@ -176,7 +176,7 @@ def train_step(run: Run, step: int, timer=NullTimer()) -> torch.Tensor:
             idx = sample_indices(run, step, micro)
             batch = {k: torch.stack([run.items[i][k] for i in idx]) for k in run.items[0]}
         with timer.phase("h2d"):
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            batch = {k: runtime.to_device(v, acc.device) for k, v in batch.items()}
         # Under DDP only the last micro-batch all-reduces the gradients.
         sync = contextlib.nullcontext() if micro == p.grad_accum - 1 else acc.no_sync(run.denoiser)
         with sync, attention(p.attention):

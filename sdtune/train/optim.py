@@ -8,8 +8,10 @@ from sdtune.errors import UserError
 
 def optimizer(name: str, params, lr: float, weight_decay: float, device):
     if name == "adamw":
-        # fused AdamW is one kernel per step on CUDA; on CPU the foreach path is the fast one.
-        fused = device.type == "cuda"
+        # The fused update is one kernel for all parameters, on CUDA and on CPU alike, and needs
+        # no host sync (the per-tensor path reads each step counter back with .item()). The meta
+        # device, where the bench counts FLOPs, has no fused kernel.
+        fused = device.type in ("cuda", "cpu")
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
     if name == "adamw8bit":
         try:
