@@ -281,3 +281,19 @@ def test_trace_cell_writes_a_chrome_trace_of_the_cells_steps(train_workspace, tm
     prof.trace_cell(p, {"name": "fly", "latents": "on_the_fly"}, ws / "cache", trace, raw_dir=ws / "data/raw")
     names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
     assert {"step_0", "step_1", "encode", "forward", "backward"} <= names
+
+
+def test_each_compiled_cell_runs_its_own_compiled_denoiser(train_workspace):
+    """torch.compile caches compiled code per function, not per model. Without a reset between
+    cells, the second compiled cell's fresh denoiser was never compiled and its numbers were
+    eager ones under a "compile" name."""
+    from torch._dynamo.utils import counters
+
+    from sdtune.profiling import run as prof
+
+    ws, p = train_workspace
+    for name in ("compile", "compile-again"):
+        before = counters["frames"]["ok"]
+        cell = prof.profile_cell(p, {"name": name, "compile": True}, ws / "cache", raw_dir=ws / "data/raw")
+        assert counters["frames"]["ok"] > before, f"{name}: the denoiser ran uncompiled"
+        assert cell["step_ms"] > 0 and 0 < cell["mfu"] <= 1

@@ -86,6 +86,9 @@ def _setup(params, spec: dict, cache_dir, raw_dir):
     cell = cell_params(params, spec)
     # Each cell may ask for another precision; accelerate keeps one state per process.
     AcceleratorState._reset_state(reset_partial_state=True)
+    # Compiled code is cached per function, not per model: a second compiled cell's fresh denoiser
+    # fails the first one's guards, and after torch._dynamo's recompile limit runs uncompiled.
+    torch._dynamo.reset()
     run = loop.setup(cell, cache_dir)
     fly = OnTheFly(run, cache_dir, raw_dir) if spec.get("latents") == "on_the_fly" else None
 
