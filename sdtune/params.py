@@ -7,12 +7,13 @@ key and what is allowed. Every field has a default so a params.yaml only says wh
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML, YAMLError
 
 from sdtune.errors import UserError
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 MAX_PIXELS = 178_956_970  # Pillow's own hard limit (2 x MAX_IMAGE_PIXELS); the images' default too
 
 
@@ -97,6 +98,9 @@ class Train(Section):
     attention: Literal["sdpa", "math"] = "sdpa"  # math: the unfused reference kernel, for comparison
     channels_last: bool = False  # NHWC memory layout for the UNet's convolutions
     compile: bool = False  # torch.compile the denoiser (minutes of compile time, then faster steps)
+    # reduce-overhead adds CUDA graphs: for small batches, where launching kernels costs more than
+    # running them (SD1.5 bs1 on an H200: 107 ms eager, 25 ms compiled with CUDA graphs).
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     snr_gamma: float | None = Field(None, gt=0)
     noise_offset: float = Field(0.0, ge=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
@@ -119,6 +123,17 @@ class Train(Section):
     logit_std: float = Field(1.0, gt=0)
     mode_scale: float = Field(1.29, ge=-1.0, le=1.75)
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+
+    @model_validator(mode="after")
+    def _compile_mode(self):
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode: {self.compile_mode!r} needs compile: true")
+        if self.compile_mode in CUDA_GRAPH_MODES and self.grad_accum > 1:
+            # A CUDA graph owns the gradient buffers it writes; the next micro-batch's replay
+            # overwrites the gradient being accumulated (pytorch/pytorch#169545).
+            raise ValueError(f"compile_mode: {self.compile_mode!r} uses CUDA graphs, which cannot "
+                             f"accumulate gradients; set grad_accum: 1 or compile_mode: default")
+        return self
 
 
 class Quantize(Section):
@@ -184,9 +199,15 @@ def _one_line(err: ValidationError, model: type[BaseModel], where: str, source: 
             model = model.model_fields[part].annotation
         allowed = ", ".join(model.model_fields)
         return f"{source}: unknown key '{key}'; allowed here: {allowed}"
+    msg = first["msg"]
+    if first["type"] == "value_error":  # our own validators: their text, without pydantic's prefix
+        msg = str(first["ctx"]["error"])
+        field, sep, rest = msg.partition(": ")
+        if sep and field.isidentifier():  # a section's check names the key it is about
+            key, msg = f"{key}.{field}", rest
     value = first.get("input")
     got = f" (got {value!r})" if not isinstance(value, dict) else ""
-    return f"{source}: {key}: {first['msg']}{got}"
+    return f"{source}: {key}: {msg}{got}"
 
 
 def validate(model: type[BaseModel], raw: dict, where: str = "", source: str = "params.yaml"):

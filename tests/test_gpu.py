@@ -1,5 +1,5 @@
-"""The CUDA-only paths: bf16 training with fused AdamW and no host sync in the step, QLoRA on an
-NF4 base, the bitsandbytes and float8 variants, and the profile stage's trace and allocator snapshot.
+"""The CUDA-only paths: bf16 training with fused AdamW, no host sync in the step and CUDA graphs,
+QLoRA on an NF4 base, the bitsandbytes and float8 variants, and the profile stage's trace and allocator snapshot.
 
 They skip on a machine without CUDA (CI has none); `bash bench/gpu.sh` runs them on a GPU first.
 """
@@ -77,6 +77,19 @@ def test_a_cuda_training_step_never_makes_the_host_wait(cache_dir):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
+
+
+def test_cuda_graphs_train_like_the_eager_loop(cache_dir):
+    """compile_mode: reduce-overhead replays CUDA graphs into reused buffers; a loss or gradient
+    read after its buffer was overwritten would raise or drift from the eager run."""
+    losses = {}
+    for mode in ("eager", "reduce-overhead"):
+        keys = {} if mode == "eager" else {"compile": True, "compile_mode": mode}
+        run = setup(params(**keys), cache_dir)
+        losses[mode] = torch.stack([loop.train_step(run, s) for s in range(4)]).float().cpu()
+        torch._dynamo.reset()
+    assert torch.isfinite(losses["reduce-overhead"]).all()
+    torch.testing.assert_close(losses["reduce-overhead"], losses["eager"], rtol=0.05, atol=0.01)
 
 
 def test_qlora_trains_lora_on_an_nf4_base(cache_dir):

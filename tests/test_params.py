@@ -23,6 +23,9 @@ BAD = [
     ({"caption": {"template": "no slot"}}, "caption.template", "{caption}"),
     ({"quantize": {"variants": ["int3"]}}, "quantize.variants.0", "'bf16'"),
     ({"profile": {"matrix": [{"mixed_precision": "bf16"}]}}, "profile.matrix", "'name'"),
+    ({"train": {"compile_mode": "reduce-overhead"}}, "train.compile_mode: 'reduce-overhead' needs compile: true", ""),
+    ({"train": {"compile": True, "compile_mode": "reduce-overhead", "grad_accum": 4}},
+     "train.compile_mode: 'reduce-overhead' uses CUDA graphs", "set grad_accum: 1 or compile_mode: default"),
 ]
 
 

@@ -286,14 +286,16 @@ def test_trace_cell_writes_a_chrome_trace_of_the_cells_steps(train_workspace, tm
 def test_each_compiled_cell_runs_its_own_compiled_denoiser(train_workspace):
     """torch.compile caches compiled code per function, not per model. Without a reset between
     cells, the second compiled cell's fresh denoiser was never compiled and its numbers were
-    eager ones under a "compile" name."""
+    eager ones under a "compile" name. The third cell takes the CUDA-graph mode's path through
+    the loop (on CPU inductor compiles it without graphs)."""
     from torch._dynamo.utils import counters
 
     from sdtune.profiling import run as prof
 
     ws, p = train_workspace
-    for name in ("compile", "compile-again"):
+    cells = {"compile": {}, "compile-again": {}, "reduce-overhead": {"compile_mode": "reduce-overhead"}}
+    for name, keys in cells.items():
         before = counters["frames"]["ok"]
-        cell = prof.profile_cell(p, {"name": name, "compile": True}, ws / "cache", raw_dir=ws / "data/raw")
+        cell = prof.profile_cell(p, {"name": name, "compile": True, **keys}, ws / "cache", raw_dir=ws / "data/raw")
         assert counters["frames"]["ok"] > before, f"{name}: the denoiser ran uncompiled"
         assert cell["step_ms"] > 0 and 0 < cell["mfu"] <= 1

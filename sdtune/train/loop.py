@@ -21,6 +21,7 @@ from tqdm import tqdm
 from sdtune import families, io, runtime
 from sdtune.data import cache as cache_lib
 from sdtune.errors import UserError
+from sdtune.params import CUDA_GRAPH_MODES
 from sdtune.profiling import memory
 from sdtune.train import checkpoint, lora, optim
 
@@ -119,7 +120,8 @@ def setup(params, cache_dir) -> Run:
     sched = optim.scheduler(p.lr_scheduler, opt, p.warmup_steps, p.steps)
     denoiser, opt = accelerator.prepare(denoiser, opt)
     if p.compile:
-        denoiser.compile()  # in place: state-dict keys, LoRA saving and resume are unchanged
+        # In place: state-dict keys, LoRA saving and resume are unchanged.
+        denoiser.compile(mode=None if p.compile_mode == "default" else p.compile_mode)
     ema = EMAModel(lora.trainable(denoiser), decay=p.ema_decay) if p.ema_decay else None
     return Run(params, accelerator, family, denoiser, family.load_noise_scheduler(m), opt, sched, items, ema)
 
@@ -179,6 +181,10 @@ def train_step(run: Run, step: int, timer=NullTimer()) -> torch.Tensor:
             batch = {k: runtime.to_device(v, acc.device) for k, v in batch.items()}
         # Under DDP only the last micro-batch all-reduces the gradients.
         sync = contextlib.nullcontext() if micro == p.grad_accum - 1 else acc.no_sync(run.denoiser)
+        if p.compile and p.compile_mode in CUDA_GRAPH_MODES:
+            # CUDA graphs replay into the same output buffers: this says the last step's outputs
+            # (read already: the loss went into `total`, the gradients into the optimizer) may go.
+            torch.compiler.cudagraph_mark_step_begin()
         with sync, attention(p.attention):
             with timer.phase("forward"), acc.autocast():
                 loss = run.family.training_loss(run.denoiser, run.noise_scheduler, batch,
