@@ -8,12 +8,14 @@ and of the fastest cell and, on CUDA, their allocator snapshots; kept apart from
 which DVC reads as data).
 """
 
+import gc
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from sdtune import io, params as params_lib, runtime
-from sdtune.errors import main_guard
+from sdtune.errors import UserError, main_guard
 from sdtune.profiling import charts, inference, run as prof
 
 CACHE, LORA_DIR, OUT_DIR, TRACES = "cache", "models/lora", Path("reports/profile"), Path("reports/traces")
@@ -36,33 +38,68 @@ def table(cells) -> str:
     return "\n".join(lines) + "\n"
 
 
+def failed_list(failed: dict) -> str:
+    lines = [f"- `{name}` ({kind}): {f['error']}" for kind, cells in failed.items() for name, f in cells.items()]
+    return "Cells that did not run:\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
+def measure_each(specs, measure, what: str):
+    """(results, failures): each cell measured in turn. A cell that fails at run time (out of
+    memory, a kernel or package this machine lacks) is recorded with its reason and the others
+    still run, so one cell cannot throw away the minutes spent measuring the rest."""
+    done, failed = [], {}
+    for spec in tqdm(specs, desc=what, unit="cell"):
+        try:
+            done.append(measure(spec))
+        except Exception as err:  # noqa: BLE001 -- reported in profile.json and profile.md
+            text = str(err).strip().splitlines()
+            reason = text[0] if isinstance(err, UserError) else f"{type(err).__name__}: {text[0] if text else ''}"
+            failed[spec["name"]] = {"spec": spec, "error": reason}
+            tqdm.write(f"profile: {what} cell {spec['name']!r} did not run: {reason}", file=sys.stderr)
+        gc.collect()  # a failed cell's model is garbage now; free it before the next one loads
+    return done, failed
+
+
 @main_guard
 def main():
     params = params_lib.load()
     p = params.profile
+    for spec in p.matrix:  # a typo in any cell stops here, before minutes of measuring
+        prof.cell_params(params, spec)
+    for spec in p.inference:
+        inference.parse_cell(spec)
     with runtime.stage("profile"):
         with io.atomic_path(OUT_DIR) as tmp, io.atomic_path(TRACES) as traces:
             tmp.mkdir()
             traces.mkdir()
-            cells = []
-            for i, spec in enumerate(tqdm(p.matrix, desc="profile", unit="cell")):
-                trace = traces / f"trace-{spec['name']}.json" if p.trace and i == 0 else None
-                cells.append(prof.profile_cell(params, spec, CACHE, trace))
+            traced = []
+
+            def train_cell(spec):  # the first cell that runs is the baseline: its trace is kept
+                trace = traces / f"trace-{spec['name']}.json" if p.trace and not traced else None
+                cell = prof.profile_cell(params, spec, CACHE, trace)
+                traced.extend([spec["name"]] if trace else [])
+                return cell
+            cells, failed = measure_each(p.matrix, train_cell, "profile")
+            if not cells:
+                name, first = next(iter(failed.items()))
+                raise UserError(f"profile.matrix: no cell ran; the first, {name!r}, failed with: {first['error']}")
             best = min(cells, key=lambda c: c["step_ms"])
-            if p.trace and best is not cells[0]:  # the fastest cell's trace, to compare with the baseline's
+            if p.trace and best["name"] not in traced:  # the fastest cell's trace, to compare with the baseline's
                 prof.trace_cell(params, best["spec"], CACHE, traces / f"trace-{best['name']}.json")
             charts.phase_chart({c["name"]: c["phases"] for c in cells}, tmp / "phases.png")
             charts.bar_chart(cells, "step_ms", tmp / "step_ms.png", "Training step time (ms, median)")
             charts.bar_chart(cells, "mfu", tmp / "mfu.png", "Model FLOPs utilisation")
-            gen = [inference.profile_cell(params, spec, LORA_DIR, cells[0]["device"])
-                   for spec in tqdm(p.inference, desc="inference", unit="cell")]
+            gen, gen_failed = measure_each(
+                p.inference, lambda spec: inference.profile_cell(params, spec, LORA_DIR, cells[0]["device"]), "inference")
             charts.bar_chart(gen, "seconds_per_image", tmp / "inference.png", "Generation time (s per image, median)")
+        failed = {"matrix": failed, "inference": gen_failed}
         io.write_json(REPORT, {"best": best["name"], "cells": {c["name"]: c for c in cells},
-                               "inference": {c["name"]: c for c in gen}})
+                               "inference": {c["name"]: c for c in gen}, "failed": failed})
         io.write_json(PLOT, [{"cell": c["name"], "step_ms": c["step_ms"], "mfu": c["mfu"],
                               "peak_mib": c["memory"]["peak_bytes"] / 2**20} for c in cells])
-        io.write_text(TABLE, table(cells) + "\n" + inference.table(gen))
-    print(table(cells) + "\n" + inference.table(gen))
+        text = "\n".join(filter(None, [table(cells), inference.table(gen), failed_list(failed)]))
+        io.write_text(TABLE, text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,11 @@ def test_reports_hold_finite_numbers(demo):
     assert list(profile["inference"]) == ["fp32", "fp32-no-lora", "math-attention"]
     for cell in profile["inference"].values():
         assert cell["seconds_per_image"] > 0 and 0 < cell["mfu"] <= 1 and cell["flops_per_image"] > 0
+    if not torch.cuda.is_available():  # the demo's qlora cell needs CUDA: reported, and the others ran
+        assert "qlora" not in profile["cells"] and len(profile["cells"]) == 6
+        reason = profile["failed"]["matrix"]["qlora"]["error"]
+        assert reason.startswith("train.qlora: 4-bit NF4 loading needs a CUDA GPU")
+        assert f"- `qlora` (matrix): {reason}" in (demo / "reports/profile.md").read_text()
     trace = json.loads((demo / "reports/traces/trace-baseline.json").read_text())
     names = {e.get("name") for e in trace["traceEvents"]}
     assert {"forward", "backward", "optimizer"} <= names

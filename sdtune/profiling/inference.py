@@ -42,6 +42,7 @@ def profile_cell(params, raw: dict, lora_dir, device, repeats: int = 3) -> dict:
     if cell.channels_last:
         denoiser.to(memory_format=torch.channels_last)
     if cell.compile:
+        torch._dynamo.reset()  # compiled code is cached per function: a fresh model needs a fresh cache
         denoiser.compile()
     e = params.evaluate
 
