@@ -115,17 +115,18 @@ class Arch:
     lora_targets: list
     blocks: tuple           # class names of the repeated blocks (regional compile)
     res: int                # native resolution
+    family: str             # sdtune's model.family, whose training loss `--loop` runs
 
 
 ARCHS = {a.name: a for a in [
     Arch("sd15", UNet2DConditionModel, SD15_UNET, _TINY_UNET, _unet_cond, "epsilon", "sample", UNET_LORA,
-         ("BasicTransformerBlock", "ResnetBlock2D"), 512),
+         ("BasicTransformerBlock", "ResnetBlock2D"), 512, "sd1"),
     Arch("sdxl", UNet2DConditionModel, SDXL_UNET, _TINY_SDXL, _sdxl_cond, "epsilon", "sample", UNET_LORA,
-         ("BasicTransformerBlock", "ResnetBlock2D"), 1024),
+         ("BasicTransformerBlock", "ResnetBlock2D"), 1024, "sdxl"),
     Arch("sd35m", SD3Transformer2DModel, SD35_MEDIUM, _TINY_SD3 | {"dual_attention_layers": [0]}, _sd3_cond,
-         "flow", "hidden_states", SD3_LORA, ("JointTransformerBlock",), 1024),
+         "flow", "hidden_states", SD3_LORA, ("JointTransformerBlock",), 1024, "sd3"),
     Arch("sd35l", SD3Transformer2DModel, SD35_LARGE, _TINY_SD3, _sd3_cond, "flow", "hidden_states", SD3_LORA,
-         ("JointTransformerBlock",), 1024),
+         ("JointTransformerBlock",), 1024, "sd3"),
 ]}
 TINY_RES = 64
 
@@ -234,6 +235,19 @@ def inputs(arch: Arch, batch: int, res: int, device, dtype, tiny=False):
     side = res // VAE_FACTOR
     latents = torch.randn(batch, cfg["in_channels"], side, side, device=device, dtype=dtype)
     return latents, arch.cond(cfg, batch, res, device, dtype)
+
+
+def cache_items(arch: Arch, n: int, res: int, tiny=False) -> list[dict]:
+    """`n` items the way the cache stage stores them for the arch's family (one dict per image,
+    on the host, float32): what `python -m bench.train_step --loop` feeds the training loop."""
+    latents, cond = inputs(arch, n, res, "cpu", torch.float32, tiny)
+    batch = {"latents": latents, "prompt_embeds": cond["encoder_hidden_states"]}
+    added = cond.get("added_cond_kwargs", {})
+    if added:  # SDXL: pooled embeddings and size conditioning
+        batch |= {"pooled_prompt_embeds": added["text_embeds"], "time_ids": added["time_ids"]}
+    if "pooled_projections" in cond:  # SD3
+        batch["pooled_prompt_embeds"] = cond["pooled_projections"]
+    return [{k: v[i].clone() for k, v in batch.items()} for i in range(n)]
 
 
 def n_params(model) -> int:

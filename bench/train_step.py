@@ -8,6 +8,11 @@ a step is the denoiser's forward and backward plus the optimizer, as in sdtune.t
 --baseline writes the step the way diffusers' examples/text_to_image/train_text_to_image_lora.py
 does instead: VAE encode and text-encoder forward inside every step, fp16 weights with fp16
 autocast and a GradScaler, no compile, one loss.item() per step. SD1.5 only, as that script is.
+
+--loop runs sdtune's own training step (sdtune.train.loop.train_step, as `dvc repro` trains) on the
+same denoiser, fed host-side items shaped like the cache's: the batch is stacked and copied to the
+device, noise and timesteps come from the per-step generator, and accelerate, clipping, the LR
+schedule and the optimizer run as in training. The gap to the plain step is what the loop costs.
 """
 
 import argparse
@@ -21,6 +26,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from accelerate.state import AcceleratorState
 from bench import archs
 from sdtune import io
 from sdtune.profiling import flops, hardware, memory
@@ -53,6 +59,7 @@ def parse(argv=None):
                         "flash, efficient, cudnn: that SDPA kernel only")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--baseline", action="store_true", help="the diffusers-example way (see above)")
+    p.add_argument("--loop", action="store_true", help="sdtune's training loop step (see above)")
     p.add_argument("--steps", type=int, default=20, help="measured steps")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--phases", action="store_true",
@@ -68,7 +75,10 @@ def parse(argv=None):
     arch = archs.get(args.arch)
     args.res = args.res or (archs.TINY_RES if args.tiny else arch.res)
     args.precision = args.precision or ("fp16" if args.baseline else "bf16")
-    args.compile_scope = args.compile_scope or ("blocks" if arch.objective == "flow" else "full")
+    if args.loop and (args.baseline or args.tf32 or args.compile_scope == "blocks" or args.device == "meta"):
+        p.error("--loop runs the training loop's own step: not with --baseline, --tf32, --compile-scope blocks "
+                "(it compiles the whole denoiser, as train.compile does) or --device meta")
+    args.compile_scope = args.compile_scope or ("blocks" if arch.objective == "flow" and not args.loop else "full")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     cuda = args.device.startswith("cuda")
     if args.nf4 and not cuda:
@@ -87,6 +97,8 @@ def label(args) -> str:
     parts = [args.arch + ("-tiny" if args.tiny else ""), f"{args.res}px", f"bs{args.bs}", args.precision]
     if args.baseline:
         parts.append("baseline")
+    if args.loop:
+        parts.append("loop")
     if args.compile:
         parts.append("compile" + ("" if args.compile_mode == "default" else f"-{args.compile_mode}"))
     for flag, text in [(args.checkpointing, "ckpt"), (args.nf4, "nf4"), (args.tf32, "tf32"),
@@ -114,6 +126,9 @@ class Bench:
         self.dtype = dtype
 
         self.model = archs.build(self.arch, args.tiny, self.device, dtype, nf4=args.nf4)
+        if args.loop:
+            self._setup_loop()
+            return
         lora.add(self.model, SimpleNamespace(rank=args.rank, alpha=float(args.rank), dropout=0.0, init="gaussian",
                                              target_modules=None, use_dora=False), self.arch.lora_targets)
         self.params = lora.trainable(self.model)
@@ -138,6 +153,27 @@ class Bench:
         self.amp = (torch.autocast(self.device.type, dtype=dtype)
                     if dtype != torch.float32 and self.device.type != "meta" else contextlib.nullcontext())
 
+    def _setup_loop(self):
+        """A training-loop Run over this denoiser: LoRA, optimizer and everything else as in training."""
+        from sdtune import params as params_lib
+
+        a = self.args
+        train = {"steps": 10**6, "batch_size": a.bs, "wandb": "disabled", "optimizer": a.optimizer,
+                 "mixed_precision": {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[a.precision],
+                 "gradient_checkpointing": a.checkpointing, "channels_last": a.channels_last,
+                 "attention": "math" if a.attention == "math" else "sdpa", "compile": a.compile,
+                 "compile_mode": a.compile_mode, "lora": {"rank": a.rank, "alpha": float(a.rank)}}
+        # model.id "tiny" only picks the noise schedule (the same as the real configs'); the
+        # denoiser is this one.
+        params = params_lib.parse({"base": {"seed": a.seed, "device": "cuda" if self.device.type == "cuda" else "cpu"},
+                                   "model": {"family": self.arch.family, "id": "tiny", "resolution": a.res},
+                                   "train": train})
+        AcceleratorState._reset_state(reset_partial_state=True)
+        items = archs.cache_items(self.arch, a.bs, a.res, a.tiny)
+        self.run = loop.prepare(params, items, denoiser=self.model)
+        self.model = self.run.accelerator.unwrap_model(self.run.denoiser)
+        self.params, self.optimizer, self.step_index = lora.trainable(self.model), self.run.optimizer, 0
+
     def _setup_baseline(self):
         from diffusers import DDPMScheduler
 
@@ -161,6 +197,9 @@ class Bench:
 
     def compile(self):
         a = self.args
+        if a.loop:
+            loop.compile_denoiser(self.run)
+            return
         mode = None if a.compile_mode == "default" else a.compile_mode
         if a.compile_scope == "full":
             self.forward = torch.compile(self.model, mode=mode)
@@ -185,6 +224,11 @@ class Bench:
         """One optimizer step. Returns the loss, still on the device (no host sync here)."""
         if self.args.baseline:
             return self._baseline_step(timer)
+        if self.args.loop:
+            with loop.attention(self.args.attention):  # a kernel the loop's own key cannot force
+                loss = loop.train_step(self.run, self.step_index, timer)
+            self.step_index += 1
+            return loss
         if self.args.compile and self.args.compile_mode == "reduce-overhead":
             # CUDA graphs reuse their output buffers; mark where one step's tensors stop being needed.
             torch.compiler.cudagraph_mark_step_begin()
@@ -278,7 +322,8 @@ def run(args) -> dict:
     peak, peak_source = hardware.peak_tflops(device, DTYPES[args.precision])
     result = {
         "name": args.name, "arch": args.arch, "tiny": args.tiny, "res": args.res, "bs": args.bs,
-        "precision": args.precision, "tf32": args.tf32, "baseline": args.baseline, "compile": args.compile,
+        "precision": args.precision, "tf32": args.tf32, "baseline": args.baseline, "loop": args.loop,
+        "compile": args.compile,
         "compile_mode": args.compile_mode if args.compile else None,
         "compile_scope": args.compile_scope if args.compile else None,
         "checkpointing": args.checkpointing, "optimizer": args.optimizer, "rank": args.rank, "nf4": args.nf4,

@@ -87,6 +87,8 @@ CASES = {
     "sd15-ckpt": ["--arch", "sd15", "--checkpointing"],
     "sd35m": ["--arch", "sd35m"],
     "sd35m-ckpt": ["--arch", "sd35m", "--checkpointing"],
+    "sd15-loop": ["--arch", "sd15", "--loop", "--phases"],
+    "sd35m-loop": ["--arch", "sd35m", "--loop"],
 }
 
 
@@ -119,6 +121,25 @@ def test_train_step_measures_time_flops_and_mfu(results, case):
         assert r["flops_dispatched"] == _independent_flops(argv, checkpointing=True) > r["flops_per_step"]
         assert r["hfu"] > r["mfu"]
     assert r["trainable_params"] > 0 and math.isfinite(r["final_loss"])
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd35m"])
+def test_loop_times_the_training_loops_own_step_on_the_same_denoiser(results, arch):
+    looped = json.loads(results[f"{arch}-loop"][1].read_text())
+    plain = json.loads(results[arch][1].read_text())
+    assert looped["loop"] and not plain["loop"] and looped["name"].endswith("loop")
+    # The same denoiser and LoRA targets: the same model FLOPs, whatever else the loop does.
+    assert looped["flops_per_step"] == plain["flops_per_step"]
+    assert looped["trainable_params"] == plain["trainable_params"]
+    if looped["phases"]:  # the loop's own phases: the batch stacked on the host, then copied
+        assert {"data", "h2d", "forward", "backward", "optimizer"} <= set(looped["phases"])
+
+
+def test_loop_refuses_what_the_training_loop_does_not_do(capsys):
+    for extra in (["--baseline"], ["--arch", "sd35m", "--compile", "--compile-scope", "blocks"]):
+        with pytest.raises(SystemExit):
+            train_step.parse(["--tiny", "--loop", *extra])
+        assert "--loop runs the training loop's own step" in capsys.readouterr().err
 
 
 def test_attention_flops_are_counted_on_cpu(results):

@@ -90,7 +90,20 @@ class Run:
 
 
 def setup(params, cache_dir) -> Run:
-    """Load the cache and the denoiser, attach LoRA, build the optimizer; nothing trained yet."""
+    """Load the cache and the denoiser, attach LoRA, build the optimizer, compile if asked;
+    nothing trained yet."""
+    items = cache_lib.load(cache_dir)
+    if not items:
+        raise UserError(f"{cache_dir}/index.json: the cache holds no items; run the cache stage first")
+    run = prepare(params, items)
+    if params.train.compile:
+        compile_denoiser(run)
+    return run
+
+
+def prepare(params, items: list[dict], denoiser=None) -> Run:
+    """A Run over `items` (the cached tensors, one dict per image): the denoiser loaded (unless
+    given: bench/ passes real-size ones with random weights), LoRA attached, optimizer built."""
     p, m = params.train, params.model
     device_type = runtime.device(params.base).type
     accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision(p.mixed_precision, device_type))
@@ -100,13 +113,10 @@ def setup(params, cache_dir) -> Run:
         torch.use_deterministic_algorithms(True)
     family = families.get(m.family)
 
-    items = cache_lib.load(cache_dir)
-    if not items:
-        raise UserError(f"{cache_dir}/index.json: the cache holds no items; run the cache stage first")
-
     # The frozen base sits in the compute dtype; the LoRA weights stay float32 for stable updates.
     dtype = weight_dtype(accelerator.mixed_precision)
-    denoiser = family.load_denoiser(m, dtype=dtype, quantization_config=qlora_config(p, accelerator, dtype))
+    if denoiser is None:
+        denoiser = family.load_denoiser(m, dtype=dtype, quantization_config=qlora_config(p, accelerator, dtype))
     denoiser.train()  # from_pretrained returns eval mode, which would switch LoRA dropout off
     lora.add(denoiser, p.lora, family.LORA_TARGETS)
     for param in lora.trainable(denoiser):
@@ -119,11 +129,14 @@ def setup(params, cache_dir) -> Run:
     opt = optim.optimizer(p.optimizer, lora.trainable(denoiser), p.lr, p.weight_decay, accelerator.device)
     sched = optim.scheduler(p.lr_scheduler, opt, p.warmup_steps, p.steps)
     denoiser, opt = accelerator.prepare(denoiser, opt)
-    if p.compile:
-        # In place: state-dict keys, LoRA saving and resume are unchanged.
-        denoiser.compile(mode=None if p.compile_mode == "default" else p.compile_mode)
     ema = EMAModel(lora.trainable(denoiser), decay=p.ema_decay) if p.ema_decay else None
     return Run(params, accelerator, family, denoiser, family.load_noise_scheduler(m), opt, sched, items, ema)
+
+
+def compile_denoiser(run: Run) -> None:
+    """torch.compile in place: state-dict keys, LoRA saving and resume are unchanged."""
+    mode = run.params.train.compile_mode
+    run.denoiser.compile(mode=None if mode == "default" else mode)
 
 
 def epoch_batches(run: Run, epoch: int) -> list[list[int]]:
