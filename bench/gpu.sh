@@ -111,7 +111,8 @@ CSTEPS=(--steps 10 --warmup 5)
 # the whole list needs about 15 minutes; BENCH_ONLY="name ..." (and "tests") picks a subset, e.g. to
 # split it over two calls. The order is by importance: the four targets eager (each then has a
 # number even if time runs out), the diffusers example's way for the speedup column, the compiled
-# runs that meet the targets, what might lift SD1.5 bs16 to 35% MFU, then one change at a time.
+# runs that meet the targets, the training loop's own step, what might lift SD1.5 bs16 to 35% MFU,
+# then one change at a time.
 run sd15-bs16-bf16 90 "${SD15[@]}" --bs 16 --precision bf16 "${STEPS[@]}"
 run sd15-bs1-bf16 60 "${SD15[@]}" --bs 1 --precision bf16 "${STEPS[@]}"
 run sd35m-bs3-bf16 90 --arch sd35m --res 1024 --bs 3 --precision bf16 "${STEPS[@]}"
@@ -123,6 +124,12 @@ run sd15-bs1-bf16-compile-cudagraphs 200 "${SD15[@]}" --bs 1 --precision bf16 --
     --compile-mode reduce-overhead "${CSTEPS[@]}"
 run sd15-bs16-bf16-compile 200 "${SD15[@]}" --bs 16 --precision bf16 --compile "${CSTEPS[@]}"
 run sd35m-bs3-bf16-compile 180 --arch sd35m --res 1024 --bs 3 --precision bf16 --compile "${CSTEPS[@]}"
+# Not yet measured: the training loop's own step (--loop: host-side batch, per-step generator,
+# accelerate, clipping, LR schedule) on the same denoisers, against the plain steps above.
+run sd15-bs16-bf16-compile-loop 200 "${SD15[@]}" --bs 16 --precision bf16 --compile --loop "${CSTEPS[@]}"
+run sd15-bs1-bf16-compile-cudagraphs-loop 200 "${SD15[@]}" --bs 1 --precision bf16 --compile \
+    --compile-mode reduce-overhead --loop "${CSTEPS[@]}"
+run sd15-bs16-bf16-loop 90 "${SD15[@]}" --bs 16 --precision bf16 --loop "${STEPS[@]}"
 # Not yet measured: candidates for the SD1.5 bs16 MFU target (27.4% compiled, 35% asked).
 run sd15-bs16-bf16-compile-cudnn-attn 200 "${SD15[@]}" --bs 16 --precision bf16 --compile --attention cudnn \
     "${CSTEPS[@]}"
