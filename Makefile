@@ -30,7 +30,7 @@ install:
 demo:
 	HF_HUB_OFFLINE=1 dvc exp run $(DEMO)
 	@echo "demo: outputs in data/, cache/, models/, reports/ (params.yaml now holds the demo's values;"
-	@echo "      'git checkout params.yaml dvc.lock' returns to the real run)"
+	@echo "      'git checkout params.yaml && rm dvc.lock' returns to the real run)"
 
 test:
 	$(PYTHON) -m pytest -q
