@@ -130,6 +130,7 @@ run sd15-bs16-bf16-compile-loop 200 "${SD15[@]}" --bs 16 --precision bf16 --comp
 run sd15-bs1-bf16-compile-cudagraphs-loop 200 "${SD15[@]}" --bs 1 --precision bf16 --compile \
     --compile-mode reduce-overhead --loop "${CSTEPS[@]}"
 run sd15-bs16-bf16-loop 90 "${SD15[@]}" --bs 16 --precision bf16 --loop "${STEPS[@]}"
+run sd35m-bs3-bf16-compile-loop 180 --arch sd35m --res 1024 --bs 3 --precision bf16 --compile --loop "${CSTEPS[@]}"
 # Not yet measured: candidates for the SD1.5 bs16 MFU target (27.4% compiled, 35% asked).
 run sd15-bs16-bf16-compile-cudnn-attn 200 "${SD15[@]}" --bs 16 --precision bf16 --compile --attention cudnn \
     "${CSTEPS[@]}"

@@ -11,8 +11,9 @@ autocast and a GradScaler, no compile, one loss.item() per step. SD1.5 only, as 
 
 --loop runs sdtune's own training step (sdtune.train.loop.train_step, as `dvc repro` trains) on the
 same denoiser, fed host-side items shaped like the cache's: the batch is stacked and copied to the
-device, noise and timesteps come from the per-step generator, and accelerate, clipping, the LR
-schedule and the optimizer run as in training. The gap to the plain step is what the loop costs.
+device, noise and timesteps come from the per-step generator, accelerate, clipping, the LR
+schedule and the optimizer run as in training, and --compile compiles as train.compile does (per
+block for SD3). The gap to the plain step is what the loop costs.
 """
 
 import argparse
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.state import AcceleratorState
 from bench import archs
-from sdtune import io
+from sdtune import families, io
 from sdtune.profiling import flops, hardware, memory
 from sdtune.profiling.phases import PhaseTimer, sync
 from sdtune.train import lora, loop, optim
@@ -75,10 +76,15 @@ def parse(argv=None):
     arch = archs.get(args.arch)
     args.res = args.res or (archs.TINY_RES if args.tiny else arch.res)
     args.precision = args.precision or ("fp16" if args.baseline else "bf16")
-    if args.loop and (args.baseline or args.tf32 or args.compile_scope == "blocks" or args.device == "meta"):
-        p.error("--loop runs the training loop's own step: not with --baseline, --tf32, --compile-scope blocks "
-                "(it compiles the whole denoiser, as train.compile does) or --device meta")
-    args.compile_scope = args.compile_scope or ("blocks" if arch.objective == "flow" and not args.loop else "full")
+    if args.loop:
+        if args.baseline or args.tf32 or args.device == "meta":
+            p.error("--loop runs the training loop's own step: not with --baseline, --tf32 or --device meta")
+        # train.compile's scope is the family's (sdtune.families.*.COMPILE_BLOCKS).
+        scope = "blocks" if families.get(arch.family).COMPILE_BLOCKS else "full"
+        if args.compile_scope not in (None, scope):
+            p.error(f"--loop runs the training loop's own step, which compiles {args.arch} with --compile-scope {scope}")
+        args.compile_scope = scope
+    args.compile_scope = args.compile_scope or ("blocks" if arch.objective == "flow" else "full")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     cuda = args.device.startswith("cuda")
     if args.nf4 and not cuda:

@@ -136,7 +136,7 @@ def test_loop_times_the_training_loops_own_step_on_the_same_denoiser(results, ar
 
 
 def test_loop_refuses_what_the_training_loop_does_not_do(capsys):
-    for extra in (["--baseline"], ["--arch", "sd35m", "--compile", "--compile-scope", "blocks"]):
+    for extra in (["--baseline"], ["--arch", "sd15", "--compile", "--compile-scope", "blocks"]):
         with pytest.raises(SystemExit):
             train_step.parse(["--tiny", "--loop", *extra])
         assert "--loop runs the training loop's own step" in capsys.readouterr().err

@@ -4,6 +4,8 @@
     LORA_TARGETS        default peft target modules of the denoiser
     DENOISER            the denoiser's diffusers model class (UNet2DConditionModel, SD3Transformer2DModel)
     DENOISER_ATTR       "unet" or "transformer": the pipeline attribute holding the denoiser
+    COMPILE_BLOCKS      class names that train.compile compiles one by one (regional compilation),
+                        or None to compile the whole denoiser
 
     load_pipeline(model, dtype, **components)   -> pipeline (hub id + revision, or the tiny variant);
                                                    components (e.g. unet=...) replace loaded ones

@@ -11,6 +11,7 @@ PIPELINE = StableDiffusionPipeline
 DENOISER = UNet2DConditionModel
 DENOISER_ATTR = "unet"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+COMPILE_BLOCKS = None  # the whole UNet, as bench/ measured it (its blocks come in four widths)
 
 
 # ---- the tiny random-initialised variant (offline tests and the demo) ----

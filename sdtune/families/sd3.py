@@ -21,6 +21,9 @@ DENOISER_ATTR = "transformer"
 # Attention projections of the joint blocks: the image stream (to_*) and the text stream (add_*,
 # to_add_out). The suffixes also catch SD3.5's second image-only attention (attn2).
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# 24 (Medium) or 38 (Large) identical blocks: compiled one at a time, the graph is built once and
+# reused, which is how bench/ measured SD3.5 Medium at 225 ms/step on an H200 (386 ms eager).
+COMPILE_BLOCKS = ("JointTransformerBlock",)
 
 # T5 tokens per prompt: the pipeline's own default at inference, so training sees the same context.
 T5_MAX_LENGTH = 256

@@ -19,6 +19,7 @@ PIPELINE = StableDiffusionXLPipeline
 DENOISER = UNet2DConditionModel
 DENOISER_ATTR = "unet"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+COMPILE_BLOCKS = None  # the whole UNet, as for SD 1.x
 
 
 # ---- the tiny random-initialised variant (offline tests and the demo) ----

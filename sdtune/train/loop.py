@@ -134,9 +134,16 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
 
 
 def compile_denoiser(run: Run) -> None:
-    """torch.compile in place: state-dict keys, LoRA saving and resume are unchanged."""
-    mode = run.params.train.compile_mode
-    run.denoiser.compile(mode=None if mode == "default" else mode)
+    """torch.compile in place, the whole denoiser or each of the family's COMPILE_BLOCKS:
+    state-dict keys, LoRA saving and resume are unchanged."""
+    mode = None if run.params.train.compile_mode == "default" else run.params.train.compile_mode
+    blocks = run.family.COMPILE_BLOCKS
+    if blocks is None:
+        run.denoiser.compile(mode=mode)
+        return
+    for module in run.accelerator.unwrap_model(run.denoiser).modules():
+        if type(module).__name__ in blocks:
+            module.compile(mode=mode)
 
 
 def epoch_batches(run: Run, epoch: int) -> list[list[int]]:
