@@ -57,7 +57,7 @@ cat "$OUT/versions.txt"
 # they are quick, and they say whether the code paths the benchmark times work at all.
 if [[ -z ${BENCH_SKIP_TESTS:-} && ( -z ${BENCH_ONLY:-} || " $BENCH_ONLY " == *" tests "* ) ]]; then
     echo "== tests/test_gpu.py"
-    timeout --kill-after=10 "${BENCH_TESTS_TIMEOUT_S:-150}" "$PY" -m pytest -q -p no:cacheprovider -rs \
+    timeout --kill-after=10 "${BENCH_TESTS_TIMEOUT_S:-240}" "$PY" -m pytest -q -p no:cacheprovider -rs \
         tests/test_gpu.py >"$OUT/gpu-tests.txt" 2>&1 || true
     tail -n 5 "$OUT/gpu-tests.txt"
 fi
