@@ -145,13 +145,15 @@ def tune(pipe, family, scheduler, channels_last, compile_):
     import diffusers
     import torch
 
+    from sdtune.families import common
+
     if SCHEDULERS[scheduler] is not None:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     denoiser = getattr(pipe, family.DENOISER_ATTR)
     if channels_last:
         denoiser.to(memory_format=torch.channels_last)
     if compile_:
-        denoiser.compile()  # in place: the pipeline keeps its module (and its config)
+        common.compile_denoiser(denoiser, family.COMPILE_BLOCKS)
     return pipe
 
 

@@ -264,6 +264,17 @@ def test_the_loss_and_its_backward_read_nothing_back_to_the_host(params, batch, 
     assert host.reads == []
 
 
+def compiled_classes(model) -> set:
+    return {type(m).__name__ for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None}
+
+
+def test_generate_compiles_the_blocks_as_training_does(params):
+    from sdtune import cli
+
+    pipe = cli.tune(sd3.load_pipeline(params.model), sd3, "default", channels_last=False, compile_=True)
+    assert compiled_classes(pipe.transformer) == {"JointTransformerBlock"}  # wrapped now, compiled on first use
+
+
 def test_compile_takes_the_transformer_blocks_one_by_one_and_trains_as_eager(images, tmp_path):
     """train.compile on SD3 compiles each JointTransformerBlock (one graph, reused), not the whole
     transformer, and the compiled loop computes what the eager one does."""
@@ -279,7 +290,6 @@ def test_compile_takes_the_transformer_blocks_one_by_one_and_trains_as_eager(ima
         torch._dynamo.reset()
         run = loop.setup(make_params(batch_size=2, lr=1e-3, compile=compiled), tmp_path / "cache")
         model = run.accelerator.unwrap_model(run.denoiser)
-        names = {type(m).__name__ for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None}
-        assert names == ({"JointTransformerBlock"} if compiled else set())
+        assert compiled_classes(model) == ({"JointTransformerBlock"} if compiled else set())
         losses[compiled] = torch.stack([loop.train_step(run, s) for s in range(3)])
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)

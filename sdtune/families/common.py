@@ -114,6 +114,18 @@ def hub_error(model, err) -> UserError:
                      f"{str(err).splitlines()[0]}")
 
 
+def compile_denoiser(denoiser, blocks, mode: str = "default") -> None:
+    """torch.compile in place (the pipeline and the state-dict keys keep their modules): the whole
+    denoiser, or each module whose class is named in `blocks` (a family's COMPILE_BLOCKS)."""
+    mode = None if mode == "default" else mode
+    if not blocks:
+        denoiser.compile(mode=mode)
+        return
+    for module in denoiser.modules():  # through a DDP wrapper too: it holds the model as a child
+        if type(module).__name__ in blocks:
+            module.compile(mode=mode)
+
+
 def sample_timesteps(scheduler, batch_size, generator, device):
     """Drawn on the host from the step's generator (the same on every device), copied without a sync."""
     t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)

@@ -11,6 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from sdtune import families
+from sdtune.families import common
 from sdtune.data import cache as cache_lib
 from sdtune.params import validate
 from sdtune.evaluate import generate, metrics
@@ -43,7 +44,7 @@ def profile_cell(params, raw: dict, lora_dir, device, repeats: int = 3) -> dict:
         denoiser.to(memory_format=torch.channels_last)
     if cell.compile:
         torch._dynamo.reset()  # compiled code is cached per function: a fresh model needs a fresh cache
-        denoiser.compile()
+        common.compile_denoiser(denoiser, family.COMPILE_BLOCKS)
     e = params.evaluate
 
     def one():

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from sdtune import families, io, runtime
 from sdtune.data import cache as cache_lib
+from sdtune.families import common
 from sdtune.errors import UserError
 from sdtune.params import CUDA_GRAPH_MODES
 from sdtune.profiling import memory
@@ -134,16 +135,8 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
 
 
 def compile_denoiser(run: Run) -> None:
-    """torch.compile in place, the whole denoiser or each of the family's COMPILE_BLOCKS:
-    state-dict keys, LoRA saving and resume are unchanged."""
-    mode = None if run.params.train.compile_mode == "default" else run.params.train.compile_mode
-    blocks = run.family.COMPILE_BLOCKS
-    if blocks is None:
-        run.denoiser.compile(mode=mode)
-        return
-    for module in run.accelerator.unwrap_model(run.denoiser).modules():
-        if type(module).__name__ in blocks:
-            module.compile(mode=mode)
+    """train.compile: in place, so LoRA saving and resume see the same modules and keys."""
+    common.compile_denoiser(run.denoiser, run.family.COMPILE_BLOCKS, run.params.train.compile_mode)
 
 
 def epoch_batches(run: Run, epoch: int) -> list[list[int]]:
