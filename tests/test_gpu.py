@@ -92,6 +92,22 @@ def test_cuda_graphs_train_like_the_eager_loop(cache_dir):
     torch.testing.assert_close(losses["reduce-overhead"], losses["eager"], rtol=0.05, atol=0.01)
 
 
+def test_cuda_graphs_survive_validation_and_checkpoints(cache_dir, tmp_path):
+    """The whole loop under CUDA graphs: validation samples with the compiled denoiser in eval mode
+    and hands it back, checkpoints read the optimizer's state between replays."""
+    from sdtune.train import validate as validate_lib
+
+    p = params(compile=True, compile_mode="reduce-overhead", validate_every=2, checkpoint_every=2,
+               validation_steps=2)
+    run = setup(p, cache_dir)
+    (tmp_path / "val").mkdir()
+    stats = loop.train(run, tmp_path / "ckpt", cache_dir, validate=validate_lib.Validator(p, run.family, tmp_path / "val"))
+    torch._dynamo.reset()
+    assert np.isfinite(stats["final_loss"])
+    assert sorted(f.name for f in (tmp_path / "val").glob("*.png")) == ["step-0000002.png", "step-0000004.png"]
+    assert list((tmp_path / "ckpt").iterdir())
+
+
 def test_qlora_trains_lora_on_an_nf4_base(cache_dir):
     import bitsandbytes as bnb
 
