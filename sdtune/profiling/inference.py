@@ -54,6 +54,7 @@ def profile_cell(params, raw: dict, lora_dir, device, repeats: int = 3) -> dict:
 
     memory.reset_peak(device)
     timing = metrics.time_it(one, repeats=repeats, warmup=1, sync=device)
+    peak_mem = memory.peak_memory(device)["peak_bytes"]  # before the FLOP count and a GEMM ceiling
     n_flops = flops.count_flops(one)
     peak, source = hardware.peak_tflops(device, cache_lib.DTYPES[cell.dtype])
     seconds = timing["median_s"]
@@ -61,7 +62,7 @@ def profile_cell(params, raw: dict, lora_dir, device, repeats: int = 3) -> dict:
             "denoiser_steps_per_second": e.steps / seconds, "flops_per_image": n_flops,
             "achieved_tflops": flops.achieved_tflops(n_flops, seconds), "mfu": hardware.mfu(n_flops, seconds, peak),
             "peak_tflops": peak, "peak_source": source,
-            "peak_memory_bytes": memory.peak_memory(device)["peak_bytes"]}
+            "peak_memory_bytes": peak_mem}
 
 
 def table(cells) -> str:

@@ -123,10 +123,12 @@ def profile_cell(params, spec: dict, cache_dir, trace_path=None, raw_dir="data/r
     device = run.accelerator.device
     memory.reset_peak(device)
     summary = measure(run, step_fn, p.steps, p.warmup)
+    # Read before the FLOP count, whose step runs without checkpointing, and before a GEMM ceiling
+    # is measured: either would otherwise become this cell's peak.
+    peak_mem = memory.peak_memory(device)
     step_s = summary["step_median_ms"] / 1e3
     n_flops = model_flops(run, step_fn, p.warmup + p.steps)
     peak, peak_source = hardware.peak_tflops(device, loop.weight_dtype(run.accelerator.mixed_precision))
-    peak_mem = memory.peak_memory(device)
     parts = memory.breakdown(run.accelerator.unwrap_model(run.denoiser), run.optimizer)
     usd = p.usd_per_hour or cost_lib.hourly_price(p.machine_type)
     if trace_path is not None:
