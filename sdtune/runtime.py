@@ -21,11 +21,6 @@ def device(base) -> torch.device:
     return torch.device("cuda")
 
 
-def compute_dtype(device) -> torch.dtype:
-    """What the frozen models compute in: bfloat16 on CUDA, float32 (the reference) elsewhere."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
 def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     """A host tensor on `device` without a host sync. A copy to CUDA from ordinary (pageable)
     memory blocks the host until the GPU has run everything queued before it, so the host could

@@ -72,3 +72,17 @@ def test_nothing_usable_is_one_clear_error(tmp_path):
     done = stage("caption", tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == "error: data/raw: no usable image among 1 files; reasons in reports/data.json"
+
+
+def test_cache_keys_name_the_dtype_the_encoders_ran_in():
+    """A cache built on a CPU (float32 encoders) is not reused on a GPU (bf16 encoders): other latents."""
+    import torch
+
+    from sdtune import params as params_lib
+    from sdtune.data import cache
+
+    p = params_lib.parse({"model": {"id": "tiny", "resolution": 64}})
+    row = {"file": "a.png", "sha256": "0" * 64, "caption": "a picture"}
+    cpu, gpu = (cache.item_key(row, p.model, p.cache, dtype) for dtype in (torch.float32, torch.bfloat16))
+    assert cpu != gpu
+    assert cpu == cache.item_key(row, p.model, p.cache, torch.float32)

@@ -13,20 +13,23 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from sdtune import io, runtime
+from sdtune import io
+from sdtune.families import common
 from sdtune.data.images import MAX_PIXELS, load_rgb
 
 VERSION = 1  # bump when what an item holds changes
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def item_key(row, model, cache) -> str:
+def item_key(row, model, cache, encode_dtype: torch.dtype) -> str:
+    """The item's content key. `encode_dtype` is what the encoders ran in (bf16 on CUDA, float32
+    elsewhere): the same image encoded on another device gives other latents."""
     parts = {
         "v": VERSION, "image": row["sha256"], "caption": row["caption"],
         "family": model.family, "model": model.id, "revision": model.revision,
         "prediction_type": model.prediction_type, "resolution": model.resolution,
         "center_crop": cache.center_crop, "dtype": cache.dtype,
-        "bucket_step": cache.crop_step,
+        "bucket_step": cache.crop_step, "encode_dtype": str(encode_dtype),
     }
     return io.sha256_json(parts)
 
@@ -64,10 +67,11 @@ def prepare(path, resolution: int, center_crop: bool, bucket_step: int | None = 
     return pixels, meta
 
 
-def load_encoders(family, model, device):
+def load_encoders(family, model, device, dtype=None):
     """The pipeline without its denoiser (for SD3.5 Large that alone is 16 GB): VAE, tokenizers
-    and text encoders, bf16 on CUDA and float32 elsewhere."""
-    return family.load_pipeline(model, runtime.compute_dtype(device), **{family.DENOISER_ATTR: None}).to(device)
+    and text encoders, in `dtype` (default: bf16 on CUDA and float32 elsewhere)."""
+    dtype = dtype or common.compute_dtype(device)
+    return family.load_pipeline(model, dtype, **{family.DENOISER_ATTR: None}).to(device)
 
 
 def encode(family, pipe, prepared, captions, dtype, device) -> list[dict]:
@@ -86,7 +90,7 @@ def build(rows, raw_dir, out_dir, family, model, cache, device="cpu", *, max_pix
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     items = out_dir / "items"
     items.mkdir(parents=True, exist_ok=True)
-    keys = [item_key(r, model, cache) for r in rows]
+    keys = [item_key(r, model, cache, common.compute_dtype(device)) for r in rows]
     todo = [(r, k) for r, k in zip(rows, keys) if not (items / f"{k}.safetensors").exists()]
     dtype = DTYPES[cache.dtype]
 

@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from sdtune import quantize, runtime
+from sdtune import quantize
 from sdtune.errors import UserError
 from sdtune.families import common
 
@@ -106,7 +106,7 @@ def pipeline(family, model, device, *, lora_dir=None, variant_dir=None, method=N
         dtype = quantize.METHODS[method].dtype
         pipe = family.load_pipeline(model, dtype, **{family.DENOISER_ATTR: denoiser})
     else:
-        dtype = runtime.compute_dtype(device)
+        dtype = common.compute_dtype(device)
         pipe = family.load_pipeline(model, dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)

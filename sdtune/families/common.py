@@ -114,6 +114,13 @@ def hub_error(model, err) -> UserError:
                      f"{str(err).splitlines()[0]}")
 
 
+def compute_dtype(device) -> torch.dtype:
+    """What the frozen models compute in: bfloat16 on CUDA, float32 (the reference) elsewhere.
+    Here, not in the shared plumbing, because it decides what the cache and evaluate stages write
+    (their dvc.yaml deps include sdtune/families)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def compile_denoiser(denoiser, blocks, mode: str = "default") -> None:
     """torch.compile in place (the pipeline and the state-dict keys keep their modules): the whole
     denoiser, or each module whose class is named in `blocks` (a family's COMPILE_BLOCKS)."""

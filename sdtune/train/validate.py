@@ -4,7 +4,9 @@ from pathlib import Path
 
 import torch
 
+from sdtune.data import cache as cache_lib
 from sdtune.evaluate import generate, report
+from sdtune.train import loop
 
 
 class Validator:
@@ -23,11 +25,10 @@ class Validator:
         if not acc.is_main_process:
             return
         model = acc.unwrap_model(run.denoiser)
-        if self.pipe is None:
-            dtype = next(model.parameters()).dtype
-            self.pipe = self.family.load_pipeline(self.params.model, dtype, **{self.family.DENOISER_ATTR: None})
+        if self.pipe is None:  # the encoders in the frozen base's dtype
+            self.pipe = cache_lib.load_encoders(self.family, self.params.model, acc.device,
+                                                loop.weight_dtype(acc.mixed_precision))
             self.pipe.set_progress_bar_config(disable=True)
-            self.pipe.to(acc.device)
         self.pipe.register_modules(**{self.family.DENOISER_ATTR: model})
         size = self.params.model.resolution
         model.eval()
