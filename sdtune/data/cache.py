@@ -74,13 +74,14 @@ def load_encoders(family, model, device, dtype=None):
     return family.load_pipeline(model, dtype, **{family.DENOISER_ATTR: None}).to(device)
 
 
-def encode(family, pipe, prepared, captions, dtype, device) -> list[dict]:
-    """Encode same-size images (from `prepare`) and their captions: one dict of CPU tensors per item.
+def encode(family, pipe, prepared, captions, dtype, device, out_device="cpu") -> list[dict]:
+    """Encode same-size images (from `prepare`) and their captions: one dict of tensors on
+    `out_device` per item (the host, to be saved; the GPU when a step uses them straight away).
     Only floating tensors take `dtype`; integer ones (SDXL's sizes and crops) stay exact."""
     pixels = torch.stack([pix for pix, _ in prepared]).to(device)
     tensors = family.encode_images(pipe, pixels, [meta for _, meta in prepared])
     tensors |= family.encode_prompts(pipe, captions)
-    return [{name: t[j].detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+    return [{name: t[j].detach().to(out_device, dtype if t.is_floating_point() else t.dtype).contiguous()
              for name, t in tensors.items()} for j in range(len(prepared))]
 
 

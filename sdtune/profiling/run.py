@@ -56,8 +56,9 @@ class OnTheFly:
                 prepared = [cache_lib.prepare(self.raw_dir / self.rows[i]["file"], model.resolution, c.center_crop,
                                               c.crop_step, max_pixels=run.params.data.max_pixels) for i in idx]
             with timer.phase("encode"), torch.no_grad():
+                # Kept on the device, as the examples keep them: no trip through the host and back.
                 fresh = cache_lib.encode(run.family, self.pipe, prepared, [self.rows[i]["caption"] for i in idx],
-                                         self.dtype, self.device)
+                                         self.dtype, self.device, out_device=self.device)
             for i, item in zip(idx, fresh):
                 run.items[i] = item
 
