@@ -155,7 +155,8 @@ def epoch_batches(run: Run, epoch: int) -> list[list[int]]:
         for members in groups.values():
             order = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
             batches += [order[k:k + size] for k in range(0, len(order), size)]
-        run.batches = {e: b for e, b in run.batches.items() if e >= epoch - 1}  # keep memory flat
+        # Keep memory flat; epoch 0 stays, as sample_indices reads its length every step.
+        run.batches = {e: b for e, b in run.batches.items() if e >= epoch - 1 or e == 0}
         run.batches[epoch] = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
     return run.batches[epoch]
 
