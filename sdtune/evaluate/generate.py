@@ -96,9 +96,9 @@ def _libraries_silent():
         dlog.set_verbosity(level)
 
 
-def pipeline(family, model, device, *, lora_dir=None, variant_dir=None, method=None, lora_scale=1.0):
+def pipeline(family, model, device, *, lora_dir=None, variant_dir=None, method=None, lora_scale=1.0, dtype=None):
     """base: neither; base+LoRA: lora_dir; a quantized variant: variant_dir + method (+ lora_dir
-    when its LoRA was kept as an adapter)."""
+    when its LoRA was kept as an adapter). `dtype` (unquantized only) defaults to compute_dtype."""
     if lora_dir is not None:
         common.lora_path(lora_dir)  # a missing LoRA fails before the model loads
     if variant_dir is not None:
@@ -106,7 +106,7 @@ def pipeline(family, model, device, *, lora_dir=None, variant_dir=None, method=N
         dtype = quantize.METHODS[method].dtype
         pipe = family.load_pipeline(model, dtype, **{family.DENOISER_ATTR: denoiser})
     else:
-        dtype = common.compute_dtype(device)
+        dtype = dtype or common.compute_dtype(device)
         pipe = family.load_pipeline(model, dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)

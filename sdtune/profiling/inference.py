@@ -35,10 +35,8 @@ def parse_cell(raw: dict) -> Cell:
 def profile_cell(params, raw: dict, lora_dir, device, repeats: int = 3) -> dict:
     cell = parse_cell(raw)
     family = families.get(params.model.family)
-    pipe = family.load_pipeline(params.model, cache_lib.DTYPES[cell.dtype]).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    if cell.lora:
-        generate.add_lora(pipe, lora_dir)
+    pipe = generate.pipeline(family, params.model, device, lora_dir=lora_dir if cell.lora else None,
+                             dtype=cache_lib.DTYPES[cell.dtype])
     denoiser = getattr(pipe, family.DENOISER_ATTR)
     if cell.channels_last:
         denoiser.to(memory_format=torch.channels_last)
