@@ -174,7 +174,7 @@ def generate(args) -> None:
     paths = out_paths(args.out, prompts, seeds, many=args.prompts is not None or len(seeds) > 1)
 
     family = families.get(params.model.family)
-    device = runtime.device(params_lib.Base(device=args.device or params.base.device))
+    device = runtime.device(args.device or params.base.device)
     kwargs = variant_kwargs(args.variant, args.lora) if args.variant else {"lora_dir": args.lora}
     pipe = gen.pipeline(family, params.model, device, lora_scale=scale, **kwargs)
     tune(pipe, family, args.scheduler, args.channels_last, args.compile)

@@ -13,10 +13,11 @@ from sdtune.errors import UserError
 REPORTS = Path("reports")
 
 
-def device(base) -> torch.device:
-    if base.device == "cuda" and not torch.cuda.is_available():
+def device(choice: str) -> torch.device:
+    """base.device ("auto", "cpu" or "cuda", validated with the params) as a torch device."""
+    if choice == "cuda" and not torch.cuda.is_available():
         raise UserError("base.device: 'cuda' was asked for but no CUDA device is available; use auto or cpu")
-    if base.device == "cpu" or not torch.cuda.is_available():
+    if choice == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
 

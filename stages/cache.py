@@ -14,7 +14,7 @@ def main():
     with runtime.stage("cache"):
         rows = io.read_jsonl(CAPTIONS)
         counts = cache.build(rows, RAW, OUT, family, params.model, params.cache,
-                             device=runtime.device(params.base), max_pixels=params.data.max_pixels)
+                             device=runtime.device(params.base.device), max_pixels=params.data.max_pixels)
     print(f"cache: {counts['items']} items ({counts['encoded']} encoded, {counts['reused']} reused, "
           f"{counts['removed']} stale removed) in {OUT}/")
 

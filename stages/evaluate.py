@@ -50,7 +50,7 @@ def main():
     params = params_lib.load()
     p, size = params.evaluate, params.model.resolution
     family = families.get(params.model.family)
-    device = runtime.device(params.base)
+    device = runtime.device(params.base.device)
     prompts = generate.read_prompts(p.prompts, "evaluate.prompts")
     with runtime.stage("evaluate"):
         clip = clip_lib.load_clip(p.clip_model, p.clip_revision, device=device)

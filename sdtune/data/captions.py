@@ -169,9 +169,9 @@ def load_captioner(model_id: str, revision: str, *, seed: int = 0, device: str =
     import torch
     import transformers
 
-    from sdtune import params as params_lib, runtime  # runtime imports torch: loaded only when captioning
+    from sdtune import runtime  # runtime imports torch: loaded only when captioning
 
-    chosen = runtime.device(params_lib.validate(params_lib.Base, {"device": device}, "base"))
+    chosen = runtime.device(device)
     dtype = torch.float16 if chosen.type == "cuda" else torch.float32
     device = str(chosen)
     if model_id == TINY:

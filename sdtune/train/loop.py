@@ -106,7 +106,7 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
     """A Run over `items` (the cached tensors, one dict per image): the denoiser loaded (unless
     given: bench/ passes real-size ones with random weights), LoRA attached, optimizer built."""
     p, m = params.train, params.model
-    device_type = runtime.device(params.base).type
+    device_type = runtime.device(params.base.device).type
     accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision(p.mixed_precision, device_type))
     # Seeds python, numpy and torch: the LoRA initialisation and dropout draw from them.
     set_seed(params.base.seed)
