@@ -13,6 +13,8 @@ from ruamel.yaml import YAML, YAMLError
 from sdtune.errors import UserError
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
+DENSITIES = ("logit_normal", "uniform", "mode")     # SD3.x: how training timesteps are drawn
+WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")      # SD3.x: how the flow-matching loss is weighted
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 MAX_PIXELS = 178_956_970  # Pillow's own hard limit (2 x MAX_IMAGE_PIXELS); the images' default too
 
@@ -118,11 +120,11 @@ class Train(Section):
     validation_seeds: list[int] = [0, 1]
     validation_steps: int = Field(25, gt=0)
     # Flow-matching families (SD3.x): how timesteps are drawn and how the loss is weighted.
-    timestep_density: Literal["logit_normal", "uniform", "mode"] = "logit_normal"
+    timestep_density: Literal[DENSITIES] = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
     mode_scale: float = Field(1.29, ge=-1.0, le=1.75)
-    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    loss_weighting: Literal[WEIGHTINGS] = "none"
 
     @model_validator(mode="after")
     def _compile_mode(self):

@@ -13,6 +13,7 @@ from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, T5Config,
 
 from sdtune import runtime
 from sdtune.errors import UserError
+from sdtune.params import DENSITIES, WEIGHTINGS
 from sdtune.families import common
 
 PIPELINE = StableDiffusion3Pipeline
@@ -28,8 +29,6 @@ COMPILE_BLOCKS = ("JointTransformerBlock",)
 # T5 tokens per prompt: the pipeline's own default at inference, so training sees the same context.
 T5_MAX_LENGTH = 256
 
-DENSITIES = ("logit_normal", "uniform", "mode")
-WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
 
 # ---- the tiny random-initialised variant (offline tests and the demo) ----
