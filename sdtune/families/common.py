@@ -79,12 +79,12 @@ def tiny_ddpm_scheduler(model):
                          prediction_type=prediction_type(model))
 
 
-def load_ddpm_scheduler(model, tiny):
+def load_ddpm_scheduler(model):
     """The training scheduler of the epsilon/v families, with params' prediction type if set."""
     from diffusers import DDPMScheduler
 
     if model.id == "tiny":
-        return tiny(model)
+        return tiny_ddpm_scheduler(model)
     # SDXL ships an Euler config; DDPM reads the same betas from it, as diffusers' training scripts do.
     return set_prediction_type(from_hub(model, DDPMScheduler, "scheduler"), model)
 

@@ -50,7 +50,7 @@ tiny_scheduler = common.tiny_ddpm_scheduler
 # ---- loading ----
 
 def load_noise_scheduler(model):
-    return common.load_ddpm_scheduler(model, tiny_scheduler)
+    return common.load_ddpm_scheduler(model)
 
 
 def load_denoiser(model, dtype=torch.float32, quantization_config=None):

@@ -88,7 +88,7 @@ def tiny_sampling_scheduler(model):
 # ---- loading ----
 
 def load_noise_scheduler(model):
-    return common.load_ddpm_scheduler(model, tiny_scheduler)
+    return common.load_ddpm_scheduler(model)
 
 
 def load_denoiser(model, dtype=torch.float32, quantization_config=None):
