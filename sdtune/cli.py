@@ -125,19 +125,20 @@ def check_numbers(steps, guidance, size):
         raise UserError(f"--size: must be a positive multiple of 8 (the VAE's factor), got {size}")
 
 
-def out_paths(out: Path, prompts, seeds, many: bool) -> list[Path]:
-    """One file per prompt x seed: `out` itself for a single image, else <out>/NNN-<slug>-seed<S>.png."""
+def out_paths(out: Path, prompts, seeds, many: bool) -> list[tuple[str, int, Path]]:
+    """(prompt, seed, file) per prompt x seed: `out` itself for a single image, else
+    <out>/NNN-<slug>-seed<S>.png."""
     if not many:
         if out.suffix.lower() not in FORMATS:
             raise UserError(f"--out: {out} should end in one of {', '.join(FORMATS)} for one image")
-        return [out]
+        return [(prompts[0], seeds[0], out)]
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} is a file; with --prompts or several seeds it must be a folder")
-    paths = []
+    jobs = []
     for i, prompt in enumerate(prompts, 1):
         slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
-        paths += [out / f"{i:03d}-{slug}-seed{seed}.png" for seed in seeds]
-    return paths
+        jobs += [(prompt, seed, out / f"{i:03d}-{slug}-seed{seed}.png") for seed in seeds]
+    return jobs
 
 
 def tune(pipe, family, scheduler, channels_last, compile_):
@@ -171,7 +172,7 @@ def generate(args) -> None:
     seeds = args.seeds or [args.seed if args.seed is not None else params.base.seed]
     check_numbers(steps, guidance, size)
     prompts = [args.prompt] if args.prompt is not None else gen.read_prompts(args.prompts, "--prompts")
-    paths = out_paths(args.out, prompts, seeds, many=args.prompts is not None or len(seeds) > 1)
+    jobs = out_paths(args.out, prompts, seeds, many=args.prompts is not None or len(seeds) > 1)
 
     family = families.get(params.model.family)
     device = runtime.device(args.device or params.base.device)
@@ -179,8 +180,7 @@ def generate(args) -> None:
     pipe = gen.pipeline(family, params.model, device, lora_scale=scale, **kwargs)
     tune(pipe, family, args.scheduler, args.channels_last, args.compile)
 
-    jobs = [(p, s) for p in prompts for s in seeds]
-    for (prompt, seed), path in zip(jobs, paths):
+    for prompt, seed, path in jobs:
         image = gen.sample(pipe, prompt, seed, steps=steps, guidance=guidance, size=size)
         with io.atomic_path(path) as tmp:
             image.save(tmp, format=FORMATS[path.suffix.lower()])
