@@ -158,6 +158,10 @@ class Evaluate(Section):
     lora_scale: float = Field(1.0, ge=0)
 
 
+# A profile.matrix cell's keys that are not train keys: its name and where its latents come from.
+CELL_KEYS = ("name", "latents")
+
+
 class Profile(Section):
     steps: int = Field(6, gt=1)   # measured steps per matrix cell
     warmup: int = Field(2, ge=0)  # steps run first and not measured (allocation, autotuning)
