@@ -17,6 +17,8 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from sdtune import families
+
 # stable-diffusion-v1-5/stable-diffusion-v1-5 (formerly runwayml/...): unet/config.json
 SD15_UNET = {
     "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
@@ -78,10 +80,6 @@ _TINY_TEXT = {"vocab_size": 514, "hidden_size": 32, "intermediate_size": 37, "nu
               "num_attention_heads": 4, "projection_dim": 32, "bos_token_id": 512, "pad_token_id": 513,
               "eos_token_id": 513}
 
-UNET_LORA = ["to_q", "to_k", "to_v", "to_out.0"]
-# SD3 also trains the text stream's projections (as diffusers' train_dreambooth_lora_sd3.py does).
-SD3_LORA = UNET_LORA + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
 VAE_FACTOR = 8  # every VAE here downsamples 8x
 
 
@@ -112,20 +110,24 @@ class Arch:
     cond: Callable          # (config, batch, res, device, dtype) -> the denoiser's conditioning kwargs
     objective: str          # "epsilon" (DDPM) or "flow" (rectified flow)
     sample_arg: str         # the denoiser's keyword for the noisy latents
-    lora_targets: list
     blocks: tuple           # class names of the repeated blocks (regional compile)
     res: int                # native resolution
     family: str             # sdtune's model.family, whose training loss `--loop` runs
 
+    @property
+    def lora_targets(self) -> list:
+        """The family's default LoRA targets, as training uses (SD3 adds the text stream's projections)."""
+        return families.get(self.family).LORA_TARGETS
+
 
 ARCHS = {a.name: a for a in [
-    Arch("sd15", UNet2DConditionModel, SD15_UNET, _TINY_UNET, _unet_cond, "epsilon", "sample", UNET_LORA,
+    Arch("sd15", UNet2DConditionModel, SD15_UNET, _TINY_UNET, _unet_cond, "epsilon", "sample",
          ("BasicTransformerBlock", "ResnetBlock2D"), 512, "sd1"),
-    Arch("sdxl", UNet2DConditionModel, SDXL_UNET, _TINY_SDXL, _sdxl_cond, "epsilon", "sample", UNET_LORA,
+    Arch("sdxl", UNet2DConditionModel, SDXL_UNET, _TINY_SDXL, _sdxl_cond, "epsilon", "sample",
          ("BasicTransformerBlock", "ResnetBlock2D"), 1024, "sdxl"),
     Arch("sd35m", SD3Transformer2DModel, SD35_MEDIUM, _TINY_SD3 | {"dual_attention_layers": [0]}, _sd3_cond,
-         "flow", "hidden_states", SD3_LORA, ("JointTransformerBlock",), 1024, "sd3"),
-    Arch("sd35l", SD3Transformer2DModel, SD35_LARGE, _TINY_SD3, _sd3_cond, "flow", "hidden_states", SD3_LORA,
+         "flow", "hidden_states", ("JointTransformerBlock",), 1024, "sd3"),
+    Arch("sd35l", SD3Transformer2DModel, SD35_LARGE, _TINY_SD3, _sd3_cond, "flow", "hidden_states",
          ("JointTransformerBlock",), 1024, "sd3"),
 ]}
 TINY_RES = 64

@@ -23,13 +23,14 @@ import json
 import platform
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from accelerate.state import AcceleratorState
 from bench import archs
-from sdtune import families, io
+from sdtune import families, io, params
+from sdtune.families import common
+from sdtune.params import CUDA_GRAPH_MODES
 from sdtune.profiling import flops, hardware, memory
 from sdtune.profiling.phases import PhaseTimer, sync
 from sdtune.train import lora, loop, optim
@@ -76,15 +77,14 @@ def parse(argv=None):
     arch = archs.get(args.arch)
     args.res = args.res or (archs.TINY_RES if args.tiny else arch.res)
     args.precision = args.precision or ("fp16" if args.baseline else "bf16")
+    # The family's scope (sdtune.families.*.COMPILE_BLOCKS), as train.compile compiles it.
+    scope = "blocks" if families.get(arch.family).COMPILE_BLOCKS else "full"
     if args.loop:
         if args.baseline or args.tf32 or args.device == "meta":
             p.error("--loop runs the training loop's own step: not with --baseline, --tf32 or --device meta")
-        # train.compile's scope is the family's (sdtune.families.*.COMPILE_BLOCKS).
-        scope = "blocks" if families.get(arch.family).COMPILE_BLOCKS else "full"
         if args.compile_scope not in (None, scope):
             p.error(f"--loop runs the training loop's own step, which compiles {args.arch} with --compile-scope {scope}")
-        args.compile_scope = scope
-    args.compile_scope = args.compile_scope or ("blocks" if arch.objective == "flow" else "full")
+    args.compile_scope = args.compile_scope or scope
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     cuda = args.device.startswith("cuda")
     if args.nf4 and not cuda:
@@ -135,8 +135,7 @@ class Bench:
         if args.loop:
             self._setup_loop()
             return
-        lora.add(self.model, SimpleNamespace(rank=args.rank, alpha=float(args.rank), dropout=0.0, init="gaussian",
-                                             target_modules=None, use_dora=False), self.arch.lora_targets)
+        lora.add(self.model, params.Lora(rank=args.rank, alpha=float(args.rank)), self.arch.lora_targets)
         self.params = lora.trainable(self.model)
         for p in self.params:  # LoRA weights stay float32 for stable updates, as in sdtune.train.loop
             p.data = p.data.float()
@@ -155,14 +154,11 @@ class Bench:
             # DDPM's scaled-linear schedule (SD1.x/SDXL), kept on the device so noising needs no copy.
             betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, device=self.device) ** 2
             self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        self.forward = self.model
         self.amp = (torch.autocast(self.device.type, dtype=dtype)
                     if dtype != torch.float32 and self.device.type != "meta" else contextlib.nullcontext())
 
     def _setup_loop(self):
         """A training-loop Run over this denoiser: LoRA, optimizer and everything else as in training."""
-        from sdtune import params as params_lib
-
         a = self.args
         train = {"steps": 10**6, "batch_size": a.bs, "wandb": "disabled", "optimizer": a.optimizer,
                  "mixed_precision": {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[a.precision],
@@ -171,12 +167,12 @@ class Bench:
                  "compile_mode": a.compile_mode, "lora": {"rank": a.rank, "alpha": float(a.rank)}}
         # model.id "tiny" only picks the noise schedule (the same as the real configs'); the
         # denoiser is this one.
-        params = params_lib.parse({"base": {"seed": a.seed, "device": "cuda" if self.device.type == "cuda" else "cpu"},
+        run_params = params.parse({"base": {"seed": a.seed, "device": "cuda" if self.device.type == "cuda" else "cpu"},
                                    "model": {"family": self.arch.family, "id": "tiny", "resolution": a.res},
                                    "train": train})
         AcceleratorState._reset_state(reset_partial_state=True)
         items = archs.cache_items(self.arch, a.bs, a.res, a.tiny)
-        self.run = loop.prepare(params, items, denoiser=self.model)
+        self.run = loop.prepare(run_params, items, denoiser=self.model)
         self.model = self.run.accelerator.unwrap_model(self.run.denoiser)
         self.params, self.optimizer, self.step_index = lora.trainable(self.model), self.run.optimizer, 0
 
@@ -206,13 +202,9 @@ class Bench:
         if a.loop:
             loop.compile_denoiser(self.run)
             return
-        mode = None if a.compile_mode == "default" else a.compile_mode
-        if a.compile_scope == "full":
-            self.forward = torch.compile(self.model, mode=mode)
-        else:
-            for m in self.model.modules():
-                if type(m).__name__ in self.arch.blocks:
-                    m.compile(mode=mode)
+        # In place, as train.compile does: self.model is the compiled denoiser from here on.
+        common.compile_denoiser(self.model, self.arch.blocks if a.compile_scope == "blocks" else None,
+                                a.compile_mode)
 
     def _noised(self, x):
         """(noisy latents, timesteps, target) for the arch's objective, all made on the device."""
@@ -235,13 +227,13 @@ class Bench:
                 loss = loop.train_step(self.run, self.step_index, timer)
             self.step_index += 1
             return loss
-        if self.args.compile and self.args.compile_mode == "reduce-overhead":
+        if self.args.compile and self.args.compile_mode in CUDA_GRAPH_MODES:
             # CUDA graphs reuse their output buffers; mark where one step's tensors stop being needed.
             torch.compiler.cudagraph_mark_step_begin()
         with timer.phase("forward"), self.amp, loop.attention(self.args.attention):
             noisy, t, target = self._noised(self.latents)
             noisy = noisy.contiguous(memory_format=self.memory_format)
-            pred = self.forward(**{self.arch.sample_arg: noisy, "timestep": t}, **self.cond).sample
+            pred = self.model(**{self.arch.sample_arg: noisy, "timestep": t}, **self.cond).sample
             loss = F.mse_loss(pred.float(), target.float())
         with timer.phase("backward"):
             loss.backward()
