@@ -1,4 +1,5 @@
-"""Shared test setup: offline, quiet, and a helper to copy the repo into a temporary git repo."""
+"""Shared test setup: offline, quiet, a fresh accelerate state per test, a tiny SD1 cache,
+and a helper to copy the repo into a temporary git repo."""
 
 import os
 import shutil
@@ -19,6 +20,44 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "di
            "GIT_AUTHOR_NAME": "sdtune tests", "GIT_AUTHOR_EMAIL": "tests@localhost",
            "GIT_COMMITTER_NAME": "sdtune tests", "GIT_COMMITTER_EMAIL": "tests@localhost"}
 os.environ.update(OFFLINE)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one state per process: without a reset, a test's loop.setup would get the
+    state (device, mixed precision) an earlier test left behind, and pass or fail by test order.
+    A test that sets up two runs still resets between them itself."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def keep_threads():
+    """Puts torch's thread count back at the end of a module whose tests or fixtures change it
+    (module-scoped: test_bench's module fixture runs its benchmarks with one thread)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def captions_for(raw: Path) -> list[dict]:
+    """captions.jsonl rows for the *.png in raw, in name order: "a picture 0", "a picture 1", ..."""
+    from sdtune import io
+
+    return [{"file": p.name, "sha256": io.sha256_file(p), "caption": f"a picture {i}"}
+            for i, p in enumerate(sorted(raw.glob("*.png")))]
+
+
+def tiny_cache(raw: Path, cache_dir: Path, n: int, size: int, params) -> Path:
+    """n synthetic size x size images in raw, captioned by captions_for and cached for the tiny SD1
+    model under params.model and params.cache. Returns cache_dir."""
+    from sdtune.data import cache, synthetic
+    from sdtune.families import sd
+
+    synthetic.generate(raw, n, size=size)
+    cache.build(captions_for(raw), raw, cache_dir, sd, params.model, params.cache)
+    return cache_dir
 
 
 class HostReads(TorchDispatchMode):
@@ -80,8 +119,6 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def lora_dir(tmp_path_factory):
     """A non-zero LoRA for the tiny SD1 model, written the way the train stage writes it."""
-    import torch  # here, not at the top: the offline variables above must be set before these imports
-
     from sdtune import params as params_lib
     from sdtune.families import sd
     from sdtune.train import lora

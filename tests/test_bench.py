@@ -14,16 +14,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench import archs, table, train_step
 from sdtune.train import lora
 
+pytestmark = pytest.mark.usefixtures("keep_threads")  # the benchmarks below set torch's threads to 1
+
 ROOT = Path(__file__).resolve().parent.parent
 # One thread: on a loaded 2-core machine two torch threads spin-wait on each other (20x slower).
 TINY = ["--tiny", "--threads", "1", "--precision", "fp32", "--steps", "3", "--warmup", "1"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", list(archs.ARCHS))

@@ -9,11 +9,9 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import OFFLINE, ROOT
-from test_train import captions_for
+from conftest import OFFLINE, ROOT, tiny_cache
 from sdtune import params as params_lib
-from sdtune.data import cache, synthetic
-from sdtune.families import common, sd
+from sdtune.families import common
 
 PARAMS = """\
 base: {seed: 5, device: cpu}
@@ -25,11 +23,8 @@ train: {steps: 4, batch_size: 2, lr: 1.0e-3, checkpoint_every: 100, log_every: 1
 
 @pytest.mark.slow
 def test_two_ranks_see_different_data_and_save_rank0s_lora(tmp_path):
-    synthetic.generate(tmp_path / "data/raw", 8, size=40)
     (tmp_path / "params.yaml").write_text(PARAMS)
-    p = params_lib.load(tmp_path / "params.yaml")
-    cache.build(captions_for(tmp_path / "data/raw"), tmp_path / "data/raw", tmp_path / "cache", sd, p.model,
-                p.cache)
+    tiny_cache(tmp_path / "data/raw", tmp_path / "cache", 8, 40, params_lib.load(tmp_path / "params.yaml"))
     out = tmp_path / "dump"
     out.mkdir()
     torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
@@ -59,11 +54,8 @@ def test_two_ranks_see_different_data_and_save_rank0s_lora(tmp_path):
 @pytest.mark.slow
 def test_docker_run_trains_with_two_processes(tmp_path):
     """The scale-out path the README documents: SDTUNE_PROCESSES=2 docker/run train."""
-    synthetic.generate(tmp_path / "data/raw", 4, size=40)
     (tmp_path / "params.yaml").write_text(PARAMS.replace("steps: 4", "steps: 2"))
-    p = params_lib.load(tmp_path / "params.yaml")
-    cache.build(captions_for(tmp_path / "data/raw"), tmp_path / "data/raw", tmp_path / "cache", sd, p.model,
-                p.cache)
+    tiny_cache(tmp_path / "data/raw", tmp_path / "cache", 4, 40, params_lib.load(tmp_path / "params.yaml"))
     shutil.copytree(ROOT / "stages", tmp_path / "stages")
     done = subprocess.run([str(ROOT / "docker/run"), "train"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600, env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",

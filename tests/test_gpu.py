@@ -9,10 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 
-from sdtune import io, params as params_lib, quantize
-from sdtune.data import cache, synthetic
+from conftest import tiny_cache
+from sdtune import params as params_lib, quantize
 from sdtune.evaluate import generate
 from sdtune.families import sd
 from sdtune.profiling import run as prof
@@ -34,17 +33,11 @@ def params(**train):
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     ws = tmp_path_factory.mktemp("gpu")
-    synthetic.generate(ws / "raw", 4, size=48)
-    rows = [{"file": f.name, "sha256": io.sha256_file(f), "caption": f"a picture {i}"}
-            for i, f in enumerate(sorted((ws / "raw").glob("*.png")))]
-    p = params()
-    cache.build(rows, ws / "raw", ws / "cache", sd, p.model, p.cache)
-    return ws / "cache"
+    return tiny_cache(ws / "raw", ws / "cache", 4, 48, params())
 
 
 def setup(p, cache_dir):
-    AcceleratorState._reset_state(reset_partial_state=True)  # one accelerate state per process
-    return loop.setup(p, cache_dir)
+    return loop.setup(p, cache_dir)  # on the fresh accelerate state conftest gives each test
 
 
 def assert_trains(run):
@@ -82,9 +75,12 @@ def test_a_cuda_training_step_never_makes_the_host_wait(cache_dir):
 def test_cuda_graphs_train_like_the_eager_loop(cache_dir):
     """compile_mode: reduce-overhead replays CUDA graphs into reused buffers; a loss or gradient
     read after its buffer was overwritten would raise or drift from the eager run."""
+    from accelerate.state import AcceleratorState
+
     losses = {}
     for mode in ("eager", "reduce-overhead"):
         keys = {} if mode == "eager" else {"compile": True, "compile_mode": mode}
+        AcceleratorState._reset_state(reset_partial_state=True)  # one accelerate state per run
         run = setup(params(**keys), cache_dir)
         losses[mode] = torch.stack([loop.train_step(run, s) for s in range(4)]).float().cpu()
         torch._dynamo.reset()

@@ -215,23 +215,18 @@ def test_cost():
 @pytest.fixture(scope="module")
 def train_workspace(tmp_path_factory):
     """data/raw and a built cache for the tiny SD1 model, as the profile stage finds them."""
-    from sdtune import io, params as params_lib
-    from sdtune.data import cache, synthetic
-    from sdtune.families import sd
+    from conftest import tiny_cache
+    from sdtune import params as params_lib
 
     ws = tmp_path_factory.mktemp("profile")
-    raw = ws / "data/raw"
-    synthetic.generate(raw, 4, size=48)
-    rows = [{"file": f.name, "sha256": io.sha256_file(f), "caption": f"a picture {i}"}
-            for i, f in enumerate(sorted(raw.glob("*.png")))]
     p = params_lib.parse({"base": {"seed": 1, "device": "cpu"}, "model": {"id": "tiny", "resolution": 32},
                           "train": {"batch_size": 2, "wandb": "disabled", "lora": {"rank": 4, "alpha": 4.0}},
                           "profile": {"steps": 2, "warmup": 1, "usd_per_hour": 1.0}})
-    cache.build(rows, raw, ws / "cache", sd, p.model, p.cache)
+    tiny_cache(ws / "data/raw", ws / "cache", 4, 48, p)
     return ws, p
 
 
-def test_on_the_fly_cell_encodes_every_step_and_feeds_the_same_latents(train_workspace):
+def test_on_the_fly_cell_encodes_every_step_and_feeds_the_same_latents(train_workspace, keep_threads):
     from sdtune.data import cache
     from sdtune.profiling import run as prof
 
@@ -247,6 +242,7 @@ def test_on_the_fly_cell_encodes_every_step_and_feeds_the_same_latents(train_wor
     assert fly["flops_per_step"] > cached["flops_per_step"] > 0
 
     # What the encoders make every step is what the cache holds: the cells differ in time only.
+    # The cells' runs left their accelerate state behind: a fresh one for this run.
     from accelerate.state import AcceleratorState
     from sdtune.train import loop
 

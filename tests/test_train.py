@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import OFFLINE, ROOT
+from conftest import OFFLINE, ROOT, captions_for, tiny_cache
 from sdtune import io, params as params_lib
 from sdtune.errors import UserError
-from sdtune.data import cache, synthetic
+from sdtune.data import cache
 from sdtune.families import common, sd
 from sdtune.train import checkpoint, loop
 
@@ -29,19 +29,12 @@ train: {steps: 8, batch_size: 2, lr: 1.0e-3, checkpoint_every: 2, keep_checkpoin
 """
 
 
-def captions_for(raw: Path) -> list[dict]:
-    return [{"file": p.name, "sha256": io.sha256_file(p), "caption": f"a picture {i}"}
-            for i, p in enumerate(sorted(raw.glob("*.png")))]
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A folder with params.yaml and a built cache, ready for `python -m stages.train`."""
     ws = tmp_path_factory.mktemp("train")
-    synthetic.generate(ws / "data/raw", 6, size=48)
     (ws / "params.yaml").write_text(PARAMS)
-    p = params_lib.load(ws / "params.yaml")
-    cache.build(captions_for(ws / "data/raw"), ws / "data/raw", ws / "cache", sd, p.model, p.cache)
+    tiny_cache(ws / "data/raw", ws / "cache", 6, 48, params_lib.load(ws / "params.yaml"))
     return ws
 
 
@@ -193,9 +186,6 @@ def test_qlora_without_cuda_is_one_clear_line(workspace):
 
 @pytest.mark.parametrize("optimizer, lr", [("adamw8bit", 1.0e-3), ("prodigy", 1.0)])
 def test_other_optimizers_train_on_cpu(workspace, optimizer, lr):
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
     run = loop.setup(in_process_params(workspace, optimizer=optimizer, lr=lr), workspace / "cache")
     before = {k: v.clone() for k, v in lora_state(run).items()}
     losses = [loop.train_step(run, s).item() for s in range(2)]
@@ -251,10 +241,8 @@ def test_weight_dtype_follows_mixed_precision():
 def test_a_training_step_reads_nothing_back_to_the_host(workspace):
     """No .item() or data-dependent shape in the step (noise, loss, clipping, fused AdamW, EMA):
     the loop reads the losses back once per log interval, so a GPU never waits on the host."""
-    from accelerate.state import AcceleratorState
     from conftest import HostReads
 
-    AcceleratorState._reset_state(reset_partial_state=True)
     run = loop.setup(in_process_params(workspace, ema_decay=0.9, snr_gamma=5.0), workspace / "cache")
     loop.train_step(run, 0)  # the first step builds the optimizer's state
     with HostReads() as host:
