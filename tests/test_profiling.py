@@ -185,6 +185,22 @@ def test_breakdown_matches_hand_counted_bytes():
     assert memory.activations(parts, memory.peak_memory("cpu"), "cpu")["activations_bytes"] is None
 
 
+@pytest.mark.skipif(not memory.CLEAR_REFS.exists(), reason="the peak RSS can be reset on Linux only")
+def test_cpu_peak_is_that_of_what_ran_since_the_reset():
+    # Each profile cell and evaluated variant resets the peak: a lifetime peak would charge the
+    # first cell's memory to every later one (checkpointing would seem to cost memory).
+    mib = 2**20
+    big = torch.ones(256 * mib // 4)  # torch.ones writes every page, so all of them are resident
+    del big
+    memory.reset_peak("cpu")
+    low = memory.peak_memory("cpu")["peak_bytes"]
+    assert memory.peak_memory("cpu")["source"] == "peak RSS since reset_peak (VmHWM)"
+    small = torch.ones(64 * mib // 4)
+    grown = memory.peak_memory("cpu")["peak_bytes"] - low
+    assert 60 * mib < grown < 200 * mib, grown / mib  # the 64 MiB tensor, not the freed 256 MiB one
+    del small
+
+
 def test_peak_memory_and_snapshot_on_cpu(tmp_path):
     peak = memory.peak_memory("cpu")
     assert peak["peak_bytes"] == peak["rss_bytes"] > 10 * 2**20

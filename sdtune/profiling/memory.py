@@ -1,31 +1,50 @@
 """Where the bytes go: peak memory, a weights/gradients/optimizer breakdown, CUDA snapshots."""
 
 import contextlib
+import ctypes
+import gc
+import re
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
 from sdtune.io import atomic_path
 
 
-def reset_peak(device) -> None:
-    """Start a fresh CUDA peak. CPU peak RSS is a process lifetime maximum and cannot be reset.
+# Linux keeps a process's peak resident set (VmHWM) and resets it to the current RSS when "5" is
+# written here: the CPU counterpart of torch.cuda.reset_peak_memory_stats.
+CLEAR_REFS, STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
 
-    The allocator's cache is emptied first, so the reserved peak too is that of what follows
-    (a FLOP count without checkpointing, say, would otherwise leave its blocks reserved).
+
+def reset_peak(device) -> None:
+    """Start a fresh peak, so that each profile cell or evaluated variant reports its own.
+
+    Garbage is collected first: a deleted pipeline caught in a reference cycle still holds its
+    tensors. CUDA: the allocator's cache is emptied too, so the reserved peak is also that of what
+    follows (a FLOP count without checkpointing, say, would otherwise leave its blocks reserved).
+    CPU: freed heap pages go back to the OS (glibc's malloc_trim), then the peak RSS is reset.
+    Where that cannot be done (not Linux), the CPU peak stays the process's lifetime peak.
     """
+    gc.collect()
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: freed pages may stay resident
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError):
+        CLEAR_REFS.write_text("5")
 
 
 def peak_memory(device) -> dict:
-    """Peak memory so far. `peak_bytes` is the number to compare across runs on the same device.
+    """Peak memory since the last reset_peak. `peak_bytes` is the number to compare across runs.
 
     CUDA: tensors allocated (max_memory_allocated) and held by the caching allocator (reserved).
-    CPU: the process's peak resident set, which includes Python, libraries and allocator caches.
+    CPU: the process's peak resident set, which includes Python, libraries and the weights loaded
+    before the reset, not only what the measured work allocated.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -36,10 +55,15 @@ def peak_memory(device) -> dict:
             "reserved_bytes": torch.cuda.max_memory_reserved(device),
             "source": "torch.cuda.max_memory_allocated",
         }
+    with contextlib.suppress(OSError):
+        hwm = re.search(r"^VmHWM:\s+(\d+) kB", STATUS.read_text(), re.MULTILINE)
+        if hwm:
+            rss = int(hwm.group(1)) * 1024
+            return {"peak_bytes": rss, "rss_bytes": rss, "source": "peak RSS since reset_peak (VmHWM)"}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is in kilobytes on Linux but bytes on macOS.
     rss = rss if sys.platform == "darwin" else rss * 1024
-    return {"peak_bytes": rss, "rss_bytes": rss, "source": "getrusage peak RSS (whole process)"}
+    return {"peak_bytes": rss, "rss_bytes": rss, "source": "getrusage peak RSS (process lifetime)"}
 
 
 def _nbytes(t: torch.Tensor) -> int:
