@@ -5,7 +5,7 @@ Every sentence in "What helped, what did not" is computed from reports/*.json; n
 
 from pathlib import Path
 
-from sdtune import io
+from sdtune import io, runtime
 from sdtune.params import CELL_KEYS
 
 
@@ -93,7 +93,10 @@ def findings(evals: dict, profile: dict) -> list[str]:
 
 
 def stage_times(folder) -> list[str]:
-    rows = [io.read_json(p) for p in sorted(Path(folder).glob("*.json"))]
+    """A table of each stage's wall time, in pipeline order (a stage not in it comes last)."""
+    rows = [io.read_json(p) for p in Path(folder).glob("*.json")]
+    order = {name: i for i, name in enumerate(runtime.STAGES)}
+    rows.sort(key=lambda r: (order.get(r["stage"], len(order)), r["stage"]))
     total = sum(r["seconds"] for r in rows) or 1.0
     out = ["| stage | seconds | share |", "|---|---|---|"]
     out += [f"| {r['stage']} | {r['seconds']:.1f} | {r['seconds'] / total:.0%} |" for r in rows]

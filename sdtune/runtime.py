@@ -11,6 +11,8 @@ from sdtune import __version__, io
 from sdtune.errors import UserError
 
 REPORTS = Path("reports")
+# The pipeline's stages in dvc.yaml's order (a test holds the two together).
+STAGES = ("fetch", "caption", "cache", "train", "quantize", "evaluate", "profile", "report")
 
 
 def device(choice: str) -> torch.device:

@@ -5,14 +5,15 @@ import math
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
-from conftest import run
-from sdtune import params as params_lib
+from conftest import ROOT, run
+from sdtune import params as params_lib, runtime
 from sdtune.families import common, sd
 
 pytestmark = pytest.mark.slow
-STAGES = ["fetch", "caption", "cache", "train", "quantize", "evaluate", "profile", "report"]
+STAGES = list(runtime.STAGES)
 
 
 def finite_numbers(obj):
@@ -27,6 +28,10 @@ def finite_numbers(obj):
 
 def ran(output: str) -> list[str]:
     return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+def test_stage_list_is_dvc_yaml_in_order():
+    assert list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]) == STAGES
 
 
 def test_every_stage_ran_and_wrote_its_outputs(demo):
@@ -108,6 +113,10 @@ def test_second_repro_does_nothing_and_train_params_rerun_only_downstream(demo):
 
 def test_report_is_generated_from_the_numbers(demo):
     text = (demo / "reports/REPORT.md").read_text()
+    # Stage times in the order the stages ran, not alphabetically.
+    rows = [line.split("|")[1].strip() for line in text.split("## Stage times")[1].split("##")[0].splitlines()
+            if line.startswith("| ") and not line.startswith("| stage")]
+    assert rows == STAGES[:-1]  # report times itself after its table is written: it is not in it
     evals = json.loads((demo / "reports/eval.json").read_text())
     assert f"{evals['int8wo-fused']['psnr_to_lora']:.1f} dB" in text
     assert "## What helped, what did not" in text and "`checkpointing`" in text
