@@ -1,0 +1,82 @@
+"""dvc.yaml against the code: the stages in order, and every module a stage runs among its deps.
+
+A module a stage imports but does not list is a change DVC cannot see: the stage would keep its
+old outputs after the code that made them changed. The imports are read from the source (AST),
+so an import inside a function counts as much as one at the top of a file.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from sdtune import runtime
+
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+# The shared plumbing dvc.yaml leaves out on purpose (see its header comment).
+FAMILIES = ROOT / "sdtune" / "families" / "__init__.py"
+PLUMBING = {"sdtune/__init__.py", "sdtune/params.py", "sdtune/io.py", "sdtune/errors.py", "sdtune/runtime.py"}
+
+
+def module_file(name: str) -> Path | None:
+    """The file behind a dotted sdtune name; None for a name that is not a module (a function)."""
+    path = ROOT.joinpath(*name.split("."))
+    if (path / "__init__.py").exists():
+        return path / "__init__.py"
+    return path.with_suffix(".py") if path.with_suffix(".py").exists() else None
+
+
+def sdtune_imports(path: Path) -> set[Path]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.split(".")[0] == "sdtune"}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "sdtune":
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {f for n in names if (f := module_file(n)) is not None}
+
+
+def code_run_by(script: Path) -> set[str]:
+    """Every sdtune file the script imports, directly or through other sdtune modules."""
+    seen, todo = set(), [script]
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo += sdtune_imports(path)
+            if path == FAMILIES:  # families.get imports a family by name, which no import statement shows
+                todo += sorted(FAMILIES.parent.glob("*.py"))
+    return {str(p.relative_to(ROOT)) for p in seen - {script}}
+
+
+def only_a_docstring(rel: str) -> bool:
+    body = ast.parse((ROOT / rel).read_text()).body
+    return len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+
+
+def test_stage_list_is_dvc_yaml_in_order():
+    assert list(STAGES) == list(runtime.STAGES)
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_every_stage_depends_on_its_script_and_the_code_it_runs(name):
+    deps = [d for d in STAGES[name]["deps"] if isinstance(d, str)]
+    assert f"stages/{name}.py" in deps
+    used = code_run_by(ROOT / "stages" / f"{name}.py") - PLUMBING
+    missing = sorted(f for f in used if not only_a_docstring(f)
+                     and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
+    assert not missing, f"{name}: add to its deps in dvc.yaml: {missing}"
+
+
+def test_the_walk_follows_imports_through_modules_functions_and_family_lookup(tmp_path):
+    # The checker itself. The training loop reaches the validation sampler only through
+    # sdtune.train.validate, and quantize only through sdtune.evaluate.generate.
+    used = code_run_by(ROOT / "stages" / "train.py")
+    assert {"sdtune/train/validate.py", "sdtune/evaluate/generate.py", "sdtune/quantize.py"} <= used
+    assert "sdtune/families/sd3.py" in used  # loaded by name through families.get
+    assert "sdtune/data/sources.py" not in used  # and it does not take in everything
+    script = tmp_path / "lazy.py"
+    script.write_text("def later():\n    from sdtune import quantize\n")
+    assert "sdtune/quantize.py" in code_run_by(script)  # an import inside a function counts too
