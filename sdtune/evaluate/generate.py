@@ -30,7 +30,8 @@ def add_lora(pipe, lora_dir, scale: float = 1.0):
     """Load the LoRA into the pipeline; a LoRA made for another architecture is one clear line."""
     path = common.lora_path(lora_dir)
     try:
-        trained_on = common.read_metadata(path).get("base_model", "an unknown model")
+        with safe_open(str(path), framework="pt") as f:  # the header only: names and metadata
+            keys, trained_on = list(f.keys()), (f.metadata() or {}).get("base_model", "an unknown model")
     except SafetensorError as err:
         raise UserError(f"{path}: not a readable safetensors LoRA file ({err})") from None
 
@@ -38,7 +39,7 @@ def add_lora(pipe, lora_dir, scale: float = 1.0):
         return UserError(f"{path}: this LoRA does not fit the base model (it was trained on "
                          f"{trained_on!r}): {reason[:300]}")
 
-    missing, total = _missing_modules(pipe, path)
+    missing, total = _missing_modules(pipe, keys)
     if missing:
         raise misfit(f"{len(missing)} of its {total} modules are not in the model, e.g. {missing[0]}")
     try:
@@ -53,14 +54,12 @@ def add_lora(pipe, lora_dir, scale: float = 1.0):
     return pipe
 
 
-def _missing_modules(pipe, path):
+def _missing_modules(pipe, keys):
     """The modules a diffusers-key LoRA (`unet.<module>.lora...`) targets that the pipeline lacks.
 
     diffusers only warns about such keys and loads the rest, so a LoRA made for another
     architecture could load and silently do little or nothing. Keys in other layouts (kohya's
     lora_unet_...) are left to diffusers' converters. Returns (missing, number of modules)."""
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
     wanted = set()
     for key in keys:
         component, _, rest = key.partition(".")
