@@ -88,7 +88,7 @@ def main():
                 prof.trace_cell(params, best["spec"], CACHE, traces / f"trace-{best['name']}.json")
             charts.phase_chart({c["name"]: c["phases"] for c in cells}, tmp / "phases.png")
             charts.bar_chart(cells, "step_ms", tmp / "step_ms.png", "Training step time (ms, median)")
-            charts.bar_chart(cells, "mfu", tmp / "mfu.png", "Model FLOPs utilisation")
+            charts.bar_chart(cells, "mfu", tmp / "mfu.png", "Model FLOPs utilisation", fmt="{:.1%}")
             gen, gen_failed = measure_each(
                 p.inference, lambda spec: inference.profile_cell(params, spec, LORA_DIR, cells[0]["device"]), "inference")
             charts.bar_chart(gen, "seconds_per_image", tmp / "inference.png", "Generation time (s per image, median)")

@@ -48,14 +48,16 @@ def phase_chart(summary: dict, out_png, title: str = "Time per training step") -
     _save(fig, out_png)
 
 
-def bar_chart(rows, key: str, out_png, title: str, label: str = "name") -> None:
-    """One bar per matrix cell: `row[key]` against `row[label]`. A missing value shows as "n/a"."""
+def bar_chart(rows, key: str, out_png, title: str, label: str = "name", fmt: str = "{:.3g}") -> None:
+    """One bar per matrix cell: `row[key]` against `row[label]`, each bar labelled with `fmt`.
+    A missing value shows as "n/a"."""
     labels = [str(r.get(label, i)) for i, r in enumerate(rows)]
     values = [r.get(key) for r in rows]
     fig = Figure(figsize=(max(4, 1 + 0.8 * len(rows)), 4))
     ax = fig.add_subplot()
     bars = ax.bar(labels, [v or 0 for v in values])
-    ax.bar_label(bars, labels=["n/a" if v is None else f"{v:.3g}" for v in values], fontsize="small")
+    ax.bar_label(bars, labels=["n/a" if v is None else fmt.format(v) for v in values], fontsize="small")
+    ax.yaxis.set_major_formatter(lambda v, _: fmt.format(v))  # the axis in the bars' units (e.g. %)
     ax.set_ylabel(key)
     ax.set_title(title)
     ax.tick_params(axis="x", labelrotation=30)
