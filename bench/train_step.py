@@ -24,6 +24,8 @@ import platform
 import sys
 import time
 
+IMPORTED_AT = time.perf_counter()  # before torch and diffusers: their import time is part of a run's cost
+
 import torch
 import torch.nn.functional as F
 from accelerate.state import AcceleratorState
@@ -288,9 +290,20 @@ def device_name(device) -> str:
 
 
 def run(args) -> dict:
+    # Where a run's wall time goes, for planning a device call (most of a short eager run is not
+    # its timed steps).
+    seconds, clock = {"imports": time.perf_counter() - IMPORTED_AT}, time.perf_counter()
+
+    def lap(name):
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name], clock = now - clock, now
+
     bench = Bench(args)
     device = bench.device
+    lap("build")
     counted = count_model_flops(bench)  # eager, before compiling: FlopCounterMode does not see inside compiled code
+    lap("flop_count")
     if device.type == "meta":  # shapes only: FLOPs are all there is to measure
         return {"name": args.name, "arch": args.arch, "res": args.res, "bs": args.bs, **counted}
     if args.compile:
@@ -304,6 +317,8 @@ def run(args) -> dict:
         timer.step_begin()
         loss = bench.step(phase_timer)
         timer.step_end()
+    sync(device)
+    lap("warmup_and_timed_steps")  # compiling happens in the first warm-up steps
     summary = timer.summary()
     # Back to back with one sync at the end, as the training loop runs: the host queues the next
     # step while the GPU finishes this one.
@@ -313,6 +328,7 @@ def run(args) -> dict:
         loss = bench.step()
     sync(device)
     pipelined_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    lap("pipelined_steps")
 
     peak_mem = memory.peak_memory(device)
     parts = memory.breakdown(bench.model, bench.optimizer)
@@ -343,6 +359,7 @@ def run(args) -> dict:
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv[1:],
+        "seconds": seconds,
     }
     try:
         import diffusers

@@ -116,6 +116,11 @@ def test_train_step_measures_time_flops_and_mfu(results, case):
         assert r["flops_dispatched"] == _independent_flops(argv, checkpointing=True) > r["flops_per_step"]
         assert r["hfu"] > r["mfu"]
     assert r["trainable_params"] > 0 and math.isfinite(r["final_loss"])
+    # Where the run's wall time went, part by part (the imports happened once, before the first case).
+    assert list(r["seconds"]) == ["imports", "build", "flop_count", "warmup_and_timed_steps", "pipelined_steps"]
+    assert all(v > 0 for v in r["seconds"].values())
+    assert r["seconds"]["warmup_and_timed_steps"] >= r["steps"] * r["step_ms_mean"] / 1e3  # the timed ones and more
+    assert r["seconds"]["pipelined_steps"] * 1e3 == pytest.approx(r["steps"] * r["step_ms_pipelined"], rel=0.01)
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sd35m"])
