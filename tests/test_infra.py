@@ -376,6 +376,10 @@ def test_hadolint():
 
 def test_shellcheck():
     shellcheck = _tool("shellcheck", "apt-get install shellcheck")
-    scripts = [RUN, INFRA / "startup.sh", *sorted((ROOT / ".ci").glob("*.sh"))]
+    # The same files as .ci/lint.sh: the named scripts and every .ci/ file with a shell shebang.
+    ci = [f for f in sorted((ROOT / ".ci").iterdir())
+          if f.is_file() and re.match(r"#!.*\b(ba)?sh\b", f.read_text().partition("\n")[0])]
+    scripts = [RUN, INFRA / "startup.sh", ROOT / "bench" / "gpu.sh", *ci]
+    assert ROOT / ".ci" / "run" in ci
     out = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
