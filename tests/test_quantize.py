@@ -24,6 +24,12 @@ def variant(lora_dir, tmp_path_factory):
     return out, row
 
 
+@pytest.fixture(scope="module")
+def int8_images(variant):
+    """The saved int8 variant, reloaded and rendered once for the tests that compare it."""
+    return images(generate.pipeline(sd, MODEL, torch.device("cpu"), variant_dir=variant[0], method="int8wo"))
+
+
 def test_report_row_measures_size_and_load(variant):
     _, row = variant
     assert row["variant"] == "int8wo-fused" and row["disk_bytes"] > 0 and row["load_seconds"] > 0
@@ -31,21 +37,18 @@ def test_report_row_measures_size_and_load(variant):
     assert row["memory_bytes"] < parent  # int8 weights: smaller than the float32 parent
 
 
-def test_saved_variant_reloads_and_gives_the_same_image_for_the_same_seed(variant):
+def test_saved_variant_reloads_and_gives_the_same_image_for_the_same_seed(variant, int8_images):
     path, _ = variant
-    first = images(generate.pipeline(sd, MODEL, torch.device("cpu"), variant_dir=path, method="int8wo"))
     again = images(generate.pipeline(sd, MODEL, torch.device("cpu"), variant_dir=path, method="int8wo"))
-    assert [a.tobytes() for a in first] == [b.tobytes() for b in again]
+    assert [a.tobytes() for a in int8_images] == [b.tobytes() for b in again]
     reloaded = quantize.load_variant(sd, path, "int8wo")
     qtypes = {type(m.weight).__name__ for m in reloaded.modules() if isinstance(m, torch.nn.Linear)}
     assert "Int8Tensor" in qtypes  # loaded as int8 from disk, not quantized again from float
 
 
-def test_int8_fidelity_is_below_the_parents_own_and_above_a_random_models(variant, lora_dir):
-    path, _ = variant
-    cpu = torch.device("cpu")
-    parent = images(generate.pipeline(sd, MODEL, cpu, lora_dir=lora_dir))
-    int8 = images(generate.pipeline(sd, MODEL, cpu, variant_dir=path, method="int8wo"))
+def test_int8_fidelity_is_below_the_parents_own_and_above_a_random_models(int8_images, lora_dir):
+    parent = images(generate.pipeline(sd, MODEL, torch.device("cpu"), lora_dir=lora_dir))
+    int8 = int8_images
     with common.seeded(99):
         other = sd.tiny_unet()  # same architecture, other random weights
     random_model = images(sd.load_pipeline(MODEL, torch.float32, unet=other))
