@@ -4,13 +4,13 @@ import json
 import math
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import archs, table, train_step
+from sdtune import params
 from sdtune.train import lora
 
 pytestmark = pytest.mark.usefixtures("keep_threads")  # the benchmarks below set torch's threads to 1
@@ -202,8 +202,7 @@ def test_nf4_quantization_code_path_on_cpu():
     model = archs.build(arch, tiny=True, device="cpu", dtype=torch.bfloat16, nf4=True)
     linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert linears and not any(type(m) is torch.nn.Linear for m in model.modules())
-    lora.add(model, SimpleNamespace(rank=4, alpha=4.0, dropout=0.0, init="gaussian", target_modules=None,
-                                    use_dora=False), arch.lora_targets)
+    lora.add(model, params.Lora(rank=4, alpha=4.0), arch.lora_targets)
     model.train()
     latents, cond = archs.inputs(arch, 1, archs.TINY_RES, "cpu", torch.bfloat16, tiny=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
