@@ -126,6 +126,9 @@ def test_report_is_generated_from_the_numbers(demo):
     assert fly["phases"]["phases"]["encode"]["median_ms"] > 0
     assert (f"and ran {fly['step_ms'] / base['step_ms']:.2f}× the speed of `on-the-fly`" in text
             and f"({fly['step_ms']:.1f} vs {base['step_ms']:.1f} ms/step" in text)
+    best = cells[json.loads((demo / "reports/profile.json").read_text())["best"]]
+    if best["name"] != "baseline":  # and what all the switches together bought over the examples' way
+        assert f"The fastest cell, `{best['name']}`, ran {fly['step_ms'] / best['step_ms']:.2f}× the speed of `on-the-fly`" in text
 
 
 def test_dvc_plots_show_reads_every_declared_plot(demo):
