@@ -80,9 +80,11 @@ def test_cache_keys_name_the_dtype_the_encoders_ran_in():
 
     from sdtune import params as params_lib
     from sdtune.data import cache
+    from sdtune.families import sd
 
     p = params_lib.parse({"model": {"id": "tiny", "resolution": 64}})
     row = {"file": "a.png", "sha256": "0" * 64, "caption": "a picture"}
-    cpu, gpu = (cache.item_key(row, p.model, p.cache, dtype) for dtype in (torch.float32, torch.bfloat16))
+    code = cache.encoder_code(sd)
+    cpu, gpu = (cache.item_key(row, p.model, p.cache, dtype, code) for dtype in (torch.float32, torch.bfloat16))
     assert cpu != gpu
-    assert cpu == cache.item_key(row, p.model, p.cache, torch.float32)
+    assert cpu == cache.item_key(row, p.model, p.cache, torch.float32, code)

@@ -1,5 +1,6 @@
 """Training: identical reruns, exact resume after SIGKILL, a NaN loss stops cleanly, exact cache reuse."""
 
+import importlib.util
 import os
 import random
 import shutil
@@ -141,6 +142,16 @@ def test_cache_reencodes_exactly_what_changed(workspace, tmp_path):
     assert (one["encoded"], one["removed"]) == (1, 1)
     after = sorted(os.listdir(ws / "cache/items"))
     assert len(set(before) - set(after)) == 1
+    # The family's module one comment longer: other encoding code, so every item is encoded again
+    # (DVC re-runs the stage on such a change; the keys make the re-run do the work).
+    edited = tmp_path / "sd_edited.py"
+    edited.write_text(Path(sd.__file__).read_text() + "\n# edited\n")
+    spec = importlib.util.spec_from_file_location("sd_edited", edited)
+    sd_edited = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sd_edited)
+    recoded = cache.build(rows, ws / "data/raw", ws / "cache", sd_edited, p.model, p.cache)
+    assert (recoded["encoded"], recoded["removed"]) == (len(rows), len(rows))
+    assert cache.build(rows, ws / "data/raw", ws / "cache", sd_edited, p.model, p.cache)["reused"] == len(rows)
     bigger = params_lib.parse({"model": {"id": "tiny", "resolution": 40}}).model
     every = cache.build(rows, ws / "data/raw", ws / "cache", sd, bigger, p.cache)
     assert every["encoded"] == len(rows)

@@ -1,31 +1,45 @@
 """The latent and text-embedding cache, keyed by content.
 
 Each item's key hashes everything its tensors depend on: the image bytes, the caption,
-the model family, id and revision, the resolution and crop, and the dtype. An item whose
-key is already on disk is reused; stale items are deleted. So changing one caption
-re-encodes one item, and changing the resolution re-encodes all of them, exactly.
+the model family, id and revision, the resolution and crop, the dtype, and the code that
+encodes (sdtune's and the libraries' versions). An item whose key is already on disk is
+reused; stale items are deleted. So changing one caption re-encodes one item, and changing
+the resolution or the encoding code re-encodes all of them, exactly.
 """
 
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from sdtune import io
+from sdtune.data import images
 from sdtune.families import common
 from sdtune.data.images import MAX_PIXELS, load_rgb
 
-VERSION = 1  # bump when what an item holds changes
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def item_key(row, model, cache, encode_dtype: torch.dtype) -> str:
+def encoder_code(family) -> str:
+    """A hash of the code that turns an image and a caption into an item: this module, the image
+    reader, the family's module and its shared helpers, and the libraries that run the encoders.
+    It is part of every key: DVC re-runs the cache stage when this code changes, and without it
+    the re-run would keep every item the old code made."""
+    files = [Path(__file__), Path(images.__file__), Path(common.__file__), Path(family.__file__)]
+    return io.sha256_json({"files": [io.sha256_file(f) for f in files], "torch": torch.__version__,
+                           "diffusers": diffusers.__version__, "transformers": transformers.__version__})
+
+
+def item_key(row, model, cache, encode_dtype: torch.dtype, code: str) -> str:
     """The item's content key. `encode_dtype` is what the encoders ran in (bf16 on CUDA, float32
-    elsewhere): the same image encoded on another device gives other latents."""
+    elsewhere): the same image encoded on another device gives other latents. `code` is
+    encoder_code(family)."""
     parts = {
-        "v": VERSION, "image": row["sha256"], "caption": row["caption"],
+        "code": code, "image": row["sha256"], "caption": row["caption"],
         "family": model.family, "model": model.id, "revision": model.revision,
         "prediction_type": model.prediction_type, "resolution": model.resolution,
         "center_crop": cache.center_crop, "dtype": cache.dtype,
@@ -91,7 +105,8 @@ def build(rows, raw_dir, out_dir, family, model, cache, device="cpu", *, max_pix
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     items = out_dir / "items"
     items.mkdir(parents=True, exist_ok=True)
-    keys = [item_key(r, model, cache, common.compute_dtype(device)) for r in rows]
+    code = encoder_code(family)
+    keys = [item_key(r, model, cache, common.compute_dtype(device), code) for r in rows]
     todo = [(r, k) for r, k in zip(rows, keys) if not (items / f"{k}.safetensors").exists()]
     dtype = DTYPES[cache.dtype]
 
@@ -118,7 +133,7 @@ def build(rows, raw_dir, out_dir, family, model, cache, device="cpu", *, max_pix
     for p in stale:
         p.unlink()
     index = [{"file": r["file"], "caption": r["caption"], "key": k} for r, k in zip(rows, keys)]
-    io.write_json(out_dir / "index.json", {"version": VERSION, "model": model.id,
+    io.write_json(out_dir / "index.json", {"code": code, "model": model.id,
                                            "revision": model.revision, "items": index})
     return {"items": len(rows), "encoded": len(todo), "reused": len(rows) - len(todo), "removed": len(stale)}
 
