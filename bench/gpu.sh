@@ -4,10 +4,12 @@
 #   bash bench/gpu.sh            # results in $OUT (default ./bench-out): bench.json, bench.md, runs/,
 #                                # gpu-tests.txt (tests/test_gpu.py), versions.txt, nvidia-smi.txt
 #
-# Each run is its own process under its own `timeout`, so a hang or an OOM costs that run only.
-# Runs go in order of importance (the four targets first) and one that no longer fits the overall
-# budget (BENCH_BUDGET_S, default 450 s) is skipped, not started; skipped and failed runs still
-# appear in the table with the reason. BENCH_ONLY="run-name ... tests" runs only those.
+# Every run has its own time limit, and a failed run (out of memory, say) costs that run only. A
+# compiled run is a process of its own; eager runs share one process per group, so the imports and
+# the CUDA start-up are paid once. Runs go in order of importance (the four targets first) and one
+# that no longer fits the overall budget (BENCH_BUDGET_S, default 450 s) is skipped, not started;
+# skipped and failed runs still appear in the table with the reason. BENCH_ONLY="run-name ... tests"
+# runs only those.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -67,7 +69,8 @@ stub() {  # NAME MESSAGE: a result file that says why there are no numbers
     printf '{"name": "%s", "error": "%s"}\n' "$1" "$2" >"$RUNS/$1.json"
 }
 
-# run NAME TIMEOUT_S ARGS...: one bench.train_step process
+# run NAME TIMEOUT_S ARGS...: one bench.train_step process, or between group_begin and group_end
+# a line of the group's file
 run() {
     local name=$1 limit=$2 left rc began
     shift 2
@@ -77,6 +80,13 @@ run() {
     left=$((BUDGET_S - (SECONDS - start)))
     results+=("$RUNS/$name.json")
     rm -f "$RUNS/$name.json"
+    if [[ -n $GROUP ]]; then
+        printf '%q ' "$limit" --name "$name" --json "$RUNS/$name.json" "$@" "${EXTRA[@]}" >>"$GROUP"
+        echo >>"$GROUP"
+        GROUP_NAMES+=("$name")
+        GROUP_LIMIT=$((GROUP_LIMIT + limit))
+        return 0
+    fi
     if ((left < 40)); then
         echo "== $name: skipped, ${left}s of the budget left"
         stub "$name" "skipped: out of time budget"
@@ -102,17 +112,55 @@ run() {
     fi
 }
 
+# group_begin ... group_end: the runs in between share one process (bench.train_step --many), so
+# the imports and the CUDA start-up, most of an eager run's wall time, are paid once. Each run keeps
+# its own time limit inside it; one that fails is reported and the next runs. A hang ends the
+# group, and the runs it did not reach say so.
+GROUP=""
+group_begin() {
+    GROUP=$RUNS/group-$1.txt
+    : >"$GROUP"
+    GROUP_NAMES=()
+    GROUP_LIMIT=0
+}
+group_end() {
+    local file=$GROUP left limit rc=0 began name
+    GROUP=""
+    ((${#GROUP_NAMES[@]})) || return 0
+    left=$((BUDGET_S - (SECONDS - start)))
+    limit=$((GROUP_LIMIT < left ? GROUP_LIMIT : left))
+    echo "== ${GROUP_NAMES[*]} (one process, timeout ${limit}s, ${left}s left)"
+    began=$SECONDS
+    if ((left >= 40)); then
+        timeout --kill-after=10 "$limit" "$PY" -m bench.train_step --many "$file" --budget-s "$left" \
+            >"${file%.txt}.log" 2>&1 || rc=$?
+        grep -E "^($(IFS='|'; echo "${GROUP_NAMES[*]}")): " "${file%.txt}.log" | sed 's/^/   /' || true
+    fi
+    echo "   $((SECONDS - began))s wall"
+    for name in "${GROUP_NAMES[@]}"; do
+        if [[ ! -f $RUNS/$name.json ]]; then
+            if ((left < 40)); then
+                stub "$name" "skipped: out of time budget"
+            else
+                stub "$name" "not run: its group's process ended first (exit $rc), see runs/$(basename "${file%.txt}").log"
+            fi
+        fi
+    done
+}
+
 SD15=(--arch sd15 --res 512)
 STEPS=(--steps 10 --warmup 3)
 # Compiled runs need more warm-up: the first steps compile forward, backward and recompile once.
 CSTEPS=(--steps 10 --warmup 5)
 
-# Measured on an H200 (docs/benchmarks.md): an eager run takes 25-40 s, a compiled one 70-170 s, so
-# the whole list needs about 15 minutes; BENCH_ONLY="name ..." (and "tests") picks a subset, e.g. to
-# split it over two calls. The order is by importance: the four targets eager (each then has a
-# number even if time runs out), the diffusers example's way for the speedup column, the compiled
-# runs that meet the targets, the training loop's own step, what might lift SD1.5 bs16 to 35% MFU,
-# then one change at a time.
+# Measured on an H200 (docs/benchmarks.md): an eager run took 25-40 s in a process of its own (about
+# 2 s of it steps), a compiled one 70-170 s. Eager runs now share a process per group; compiled ones
+# keep their own, since a compile can hang or exhaust memory. BENCH_ONLY="name ..." (and "tests")
+# picks a subset, e.g. to split the list over two calls. The order is by importance: the four
+# targets eager (each then has a number even if time runs out) and the diffusers example's way for
+# the speedup column, the compiled runs that meet the targets, the rest of the SD1.5 matrix one
+# change at a time, the training loop's own step, then what might lift SD1.5 bs16 to 35% MFU.
+group_begin targets
 run sd15-bs16-bf16 90 "${SD15[@]}" --bs 16 --precision bf16 "${STEPS[@]}"
 run sd15-bs1-bf16 60 "${SD15[@]}" --bs 1 --precision bf16 "${STEPS[@]}"
 run sd35m-bs3-bf16 90 --arch sd35m --res 1024 --bs 3 --precision bf16 "${STEPS[@]}"
@@ -120,16 +168,29 @@ run sd35l-bs1-nf4-ckpt 120 --arch sd35l --res 1024 --bs 1 --precision bf16 --nf4
     --steps 5 --warmup 2
 run sd15-bs16-baseline 90 "${SD15[@]}" --bs 16 --baseline "${STEPS[@]}"
 run sd15-bs1-baseline 60 "${SD15[@]}" --bs 1 --baseline "${STEPS[@]}"
+group_end
 run sd15-bs1-bf16-compile-cudagraphs 200 "${SD15[@]}" --bs 1 --precision bf16 --compile \
     --compile-mode reduce-overhead "${CSTEPS[@]}"
 run sd15-bs16-bf16-compile 200 "${SD15[@]}" --bs 16 --precision bf16 --compile "${CSTEPS[@]}"
 run sd35m-bs3-bf16-compile 180 --arch sd35m --res 1024 --bs 3 --precision bf16 --compile "${CSTEPS[@]}"
+# The rest of the SD1.5 matrix, one change at a time from sd15-bs16-bf16, and the loop's eager step.
+group_begin matrix
+run sd15-bs16-bf16-channels-last 60 "${SD15[@]}" --bs 16 --precision bf16 --channels-last "${STEPS[@]}"
+run sd15-bs16-bf16-cudnn-attn 60 "${SD15[@]}" --bs 16 --precision bf16 --attention cudnn "${STEPS[@]}"
+run sd15-bs16-bf16-ckpt 60 "${SD15[@]}" --bs 16 --precision bf16 --checkpointing "${STEPS[@]}"
+run sd15-bs16-bf16-adamw8bit 60 "${SD15[@]}" --bs 16 --precision bf16 --optimizer adamw8bit "${STEPS[@]}"
+run sd15-bs16-bf16-math-attn 60 "${SD15[@]}" --bs 16 --precision bf16 --attention math "${STEPS[@]}"
+run sd15-bs16-bf16-rank64 60 "${SD15[@]}" --bs 16 --precision bf16 --rank 64 "${STEPS[@]}"
+run sd15-bs16-fp32 90 "${SD15[@]}" --bs 16 --precision fp32 "${STEPS[@]}"
+run sd15-bs1-fp32 60 "${SD15[@]}" --bs 1 --precision fp32 "${STEPS[@]}"
+run sd15-bs16-bf16-loop 90 "${SD15[@]}" --bs 16 --precision bf16 --loop "${STEPS[@]}"
+run sd35l-bs1-nf4 120 --arch sd35l --res 1024 --bs 1 --precision bf16 --nf4 --steps 5 --warmup 2
+group_end
 # Not yet measured: the training loop's own step (--loop: host-side batch, per-step generator,
-# accelerate, clipping, LR schedule) on the same denoisers, against the plain steps above.
+# accelerate, clipping, LR schedule) compiled, against the plain compiled steps above.
 run sd15-bs16-bf16-compile-loop 200 "${SD15[@]}" --bs 16 --precision bf16 --compile --loop "${CSTEPS[@]}"
 run sd15-bs1-bf16-compile-cudagraphs-loop 200 "${SD15[@]}" --bs 1 --precision bf16 --compile \
     --compile-mode reduce-overhead --loop "${CSTEPS[@]}"
-run sd15-bs16-bf16-loop 90 "${SD15[@]}" --bs 16 --precision bf16 --loop "${STEPS[@]}"
 run sd35m-bs3-bf16-compile-loop 180 --arch sd35m --res 1024 --bs 3 --precision bf16 --compile --loop "${CSTEPS[@]}"
 # Not yet measured: candidates for the SD1.5 bs16 MFU target (27.4% compiled, 35% asked).
 run sd15-bs16-bf16-compile-cudnn-attn 200 "${SD15[@]}" --bs 16 --precision bf16 --compile --attention cudnn \
@@ -138,15 +199,6 @@ run sd15-bs16-bf16-compile-channels-last 200 "${SD15[@]}" --bs 16 --precision bf
     "${CSTEPS[@]}"
 run sd15-bs16-bf16-compile-max-autotune 420 "${SD15[@]}" --bs 16 --precision bf16 --compile \
     --compile-mode max-autotune-no-cudagraphs "${CSTEPS[@]}"
-# The rest of the SD1.5 matrix: one change at a time from sd15-bs16-bf16.
-run sd15-bs16-bf16-channels-last 60 "${SD15[@]}" --bs 16 --precision bf16 --channels-last "${STEPS[@]}"
-run sd15-bs16-bf16-cudnn-attn 60 "${SD15[@]}" --bs 16 --precision bf16 --attention cudnn "${STEPS[@]}"
-run sd15-bs16-bf16-ckpt 60 "${SD15[@]}" --bs 16 --precision bf16 --checkpointing "${STEPS[@]}"
-run sd15-bs16-bf16-adamw8bit 60 "${SD15[@]}" --bs 16 --precision bf16 --optimizer adamw8bit "${STEPS[@]}"
-run sd15-bs16-bf16-math-attn 60 "${SD15[@]}" --bs 16 --precision bf16 --attention math "${STEPS[@]}"
-run sd15-bs16-fp32 90 "${SD15[@]}" --bs 16 --precision fp32 "${STEPS[@]}"
-run sd15-bs1-fp32 60 "${SD15[@]}" --bs 1 --precision fp32 "${STEPS[@]}"
-run sd35l-bs1-nf4 120 --arch sd35l --res 1024 --bs 1 --precision bf16 --nf4 --steps 5 --warmup 2
 
 "$PY" -m bench.table "${results[@]}" --json "$OUT/bench.json" --md "$OUT/bench.md"
 # BENCH_PACK=1 (the device call sets it): the per-run logs and JSON as one tarball, since only a

@@ -14,6 +14,10 @@ same denoiser, fed host-side items shaped like the cache's: the batch is stacked
 device, noise and timesteps come from the per-step generator, accelerate, clipping, the LR
 schedule and the optimizer run as in training, and --compile compiles as train.compile does (per
 block for SD3). The gap to the plain step is what the loop costs.
+
+--many FILE runs several configurations in one process, one per line ("LIMIT_S ARGS..."), each
+under its own time limit, so the imports and the CUDA start-up are paid once (bench/gpu.sh groups
+its eager runs this way).
 """
 
 import argparse
@@ -21,8 +25,12 @@ import contextlib
 import datetime
 import json
 import platform
+import shlex
+import signal
 import sys
 import time
+import traceback
+from pathlib import Path
 
 IMPORTED_AT = time.perf_counter()  # before torch and diffusers: their import time is part of a run's cost
 
@@ -289,10 +297,12 @@ def device_name(device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def run(args) -> dict:
+def run(args, began: float = IMPORTED_AT) -> dict:
+    """One configuration, measured. `began`: when its process started importing, or when the
+    previous run of a --many process ended."""
     # Where a run's wall time goes, for planning a device call (most of a short eager run is not
-    # its timed steps).
-    seconds, clock = {"imports": time.perf_counter() - IMPORTED_AT}, time.perf_counter()
+    # its timed steps): "startup" is the imports, or in a --many process the clean-up after the last run.
+    seconds, clock = {"startup": time.perf_counter() - began}, time.perf_counter()
 
     def lap(name):
         nonlocal clock
@@ -370,15 +380,12 @@ def run(args) -> dict:
     return result
 
 
-def main(argv=None) -> dict:
-    # diffusers warns on every .to(dtype) of a model built from a config; nothing to act on here.
-    from diffusers.utils import logging as dlogging
-
-    dlogging.set_verbosity_error()
-    args = parse(argv)
-    result = run(args)
+def report(args, result: dict) -> dict:
     if args.json:
         io.write_text(args.json, json.dumps(result, indent=1) + "\n")
+    if "error" in result:
+        print(f"{result['name']}: {result['error']}")
+        return result
     if "step_ms" not in result:
         print(f"{result['name']}: {result['flops_per_step'] / 1e12:.4g} TFLOP/step "
               f"({result['flops_dispatched'] / 1e12:.4g} dispatched)")
@@ -387,6 +394,80 @@ def main(argv=None) -> dict:
     print(f"{result['name']}: {result['step_ms']:.1f} ms/step (pipelined {result['step_ms_pipelined']:.1f}), "
           f"{result['flops_per_step'] / 1e12:.3g} TFLOP/step, MFU {result['mfu']:.1%}, peak {mem_gib:.2f} GiB")
     return result
+
+
+class RunTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """RunTimeout once `seconds` have passed (checked between Python bytecodes, so a kernel or a
+    sync in progress finishes first; the caller's `timeout` catches a true hang)."""
+    def expire(signum, frame):
+        raise RunTimeout(f"timed out after {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(max(1, seconds))
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_many(path, budget_s: float) -> list[dict]:
+    """The runs listed in `path`, one per line ("LIMIT_S ARGS...", shell-quoted), in this one process.
+
+    Each run's process start-up (imports, CUDA context) is paid once for all of them: for an eager
+    run that is most of its wall time. A run that fails, runs past its limit or no longer fits the
+    budget gets a result that says so, and the next one starts from a clean slate.
+    """
+    start, results = time.perf_counter(), []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        limit, *argv = shlex.split(line)
+        began = time.perf_counter()
+        try:
+            args = parse(argv)
+        except SystemExit:  # argparse has printed why; the caller stubs the run
+            results.append({"name": " ".join(argv), "error": "failed: bad arguments"})
+            continue
+        left = budget_s - (began - start)
+        if left < 40:
+            results.append(report(args, {"name": args.name, "error": "skipped: out of time budget"}))
+            continue
+        try:
+            with time_limit(int(min(float(limit), left))):
+                result = run(args, began)
+        except RunTimeout as err:
+            result = {"name": args.name, "error": str(err)}
+        except Exception as err:  # out of memory, a kernel this device lacks: this run only
+            result = {"name": args.name, "error": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+            traceback.clear_frames(err.__traceback__)  # the frames hold the failed run's tensors
+        results.append(report(args, result))
+        # A clean slate: no compiled code, accelerate state or cached blocks of the last run.
+        torch._dynamo.reset()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        memory.reset_peak(args.device if args.device != "meta" else "cpu")
+    return results
+
+
+def main(argv=None):
+    # diffusers warns on every .to(dtype) of a model built from a config; nothing to act on here.
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--many"]:
+        many = argparse.ArgumentParser(prog="python -m bench.train_step --many")
+        many.add_argument("--many", required=True, help="a file of runs, one per line: LIMIT_S ARGS...")
+        many.add_argument("--budget-s", type=float, default=float("inf"), help="start no run after this")
+        opts = many.parse_args(argv)
+        return run_many(opts.many, opts.budget_s)
+    args = parse(argv)
+    return report(args, run(args))
 
 
 if __name__ == "__main__":

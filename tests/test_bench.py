@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 from pathlib import Path
 
@@ -115,8 +116,8 @@ def test_train_step_measures_time_flops_and_mfu(results, case):
         assert r["flops_dispatched"] == _independent_flops(argv, checkpointing=True) > r["flops_per_step"]
         assert r["hfu"] > r["mfu"]
     assert r["trainable_params"] > 0 and math.isfinite(r["final_loss"])
-    # Where the run's wall time went, part by part (the imports happened once, before the first case).
-    assert list(r["seconds"]) == ["imports", "build", "flop_count", "warmup_and_timed_steps", "pipelined_steps"]
+    # Where the run's wall time went, part by part.
+    assert list(r["seconds"]) == ["startup", "build", "flop_count", "warmup_and_timed_steps", "pipelined_steps"]
     assert all(v > 0 for v in r["seconds"].values())
     assert r["seconds"]["warmup_and_timed_steps"] >= r["steps"] * r["step_ms_mean"] / 1e3  # the timed ones and more
     assert r["seconds"]["pipelined_steps"] * 1e3 == pytest.approx(r["steps"] * r["step_ms_pipelined"], rel=0.01)
@@ -210,6 +211,42 @@ def test_nf4_quantization_code_path_on_cpu():
     out.float().square().mean().backward()
     grads = [p.grad for p in lora.trainable(model)]
     assert grads and all(g is not None for g in grads)
+
+
+def test_many_runs_share_a_process_and_each_gets_its_result(tmp_path):
+    """bench/gpu.sh runs its eager runs this way: one that fails or runs past its limit is reported
+    as such, and the next one still runs, from a clean slate and without paying the imports again."""
+    tiny = "--tiny --threads 1 --res 64 --bs 1 --precision fp32 --steps 2 --warmup 1"
+    names = ["first", "no-such-kernel", "slow", "after"]
+    extra = {"no-such-kernel": "--attention cudnn", "slow": "--steps 100000", "after": "--loop"}
+    limit = {"slow": 1}
+    (tmp_path / "runs.txt").write_text("".join(
+        f"{limit.get(n, 120)} --name {n} {tiny} {extra.get(n, '')} --json {tmp_path / n}.json\n" for n in names))
+    train_step.main(["--many", str(tmp_path / "runs.txt")])
+    r = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in names}
+    assert r["first"]["step_ms"] > 0 and r["after"]["step_ms"] > 0 and r["after"]["loop"]
+    assert r["no-such-kernel"]["error"].startswith("failed: RuntimeError")  # cuDNN attention, on a CPU
+    assert r["slow"]["error"] == "timed out after 1s"
+    assert r["after"]["seconds"]["startup"] < 1.0  # the imports were paid by the first run
+    rows = table.load(sorted(tmp_path.glob("*.json")))
+    assert "| no-such-kernel | failed: RuntimeError" in table.results_table(rows)
+
+
+def test_gpu_script_groups_eager_runs_and_reports_every_run_on_cpu(tmp_path):
+    """The script itself, on this CPU at tiny sizes: two groups of eager runs, one run failing."""
+    runs = ["sd15-bs16-bf16", "sd15-bs1-bf16", "sd15-bs16-bf16-cudnn-attn", "sd15-bs16-bf16-ckpt"]
+    env = {**os.environ, "OUT": str(tmp_path), "BENCH_SKIP_INSTALL": "1", "BENCH_SKIP_TESTS": "1",
+           "BENCH_ONLY": " ".join(runs), "BENCH_BUDGET_S": "300", "PYTHONPATH": str(ROOT),
+           "BENCH_EXTRA": "--tiny --res 64 --threads 1 --precision fp32 --steps 2 --warmup 1"}
+    out = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = {r["name"]: r for r in json.loads((tmp_path / "bench.json").read_text())["results"]}
+    assert list(rows) == runs  # the script's order, each run with its own row
+    assert all(rows[n]["step_ms"] > 0 for n in runs if n != "sd15-bs16-bf16-cudnn-attn")
+    assert rows["sd15-bs16-bf16-cudnn-attn"]["error"].startswith("failed: RuntimeError")  # and the next still ran
+    assert rows["sd15-bs16-bf16-ckpt"]["checkpointing"]
+    assert out.stdout.count("(one process") == 2
+    assert {p.name for p in (tmp_path / "runs").glob("group-*.log")} == {"group-targets.log", "group-matrix.log"}
 
 
 def test_gpu_script_parses():
