@@ -291,12 +291,6 @@ def count_model_flops(bench) -> dict:
     return out
 
 
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
 def run(args, began: float = IMPORTED_AT) -> dict:
     """One configuration, measured. `began`: when its process started importing, or when the
     previous run of a --many process ended."""
@@ -365,7 +359,7 @@ def run(args, began: float = IMPORTED_AT) -> dict:
         # Counted on a meta copy: NF4 packs two weights per stored element.
         "params": archs.n_params(archs.build(bench.arch, args.tiny)), "trainable_params": sum(p.numel() for p in bench.params),
         "final_loss": float(loss),
-        "device": str(device), "device_name": device_name(device),
+        "device": str(device), "device_name": hardware.device_name(device),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv[1:],

@@ -23,7 +23,7 @@ def setup_section(params, provenance: dict, data: dict, train: dict) -> list[str
         f"(reasons in `reports/data.json`)",
         f"- LoRA rank {params.train.lora.rank}, alpha {params.train.lora.alpha}; {train['steps']} steps of batch "
         f"{params.train.batch_size} × accumulation {params.train.grad_accum} × {train['processes']} process(es)",
-        f"- hardware: {train['device']}, mixed precision `{train['mixed_precision']}`",
+        f"- hardware: {train['device_name']} ({train['device']}), mixed precision `{train['mixed_precision']}`",
         f"- commit `{provenance['git_commit']}`, sdtune {provenance['sdtune_version']}, dataset manifest "
         f"sha256 `{provenance['dataset_manifest_sha256'][:16]}…`",
         "",

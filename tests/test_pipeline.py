@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -113,6 +114,9 @@ def test_second_repro_does_nothing_and_train_params_rerun_only_downstream(demo):
 
 def test_report_is_generated_from_the_numbers(demo):
     text = (demo / "reports/REPORT.md").read_text()
+    train = json.loads((demo / "reports/train.json").read_text())
+    assert re.fullmatch(r".+ CPU, \d+ threads", train["device_name"])  # the CPU's model, from /proc/cpuinfo
+    assert f"- hardware: {train['device_name']} (cpu), mixed precision `no`" in text
     # Stage times in the order the stages ran, not alphabetically.
     rows = [line.split("|")[1].strip() for line in text.split("## Stage times")[1].split("##")[0].splitlines()
             if line.startswith("| ") and not line.startswith("| stage")]

@@ -6,8 +6,10 @@ denominator than any nominal number for hardware we cannot look up.
 """
 
 import functools
+import platform
 import re
 import time
+from pathlib import Path
 
 import torch
 
@@ -46,6 +48,17 @@ def datasheet_peak(device_name: str, dtype: torch.dtype):
         if re.search(pattern, upper):
             return (peaks[key], name) if key in peaks else None
     return None
+
+
+def device_name(device) -> str:
+    """What the numbers were measured on, in words: the GPU's name, or the CPU's model and threads."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE) if cpuinfo.exists() else None
+    model = found.group(1).strip() if found else (platform.processor() or platform.machine())
+    return f"{model} CPU, {torch.get_num_threads()} threads"
 
 
 def _matmul_seconds(a, b, repeats: int, device: torch.device) -> float:

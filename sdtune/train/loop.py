@@ -23,7 +23,7 @@ from sdtune.data import cache as cache_lib
 from sdtune.families import common
 from sdtune.errors import UserError
 from sdtune.params import CUDA_GRAPH_MODES
-from sdtune.profiling import memory
+from sdtune.profiling import hardware, memory
 from sdtune.train import checkpoint, lora, optim
 
 
@@ -292,7 +292,8 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None) -> dict:
         "final_loss": sum(recent) / len(recent), "seconds": seconds,
         "steps_per_second": done / seconds if done else 0.0,
         "images_per_second": done * p.batch_size * p.grad_accum * acc.num_processes / seconds if done else 0.0,
-        "mixed_precision": acc.mixed_precision, "device": str(acc.device), "processes": acc.num_processes,
+        "mixed_precision": acc.mixed_precision, "device": str(acc.device),
+        "device_name": hardware.device_name(acc.device), "processes": acc.num_processes,
         "peak_memory_bytes": memory.peak_memory(acc.device)["peak_bytes"],
     }
 
