@@ -260,3 +260,16 @@ def test_a_training_step_reads_nothing_back_to_the_host(workspace):
         loss = loop.train_step(run, 1)
     assert host.reads == []
     assert torch.isfinite(loss)
+
+
+def test_loss_curve_draws_the_running_mean_of_the_noisy_per_step_loss(tmp_path):
+    from PIL import Image
+
+    from sdtune.train import outputs
+
+    assert outputs.running_mean([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    assert outputs.running_mean([5.0, 1.0], 1) == [5.0, 1.0]
+    history = [{"step": s, "loss": 1.0 + (s % 2)} for s in range(1, 41)]
+    outputs.loss_plot(history, tmp_path / "loss.png")
+    with Image.open(tmp_path / "loss.png") as img:
+        assert img.format == "PNG" and img.size == (600, 350)

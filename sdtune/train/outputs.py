@@ -36,18 +36,32 @@ def write_reports(run, stats) -> None:
 
 
 def loss_plot(history, out_png) -> None:
-    import matplotlib
+    """Each step's loss, faint, and its running mean over a twentieth of the run: a diffusion
+    loss is noisy from step to step (each step draws its own timesteps), the trend is what to read."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1.2)
+    steps, losses = [h["step"] for h in history], [h["loss"] for h in history]
+    window = max(1, len(losses) // 20)
+    mean = running_mean(losses, window)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(steps, losses, lw=0.8, alpha=0.35, label="per step")
+    ax.plot(steps, mean, lw=1.8, label=f"mean of the last {window}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("training loss")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     fig.tight_layout()
     with io.atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
+
+
+def running_mean(values, window: int) -> list[float]:
+    """The mean of each value and the `window - 1` before it (fewer at the start)."""
+    sums = [0.0]
+    for v in values:
+        sums.append(sums[-1] + v)
+    return [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(values))]
