@@ -22,6 +22,15 @@ CACHE, LORA_DIR, OUT_DIR, TRACES = "cache", "models/lora", Path("reports/profile
 REPORT, TABLE, PLOT = "reports/profile.json", "reports/profile.md", "reports/profile_cells.json"
 
 
+def header(cells, p) -> str:
+    """What the tables were measured on and how: a reader of profile.md alone needs it."""
+    c, source = cells[0], cells[0]["peak_source"]
+    against = (f"the {source.split(':', 1)[1]} datasheet's dense peak" if source.startswith("datasheet:")
+               else "a matmul ceiling measured on this device")
+    return (f"Measured on {c['device_name']}: each step time is the median of {p.steps} steps after "
+            f"{p.warmup} warm-up; MFU is against {against}, for each cell's precision.\n")
+
+
 def table(cells) -> str:
     lines = ["| cell | precision | step ms | images/s | TFLOP/s | MFU | peak MiB | $/1000 steps | phases cover |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -97,7 +106,7 @@ def main():
                                "inference": {c["name"]: c for c in gen}, "failed": failed})
         io.write_json(PLOT, [{"cell": c["name"], "step_ms": c["step_ms"], "mfu": c["mfu"],
                               "peak_mib": c["memory"]["peak_bytes"] / 2**20} for c in cells])
-        text = "\n".join(filter(None, [table(cells), inference.table(gen), failed_list(failed)]))
+        text = "\n".join(filter(None, [header(cells, p), table(cells), inference.table(gen), failed_list(failed)]))
         io.write_text(TABLE, text)
     print(text)
 

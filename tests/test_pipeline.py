@@ -117,6 +117,8 @@ def test_report_is_generated_from_the_numbers(demo):
     train = json.loads((demo / "reports/train.json").read_text())
     assert re.fullmatch(r".+ CPU, \d+ threads", train["device_name"])  # the CPU's model, from /proc/cpuinfo
     assert f"- hardware: {train['device_name']} (cpu), mixed precision `no`" in text
+    profile_md = (demo / "reports/profile.md").read_text()
+    assert profile_md.startswith(f"Measured on {train['device_name']}: each step time is the median of 3 steps")
     # Stage times in the order the stages ran, not alphabetically.
     rows = [line.split("|")[1].strip() for line in text.split("## Stage times")[1].split("##")[0].splitlines()
             if line.startswith("| ") and not line.startswith("| stage")]

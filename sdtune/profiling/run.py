@@ -136,7 +136,7 @@ def profile_cell(params, spec: dict, cache_dir, trace_path=None, raw_dir="data/r
         _trace(run, step_fn, spec["name"], trace_path, warmup=0)  # already warm
     images = cell.train.batch_size * cell.train.grad_accum
     return {
-        "name": spec["name"], "spec": spec, "device": str(device),
+        "name": spec["name"], "spec": spec, "device": str(device), "device_name": hardware.device_name(device),
         "mixed_precision": run.accelerator.mixed_precision,
         "step_ms": summary["step_median_ms"], "images_per_second": images / step_s,
         "phases": summary, "coverage": summary["coverage"],
