@@ -142,7 +142,7 @@ group_end() {
             if ((left < 40)); then
                 stub "$name" "skipped: out of time budget"
             else
-                stub "$name" "not run: its group's process ended first (exit $rc), see runs/$(basename "${file%.txt}").log"
+                stub "$name" "no result: its group's process ended (exit $rc) before writing one, see runs/$(basename "${file%.txt}").log"
             fi
         fi
     done

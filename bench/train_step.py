@@ -435,10 +435,10 @@ def run_many(path, budget_s: float) -> list[dict]:
         try:
             with time_limit(int(min(float(limit), left))):
                 result = run(args, began)
-        except RunTimeout as err:
-            result = {"name": args.name, "error": str(err)}
-        except Exception as err:  # out of memory, a kernel this device lacks: this run only
-            result = {"name": args.name, "error": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+        except Exception as err:  # past its limit, out of memory, a kernel this device lacks: this run only
+            first = (str(err).splitlines() or [""])[0][:200]
+            result = {"name": args.name,
+                      "error": first if isinstance(err, RunTimeout) else f"failed: {type(err).__name__}: {first}"}
             traceback.clear_frames(err.__traceback__)  # the frames hold the failed run's tensors
         results.append(report(args, result))
         # A clean slate: no compiled code, accelerate state or cached blocks of the last run.
