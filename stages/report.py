@@ -1,9 +1,47 @@
-"""report: reports/REPORT.md, the run's findings on one page (setup, curve, tables, charts, cost)."""
+"""report: reports/REPORT.md, the run's findings on one page (setup, curve, tables, charts, cost).
+
+With train.wandb on, the same findings also go to W&B, in the training run's project: the
+profile and evaluation tables as W&B tables, the pictures as images, REPORT.md as a file.
+"""
+
+import json
+from pathlib import Path
 
 from sdtune import io, params as params_lib, report, runtime
 from sdtune.errors import main_guard
 
 OUT = "reports/REPORT.md"
+PICTURES = ["reports/train_loss.png", "reports/captions.png", "reports/samples/grid.png",
+            "reports/profile/phases.png", "reports/profile/step_ms.png", "reports/profile/mfu.png",
+            "reports/profile/inference.png"]
+
+
+def wandb_report(params) -> None:
+    """W&B is imported only when it is on, as in the train stage."""
+    if params.train.wandb == "disabled":
+        return
+    import wandb
+
+    profile, evals = io.read_json("reports/profile.json"), io.read_json("reports/eval.json")
+    training = wandb.Table(
+        columns=["cell", "precision", "step_ms", "images_per_second", "mfu", "peak_mib", "usd_per_1000_steps"],
+        data=[[c["name"], c["mixed_precision"], c["step_ms"], c["images_per_second"], c["mfu"],
+               c["memory"]["peak_bytes"] / 2**20, c["cost"]["usd_per_1000_steps"]] for c in profile["cells"].values()])
+    inference = wandb.Table(
+        columns=["cell", "seconds_per_image", "mfu", "peak_mib"],
+        data=[[c["name"], c["seconds_per_image"], c["mfu"], c["peak_memory_bytes"] / 2**20]
+              for c in profile["inference"].values()])
+    metrics = list(next(iter(evals.values())))
+    evaluation = wandb.Table(columns=["variant", *metrics],
+                             data=[[name, *(rec[m] for m in metrics)] for name, rec in evals.items()])
+    run = wandb.init(project=params.train.wandb_project, mode=params.train.wandb, job_type="report",
+                     config=json.loads(params.model_dump_json()))
+    run.log({"profile/training": training, "profile/inference": inference, "eval": evaluation,
+             **{f"pictures/{Path(p).stem}": wandb.Image(p) for p in PICTURES if Path(p).exists()}})
+    best = profile["cells"][profile["best"]]
+    run.summary.update({"best_cell": best["name"], "best_step_ms": best["step_ms"], "best_mfu": best["mfu"]})
+    run.save(OUT, base_path=str(Path(OUT).parent), policy="now")
+    run.finish()
 
 
 @main_guard
@@ -11,6 +49,7 @@ def main():
     params = params_lib.load()
     text = report.build(params, runtime.provenance(params))
     io.write_text(OUT, text)
+    wandb_report(params)
     print(f"report: {OUT}")
 
 

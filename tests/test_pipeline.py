@@ -2,14 +2,18 @@
 
 import json
 import math
+import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import yaml
 from PIL import Image
 
-from conftest import ROOT, run
+from conftest import OFFLINE, ROOT, run
 from sdtune import params as params_lib, runtime
 from sdtune.families import common, sd
 
@@ -142,3 +146,30 @@ def test_dvc_plots_show_reads_every_declared_plot(demo):
     out = run(["dvc", "plots", "show", "-o", str(demo / "plots-html")], demo)
     assert "failed to load" not in (out.stdout + out.stderr).lower(), out.stderr
     assert (demo / "plots-html/index.html").stat().st_size > 0
+
+
+def test_report_goes_to_wandb_when_it_is_on(demo, tmp_path):
+    """train.wandb: offline (the default of the real run): the report's tables, pictures and
+    REPORT.md land in a W&B run next to the training run; no secret goes with them."""
+    ws = tmp_path / "ws"
+    shutil.copytree(demo / "reports", ws / "reports")
+    params = (demo / "params.yaml").read_text()
+    assert "wandb: disabled" in params
+    (ws / "params.yaml").write_text(params.replace("wandb: disabled", "wandb: offline"))
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "WANDB_API_KEY": "secret-key-1234567890abcdef"}
+    env.pop("WANDB_MODE")
+    done = subprocess.run([sys.executable, "-m", "stages.report"], cwd=ws, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [wandb_run] = (ws / "wandb").glob("offline-run-*")
+    files = wandb_run / "files"
+    tables = {p.name.rsplit("_", 2)[0] for p in files.rglob("*.table.json")}
+    assert tables == {"training", "inference", "eval"}
+    training = json.loads(next(files.rglob("training_*.table.json")).read_text())
+    cells = json.loads((demo / "reports/profile.json").read_text())["cells"]
+    assert [row[0] for row in training["data"]] == list(cells)  # every measured cell, in order
+    assert len(list(files.rglob("*.png"))) >= 6  # loss curve, samples, profile charts
+    assert (files / "REPORT.md").read_text() == (ws / "reports/REPORT.md").read_text()
+    for path in (ws / "wandb").rglob("*"):
+        if path.is_file() and path.stat().st_size < 5_000_000:
+            assert b"secret-key-1234567890abcdef" not in path.read_bytes(), path
