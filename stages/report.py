@@ -5,6 +5,7 @@ profile and evaluation tables as W&B tables, the pictures as images, REPORT.md a
 """
 
 import json
+import shutil
 from pathlib import Path
 
 from sdtune import io, params as params_lib, report, runtime
@@ -40,7 +41,8 @@ def wandb_report(params) -> None:
              **{f"pictures/{Path(p).stem}": wandb.Image(p) for p in PICTURES if Path(p).exists()}})
     best = profile["cells"][profile["best"]]
     run.summary.update({"best_cell": best["name"], "best_step_ms": best["step_ms"], "best_mfu": best["mfu"]})
-    run.save(OUT, base_path=str(Path(OUT).parent), policy="now")
+    # A copy, not wandb.save's link: an offline run synced later must hold this report, not a newer one.
+    shutil.copy2(OUT, Path(run.dir) / Path(OUT).name)
     run.finish()
 
 
