@@ -16,6 +16,7 @@ from sdtune.io import atomic_path
 # Linux keeps a process's peak resident set (VmHWM) and resets it to the current RSS when "5" is
 # written here: the CPU counterpart of torch.cuda.reset_peak_memory_stats.
 CLEAR_REFS, STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
+_rss_was_reset = False  # some sandboxes refuse the write: then the peak is the process's lifetime one
 
 
 def reset_peak(device) -> None:
@@ -35,8 +36,12 @@ def reset_peak(device) -> None:
         return
     with contextlib.suppress(OSError, AttributeError):  # not glibc: freed pages may stay resident
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with contextlib.suppress(OSError):
+    global _rss_was_reset
+    try:
         CLEAR_REFS.write_text("5")
+        _rss_was_reset = True
+    except OSError:
+        _rss_was_reset = False
 
 
 def peak_memory(device) -> dict:
@@ -59,7 +64,8 @@ def peak_memory(device) -> dict:
         hwm = re.search(r"^VmHWM:\s+(\d+) kB", STATUS.read_text(), re.MULTILINE)
         if hwm:
             rss = int(hwm.group(1)) * 1024
-            return {"peak_bytes": rss, "rss_bytes": rss, "source": "peak RSS since reset_peak (VmHWM)"}
+            since = "since reset_peak" if _rss_was_reset else "of the process"
+            return {"peak_bytes": rss, "rss_bytes": rss, "source": f"peak RSS {since} (VmHWM)"}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is in kilobytes on Linux but bytes on macOS.
     rss = rss if sys.platform == "darwin" else rss * 1024
