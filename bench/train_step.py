@@ -7,7 +7,8 @@ a step is the denoiser's forward and backward plus the optimizer, as in sdtune.t
 
 --baseline writes the step the way diffusers' examples/text_to_image/train_text_to_image_lora.py
 does instead: VAE encode and text-encoder forward inside every step, fp16 weights with fp16
-autocast and a GradScaler, no compile, one loss.item() per step. SD1.5 only, as that script is.
+autocast and a GradScaler, no compile, cuDNN's default algorithm heuristics, one loss.item() per
+step. SD1.5 only, as that script is.
 
 --loop runs sdtune's own training step (sdtune.train.loop.train_step, as `dvc repro` trains) on the
 same denoiser, fed host-side items shaped like the cache's: the batch is stacked and copied to the
@@ -70,6 +71,9 @@ def parse(argv=None):
                    help="sdpa: let torch pick the fused kernel; math: the unfused reference; "
                         "flash, efficient, cudnn: that SDPA kernel only")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="cuDNN's fixed heuristics instead of timing its convolution algorithms (the training "
+                        "loop times them unless train.deterministic)")
     p.add_argument("--baseline", action="store_true", help="the diffusers-example way (see above)")
     p.add_argument("--loop", action="store_true", help="sdtune's training loop step (see above)")
     p.add_argument("--steps", type=int, default=20, help="measured steps")
@@ -119,7 +123,8 @@ def label(args) -> str:
         parts.append("compile" + ("" if args.compile_mode == "default" else f"-{args.compile_mode}"))
     for flag, text in [(args.checkpointing, "ckpt"), (args.nf4, "nf4"), (args.tf32, "tf32"),
                        (args.channels_last, "channels-last"), (args.optimizer == "adamw8bit", "adamw8bit"),
-                       (args.attention != "sdpa", f"{args.attention}-attn")]:
+                       (args.attention != "sdpa", f"{args.attention}-attn"),
+                       (args.no_cudnn_benchmark, "no-cudnn-benchmark")]:
         if flag:
             parts.append(text)
     return " ".join(parts)
@@ -144,7 +149,14 @@ class Bench:
         self.model = archs.build(self.arch, args.tiny, self.device, dtype, nf4=args.nf4)
         if args.loop:
             self._setup_loop()
-            return
+        else:
+            self._setup_step()
+        # After the loop's own setting. The diffusers example leaves cuDNN on its heuristics.
+        torch.backends.cudnn.benchmark = not (args.no_cudnn_benchmark or args.baseline)
+
+    def _setup_step(self):
+        """This denoiser with LoRA, an optimizer and pre-made inputs (or the diffusers example's parts)."""
+        args, dtype = self.args, self.dtype
         lora.add(self.model, params.Lora(rank=args.rank, alpha=float(args.rank)), self.arch.lora_targets)
         self.params = lora.trainable(self.model)
         for p in self.params:  # LoRA weights stay float32 for stable updates, as in sdtune.train.loop
@@ -346,6 +358,7 @@ def run(args, began: float = IMPORTED_AT) -> dict:
         "compile_scope": args.compile_scope if args.compile else None,
         "checkpointing": args.checkpointing, "optimizer": args.optimizer, "rank": args.rank, "nf4": args.nf4,
         "attention": args.attention, "channels_last": args.channels_last,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "steps": args.steps, "warmup": args.warmup,
         "step_ms": summary["step_median_ms"], "step_ms_mean": summary["step_mean_ms"],
         "step_ms_pipelined": pipelined_ms, "images_per_second": args.bs / step_s,

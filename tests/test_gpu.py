@@ -1,5 +1,6 @@
-"""The CUDA-only paths: bf16 training with fused AdamW, no host sync in the step and CUDA graphs,
-QLoRA on an NF4 base, the bitsandbytes and float8 variants, and the profile stage's trace and allocator snapshot.
+"""The CUDA-only paths: bf16 training with fused AdamW, no host sync in the step, CUDA graphs,
+deterministic training, QLoRA on an NF4 base, the bitsandbytes and float8 variants, and the
+profile stage's trace and allocator snapshot.
 
 They skip on a machine without CUDA (CI has none); `bash bench/gpu.sh` runs them on a GPU first.
 """
@@ -102,6 +103,26 @@ def test_cuda_graphs_survive_validation_and_checkpoints(cache_dir, tmp_path):
     assert np.isfinite(stats["final_loss"])
     assert sorted(f.name for f in (tmp_path / "val").glob("*.png")) == ["step-0000002.png", "step-0000004.png"]
     assert list((tmp_path / "ckpt").iterdir())
+
+
+def test_deterministic_cuda_training_repeats_bit_for_bit(cache_dir):
+    """train.deterministic on CUDA: deterministic kernels, cuBLAS's fixed workspace and no cuDNN
+    timing, so two runs (and a resumed one) give the same LoRA to the bit."""
+    from accelerate.state import AcceleratorState
+
+    states = []
+    try:
+        for _ in range(2):
+            AcceleratorState._reset_state(reset_partial_state=True)
+            run = setup(params(deterministic=True), cache_dir)
+            assert not torch.backends.cudnn.benchmark
+            for s in range(3):
+                loop.train_step(run, s)
+            states.append({k: v.clone() for k, v in lora.peft_state(run.accelerator.unwrap_model(run.denoiser)).items()})
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 def test_qlora_trains_lora_on_an_nf4_base(cache_dir):

@@ -273,3 +273,16 @@ def test_loss_curve_draws_the_running_mean_of_the_noisy_per_step_loss(tmp_path):
     outputs.loss_plot(history, tmp_path / "loss.png")
     with Image.open(tmp_path / "loss.png") as img:
         assert img.format == "PNG" and img.size == (600, 350)
+
+
+def test_deterministic_keeps_cudnn_heuristics_and_each_run_sets_both_flags(workspace):
+    """cuDNN picks convolution algorithms by timing unless the run must be deterministic; both
+    flags are set either way, since the profile stage prepares several runs in one process."""
+    try:
+        for deterministic in (True, False):
+            loop.prepare(in_process_params(workspace, deterministic=deterministic), cache.load(workspace / "cache"))
+            assert torch.are_deterministic_algorithms_enabled() is deterministic
+            assert torch.backends.cudnn.benchmark is (not deterministic)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = False

@@ -7,6 +7,7 @@ alone, so a run resumed from a checkpoint computes exactly what an uninterrupted
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +112,14 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
     # Seeds python, numpy and torch: the LoRA initialisation and dropout draw from them.
     set_seed(params.base.seed)
     if p.deterministic:
-        torch.use_deterministic_algorithms(True)
+        # cuBLAS is deterministic only with a fixed workspace, set before its first handle is made;
+        # without it torch refuses deterministic matmuls on CUDA.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(p.deterministic)  # both ways: profile cells share a process
+    # cuDNN times its algorithms for each convolution shape once and keeps the fastest
+    # (convolutions are half of a UNet step's FLOPs). A choice by timing can differ between runs,
+    # so a deterministic run keeps cuDNN's fixed heuristics.
+    torch.backends.cudnn.benchmark = not p.deterministic
     family = families.get(m.family)
 
     # The frozen base sits in the compute dtype; the LoRA weights stay float32 for stable updates.
