@@ -4,6 +4,7 @@ and a helper to copy the repo into a temporary git repo."""
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,24 @@ def run(cmd, cwd, timeout=900, check=True, env=None):
     if check and out.returncode != 0:
         raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
     return out
+
+
+SECRET = "secret-key-1234567890abcdef"
+
+
+def wandb_stage(name: str, cwd) -> subprocess.CompletedProcess:
+    """`python -m stages.<name>` in `cwd` with W&B as its params say (not disabled as in the other
+    tests) and a fake WANDB_API_KEY that assert_no_secret looks for."""
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "WANDB_API_KEY": SECRET}
+    env.pop("WANDB_MODE")
+    return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def assert_no_secret(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file() and path.stat().st_size < 5_000_000:
+            assert SECRET.encode() not in path.read_bytes(), path
 
 
 @pytest.fixture(scope="session")

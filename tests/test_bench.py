@@ -247,7 +247,3 @@ def test_gpu_script_groups_eager_runs_and_reports_every_run_on_cpu(tmp_path):
     assert rows["sd15-bs16-bf16-ckpt"]["checkpointing"]
     assert out.stdout.count("(one process") == 2
     assert {p.name for p in (tmp_path / "runs").glob("group-*.log")} == {"group-targets.log", "group-matrix.log"}
-
-
-def test_gpu_script_parses():
-    subprocess.run(["bash", "-n", str(ROOT / "bench/gpu.sh")], check=True)  # shellcheck: test_infra

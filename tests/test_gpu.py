@@ -37,10 +37,6 @@ def cache_dir(tmp_path_factory):
     return tiny_cache(ws / "raw", ws / "cache", 4, 48, params())
 
 
-def setup(p, cache_dir):
-    return loop.setup(p, cache_dir)  # on the fresh accelerate state conftest gives each test
-
-
 def assert_trains(run):
     """Two steps: finite losses, and the LoRA weights moved."""
     model = run.accelerator.unwrap_model(run.denoiser)
@@ -53,7 +49,7 @@ def assert_trains(run):
 
 
 def test_bf16_training_on_cuda_uses_fused_adamw(cache_dir):
-    run = setup(params(), cache_dir)
+    run = loop.setup(params(), cache_dir)
     assert run.accelerator.device.type == "cuda" and run.accelerator.mixed_precision == "bf16"
     assert run.optimizer.optimizer.defaults["fused"] is True
     assert_trains(run)
@@ -62,7 +58,7 @@ def test_bf16_training_on_cuda_uses_fused_adamw(cache_dir):
 def test_a_cuda_training_step_never_makes_the_host_wait(cache_dir):
     """No synchronising CUDA call in a step: the batch, noise and timesteps reach the GPU through
     pinned memory, and nothing is read back, so the host queues step n+1 while step n runs."""
-    run = setup(params(ema_decay=0.9, snr_gamma=5.0), cache_dir)
+    run = loop.setup(params(ema_decay=0.9, snr_gamma=5.0), cache_dir)
     loop.train_step(run, 0)  # the first step builds the optimizer's state and the pinned-memory cache
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -82,7 +78,7 @@ def test_cuda_graphs_train_like_the_eager_loop(cache_dir):
     for mode in ("eager", "reduce-overhead"):
         keys = {} if mode == "eager" else {"compile": True, "compile_mode": mode}
         AcceleratorState._reset_state(reset_partial_state=True)  # one accelerate state per run
-        run = setup(params(**keys), cache_dir)
+        run = loop.setup(params(**keys), cache_dir)
         losses[mode] = torch.stack([loop.train_step(run, s) for s in range(4)]).float().cpu()
         torch._dynamo.reset()
     assert torch.isfinite(losses["reduce-overhead"]).all()
@@ -96,7 +92,7 @@ def test_cuda_graphs_survive_validation_and_checkpoints(cache_dir, tmp_path):
 
     p = params(compile=True, compile_mode="reduce-overhead", validate_every=2, checkpoint_every=2,
                validation_steps=2)
-    run = setup(p, cache_dir)
+    run = loop.setup(p, cache_dir)
     (tmp_path / "val").mkdir()
     stats = loop.train(run, tmp_path / "ckpt", cache_dir, validate=validate_lib.Validator(p, run.family, tmp_path / "val"))
     torch._dynamo.reset()
@@ -114,7 +110,7 @@ def test_deterministic_cuda_training_repeats_bit_for_bit(cache_dir):
     try:
         for _ in range(2):
             AcceleratorState._reset_state(reset_partial_state=True)
-            run = setup(params(deterministic=True), cache_dir)
+            run = loop.setup(params(deterministic=True), cache_dir)
             assert not torch.backends.cudnn.benchmark
             for s in range(3):
                 loop.train_step(run, s)
@@ -128,7 +124,7 @@ def test_deterministic_cuda_training_repeats_bit_for_bit(cache_dir):
 def test_qlora_trains_lora_on_an_nf4_base(cache_dir):
     import bitsandbytes as bnb
 
-    run = setup(params(qlora=True), cache_dir)
+    run = loop.setup(params(qlora=True), cache_dir)
     model = run.accelerator.unwrap_model(run.denoiser)
     nf4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert nf4 and {m.weight.quant_type for m in nf4} == {"nf4"}

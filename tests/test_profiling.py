@@ -10,6 +10,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from sdtune import params as params_lib
 from sdtune.errors import UserError
 from sdtune.profiling import charts, cost, flops, hardware, memory, phases
 
@@ -228,18 +229,20 @@ def test_cost():
         cost.hourly_price("n1-nonexistent")
 
 
+PROFILE_PARAMS = params_lib.parse({
+    "base": {"seed": 1, "device": "cpu"}, "model": {"id": "tiny", "resolution": 32},
+    "train": {"batch_size": 2, "wandb": "disabled", "lora": {"rank": 4, "alpha": 4.0}},
+    "profile": {"steps": 2, "warmup": 1, "usd_per_hour": 1.0}})
+
+
 @pytest.fixture(scope="module")
 def train_workspace(tmp_path_factory):
     """data/raw and a built cache for the tiny SD1 model, as the profile stage finds them."""
     from conftest import tiny_cache
-    from sdtune import params as params_lib
 
     ws = tmp_path_factory.mktemp("profile")
-    p = params_lib.parse({"base": {"seed": 1, "device": "cpu"}, "model": {"id": "tiny", "resolution": 32},
-                          "train": {"batch_size": 2, "wandb": "disabled", "lora": {"rank": 4, "alpha": 4.0}},
-                          "profile": {"steps": 2, "warmup": 1, "usd_per_hour": 1.0}})
-    tiny_cache(ws / "data/raw", ws / "cache", 4, 48, p)
-    return ws, p
+    tiny_cache(ws / "data/raw", ws / "cache", 4, 48, PROFILE_PARAMS)
+    return ws, PROFILE_PARAMS
 
 
 def test_on_the_fly_cell_encodes_every_step_and_feeds_the_same_latents(train_workspace, keep_threads):
@@ -275,12 +278,11 @@ def test_on_the_fly_cell_encodes_every_step_and_feeds_the_same_latents(train_wor
             torch.testing.assert_close(run.items[i][k], stored[i][k], rtol=1e-4, atol=1e-4)
 
 
-def test_unknown_latents_value_is_one_line(train_workspace):
+def test_unknown_latents_value_is_one_line():
     from sdtune.profiling import run as prof
 
-    ws, p = train_workspace
     with pytest.raises(UserError) as err:
-        prof.cell_params(p, {"name": "x", "latents": "onthefly"})
+        prof.cell_params(PROFILE_PARAMS, {"name": "x", "latents": "onthefly"})
     assert str(err.value) == ("params.yaml: profile.matrix.x.latents: expected one of cached, on_the_fly "
                               "(got 'onthefly')")
 

@@ -48,7 +48,6 @@ def test_saved_variant_reloads_and_gives_the_same_image_for_the_same_seed(varian
 
 def test_int8_fidelity_is_below_the_parents_own_and_above_a_random_models(int8_images, lora_dir):
     parent = images(generate.pipeline(sd, MODEL, torch.device("cpu"), lora_dir=lora_dir))
-    int8 = int8_images
     with common.seeded(99):
         other = sd.tiny_unet()  # same architecture, other random weights
     random_model = images(sd.load_pipeline(MODEL, torch.float32, unet=other))
@@ -58,7 +57,7 @@ def test_int8_fidelity_is_below_the_parents_own_and_above_a_random_models(int8_i
         return metrics.fidelity(imgs, parent, clip)["psnr"]
 
     assert psnr(parent) == metrics.PSNR_CAP_DB  # the parent against itself
-    assert psnr(random_model) < psnr(int8) < metrics.PSNR_CAP_DB
+    assert psnr(random_model) < psnr(int8_images) < metrics.PSNR_CAP_DB
 
 
 @pytest.mark.parametrize("name", ["nf4", "int8", "float8wo"])

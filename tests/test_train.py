@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import OFFLINE, ROOT, captions_for, tiny_cache
+from conftest import OFFLINE, ROOT, assert_no_secret, captions_for, tiny_cache, wandb_stage
 from sdtune import io, params as params_lib
 from sdtune.errors import UserError
 from sdtune.data import cache
@@ -216,17 +216,12 @@ def test_wandb_offline_logs_metrics_and_validation_images_and_no_secret(workspac
     shutil.rmtree(ws / "checkpoints", ignore_errors=True)
     (ws / "params.yaml").write_text(PARAMS.replace("wandb: disabled", "wandb: offline").replace(
         "steps: 8", "steps: 2, validate_every: 2, validation_steps: 2"))
-    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "WANDB_API_KEY": "secret-key-1234567890abcdef"}
-    env.pop("WANDB_MODE")
-    done = subprocess.run([sys.executable, "-m", "stages.train"], cwd=ws, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = wandb_stage("train", ws)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = list((ws / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].rglob("*.png")), "the validation image was not logged"
-    for path in (ws / "wandb").rglob("*"):
-        if path.is_file() and path.stat().st_size < 5_000_000:
-            assert b"secret-key-1234567890abcdef" not in path.read_bytes(), path
+    assert_no_secret(ws / "wandb")
 
 
 def test_attention_forces_the_named_kernel_and_sdpa_leaves_the_choice_to_pytorch():
