@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from sdtune.data.extract import link_problem
+from sdtune.data.links import link_problem
 from sdtune.errors import UserError
 from sdtune.io import sha256_file
 from sdtune.params import MAX_PIXELS  # data.max_pixels' default, defined once

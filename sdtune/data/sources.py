@@ -31,7 +31,8 @@ import requests
 from tqdm import tqdm
 
 from sdtune.data import synthetic
-from sdtune.data.extract import archive_kind, extract, is_junk, is_utf8, link_problem, safe_relpath
+from sdtune.data.extract import archive_kind, extract, is_junk, is_utf8, safe_relpath
+from sdtune.data.links import link_problem
 from sdtune.errors import UserError
 from sdtune.io import atomic_path, sha256_file, sha256_text
 
@@ -184,12 +185,11 @@ def _skip_reason(src: Path, root: Path, rel: str) -> str | None:
     problem = link_problem(src, root)
     if problem == "outside":
         return f"symlink to {src.resolve()}, outside the source folder (not followed)"
-    return _LINK_REASONS[problem] if problem else None
-
-
-_LINK_REASONS = {"symlink loop": "symlink loop", "broken symlink": "broken symlink",
-                 "symlink to a folder": "symlink to a folder (not followed)",
-                 "not a regular file": "not a regular file (device, FIFO or socket)"}
+    if problem == "symlink to a folder":
+        return "symlink to a folder (not followed)"
+    if problem == "not a regular file":
+        return "not a regular file (device, FIFO or socket)"
+    return problem  # "symlink loop", "broken symlink", or None
 
 
 # --- http(s) ----------------------------------------------------------------------------------
