@@ -30,8 +30,9 @@ def variants(params):
 def real_images(params) -> list:
     rows = io.read_jsonl(CAPTIONS)
     size = params.model.resolution
-    return [((cache_lib.prepare(Path(RAW) / r["file"], size, True)[0] + 1) * 127.5).round().clamp(0, 255)
-            .to(torch.uint8) for r in rows]
+    limit = params.data.max_pixels  # the limit the caption stage kept these images under
+    return [((cache_lib.prepare(Path(RAW) / r["file"], size, True, max_pixels=limit)[0] + 1) * 127.5)
+            .round().clamp(0, 255).to(torch.uint8) for r in rows]
 
 
 def evaluate_one(pipe, p, prompts, device, size):

@@ -88,3 +88,23 @@ def test_cache_keys_name_the_dtype_the_encoders_ran_in():
     cpu, gpu = (cache.item_key(row, p.model, p.cache, dtype, code) for dtype in (torch.float32, torch.bfloat16))
     assert cpu != gpu
     assert cpu == cache.item_key(row, p.model, p.cache, torch.float32, code)
+
+
+def test_evaluate_reads_the_real_images_under_the_params_pixel_limit(tmp_path, monkeypatch):
+    """The evaluate stage reads data/raw with data.max_pixels, as the caption stage checked it,
+    not with the built-in default."""
+    import pytest
+
+    from sdtune import params as params_lib
+    from sdtune.errors import UserError
+    from stages import evaluate
+
+    (tmp_path / "data/raw").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "data/raw/a.png")
+    (tmp_path / "data/captions.jsonl").write_text(json.dumps({"file": "a.png", "caption": "red"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    roomy = params_lib.parse({"model": {"id": "tiny", "resolution": 32}})
+    assert evaluate.real_images(roomy)[0].shape == (3, 32, 32)
+    tight = params_lib.parse({"model": {"id": "tiny", "resolution": 32}, "data": {"max_pixels": 1000}})
+    with pytest.raises(UserError, match="max_pixels 1,000"):
+        evaluate.real_images(tight)
