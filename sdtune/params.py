@@ -7,7 +7,7 @@ key and what is allowed. Every field has a default so a params.yaml only says wh
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ruamel.yaml import YAML, YAMLError
 
 from sdtune.errors import UserError
@@ -126,16 +126,18 @@ class Train(Section):
     mode_scale: float = Field(1.29, ge=-1.0, le=1.75)
     loss_weighting: Literal[WEIGHTINGS] = "none"
 
-    @model_validator(mode="after")
-    def _compile_mode(self):
-        if self.compile_mode != "default" and not self.compile:
-            raise ValueError(f"compile_mode: {self.compile_mode!r} needs compile: true")
-        if self.compile_mode in CUDA_GRAPH_MODES and self.grad_accum > 1:
+    @field_validator("compile_mode")
+    @classmethod
+    def _compile_mode(cls, mode, info):
+        # compile and grad_accum come earlier in the section, so they are validated by now.
+        if mode != "default" and not info.data.get("compile"):
+            raise ValueError(f"{mode!r} needs compile: true")
+        if mode in CUDA_GRAPH_MODES and info.data.get("grad_accum", 1) > 1:
             # A CUDA graph owns the gradient buffers it writes; the next micro-batch's replay
             # overwrites the gradient being accumulated (pytorch/pytorch#169545).
-            raise ValueError(f"compile_mode: {self.compile_mode!r} uses CUDA graphs, which cannot "
-                             f"accumulate gradients; set grad_accum: 1 or compile_mode: default")
-        return self
+            raise ValueError(f"{mode!r} uses CUDA graphs, which cannot accumulate gradients; "
+                             f"set grad_accum: 1 or compile_mode: default")
+        return mode
 
 
 class Quantize(Section):
@@ -208,9 +210,6 @@ def _one_line(err: ValidationError, model: type[BaseModel], where: str, source: 
     msg = first["msg"]
     if first["type"] == "value_error":  # our own validators: their text, without pydantic's prefix
         msg = str(first["ctx"]["error"])
-        field, sep, rest = msg.partition(": ")
-        if sep and field.isidentifier():  # a section's check names the key it is about
-            key, msg = f"{key}.{field}", rest
     value = first.get("input")
     got = f" (got {value!r})" if not isinstance(value, dict) else ""
     return f"{source}: {key}: {msg}{got}"

@@ -203,7 +203,7 @@ def train_step(run: Run, step: int, timer=NullTimer()) -> torch.Tensor:
             batch = {k: runtime.to_device(v, acc.device) for k, v in batch.items()}
         # Under DDP only the last micro-batch all-reduces the gradients.
         sync = contextlib.nullcontext() if micro == p.grad_accum - 1 else acc.no_sync(run.denoiser)
-        if p.compile and p.compile_mode in CUDA_GRAPH_MODES:
+        if p.compile_mode in CUDA_GRAPH_MODES:  # validated: only with compile on
             # CUDA graphs replay into the same output buffers: this says the last step's outputs
             # (read already: the loss went into `total`, the gradients into the optimizer) may go.
             torch.compiler.cudagraph_mark_step_begin()
