@@ -44,13 +44,9 @@ def tiny_text_encoder():
         ))
 
 
-tiny_scheduler = common.tiny_ddpm_scheduler
-
-
 # ---- loading ----
 
-def load_noise_scheduler(model):
-    return common.load_ddpm_scheduler(model)
+load_noise_scheduler = common.load_ddpm_scheduler
 
 
 def load_denoiser(model, dtype=torch.float32, quantization_config=None):
@@ -65,7 +61,7 @@ def load_pipeline(model, dtype=torch.float32, **components):
     if model.id == "tiny":
         parts = dict(unet=tiny_unet().to(dtype), vae=tiny_vae().to(dtype),
                      text_encoder=tiny_text_encoder().to(dtype), tokenizer=common.clip_tokenizer(),
-                     scheduler=tiny_scheduler(model)) | components
+                     scheduler=common.tiny_ddpm_scheduler(model)) | components
         return PIPELINE(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = common.from_hub(model, PIPELINE, torch_dtype=dtype, safety_checker=None,
                            requires_safety_checker=False, **components)

@@ -75,9 +75,6 @@ def tiny_text_encoder_2():
         return CLIPTextModelWithProjection(_tiny_text_config())
 
 
-tiny_scheduler = common.tiny_ddpm_scheduler  # the training noise scheduler: DDPM with SDXL's betas
-
-
 def tiny_sampling_scheduler(model):
     """The pipeline's sampler: Euler, as SDXL ships with."""
     return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -87,8 +84,7 @@ def tiny_sampling_scheduler(model):
 
 # ---- loading ----
 
-def load_noise_scheduler(model):
-    return common.load_ddpm_scheduler(model)
+load_noise_scheduler = common.load_ddpm_scheduler  # DDPM with SDXL's betas
 
 
 def load_denoiser(model, dtype=torch.float32, quantization_config=None):
