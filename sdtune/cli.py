@@ -160,7 +160,7 @@ def tune(pipe, family, scheduler, channels_last, compile_):
 
 def generate(args) -> None:
     quiet_libraries()
-    from sdtune import families, io, params as params_lib, runtime
+    from sdtune import families, io, runtime
     from sdtune.evaluate import generate as gen
 
     params = load_params(args)

@@ -19,7 +19,6 @@ from tqdm import tqdm
 from sdtune import io
 from sdtune.data import images
 from sdtune.families import common
-from sdtune.data.images import MAX_PIXELS, load_rgb
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -59,14 +58,14 @@ def bucket_size(width: int, height: int, resolution: int, step: int) -> tuple[in
 
 
 def prepare(path, resolution: int, center_crop: bool, bucket_step: int | None = None, *,
-            max_pixels: int = MAX_PIXELS):
+            max_pixels: int = images.MAX_PIXELS):
     """Resize to cover the target and crop it; pixels in [-1, 1].
 
     The target is a resolution² square, or with `bucket_step` the image's aspect-ratio bucket.
     `max_pixels` is data.max_pixels, the limit the image checks kept the image under.
     Returns the tensor and the original size and crop offset (SDXL conditions on both).
     """
-    img = load_rgb(path, max_pixels)
+    img = images.load_rgb(path, max_pixels)
     w, h = img.size
     tw, th = bucket_size(w, h, resolution, bucket_step) if bucket_step else (resolution, resolution)
     scale = max(tw / w, th / h)
@@ -99,19 +98,20 @@ def encode(family, pipe, prepared, captions, dtype, device, out_device="cpu") ->
              for name, t in tensors.items()} for j in range(len(prepared))]
 
 
-def build(rows, raw_dir, out_dir, family, model, cache, device="cpu", *, max_pixels: int = MAX_PIXELS) -> dict:
+def build(rows, raw_dir, out_dir, family, model, cache, device="cpu", *, max_pixels: int = images.MAX_PIXELS) -> dict:
     """Bring `out_dir` up to date with `rows` (from captions.jsonl). Returns counts.
     `max_pixels` (data.max_pixels) only bounds reading the images: it is not part of the keys."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     items = out_dir / "items"
     items.mkdir(parents=True, exist_ok=True)
     code = encoder_code(family)
-    keys = [item_key(r, model, cache, common.compute_dtype(device), code) for r in rows]
+    encode_dtype = common.compute_dtype(device)
+    keys = [item_key(r, model, cache, encode_dtype, code) for r in rows]
     todo = [(r, k) for r, k in zip(rows, keys) if not (items / f"{k}.safetensors").exists()]
     dtype = DTYPES[cache.dtype]
 
     if todo:
-        pipe = load_encoders(family, model, device)
+        pipe = load_encoders(family, model, device, encode_dtype)
         step = cache.crop_step
         for start in tqdm(range(0, len(todo), cache.batch_size), desc="cache", unit="batch"):
             chunk = todo[start:start + cache.batch_size]
