@@ -164,6 +164,11 @@ class Evaluate(Section):
 CELL_KEYS = ("name", "latents")
 
 
+def cell_train_keys(cell: dict) -> dict:
+    """The train keys a profile.matrix cell changes."""
+    return {k: v for k, v in cell.items() if k not in CELL_KEYS}
+
+
 class Profile(Section):
     steps: int = Field(6, gt=1)   # measured steps per matrix cell
     warmup: int = Field(2, ge=0)  # steps run first and not measured (allocation, autotuning)

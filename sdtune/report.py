@@ -6,7 +6,7 @@ Every sentence in "What helped, what did not" is computed from reports/*.json; n
 from pathlib import Path
 
 from sdtune import io, runtime
-from sdtune.params import CELL_KEYS
+from sdtune.params import cell_train_keys
 
 
 def _pct(new: float, old: float) -> str:
@@ -44,9 +44,9 @@ def training_section(train: dict) -> list[str]:
 
 def _same_but_cached(cell: dict, cells: list[dict]):
     """The cell whose train keys are `cell`'s and which reads the cache, if the matrix has one."""
-    def keys(c):
-        return {k: v for k, v in c["spec"].items() if k not in CELL_KEYS}
-    return next((c for c in cells if c["spec"].get("latents", "cached") == "cached" and keys(c) == keys(cell)), None)
+    wanted = cell_train_keys(cell["spec"])
+    return next((c for c in cells if c["spec"].get("latents", "cached") == "cached"
+                 and cell_train_keys(c["spec"]) == wanted), None)
 
 
 def _verdict(speedup: float) -> str:

@@ -81,19 +81,20 @@ def main():
         with io.atomic_path(OUT_DIR) as tmp, io.atomic_path(TRACES) as traces:
             tmp.mkdir()
             traces.mkdir()
-            traced = []
+            traced = False
 
             def train_cell(spec):  # the first cell that runs is the baseline: its trace is kept
+                nonlocal traced
                 trace = traces / f"trace-{spec['name']}.json" if p.trace and not traced else None
                 cell = prof.profile_cell(params, spec, CACHE, trace)
-                traced.extend([spec["name"]] if trace else [])
+                traced = traced or trace is not None
                 return cell
             cells, failed = measure_each(p.matrix, train_cell, "profile")
             if not cells:
                 name, first = next(iter(failed.items()))
                 raise UserError(f"profile.matrix: no cell ran; the first, {name!r}, failed with: {first['error']}")
             best = min(cells, key=lambda c: c["step_ms"])
-            if p.trace and best["name"] not in traced:  # the fastest cell's trace, to compare with the baseline's
+            if p.trace and best is not cells[0]:  # the fastest cell's trace, to compare with the baseline's
                 prof.trace_cell(params, best["spec"], CACHE, traces / f"trace-{best['name']}.json")
             charts.phase_chart({c["name"]: c["phases"] for c in cells}, tmp / "phases.png")
             charts.bar_chart(cells, "step_ms", tmp / "step_ms.png", "Training step time (ms, median)")

@@ -13,7 +13,7 @@ from accelerate.state import AcceleratorState
 from sdtune import io
 from sdtune.data import cache as cache_lib
 from sdtune.errors import UserError
-from sdtune.params import CELL_KEYS, Train, validate
+from sdtune.params import Train, cell_train_keys, validate
 from sdtune.profiling import cost as cost_lib, flops, hardware, memory, phases
 from sdtune.train import loop
 
@@ -25,7 +25,7 @@ LATENTS = ("cached", "on_the_fly")
 def cell_params(params, cell: dict):
     """params with the cell's train overrides applied, validated like params.yaml itself."""
     name = cell["name"]
-    overrides = {k: v for k, v in cell.items() if k not in CELL_KEYS}
+    overrides = cell_train_keys(cell)
     if cell.get("latents", "cached") not in LATENTS:
         raise UserError(f"params.yaml: profile.matrix.{name}.latents: expected one of {', '.join(LATENTS)} "
                         f"(got {cell['latents']!r})")
