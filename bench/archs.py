@@ -110,7 +110,6 @@ class Arch:
     cond: Callable          # (config, batch, res, device, dtype) -> the denoiser's conditioning kwargs
     objective: str          # "epsilon" (DDPM) or "flow" (rectified flow)
     sample_arg: str         # the denoiser's keyword for the noisy latents
-    blocks: tuple           # class names of the repeated blocks (regional compile)
     res: int                # native resolution
     family: str             # sdtune's model.family, whose training loss `--loop` runs
 
@@ -119,16 +118,19 @@ class Arch:
         """The family's default LoRA targets, as training uses (SD3 adds the text stream's projections)."""
         return families.get(self.family).LORA_TARGETS
 
+    @property
+    def blocks(self) -> tuple:
+        """Class names of the repeated blocks (regional compile): the family's own, or for a UNet,
+        whose family compiles it whole, its transformer and resnet blocks (--compile-scope blocks)."""
+        return families.get(self.family).COMPILE_BLOCKS or ("BasicTransformerBlock", "ResnetBlock2D")
+
 
 ARCHS = {a.name: a for a in [
-    Arch("sd15", UNet2DConditionModel, SD15_UNET, _TINY_UNET, _unet_cond, "epsilon", "sample",
-         ("BasicTransformerBlock", "ResnetBlock2D"), 512, "sd1"),
-    Arch("sdxl", UNet2DConditionModel, SDXL_UNET, _TINY_SDXL, _sdxl_cond, "epsilon", "sample",
-         ("BasicTransformerBlock", "ResnetBlock2D"), 1024, "sdxl"),
+    Arch("sd15", UNet2DConditionModel, SD15_UNET, _TINY_UNET, _unet_cond, "epsilon", "sample", 512, "sd1"),
+    Arch("sdxl", UNet2DConditionModel, SDXL_UNET, _TINY_SDXL, _sdxl_cond, "epsilon", "sample", 1024, "sdxl"),
     Arch("sd35m", SD3Transformer2DModel, SD35_MEDIUM, _TINY_SD3 | {"dual_attention_layers": [0]}, _sd3_cond,
-         "flow", "hidden_states", ("JointTransformerBlock",), 1024, "sd3"),
-    Arch("sd35l", SD3Transformer2DModel, SD35_LARGE, _TINY_SD3, _sd3_cond, "flow", "hidden_states",
-         ("JointTransformerBlock",), 1024, "sd3"),
+         "flow", "hidden_states", 1024, "sd3"),
+    Arch("sd35l", SD3Transformer2DModel, SD35_LARGE, _TINY_SD3, _sd3_cond, "flow", "hidden_states", 1024, "sd3"),
 ]}
 TINY_RES = 64
 

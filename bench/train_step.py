@@ -185,7 +185,7 @@ class Bench:
         train = {"steps": 10**6, "batch_size": a.bs, "wandb": "disabled", "optimizer": a.optimizer,
                  "mixed_precision": {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[a.precision],
                  "gradient_checkpointing": a.checkpointing, "channels_last": a.channels_last,
-                 "attention": "math" if a.attention == "math" else "sdpa", "compile": a.compile,
+                 "compile": a.compile,  # attention: step() forces the asked kernel around the loop
                  "compile_mode": a.compile_mode, "lora": {"rank": a.rank, "alpha": float(a.rank)}}
         # model.id "tiny" only picks the noise schedule (the same as the real configs'); the
         # denoiser is this one.
@@ -333,8 +333,7 @@ def run(args, began: float = IMPORTED_AT) -> dict:
         timer.step_begin()
         loss = bench.step(phase_timer)
         timer.step_end()
-    sync(device)
-    lap("warmup_and_timed_steps")  # compiling happens in the first warm-up steps
+    lap("warmup_and_timed_steps")  # compiling happens in the first warm-up steps; step_end synced
     summary = timer.summary()
     # Back to back with one sync at the end, as the training loop runs: the host queues the next
     # step while the GPU finishes this one.
@@ -454,9 +453,9 @@ def run_many(path, budget_s: float) -> list[dict]:
                       "error": first if isinstance(err, RunTimeout) else f"failed: {type(err).__name__}: {first}"}
             traceback.clear_frames(err.__traceback__)  # the frames hold the failed run's tensors
         results.append(report(args, result))
-        # A clean slate: no compiled code, accelerate state or cached blocks of the last run.
+        # A clean slate: no compiled code or cached blocks of the last run (a --loop run resets
+        # accelerate's state itself).
         torch._dynamo.reset()
-        AcceleratorState._reset_state(reset_partial_state=True)
         memory.reset_peak(args.device if args.device != "meta" else "cpu")
     return results
 
