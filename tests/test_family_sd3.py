@@ -46,6 +46,15 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sd3_cache(params, images, tmp_path_factory):
+    """The two images cached for the tiny SD3 model once: (cache dir, rows, build counts)."""
+    raw, files = images
+    rows = [{"file": f.name, "sha256": io.sha256_file(f), "caption": c} for f, c in zip(files, CAPTIONS)]
+    cache_dir = tmp_path_factory.mktemp("sd3") / "cache"
+    return cache_dir, rows, cache_lib.build(rows, raw, cache_dir, sd3, params.model, params.cache)
+
+
+@pytest.fixture(scope="module")
 def batch(pipe, images):
     prepared = [cache_lib.prepare(p, 64, True) for p in images[1]]
     pixels = torch.stack([px for px, _ in prepared])
@@ -229,19 +238,18 @@ def test_quantization_config_is_applied_and_lora_attaches(params):
     assert lora.trainable(denoiser)
 
 
-def test_cache_then_train_end_to_end(images, tmp_path):
-    raw, files = images
-    rows = [{"file": f.name, "sha256": io.sha256_file(f), "caption": c} for f, c in zip(files, CAPTIONS)]
+def test_cache_then_train_end_to_end(images, sd3_cache, tmp_path):
+    raw, _ = images
+    cache_dir, rows, counts = sd3_cache
     p = make_params(steps=3, batch_size=2, lr=1e-3, checkpoint_every=2, log_every=1)
     family = get("sd3")
-    counts = cache_lib.build(rows, raw, tmp_path / "cache", family, p.model, p.cache)
     assert counts["encoded"] == 2
-    assert set(cache_lib.load(tmp_path / "cache")[0]) == {"latents", "prompt_embeds", "pooled_prompt_embeds"}
-    again = cache_lib.build(rows, raw, tmp_path / "cache", family, p.model, p.cache)
+    assert set(cache_lib.load(cache_dir)[0]) == {"latents", "prompt_embeds", "pooled_prompt_embeds"}
+    again = cache_lib.build(rows, raw, cache_dir, family, p.model, p.cache)
     assert again["reused"] == 2 and again["encoded"] == 0
 
-    run = loop.setup(p, tmp_path / "cache")
-    stats = loop.train(run, tmp_path / "ckpt", tmp_path / "cache")
+    run = loop.setup(p, cache_dir)
+    stats = loop.train(run, tmp_path / "ckpt", cache_dir)
     assert stats["steps"] == 3 and np.isfinite(stats["final_loss"])
     assert list((tmp_path / "ckpt").iterdir())  # the step-2 checkpoint
     path = family.save_lora(tmp_path / "lora", loop.final_lora(run), {"base_model": "tiny"})
@@ -275,20 +283,17 @@ def test_generate_compiles_the_blocks_as_training_does(params):
     assert compiled_classes(pipe.transformer) == {"JointTransformerBlock"}  # wrapped now, compiled on first use
 
 
-def test_compile_takes_the_transformer_blocks_one_by_one_and_trains_as_eager(images, tmp_path):
+def test_compile_takes_the_transformer_blocks_one_by_one_and_trains_as_eager(sd3_cache):
     """train.compile on SD3 compiles each JointTransformerBlock (one graph, reused), not the whole
     transformer, and the compiled loop computes what the eager one does."""
     from accelerate.state import AcceleratorState
 
-    raw, files = images
-    rows = [{"file": f.name, "sha256": io.sha256_file(f), "caption": c} for f, c in zip(files, CAPTIONS)]
-    p = make_params(batch_size=2, lr=1e-3)
-    cache_lib.build(rows, raw, tmp_path / "cache", sd3, p.model, p.cache)
+    cache_dir = sd3_cache[0]
     losses = {}
     for compiled in (False, True):
         AcceleratorState._reset_state(reset_partial_state=True)
         torch._dynamo.reset()
-        run = loop.setup(make_params(batch_size=2, lr=1e-3, compile=compiled), tmp_path / "cache")
+        run = loop.setup(make_params(batch_size=2, lr=1e-3, compile=compiled), cache_dir)
         model = run.accelerator.unwrap_model(run.denoiser)
         assert compiled_classes(model) == ({"JointTransformerBlock"} if compiled else set())
         losses[compiled] = torch.stack([loop.train_step(run, s) for s in range(3)])
