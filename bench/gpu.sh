@@ -153,7 +153,7 @@ STEPS=(--steps 10 --warmup 3)
 # Compiled runs need more warm-up: the first steps compile forward, backward and recompile once.
 CSTEPS=(--steps 10 --warmup 5)
 
-# Measured on an H200 (docs/benchmarks.md): an eager run took 25-40 s in a process of its own (about
+# Measured on an H200 (docs/benchmarks.md): an eager run took 23-37 s in a process of its own (about
 # 2 s of it steps), a compiled one 70-170 s. Eager runs now share a process per group; compiled ones
 # keep their own, since a compile can hang or exhaust memory. BENCH_ONLY="name ..." (and "tests")
 # picks a subset, e.g. to split the list over two calls. The order is by importance: the four
