@@ -123,6 +123,17 @@ def test_float16_vae_encodes_in_float32_and_is_put_back():
     assert pipe.vae.dtype == torch.float16
 
 
+def test_bfloat16_vae_encodes_in_bfloat16():
+    # bfloat16 cannot overflow where float16 does, so no float32 round trip of the VAE per batch.
+    pipe = sdxl.load_pipeline(make_params().model)
+    pipe.vae.to(torch.bfloat16)
+    pixels = torch.rand(1, 3, RES, RES) * 2 - 1
+    out = sdxl.encode_images(pipe, pixels, [{"original_size": (RES, RES), "crop_top_left": (0, 0)}])
+    direct = pipe.vae.encode(pixels.bfloat16()).latent_dist.mode() * pipe.vae.config.scaling_factor
+    assert out["latents"].dtype == torch.bfloat16
+    torch.testing.assert_close(out["latents"], direct, rtol=0, atol=0)
+
+
 def test_training_steps_give_finite_loss_and_move_the_lora(trained):
     losses, before, after, _ = trained
     assert all(math.isfinite(x) for x in losses)

@@ -121,9 +121,11 @@ def encode_images(pipe, pixels, meta):
     """
     vae = pipe.vae
     loaded = vae.dtype
-    upcast = vae.config.force_upcast and loaded != torch.float32
+    # SDXL's VAE overflows in float16 (not in bfloat16, which has float32's range): encode
+    # those in float32 and put the VAE back, as diffusers' pipelines do when decoding.
+    upcast = vae.config.force_upcast and loaded == torch.float16
     if upcast:
-        vae.to(torch.float32)  # SDXL's VAE overflows in float16; put it back afterwards
+        vae.to(torch.float32)
     try:
         latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
     finally:
