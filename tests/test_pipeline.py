@@ -7,10 +7,11 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from conftest import assert_no_secret, run, wandb_stage
 from sdtune import params as params_lib, runtime
+from sdtune.evaluate import report as eval_report
 from sdtune.families import common, sd
 
 pytestmark = pytest.mark.slow
@@ -73,8 +74,19 @@ def test_reports_hold_finite_numbers(demo):
 def test_sample_grid_is_a_png_of_the_expected_size(demo):
     img = Image.open(demo / "reports/samples/grid.png")
     assert img.format == "PNG"
-    # 3 variants side by side; 2 prompts x 2 seeds down; 64 px cells under a 14 px label row.
-    assert img.size == (3 * 64, 14 + 4 * 64)
+    # 3 variants side by side; 2 prompts x 2 seeds down; the 64 px samples in 128 px cells
+    # (room for a variant's name) under a 14 px label row.
+    assert img.size == (3 * 128, 14 + 4 * 128)
+
+
+def test_grid_labels_fit_their_column(tmp_path):
+    names = ["float8wo-adapter", "a-variant-name-far-too-long-for-one-column"]
+    sample = Image.new("RGB", (64, 64), "gray")
+    assert eval_report.grid({n: [sample] for n in names}, tmp_path / "g.png") == (2 * 128, 14 + 128)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    assert eval_report.fit(draw, names[0], 128 - 4) == names[0]
+    cut = eval_report.fit(draw, names[1], 128 - 4)
+    assert names[1].startswith(cut) and len(cut) < len(names[1]) and draw.textlength(cut) <= 124
 
 
 def test_lora_changes_the_output_and_scale_zero_does_not(demo):

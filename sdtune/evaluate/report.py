@@ -5,17 +5,25 @@ from PIL import Image, ImageDraw
 from sdtune import io
 
 LABEL_H = 14
+MIN_CELL = 128  # wide enough for a variant's name (float8wo-adapter); smaller samples are scaled up
+
+
+def fit(draw, text: str, width: int) -> str:
+    """`text`, cut to `width` rendered pixels."""
+    while len(text) > 1 and draw.textlength(text) > width:
+        text = text[:-1]
+    return text
 
 
 def grid(columns: dict, out_png, cell: int | None = None) -> tuple[int, int]:
     """columns: {variant: [PIL images, one per prompt x seed]} -> one PNG, a column per variant."""
     names = list(columns)
     rows = len(columns[names[0]])
-    cell = cell or columns[names[0]][0].size[0]
+    cell = cell or max(columns[names[0]][0].size[0], MIN_CELL)
     sheet = Image.new("RGB", (cell * len(names), LABEL_H + cell * rows), "white")
     draw = ImageDraw.Draw(sheet)
     for c, name in enumerate(names):
-        draw.text((c * cell + 2, 1), name[: cell // 6], fill="black")
+        draw.text((c * cell + 2, 1), fit(draw, name, cell - 4), fill="black")
         for r, img in enumerate(columns[name]):
             sheet.paste(img.convert("RGB").resize((cell, cell)), (c * cell, LABEL_H + r * cell))
     with io.atomic_path(out_png) as tmp:
