@@ -211,6 +211,22 @@ def test_modes_become_8bit_rgb(tmp_path):
     assert v["gray.png"]["warnings"] == []
 
 
+def test_deep_and_float_images_are_scaled_by_bit_depth_not_brightest_pixel(tmp_path):
+    dark = np.tile(np.arange(100, 220, 10, dtype=np.uint16), (12, 1))  # 100..210 of 65535: near black
+    Image.fromarray(dark).save(tmp_path / "dark16.png")
+    Image.fromarray(dark.astype(np.int32)).save(tmp_path / "dark32.tif")  # opens as mode "I"
+    Image.fromarray(np.full((12, 12), 0.5, np.float32)).save(tmp_path / "grey01.tif")
+    Image.fromarray(np.full((12, 12), 300.0, np.float32)).save(tmp_path / "bright.tif")
+    assert [Image.open(tmp_path / n).mode for n in ("dark16.png", "dark32.tif", "grey01.tif")] == ["I;16", "I", "F"]
+
+    expected = np.round(dark / 257).astype(np.uint8)  # 65535 -> 255: 0s and 1s
+    for name in ("dark16.png", "dark32.tif"):
+        arr = np.asarray(load_rgb(tmp_path / name))
+        assert (arr == expected[..., None]).all(), name
+    assert load_rgb(tmp_path / "grey01.tif").getpixel((3, 3)) == (128, 128, 128)  # 0.5 of [0, 1]
+    assert load_rgb(tmp_path / "bright.tif").getpixel((3, 3)) == (255, 255, 255)  # above 1: clipped
+
+
 def test_animated_gif_uses_the_first_frame(tmp_path):
     frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)

@@ -70,11 +70,18 @@ def _kind(err: Exception, otherwise: str) -> str:
 
 
 def _eight_bit(im: Image.Image) -> Image.Image:
-    # 16/32-bit integer and float greyscale: Pillow's convert() clips instead of scaling.
-    arr = np.asarray(im, dtype=np.float64)
-    top = arr.max(initial=0)
-    scale = 1.0 if top <= 255 else 257.0 if top <= 65535 else top / 255.0
-    return Image.fromarray(np.clip(arr / scale, 0, 255).round().astype(np.uint8), "L")
+    # 16/32-bit integer and float greyscale: Pillow's convert() clips instead of scaling. The scale
+    # comes from the bit depth, never from the brightest pixel: a dark image must stay dark.
+    arr = np.nan_to_num(np.asarray(im, dtype=np.float64))
+    if im.mode == "F":
+        # Floats carry no range. Values within [0, 1] are taken as the usual normalised range;
+        # anything brighter as already on the 0-255 scale and clipped, as Pillow's convert("L") does.
+        arr = arr * 255 if arr.max(initial=0) <= 1 else arr
+    elif im.mode == "I" and arr.max(initial=0) > 65535:
+        arr = arr / ((2**31 - 1) / 255)  # "I" is signed 32-bit: full range
+    else:
+        arr = arr / 257  # I;16* and "I" (how Pillow may open a 16-bit file): 65535 -> 255
+    return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "L")
 
 
 def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
