@@ -55,6 +55,31 @@ def test_bad_sidecars_are_ignored_with_a_note(tmp_path):
     assert read_sidecar(img, notes) is None and notes == ["a.txt: empty; sidecar ignored"]
 
 
+def test_sidecar_suffix_case_is_ignored(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.JPG", format="JPEG")
+    (tmp_path / "a.TXT").write_text("upper case txt")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.jpg")
+    (tmp_path / "B.Caption").write_text("mixed case caption")
+    assert read_sidecar(tmp_path / "a.JPG") == "upper case txt"
+    assert read_sidecar(tmp_path / "b.jpg") == "mixed case caption"
+
+
+def test_uppercase_sidecars_are_used_and_a_shared_one_is_warned(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name, colour in (("a.JPG", "red"), ("c.jpg", "green"), ("c.png", "blue")):
+        Image.new("RGB", (32, 32), colour).save(raw / name)
+    (raw / "a.TXT").write_text("a lady in white")
+    (raw / "c.txt").write_text("a garden")
+    verdicts = check_folder(raw, min_side=32)
+    assert [v["file"] for v in verdicts] == ["a.JPG", "c.jpg", "c.png"]  # the sidecars are not images
+    rows = caption_folder(raw, verdicts, model_id=NO_MODEL, revision="main", template="{caption}")
+    assert [(r["caption"], r["how"]) for r in rows] == [
+        ("a lady in white", "sidecar"), ("a garden", "sidecar"), ("a garden", "sidecar")]
+    assert rows[0]["warnings"] == []
+    assert rows[1]["warnings"] == rows[2]["warnings"] == ["c.txt: sidecar shared by c.jpg, c.png"]
+
+
 def test_truncate_to_77_tokens_at_a_word(clip_tokenizer):
     short = "a painting by sargent, a lady"
     assert truncate(short, clip_tokenizer, 77) == (short, False)

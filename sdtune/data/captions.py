@@ -5,6 +5,7 @@ The template applies to every caption, whichever way it was made, so a trigger p
 "a painting by sargent" is in all of them; use "{caption}" for none.
 """
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,16 +35,21 @@ KINDS = {
 }
 
 
-def read_sidecar(image_path, notes: list | None = None) -> str | None:
-    """The caption in `<stem>.txt` or `<stem>.caption` (SIDECARS, first found wins) beside the image,
-    whitespace collapsed.
+def _names(folder: Path) -> dict:
+    """Casefolded file name -> path, for the files in one folder (the first by sorted name wins a tie)."""
+    names = {}
+    for entry in sorted(folder.iterdir()):
+        names.setdefault(entry.name.casefold(), entry)
+    return names
 
-    An unreadable, non-UTF-8 or empty sidecar counts as none; why is appended to `notes`.
-    """
-    image_path = Path(image_path)
+
+def _read_sidecar(image_path: Path, notes, names: dict | None) -> tuple[str | None, Path | None]:
+    """(caption, the sidecar it came from), or (None, None); see read_sidecar."""
+    names = _names(image_path.parent) if names is None else names
     for suffix in SIDECARS:
-        side = image_path.with_suffix(suffix)
-        if not side.is_file():
+        # case-insensitive: cameras and Windows tools write a.JPG with a.TXT
+        side = names.get((image_path.stem + suffix).casefold())
+        if side is None or not side.is_file():
             continue
         try:
             text = side.read_bytes().decode("utf-8-sig")  # -sig: editors on Windows add a BOM
@@ -55,9 +61,18 @@ def read_sidecar(image_path, notes: list | None = None) -> str | None:
             continue
         text = " ".join(text.split())
         if text:
-            return text
+            return text, side
         _note(notes, f"{side.name}: empty; sidecar ignored")
-    return None
+    return None, None
+
+
+def read_sidecar(image_path, notes: list | None = None) -> str | None:
+    """The caption in `<stem>.txt` or `<stem>.caption` (SIDECARS, first found wins) beside the image,
+    the name matched case-insensitively, whitespace collapsed.
+
+    An unreadable, non-UTF-8 or empty sidecar counts as none; why is appended to `notes`.
+    """
+    return _read_sidecar(Path(image_path), notes, None)[0]
 
 
 def _note(notes, message):
@@ -202,17 +217,27 @@ def caption_folder(raw_dir, verdicts, *, model_id, revision, template, fixed=Non
     raw_dir = Path(raw_dir)
     apply_template(template, "")  # a bad template fails before any model is loaded
     rows, need = [], []
+    listing = functools.cache(_names)  # each folder listed once per call, not once per image
+    users = {}  # sidecar -> the rows that took their caption from it
     for v in verdicts:
         if v["status"] != "kept":
             continue
         row = {"file": v["file"], "sha256": v["sha256"], "caption": fixed, "how": "fixed",
                "model": None, "revision": None, "warnings": []}
         if fixed is None:
-            row["caption"] = read_sidecar(raw_dir / v["file"], row["warnings"])
+            image = raw_dir / v["file"]
+            row["caption"], side = _read_sidecar(image, row["warnings"], listing(image.parent))
             row["how"] = "sidecar"
             if row["caption"] is None:
                 need.append(row)
+            else:
+                users.setdefault(side, []).append(row)
         rows.append(row)
+    for side, sharing in users.items():
+        if len(sharing) > 1:  # c.jpg and c.png: one caption for two pictures, likely meant for one
+            files = ", ".join(r["file"] for r in sharing)
+            for row in sharing:
+                row["warnings"].append(f"{side.name}: sidecar shared by {files}")
     if need:
         captioner = load_captioner(model_id, revision, seed=seed, device=device)
         with tqdm(total=len(need), desc="caption", unit="image") as bar:
