@@ -18,6 +18,8 @@ def main():
         io.write_json(MANIFEST, {"source": p.source, "files": rows, "skipped": skipped})
     note = f"; left out {len(skipped)} (reasons in {MANIFEST})" if skipped else ""
     print(f"fetch: {len(rows)} files from {p.source} into {RAW}/{note}")
+    if "://" not in p.source:  # DVC sees the params, not the files behind a path
+        print(f"fetch: DVC does not watch {p.source}; after changing its files, run `dvc repro -f fetch`")
 
 
 if __name__ == "__main__":

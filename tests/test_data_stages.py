@@ -37,6 +37,7 @@ model: {{id: tiny, resolution: 32}}
     before = set(os.listdir(tmp_path))
     fetched = stage("fetch", ws)
     assert fetched.returncode == 0, fetched.stderr[-2000:]
+    assert f"DVC does not watch {src}; after changing its files, run `dvc repro -f fetch`" in fetched.stdout
     captioned = stage("caption", ws)
     assert captioned.returncode == 0, captioned.stderr[-2000:]
     assert "Traceback" not in fetched.stderr + captioned.stderr
@@ -85,9 +86,83 @@ def test_cache_keys_name_the_dtype_the_encoders_ran_in():
     p = params_lib.parse({"model": {"id": "tiny", "resolution": 64}})
     row = {"file": "a.png", "sha256": "0" * 64, "caption": "a picture"}
     code = cache.encoder_code(sd)
-    cpu, gpu = (cache.item_key(row, p.model, p.cache, dtype, code) for dtype in (torch.float32, torch.bfloat16))
+    cpu, gpu = (cache.item_key(row, p.model, p.cache, dtype, code, "tiny") for dtype in (torch.float32, torch.bfloat16))
     assert cpu != gpu
-    assert cpu == cache.item_key(row, p.model, p.cache, torch.float32, code)
+    assert cpu == cache.item_key(row, p.model, p.cache, torch.float32, code, "tiny")
+
+
+def hub_snapshot(hub, repo: str, ref: str, commit: str) -> None:
+    """A Hub cache entry as huggingface_hub lays it out: refs/<ref> names the snapshot's commit."""
+    entry = hub / f"models--{repo.replace('/', '--')}"
+    (entry / "snapshots" / commit).mkdir(parents=True)
+    (entry / "snapshots" / commit / "model_index.json").write_text("{}")
+    (entry / "refs").mkdir(exist_ok=True)
+    (entry / "refs" / ref).write_text(commit)
+
+
+def test_cache_keys_follow_the_commit_a_branch_points_to(tmp_path, monkeypatch):
+    """revision: main is resolved to its commit (here from the offline Hub cache), so a moved
+    branch re-encodes; so does a local model folder whose files changed."""
+    import pytest
+    import torch
+    from huggingface_hub import constants
+
+    from sdtune import params as params_lib
+    from sdtune.data import cache
+    from sdtune.errors import UserError
+    from sdtune.families import common, sd
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    p = params_lib.parse({"model": {"id": "org/model", "revision": "main"}})
+    row = {"file": "a.png", "sha256": "0" * 64, "caption": "a picture"}
+    code = cache.encoder_code(sd)
+
+    def key():
+        return cache.item_key(row, p.model, p.cache, torch.float32, code, common.resolved_revision(p.model))
+
+    hub_snapshot(tmp_path / "hub", "org/model", "main", "a" * 40)
+    assert common.resolved_revision(p.model) == "a" * 40
+    first = key()
+    hub_snapshot(tmp_path / "hub", "org/model", "main", "b" * 40)  # main moved
+    assert key() != first
+
+    local = tmp_path / "weights"
+    (local / "unet").mkdir(parents=True)
+    (local / "unet" / "w.safetensors").write_bytes(b"x" * 10)
+    p = params_lib.parse({"model": {"id": str(local)}})
+    first = key()
+    assert key() == first
+    (local / "unet" / "w.safetensors").write_bytes(b"y" * 11)
+    assert key() != first
+
+    p = params_lib.parse({"model": {"id": "org/not-downloaded"}})
+    with pytest.raises(UserError, match="^model.id: could not load 'org/not-downloaded' at revision 'main'"):
+        common.resolved_revision(p.model)
+
+
+def test_prepare_resizes_only_the_crop(tmp_path, monkeypatch):
+    """A thin strip does not become a huge intermediate (8 x 3000 at 512 was 512 x 192000), and
+    the pixels are those of resizing the whole image and cropping it."""
+    import numpy as np
+    from PIL import Image
+
+    from sdtune.data import cache
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (3000, 8, 3), dtype=np.uint8)).save(tmp_path / "strip.png")
+    smooth = np.linspace(0, 255, 300)[None, :, None] * np.ones((200, 1, 3)) + rng.normal(0, 8, (200, 300, 3))
+    Image.fromarray(smooth.clip(0, 255).astype(np.uint8)).save(tmp_path / "wide.png")
+
+    sizes, resize = [], Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda im, size, *a, **k: sizes.append(size) or resize(im, size, *a, **k))
+    pixels, meta = cache.prepare(tmp_path / "strip.png", 512, True)
+    assert pixels.shape == (3, 512, 512) and max(w * h for w, h in sizes) == 512 * 512
+
+    pixels, meta = cache.prepare(tmp_path / "wide.png", 128, True)
+    whole = resize(Image.open(tmp_path / "wide.png").convert("RGB"), (192, 128), Image.Resampling.LANCZOS)
+    expected = np.asarray(whole.crop((32, 0, 160, 128)), dtype=np.float32) / 127.5 - 1
+    assert meta == {"original_size": (200, 300), "crop_top_left": (0, 32)}
+    np.testing.assert_allclose(pixels.permute(1, 2, 0).numpy(), expected, atol=1.5 / 127.5)
 
 
 def test_evaluate_reads_the_real_images_under_the_params_pixel_limit(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import assert_no_secret, run, wandb_stage
-from sdtune import params as params_lib, runtime
+from sdtune import io, params as params_lib, runtime
 from sdtune.evaluate import report as eval_report
 from sdtune.families import common, sd
 
@@ -107,6 +107,8 @@ def test_lora_changes_the_output_and_scale_zero_does_not(demo):
     assert abs(zero - base).max() == 0
     meta = common.read_metadata(demo / "models/lora" / common.LORA_FILE)
     assert meta["base_model"] == "tiny" and len(meta["dataset_manifest_sha256"]) == 64
+    assert meta["base_commit"] == "tiny"
+    assert meta["cache_index_sha256"] == io.sha256_file(demo / "cache/index.json")
 
 
 def test_second_repro_does_nothing_and_train_params_rerun_only_downstream(demo):

@@ -1,7 +1,7 @@
 """The latent and text-embedding cache, keyed by content.
 
 Each item's key hashes everything its tensors depend on: the image bytes, the caption,
-the model family, id and revision, the resolution and crop, the dtype, and the code that
+the model family, id and the commit its revision resolves to, the resolution and crop, the dtype, and the code that
 encodes (sdtune's and the libraries' versions). An item whose key is already on disk is
 reused; stale items are deleted. So changing one caption re-encodes one item, and changing
 the resolution or the encoding code re-encodes all of them, exactly.
@@ -10,6 +10,7 @@ the resolution or the encoding code re-encodes all of them, exactly.
 from pathlib import Path
 
 import diffusers
+import PIL
 import torch
 import transformers
 from PIL import Image
@@ -25,21 +26,22 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def encoder_code(family) -> str:
     """A hash of the code that turns an image and a caption into an item: this module, the image
-    reader, the family's module and its shared helpers, and the libraries that run the encoders.
+    reader, the family's module and its shared helpers, and the libraries that decode, resize and
+    encode (Pillow's Lanczos filter makes the pixels the VAE sees).
     It is part of every key: DVC re-runs the cache stage when this code changes, and without it
     the re-run would keep every item the old code made."""
     files = [Path(__file__), Path(images.__file__), Path(common.__file__), Path(family.__file__)]
     return io.sha256_json({"files": [io.sha256_file(f) for f in files], "torch": torch.__version__,
-                           "diffusers": diffusers.__version__, "transformers": transformers.__version__})
+                           "pillow": PIL.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__})
 
 
-def item_key(row, model, cache, encode_dtype: torch.dtype, code: str) -> str:
+def item_key(row, model, cache, encode_dtype: torch.dtype, code: str, revision: str) -> str:
     """The item's content key. `encode_dtype` is what the encoders ran in (bf16 on CUDA, float32
     elsewhere): the same image encoded on another device gives other latents. `code` is
-    encoder_code(family)."""
+    encoder_code(family); `revision` is common.resolved_revision(model), the commit, not "main"."""
     parts = {
         "code": code, "image": row["sha256"], "caption": row["caption"],
-        "family": model.family, "model": model.id, "revision": model.revision,
+        "family": model.family, "model": model.id, "revision": revision,
         "prediction_type": model.prediction_type, "resolution": model.resolution,
         "center_crop": cache.center_crop, "dtype": cache.dtype,
         "bucket_step": cache.crop_step, "encode_dtype": str(encode_dtype),
@@ -70,10 +72,13 @@ def prepare(path, resolution: int, center_crop: bool, bucket_step: int | None = 
     tw, th = bucket_size(w, h, resolution, bucket_step) if bucket_step else (resolution, resolution)
     scale = max(tw / w, th / h)
     new = (max(tw, round(w * scale)), max(th, round(h * scale)))
-    img = img.resize(new, Image.Resampling.LANCZOS)
     left = (new[0] - tw) // 2 if center_crop else 0
     top = (new[1] - th) // 2 if center_crop else 0
-    img = img.crop((left, top, left + tw, top + th))
+    # Resize only the crop's source box: resizing the whole image first would build an
+    # intermediate of new[0] x new[1] pixels, 4 GB for an 8 x 30000 strip at 512.
+    sx, sy = new[0] / w, new[1] / h
+    box = (left / sx, top / sy, (left + tw) / sx, (top + th) / sy)
+    img = img.resize((tw, th), Image.Resampling.LANCZOS, box=box)
     pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     pixels = pixels.view(th, tw, 3).permute(2, 0, 1).float() / 127.5 - 1.0
     meta = {"original_size": (h, w), "crop_top_left": (top, left)}
@@ -104,9 +109,9 @@ def build(rows, raw_dir, out_dir, family, model, cache, device="cpu", *, max_pix
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     items = out_dir / "items"
     items.mkdir(parents=True, exist_ok=True)
-    code = encoder_code(family)
+    code, revision = encoder_code(family), common.resolved_revision(model)
     encode_dtype = common.compute_dtype(device)
-    keys = [item_key(r, model, cache, encode_dtype, code) for r in rows]
+    keys = [item_key(r, model, cache, encode_dtype, code, revision) for r in rows]
     todo = [(r, k) for r, k in zip(rows, keys) if not (items / f"{k}.safetensors").exists()]
     dtype = DTYPES[cache.dtype]
 
@@ -133,8 +138,8 @@ def build(rows, raw_dir, out_dir, family, model, cache, device="cpu", *, max_pix
     for p in stale:
         p.unlink()
     index = [{"file": r["file"], "caption": r["caption"], "key": k} for r, k in zip(rows, keys)]
-    io.write_json(out_dir / "index.json", {"code": code, "model": model.id,
-                                           "revision": model.revision, "items": index})
+    io.write_json(out_dir / "index.json", {"code": code, "model": model.id, "revision": model.revision,
+                                           "resolved_revision": revision, "items": index})
     return {"items": len(rows), "encoded": len(todo), "reused": len(rows) - len(todo), "removed": len(stale)}
 
 

@@ -46,6 +46,27 @@ def from_hub(model, cls, subfolder=None, **kwargs):
         raise hub_error(model, err) from None
 
 
+def resolved_revision(model) -> str:
+    """What `model.revision` names right now, so that a moved branch ("main") or edited local
+    weights change the cache's keys. A Hub id: the commit the revision points to (online, or from
+    the local Hub cache under HF_HUB_OFFLINE=1). A local folder: a hash of its files' names,
+    sizes and modification times (hashing gigabytes of weights each run would take minutes)."""
+    if model.id == "tiny":
+        return "tiny"
+    local = Path(model.id)
+    if local.is_dir():
+        files = sorted(f for f in local.rglob("*") if f.is_file())
+        return "local:" + io.sha256_json([[str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns]
+                                          for f in files])
+    from huggingface_hub import snapshot_download
+
+    try:  # model_index.json only: the snapshot folder's name is the commit
+        folder = snapshot_download(model.id, revision=model.revision, allow_patterns=["model_index.json"])
+    except OSError as err:
+        raise hub_error(model, err) from None
+    return Path(folder).name
+
+
 def load_denoiser(model, cls, subfolder, tiny, dtype, quantization_config=None):
     """The denoiser alone: `tiny()` built from a config, or the hub checkpoint's `subfolder`;
     a quantization config (NF4 for QLoRA, torchao) applies as it loads."""
