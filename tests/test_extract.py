@@ -1,6 +1,7 @@
 """Safe extraction: real archives on disk, well-formed and hostile."""
 
 import io
+import random
 import stat
 import tarfile
 import zipfile
@@ -166,3 +167,22 @@ def test_name_that_is_not_utf8_is_refused(tmp_path):
         tf.addfile(info, io.BytesIO(b"x"))
     with pytest.raises(UserError, match="not valid UTF-8"):
         extract(path, tmp_path / "out", **LIMITS)
+
+
+@pytest.mark.parametrize("mode", ["w:gz", "w:xz", "w:bz2"])
+def test_flipped_bit_in_a_compressed_tar_is_a_user_error(tmp_path, mode):
+    # Incompressible data is stored nearly as is, so a flipped bit decodes to a different image;
+    # only the stream's checksum (gzip's at its very end) can tell. bz2 level 1: 100 kB blocks,
+    # so the damage is in a later block than the first header.
+    path = tmp_path / "one.tar"
+    data = random.Random(0).randbytes(300_000)
+    with tarfile.open(path, mode, **({"compresslevel": 1} if mode == "w:bz2" else {})) as tf:
+        info = tarfile.TarInfo("set/a.jpg")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) * 3 // 4] ^= 0x10
+    path.write_bytes(raw)
+    with pytest.raises(UserError, match=r"one.tar: corrupt or truncated archive \(.+\)$") as err:
+        extract(path, tmp_path / "out", **LIMITS)
+    assert "\n" not in str(err.value)

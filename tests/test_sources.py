@@ -4,7 +4,9 @@ reached through gdown, and a GCS emulator."""
 import hashlib
 import io
 import os
+import random
 import subprocess
+import tarfile
 import zipfile
 
 import pytest
@@ -119,6 +121,24 @@ def test_replace_swaps_a_finished_fetch_over_an_earlier_one(tmp_path, http_serve
     with pytest.raises(UserError, match="not an empty folder"):
         fetch(str(src), tmp_path / "file", replace=True)
 
+
+def test_corrupt_archive_keeps_the_earlier_fetch(tmp_path):
+    dest = tmp_path / "raw"
+    fetch("synthetic://1", dest)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    archive = tmp_path / "set.tgz"
+    with tarfile.open(archive, "w:gz") as tf:
+        data = random.Random(0).randbytes(100_000)  # incompressible: the flipped bit lands in the image
+        info = tarfile.TarInfo("a.jpg")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    raw = bytearray(archive.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    archive.write_bytes(raw)
+    with pytest.raises(UserError, match="set.tgz: corrupt or truncated archive"):
+        fetch(str(archive), dest, replace=True)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    assert leftovers(dest) == []
 
 def test_synthetic(tmp_path):
     rows = fetch("synthetic://4", tmp_path / "raw")

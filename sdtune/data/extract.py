@@ -7,6 +7,7 @@ the member streams, so nothing from the archive (modes, owners, link targets) re
 except names that passed the checks and file contents.
 """
 
+import lzma
 import re
 import shutil
 import stat
@@ -156,11 +157,21 @@ def extract(archive: Path, dest: Path, *, max_bytes: int, max_files: int, name: 
         if kind == "tar":
             with tarfile.open(archive, "r:*") as tf:
                 checked = _check(_tar_members(tf), where, dest, max_bytes, max_files)
-                return _write(checked, dest, where, tf.extractfile)
-        with zipfile.ZipFile(archive) as zf:
+                skipped = _write(checked, dest, where, tf.extractfile)
+                # tarfile stops at the end-of-archive marker, short of the gzip/xz trailer that
+                # holds the checksum: read the rest of the stream so a flipped bit is caught.
+                while tf.fileobj.read(1 << 20):
+                    pass
+                return skipped
+        with zipfile.ZipFile(archive) as zf:  # zipfile checks each member's CRC itself
             checked = _check(_zip_members(zf), where, dest, max_bytes, max_files)
             return _write(checked, dest, where, zf.open)
-    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError) as err:
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError) as err:
+        raise UserError(f"{where}: corrupt or truncated archive ({err})") from None
+    except OSError as err:
+        if err.errno is not None:  # a real file-system error (disk full...), not bad compressed data
+            raise
+        # gzip.BadGzipFile (a CRC mismatch) and bz2's "Invalid data stream" carry no errno
         raise UserError(f"{where}: corrupt or truncated archive ({err})") from None
 
 
