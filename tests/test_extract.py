@@ -186,3 +186,39 @@ def test_flipped_bit_in_a_compressed_tar_is_a_user_error(tmp_path, mode):
     with pytest.raises(UserError, match=r"one.tar: corrupt or truncated archive \(.+\)$") as err:
         extract(path, tmp_path / "out", **LIMITS)
     assert "\n" not in str(err.value)
+
+
+def _zip_with_repeats(path, names):
+    with zipfile.ZipFile(path, "w") as zf:  # writestr warns on a repeated name but writes it
+        for i, name in enumerate(names):
+            zf.writestr(name, f"content {i}".encode())
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+@pytest.mark.parametrize("first,second", [("set/a.png", "set/a.png"), ("./set/b.png", "set//b.png")])
+def test_members_extracting_to_the_same_file_are_refused(tmp_path, first, second):
+    path = _zip_with_repeats(tmp_path / "twice.zip", ["set/ok.png", first, second])
+    with pytest.raises(UserError, match="both extract to") as err:
+        extract(path, tmp_path / "out", **LIMITS)
+    assert f"members {first!r} and {second!r}" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()  # refused before writing
+
+
+def test_tar_member_repeated_is_refused(tmp_path):
+    path = tmp_path / "twice.tar"
+    with tarfile.open(path, "w") as tf:
+        for data in (b"old", b"new"):  # what `tar -r` leaves when a file is added again
+            info = tarfile.TarInfo("set/a.png")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with pytest.raises(UserError, match="'set/a.png' and 'set/a.png' both extract to 'set/a.png'"):
+        extract(path, tmp_path / "out", **LIMITS)
+
+
+def test_names_equal_but_for_case_keep_the_first_and_report_the_rest(tmp_path):
+    path = _zip_with_repeats(tmp_path / "case.zip", ["set/A.jpg", "set/a.jpg", "SET/A.JPG", "set/b.jpg"])
+    skipped = extract(path, tmp_path / "out", **LIMITS)
+    assert files_in(tmp_path / "out") == {"set/A.jpg": b"content 0", "set/b.jpg": b"content 3"}
+    assert [s["file"] for s in skipped] == ["set/a.jpg", "SET/A.JPG"]
+    assert all("same name as 'set/A.jpg' but for upper/lower case" in s["reason"] for s in skipped)

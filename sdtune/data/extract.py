@@ -117,8 +117,11 @@ def _zip_members(zf: zipfile.ZipFile) -> list[_Member]:
     return out
 
 
-def _check(members: list[_Member], where: str, dest: Path, max_bytes: int, max_files: int):
-    """All checks, before anything is written; returns (normalised name, member) pairs."""
+def _check(members: list[_Member], where: str, dest: Path, max_bytes: int, max_files: int, skipped: list):
+    """All checks, before anything is written; returns (normalised name, member) pairs.
+
+    Files that differ from an earlier one only in upper/lower case are appended to `skipped`.
+    """
     if len(members) > max_files:
         raise UserError(f"{where}: {len(members)} members exceed max_archive_files={max_files}; refusing the archive")
     total = sum(m.size for m in members)
@@ -126,6 +129,7 @@ def _check(members: list[_Member], where: str, dest: Path, max_bytes: int, max_f
         raise UserError(f"{where}: {total} bytes uncompressed exceed max_archive_bytes={max_bytes}; "
                         "refusing the archive")
     checked = []
+    files = {}  # casefolded normalised name -> (normalised name, member) of the first file with it
     for m in members:
         rel = safe_relpath(m.name, where)
         if m.kind not in ("file", "dir"):
@@ -136,8 +140,22 @@ def _check(members: list[_Member], where: str, dest: Path, max_bytes: int, max_f
                 tarfile.data_filter(m.ref, str(dest))
             except tarfile.FilterError as err:
                 raise UserError(f"{where}: member {m.name!r} refused: {err}") from None
-        if rel is not None:
-            checked.append((rel, m))
+        if rel is None:
+            continue
+        if m.kind == "file" and not is_junk(rel):  # junk is never written, so its repeats do no harm
+            first_rel, first = files.setdefault(rel.casefold(), (rel, m))
+            if first is not m and first_rel == rel:
+                # Two members for one file: extracting would keep whichever came last, silently.
+                raise UserError(f"{where}: members {first.name!r} and {m.name!r} both extract to {rel!r}; "
+                                "refusing the archive")
+            if first is not m:
+                # A.jpg and a.jpg are two files on Linux but one on a macOS or Windows disk. Keeping
+                # the first everywhere gives the same data set on every machine, and the rest of a
+                # valid archive stays usable; the report says what was left out.
+                skipped.append({"file": m.name, "reason": f"same name as {first.name!r} but for upper/lower "
+                                "case (one file on case-insensitive disks); kept the first"})
+                continue
+        checked.append((rel, m))
     return checked
 
 
@@ -146,26 +164,28 @@ def extract(archive: Path, dest: Path, *, max_bytes: int, max_files: int, name: 
 
     `dest` should be a temporary folder: a corrupt member found while writing leaves earlier
     members behind. `name` is how messages call the archive (default: its path).
-    Returns the junk members left out, as {"file": member name, "reason": ...}.
+    Returns the members left out (junk, case-only repeats) as {"file": member name, "reason": ...}.
     """
     archive, dest = Path(archive), Path(dest)
     where = name or str(archive)
     kind = archive_kind(archive, where)
     if kind is None:
         raise UserError(f"{where}: not a zip or tar archive")
+    skipped = []
     try:
         if kind == "tar":
             with tarfile.open(archive, "r:*") as tf:
-                checked = _check(_tar_members(tf), where, dest, max_bytes, max_files)
-                skipped = _write(checked, dest, where, tf.extractfile)
+                checked = _check(_tar_members(tf), where, dest, max_bytes, max_files, skipped)
+                _write(checked, dest, where, tf.extractfile, skipped)
                 # tarfile stops at the end-of-archive marker, short of the gzip/xz trailer that
                 # holds the checksum: read the rest of the stream so a flipped bit is caught.
                 while tf.fileobj.read(1 << 20):
                     pass
                 return skipped
         with zipfile.ZipFile(archive) as zf:  # zipfile checks each member's CRC itself
-            checked = _check(_zip_members(zf), where, dest, max_bytes, max_files)
-            return _write(checked, dest, where, zf.open)
+            checked = _check(_zip_members(zf), where, dest, max_bytes, max_files, skipped)
+            _write(checked, dest, where, zf.open, skipped)
+            return skipped
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError) as err:
         raise UserError(f"{where}: corrupt or truncated archive ({err})") from None
     except OSError as err:
@@ -175,8 +195,7 @@ def extract(archive: Path, dest: Path, *, max_bytes: int, max_files: int, name: 
         raise UserError(f"{where}: corrupt or truncated archive ({err})") from None
 
 
-def _write(checked, dest: Path, where: str, open_member) -> list[dict]:
-    skipped = []
+def _write(checked, dest: Path, where: str, open_member, skipped: list) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
     for rel, m in checked:
@@ -198,4 +217,3 @@ def _write(checked, dest: Path, where: str, open_member) -> list[dict]:
             raise UserError(f"{where}: member {m.name!r} cannot be read ({err})") from None
         except (FileExistsError, NotADirectoryError, IsADirectoryError) as err:
             raise UserError(f"{where}: member {m.name!r} clashes with another member ({err.strerror})") from None
-    return skipped
