@@ -227,6 +227,42 @@ def test_deep_and_float_images_are_scaled_by_bit_depth_not_brightest_pixel(tmp_p
     assert load_rgb(tmp_path / "bright.tif").getpixel((3, 3)) == (255, 255, 255)  # above 1: clipped
 
 
+def swapped_srgb_profile() -> bytes:
+    """A real RGB ICC profile that is not sRGB: Pillow's sRGB with the red and blue primaries swapped
+    (the tag table after the 128-byte header lists signature, offset, size per tag)."""
+    from PIL import ImageCms
+
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    (count,) = struct.unpack(">I", data[128:132])
+    entries = {bytes(data[132 + 12 * i:136 + 12 * i]): 132 + 12 * i for i in range(count)}
+    red, blue = entries[b"rXYZ"], entries[b"bXYZ"]
+    data[red + 4:red + 12], data[blue + 4:blue + 12] = data[blue + 4:blue + 12], data[red + 4:red + 12]
+    data[84:100] = bytes(16)  # profile ID (an MD5 of the rest): zero means "not computed"
+    return bytes(data)
+
+
+def test_embedded_icc_profile_is_converted_to_srgb(tmp_path):
+    pytest.importorskip("PIL.ImageCms")
+    swapped = swapped_srgb_profile()
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "swapped.png", icc_profile=swapped)
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "swapped.jpg", icc_profile=swapped, quality=100)
+    Image.new("RGBA", (16, 16), (255, 0, 0, 255)).save(tmp_path / "swapped_rgba.png", icc_profile=swapped)
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "broken.png", icc_profile=b"not a profile")
+
+    r, g, b = load_rgb(tmp_path / "swapped.png").getpixel((8, 8))
+    assert b > 200 and r < 60 and g < 60  # the file's "red" is this profile's blue
+    r, g, b = load_rgb(tmp_path / "swapped.jpg").getpixel((8, 8))
+    assert b > 150 and r < 80
+    r, g, b = load_rgb(tmp_path / "swapped_rgba.png").getpixel((8, 8))
+    assert b > 200 and r < 60  # opaque: not composited towards white
+    assert load_rgb(tmp_path / "broken.png").getpixel((8, 8)) == (255, 0, 0)  # plain conversion
+    v = by_file(check_folder(tmp_path, min_side=8))
+    assert all(x["status"] == "kept" for x in v.values()), v
+    assert v["swapped.png"]["warnings"] == [] and v["swapped_rgba.png"]["warnings"] == []
+    (note,) = v["broken.png"]["warnings"]
+    assert note.startswith("ICC colour profile ignored (") and "\n" not in note
+
+
 def test_animated_gif_uses_the_first_frame(tmp_path):
     frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)

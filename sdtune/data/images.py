@@ -5,11 +5,18 @@ cache and the evaluation can open. A bad file becomes a verdict with a reason, n
 """
 
 import contextlib
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+try:
+    from PIL import ImageCms  # LittleCMS: in Pillow's standard wheels, optional in source builds
+    SRGB = ImageCms.createProfile("sRGB")
+except ImportError:
+    ImageCms = None
 
 from sdtune.data.links import link_problem
 from sdtune.errors import UserError
@@ -84,16 +91,35 @@ def _eight_bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "L")
 
 
+def _to_srgb(im: Image.Image, icc: bytes, notes: list[str]) -> Image.Image:
+    """Pixels described by an embedded ICC profile (Adobe RGB, a CMYK press profile, ...) in sRGB."""
+    if ImageCms is None:
+        notes.append("ICC colour profile not applied (Pillow built without LittleCMS)")
+        return im
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.profileToProfile(im, source, SRGB, outputMode="RGBA" if im.mode == "RGBA" else "RGB")
+    except Exception as err:  # noqa: BLE001 - a broken profile or one that does not fit the mode
+        notes.append(f"ICC colour profile ignored ({_one_line(err)})")
+        return im
+
+
 def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
+    icc = im.info.get("icc_profile")  # read first: _eight_bit makes a new image without it
     if im.mode.startswith("I") or im.mode == "F":
         im = _eight_bit(im)
     has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
     if has_alpha:
-        rgba = im.convert("RGBA")
-        if rgba.getextrema()[3][0] < 255:  # some pixel is not fully opaque
+        im = im.convert("RGBA")
+    elif im.mode not in ("RGB", "L", "CMYK"):  # the modes the profile transform takes as they are
+        im = im.convert("L" if im.mode == "1" else "RGB")
+    if icc:
+        im = _to_srgb(im, icc, notes)
+    if has_alpha:
+        if im.getextrema()[3][0] < 255:  # some pixel is not fully opaque
             notes.append("transparency composited on white")
-        background = Image.new("RGBA", rgba.size, WHITE + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        background = Image.new("RGBA", im.size, WHITE + (255,))
+        return Image.alpha_composite(background, im).convert("RGB")
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
@@ -128,7 +154,8 @@ def _decode(path: Path, max_pixels: int) -> tuple[Image.Image, list[str]]:
 
 def load_rgb(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open and normalise: EXIF orientation applied, first frame of animations, 8-bit RGB
-    (CMYK, palette incl. transparency, LA/RGBA alpha composited on white, 16-bit scaled, greyscale).
+    (CMYK, palette incl. transparency, LA/RGBA alpha composited on white, 16-bit scaled, greyscale),
+    converted to sRGB from an embedded ICC profile.
 
     Raises BadImage (a UserError naming the file) for anything that is not a usable image.
     """
