@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import random
+import re
 import subprocess
 import tarfile
 import zipfile
@@ -268,6 +269,20 @@ def test_gcs_prefix_single_object_and_errors(tmp_path, gcs_emulator):
         fetch("gs://missing-bucket/x", tmp_path / "c")
     assert leftovers(tmp_path / "c") == []
 
+
+@pytest.mark.parametrize("objects,message", [
+    (["raw/a", "raw/a/b.png"], "object 'raw/a/b.png' clashes with 'raw/a': one would be a file and the other a folder"),
+    (["raw/a", "raw/a/deeper/b.png"], "object 'raw/a/deeper/b.png' clashes with 'raw/a'"),
+    (["raw/x//b.png", "raw/x/b.png"], "objects 'raw/x//b.png' and 'raw/x/b.png' both land at 'x/b.png'"),
+])
+def test_gcs_objects_that_clash_on_disk_are_a_user_error(tmp_path, gcs_emulator, objects, message):
+    bucket = gcs_emulator.create_bucket("clash")
+    for name in objects:
+        bucket.blob(name).upload_from_string(b"\x89PNG")
+    with pytest.raises(UserError, match=f"^gs://clash: {re.escape(message)}") as err:
+        fetch("gs://clash/raw", tmp_path / "raw")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "raw").exists() and leftovers(tmp_path / "raw") == []
 
 def test_gcs_without_credentials_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)

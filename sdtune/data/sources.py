@@ -328,14 +328,24 @@ def _gcs(ref: str, work: Path, opts: Options) -> Path:
         if not blobs:
             raise UserError(f"gs://{ref}: no objects under this prefix")
         tree = work / "tree"
+        got = {}  # path in tree -> object name, to name both objects of a clash
         for blob in tqdm(blobs, unit="file", desc=f"gs://{bucket_name}", disable=None):
             rel = safe_relpath(blob.name[len(prefix):], f"gs://{bucket_name}", "object")
             if rel is None or is_junk(rel):
                 if rel:
                     opts.skipped.append({"file": rel, "reason": "macOS/Windows metadata"})
                 continue
-            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
-            blob.download_to_filename(tree / rel)  # the client retries and checks the object's hash
+            if rel in got:  # "raw/a//b.png" and "raw/a/b.png": the second would overwrite the first
+                raise UserError(f"gs://{bucket_name}: objects {got[rel]!r} and {blob.name!r} both land at {rel!r}")
+            got[rel] = blob.name
+            try:
+                (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+                blob.download_to_filename(tree / rel)  # the client retries and checks the object's hash
+            except (FileExistsError, NotADirectoryError, IsADirectoryError) as err:
+                # "raw/a" and "raw/a/b.png": a file and a folder cannot share the name a
+                other = next((got[r] for r in got if rel.startswith(r + "/") or r.startswith(rel + "/")), "?")
+                raise UserError(f"gs://{bucket_name}: object {blob.name!r} clashes with {other!r}: "
+                                f"one would be a file and the other a folder ({err.strerror})") from None
         return tree
     except gexc.NotFound:  # a missing object gives None above, so this is the bucket
         raise UserError(f"gs://{ref}: bucket {bucket_name!r} not found") from None
