@@ -16,7 +16,8 @@ def main():
     params = params_lib.load()
     p = params.caption
     with runtime.stage("caption"):
-        verdicts = images.check_folder(RAW, min_side=params.model.resolution, too_small=params.data.too_small,
+        verdicts = images.check_folder(RAW, min_side=params.model.resolution, bucket_step=params.cache.crop_step,
+                                       too_small=params.data.too_small,
                                        max_pixels=params.data.max_pixels)
         kept = [v for v in verdicts if v["status"] == "kept"]
         skipped = [v for v in verdicts if v["status"] != "kept"]

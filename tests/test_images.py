@@ -137,6 +137,17 @@ def test_too_small_skip_or_upscale(raw):
         check_folder(raw, min_side=32, too_small="crop")
 
 
+def test_with_buckets_too_small_means_smaller_than_its_bucket(raw):
+    """800x400 at 512 is short for a square, but its 2:1 bucket (704x320) needs no upscaling."""
+    noisy((800, 400)).save(raw / "wide.png")
+    (v,) = check_folder(raw, min_side=512, too_small="skip")
+    assert v["status"] == "skipped"
+    (v,) = check_folder(raw, min_side=512, bucket_step=64, too_small="skip")
+    assert v["status"] == "kept" and v["warnings"] == []
+    (v,) = check_folder(raw, min_side=1024, bucket_step=64, too_small="skip")
+    assert v["reason"] == "too small: 800x400 px < its bucket 1408x704"
+
+
 def test_duplicates_and_symlinks(raw, tmp_path):
     (raw / "b").mkdir()
     noisy().save(raw / "a.png")

@@ -49,16 +49,6 @@ def item_key(row, model, cache, encode_dtype: torch.dtype, code: str, revision: 
     return io.sha256_json(parts)
 
 
-def bucket_size(width: int, height: int, resolution: int, step: int) -> tuple[int, int]:
-    """Aspect-ratio bucketing: the (width, height) in multiples of `step`, at most resolution²
-    pixels, whose aspect is the image's (clipped to 1:2 .. 2:1)."""
-    aspect = min(max(width / height, 0.5), 2.0)
-    area = resolution * resolution
-    w = max(step, int((area * aspect) ** 0.5) // step * step)
-    h = max(step, int((area / aspect) ** 0.5) // step * step)
-    return w, h
-
-
 def prepare(path, resolution: int, center_crop: bool, bucket_step: int | None = None, *,
             max_pixels: int = images.MAX_PIXELS):
     """Resize to cover the target and crop it; pixels in [-1, 1].
@@ -69,7 +59,7 @@ def prepare(path, resolution: int, center_crop: bool, bucket_step: int | None = 
     """
     img = images.load_rgb(path, max_pixels)
     w, h = img.size
-    tw, th = bucket_size(w, h, resolution, bucket_step) if bucket_step else (resolution, resolution)
+    tw, th = images.bucket_size(w, h, resolution, bucket_step) if bucket_step else (resolution, resolution)
     scale = max(tw / w, th / h)
     new = (max(tw, round(w * scale)), max(th, round(h * scale)))
     left = (new[0] - tw) // 2 if center_crop else 0

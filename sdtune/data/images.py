@@ -180,7 +180,17 @@ def _is_sidecar_or_manifest(name: str) -> bool:
     return lower.endswith(SIDECARS) or lower == "manifest.json" or lower.endswith(".manifest.json")
 
 
-def _check_one(raw_dir: Path, path: Path, verdict: dict, seen: dict, *, min_side, too_small, max_pixels):
+def bucket_size(width: int, height: int, resolution: int, step: int) -> tuple[int, int]:
+    """Aspect-ratio bucketing: the (width, height) in multiples of `step`, at most resolution²
+    pixels, whose aspect is the image's (clipped to 1:2 .. 2:1)."""
+    aspect = min(max(width / height, 0.5), 2.0)
+    area = resolution * resolution
+    w = max(step, int((area * aspect) ** 0.5) // step * step)
+    h = max(step, int((area / aspect) ** 0.5) // step * step)
+    return w, h
+
+
+def _check_one(raw_dir: Path, path: Path, verdict: dict, seen: dict, *, min_side, bucket_step, too_small, max_pixels):
     """Fill `verdict` in place; return the reason to skip, or None to keep."""
     problem = link_problem(path, raw_dir)
     if problem == "outside":
@@ -202,19 +212,25 @@ def _check_one(raw_dir: Path, path: Path, verdict: dict, seen: dict, *, min_side
         return bad.reason
     verdict["width"], verdict["height"] = img.size
     verdict["warnings"].extend(notes)
-    short = min(img.size)
-    if short < min_side:
+    w, h = img.size
+    if bucket_step:  # too small for its own aspect-ratio bucket, not for a square
+        tw, th = bucket_size(w, h, min_side, bucket_step)
+        small = f"{w}x{h} px < its bucket {tw}x{th}" if w < tw or h < th else None
+    else:
+        small = f"short side {min(w, h)} px < min_side {min_side}" if min(w, h) < min_side else None
+    if small:
         if too_small == "skip":
-            return f"too small: short side {short} px < min_side {min_side}"
-        verdict["warnings"].append(f"short side {short} px < min_side {min_side}; will be upscaled")
+            return f"too small: {small}"
+        verdict["warnings"].append(f"{small}; will be upscaled")
     seen[verdict["sha256"]] = verdict["file"]
     return None
 
 
-def check_folder(raw_dir: Path, *, min_side: int, too_small: str = "upscale",
+def check_folder(raw_dir: Path, *, min_side: int, bucket_step: int | None = None, too_small: str = "upscale",
                  max_pixels: int = MAX_PIXELS) -> list[dict]:
     """One verdict per file in raw_dir (recursive, sorted by relative posix path), skipping sidecar
-    .txt/.caption files and the manifest:
+    .txt/.caption files and the manifest. `min_side` is the training resolution; with `bucket_step`
+    (cache.buckets on) an image is too small when it is smaller than its bucket (bucket_size):
     {"file", "sha256", "status": "kept"|"skipped", "reason": str|None, "width", "height", "warnings": [..]}
     """
     raw_dir = Path(raw_dir)
@@ -230,7 +246,7 @@ def check_folder(raw_dir: Path, *, min_side: int, too_small: str = "upscale",
         verdict = {"file": rel, "sha256": None, "status": "kept", "reason": None,
                    "width": None, "height": None, "warnings": []}
         try:
-            reason = _check_one(raw_dir, path, verdict, seen, min_side=min_side,
+            reason = _check_one(raw_dir, path, verdict, seen, min_side=min_side, bucket_step=bucket_step,
                                 too_small=too_small, max_pixels=max_pixels)
         except OSError as err:  # permissions, a file vanishing mid-run
             reason = f"cannot read: {_one_line(err)}"
