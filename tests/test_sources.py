@@ -6,9 +6,12 @@ import io
 import os
 import random
 import re
+import shutil
 import subprocess
+import sys
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -62,6 +65,43 @@ def test_local_folder_copies_files_and_reports_what_it_skips(tmp_path):
     assert "outside the source folder" in reasons["escape.png"] and "outside" in reasons["up"]
     assert leftovers(tmp_path / "data" / "raw") == []
 
+
+FETCH_CHILD = """import sys
+from sdtune.data.sources import fetch
+from sdtune.errors import UserError
+try:
+    fetch(sys.argv[1], sys.argv[2])
+except UserError as err:
+    sys.exit(f"UserError: {err}")
+"""
+
+
+def fetch_in_child(source, dest):
+    """fetch() in a child process that file modes apply to: root reads any file (its capability
+    CAP_DAC_OVERRIDE), so as root the child starts without that capability, by setpriv."""
+    cmd = [sys.executable, "-c", FETCH_CHILD, str(source), str(dest)]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root reads files whatever their mode, and setpriv is missing to drop that")
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *cmd]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", env=env, timeout=120)
+    if done.stderr.startswith("setpriv:"):
+        pytest.skip(f"cannot drop root's capabilities here: {done.stderr.strip()}")
+    return done
+
+
+@pytest.mark.parametrize("locked,problem", [("a painting.png", "cannot read (Permission denied)"),
+                                            ("ünï", "cannot list this folder (Permission denied)")])
+def test_local_unreadable_file_or_folder_is_a_user_error(tmp_path, locked, problem):
+    src = write_tree(tmp_path / "src", SET)
+    (src / locked).chmod(0)
+    try:
+        done = fetch_in_child(src, tmp_path / "raw")
+    finally:
+        (src / locked).chmod(0o755)  # so that pytest can clean up
+    assert (done.returncode, done.stderr) == (1, f"UserError: {src / locked}: {problem}\n")
+    assert not (tmp_path / "raw").exists() and leftovers(tmp_path / "raw") == []
 
 def test_local_archive_single_image_and_pin(tmp_path):
     archive = tmp_path / "set.zip"

@@ -160,20 +160,31 @@ def _local(ref: str, work: Path, opts: Options) -> Path:
         raise UserError(f"data.source: the destination lies inside the source folder {ref!r}")
     tree = work / "tree"
     tree.mkdir()
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def unlistable(err: OSError):  # without this, os.walk leaves the folder out silently
+        raise UserError(f"{err.filename}: cannot list this folder ({err.strerror})")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable):
         here = Path(dirpath)
         for name in sorted(dirnames + filenames):
             src = here / name
             rel = src.relative_to(root).as_posix()
-            reason = _skip_reason(src, root, rel)
-            if reason:  # the name, made printable: a non-UTF-8 one would break the JSON report
-                opts.skipped.append({"file": os.fsencode(rel).decode("utf-8", "replace"), "reason": reason})
-                if name in dirnames:
-                    dirnames.remove(name)
-            elif src.is_dir():
-                (tree / rel).mkdir()
-            else:
-                shutil.copyfile(src, tree / rel)  # follows an inside symlink: its content is copied
+            try:
+                reason = _skip_reason(src, root, rel)
+                if reason:  # the name, made printable: a non-UTF-8 one would break the JSON report
+                    opts.skipped.append({"file": os.fsencode(rel).decode("utf-8", "replace"), "reason": reason})
+                    if name in dirnames:
+                        dirnames.remove(name)
+                elif src.is_dir():
+                    (tree / rel).mkdir()
+                else:
+                    shutil.copyfile(src, tree / rel)  # follows an inside symlink: its content is copied
+            except OSError as err:
+                # err.filename tells an unreadable source (permissions, I/O error) from a copy that
+                # could not be written; sendfile's errors (disk full) name neither
+                failed = Path(err.filename) if err.filename else None
+                verb = "read" if failed and not failed.is_relative_to(tree) else "copy"
+                raise UserError(f"{src}: cannot {verb} ({err.strerror})") from None
     return tree
 
 
