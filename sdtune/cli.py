@@ -98,7 +98,7 @@ def load_params(args):
     return params_lib.parse(raw, "command line")
 
 
-def variant_kwargs(name, lora):
+def variant_kwargs(name, lora, lora_scale=None):
     """pipeline() arguments for models/quantized/<name>/: method-mode, e.g. int8wo-fused."""
     from sdtune import quantize
 
@@ -113,6 +113,9 @@ def variant_kwargs(name, lora):
     quantize.check_supported(method)
     if mode == "fused" and lora is not None:
         raise UserError(f"--variant: {name!r} already has the LoRA fused in; drop --lora")
+    if mode == "fused" and lora_scale is not None:
+        raise UserError(f"--lora-scale: {name!r} has the LoRA fused in at evaluate.lora_scale; "
+                        f"use its -adapter variant to choose the strength")
     return quantize.pipeline_kwargs(name, lora)  # an adapter variant: the LoRA on top at run time
 
 
@@ -176,7 +179,7 @@ def generate(args) -> None:
 
     family = families.get(params.model.family)
     device = runtime.device(args.device or params.base.device)
-    kwargs = variant_kwargs(args.variant, args.lora) if args.variant else {"lora_dir": args.lora}
+    kwargs = variant_kwargs(args.variant, args.lora, args.lora_scale) if args.variant else {"lora_dir": args.lora}
     pipe = gen.pipeline(family, params.model, device, lora_scale=scale, **kwargs)
     tune(pipe, family, args.scheduler, args.channels_last, args.compile)
 

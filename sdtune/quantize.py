@@ -105,22 +105,23 @@ def folder_bytes(path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def parent(family, model, lora_dir, fuse: bool):
-    """The float32 denoiser a variant is made from: base, with the LoRA fused in when asked."""
+def parent(family, model, lora_dir, fuse: bool, lora_scale: float = 1.0):
+    """The float32 denoiser a variant is made from: base, with the LoRA fused in at `lora_scale`
+    when asked (evaluate.lora_scale, the strength the adapter variants are run at)."""
     denoiser = family.load_denoiser(model, dtype=torch.float32)
     if fuse:
         denoiser.load_lora_adapter(str(common.lora_path(lora_dir)), prefix=family.DENOISER_ATTR)
-        denoiser.fuse_lora()
+        denoiser.fuse_lora(lora_scale=lora_scale)
         denoiser.unload_lora()
     return denoiser
 
 
-def make_variant(family, model, lora_dir, name: str, mode: str, out_dir) -> dict:
+def make_variant(family, model, lora_dir, name: str, mode: str, out_dir, lora_scale: float = 1.0) -> dict:
     """Quantize, save to `out_dir`, reload from disk, and measure. Returns a report row."""
     check_supported(name)
     method = METHODS[name]
     with tempfile.TemporaryDirectory() as tmp:
-        src = parent(family, model, lora_dir, fuse=(mode == "fused"))
+        src = parent(family, model, lora_dir, fuse=(mode == "fused"), lora_scale=lora_scale)
         src.save_pretrained(tmp, safe_serialization=True)
         del src
         t0 = time.perf_counter()

@@ -25,7 +25,8 @@ def main():
             jobs = [(n, m) for n in p.variants for m in p.lora_modes]
             for name, mode in tqdm(jobs, desc="quantize", unit="variant"):
                 rows.append(quantize.make_variant(family, params.model, quantize.LORA_DIR, name, mode,
-                                                  tmp / quantize.variant_name(name, mode)))
+                                                  tmp / quantize.variant_name(name, mode),
+                                                  lora_scale=params.evaluate.lora_scale))
         io.write_json(REPORT, {"variants": rows})
     for r in rows:
         print(f"quantize: {r['variant']}: {r['disk_bytes'] / 2**20:.1f} MiB on disk, "

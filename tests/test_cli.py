@@ -70,6 +70,24 @@ def test_quantized_variant(cwd, capsys):
     assert "bf16-fused" in fails(["generate", "--prompt", "x", "--variant", "int8wo-fused", "--out", "x.png"], capsys)
     assert "drop --lora" in fails(["generate", "--prompt", "x", "--variant", "bf16-fused", "--lora", "models/lora",
                                    "--out", "x.png"], capsys)
+    assert "--lora-scale: 'bf16-fused' has the LoRA fused in" in fails(
+        ["generate", "--prompt", "x", "--variant", "bf16-fused", "--lora-scale", "0.5", "--out", "x.png"], capsys)
+
+
+def test_the_readmes_commands_run(cwd):
+    """The README's `sdtune generate` lines as written, on this folder's variant, at a fast size."""
+    import shlex
+
+    from conftest import ROOT
+
+    (cwd / "prompts").mkdir(exist_ok=True)
+    (cwd / "prompts" / "eval.txt").write_text((ROOT / "prompts" / "eval.txt").read_text())
+    lines = [ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()
+             if ln.strip().startswith("sdtune generate ")]
+    assert len(lines) >= 2
+    for line in lines:
+        argv = shlex.split(line.replace("int8wo-fused", "bf16-fused"))[1:]
+        assert main([*argv, "--steps", "1", "--size", "32"]) == 0, line
 
 
 def test_user_mistakes_are_one_line(cwd, capsys):

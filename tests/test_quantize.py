@@ -24,6 +24,16 @@ def variant(lora_dir, tmp_path_factory):
     return out, row
 
 
+def test_fused_variant_bakes_in_the_lora_scale(lora_dir):
+    """Fused at evaluate.lora_scale, as the adapter variants run: at 0 the weights are the base's."""
+    base = quantize.parent(sd, MODEL, lora_dir, fuse=False).state_dict()
+    zero = quantize.parent(sd, MODEL, lora_dir, fuse=True, lora_scale=0.0).state_dict()
+    full = quantize.parent(sd, MODEL, lora_dir, fuse=True, lora_scale=1.0).state_dict()
+    assert base.keys() == zero.keys() == full.keys()
+    assert all(torch.equal(base[k], zero[k]) for k in base)
+    assert any(not torch.equal(base[k], full[k]) for k in base)
+
+
 @pytest.fixture(scope="module")
 def int8_images(variant):
     """The saved int8 variant, reloaded and rendered once for the tests that compare it."""
