@@ -48,7 +48,7 @@ def table(cells) -> str:
 
 
 def failed_list(failed: dict) -> str:
-    lines = [f"- `{name}` ({kind}): {f['error']}" for kind, cells in failed.items() for name, f in cells.items()]
+    lines = [f"- `{name}` ({kind}): {f['reason']}" for kind, cells in failed.items() for name, f in cells.items()]
     return "Cells that did not run:\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
@@ -63,7 +63,7 @@ def measure_each(specs, measure, what: str):
         except Exception as err:  # noqa: BLE001 -- reported in profile.json and profile.md
             text = str(err).strip().splitlines()
             reason = text[0] if isinstance(err, UserError) else f"{type(err).__name__}: {text[0] if text else ''}"
-            failed[spec["name"]] = {"spec": spec, "error": reason}
+            failed[spec["name"]] = {"spec": spec, "reason": reason}
             tqdm.write(f"profile: {what} cell {spec['name']!r} did not run: {reason}", file=sys.stderr)
         gc.collect()  # a failed cell's model is garbage now; free it before the next one loads
     return done, failed
@@ -92,7 +92,7 @@ def main():
             cells, failed = measure_each(p.matrix, train_cell, "profile")
             if not cells:
                 name, first = next(iter(failed.items()))
-                raise UserError(f"profile.matrix: no cell ran; the first, {name!r}, failed with: {first['error']}")
+                raise UserError(f"profile.matrix: no cell ran; the first, {name!r}, failed with: {first['reason']}")
             best = min(cells, key=lambda c: c["step_ms"])
             if p.trace and best is not cells[0]:  # the fastest cell's trace, to compare with the baseline's
                 prof.trace_cell(params, best["spec"], CACHE, traces / f"trace-{best['name']}.json")

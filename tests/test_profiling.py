@@ -313,3 +313,23 @@ def test_each_compiled_cell_runs_its_own_compiled_denoiser(train_workspace):
         cell = prof.profile_cell(p, {"name": name, "compile": True, **keys}, ws / "cache", raw_dir=ws / "data/raw")
         assert counters["frames"]["ok"] > before, f"{name}: the denoiser ran uncompiled"
         assert cell["step_ms"] > 0 and 0 < cell["mfu"] <= 1
+
+
+def test_a_failed_cell_does_not_break_dvc_metrics_show(tmp_path):
+    """DVC takes a metrics key named `error` for a load failure of the whole file: each run with a
+    failed cell made `dvc metrics show` warn that it could not load the metrics."""
+    import subprocess
+
+    from sdtune import io
+    from stages import profile as stage
+
+    def measure(spec):
+        raise UserError("train.qlora: 4-bit NF4 loading needs a CUDA GPU")
+
+    done, failed = stage.measure_each([{"name": "qlora", "qlora": True}], measure, "profile")
+    assert done == [] and stage.failed_list({"matrix": failed}) == (
+        "Cells that did not run:\n\n- `qlora` (matrix): train.qlora: 4-bit NF4 loading needs a CUDA GPU\n")
+    io.write_json(tmp_path / "profile.json", {"best": "baseline", "failed": {"matrix": failed}})
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    out = subprocess.run(["dvc", "metrics", "show", "profile.json"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and "failed to load" not in (out.stdout + out.stderr).lower(), out.stderr
