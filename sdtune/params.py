@@ -148,7 +148,7 @@ class Quantize(Section):
 
 class Evaluate(Section):
     prompts: str = "prompts/eval.txt"
-    seeds: list[int] = [0, 1]
+    seeds: list[int] = Field([0, 1], min_length=1)
     steps: int = Field(30, gt=0)
     guidance_scale: float = Field(7.5, ge=0)
     clip_model: str = "openai/clip-vit-base-patch16"  # "tiny" = random-initialised, offline

@@ -11,7 +11,7 @@ import torch
 
 from sdtune import families, io, params as params_lib, quantize, runtime
 from sdtune.data import cache as cache_lib
-from sdtune.errors import main_guard
+from sdtune.errors import UserError, main_guard
 from sdtune.evaluate import clip as clip_lib, generate, metrics, report
 from sdtune.profiling import memory
 
@@ -22,8 +22,7 @@ REPORT, TABLE, GRID, PLOT = "reports/eval.json", "reports/eval.md", "reports/sam
 def variants(params):
     """(name, pipeline kwargs) for base, base+LoRA and each saved quantized variant, in order."""
     out = [("base", {}), ("lora", {"lora_dir": quantize.LORA_DIR})]
-    out += [(row["variant"], quantize.pipeline_kwargs(row["variant"]))
-            for row in io.read_json("reports/quantize.json")["variants"]]
+    out += [(name, quantize.pipeline_kwargs(name)) for name in io.read_json("reports/quantize.json")["variants"]]
     return out
 
 
@@ -53,6 +52,9 @@ def main():
     family = families.get(params.model.family)
     device = runtime.device(params.base.device)
     prompts = generate.read_prompts(p.prompts, "evaluate.prompts")
+    if len(prompts) * len(p.seeds) < 2:  # before minutes of generating, not after
+        raise UserError(f"evaluate: FID and KID need at least 2 images per variant; {p.prompts} has "
+                        f"{len(prompts)} prompt(s) and evaluate.seeds {len(p.seeds)} seed(s)")
     with runtime.stage("evaluate"):
         clip = clip_lib.load_clip(p.clip_model, p.clip_revision, device=device)
         real = real_images(params)
@@ -78,8 +80,9 @@ def main():
         report.grid(images, GRID)
         io.write_json(REPORT, {r["variant"]: {k: v for k, v in r.items() if k != "variant"} for r in records})
         io.write_json(PLOT, records)
-        io.write_text(TABLE, report.markdown(records))
-    print(report.markdown(records))
+        table = report.markdown(records, len(paired), len(real), metrics.feature_dim(extractor))
+        io.write_text(TABLE, table)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """quantize: save each variant of the fine-tuned denoiser to models/quantized/<variant>/.
 
-Writes reports/quantize.json: bytes on disk, bytes in memory after loading, load time.
+Writes reports/quantize.json: per variant, bytes on disk, bytes in memory after loading, load
+time (keyed by variant name: `dvc metrics show` skips lists).
 """
 
 from tqdm import tqdm
@@ -27,9 +28,9 @@ def main():
                 rows.append(quantize.make_variant(family, params.model, quantize.LORA_DIR, name, mode,
                                                   tmp / quantize.variant_name(name, mode),
                                                   lora_scale=params.evaluate.lora_scale))
-        io.write_json(REPORT, {"variants": rows})
-    for r in rows:
-        print(f"quantize: {r['variant']}: {r['disk_bytes'] / 2**20:.1f} MiB on disk, "
+        io.write_json(REPORT, {"variants": {r.pop("variant"): r for r in rows}})
+    for name, r in io.read_json(REPORT)["variants"].items():
+        print(f"quantize: {name}: {r['disk_bytes'] / 2**20:.1f} MiB on disk, "
               f"{r['memory_bytes'] / 2**20:.1f} MiB in memory, loads in {r['load_seconds']:.2f} s")
 
 

@@ -165,6 +165,29 @@ def test_prepare_resizes_only_the_crop(tmp_path, monkeypatch):
     np.testing.assert_allclose(pixels.permute(1, 2, 0).numpy(), expected, atol=1.5 / 127.5)
 
 
+def test_evaluate_refuses_fewer_than_two_images_before_loading_anything(tmp_path):
+    (tmp_path / "one.txt").write_text("a single prompt\n")
+    (tmp_path / "params.yaml").write_text("model: {id: tiny, resolution: 32}\n"
+                                          "evaluate: {prompts: one.txt, seeds: [0], clip_model: tiny}\n")
+    out = stage("evaluate", tmp_path)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        "error: evaluate: FID and KID need at least 2 images per variant; one.txt has 1 prompt(s) "
+        "and evaluate.seeds 1 seed(s)")
+    assert not (tmp_path / "reports").exists()
+
+
+def test_eval_table_says_what_fid_and_kid_saw():
+    from sdtune.evaluate import report
+
+    rec = {"variant": "lora", "clip_score": 30.0, "fid": 0.5, "kid": 0.001, "style_similarity": 0.5,
+           "psnr_to_lora": 100.0, "lpips_like_to_lora": 0.0, "latency_s": 1.0, "peak_memory_mib": 10.0,
+           "denoiser_mib": 3.0}
+    few = report.markdown([rec], 8, 20, 512)
+    assert "8 generated images per variant against 20 real ones, 512 features each" in few
+    assert "compare them by KID" in few
+    assert "compare them by KID" not in report.markdown([rec], 600, 800, 512)
+
+
 def test_evaluate_reads_the_real_images_under_the_params_pixel_limit(tmp_path, monkeypatch):
     """The evaluate stage reads data/raw with data.max_pixels, as the caption stage checked it,
     not with the built-in default."""

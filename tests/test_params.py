@@ -22,6 +22,7 @@ BAD = [
     ({"train": {"gradient_checkpointing": "yes"}}, "train.gradient_checkpointing", "valid boolean"),
     ({"caption": {"template": "no slot"}}, "caption.template", "{caption}"),
     ({"quantize": {"variants": ["int3"]}}, "quantize.variants.0", "'bf16'"),
+    ({"evaluate": {"seeds": []}}, "evaluate.seeds", "at least 1 item"),
     ({"profile": {"matrix": [{"mixed_precision": "bf16"}]}}, "profile.matrix", "'name'"),
     ({"train": {"compile_mode": "reduce-overhead"}}, "train.compile_mode: 'reduce-overhead' needs compile: true", ""),
     ({"train": {"compile": True, "compile_mode": "reduce-overhead", "grad_accum": 4}},

@@ -111,6 +111,14 @@ def test_lora_changes_the_output_and_scale_zero_does_not(demo):
     assert meta["cache_index_sha256"] == io.sha256_file(demo / "cache/index.json")
 
 
+def test_dvc_metrics_show_reads_every_metric(demo):
+    """No metrics file DVC cannot load (a key named `error` reads to DVC as a failure; a list is
+    skipped), so the quantize numbers show next to the others."""
+    out = run(["dvc", "metrics", "show"], demo)
+    assert "failed" not in (out.stdout + out.stderr).lower() and "could not parse" not in out.stderr.lower(), out.stderr
+    assert "variants.int8wo-fused.disk_bytes" in out.stdout
+
+
 def test_second_repro_does_nothing_and_train_params_rerun_only_downstream(demo):
     again = run(["dvc", "repro"], demo)
     assert ran(again.stdout) == []

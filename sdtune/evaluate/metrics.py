@@ -139,6 +139,11 @@ def fid_extractor(name: str, clip):
     raise UserError(f"evaluate.fid_extractor: expected 'clip' or 'inception', got {name!r}")
 
 
+def feature_dim(extractor) -> int:
+    """How many numbers the FID/KID extractor gives per image."""
+    return extractor if isinstance(extractor, int) else extractor.num_features
+
+
 def fid_kid(real, fake, extractor) -> tuple[float, float, float]:
     """(FID, KID mean, KID std) of `fake` against `real`, both through the same feature extractor.
 

@@ -36,10 +36,17 @@ COLUMNS = [("variant", "{}"), ("clip_score", "{:.2f}"), ("fid", "{:.2f}"), ("kid
            ("latency_s", "{:.3f}"), ("peak_memory_mib", "{:.0f}"), ("denoiser_mib", "{:.1f}")]
 
 
-def markdown(records: list[dict]) -> str:
+def markdown(records: list[dict], n_fake: int, n_real: int, dim: int) -> str:
+    """The table, and under it how many images FID and KID saw: FID's bias grows as the sets
+    shrink, and with fewer images than feature dimensions it can outweigh a real difference."""
     head = "| " + " | ".join(name for name, _ in COLUMNS) + " |"
     rule = "|" + "---|" * len(COLUMNS)
     lines = [head, rule]
     for rec in records:
         lines.append("| " + " | ".join(fmt.format(rec[name]) for name, fmt in COLUMNS) + " |")
+    lines.append(f"\nFID and KID: {n_fake} generated images per variant against {n_real} real ones, "
+                 f"{dim} features each.")
+    if min(n_fake, n_real) < dim:
+        lines[-1] += (" With fewer images than features FID is biased by more than most differences "
+                      "between variants: compare them by KID, which is unbiased.")
     return "\n".join(lines) + "\n"
