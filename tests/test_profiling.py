@@ -333,3 +333,30 @@ def test_a_failed_cell_does_not_break_dvc_metrics_show(tmp_path):
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
     out = subprocess.run(["dvc", "metrics", "show", "profile.json"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0 and "failed to load" not in (out.stdout + out.stderr).lower(), out.stderr
+
+
+def test_profiled_cell_counts_the_gradients_a_real_step_holds(train_workspace):
+    """The step ends with zero_grad(set_to_none=True): counted from .grad after it, gradients were
+    always 0 bytes, and on CUDA their bytes were put down to activations instead."""
+    from accelerate.state import AcceleratorState
+
+    from sdtune.profiling import run as prof
+    from sdtune.train import loop
+
+    ws, p = train_workspace
+    cell = prof.profile_cell(p, {"name": "baseline"}, ws / "cache", raw_dir=ws / "data/raw")
+    # The bytes of every gradient while a real training step has it, from a hook on each parameter.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run = loop.setup(p, ws / "cache")
+    held = {}
+
+    def record(param):
+        held[id(param)] = param.grad.numel() * param.grad.element_size()
+
+    for param in run.denoiser.parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(record)
+    loop.train_step(run, 0)
+    mem = cell["memory"]
+    assert mem["gradients_bytes"] == sum(held.values()) == mem["trainable_bytes"] > 0
+    assert mem["trainable_bytes"] < mem["weights_bytes"]  # the LoRA's, not the frozen base's

@@ -80,17 +80,20 @@ def breakdown(model: torch.nn.Module, optimizer=None) -> dict:
     """Bytes of parameters (all / trainable), of their gradients and of the optimizer state.
 
     Buffers are not counted as weights. Counted from the tensors themselves, so it holds for any
-    dtype mix (e.g. a bf16 frozen base with float32 LoRA adapters).
+    dtype mix (e.g. a bf16 frozen base with float32 LoRA adapters). Gradients are counted from the
+    trainable parameters, whose shapes and dtypes they share: the training step ends with
+    zero_grad(set_to_none=True), so after it no .grad is left to count, yet each step held them all.
     """
     params = list(model.parameters())
     optimizer_bytes = 0
     if optimizer is not None:
         for state in optimizer.state.values():
             optimizer_bytes += sum(_nbytes(v) for v in state.values() if torch.is_tensor(v))
+    trainable = sum(_nbytes(p) for p in params if p.requires_grad)
     return {
         "weights_bytes": sum(_nbytes(p) for p in params),
-        "trainable_bytes": sum(_nbytes(p) for p in params if p.requires_grad),
-        "gradients_bytes": sum(_nbytes(p.grad) for p in params if p.grad is not None),
+        "trainable_bytes": trainable,
+        "gradients_bytes": trainable,
         "optimizer_bytes": optimizer_bytes,
     }
 
