@@ -25,7 +25,7 @@ class Section(BaseModel):
 
 
 class Base(Section):
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, lt=2**32)  # what torch and numpy seeders accept
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -80,7 +80,7 @@ class Lora(Section):
     rank: int = Field(16, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | None = None  # None: the family's default
+    target_modules: list[str] | None = Field(None, min_length=1)  # None: the family's default
     init: Literal["gaussian", "default", "pissa", "olora"] = "gaussian"
     use_dora: bool = False
 
@@ -116,8 +116,9 @@ class Train(Section):
     qlora: bool = False  # the frozen denoiser in 4-bit NF4 (bitsandbytes, CUDA only)
     # Validation images every N steps (None: never), same prompts and seeds each time.
     validate_every: int | None = Field(None, gt=0)
-    validation_prompts: list[str] = ["a painting by sargent, a portrait of a woman in a white dress"]
-    validation_seeds: list[int] = [0, 1]
+    validation_prompts: list[str] = Field(["a painting by sargent, a portrait of a woman in a white dress"],
+                                          min_length=1)
+    validation_seeds: list[int] = Field([0, 1], min_length=1)
     validation_steps: int = Field(25, gt=0)
     # Flow-matching families (SD3.x): how timesteps are drawn and how the loss is weighted.
     timestep_density: Literal[DENSITIES] = "logit_normal"
@@ -125,6 +126,23 @@ class Train(Section):
     logit_std: float = Field(1.0, gt=0)
     mode_scale: float = Field(1.29, ge=-1.0, le=1.75)
     loss_weighting: Literal[WEIGHTINGS] = "none"
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup(cls, steps, info):
+        # diffusers' "constant" schedule ignores warmup; say so rather than train without it.
+        if steps and info.data.get("lr_scheduler") == "constant":
+            raise ValueError(f"{steps} warmup steps need lr_scheduler: constant_with_warmup (constant has none)")
+        return steps
+
+    @field_validator("optimizer")
+    @classmethod
+    def _prodigy_lr(cls, name, info):
+        # Prodigy estimates the step size itself; lr scales that estimate and is meant to be ~1.
+        if name == "prodigy" and info.data.get("lr", 1.0) < 0.1:
+            raise ValueError(f"prodigy sets its own step size and expects lr around 1.0 "
+                             f"(got {info.data['lr']}); set train.lr: 1.0")
+        return name
 
     @field_validator("compile_mode")
     @classmethod

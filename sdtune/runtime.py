@@ -68,6 +68,6 @@ def provenance(params, manifest_path="data/raw.manifest.json", cache_index="cach
         "cache_index_sha256": io.sha256_file(index) if index.exists() else "unknown",
         "model_family": params.model.family,
         "dataset_manifest_sha256": io.sha256_file(manifest) if manifest.exists() else "unknown",
-        "params_sha256": params_hash(params, "data", "caption", "model", "cache", "train"),
+        "params_sha256": params_hash(params, "base", "data", "caption", "model", "cache", "train"),
         "git_commit": git_commit(),
     }
