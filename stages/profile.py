@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from sdtune import io, params as params_lib, runtime
 from sdtune.errors import UserError, main_guard
-from sdtune.profiling import charts, inference, run as prof
+from sdtune.profiling import charts, cost, inference, run as prof
 
 CACHE, LORA_DIR, OUT_DIR, TRACES = "cache", "models/lora", Path("reports/profile"), Path("reports/traces")
 REPORT, TABLE, PLOT = "reports/profile.json", "reports/profile.md", "reports/profile_cells.json"
@@ -77,6 +77,7 @@ def main():
         prof.cell_params(params, spec)
     for spec in p.inference:
         inference.parse_cell(spec)
+    cost.hourly_usd(p)  # an unpriced machine type stops here too, not in every cell after it was measured
     with runtime.stage("profile"):
         with io.atomic_path(OUT_DIR) as tmp, io.atomic_path(TRACES) as traces:
             tmp.mkdir()

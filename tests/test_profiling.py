@@ -360,3 +360,30 @@ def test_profiled_cell_counts_the_gradients_a_real_step_holds(train_workspace):
     mem = cell["memory"]
     assert mem["gradients_bytes"] == sum(held.values()) == mem["trainable_bytes"] > 0
     assert mem["trainable_bytes"] < mem["weights_bytes"]  # the LoRA's, not the frozen base's
+
+
+def test_unpriced_machine_type_stops_the_stage_before_any_cell_is_measured(tmp_path, monkeypatch, capsys):
+    """The price was looked up after each cell had been measured, and the failure caught per cell:
+    every cell was measured, then all of them were thrown away for want of a price."""
+    from sdtune.profiling import run as prof
+    from stages import profile as stage
+
+    measured = []
+
+    def profile_cell(params, spec, *args, **kwargs):  # stands in for minutes of measuring
+        measured.append(spec["name"])
+        raise RuntimeError("no price")
+
+    monkeypatch.setattr(prof, "profile_cell", profile_cell)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        "profile:\n  machine_type: g2-standard-12\n  matrix: [{name: a}, {name: b}]\n")
+    with pytest.raises(SystemExit) as exit_:
+        stage.main()
+    assert exit_.value.code == 2 and measured == []
+    err = capsys.readouterr().err
+    assert err == ("error: params.yaml: profile.machine_type: no price for 'g2-standard-12' in the price table "
+                   f"(priced: {', '.join(cost.PRICES)}); set profile.usd_per_hour to its hourly price in USD\n")
+    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]  # nothing written
+    # Each machine type the README offers for more GPUs has a price.
+    assert all(cost.hourly_price(f"g2-standard-{n}") > 0 for n in (24, 48, 96))

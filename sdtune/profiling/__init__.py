@@ -6,5 +6,5 @@ Modules (import the one you need; `charts` pulls in matplotlib):
   hardware  peak_tflops() from a datasheet table or a measured GEMM ceiling, mfu()
   memory    reset_peak(), peak_memory(), breakdown(), activations(), snapshot()
   charts    phase_chart(), bar_chart()
-  cost      cost(), hourly_price(), PRICES (approximate GCP on-demand prices)
+  cost      cost(), hourly_price(), hourly_usd(), PRICES (approximate GCP on-demand prices)
 """

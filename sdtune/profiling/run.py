@@ -131,7 +131,7 @@ def profile_cell(params, spec: dict, cache_dir, trace_path=None, raw_dir="data/r
     n_flops = model_flops(run, step_fn, p.warmup + p.steps)
     peak, peak_source = hardware.peak_tflops(device, loop.weight_dtype(run.accelerator.mixed_precision))
     parts = memory.breakdown(run.accelerator.unwrap_model(run.denoiser), run.optimizer)
-    usd = p.usd_per_hour or cost_lib.hourly_price(p.machine_type)
+    usd = cost_lib.hourly_usd(p)
     if trace_path is not None:
         _trace(run, step_fn, spec["name"], trace_path, warmup=0)  # already warm
     images = cell.train.batch_size * cell.train.grad_accum
