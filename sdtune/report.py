@@ -54,7 +54,10 @@ def _verdict(speedup: float) -> str:
 
 
 def findings(evals: dict, profile: dict) -> list[str]:
-    """Sentences from the measured numbers: what each optimization and each variant bought."""
+    """Sentences from the measured numbers: what each optimization and each variant bought.
+
+    Speed is images per second, not step time: a cell may change the batch size.
+    """
     lines = []
     cells = list(profile["cells"].values())
     base = cells[0]
@@ -63,7 +66,7 @@ def findings(evals: dict, profile: dict) -> list[str]:
             # Here the cell is the way without the optimization, so the sentence is about the cache,
             # against the cell with the same train keys that reads the cache (else the first cell).
             ref = _same_but_cached(cell, cells) or base
-            gain = cell["step_ms"] / ref["step_ms"]
+            gain = ref["images_per_second"] / cell["images_per_second"]
             ph = cell["phases"]["phases"]
             encode_ms = sum(ph.get(n, {}).get("median_ms", 0.0) for n in ("decode", "encode"))
             lines.append(f"- Caching latents and text embeddings {_verdict(gain)}: `{ref['name']}` reads the cache "
@@ -71,17 +74,20 @@ def findings(evals: dict, profile: dict) -> list[str]:
                          f"encodes its images every step ({cell['step_ms']:.1f} vs {ref['step_ms']:.1f} ms/step; "
                          f"{encode_ms:.1f} ms of it decoding and encoding).")
             continue
-        speed = base["step_ms"] / cell["step_ms"]
+        speed = cell["images_per_second"] / base["images_per_second"]
         lines.append(f"- `{cell['name']}` {_verdict(speed)}: {speed:.2f}× the speed of `{base['name']}` "
-                     f"({cell['step_ms']:.1f} vs {base['step_ms']:.1f} ms/step), MFU {cell['mfu']:.1%} vs "
+                     f"({cell['images_per_second']:.2f} vs {base['images_per_second']:.2f} images/s; "
+                     f"{cell['step_ms']:.1f} vs {base['step_ms']:.1f} ms/step), MFU {cell['mfu']:.1%} vs "
                      f"{base['mfu']:.1%}, peak memory {_pct(cell['memory']['peak_bytes'], base['memory']['peak_bytes'])}.")
     fly = next((c for c in cells if c["spec"].get("latents") == "on_the_fly"), None)
     best = profile["cells"][profile["best"]]
-    if fly is not None and best is not _same_but_cached(fly, cells):
+    # Not when the fastest cell is the on-the-fly one itself, or its cached twin (the sentence above).
+    if fly is not None and best["name"] != fly["name"] and best is not _same_but_cached(fly, cells):
         # What everything together buys over the way diffusers' example scripts train.
-        lines.append(f"- The fastest cell, `{best['name']}`, ran {fly['step_ms'] / best['step_ms']:.2f}× the speed of "
-                     f"`{fly['name']}`, the way diffusers' example scripts train ({best['step_ms']:.1f} vs "
-                     f"{fly['step_ms']:.1f} ms/step).")
+        speed = best["images_per_second"] / fly["images_per_second"]
+        lines.append(f"- The fastest cell, `{best['name']}`, ran {speed:.2f}× the speed of `{fly['name']}`, the way "
+                     f"diffusers' example scripts train ({best['images_per_second']:.2f} vs "
+                     f"{fly['images_per_second']:.2f} images/s).")
     if "base" in evals and "lora" in evals:
         b, t = evals["base"], evals["lora"]
         moved = "closer to" if t["style_similarity"] > b["style_similarity"] else "no closer to"
@@ -123,7 +129,8 @@ def build(params, provenance, reports="reports") -> str:
               "![phases](profile/phases.png)", "", "![step time](profile/step_ms.png)", ""]
     lines += ["## Cost", "",
               f"At ${best['cost']['usd_per_hour']:.2f}/h ({params.profile.machine_type}), the fastest cell "
-              f"`{best['name']}` costs ${best['cost']['usd_per_1000_steps']:.3f} per 1,000 steps and "
+              f"`{best['name']}` ({best['images_per_second']:.2f} images/s) costs "
+              f"${best['cost']['usd_per_1000_steps']:.3f} per 1,000 steps of {best['images_per_step']} images and "
               f"${best['cost']['usd_per_run']:.3f} for this run's {params.train.steps} steps (training only).", ""]
     lines += ["## Stage times", ""] + stage_times(r / "stages") + [""]
     lines += ["## What helped, what did not", ""] + findings(evals, profile) + [""]

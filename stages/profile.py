@@ -94,7 +94,7 @@ def main():
             if not cells:
                 name, first = next(iter(failed.items()))
                 raise UserError(f"profile.matrix: no cell ran; the first, {name!r}, failed with: {first['reason']}")
-            best = min(cells, key=lambda c: c["step_ms"])
+            best = prof.fastest(cells)
             if p.trace and best is not cells[0]:  # the fastest cell's trace, to compare with the baseline's
                 prof.trace_cell(params, best["spec"], CACHE, traces / f"trace-{best['name']}.json")
             charts.phase_chart({c["name"]: c["phases"] for c in cells}, tmp / "phases.png")

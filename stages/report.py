@@ -40,7 +40,8 @@ def wandb_report(params) -> None:
     run.log({"profile/training": training, "profile/inference": inference, "eval": evaluation,
              **{f"pictures/{Path(p).stem}": wandb.Image(p) for p in PICTURES if Path(p).exists()}})
     best = profile["cells"][profile["best"]]
-    run.summary.update({"best_cell": best["name"], "best_step_ms": best["step_ms"], "best_mfu": best["mfu"]})
+    run.summary.update({"best_cell": best["name"], "best_images_per_second": best["images_per_second"],
+                        "best_step_ms": best["step_ms"], "best_mfu": best["mfu"]})
     # A copy, not wandb.save's link: an offline run synced later must hold this report, not a newer one.
     shutil.copy2(OUT, Path(run.dir) / Path(OUT).name)
     run.finish()

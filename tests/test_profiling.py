@@ -387,3 +387,41 @@ def test_unpriced_machine_type_stops_the_stage_before_any_cell_is_measured(tmp_p
     assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]  # nothing written
     # Each machine type the README offers for more GPUs has a price.
     assert all(cost.hourly_price(f"g2-standard-{n}") > 0 for n in (24, 48, 96))
+
+
+def made_cell(name, batch, step_ms, **spec):
+    """A profile.json cell as profile_cell writes it, with only what the findings read."""
+    return {"name": name, "spec": {"name": name, **spec}, "step_ms": step_ms, "images_per_step": batch,
+            "images_per_second": batch / (step_ms / 1e3), "mfu": 0.1, "memory": {"peak_bytes": 2**30},
+            "phases": {"phases": {"encode": {"median_ms": step_ms / 2}}}}
+
+
+def test_cells_of_other_batch_sizes_are_compared_by_images_per_second():
+    """Ranked by step time, a batch-1 cell was "fastest" and a batch-8 cell that trains more images
+    a second "did not help"."""
+    from sdtune import report
+    from sdtune.profiling import run as prof
+
+    cells = [made_cell("baseline", 2, 100.0), made_cell("bs8", 8, 250.0, batch_size=8),
+             made_cell("bs1", 1, 40.0, batch_size=1), made_cell("otf", 2, 200.0, latents="on_the_fly")]
+    best = prof.fastest(cells)
+    assert best["name"] == "bs8"  # 32 images/s; bs1 has the shortest step but 25 images/s
+    lines = report.findings({}, {"cells": {c["name"]: c for c in cells}, "best": best["name"]})
+    assert lines[0] == ("- `bs8` helped: 1.60× the speed of `baseline` (32.00 vs 20.00 images/s; 250.0 vs 100.0 "
+                        "ms/step), MFU 10.0% vs 10.0%, peak memory +0%.")
+    assert lines[1].startswith("- `bs1` helped: 1.25× the speed of `baseline`")
+    assert lines[-1] == ("- The fastest cell, `bs8`, ran 3.20× the speed of `otf`, the way diffusers' example "
+                         "scripts train (32.00 vs 10.00 images/s).")
+
+
+def test_an_on_the_fly_cell_that_is_fastest_is_not_compared_with_itself():
+    from sdtune import report
+    from sdtune.profiling import run as prof
+
+    cells = [made_cell("baseline", 2, 100.0), made_cell("otf", 2, 80.0, latents="on_the_fly")]
+    best = prof.fastest(cells)
+    assert best["name"] == "otf"
+    lines = report.findings({}, {"cells": {c["name"]: c for c in cells}, "best": best["name"]})
+    assert lines == ["- Caching latents and text embeddings did not help: `baseline` reads the cache and ran "
+                     "0.80× the speed of `otf`, which reads, resizes and encodes its images every step "
+                     "(80.0 vs 100.0 ms/step; 40.0 ms of it decoding and encoding)."]

@@ -118,6 +118,12 @@ def trace_cell(params, spec: dict, cache_dir, trace_path, raw_dir="data/raw") ->
     _trace(run, step_fn, spec["name"], trace_path, warmup=params.profile.warmup)
 
 
+def fastest(cells: list[dict]) -> dict:
+    """The cell that trains the most images per second. Not the shortest step: cells may differ in
+    batch size, and a batch-1 cell's short steps would win while doing the least work."""
+    return max(cells, key=lambda c: c["images_per_second"])
+
+
 def profile_cell(params, spec: dict, cache_dir, trace_path=None, raw_dir="data/raw") -> dict:
     p = params.profile
     cell, run, step_fn = _setup(params, spec, cache_dir, raw_dir)
@@ -138,7 +144,7 @@ def profile_cell(params, spec: dict, cache_dir, trace_path=None, raw_dir="data/r
     return {
         "name": spec["name"], "spec": spec, "device": str(device), "device_name": hardware.device_name(device),
         "mixed_precision": run.accelerator.mixed_precision,
-        "step_ms": summary["step_median_ms"], "images_per_second": images / step_s,
+        "step_ms": summary["step_median_ms"], "images_per_step": images, "images_per_second": images / step_s,
         "phases": summary, "coverage": summary["coverage"],
         "flops_per_step": n_flops, "achieved_tflops": flops.achieved_tflops(n_flops, step_s),
         "peak_tflops": peak, "peak_source": peak_source, "mfu": hardware.mfu(n_flops, step_s, peak),
