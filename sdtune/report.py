@@ -93,7 +93,8 @@ def findings(evals: dict, profile: dict) -> list[str]:
         moved = "closer to" if t["style_similarity"] > b["style_similarity"] else "no closer to"
         lines.append(f"- The LoRA moved samples {moved} the training set's style: similarity "
                      f"{t['style_similarity']:.3f} vs {b['style_similarity']:.3f} for the base model; "
-                     f"FID {t['fid']:.2f} vs {b['fid']:.2f}.")
+                     f"KID to the training images {t['kid']:.4f} vs {b['kid']:.4f} (lower is closer; KID, "
+                     f"not FID, because FID is biased at a few images per set).")
     for name, rec in evals.items():
         if name in ("base", "lora"):
             continue
