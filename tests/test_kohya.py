@@ -43,10 +43,9 @@ def test_round_trip_is_exact(lora_file):
 
 
 def test_names_match_diffusers_exporter(lora_file):
-    # diffusers' exporter reads peft spelling (lora_A/lora_B) and writes alpha = rank.
+    # diffusers' exporter reads peft spelling (lora_A/lora_B, as our file has) and writes alpha = rank.
     state = load_file(lora_file)
-    peft = {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v for k, v in state.items()}
-    ours, theirs = kohya.to_kohya(peft, ALPHA), convert_state_dict_to_kohya(peft)
+    ours, theirs = kohya.to_kohya(state, ALPHA), convert_state_dict_to_kohya(state)
     assert set(ours) == set(theirs)
     key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0"
     assert {f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha"} <= set(ours)

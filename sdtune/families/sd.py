@@ -3,6 +3,7 @@
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_unet_state_dict_to_peft
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdtune.families import common
@@ -99,5 +100,9 @@ def training_loss(denoiser, scheduler, batch, generator, train):
 # ---- LoRA file ----
 
 def save_lora(directory, state_dict, metadata, adapter_metadata=None):
-    return common.save_lora(PIPELINE, directory, metadata, unet_lora_layers=state_dict,
+    # One key style throughout (peft's lora_A/lora_B): the diffusers conversion writes attention
+    # projections as lora.down/up but conv and other modules as lora_A/B, and given such a mix
+    # load_lora_weights judges the format by the first key and silently skips the rest.
+    return common.save_lora(PIPELINE, directory, metadata,
+                            unet_lora_layers=convert_unet_state_dict_to_peft(state_dict),
                             unet_lora_adapter_metadata=adapter_metadata)

@@ -11,6 +11,7 @@ What differs from SD 1.x/2.x (sd.py):
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.utils import convert_unet_state_dict_to_peft
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sdtune.families import common
@@ -162,5 +163,7 @@ def training_loss(denoiser, scheduler, batch, generator, train):
 # ---- LoRA file ----
 
 def save_lora(directory, state_dict, metadata, adapter_metadata=None):
-    return common.save_lora(PIPELINE, directory, metadata, unet_lora_layers=state_dict,
+    # One key style throughout, for the reason in sd.save_lora.
+    return common.save_lora(PIPELINE, directory, metadata,
+                            unet_lora_layers=convert_unet_state_dict_to_peft(state_dict),
                             unet_lora_adapter_metadata=adapter_metadata)

@@ -2,8 +2,8 @@
 
 diffusers (our file)                                    kohya
 unet.down_blocks.1.attentions.0.transformer_blocks.0    lora_unet_down_blocks_1_attentions_0_transformer_blocks_0
-  .attn1.to_q.lora.down.weight   (or .lora_A.weight)      _attn1_to_q.lora_down.weight
-  .attn1.to_q.lora.up.weight     (or .lora_B.weight)      _attn1_to_q.lora_up.weight
+  .attn1.to_q.lora_A.weight      (or .lora.down.weight)   _attn1_to_q.lora_down.weight
+  .attn1.to_q.lora_B.weight      (or .lora.up.weight)     _attn1_to_q.lora_up.weight
   (alpha: one value, in the adapter config)               _attn1_to_q.alpha   (a scalar per module)
 
 The tensors are the same; only the names change, and the scale alpha/rank moves from the
@@ -25,11 +25,11 @@ from sdtune.families import common
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 PREFIX, KOHYA_PREFIX = "unet.", "lora_unet_"
-# Spellings of a module's two LoRA matrices in diffusers files: what save_lora_weights writes
-# today (lora.down/up) and peft's (lora_A/B). from_kohya gives back the first.
-DOWN, UP = ".lora.down.weight", ".lora.up.weight"
-SUFFIXES = {DOWN: ".lora_down.weight", ".lora_A.weight": ".lora_down.weight",
-            UP: ".lora_up.weight", ".lora_B.weight": ".lora_up.weight"}
+# Spellings of a module's two LoRA matrices in diffusers files: peft's (lora_A/B), which our files
+# use, and diffusers' older one (lora.down/up). from_kohya gives back the first.
+DOWN, UP = ".lora_A.weight", ".lora_B.weight"
+SUFFIXES = {DOWN: ".lora_down.weight", ".lora.down.weight": ".lora_down.weight",
+            UP: ".lora_up.weight", ".lora.up.weight": ".lora_up.weight"}
 # Parts of diffusers UNet module paths that hold a "_" themselves; kohya's flattening loses the
 # difference between these and a ".", so from_kohya puts them back from this list.
 COMPOUND = {

@@ -1,0 +1,68 @@
+"""The published LoRA, loaded by diffusers onto the original base model, reproduces the adapted
+denoiser it was exported from, every targeted module of it."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from sdtune import params as params_lib
+from sdtune.families import common, get
+from sdtune.train import kohya, lora, outputs
+
+RES = 64
+
+
+def make_params(family, **lora_params):
+    return params_lib.parse({"base": {"device": "cpu"}, "model": {"family": family, "id": "tiny", "resolution": RES},
+                             "train": {"lora": {"rank": 4, "alpha": 2.0, **lora_params}}})
+
+
+def adapted(params, seed=0):
+    """The tiny denoiser with the LoRA attached and all its matrices moved, as training would."""
+    family = get(params.model.family)
+    denoiser = family.load_denoiser(params.model)
+    lora.add(denoiser, params.train.lora, family.LORA_TARGETS)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.trainable(denoiser):  # B starts at zero for the default inits: a LoRA doing nothing
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return denoiser.eval()
+
+
+def latents(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red circle", num_inference_steps=2, height=RES, width=RES, output_type="latent",
+               generator=torch.Generator().manual_seed(7))
+    return np.asarray(out.images)
+
+
+def loaded(params, folder, weight_name):
+    """Latents of a fresh pipeline (the original base weights) with the file loaded by diffusers."""
+    pipe = get(params.model.family).load_pipeline(params.model)
+    pipe.load_lora_weights(str(folder), weight_name=weight_name)
+    return latents(pipe)
+
+
+CASES = [
+    ("sd1", {"target_modules": ["to_q", "conv1"]}),  # linear and conv modules in one file
+    ("sdxl", {"target_modules": ["to_q", "conv1"]}),
+    ("sd1", {}),
+]
+
+
+@pytest.mark.parametrize(("family", "lora_params"), CASES, ids=[f"{f}-{p}" for f, p in CASES])
+def test_published_lora_reproduces_the_adapted_model(family, lora_params, tmp_path):
+    params = make_params(family, **lora_params)
+    fam = get(family)
+    denoiser = adapted(params)
+    run = SimpleNamespace(params=params, family=fam)
+    outputs.write_lora(tmp_path, run, lora.diffusers_state(denoiser), {"model_family": family})
+
+    want = latents(fam.load_pipeline(params.model, **{fam.DENOISER_ATTR: denoiser}))
+    base = latents(fam.load_pipeline(params.model))
+    assert np.abs(want - base).max() > 0.05  # the LoRA does something
+    np.testing.assert_allclose(loaded(params, tmp_path, common.LORA_FILE), want, rtol=0, atol=1e-4)
+    if kohya.supports(params):  # the copy for A1111 and ComfyUI, through diffusers' kohya reader
+        np.testing.assert_allclose(loaded(params, tmp_path, kohya.KOHYA_FILE), want, rtol=0, atol=1e-4)
