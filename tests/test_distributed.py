@@ -21,10 +21,24 @@ train: {steps: 4, batch_size: 2, lr: 1.0e-3, checkpoint_every: 100, log_every: 1
 """
 
 
+def stale_checkpoints(ckpt_dir, n=100, files=40):
+    """Checkpoints of another run, big enough that removing them takes a while, and a temporary
+    a kill mid-write left behind."""
+    for step in range(1, n + 1):
+        folder = ckpt_dir / f"step-{step:07d}"
+        folder.mkdir(parents=True)
+        for i in range(files):
+            (folder / f"part{i}").write_bytes(b"x" * 100)
+        (folder / "state.json").write_text(json.dumps({"step": step, "fingerprint": "another run"}))
+    (ckpt_dir / ".step-0000101.k2x9.tmp").mkdir()
+
+
 @pytest.mark.slow
-def test_two_ranks_see_different_data_and_save_rank0s_lora(tmp_path):
+def test_two_ranks_see_different_data_remove_stale_checkpoints_once_and_save_rank0s_lora(tmp_path):
+    """Rank 0 alone removes another run's checkpoints: both ranks removing them raced (FileNotFoundError)."""
     (tmp_path / "params.yaml").write_text(PARAMS)
     tiny_cache(tmp_path / "data/raw", tmp_path / "cache", 8, 40, params_lib.load(tmp_path / "params.yaml"))
+    stale_checkpoints(tmp_path / "checkpoints")
     out = tmp_path / "dump"
     out.mkdir()
     torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
@@ -33,6 +47,7 @@ def test_two_ranks_see_different_data_and_save_rank0s_lora(tmp_path):
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
+    assert os.listdir(tmp_path / "checkpoints") == []
 
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]

@@ -281,3 +281,29 @@ def test_deterministic_keeps_cudnn_heuristics_and_each_run_sets_both_flags(works
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = False
+
+
+def train_in_process(workspace, ckpt_dir, validate=None, **train):
+    """loop.train on the module's cache in this process, from a fresh accelerate state; returns (run, stats)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run = loop.setup(in_process_params(workspace, **train), workspace / "cache")
+    return run, loop.train(run, ckpt_dir, workspace / "cache", validate=validate)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_and_temporaries_go(workspace, tmp_path, capsys):
+    ckpt = tmp_path / "checkpoints"
+    train_in_process(workspace, ckpt, steps=3, checkpoint_every=1, keep_checkpoints=2)
+    first, second = checkpoint.all_checkpoints(ckpt)
+    lora_file = second / "lora.safetensors"
+    lora_file.write_bytes(lora_file.read_bytes()[:100])  # a disk that filled up, a copy cut short
+    left = ckpt / ".step-0000003.k2x9.tmp"  # what a kill mid-write leaves
+    left.mkdir()
+    (left / "lora.safetensors").write_bytes(b"half")
+    capsys.readouterr()
+    _, stats = train_in_process(workspace, ckpt, steps=3, checkpoint_every=1, keep_checkpoints=2)
+    assert stats["resumed_from"] == str(first)
+    out = capsys.readouterr().out
+    assert f"train: warning: {second} is damaged (" in out and "trying the checkpoint before it" in out
+    assert not left.exists()

@@ -73,31 +73,58 @@ def all_checkpoints(ckpt_dir) -> list[Path]:
 
 
 def fingerprint_of(path) -> str:
-    return json.loads((Path(path) / "state.json").read_text()).get("fingerprint", "")
+    """"" for a state.json that cannot be read: such a checkpoint cannot be resumed either."""
+    try:
+        return json.loads((Path(path) / "state.json").read_text()).get("fingerprint", "")
+    except (OSError, ValueError):
+        return ""
 
 
-def latest(ckpt_dir, fingerprint: str = "") -> Path | None:
-    """The newest checkpoint of this very run. Checkpoints left by a run with other params or
-    data (another fingerprint) would resume the wrong run: they are removed, and said so."""
-    found = all_checkpoints(ckpt_dir)
-    stale = [p for p in found if fingerprint_of(p) != fingerprint]
+def remove_stale(ckpt_dir, fingerprint: str) -> None:
+    """Remove what cannot be resumed: the checkpoints of a run with other params, data or code
+    (another fingerprint), and the hidden temporaries a kill mid-write left. Call it from one
+    process only: two removing the same folders race."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return
+    for tmp in ckpt_dir.glob(f".{PREFIX}*"):  # io.atomic_path's folders .step-N.*.tmp and .step-N.old
+        shutil.rmtree(tmp)
+    stale = [p for p in all_checkpoints(ckpt_dir) if fingerprint_of(p) != fingerprint]
     for p in stale:
         shutil.rmtree(p)
     if stale:
         print(f"train: removed {len(stale)} checkpoint(s) in {ckpt_dir} made with other params or data")
-    found = [p for p in found if p not in stale]
-    return found[-1] if found else None
 
 
-def load(path, set_lora, optimizer, lr_scheduler, ema) -> tuple[int, list]:
-    """Restore everything in place; returns (step, loss history)."""
+def read(path) -> dict:
+    """Everything a checkpoint holds, read in full before anything is restored, so a damaged file
+    raises here and leaves the run as it was."""
     path = Path(path)
-    set_lora(load_file(str(path / "lora.safetensors")))
-    blob = torch.load(path / "state.pt", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    lr_scheduler.load_state_dict(blob["lr_scheduler"])
-    if ema is not None and blob["ema"] is not None:
-        ema.load_state_dict(blob["ema"])
-    meta = json.loads((path / "state.json").read_text())
-    _set_rng_state(meta["rng"], load_file(str(path / "rng.safetensors")))
+    return {"meta": json.loads((path / "state.json").read_text()),
+            "lora": load_file(str(path / "lora.safetensors")), "rng": load_file(str(path / "rng.safetensors")),
+            "state": torch.load(path / "state.pt", weights_only=True)}
+
+
+def latest(ckpt_dir, fingerprint: str = "") -> tuple[Path, dict] | None:
+    """The newest checkpoint of this very run that reads whole, and what it holds. A damaged one
+    (a truncated file) is passed over, with a warning, for the one before it."""
+    for path in reversed([p for p in all_checkpoints(ckpt_dir) if fingerprint_of(p) == fingerprint]):
+        try:
+            return path, read(path)
+        except Exception as err:  # safetensors, torch's zip reader and json each raise their own kind
+            reason = str(err).partition("\n")[0]
+            print(f"train: warning: {path} is damaged ({type(err).__name__}: {reason}); trying the checkpoint before it")
+    return None
+
+
+def restore(saved: dict, set_lora, optimizer, lr_scheduler, ema) -> tuple[int, list]:
+    """Restore what `read` returned, in place; returns (step, loss history)."""
+    set_lora(saved["lora"])
+    state = saved["state"]
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    meta = saved["meta"]
+    _set_rng_state(meta["rng"], saved["rng"])
     return meta["step"], meta["history"]

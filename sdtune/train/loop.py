@@ -248,10 +248,16 @@ def fingerprint(run: Run, cache_dir) -> str:
 
 def resume(run: Run, ckpt_dir, mark: str) -> Path | None:
     """Load the newest checkpoint in `ckpt_dir` whose fingerprint is `mark`, if any."""
-    last = checkpoint.latest(ckpt_dir, mark)
-    if last is not None:
-        run.step, run.history = checkpoint.load(last, _set_lora(run), run.optimizer, run.lr_scheduler, run.ema)
-    return last
+    acc = run.accelerator
+    if acc.is_main_process:  # one remover: ranks removing the same folders race
+        checkpoint.remove_stale(ckpt_dir, mark)
+    acc.wait_for_everyone()
+    found = checkpoint.latest(ckpt_dir, mark)
+    if found is None:
+        return None
+    path, saved = found
+    run.step, run.history = checkpoint.restore(saved, _set_lora(run), run.optimizer, run.lr_scheduler, run.ema)
+    return path
 
 
 def _flush(run: Run, pending: list) -> None:
