@@ -61,6 +61,22 @@ def test_stage_list_is_dvc_yaml_in_order():
 
 
 @pytest.mark.parametrize("name", list(STAGES))
+def test_every_param_a_stage_lists_is_in_params_yaml(name):
+    """DVC refuses to run a stage whose listed param is missing from params.yaml (the defaults in
+    params.py do not count), so a param added to a stage must be written out there too."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    missing = []
+    for key in (k for k in STAGES[name].get("params", []) if isinstance(k, str)):
+        node = params
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                missing.append(key)
+                break
+            node = node[part]
+    assert not missing, f"{name}: add to params.yaml: {missing}"
+
+
+@pytest.mark.parametrize("name", list(STAGES))
 def test_every_stage_depends_on_its_script_and_the_code_it_runs(name):
     deps = [d for d in STAGES[name]["deps"] if isinstance(d, str)]
     assert f"stages/{name}.py" in deps
