@@ -307,3 +307,17 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_and_temporarie
     out = capsys.readouterr().out
     assert f"train: warning: {second} is damaged (" in out and "trying the checkpoint before it" in out
     assert not left.exists()
+
+
+def test_a_failing_validation_keeps_its_steps_checkpoint_and_a_rerun_resumes_there(workspace, tmp_path):
+    def out_of_memory(run):
+        raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+
+    ckpt = tmp_path / "checkpoints"
+    for steps in (2, 3):  # validation at a checkpoint step, then at the last step (no checkpoint_every there)
+        with pytest.raises(torch.OutOfMemoryError):
+            train_in_process(workspace, ckpt, validate=out_of_memory, steps=steps, checkpoint_every=2,
+                             validate_every=steps)
+        assert checkpoint.all_checkpoints(ckpt)[-1].name == f"step-{steps:07d}"
+    _, stats = train_in_process(workspace, ckpt, steps=3, checkpoint_every=2, validate_every=3)
+    assert stats["resumed_from"] == str(ckpt / "step-0000003")

@@ -292,11 +292,14 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None) -> dict:
             bar.set_postfix(loss=f"{run.history[-1]['loss']:.4f}")
             if log is not None:
                 log(run.history[-1])
-        if validate is not None and p.validate_every and (run.step % p.validate_every == 0 or last):
-            validate(run)
-        if acc.is_main_process and (run.step % p.checkpoint_every == 0) and not last:
+        # The checkpoint before validation: a validation that fails (out of memory on a small card)
+        # must not take the step's checkpoint with it. The last step too, so that a rerun after a
+        # failure past the loop (its validation, writing the LoRA) resumes there, not steps earlier.
+        if acc.is_main_process and (run.step % p.checkpoint_every == 0 or last):
             checkpoint.save(ckpt_dir, run.step, lora.peft_state(acc.unwrap_model(run.denoiser)),
                             run.optimizer, run.lr_scheduler, run.ema, run.history, p.keep_checkpoints, mark)
+        if validate is not None and p.validate_every and (run.step % p.validate_every == 0 or last):
+            validate(run)
     acc.wait_for_everyone()
     seconds = time.perf_counter() - t0
     done = p.steps - start
