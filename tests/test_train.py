@@ -195,6 +195,12 @@ def test_qlora_without_cuda_is_one_clear_line(workspace):
     assert str(err.value).startswith("train.qlora: 4-bit NF4 loading needs a CUDA GPU")
 
 
+def test_fp16_on_the_cpu_is_one_clear_line(workspace):
+    with pytest.raises(UserError) as err:  # it was a dtype RuntimeError deep in the first step
+        loop.train_step(loop.setup(in_process_params(workspace, mixed_precision="fp16"), workspace / "cache"), 0)
+    assert str(err.value) == "train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on the CPU"
+
+
 @pytest.mark.parametrize("optimizer, lr", [("adamw8bit", 1.0e-3), ("prodigy", 1.0)])
 def test_other_optimizers_train_on_cpu(workspace, optimizer, lr):
     run = loop.setup(in_process_params(workspace, optimizer=optimizer, lr=lr), workspace / "cache")

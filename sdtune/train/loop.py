@@ -108,6 +108,10 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
     given: bench/ passes real-size ones with random weights), LoRA attached, optimizer built."""
     p, m = params.train, params.model
     device_type = runtime.device(params.base.device).type
+    if p.mixed_precision == "fp16" and device_type == "cpu":
+        # accelerate gives the CPU no fp16 autocast nor loss scaling: the fp16 base would meet the
+        # float32 LoRA in a matmul and fail deep in the first step.
+        raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on the CPU")
     accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision(p.mixed_precision, device_type))
     # Seeds python, numpy and torch: the LoRA initialisation and dropout draw from them.
     set_seed(params.base.seed)
