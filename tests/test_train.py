@@ -100,7 +100,7 @@ def test_checkpoints_of_other_params_are_not_resumed(uninterrupted, tmp_path):
     (ws / "params.yaml").write_text(PARAMS.replace("lr: 1.0e-3", "lr: 2.0e-3"))
     done = train(ws)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "made with other params or data" in done.stdout
+    assert "made with other params, data or code" in done.stdout
     assert io.read_json(ws / "reports/train.json")["resumed_from"] is None
 
 
@@ -327,3 +327,21 @@ def test_a_failing_validation_keeps_its_steps_checkpoint_and_a_rerun_resumes_the
         assert checkpoint.all_checkpoints(ckpt)[-1].name == f"step-{steps:07d}"
     _, stats = train_in_process(workspace, ckpt, steps=3, checkpoint_every=2, validate_every=3)
     assert stats["resumed_from"] == str(ckpt / "step-0000003")
+
+
+def test_checkpoints_of_other_training_code_are_not_resumed(workspace, tmp_path, monkeypatch, capsys):
+    """DVC re-runs train when sdtune/train or sdtune/families change: the rerun starts over."""
+    ckpt = tmp_path / "checkpoints"
+    train_in_process(workspace, ckpt, checkpoint_every=1)
+    code = tmp_path / "code"
+    for d in loop.CODE_DIRS:
+        shutil.copytree(d, code / d.name, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(loop, "CODE_DIRS", [code / d.name for d in loop.CODE_DIRS])
+    _, stats = train_in_process(workspace, ckpt, checkpoint_every=1)  # the same code elsewhere: resumed
+    assert stats["resumed_from"] == str(ckpt / "step-0000002")
+    common_py = code / "families/common.py"
+    common_py.write_text(common_py.read_text() + "\n# changed\n")  # any edit: DVC re-runs on any
+    capsys.readouterr()
+    _, stats = train_in_process(workspace, ckpt, checkpoint_every=1)
+    assert stats["resumed_from"] is None
+    assert "made with other params, data or code" in capsys.readouterr().out

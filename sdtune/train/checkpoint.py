@@ -93,7 +93,7 @@ def remove_stale(ckpt_dir, fingerprint: str) -> None:
     for p in stale:
         shutil.rmtree(p)
     if stale:
-        print(f"train: removed {len(stale)} checkpoint(s) in {ckpt_dir} made with other params or data")
+        print(f"train: removed {len(stale)} checkpoint(s) in {ckpt_dir} made with other params, data or code")
 
 
 def read(path) -> dict:

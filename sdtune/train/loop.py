@@ -12,6 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import accelerate
+import diffusers
+import peft
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from accelerate import Accelerator
@@ -241,12 +244,24 @@ NOT_FINGERPRINTED = {"checkpoint_every", "keep_checkpoints", "log_every", "wandb
                      "validate_every", "validation_prompts", "validation_seeds", "validation_steps"}
 
 
+# The train stage's code deps in dvc.yaml that make the step: sdtune/train and sdtune/families.
+CODE_DIRS = [Path(__file__).parent, Path(common.__file__).parent]
+
+
+def training_code() -> str:
+    """A hash of the code that computes a step: the files in CODE_DIRS and the libraries under them.
+    DVC re-runs train when that code changes; a checkpoint the old code made must not be resumed."""
+    files = {str(f.relative_to(d.parent)): io.sha256_file(f) for d in CODE_DIRS for f in sorted(d.rglob("*.py"))}
+    return io.sha256_json({"files": files, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                           "peft": peft.__version__, "accelerate": accelerate.__version__})
+
+
 def fingerprint(run: Run, cache_dir) -> str:
-    """What a checkpoint must match to be resumed: train and model params, seed, cached data."""
+    """What a checkpoint must match to be resumed: train and model params, seed, cached data, code."""
     train = {k: v for k, v in run.params.train.model_dump().items() if k not in NOT_FINGERPRINTED}
     parts = {"train": train, "model": run.params.model.model_dump(), "seed": run.params.base.seed,
              "cache": io.sha256_file(Path(cache_dir) / "index.json"),
-             "processes": run.accelerator.num_processes}
+             "processes": run.accelerator.num_processes, "code": training_code()}
     return io.sha256_json(parts)
 
 
