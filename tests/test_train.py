@@ -1,6 +1,7 @@
 """Training: identical reruns, exact resume after SIGKILL, a NaN loss stops cleanly, exact cache reuse."""
 
 import importlib.util
+import math
 import os
 import random
 import shutil
@@ -345,3 +346,36 @@ def test_checkpoints_of_other_training_code_are_not_resumed(workspace, tmp_path,
     _, stats = train_in_process(workspace, ckpt, checkpoint_every=1)
     assert stats["resumed_from"] is None
     assert "made with other params, data or code" in capsys.readouterr().out
+
+
+def cpu_loss_scaler(run):
+    """fp16's loss scaler where accelerate keeps it, on the CPU: accelerate makes one only for fp16 on
+    a GPU. The real GradScaler and AcceleratedOptimizer, so a real overflow makes a real skip."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    acc = run.accelerator
+    acc.scaler = torch.amp.GradScaler("cpu")
+    run.optimizer = AcceleratedOptimizer(run.optimizer.optimizer, scaler=acc.scaler)
+    acc._optimizers = [run.optimizer]
+    return run
+
+
+def test_an_fp16_overflow_skips_schedule_and_ema_and_the_loss_scale_survives_resume(workspace, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from sdtune.train import lora
+
+    params = in_process_params(workspace, steps=3, checkpoint_every=1, lr_scheduler="linear", ema_decay=0.9)
+    ckpt = tmp_path / "checkpoints"
+    run = cpu_loss_scaler(loop.setup(params, workspace / "cache"))
+    # An fp16 overflow in the second step (run.step is 1 while it runs): the scaler skips it.
+    lora.trainable(run.denoiser)[0].register_hook(lambda g: g * math.inf if run.step == 1 else g)
+    loop.train(run, ckpt, workspace / "cache")
+    assert run.accelerator.scaler.get_scale() == 65536 / 2
+    assert run.lr_scheduler.last_epoch == 2 and run.ema.optimization_step == 2  # 3 steps, one skipped
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    again = cpu_loss_scaler(loop.setup(params, workspace / "cache"))
+    stats = loop.train(again, ckpt, workspace / "cache")
+    assert stats["resumed_from"] == str(ckpt / "step-0000003")
+    assert again.accelerator.scaler.get_scale() == 65536 / 2

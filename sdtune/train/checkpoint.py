@@ -1,7 +1,7 @@
 """Checkpoints that make a resumed run identical to an uninterrupted one.
 
 A checkpoint is a folder `step-NNNNNNN/` holding the LoRA tensors (safetensors), the
-optimizer, LR-scheduler and EMA state (torch.save, read back with weights_only=True: our
+optimizer, LR-scheduler, EMA and fp16 loss-scaler state (torch.save, read back with weights_only=True: our
 own files, and still never a full unpickle), the RNG states and the loss history (JSON).
 It is written under a temporary name and renamed in, so a kill mid-write leaves the
 previous checkpoint as the latest.
@@ -45,8 +45,10 @@ def _set_rng_state(state: dict, tensors: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save(ckpt_dir, step: int, lora: dict, optimizer, lr_scheduler, ema, history: list, keep: int,
+def save(ckpt_dir, step: int, lora: dict, optimizer, lr_scheduler, ema, scaler, history: list, keep: int,
          fingerprint: str = "") -> Path:
+    """`scaler`: fp16's GradScaler, else None. accelerate keeps it outside the optimizer's state,
+    and a resumed run that started again at scale 65536 would skip other steps."""
     ckpt_dir = Path(ckpt_dir)
     dest = ckpt_dir / f"{PREFIX}{step:07d}"
     state, rng = _rng_state()
@@ -55,7 +57,8 @@ def save(ckpt_dir, step: int, lora: dict, optimizer, lr_scheduler, ema, history:
         save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None}, tmp / "state.pt")
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint,
                                                     "rng": state, "history": history}))
     for old in all_checkpoints(ckpt_dir)[:-keep]:
@@ -117,7 +120,7 @@ def latest(ckpt_dir, fingerprint: str = "") -> tuple[Path, dict] | None:
     return None
 
 
-def restore(saved: dict, set_lora, optimizer, lr_scheduler, ema) -> tuple[int, list]:
+def restore(saved: dict, set_lora, optimizer, lr_scheduler, ema, scaler) -> tuple[int, list]:
     """Restore what `read` returned, in place; returns (step, loss history)."""
     set_lora(saved["lora"])
     state = saved["state"]
@@ -125,6 +128,8 @@ def restore(saved: dict, set_lora, optimizer, lr_scheduler, ema) -> tuple[int, l
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
+    if scaler is not None:
+        scaler.load_state_dict(state["scaler"])
     meta = saved["meta"]
     _set_rng_state(meta["rng"], saved["rng"])
     return meta["step"], meta["history"]

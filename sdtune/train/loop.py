@@ -223,11 +223,16 @@ def train_step(run: Run, step: int, timer=NullTimer()) -> torch.Tensor:
         total += loss.detach() / p.grad_accum
     with timer.phase("optimizer"):
         run.grad_norm = acc.clip_grad_norm_(lora.trainable(run.denoiser), p.max_grad_norm)
+        scale = acc.scaler.get_scale() if acc.scaler is not None else None
         run.optimizer.step()
-        run.lr_scheduler.step()
+        # fp16: the loss scaler skips a step whose gradients overflowed, and halves its scale. The
+        # schedule and the EMA skip it too. (accelerate's step_was_skipped misses the skips inside
+        # fused AdamW, to which torch hands the overflow flag, hence the scales compared.)
+        if scale is None or acc.scaler.get_scale() >= scale:
+            run.lr_scheduler.step()
+            if run.ema is not None:
+                run.ema.step(lora.trainable(run.denoiser))
         run.optimizer.zero_grad(set_to_none=True)
-        if run.ema is not None:
-            run.ema.step(lora.trainable(run.denoiser))
     return total
 
 
@@ -275,7 +280,8 @@ def resume(run: Run, ckpt_dir, mark: str) -> Path | None:
     if found is None:
         return None
     path, saved = found
-    run.step, run.history = checkpoint.restore(saved, _set_lora(run), run.optimizer, run.lr_scheduler, run.ema)
+    run.step, run.history = checkpoint.restore(saved, _set_lora(run), run.optimizer, run.lr_scheduler, run.ema,
+                                               acc.scaler)
     return path
 
 
@@ -316,7 +322,8 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None) -> dict:
         # failure past the loop (its validation, writing the LoRA) resumes there, not steps earlier.
         if acc.is_main_process and (run.step % p.checkpoint_every == 0 or last):
             checkpoint.save(ckpt_dir, run.step, lora.peft_state(acc.unwrap_model(run.denoiser)),
-                            run.optimizer, run.lr_scheduler, run.ema, run.history, p.keep_checkpoints, mark)
+                            run.optimizer, run.lr_scheduler, run.ema, acc.scaler, run.history, p.keep_checkpoints,
+                            mark)
         if validate is not None and p.validate_every and (run.step % p.validate_every == 0 or last):
             validate(run)
     acc.wait_for_everyone()
