@@ -379,3 +379,35 @@ def test_an_fp16_overflow_skips_schedule_and_ema_and_the_loss_scale_survives_res
     stats = loop.train(again, ckpt, workspace / "cache")
     assert stats["resumed_from"] == str(ckpt / "step-0000003")
     assert again.accelerator.scaler.get_scale() == 65536 / 2
+
+
+def test_validation_samples_the_ema_weights_and_leaves_the_training_as_it_was(workspace, tmp_path, monkeypatch):
+    from sdtune.evaluate import generate
+    from sdtune.train import lora, validate as validate_lib
+
+    train = {"steps": 3, "ema_decay": 0.9, "deterministic": True, "validation_prompts": ["a picture 1"],
+             "validation_seeds": [0], "validation_steps": 2}
+    plain, _ = train_in_process(workspace, tmp_path / "plain", **train)
+    without = loop.final_lora(plain)
+
+    ema_then, sampled = [], []
+    real_sample = generate.sample
+
+    def sample(pipe, *args, **kwargs):  # the weights the images are drawn with
+        sampled.append([w.clone() for w in lora.trainable(getattr(pipe, plain.family.DENOISER_ATTR))])
+        return real_sample(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "sample", sample)
+    validator = validate_lib.Validator(plain.params, plain.family, tmp_path / "validation")
+
+    def validate(run):
+        ema_then.append([s.clone() for s in run.ema.shadow_params])
+        return validator(run)
+
+    run, _ = train_in_process(workspace, tmp_path / "validated", validate=validate, validate_every=1, **train)
+    assert len(sampled) == len(ema_then) == 3
+    for drawn, ema in zip(sampled, ema_then):
+        assert all(torch.equal(d, e) for d, e in zip(drawn, ema))
+    with_validation = loop.final_lora(run)
+    assert with_validation.keys() == without.keys()
+    assert all(torch.equal(with_validation[k], without[k]) for k in without)

@@ -6,7 +6,7 @@ import torch
 
 from sdtune.data import cache as cache_lib
 from sdtune.evaluate import generate, report
-from sdtune.train import loop
+from sdtune.train import lora, loop
 
 
 class Validator:
@@ -14,6 +14,8 @@ class Validator:
 
     The pipeline's encoders and VAE load once, on first use; the denoiser is the one in training.
     The global RNG is saved and restored around sampling, so validating never changes the run.
+    With EMA on, the images show the EMA weights (what the published LoRA holds), swapped in for
+    the sampling and the trained weights put back after it.
     """
 
     def __init__(self, params, family, out_dir="reports/validation", log_image=None):
@@ -31,6 +33,10 @@ class Validator:
             self.pipe.set_progress_bar_config(disable=True)
         self.pipe.register_modules(**{self.family.DENOISER_ATTR: model})
         size = self.params.model.resolution
+        weights = lora.trainable(model)
+        if run.ema is not None:
+            run.ema.store(weights)
+            run.ema.copy_to(weights)
         model.eval()
         images = []
         with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []), torch.no_grad(), acc.autocast():
@@ -40,6 +46,8 @@ class Validator:
                     images.append(generate.sample(self.pipe, prompt, seed, steps=p.validation_steps,
                                                   guidance=None, size=size))
         model.train()
+        if run.ema is not None:
+            run.ema.restore(weights)
         path = self.out_dir / f"step-{run.step:07d}.png"
         report.grid({f"step {run.step}": images}, path)
         if self.log_image is not None:
