@@ -227,7 +227,8 @@ def train_step(run: Run, step: int, timer=NullTimer()) -> torch.Tensor:
         run.optimizer.step()
         # fp16: the loss scaler skips a step whose gradients overflowed, and halves its scale. The
         # schedule and the EMA skip it too. (accelerate's step_was_skipped misses the skips inside
-        # fused AdamW, to which torch hands the overflow flag, hence the scales compared.)
+        # fused AdamW, to which torch hands the overflow flag, hence the scales compared. Reading
+        # the scale is a host sync, paid only by fp16 runs: bf16 and fp32 have no scaler.)
         if scale is None or acc.scaler.get_scale() >= scale:
             run.lr_scheduler.step()
             if run.ema is not None:
