@@ -65,7 +65,9 @@ def main():
             pipe = generate.pipeline(family, params.model, device, lora_scale=p.lora_scale, **kwargs)
             images[name], latency = evaluate_one(pipe, p, prompts, device, size)
             denoiser = getattr(pipe, family.DENOISER_ATTR)
-            records.append({"variant": name, "latency_s": latency,
+            # The dtype the pipeline ran in: a variant's method sets it (bf16 for int8wo), so on a
+            # CPU, where base and lora run in float32, a variant's differences are not all quantization.
+            records.append({"variant": name, "dtype": str(pipe.vae.dtype).removeprefix("torch."), "latency_s": latency,
                             "peak_memory_mib": memory.peak_memory(device)["peak_bytes"] / 2**20,
                             "denoiser_mib": quantize.tensor_bytes(denoiser) / 2**20})
             del pipe, denoiser

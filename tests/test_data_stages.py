@@ -154,7 +154,12 @@ def test_prepare_resizes_only_the_crop(tmp_path, monkeypatch):
     Image.fromarray(smooth.clip(0, 255).astype(np.uint8)).save(tmp_path / "wide.png")
 
     sizes, resize = [], Image.Image.resize
-    monkeypatch.setattr(Image.Image, "resize", lambda im, size, *a, **k: sizes.append(size) or resize(im, size, *a, **k))
+
+    def recording(im, size, *args, **kwargs):
+        sizes.append(size)
+        return resize(im, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording)
     pixels, meta = cache.prepare(tmp_path / "strip.png", 512, True)
     assert pixels.shape == (3, 512, 512) and max(w * h for w, h in sizes) == 512 * 512
 
@@ -179,7 +184,7 @@ def test_evaluate_refuses_fewer_than_two_images_before_loading_anything(tmp_path
 def test_eval_table_says_what_fid_and_kid_saw():
     from sdtune.evaluate import report
 
-    rec = {"variant": "lora", "clip_score": 30.0, "fid": 0.5, "kid": 0.001, "style_similarity": 0.5,
+    rec = {"variant": "lora", "dtype": "float32", "clip_score": 30.0, "fid": 0.5, "kid": 0.001, "style_similarity": 0.5,
            "psnr_to_lora": 100.0, "lpips_like_to_lora": 0.0, "latency_s": 1.0, "peak_memory_mib": 10.0,
            "denoiser_mib": 3.0}
     few = report.markdown([rec], 8, 20, 512)

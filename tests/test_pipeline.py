@@ -53,6 +53,8 @@ def test_reports_hold_finite_numbers(demo):
         for key in ["clip_score", "fid", "kid", "style_similarity", "psnr_to_lora", "latency_s", "peak_memory_mib"]:
             assert math.isfinite(record[key]), key
     assert evals["lora"]["psnr_to_lora"] == 100.0  # its own reference
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    assert [r["dtype"] for r in evals.values()] == [dtype, dtype, "bfloat16"]  # int8wo runs in bf16
     profile = json.loads((demo / "reports/profile.json").read_text())
     assert finite_numbers(profile)
     for cell in profile["cells"].values():

@@ -31,7 +31,7 @@ def grid(columns: dict, out_png, cell: int | None = None) -> tuple[int, int]:
     return sheet.size
 
 
-COLUMNS = [("variant", "{}"), ("clip_score", "{:.2f}"), ("fid", "{:.2f}"), ("kid", "{:.4f}"),
+COLUMNS = [("variant", "{}"), ("dtype", "{}"), ("clip_score", "{:.2f}"), ("fid", "{:.2f}"), ("kid", "{:.4f}"),
            ("style_similarity", "{:.3f}"), ("psnr_to_lora", "{:.1f}"), ("lpips_like_to_lora", "{:.4f}"),
            ("latency_s", "{:.3f}"), ("peak_memory_mib", "{:.0f}"), ("denoiser_mib", "{:.1f}")]
 
