@@ -6,10 +6,13 @@
 #   4. set SDTUNE_RUNNER=docker for every login, so `dvc repro` runs each stage in the image
 # Settings come from instance metadata written by Terraform: sdtune-repo-url, sdtune-repo-ref,
 # sdtune-bucket. Log: journalctl -u google-startup-scripts (or the serial console output).
+# SDTUNE_STARTUP_ROOT (unset on the VM) prefixes every path the script writes, so that
+# tests/test_infra.py can run it with stand-in commands in a scratch directory.
 set -euo pipefail
 
-SRC=/opt/sdtune
-STATE=/var/lib/sdtune-startup
+ROOT=${SDTUNE_STARTUP_ROOT:-}
+SRC=$ROOT/opt/sdtune
+STATE=$ROOT/var/lib/sdtune-startup
 mkdir -p "$STATE"
 
 log() { printf 'sdtune-startup: %s\n' "$*"; }
@@ -53,9 +56,10 @@ if ! command -v nvidia-ctk >/dev/null 2>&1; then
     log "installing the NVIDIA container toolkit"
     apt_install ca-certificates curl gnupg
     keyring=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg
-    curl -fsSL https://nvidia.github.io/libnvidia-container/gpgkey | gpg --batch --yes --dearmor -o "$keyring"
+    mkdir -p "$ROOT/usr/share/keyrings" "$ROOT/etc/apt/sources.list.d"
+    curl -fsSL https://nvidia.github.io/libnvidia-container/gpgkey | gpg --batch --yes --dearmor -o "$ROOT$keyring"
     curl -fsSL https://nvidia.github.io/libnvidia-container/stable/deb/nvidia-container-toolkit.list |
-        sed "s#deb https://#deb [signed-by=$keyring] https://#" >/etc/apt/sources.list.d/nvidia-container-toolkit.list
+        sed "s#deb https://#deb [signed-by=$keyring] https://#" >"$ROOT/etc/apt/sources.list.d/nvidia-container-toolkit.list"
     apt-get update -q
     apt_install nvidia-container-toolkit
 fi
@@ -86,13 +90,14 @@ else
 fi
 
 # 4. Every login shell (and PAM sessions) runs the stages in the image.
-cat >/etc/profile.d/sdtune.sh <<EOF
+mkdir -p "$ROOT/etc/profile.d"
+cat >"$ROOT/etc/profile.d/sdtune.sh" <<EOF
 # Written by the sdtune startup script.
 export SDTUNE_RUNNER=docker
 export SDTUNE_IMAGE=sdtune:latest
 export SDTUNE_DVC_REMOTE=gs://$bucket/dvc
 EOF
-if ! grep -q '^SDTUNE_RUNNER=' /etc/environment; then
-    printf 'SDTUNE_RUNNER=docker\n' >>/etc/environment
+if ! grep -qs '^SDTUNE_RUNNER=' "$ROOT/etc/environment"; then
+    printf 'SDTUNE_RUNNER=docker\n' >>"$ROOT/etc/environment"
 fi
 log "ready: SDTUNE_RUNNER=docker, image sdtune:latest ($commit), DVC remote gs://$bucket/dvc"

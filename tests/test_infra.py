@@ -190,6 +190,82 @@ def test_terraform_fmt():
     assert out.returncode == 0, out.stdout
 
 
+# --- infra/startup.sh, run with stand-in commands ------------------------------------------------
+#
+# The script runs for real under bash, with PATH holding only stand-ins for the system commands (curl
+# answers the metadata server, apt-get/docker/systemctl record their argv) and the coreutils it needs,
+# and with SDTUNE_STARTUP_ROOT pointing every file it writes into tmp_path.
+
+STARTUP = INFRA / "startup.sh"
+BUCKET = "test-bucket"
+STUBS = {
+    "curl": """
+case "$*" in
+  *computeMetadata*sdtune-repo-url*) echo https://example.invalid/sdtune.git ;;
+  *computeMetadata*sdtune-repo-ref*) echo main ;;
+  *computeMetadata*sdtune-bucket*) echo %s ;;
+  *.list*) echo 'deb https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH) /' ;;
+esac
+""" % BUCKET,
+    "nvidia-smi": 'echo "NVIDIA L4, 570.00, 23034 MiB"; exit "${FAKE_GPU_RC:-0}"',
+    "apt-get": 'for p in "$@"; do [ -d "$FAKE_PKGS/$p" ] && cp "$FAKE_PKGS/$p"/* "$FAKE_BIN"/; done; exit 0',
+    "docker": 'case "$1" in run) exit "${FAKE_CONTAINER_GPU_RC:-0}" ;; esac; exit 0',
+    "git": 'case "$*" in clone*) mkdir -p "${@: -1}/.git" ;; *rev-parse*) echo 0123abcd ;; esac; exit 0',
+    "systemctl": "exit 0",
+    "gpg": "cat >/dev/null",
+    "sleep": "exit 0",
+}
+# Packages whose installation adds a command (the others only get recorded).
+PACKAGES = {"nvidia-container-toolkit": {"nvidia-ctk": "exit 0"}}
+REAL = ["bash", "cat", "cp", "chmod", "env", "grep", "head", "ln", "mkdir", "rm", "sed", "seq", "touch", "tr"]
+
+
+def _stub(path, body, calls):
+    path.write_text(f'#!{shutil.which("bash")}\nprintf "%s\\n" "${{0##*/}} $*" >>{calls}\n{body}\n')
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def startup(tmp_path):
+    """run(**env) -> (CompletedProcess, [recorded command lines]); the fake root is tmp_path/"root"."""
+    text = STARTUP.read_text()
+    assert "SDTUNE_STARTUP_ROOT" in text, "startup.sh must take SDTUNE_STARTUP_ROOT, or it would write the real /etc"
+    bindir, pkgs, root, calls = tmp_path / "bin", tmp_path / "pkgs", tmp_path / "root", tmp_path / "calls.txt"
+    bindir.mkdir()
+    root.mkdir()
+    for name in REAL:
+        (bindir / name).symlink_to(shutil.which(name))
+    for name, body in STUBS.items():
+        _stub(bindir / name, body, calls)
+    for pkg, commands in PACKAGES.items():
+        (pkgs / pkg).mkdir(parents=True)
+        for name, body in commands.items():
+            _stub(pkgs / pkg / name, body, calls)
+
+    def run(**extra):
+        calls.write_text("")
+        env = {"PATH": str(bindir), "SDTUNE_STARTUP_ROOT": str(root), "FAKE_BIN": str(bindir),
+               "FAKE_PKGS": str(pkgs), **extra}
+        out = subprocess.run([shutil.which("bash"), str(STARTUP)], env=env, capture_output=True, text=True, timeout=60)
+        return out, calls.read_text().splitlines()
+
+    run.root = root
+    return run
+
+
+def test_startup_script_sets_up_the_docker_runner(startup):
+    out, calls = startup()
+    assert out.returncode == 0, out.stdout + out.stderr
+    profile = (startup.root / "etc/profile.d/sdtune.sh").read_text()
+    assert "export SDTUNE_RUNNER=docker" in profile
+    assert f"export SDTUNE_DVC_REMOTE=gs://{BUCKET}/dvc" in profile
+    assert "nvidia-ctk runtime configure --runtime=docker" in calls
+    assert any(c.startswith("docker build ") for c in calls)
+    out, calls = startup()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not any(c.startswith(("docker build ", "apt-get ")) for c in calls), "the second boot redoes nothing"
+
+
 # --- Dockerfile, lock, .dockerignore -------------------------------------------------------------
 
 
