@@ -22,8 +22,29 @@ metadata() {
         "http://metadata.google.internal/computeMetadata/v1/instance/attributes/$1"
 }
 
+# Every apt-get waits up to 10 minutes for the dpkg lock, which unattended-upgrades holds for a while
+# after the first boot, instead of failing (and ending the script under set -e).
+apt_get() {
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -q "$@"
+}
+# apt-get update, retried: the lists lock (apt-daily's update) may be held too.
+apt_updated=
+apt_update() {
+    local try
+    for try in 1 2 3 4 5; do
+        if apt_get update; then
+            apt_updated=1
+            return 0
+        fi
+        log "apt-get update failed (try $try of 5); retrying in 30 s"
+        sleep 30
+    done
+    return 1
+}
+# Installs from package lists read by this boot's apt-get update (the image's may be months old).
 apt_install() {
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+    [ -n "$apt_updated" ] || apt_update
+    apt_get install -y --no-install-recommends "$@"
 }
 
 repo_url=$(metadata sdtune-repo-url)
@@ -42,14 +63,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 # 2. Docker and the NVIDIA container toolkit (NVIDIA's apt repository, signed by its key).
 if ! command -v docker >/dev/null 2>&1; then
     log "installing docker.io"
-    apt-get update -q
     apt_install docker.io
     systemctl enable --now docker
 fi
 # The Dockerfile uses RUN --mount, which needs BuildKit (the buildx plugin).
 if ! docker buildx version >/dev/null 2>&1; then
     log "installing docker-buildx"
-    apt-get update -q
     apt_install docker-buildx || apt_install docker-buildx-plugin
 fi
 if ! command -v nvidia-ctk >/dev/null 2>&1; then
@@ -60,7 +79,7 @@ if ! command -v nvidia-ctk >/dev/null 2>&1; then
     curl -fsSL https://nvidia.github.io/libnvidia-container/gpgkey | gpg --batch --yes --dearmor -o "$ROOT$keyring"
     curl -fsSL https://nvidia.github.io/libnvidia-container/stable/deb/nvidia-container-toolkit.list |
         sed "s#deb https://#deb [signed-by=$keyring] https://#" >"$ROOT/etc/apt/sources.list.d/nvidia-container-toolkit.list"
-    apt-get update -q
+    apt_update # NVIDIA's repository, just added
     apt_install nvidia-container-toolkit
 fi
 if [ ! -f "$STATE/docker-runtime-configured" ]; then
@@ -70,7 +89,7 @@ if [ ! -f "$STATE/docker-runtime-configured" ]; then
 fi
 
 # 3. The image, rebuilt when the ref's commit changes.
-command -v git >/dev/null 2>&1 || { apt-get update -q && apt_install git; }
+command -v git >/dev/null 2>&1 || apt_install git
 if [ ! -d "$SRC/.git" ]; then
     git clone --quiet "$repo_url" "$SRC"
 fi

@@ -208,7 +208,15 @@ case "$*" in
 esac
 """ % BUCKET,
     "nvidia-smi": 'echo "NVIDIA L4, 570.00, 23034 MiB"; exit "${FAKE_GPU_RC:-0}"',
-    "apt-get": 'for p in "$@"; do [ -d "$FAKE_PKGS/$p" ] && cp "$FAKE_PKGS/$p"/* "$FAKE_BIN"/; done; exit 0',
+    # `apt-get update` fails the first $FAKE_APT_UPDATE_FAILS times (a held lists lock).
+    "apt-get": """
+case " $* " in *" update "*)
+  n=$(cat "$FAKE_BIN/.update-fails" 2>/dev/null || echo "${FAKE_APT_UPDATE_FAILS:-0}")
+  echo $((n - 1)) >"$FAKE_BIN/.update-fails"
+  [ "$n" -le 0 ] || exit 100 ;;
+esac
+for p in "$@"; do [ -d "$FAKE_PKGS/$p" ] && cp "$FAKE_PKGS/$p"/* "$FAKE_BIN"/; done; exit 0
+""",
     "docker": 'case "$1" in run) exit "${FAKE_CONTAINER_GPU_RC:-0}" ;; esac; exit 0',
     "git": 'case "$*" in clone*) mkdir -p "${@: -1}/.git" ;; *rev-parse*) echo 0123abcd ;; esac; exit 0',
     "systemctl": "exit 0",
@@ -265,6 +273,37 @@ def test_startup_script_sets_up_the_docker_runner(startup):
     assert out.returncode == 0, out.stdout + out.stderr
     assert not any(c.startswith(("docker build ", "apt-get ")) for c in calls), "the second boot redoes nothing"
 
+
+
+def _apt_subcommand(call):
+    words = call.split()[1:]
+    while words and words[0].startswith("-"):
+        words = words[2:] if words[0] == "-o" else words[1:]
+    return words[0] if words else ""
+
+
+def test_startup_apt_waits_for_the_dpkg_lock_and_updates_before_installing(startup):
+    """unattended-upgrades holds the dpkg lock on first boot: apt-get must wait for it, not fail under set -e;
+    and nothing is installed from package lists older than this boot's `apt-get update`."""
+    out, calls = startup()
+    assert out.returncode == 0, out.stdout + out.stderr
+    apt = [(i, c) for i, c in enumerate(calls) if c.startswith("apt-get ")]
+    assert apt
+    for _, call in apt:
+        m = re.search(r"-o DPkg::Lock::Timeout=(\d+)", call, re.I)
+        assert m and int(m.group(1)) >= 300, f"apt-get without a dpkg lock timeout: {call}"
+    assert _apt_subcommand(apt[0][1]) == "update", f"first apt-get call is not an update: {apt[0][1]}"
+    sources = max(i for i, c in enumerate(calls) if c.startswith("curl ") and c.endswith(".list"))
+    toolkit = next(i for i, c in apt if "nvidia-container-toolkit" in c.split())
+    assert any(sources < i < toolkit and _apt_subcommand(c) == "update" for i, c in apt), \
+        "the toolkit is installed before apt-get update reads NVIDIA's repository"
+
+
+def test_startup_apt_update_is_retried(startup):
+    out, calls = startup(FAKE_APT_UPDATE_FAILS="2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    updates = [c for c in calls if c.startswith("apt-get ") and _apt_subcommand(c) == "update"]
+    assert len(updates) == 4, updates  # 2 failures + the retry that works, then the one for NVIDIA's repository
 
 # --- Dockerfile, lock, .dockerignore -------------------------------------------------------------
 
