@@ -182,7 +182,7 @@ resource "google_compute_instance" "vm" {
   }
 
   shielded_instance_config {
-    enable_secure_boot          = true
+    enable_secure_boot          = var.secure_boot # false only for an image whose NVIDIA driver is unsigned
     enable_vtpm                 = true
     enable_integrity_monitoring = true
   }

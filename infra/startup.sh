@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Startup script of the sdtune VM (runs as root on every boot; each step is skipped once done).
-#   1. wait for the NVIDIA driver (the Deep Learning VM image installs it on first boot)
+#   1. wait for the NVIDIA driver (the Deep Learning VM image installs it on first boot); if the GPU
+#      stays unusable, stop with an error (journal and /etc/motd) and no docker runner, rather than
+#      leave a VM whose stages would silently train on the CPU
 #   2. install Docker (if the image lacks it) and the NVIDIA container toolkit
 #   3. clone the repository at the configured ref and build the sdtune:latest image
 #   4. set SDTUNE_RUNNER=docker for every login, so `dvc repro` runs each stage in the image
@@ -16,6 +18,25 @@ STATE=$ROOT/var/lib/sdtune-startup
 mkdir -p "$STATE"
 
 log() { printf 'sdtune-startup: %s\n' "$*"; }
+
+# The GPU cannot be used: say so in the journal and at every login (/etc/motd), withdraw the docker
+# runner a previous boot may have set up, and exit non-zero (google-startup-scripts logs the status).
+gpu_unusable() {
+    local why=$1
+    printf 'sdtune-startup: ERROR: the GPU is unusable: %s\n' "$why" >&2
+    rm -f "$ROOT/etc/profile.d/sdtune.sh"
+    if [ -f "$ROOT/etc/environment" ]; then
+        sed -i '/^SDTUNE_RUNNER=/d' "$ROOT/etc/environment"
+    fi
+    motd_clear
+    printf 'sdtune: ERROR: the GPU is unusable, so SDTUNE_RUNNER=docker is not set: %s\n' "$why" >>"$ROOT/etc/motd"
+    exit 1
+}
+motd_clear() {
+    if [ -f "$ROOT/etc/motd" ]; then
+        sed -i '/^sdtune: /d' "$ROOT/etc/motd"
+    fi
+}
 
 metadata() {
     curl -fsS --retry 5 -H "Metadata-Flavor: Google" \
@@ -57,8 +78,9 @@ for _ in $(seq 1 60); do
     log "waiting for the NVIDIA driver"
     sleep 10
 done
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
-    log "WARNING: nvidia-smi fails; GPU stages will fail (Secure Boot needs a signed driver: see infra/README.md)"
+if ! nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; then
+    gpu_unusable "nvidia-smi fails after 10 minutes (Secure Boot loads only a signed NVIDIA driver: if this image's is unsigned, set secure_boot = false in Terraform and apply; see infra/README.md)"
+fi
 
 # 2. Docker and the NVIDIA container toolkit (NVIDIA's apt repository, signed by its key).
 if ! command -v docker >/dev/null 2>&1; then
@@ -105,7 +127,7 @@ fi
 if docker run --rm --gpus all sdtune:latest python -c "import torch; assert torch.cuda.is_available()"; then
     log "sdtune:latest sees the GPU(s)"
 else
-    log "WARNING: torch in sdtune:latest sees no GPU"
+    gpu_unusable "torch in sdtune:latest sees no GPU under docker run --gpus all (nvidia-smi works on the host: check the NVIDIA container toolkit, and that the driver is new enough for the image's CUDA)"
 fi
 
 # 4. Every login shell (and PAM sessions) runs the stages in the image.
@@ -119,4 +141,5 @@ EOF
 if ! grep -qs '^SDTUNE_RUNNER=' "$ROOT/etc/environment"; then
     printf 'SDTUNE_RUNNER=docker\n' >>"$ROOT/etc/environment"
 fi
+motd_clear
 log "ready: SDTUNE_RUNNER=docker, image sdtune:latest ($commit), DVC remote gs://$bucket/dvc"

@@ -70,6 +70,12 @@ variable "image_family" {
   description = "Deep Learning VM image family with the NVIDIA driver (list: gcloud compute images list --project deeplearning-platform-release --filter='family~nvidia'). Its CUDA must be >= the image's (docker/Dockerfile BASE_IMAGE, CUDA 12.8)."
 }
 
+variable "secure_boot" {
+  type        = bool
+  default     = true
+  description = "Shielded VM Secure Boot, which loads only signed kernel modules. If the image's NVIDIA driver is unsigned, nvidia-smi fails and the startup script stops with an error (journal and /etc/motd): set this to false for such an image (or pick an image_family whose driver is signed)."
+}
+
 variable "boot_disk_size_gb" {
   type        = number
   default     = 200

@@ -111,7 +111,7 @@ def test_vm_private_oslogin_shielded_gpu(tf):
     assert "startup.sh" in md["startup-script"]
 
     shielded = _one(vm["shielded_instance_config"])
-    assert shielded == {"enable_secure_boot": True, "enable_vtpm": True, "enable_integrity_monitoring": True}
+    assert shielded == {"enable_secure_boot": "${var.secure_boot}", "enable_vtpm": True, "enable_integrity_monitoring": True}
 
     sched = _one(vm["scheduling"])
     assert sched["on_host_maintenance"] == "TERMINATE"
@@ -240,7 +240,7 @@ def startup(tmp_path):
     assert "SDTUNE_STARTUP_ROOT" in text, "startup.sh must take SDTUNE_STARTUP_ROOT, or it would write the real /etc"
     bindir, pkgs, root, calls = tmp_path / "bin", tmp_path / "pkgs", tmp_path / "root", tmp_path / "calls.txt"
     bindir.mkdir()
-    root.mkdir()
+    (root / "etc").mkdir(parents=True)  # as on any system
     for name in REAL:
         (bindir / name).symlink_to(shutil.which(name))
     for name, body in STUBS.items():
@@ -304,6 +304,50 @@ def test_startup_apt_update_is_retried(startup):
     assert out.returncode == 0, out.stdout + out.stderr
     updates = [c for c in calls if c.startswith("apt-get ") and _apt_subcommand(c) == "update"]
     assert len(updates) == 4, updates  # 2 failures + the retry that works, then the one for NVIDIA's repository
+
+
+def _gpu_unusable(startup, out, why):
+    """The script failed loudly: non-zero exit, an error in the journal and in /etc/motd, no docker runner."""
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert re.search(rf"ERROR: .*{why}", out.stderr), out.stderr
+    assert not (startup.root / "etc/profile.d/sdtune.sh").exists(), "a login must not get SDTUNE_RUNNER=docker"
+    environment = startup.root / "etc/environment"
+    assert "SDTUNE_RUNNER" not in (environment.read_text() if environment.exists() else "")
+    assert re.search(rf"^sdtune: .*GPU.*{why}", (startup.root / "etc/motd").read_text(), re.M)
+
+
+def test_startup_fails_loudly_when_nvidia_smi_fails(startup):
+    """An unusable driver (an unsigned one under Secure Boot) must not leave a VM that trains on the CPU."""
+    out, calls = startup(FAKE_GPU_RC="9")
+    _gpu_unusable(startup, out, "nvidia-smi")
+    assert "secure_boot" in out.stderr, "the message names the one-line fix"
+    assert not any(c.startswith("docker build ") for c in calls), "nothing is built for a VM without its GPU"
+
+
+def test_startup_gpu_failure_after_a_good_boot_withdraws_the_runner(startup):
+    out, _ = startup()
+    assert out.returncode == 0 and (startup.root / "etc/profile.d/sdtune.sh").exists()
+    _gpu_unusable(startup, startup(FAKE_GPU_RC="9")[0], "nvidia-smi")  # e.g. a kernel update broke the driver
+    out, _ = startup()  # fixed: the runner is back and the motd warning gone
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SDTUNE_RUNNER=docker" in (startup.root / "etc/profile.d/sdtune.sh").read_text()
+    assert "SDTUNE_RUNNER=docker" in (startup.root / "etc/environment").read_text()
+    assert not re.search(r"^sdtune: ", (startup.root / "etc/motd").read_text(), re.M)
+
+
+def test_startup_fails_loudly_when_the_image_sees_no_gpu(startup):
+    out, _ = startup(FAKE_CONTAINER_GPU_RC="1")
+    _gpu_unusable(startup, out, "sdtune:latest")
+
+
+def test_secure_boot_is_a_variable(tf):
+    """Secure Boot refuses an unsigned NVIDIA driver: one variable turns it off for such an image."""
+    var = tf["variable"]["secure_boot"]
+    assert var["type"] == "${bool}" or var["type"] == "bool"
+    assert var["default"] is True
+    assert "unsigned" in var["description"] and "false" in var["description"]
+    (vm,) = _resources(tf, "google_compute_instance").values()
+    assert _one(vm["shielded_instance_config"])["enable_secure_boot"] == "${var.secure_boot}"
 
 # --- Dockerfile, lock, .dockerignore -------------------------------------------------------------
 
