@@ -4,8 +4,10 @@
 #      stays unusable, stop with an error (journal and /etc/motd) and no docker runner, rather than
 #      leave a VM whose stages would silently train on the CPU
 #   2. install Docker (if the image lacks it) and the NVIDIA container toolkit
-#   3. clone the repository at the configured ref and build the sdtune:latest image
-#   4. set SDTUNE_RUNNER=docker for every login, so `dvc repro` runs each stage in the image
+#   3. install DVC (pinned, with GCS support) in /opt/dvc, linked into /usr/local/bin: DVC runs on the
+#      host (docker/run puts only each stage in the image); the Deep Learning VM image lacks it
+#   4. clone the repository at the configured ref and build the sdtune:latest image
+#   5. set SDTUNE_RUNNER=docker for every login, so `dvc repro` runs each stage in the image
 # Settings come from instance metadata written by Terraform: sdtune-repo-url, sdtune-repo-ref,
 # sdtune-bucket. Log: journalctl -u google-startup-scripts (or the serial console output).
 # SDTUNE_STARTUP_ROOT (unset on the VM) prefixes every path the script writes, so that
@@ -110,7 +112,20 @@ if [ ! -f "$STATE/docker-runtime-configured" ]; then
     touch "$STATE/docker-runtime-configured"
 fi
 
-# 3. The image, rebuilt when the ref's commit changes.
+# 3. DVC on the host, in its own venv; the versions are docker/requirements.lock's (the tested ones).
+DVC_VERSION=3.67.1
+DVC_GS_VERSION=3.1.0
+if [ "$("$ROOT/opt/dvc/bin/dvc" --version 2>/dev/null || true)" != "$DVC_VERSION" ]; then
+    log "installing dvc $DVC_VERSION in /opt/dvc"
+    apt_install python3-venv
+    rm -rf "$ROOT/opt/dvc"
+    python3 -m venv "$ROOT/opt/dvc"
+    "$ROOT/opt/dvc/bin/pip" install --quiet --disable-pip-version-check "dvc[gs]==$DVC_VERSION" "dvc-gs==$DVC_GS_VERSION"
+fi
+mkdir -p "$ROOT/usr/local/bin"
+ln -sfn /opt/dvc/bin/dvc "$ROOT/usr/local/bin/dvc"
+
+# 4. The image, rebuilt when the ref's commit changes.
 command -v git >/dev/null 2>&1 || apt_install git
 if [ ! -d "$SRC/.git" ]; then
     git clone --quiet "$repo_url" "$SRC"
@@ -130,7 +145,7 @@ else
     gpu_unusable "torch in sdtune:latest sees no GPU under docker run --gpus all (nvidia-smi works on the host: check the NVIDIA container toolkit, and that the driver is new enough for the image's CUDA)"
 fi
 
-# 4. Every login shell (and PAM sessions) runs the stages in the image.
+# 5. Every login shell (and PAM sessions) runs the stages in the image.
 mkdir -p "$ROOT/etc/profile.d"
 cat >"$ROOT/etc/profile.d/sdtune.sh" <<EOF
 # Written by the sdtune startup script.

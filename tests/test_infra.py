@@ -225,6 +225,16 @@ for p in "$@"; do [ -d "$FAKE_PKGS/$p" ] && cp "$FAKE_PKGS/$p"/* "$FAKE_BIN"/; d
 }
 # Packages whose installation adds a command (the others only get recorded).
 PACKAGES = {"nvidia-container-toolkit": {"nvidia-ctk": "exit 0"}}
+# `python3 -m venv DIR` makes DIR/bin/pip, whose `install dvc[gs]==V` makes DIR/bin/dvc (`--version`: V).
+STUBS["python3"] = """
+[ "$1 $2" = "-m venv" ] || exit 3
+mkdir -p "$3/bin" && cp "$FAKE_PKGS/.venv/pip" "$3/bin/pip"
+"""
+VENV_PIP = """
+for a in "$@"; do case $a in "dvc[gs]=="*) v=${a#*==} ;; esac; done
+[ -n "${v:-}" ] || exit 0
+printf '#!%s\\necho %s\\n' "$BASH" "$v" >"${0%/*}/dvc" && chmod +x "${0%/*}/dvc"
+"""
 REAL = ["bash", "cat", "cp", "chmod", "env", "grep", "head", "ln", "mkdir", "rm", "sed", "seq", "touch", "tr"]
 
 
@@ -245,6 +255,8 @@ def startup(tmp_path):
         (bindir / name).symlink_to(shutil.which(name))
     for name, body in STUBS.items():
         _stub(bindir / name, body, calls)
+    (pkgs / ".venv").mkdir(parents=True)
+    _stub(pkgs / ".venv" / "pip", VENV_PIP, calls)
     for pkg, commands in PACKAGES.items():
         (pkgs / pkg).mkdir(parents=True)
         for name, body in commands.items():
@@ -271,7 +283,7 @@ def test_startup_script_sets_up_the_docker_runner(startup):
     assert any(c.startswith("docker build ") for c in calls)
     out, calls = startup()
     assert out.returncode == 0, out.stdout + out.stderr
-    assert not any(c.startswith(("docker build ", "apt-get ")) for c in calls), "the second boot redoes nothing"
+    assert not any(c.startswith(("docker build ", "apt-get ", "pip ")) for c in calls), "the second boot redoes nothing"
 
 
 
@@ -348,6 +360,24 @@ def test_secure_boot_is_a_variable(tf):
     assert "unsigned" in var["description"] and "false" in var["description"]
     (vm,) = _resources(tf, "google_compute_instance").values()
     assert _one(vm["shielded_instance_config"])["enable_secure_boot"] == "${var.secure_boot}"
+
+
+def test_startup_installs_pinned_dvc_on_path(startup):
+    """DVC runs on the host (docker/run puts only each stage in a container) and the image ships none:
+    the script installs dvc[gs] at the lock's versions into its own venv and links it into PATH."""
+    out, calls = startup()
+    assert out.returncode == 0, out.stdout + out.stderr
+    lock = _lock_names()
+    (pip,) = [c.split() for c in calls if c.startswith("pip install ")]
+    assert f"dvc[gs]=={lock['dvc']}" in pip, pip
+    assert f"dvc-gs=={lock['dvc-gs']}" in pip, pip
+    (venv,) = [c.split()[3] for c in calls if c.startswith("python3 -m venv ")]
+    assert venv == f"{startup.root}/opt/dvc"
+    link = startup.root / "usr/local/bin/dvc"
+    assert os.readlink(link) == "/opt/dvc/bin/dvc", "the link must name the VM's path, not the test root"
+    assert (startup.root / "opt/dvc/bin/dvc").exists()
+    profile = (startup.root / "etc/profile.d/sdtune.sh").read_text()
+    assert "export SDTUNE_RUNNER=docker" in profile
 
 # --- Dockerfile, lock, .dockerignore -------------------------------------------------------------
 
