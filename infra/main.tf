@@ -208,7 +208,8 @@ resource "google_compute_instance" "vm" {
   depends_on = [google_compute_router_nat.nat, google_storage_bucket_iam_member.vm_objects]
 }
 
-# SSH for the listed principals, scoped to this VM: IAP tunnel + OS Login with sudo.
+# SSH for the listed principals: IAP tunnel + OS Login with sudo on this VM, plus the two grants
+# `gcloud compute ssh --tunnel-through-iap` cannot do without (below).
 resource "google_iap_tunnel_instance_iam_member" "ssh" {
   for_each = toset(var.ssh_members)
   zone     = var.zone
@@ -223,4 +224,32 @@ resource "google_compute_instance_iam_member" "os_admin_login" {
   instance_name = google_compute_instance.vm.name
   role          = "roles/compute.osAdminLogin"
   member        = each.value
+}
+
+# OS Login lets a user onto an instance that runs as a service account only if the user may act as
+# that account (iam.serviceAccounts.actAs): granted on the VM's account alone, not project-wide.
+resource "google_service_account_iam_member" "ssh_act_as_vm" {
+  for_each           = toset(var.ssh_members)
+  service_account_id = google_service_account.vm.name
+  role               = "roles/iam.serviceAccountUser"
+  member             = each.value
+}
+
+# `gcloud compute ssh` reads the instance and the project (compute.instances.get, compute.projects.get)
+# before it connects; compute.viewer is the smallest predefined role with both, and it is read-only.
+resource "google_project_iam_member" "ssh_compute_viewer" {
+  for_each = toset(var.ssh_members)
+  project  = var.project_id
+  role     = "roles/compute.viewer"
+  member   = each.value
+}
+
+# Read-only access to the DVC remote, so the same people can `dvc pull` the LoRA and the data on
+# another machine with their own credentials (README: "On any other machine"); writing stays with
+# the VM's account (`dvc push` on the VM).
+resource "google_storage_bucket_iam_member" "ssh_members_read" {
+  for_each = toset(var.ssh_members)
+  bucket   = google_storage_bucket.dvc.name
+  role     = "roles/storage.objectViewer"
+  member   = each.value
 }

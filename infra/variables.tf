@@ -131,7 +131,7 @@ variable "subnet_cidr" {
 variable "ssh_members" {
   type        = list(string)
   default     = []
-  description = "Principals (\"user:a@example.com\", \"group:...\") allowed to SSH through IAP: granted IAP tunnel access and OS Admin Login on this VM only."
+  description = "Principals (\"user:a@example.com\", \"group:...\") allowed to SSH through IAP: granted IAP tunnel access and OS Admin Login on this VM, Service Account User on the VM's service account (OS Login needs it), Compute Viewer on the project (gcloud compute ssh reads the instance) and read access to the bucket's objects (dvc pull elsewhere)."
 }
 
 variable "labels" {

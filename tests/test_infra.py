@@ -149,17 +149,48 @@ def test_bucket_private_and_versioned(tf):
     assert _one(bucket["versioning"])["enabled"] is True
 
 
+SSH_MEMBERS = "${toset(var.ssh_members)}"
+
+
 def test_service_account_scoped_to_bucket(tf):
-    project_iam = [t for t in tf["resource"] if t.startswith("google_project_iam")]
-    assert not project_iam, f"no project-level IAM: {project_iam}"
+    """The VM's account: object access on the bucket, nothing at project level (only ssh_members get a
+    project-level role, compute.viewer: see test_ssh_members_can_connect)."""
+    for rtype, named in tf["resource"].items():
+        if rtype.startswith("google_project_iam"):
+            for name, b in named.items():
+                assert b.get("for_each") == SSH_MEMBERS and b["member"] == "${each.value}", f"{rtype}.{name}"
+                assert b["role"] == "roles/compute.viewer", f"{rtype}.{name}: {b['role']}"
     bindings = _resources(tf, "google_storage_bucket_iam_member")
-    assert bindings
+    vm = {n: b for n, b in bindings.items() if b["member"] == "serviceAccount:${google_service_account.vm.email}"}
+    assert vm
     for name, b in bindings.items():
         assert b["bucket"] == "${google_storage_bucket.dvc.name}", name
-        assert b["member"] == "serviceAccount:${google_service_account.vm.email}", name
         assert b["role"].startswith("roles/storage.object"), f"{name}: {b['role']} is more than object access"
+        if name not in vm:
+            assert b["member"] == "${each.value}" and b["for_each"] == SSH_MEMBERS, name
+            assert b["role"] == "roles/storage.objectViewer", f"{name}: people get read access only"
     text = json.dumps(tf["resource"])
     assert "allUsers" not in text and "allAuthenticatedUsers" not in text
+
+
+def _ssh_grants(tf, rtype):
+    return {b["role"]: b for b in _resources(tf, rtype).values()
+            if b.get("for_each") == SSH_MEMBERS and b.get("member") == "${each.value}"}
+
+
+def test_ssh_members_can_connect(tf):
+    """What `gcloud compute ssh --tunnel-through-iap` needs for each of ssh_members: the IAP tunnel and OS
+    (Admin) Login on the VM, actAs on the VM's service account (OS Login requires it for an instance that
+    runs as one), and compute.instances.get / compute.projects.get (roles/compute.viewer on the project)."""
+    assert "roles/iap.tunnelResourceAccessor" in _ssh_grants(tf, "google_iap_tunnel_instance_iam_member")
+    assert "roles/compute.osAdminLogin" in _ssh_grants(tf, "google_compute_instance_iam_member")
+    act_as = _ssh_grants(tf, "google_service_account_iam_member")["roles/iam.serviceAccountUser"]
+    assert act_as["service_account_id"] == "${google_service_account.vm.name}", "on the VM's account only"
+    viewer = _ssh_grants(tf, "google_project_iam_member")["roles/compute.viewer"]
+    assert viewer["project"] == "${var.project_id}"
+    # `dvc pull` elsewhere (README: "On any other machine") reads the bucket with the person's credentials.
+    pull = _ssh_grants(tf, "google_storage_bucket_iam_member")["roles/storage.objectViewer"]
+    assert pull["bucket"] == "${google_storage_bucket.dvc.name}"
 
 
 def test_variables_typed_and_described(tf):
