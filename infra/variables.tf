@@ -18,11 +18,11 @@ variable "zone" {
 variable "name" {
   type        = string
   default     = "sdtune"
-  description = "Prefix of every resource name."
+  description = "Prefix of every resource name. 3-27 characters, so that the service account id \"<name>-vm\" has the 6-30 Google requires."
 
   validation {
-    condition     = can(regex("^[a-z][a-z0-9-]{0,19}$", var.name))
-    error_message = "name: 1-20 characters, lowercase letters, digits and '-', starting with a letter."
+    condition     = can(regex("^[a-z][a-z0-9-]{1,25}[a-z0-9]$", var.name))
+    error_message = "name: 3-27 characters (the service account id \"<name>-vm\" must be 6-30), lowercase letters, digits and '-', starting with a letter and not ending with '-'."
   }
 }
 

@@ -200,6 +200,30 @@ def test_variables_typed_and_described(tf):
     assert {"repo_url", "repo_ref", "spot", "machine_type", "gpu_count", "image_family"} <= set(tf["variable"])
 
 
+# Google's rule for a service account id (account_id): 6-30 characters.
+SA_ID = re.compile(r"[a-z](?:[-a-z0-9]{4,28}[a-z0-9])")
+GCE_NAME = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def test_name_fits_every_name_made_from_it(tf):
+    """var.name's validation accepts exactly the names that make a valid "<name>-vm" service account id
+    (and VPC, firewall, bucket names); it used to accept 1-2 characters, which plan took and apply refused."""
+    var = tf["variable"]["name"]
+    (validation,) = var["validation"] if isinstance(var["validation"], list) else [var["validation"]]
+    pattern = re.fullmatch(r'\$\{can\(regex\("((?:[^"\\]|\\.)*)", var\.name\)\)\}', validation["condition"]).group(1)
+    accepts = lambda name: re.search(pattern, name) is not None  # noqa: E731 (Terraform's regex is a search)
+    good = ["abc", "sdtune", "sd-tune-2", "a" * 27, "a" + "-b" * 13]
+    bad = ["", "a", "ab", "a" * 28, "Sdtune", "1abc", "-abc", "abc-", "sd_tune", "sd.tune", "sd tune"]
+    assert [n for n in good if not accepts(n)] == [], "valid names refused"
+    assert [n for n in bad if accepts(n)] == [], "names Google refuses are accepted"
+    for name in good:
+        assert SA_ID.fullmatch(f"{name}-vm"), name
+        for suffix in ("-vpc", "-subnet", "-router", "-nat", "-allow-iap-ssh", "-vm"):
+            assert GCE_NAME.fullmatch(name + suffix), name + suffix
+        assert len(f"{'p' * 30}-{name}-dvc") <= 63, "default bucket name with a 30-character project id"
+    assert accepts(var["default"])
+    assert "3" in validation["error_message"] and "27" in validation["error_message"]
+
 def test_outputs(tf):
     out = tf["output"]
     assert "--tunnel-through-iap" in out["ssh_command"]["value"]
