@@ -106,6 +106,11 @@ def test_image_metadata(image):
     uid, torch_version = out.split()
     assert uid == "10001"
     assert torch_version.endswith("+cpu")
+    # torch.compile works in the image: inductor builds C++ against Python.h (Triton, on CUDA, C).
+    out = _podman("run", "--rm", "--network", "none", image, "python", "-c",
+                  "import torch; f = torch.compile(lambda x: (x.sin() + 1).sum()); print(float(f(torch.zeros(4))))",
+                  env=env)
+    assert out.split()[-1] == "4.0"
 
 
 def _workspace(tmp_path, source):
@@ -179,3 +184,31 @@ def test_fetch_stage_in_container_matches_local(image, tmp_path):
     local = _run(ws, "fetch", env={k: v for k, v in env.items() if k != "SDTUNE_RUNNER"} | {"PYTHON": sys.executable})
     assert local.returncode == 0, local.stderr
     assert (ws / "data" / "raw.manifest.json").read_bytes() == in_container
+
+
+def test_a_stage_already_running_in_the_workspace_is_not_started_twice(image, tmp_path):
+    """A killed client can leave its container running; a second run of that stage must not start
+    another one beside it (on a GPU VM: two trainers on one GPU and one checkpoints/)."""
+    ws = _workspace(tmp_path, "synthetic://6")
+    (ws / "stages" / "sleeper.py").write_text("import time\ntime.sleep(60)\n")
+    (tmp_path / "hf").mkdir()
+    env = _container_env() | {"SDTUNE_RUNNER": "podman", "SDTUNE_IMAGE": image,
+                              "SDTUNE_CACHE_VOLUME": str(tmp_path / "hf")}
+
+    def running():
+        return [n for n in _podman("ps", "--format", "{{.Names}}", env=env).split() if n.endswith("-sleeper")]
+
+    first = subprocess.Popen([str(RUN), "sleeper"], cwd=ws, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not running() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert running(), "the first run's container never started"
+        second = _run(ws, "sleeper", env=env)
+        assert second.returncode != 0 and "already in use" in second.stderr, second.stderr
+        assert len(running()) == 1
+    finally:
+        first.kill()
+        for name in running():
+            subprocess.run(["podman", "rm", "--force", name], env=env, capture_output=True, timeout=60)
