@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from sdtune import params as params_lib, runtime
-from sdtune.errors import main_guard
+from sdtune.errors import UserError, main_guard
 from sdtune.train import loop, outputs, validate as validate_lib
 
 CACHE, LORA_DIR, CKPT, VALIDATION = "cache", "models/lora", "checkpoints", "reports/validation"
@@ -30,9 +30,19 @@ def wandb_logger(params):
             lambda path, step: wandb.log({"validation": wandb.Image(str(path))}, step=step))
 
 
+def check_device(params) -> None:
+    """A real model on the CPU only when asked for: `auto` falling back to the CPU (a VM whose GPU
+    driver failed) would otherwise spend days on a run that takes an hour on an L4."""
+    if (params.base.device == "auto" and params.model.id != "tiny"
+            and runtime.device(params.base.device).type == "cpu"):
+        raise UserError(f"base.device: auto found no CUDA GPU; training {params.model.id} on the CPU would "
+                        f"take days. Check nvidia-smi, or set base.device: cpu to train there anyway")
+
+
 @main_guard
 def main():
     params = params_lib.load()
+    check_device(params)
     with runtime.stage("train"):
         run = loop.setup(params, CACHE)
         wb, log, log_image = wandb_logger(params) if run.accelerator.is_main_process else (None, None, None)

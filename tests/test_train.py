@@ -411,3 +411,22 @@ def test_validation_samples_the_ema_weights_and_leaves_the_training_as_it_was(wo
     with_validation = loop.final_lora(run)
     assert with_validation.keys() == without.keys()
     assert all(torch.equal(with_validation[k], without[k]) for k in without)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback to the CPU happens only without CUDA")
+def test_a_real_model_is_not_trained_on_the_cpu_unless_asked(tmp_path):
+    """base.device: auto without a GPU (a VM whose driver failed) stops the train stage at once;
+    base.device: cpu, or the tiny model, trains there."""
+    (tmp_path / "params.yaml").write_text("model: {id: org/some-model}\n")
+    out = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: base.device: auto found no CUDA GPU; training org/some-model on the CPU would take days. "
+        "Check nvidia-smi, or set base.device: cpu to train there anyway")
+    assert not (tmp_path / "reports").exists()
+
+    from stages import train as train_stage
+
+    for raw in ({"model": {"id": "org/some-model"}, "base": {"device": "cpu"}}, {"model": {"id": "tiny"}}):
+        train_stage.check_device(params_lib.parse(raw))  # no error
