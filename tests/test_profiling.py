@@ -155,12 +155,30 @@ def test_mfu_of_a_matmul_step_is_a_fraction_of_the_measured_peak():
     assert 0 < value <= 1
 
 
-def test_datasheet_table_matches_device_names():
+@pytest.fixture
+def fp32_precision():
+    """Set float32's matmul and conv precision for a test, and put torch's back afterwards."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+
+    def set_to(matmul_precision, conv_precision):
+        matmul.fp32_precision, conv.fp32_precision = matmul_precision, conv_precision
+    yield set_to
+    matmul.fp32_precision, conv.fp32_precision = saved
+
+
+def test_datasheet_table_matches_device_names(fp32_precision):
     bf16, fp32 = torch.bfloat16, torch.float32
     assert hardware.datasheet_peak("NVIDIA L4", bf16) == (121, "L4")
+    fp32_precision("ieee", "ieee")
     assert hardware.datasheet_peak("NVIDIA L4", fp32) == (30.3, "L4")
-    assert hardware.datasheet_peak("NVIDIA L40S", bf16)[1] == "L40S"
     assert hardware.datasheet_peak("NVIDIA A100-SXM4-80GB", fp32) == (19.5, "A100")
+    # TF32 for matmuls or for convolutions (cuDNN's default): fp32 work on TF32 tensor cores
+    fp32_precision("ieee", "tf32")
+    assert hardware.datasheet_peak("NVIDIA L4", fp32) == (60, "L4")
+    fp32_precision("tf32", "ieee")
+    assert hardware.datasheet_peak("NVIDIA A100-SXM4-80GB", fp32) == (156, "A100")
+    assert hardware.datasheet_peak("NVIDIA L40S", bf16)[1] == "L40S"
     assert hardware.datasheet_peak("NVIDIA H100 80GB HBM3", bf16) == (989, "H100 SXM")
     assert hardware.datasheet_peak("NVIDIA H100 PCIe", torch.float16) == (756, "H100 PCIe")
     assert hardware.datasheet_peak("NVIDIA H200", bf16) == (989, "H200")

@@ -17,7 +17,7 @@ from sdtune.profiling.phases import sync
 
 # Dense TFLOP/s from NVIDIA datasheets. Ordered: the first regex that matches the upper-cased
 # torch.cuda.get_device_name() wins. fp32 is the non-tensor-core rate; tf32 applies when fp32
-# matmuls are allowed to use TF32 (see _tf32_enabled). NVL variants are left out on purpose:
+# matmuls or convolutions are allowed to use TF32 (see _tf32_enabled). NVL variants are left out on purpose:
 # their clocks differ, and an unknown name falls back to a measured ceiling.
 PEAKS = [
     (r"\bL4\b", "L4", {"bf16": 121, "fp16": 121, "tf32": 60, "fp32": 30.3}),
@@ -33,9 +33,12 @@ _DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 
 
 def _tf32_enabled() -> bool:
-    # Reflects both torch.backends.cuda.matmul.allow_tf32 and set_float32_matmul_precision;
-    # the legacy getters raise once the new and old APIs have been mixed, this one does not.
-    return torch.backends.cuda.matmul.fp32_precision == "tf32"
+    """Whether float32 work runs on TF32 tensor cores: matmuls (off by default) or cuDNN's
+    convolutions (on by default, half of a UNet's FLOPs). Either one counts: held to the plain-fp32
+    peak, a step whose convolutions use TF32 can show an MFU over 100%; against TF32's peak it errs
+    low instead. The fp32_precision getters reflect the legacy flags too, and unlike those do not
+    raise once the two APIs have been mixed."""
+    return "tf32" in (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
 
 
 def datasheet_peak(device_name: str, dtype: torch.dtype):
