@@ -1,7 +1,8 @@
 # The three set-up commands, for people and for scripts.
 PYTHON ?= python
-# The CPU build of torch for laptops and CI; the GPU image pins its CUDA build (docker/Dockerfile).
-TORCH ?= torch==2.13.0
+# The CPU build of torch for laptops (PyPI's default torch wheel is the CUDA build, gigabytes); the
+# GPU image pins its CUDA build (docker/Dockerfile).
+TORCH ?= torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 # The offline demo: the same dvc.yaml with a few params changed (a DVC experiment).
 # A tiny random-initialised SD 1.x model, a tiny captioner and CLIP, 12 generated images.
