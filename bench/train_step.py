@@ -47,6 +47,8 @@ from sdtune.profiling.phases import PhaseTimer, sync
 from sdtune.train import lora, loop, optim
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch's fp32 matmul and conv precision before any run changed them (only fp32 runs set them).
+FP32_PRECISION = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
 
 
 def parse(argv=None):
@@ -56,7 +58,7 @@ def parse(argv=None):
     p.add_argument("--res", type=int, help="image side in pixels (default: the arch's native one, 64 if --tiny)")
     p.add_argument("--bs", type=int, default=1)
     p.add_argument("--precision", choices=list(DTYPES), help="default bf16; fp16 with --baseline")
-    p.add_argument("--tf32", action="store_true", help="let fp32 matmuls and convs use TF32")
+    p.add_argument("--tf32", action="store_true", help="let fp32 matmuls and convs use TF32 (--precision fp32)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
@@ -103,6 +105,8 @@ def parse(argv=None):
     cuda = args.device.startswith("cuda")
     if args.nf4 and not cuda:
         p.error("--nf4 needs a CUDA GPU: bitsandbytes' 4-bit training kernels are CUDA only here")
+    if args.tf32 and args.precision != "fp32":
+        p.error("--tf32 is for --precision fp32 (bf16 and fp16 runs leave torch's TF32 flags alone)")
     if args.nf4 and args.precision == "fp32":
         p.error("--nf4 computes in bf16 or fp16; pick --precision bf16")
     if args.baseline and (args.arch != "sd15" or args.compile or args.nf4):
@@ -140,9 +144,15 @@ class Bench:
         if args.threads:
             torch.set_num_threads(args.threads)
         torch.manual_seed(args.seed)
-        tf32 = "tf32" if args.tf32 else "ieee"
-        torch.backends.cuda.matmul.fp32_precision = tf32
-        torch.backends.cudnn.conv.fp32_precision = tf32
+        if args.precision == "fp32":
+            tf32 = "tf32" if args.tf32 else "ieee"
+            torch.backends.cuda.matmul.fp32_precision = tf32
+            torch.backends.cudnn.conv.fp32_precision = tf32
+        else:
+            # torch's own flags (an fp32 run before this one in a --many process set them): once the
+            # new API sets cuDNN's conv precision alone, the legacy getter torch.backends.cudnn.allow_tf32
+            # raises, and inductor's max-autotune conv template reads it (pytorch issue 166387).
+            torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = FP32_PRECISION
         dtype = DTYPES[args.precision]
         self.dtype = dtype
 

@@ -247,3 +247,24 @@ def test_gpu_script_groups_eager_runs_and_reports_every_run_on_cpu(tmp_path):
     assert rows["sd15-bs16-bf16-ckpt"]["checkpointing"]
     assert out.stdout.count("(one process") == 2
     assert {p.name for p in (tmp_path / "runs").glob("group-*.log")} == {"group-targets.log", "group-matrix.log"}
+
+
+@pytest.fixture
+def saved_fp32_precision():
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    yield
+    matmul.fp32_precision, conv.fp32_precision = saved
+
+
+def test_only_fp32_runs_set_the_fp32_precision_flags(saved_fp32_precision):
+    """Setting cuDNN's conv precision through the new API makes the legacy getter
+    torch.backends.cudnn.allow_tf32 raise, and inductor's max-autotune conv template reads it
+    (pytorch issue 166387): a bf16 run, also one after an fp32 run in a --many process, leaves it readable."""
+    tiny = ["--tiny", "--threads", "1", "--arch", "sd15"]
+    train_step.Bench(train_step.parse(tiny + ["--precision", "bf16"]))
+    assert isinstance(torch.backends.cudnn.allow_tf32, bool)
+    train_step.Bench(train_step.parse(tiny + ["--precision", "fp32"]))
+    assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "ieee"
+    train_step.Bench(train_step.parse(tiny + ["--precision", "bf16"]))
+    assert isinstance(torch.backends.cudnn.allow_tf32, bool)
