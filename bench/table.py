@@ -90,7 +90,10 @@ def render(rows, judged) -> str:
     devices = sorted({r["device_name"] for r in rows if _ok(r)})
     return "\n\n".join([
         f"Device: {', '.join(devices) or 'none'}. Step ms: median of synchronised steps after warm-up; "
-        "pipelined ms: back-to-back steps, one sync at the end. MFU on model FLOPs (no recompute).",
+        "pipelined ms: back-to-back steps, one sync at the end. MFU: FLOPs per step over the run's peak "
+        "(datasheet dense peak, else a measured GEMM ceiling); FLOPs are torch's FlopCounterMode count of one "
+        "eager step: fused attention's backward as torch's formula counts it (5 matmuls, the recomputed QKᵀ "
+        "included, where the model needs 4; math attention: 4), gradient checkpointing's recompute left out.",
         results_table(rows), targets_table(judged)]) + "\n"
 
 
