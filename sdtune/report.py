@@ -34,7 +34,8 @@ def training_section(train: dict) -> list[str]:
     return [
         "## Training",
         "",
-        f"Final loss {train['final_loss']:.4f} after {train['steps']} steps in {train['seconds']:.1f} s "
+        f"Final loss {train['final_loss']:.4f} (the mean of the last {train['final_loss_steps']} steps) after "
+        f"{train['steps']} steps in {train['seconds']:.1f} s "
         f"({train['steps_per_second']:.2f} steps/s, {train['images_per_second']:.2f} images/s).",
         "",
         "![training loss](train_loss.png)",
@@ -90,11 +91,14 @@ def findings(evals: dict, profile: dict) -> list[str]:
                      f"{fly['images_per_second']:.2f} images/s).")
     if "base" in evals and "lora" in evals:
         b, t = evals["base"], evals["lora"]
-        moved = "closer to" if t["style_similarity"] > b["style_similarity"] else "no closer to"
-        lines.append(f"- The LoRA moved samples {moved} the training set's style: similarity "
-                     f"{t['style_similarity']:.3f} vs {b['style_similarity']:.3f} for the base model; "
-                     f"KID to the training images {t['kid']:.4f} vs {b['kid']:.4f} (lower is closer; KID, "
-                     f"not FID, because FID is biased at a few images per set).")
+        # Two measures of the same thing; when they disagree the sentence says so, not a verdict.
+        similar, kid = t["style_similarity"] > b["style_similarity"], t["kid"] < b["kid"]
+        verdict = ("The LoRA moved samples closer to the training set's style" if similar and kid else
+                   "The LoRA did not move samples closer to the training set's style" if not (similar or kid) else
+                   "The two measures disagree on whether the LoRA moved samples toward the training set's style")
+        lines.append(f"- {verdict}: style similarity {t['style_similarity']:.3f} vs {b['style_similarity']:.3f} "
+                     f"for the base model (higher is closer), KID to the training images {t['kid']:.4f} vs "
+                     f"{b['kid']:.4f} (lower is closer; KID, not FID, because FID is biased at a few images per set).")
     for name, rec in evals.items():
         if name in ("base", "lora"):
             continue
@@ -128,11 +132,15 @@ def build(params, provenance, reports="reports") -> str:
     lines += ["## Evaluation", "", (r / "eval.md").read_text().strip(), "", "![samples](samples/grid.png)", ""]
     lines += ["## Profile", "", (r / "profile.md").read_text().strip(), "",
               "![phases](profile/phases.png)", "", "![step time](profile/step_ms.png)", ""]
+    # On a CPU (the demo) the step times are the CPU's: priced at a GPU machine's rate they say little.
+    measured_on = "" if best["device"].startswith("cuda") else (
+        f" These step times were measured on {best['device_name']}, not on that machine's GPU.")
     lines += ["## Cost", "",
               f"At ${best['cost']['usd_per_hour']:.2f}/h ({params.profile.machine_type}), the fastest cell "
               f"`{best['name']}` ({best['images_per_second']:.2f} images/s) costs "
               f"${best['cost']['usd_per_1000_steps']:.3f} per 1,000 steps of {best['images_per_step']} images and "
-              f"${best['cost']['usd_per_run']:.3f} for this run's {params.train.steps} steps (training only).", ""]
+              f"${best['cost']['usd_per_run']:.3f} for this run's {params.train.steps} steps (training only)."
+              + measured_on, ""]
     lines += ["## Stage times", ""] + stage_times(r / "stages") + [""]
     lines += ["## What helped, what did not", ""] + findings(evals, profile) + [""]
     return "\n".join(lines)

@@ -79,10 +79,11 @@ def main():
             rec |= {"clip_score": metrics.clip_score(fake, paired, clip), "fid": fid, "kid": kid,
                     "style_similarity": metrics.style_similarity(fake, real, clip),
                     "psnr_to_lora": fidelity["psnr"], "lpips_like_to_lora": fidelity["lpips_like"]}
-        report.grid(images, GRID)
+        report.grid(images, GRID, rows=report.row_labels(prompts, p.seeds))
         io.write_json(REPORT, {r["variant"]: {k: v for k, v in r.items() if k != "variant"} for r in records})
         io.write_json(PLOT, records)
         table = report.markdown(records, len(paired), len(real), metrics.feature_dim(extractor))
+        table += "\n" + report.prompt_list(prompts)
         io.write_text(TABLE, table)
     print(table)
 

@@ -27,8 +27,12 @@ def header(cells, p) -> str:
     c, source = cells[0], cells[0]["peak_source"]
     against = (f"the {source.split(':', 1)[1]} datasheet's dense peak" if source.startswith("datasheet:")
                else "a matmul ceiling measured on this device")
-    return (f"Measured on {c['device_name']}: each step time is the median of {p.steps} steps after "
-            f"{p.warmup} warm-up; MFU is against {against}, for each cell's precision.\n")
+    text = (f"Measured on {c['device_name']}: each step time is the median of {p.steps} steps after "
+            f"{p.warmup} warm-up; MFU is against {against}, for each cell's precision.")
+    if any(cell["spec"].get("latents") == "on_the_fly" for cell in cells):
+        text += (" MFU counts each cell's own FLOPs, so an on-the-fly cell's include its VAE and text "
+                 "encoders: it can show a higher MFU while training fewer images a second.")
+    return text + "\n"
 
 
 def table(cells) -> str:

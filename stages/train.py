@@ -56,7 +56,8 @@ def main():
         if wb is not None:
             wb.finish()
     if run.accelerator.is_main_process:
-        print(f"train: {stats['steps']} steps, final loss {stats['final_loss']:.4f}, LoRA in {LORA_DIR}/")
+        print(f"train: {stats['steps']} steps, final loss {stats['final_loss']:.4f} (mean of the last "
+              f"{stats['final_loss_steps']} steps), LoRA in {LORA_DIR}/")
 
 
 if __name__ == "__main__":

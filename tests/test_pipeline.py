@@ -76,15 +76,24 @@ def test_reports_hold_finite_numbers(demo):
 def test_sample_grid_is_a_png_of_the_expected_size(demo):
     img = Image.open(demo / "reports/samples/grid.png")
     assert img.format == "PNG"
-    # 3 variants side by side; 2 prompts x 2 seeds down; the 64 px samples in 128 px cells
-    # (room for a variant's name) under a 14 px label row.
-    assert img.size == (3 * 128, 14 + 4 * 128)
+    # 3 variants side by side; 2 prompts x 2 seeds down, labelled in a 64 px margin; the 64 px
+    # samples in 128 px cells (room for a variant's name) under a 14 px label row.
+    assert img.size == (64 + 3 * 128, 14 + 4 * 128)
+    table = (demo / "reports/eval.md").read_text()
+    prompts = [ln for ln in (demo / "prompts/demo.txt").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert f"prompt 1: `{prompts[0]}`; prompt 2: `{prompts[1]}`" in table
 
 
 def test_grid_labels_fit_their_column(tmp_path):
     names = ["float8wo-adapter", "a-variant-name-far-too-long-for-one-column"]
     sample = Image.new("RGB", (64, 64), "gray")
     assert eval_report.grid({n: [sample] for n in names}, tmp_path / "g.png") == (2 * 128, 14 + 128)
+    labels = eval_report.row_labels(["a", "b"], [0, 7])
+    assert labels == ["prompt 1\nseed 0", "prompt 1\nseed 7", "prompt 2\nseed 0", "prompt 2\nseed 7"]
+    rows = {n: [sample] * 4 for n in names}
+    assert eval_report.grid(rows, tmp_path / "r.png", rows=labels) == (64 + 2 * 128, 14 + 4 * 128)
+    margin = Image.open(tmp_path / "r.png").crop((0, 14, 64, 14 + 128)).convert("L")
+    assert margin.getextrema()[0] < 128  # the row's label is drawn there
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     assert eval_report.fit(draw, names[0], 128 - 4) == names[0]
     cut = eval_report.fit(draw, names[1], 128 - 4)
@@ -138,8 +147,12 @@ def test_report_is_generated_from_the_numbers(demo):
     train = json.loads((demo / "reports/train.json").read_text())
     assert re.fullmatch(r".+ CPU, \d+ threads", train["device_name"])  # the CPU's model, from /proc/cpuinfo
     assert f"- hardware: {train['device_name']} (cpu), mixed precision `no`" in text
+    assert (f"Final loss {train['final_loss']:.4f} (the mean of the last {train['final_loss_steps']} steps)" in text
+            and train["final_loss_steps"] == 10)
+    assert f"These step times were measured on {train['device_name']}, not on that machine's GPU." in text
     profile_md = (demo / "reports/profile.md").read_text()
     assert profile_md.startswith(f"Measured on {train['device_name']}: each step time is the median of 3 steps")
+    assert "so an on-the-fly cell's include its VAE and text encoders" in profile_md  # the demo has one
     # Stage times in the order the stages ran, not alphabetically.
     rows = [line.split("|")[1].strip() for line in text.split("## Stage times")[1].split("##")[0].splitlines()
             if line.startswith("| ") and not line.startswith("| stage")]

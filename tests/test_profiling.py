@@ -447,12 +447,17 @@ def test_an_on_the_fly_cell_that_is_fastest_is_not_compared_with_itself():
 
 def test_the_loras_effect_on_style_is_judged_by_kid():
     """FID from the real run's 8 images can rank a shifted set above a same-distribution one;
-    the findings quote KID, which is unbiased."""
+    the findings quote KID, which is unbiased, and say so when it disagrees with the similarity."""
     from sdtune import report
 
-    evals = {"base": {"style_similarity": 0.40, "fid": 0.30, "kid": 0.0040},
-             "lora": {"style_similarity": 0.55, "fid": 0.45, "kid": 0.0010}}
-    (line,) = report.findings(evals, {"cells": {"baseline": made_cell("baseline", 2, 100.0)}, "best": "baseline"})
-    assert line == ("- The LoRA moved samples closer to the training set's style: similarity 0.550 vs 0.400 for "
-                    "the base model; KID to the training images 0.0010 vs 0.0040 (lower is closer; KID, not FID, "
-                    "because FID is biased at a few images per set).")
+    profile = {"cells": {"baseline": made_cell("baseline", 2, 100.0)}, "best": "baseline"}
+    base = {"style_similarity": 0.40, "fid": 0.30, "kid": 0.0040}
+    (line,) = report.findings({"base": base, "lora": {"style_similarity": 0.55, "fid": 0.45, "kid": 0.0010}},
+                              profile)
+    assert line == ("- The LoRA moved samples closer to the training set's style: style similarity 0.550 vs 0.400 "
+                    "for the base model (higher is closer), KID to the training images 0.0010 vs 0.0040 (lower is "
+                    "closer; KID, not FID, because FID is biased at a few images per set).")
+    (line,) = report.findings({"base": base, "lora": {"style_similarity": 0.55, "fid": 0.2, "kid": 0.0050}}, profile)
+    assert line.startswith("- The two measures disagree on whether the LoRA moved samples toward")
+    (line,) = report.findings({"base": base, "lora": {"style_similarity": 0.35, "fid": 0.2, "kid": 0.0050}}, profile)
+    assert line.startswith("- The LoRA did not move samples closer")

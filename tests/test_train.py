@@ -271,6 +271,8 @@ def test_loss_curve_draws_the_running_mean_of_the_noisy_per_step_loss(tmp_path):
 
     assert outputs.running_mean([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
     assert outputs.running_mean([5.0, 1.0], 1) == [5.0, 1.0]
+    # a twentieth of the run, but never a "mean" of one step (the 30-step demo's was)
+    assert [outputs.smoothing_window(n) for n in (3, 30, 1000)] == [3, 5, 50]
     history = [{"step": s, "loss": 1.0 + (s % 2)} for s in range(1, 41)]
     outputs.loss_plot(history, tmp_path / "loss.png")
     with Image.open(tmp_path / "loss.png") as img:

@@ -5,6 +5,7 @@ from PIL import Image, ImageDraw
 from sdtune import io
 
 LABEL_H = 14
+ROW_W = 64      # the left margin for the row labels (prompt and seed)
 MIN_CELL = 128  # wide enough for a variant's name (float8wo-adapter); smaller samples are scaled up
 
 
@@ -15,17 +16,32 @@ def fit(draw, text: str, width: int) -> str:
     return text
 
 
-def grid(columns: dict, out_png, cell: int | None = None) -> tuple[int, int]:
-    """columns: {variant: [PIL images, one per prompt x seed]} -> one PNG, a column per variant."""
+def row_labels(prompts, seeds) -> list[str]:
+    """The label of each row of a prompt x seed grid, in sample_all's order."""
+    return [f"prompt {i}\nseed {seed}" for i in range(1, len(prompts) + 1) for seed in seeds]
+
+
+def prompt_list(prompts) -> str:
+    """What the grid's "prompt N" rows are."""
+    return "Rows of the sample grid: " + "; ".join(f"prompt {i}: `{p}`" for i, p in enumerate(prompts, 1)) + ".\n"
+
+
+def grid(columns: dict, out_png, cell: int | None = None, rows: list[str] | None = None) -> tuple[int, int]:
+    """columns: {variant: [PIL images, one per prompt x seed]} -> one PNG, a column per variant,
+    and with `rows` (row_labels) each row labelled in a left margin."""
     names = list(columns)
-    rows = len(columns[names[0]])
+    count = len(columns[names[0]])
     cell = cell or max(columns[names[0]][0].size[0], MIN_CELL)
-    sheet = Image.new("RGB", (cell * len(names), LABEL_H + cell * rows), "white")
+    left = ROW_W if rows else 0
+    sheet = Image.new("RGB", (left + cell * len(names), LABEL_H + cell * count), "white")
     draw = ImageDraw.Draw(sheet)
+    for r, label in enumerate(rows or []):
+        text = "\n".join(fit(draw, line, left - 4) for line in label.splitlines())
+        draw.multiline_text((2, LABEL_H + r * cell + 2), text, fill="black")
     for c, name in enumerate(names):
-        draw.text((c * cell + 2, 1), fit(draw, name, cell - 4), fill="black")
+        draw.text((left + c * cell + 2, 1), fit(draw, name, cell - 4), fill="black")
         for r, img in enumerate(columns[name]):
-            sheet.paste(img.convert("RGB").resize((cell, cell)), (c * cell, LABEL_H + r * cell))
+            sheet.paste(img.convert("RGB").resize((cell, cell)), (left + c * cell, LABEL_H + r * cell))
     with io.atomic_path(out_png) as tmp:
         sheet.save(tmp, format="PNG")
     return sheet.size

@@ -333,7 +333,8 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None) -> dict:
     recent = [h["loss"] for h in run.history[-10:]]
     return {
         "steps": p.steps, "resumed_from": str(resumed) if resumed else None,
-        "final_loss": sum(recent) / len(recent), "seconds": seconds,
+        # the mean of the last steps: one step's loss swings with its timesteps and noise
+        "final_loss": sum(recent) / len(recent), "final_loss_steps": len(recent), "seconds": seconds,
         "steps_per_second": done / seconds if done else 0.0,
         "images_per_second": done * p.batch_size * p.grad_accum * acc.num_processes / seconds if done else 0.0,
         "mixed_precision": acc.mixed_precision, "device": str(acc.device),

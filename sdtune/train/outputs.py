@@ -35,14 +35,19 @@ def write_reports(run, stats) -> None:
     loss_plot(run.history, CURVE_PNG)
 
 
+def smoothing_window(steps: int) -> int:
+    """A twentieth of the run, and at least 5 steps (a 30-step demo would otherwise average 1)."""
+    return min(steps, max(5, steps // 20))
+
+
 def loss_plot(history, out_png) -> None:
-    """Each step's loss, faint, and its running mean over a twentieth of the run: a diffusion
+    """Each step's loss, faint, and its running mean over smoothing_window steps: a diffusion
     loss is noisy from step to step (each step draws its own timesteps), the trend is what to read."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     steps, losses = [h["step"] for h in history], [h["loss"] for h in history]
-    window = max(1, len(losses) // 20)
+    window = smoothing_window(len(losses))
     mean = running_mean(losses, window)
     fig = Figure(figsize=(6, 3.5), dpi=100)
     FigureCanvasAgg(fig)

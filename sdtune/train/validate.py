@@ -49,7 +49,8 @@ class Validator:
         if run.ema is not None:
             run.ema.restore(weights)
         path = self.out_dir / f"step-{run.step:07d}.png"
-        report.grid({f"step {run.step}": images}, path)
+        rows = report.row_labels(p.validation_prompts, p.validation_seeds)
+        report.grid({f"step {run.step}": images}, path, rows=rows)
         if self.log_image is not None:
             self.log_image(path, run.step)
         return path
