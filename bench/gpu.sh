@@ -49,6 +49,11 @@ cuda = torch.cuda.is_available()
 print("torch", torch.__version__, "diffusers", diffusers.__version__, "peft", peft.__version__,
       "bitsandbytes", bitsandbytes.__version__, torch.cuda.get_device_name() if cuda else "no GPU")
 try:
+    from importlib.metadata import version
+    print("pytest-timeout", version("pytest-timeout"))
+except Exception:
+    print("pytest-timeout missing: the GPU tests run without a per-test time limit")
+try:
     from sdtune.profiling import hardware
     print("bf16 matmul ceiling (%s^3, best of 5): %.0f TFLOP/s" % (
         8192 if cuda else 1024, hardware.measured_matmul_tflops("cuda" if cuda else "cpu", torch.bfloat16)))
@@ -63,12 +68,21 @@ fi
 cat "$OUT/versions.txt"
 
 # The CUDA-only tests (QLoRA, fused AdamW, bitsandbytes/float8 variants, trace and snapshot) first:
-# they are quick, and they say whether the code paths the benchmark times work at all.
+# they say whether the code paths the benchmark times work at all. -v writes each test's verdict as
+# it ends, so a hang that the overall limit kills still leaves the verdicts before it; a test past
+# its own limit (pytest-timeout, SIGALRM) fails and the next one runs.
 if [[ -z ${BENCH_SKIP_TESTS:-} && ( -z ${BENCH_ONLY:-} || " $BENCH_ONLY " == *" tests "* ) ]]; then
-    echo "== tests/test_gpu.py"
-    timeout --kill-after=10 "${BENCH_TESTS_TIMEOUT_S:-240}" "$PY" -m pytest -q -p no:cacheprovider -rs \
-        tests/test_gpu.py >"$OUT/gpu-tests.txt" 2>&1 || true
-    tail -n 5 "$OUT/gpu-tests.txt"
+    per_test=()
+    if grep -q '^pytest-timeout [0-9]' "$OUT/versions.txt"; then
+        per_test=(--timeout="${BENCH_TEST_TIMEOUT_S:-120}")
+    fi
+    echo "== tests/test_gpu.py (timeout ${BENCH_TESTS_TIMEOUT_S:-240}s, ${per_test[0]:-no per-test limit})"
+    began=$SECONDS
+    timeout --kill-after=10 "${BENCH_TESTS_TIMEOUT_S:-240}" "$PY" -m pytest -v -rs -p no:cacheprovider \
+        "${per_test[@]}" tests/test_gpu.py >"$OUT/gpu-tests.txt" 2>&1 || true
+    grep -E '::|^SKIPPED' "$OUT/gpu-tests.txt" | sed 's/^/   /' || true
+    tail -n 1 "$OUT/gpu-tests.txt"
+    echo "   $((SECONDS - began))s wall"
 fi
 results=()
 

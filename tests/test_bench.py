@@ -233,10 +233,11 @@ def test_many_runs_share_a_process_and_each_gets_its_result(tmp_path):
 
 
 def test_gpu_script_groups_eager_runs_and_reports_every_run_on_cpu(tmp_path):
-    """The script itself, on this CPU at tiny sizes: two groups of eager runs, one run failing."""
+    """The script itself, on this CPU at tiny sizes: the GPU tests (skipped here), two groups of
+    eager runs, one run failing."""
     runs = ["sd15-bs16-bf16", "sd15-bs1-bf16", "sd15-bs16-bf16-cudnn-attn", "sd15-bs16-bf16-ckpt"]
-    env = {**os.environ, "OUT": str(tmp_path), "BENCH_SKIP_INSTALL": "1", "BENCH_SKIP_TESTS": "1",
-           "BENCH_ONLY": " ".join(runs), "BENCH_BUDGET_S": "300", "PYTHONPATH": str(ROOT),
+    env = {**os.environ, "OUT": str(tmp_path), "BENCH_SKIP_INSTALL": "1",
+           "BENCH_ONLY": " ".join(["tests", *runs]), "BENCH_BUDGET_S": "300", "PYTHONPATH": str(ROOT),
            "BENCH_EXTRA": "--tiny --res 64 --threads 1 --precision fp32 --steps 2 --warmup 1"}
     out = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -247,6 +248,12 @@ def test_gpu_script_groups_eager_runs_and_reports_every_run_on_cpu(tmp_path):
     assert rows["sd15-bs16-bf16-ckpt"]["checkpointing"]
     assert out.stdout.count("(one process") == 2
     assert {p.name for p in (tmp_path / "runs").glob("group-*.log")} == {"group-targets.log", "group-matrix.log"}
+    # Each GPU test's verdict on a line of its own (-v), under pytest-timeout's per-test limit: a
+    # hung test fails alone, and the verdicts before a hang survive the overall limit.
+    tests = (tmp_path / "gpu-tests.txt").read_text()
+    assert "timeout: 120.0s" in tests
+    verdict = "tests/test_gpu.py::test_bf16_training_on_cuda_uses_fused_adamw "
+    assert verdict in tests and verdict in out.stdout
 
 
 @pytest.fixture
