@@ -16,9 +16,9 @@ device, noise and timesteps come from the per-step generator, accelerate, clippi
 schedule and the optimizer run as in training, and --compile compiles as train.compile does (per
 block for SD3). The gap to the plain step is what the loop costs.
 
---many FILE runs several configurations in one process, one per line ("LIMIT_S ARGS..."), each
-under its own time limit, so the imports and the CUDA start-up are paid once (bench/gpu.sh groups
-its eager runs this way).
+--many FILE runs several configurations in one process, one per line ("LIMIT_S [NEED_S] ARGS..."),
+each under its own time limit and not started with less than NEED_S of the budget left, so the
+imports and the CUDA start-up are paid once (bench/gpu.sh groups its eager runs this way).
 """
 
 import argparse
@@ -432,18 +432,24 @@ def time_limit(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-def run_many(path, budget_s: float) -> list[dict]:
-    """The runs listed in `path`, one per line ("LIMIT_S ARGS...", shell-quoted), in this one process.
+NEED_S = 40  # the least time a --many run needs when its line does not say
+
+
+def run_many(path, budget_s: float, start: float | None = None) -> list[dict]:
+    """The runs listed in `path`, one per line ("LIMIT_S [NEED_S] ARGS...", shell-quoted), in this
+    one process. `budget_s` counts from `start` (default: now).
 
     Each run's process start-up (imports, CUDA context) is paid once for all of them: for an eager
-    run that is most of its wall time. A run that fails, runs past its limit or no longer fits the
-    budget gets a result that says so, and the next one starts from a clean slate.
+    run that is most of its wall time. A run that fails or runs past its limit gets a result that
+    says so, one that needs more than is left of the budget is not started ("not run: needs N s,
+    M s left"), and the next one starts from a clean slate.
     """
-    start, results = time.perf_counter(), []
+    start, results = time.perf_counter() if start is None else start, []
     for line in Path(path).read_text().splitlines():
         if not line.strip():
             continue
         limit, *argv = shlex.split(line)
+        need = float(argv.pop(0)) if argv and argv[0].isdigit() else NEED_S
         began = time.perf_counter()
         try:
             args = parse(argv)
@@ -451,8 +457,9 @@ def run_many(path, budget_s: float) -> list[dict]:
             results.append({"name": " ".join(argv), "error": "failed: bad arguments"})
             continue
         left = budget_s - (began - start)
-        if left < 40:
-            results.append(report(args, {"name": args.name, "error": "skipped: out of time budget"}))
+        if left < need:
+            error = f"not run: needs {need:.0f} s, {left:.0f} s left"
+            results.append(report(args, {"name": args.name, "error": error}))
             continue
         try:
             with time_limit(int(min(float(limit), left))):
@@ -475,13 +482,15 @@ def main(argv=None):
     from diffusers.utils import logging as dlogging
 
     dlogging.set_verbosity_error()
+    program = argv is None  # python -m bench.train_step: its budget counts its imports too
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--many"]:
         many = argparse.ArgumentParser(prog="python -m bench.train_step --many")
-        many.add_argument("--many", required=True, help="a file of runs, one per line: LIMIT_S ARGS...")
-        many.add_argument("--budget-s", type=float, default=float("inf"), help="start no run after this")
+        many.add_argument("--many", required=True, help="a file of runs, one per line: LIMIT_S [NEED_S] ARGS...")
+        many.add_argument("--budget-s", type=float, default=float("inf"),
+                          help="seconds from the process's start; a run that needs more than is left is not started")
         opts = many.parse_args(argv)
-        return run_many(opts.many, opts.budget_s)
+        return run_many(opts.many, opts.budget_s, IMPORTED_AT if program else None)
     args = parse(argv)
     return report(args, run(args))
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -236,10 +237,7 @@ def test_gpu_script_groups_eager_runs_and_reports_every_run_on_cpu(tmp_path):
     """The script itself, on this CPU at tiny sizes: the GPU tests (skipped here), two groups of
     eager runs, one run failing."""
     runs = ["sd15-bs16-bf16", "sd15-bs1-bf16", "sd15-bs16-bf16-cudnn-attn", "sd15-bs16-bf16-ckpt"]
-    env = {**os.environ, "OUT": str(tmp_path), "BENCH_SKIP_INSTALL": "1",
-           "BENCH_ONLY": " ".join(["tests", *runs]), "BENCH_BUDGET_S": "300", "PYTHONPATH": str(ROOT),
-           "BENCH_EXTRA": "--tiny --res 64 --threads 1 --precision fp32 --steps 2 --warmup 1"}
-    out = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = _gpu_script(tmp_path, " ".join(["tests", *runs]), BENCH_SKIP_TESTS="")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     rows = {r["name"]: r for r in json.loads((tmp_path / "bench.json").read_text())["results"]}
     assert list(rows) == runs  # the script's order, each run with its own row
@@ -283,3 +281,34 @@ def test_table_says_what_its_mfu_counts():
     md = table.render([], [])
     assert "no recompute" not in md
     assert "FlopCounterMode" in md and "recomputed QKᵀ" in md and "checkpointing's recompute left out" in md
+
+
+def _gpu_script(tmp_path, only, budget_s=300, **env):
+    """bench/gpu.sh on this CPU at tiny sizes, the GPU tests skipped unless env says otherwise."""
+    env = {**os.environ, "OUT": str(tmp_path), "BENCH_SKIP_INSTALL": "1", "BENCH_SKIP_TESTS": "1",
+           "BENCH_ONLY": only, "BENCH_BUDGET_S": str(budget_s), "PYTHONPATH": str(ROOT),
+           "BENCH_EXTRA": "--tiny --res 64 --threads 1 --precision fp32 --steps 2 --warmup 1", **env}
+    return subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_script_runs_in_bench_only_order_and_starts_no_run_that_needs_more_than_is_left(tmp_path):
+    """A run is not started when less is left than it needs (the CUDA-graphs loop run needs 150 s:
+    cut to what was left it would time out and waste the time), and BENCH_ONLY's order is the order."""
+    out = _gpu_script(tmp_path, "sd15-bs1-bf16-compile-cudagraphs-loop sd15-bs1-bf16", budget_s=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [r["name"] for r in rows] == ["sd15-bs1-bf16-compile-cudagraphs-loop", "sd15-bs1-bf16"]
+    assert re.fullmatch(r"not run: needs 150 s, \d+ s left", rows[0]["error"])
+    assert "== sd15-bs1-bf16-compile-cudagraphs-loop: not run: needs 150s" in out.stdout
+    assert rows[1]["step_ms"] > 0
+
+
+def test_many_starts_no_run_that_needs_more_than_is_left(tmp_path):
+    tiny = "--tiny --threads 1 --res 64 --bs 1 --precision fp32 --steps 2 --warmup 1"
+    (tmp_path / "runs.txt").write_text(f"120 100000 --name big {tiny} --json {tmp_path}/big.json\n"
+                                       f"120 30 --name fits {tiny} --json {tmp_path}/fits.json\n")
+    train_step.main(["--many", str(tmp_path / "runs.txt"), "--budget-s", "60"])
+    big = json.loads((tmp_path / "big.json").read_text())
+    assert re.fullmatch(r"not run: needs 100000 s, \d+ s left", big["error"])
+    assert json.loads((tmp_path / "fits.json").read_text())["step_ms"] > 0
+
