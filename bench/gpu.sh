@@ -13,7 +13,7 @@
 # reason. Without BENCH_ONLY everything runs, the tests first, then the runs in order of importance
 # (plan() below). BENCH_ONLY="tests NAME ... GROUP ..." runs only those, in that order (a group name,
 # or any run in it, places the group there; its runs named in BENCH_ONLY share one process, or all
-# of them if the group itself is named).
+# of them if the group itself is named); a name that matches nothing is warned about at the start.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -230,7 +230,7 @@ contains() {  # WORD LIST...: whether WORD is one of LIST
 
 # The units to run, in order: everything (the tests first), or what BENCH_ONLY names, in its order.
 plan
-UNITS=() ORDER=()
+UNITS=() UNKNOWN=() ORDER=()
 if ((${#ONLY[@]} == 0)); then
     UNITS=(tests "${PLAN_UNITS[@]}")
 else
@@ -249,7 +249,7 @@ else
             done
         fi
         if [[ -z $unit ]]; then
-            continue
+            UNKNOWN+=("$word")
         elif ((${#UNITS[@]} == 0)) || ! contains "$unit" "${UNITS[@]}"; then
             UNITS+=("$unit")
         fi
@@ -268,6 +268,11 @@ for unit in "${UNITS[@]}"; do
         ORDER+=("${unit#run:}")
     fi
 done
+WARNING=""
+if ((${#UNKNOWN[@]})); then
+    WARNING="WARNING: BENCH_ONLY names no run or group: ${UNKNOWN[*]} (groups: ${ALL_GROUPS[*]}; runs: plan() in bench/gpu.sh)"
+    echo "$WARNING"
+fi
 echo "order: ${ORDER[*]:-nothing}; budget ${BUDGET_S}s"
 
 # Wheels for what the box lacks (diffusers, bitsandbytes, torchao, pydantic, ruamel.yaml): installed
@@ -313,9 +318,9 @@ fi
 cat "$OUT/versions.txt"
 
 # The CUDA-only tests (QLoRA, fused AdamW, CUDA graphs, bitsandbytes/float8 variants, trace and
-# snapshot): they say whether the code paths the benchmark times work at all. -v writes each test's verdict as
-# it ends, so a hang that the overall limit kills still leaves the verdicts before it; a test past
-# its own limit (pytest-timeout, SIGALRM) fails and the next one runs.
+# snapshot): they say whether the code paths the benchmark times work at all. -v writes each test's
+# verdict as it ends, so a hang that the overall limit kills still leaves the verdicts before it; a
+# test past its own limit (pytest-timeout, SIGALRM) fails and the next one runs.
 run_tests() {
     if [[ -n ${BENCH_SKIP_TESTS:-} ]]; then
         echo "== tests/test_gpu.py: skipped (BENCH_SKIP_TESTS)"
@@ -343,10 +348,18 @@ for UNIT in "${UNITS[@]}"; do
     fi
 done
 
-"$PY" -m bench.table "${results[@]}" --json "$OUT/bench.json" --md "$OUT/bench.md"
+if ((${#results[@]})); then
+    "$PY" -m bench.table "${results[@]}" --json "$OUT/bench.json" --md "$OUT/bench.md" ||
+        echo "bench.table failed (exit $?)"
+else
+    echo "no benchmark run selected: no bench.json or bench.md"
+fi
 # BENCH_PACK=1 (the device call sets it): the per-run logs and JSON as one tarball, since only a
 # few files come back from such a machine.
 if [[ -n ${BENCH_PACK:-} ]]; then
     tar -czf "$OUT/runs.tar.gz" -C "$OUT" runs && rm -rf "$RUNS"
+fi
+if [[ -n $WARNING ]]; then
+    echo "$WARNING"
 fi
 echo "total $((SECONDS - start))s; results in $OUT"

@@ -312,3 +312,13 @@ def test_many_starts_no_run_that_needs_more_than_is_left(tmp_path):
     assert re.fullmatch(r"not run: needs 100000 s, \d+ s left", big["error"])
     assert json.loads((tmp_path / "fits.json").read_text())["step_ms"] > 0
 
+
+def test_gpu_script_warns_of_a_misspelt_name_first_and_finishes_without_runs(tmp_path):
+    """BENCH_ONLY=tests, or a typo: no benchmark run, so no table, but the script still packs the
+    logs and says how long it took; the typo is the first line, before any time is spent."""
+    out = _gpu_script(tmp_path, "tests sd15-bs1-bf16-compile-cudagrahps", BENCH_PACK="1")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("WARNING: BENCH_ONLY names no run or group: sd15-bs1-bf16-compile-cudagrahps")
+    assert "no benchmark run selected" in out.stdout and lines[-1].startswith("total ")
+    assert (tmp_path / "runs.tar.gz").exists() and not (tmp_path / "bench.json").exists()
