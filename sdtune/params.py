@@ -125,6 +125,8 @@ class Train(Section):
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
     mode_scale: float = Field(1.29, ge=-1.0, le=1.75)
+    # none: the velocity loss; sigma_sqrt/cosmap: diffusers' weightings of the loss on the implied image
+    # (its SD3 trainer also draws timesteps uniformly with them: set timestep_density: uniform to match)
     loss_weighting: Literal[WEIGHTINGS] = "none"
 
     @field_validator("warmup_steps")

@@ -1,6 +1,7 @@
 """The SD3.x family on its tiny random-initialised variant: encoding, the flow-matching loss,
 LoRA training, saving and loading, and the cache → train path end to end. All offline on CPU."""
 
+import math
 import os
 from types import SimpleNamespace
 
@@ -168,6 +169,25 @@ def test_loss_weightings(params, batch, trained, weighting):
     assert loss.shape == (2,) and torch.isfinite(loss).all()
 
 
+def test_weightings_apply_to_the_implied_image_as_diffusers_does(params, batch, trained):
+    """sigma_sqrt (sigma⁻²) on the image loss (sigma² times the velocity's) is the plain velocity loss;
+    cosmap is its weight times sigma². Applied to the velocity loss, sigma_sqrt gave weights of 1e5."""
+    denoiser, _ = trained
+
+    def loss(weighting):
+        train = SimpleNamespace(snr_gamma=None, noise_offset=0.0, loss_weighting=weighting)
+        with torch.no_grad():
+            return sd3.training_loss(denoiser, sd3.tiny_scheduler(), batch, torch.Generator().manual_seed(0), train)
+
+    generator = torch.Generator().manual_seed(0)  # as the loss draws them: the noise first, then the levels
+    common.sample_noise(batch["latents"], generator, 0.0)
+    sigmas, _ = sd3.sample_sigmas(sd3.tiny_scheduler(), 2, generator, SimpleNamespace())
+    velocity = loss("none")
+    torch.testing.assert_close(loss("sigma_sqrt"), velocity, rtol=1e-4, atol=1e-6)
+    cosmap = 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    torch.testing.assert_close(loss("cosmap"), velocity * cosmap * sigmas**2, rtol=1e-4, atol=1e-6)
+
+
 def test_bad_choices_are_one_line_errors(params, batch, trained):
     denoiser, _ = trained
     with pytest.raises(UserError, match="train.timestep_density"):
@@ -177,6 +197,9 @@ def test_bad_choices_are_one_line_errors(params, batch, trained):
         sd3.training_loss(denoiser, sd3.tiny_scheduler(), batch, torch.Generator(), bad)
     with pytest.raises(UserError, match="train.snr_gamma"):
         sd3.training_loss(denoiser, sd3.tiny_scheduler(), batch, torch.Generator(), make_params(snr_gamma=5.0).train)
+    with pytest.raises(UserError, match="train.noise_offset: sd3 samples from pure Gaussian noise"):
+        sd3.training_loss(denoiser, sd3.tiny_scheduler(), batch, torch.Generator(),
+                          make_params(noise_offset=0.05).train)
     v = params_lib.parse({"model": {"family": "sd3", "id": "tiny", "prediction_type": "v_prediction"}})
     with pytest.raises(UserError, match="model.prediction_type"):
         sd3.load_noise_scheduler(v.model)

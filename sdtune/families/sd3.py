@@ -166,9 +166,17 @@ def sample_sigmas(scheduler, batch_size, generator, train):
 
 
 def training_loss(denoiser, scheduler, batch, generator, train):
+    """The flow-matching loss. `none`: the velocity MSE, the SD3 paper's objective. `sigma_sqrt` and
+    `cosmap` are diffusers' weightings, which its SD3 trainer applies to the loss on the image the
+    prediction implies (x0 = noisy - sigma * v, its default --precondition_outputs); that loss is
+    sigma² times the velocity's, so applied to the velocity's they weight otherwise (sigma_sqrt by
+    sigma⁻², up to 1e5 near sigma 0). They are applied where diffusers applies them."""
     if train.snr_gamma is not None:
         raise UserError("train.snr_gamma: min-SNR weighting is for epsilon/v models; sd3 is trained by "
                         "flow matching, so leave it unset and use train.loss_weighting")
+    if train.noise_offset:
+        raise UserError("train.noise_offset: sd3 samples from pure Gaussian noise at sigma 1, and an offset "
+                        "would train it to start elsewhere; leave it 0 for sd3")
     weighting = _choice(train, "loss_weighting", "none", WEIGHTINGS)
     latents = batch["latents"]
     noise = common.sample_noise(latents, generator, train.noise_offset)
@@ -182,6 +190,8 @@ def training_loss(denoiser, scheduler, batch, generator, train):
                     encoder_hidden_states=batch["prompt_embeds"],
                     pooled_projections=batch["pooled_prompt_embeds"], return_dict=False)[0]
     target = noise - latents
+    if weighting != "none":  # on the implied image, as diffusers' trainer weights it
+        pred, target = noisy - sigmas * pred, latents
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
     return loss * compute_loss_weighting_for_sd3(weighting, sigmas.flatten().float())
 
