@@ -1,6 +1,7 @@
 """The SDXL family on its tiny random-initialised variant: encode, train LoRA, save, load, sample."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -123,15 +124,28 @@ def test_float16_vae_encodes_in_float32_and_is_put_back():
     assert pipe.vae.dtype == torch.float16
 
 
-def test_bfloat16_vae_encodes_in_bfloat16():
-    # bfloat16 cannot overflow where float16 does, so no float32 round trip of the VAE per batch.
+def test_bfloat16_vae_encodes_in_float32_too_and_is_put_back():
+    # As diffusers' SDXL trainer keeps its VAE: bfloat16 does not overflow, but it rounds the latents.
     pipe = sdxl.load_pipeline(make_params().model)
     pipe.vae.to(torch.bfloat16)
     pixels = torch.rand(1, 3, RES, RES) * 2 - 1
     out = sdxl.encode_images(pipe, pixels, [{"original_size": (RES, RES), "crop_top_left": (0, 0)}])
-    direct = pipe.vae.encode(pixels.bfloat16()).latent_dist.mode() * pipe.vae.config.scaling_factor
-    assert out["latents"].dtype == torch.bfloat16
-    torch.testing.assert_close(out["latents"], direct, rtol=0, atol=0)
+    assert out["latents"].dtype == torch.float32 and pipe.vae.dtype == torch.bfloat16
+
+
+def test_latents_are_normalised_with_the_vaes_channel_statistics():
+    """What the pipeline undoes when decoding (latents * std / scaling_factor + mean)."""
+    pipe = sdxl.load_pipeline(make_params().model)
+    pixels = torch.rand(1, 3, RES, RES) * 2 - 1
+    meta = [{"original_size": (RES, RES), "crop_top_left": (0, 0)}]
+    plain = sdxl.encode_images(pipe, pixels, meta)["latents"]
+    channels = plain.shape[1]
+    mean, std = [0.1 * (c + 1) for c in range(channels)], [0.5 + 0.25 * c for c in range(channels)]
+    pipe.vae.register_to_config(latents_mean=mean, latents_std=std)
+    normed = sdxl.encode_images(pipe, pixels, meta)["latents"]
+    sf = pipe.vae.config.scaling_factor
+    expected = (plain / sf - torch.tensor(mean).view(1, -1, 1, 1)) * sf / torch.tensor(std).view(1, -1, 1, 1)
+    torch.testing.assert_close(normed, expected)
 
 
 def test_training_steps_give_finite_loss_and_move_the_lora(trained):
@@ -205,3 +219,21 @@ def test_the_loss_and_its_backward_read_nothing_back_to_the_host(encoded):
         loss = sdxl.training_loss(denoiser, scheduler, batch, torch.Generator().manual_seed(0), params.train).mean()
         loss.backward()
     assert host.reads == []
+
+
+def test_sizes_reach_the_unet_exactly_whatever_the_cache_dtype(encoded):
+    """time_ids go in as float32: cast to a bfloat16 cache's dtype, 1023 px became 1024."""
+    items, _ = encoded
+    params = make_params()
+    batch = {k: torch.stack([item[k] for item in items[:2]]) for k in items[0]}
+    batch = {k: v.bfloat16() if v.is_floating_point() else v for k, v in batch.items()}
+    batch["time_ids"][0, 0] = 1023
+    seen = {}
+
+    def denoiser(noisy, timesteps, encoder_hidden_states, added_cond_kwargs):
+        seen.update(added_cond_kwargs)
+        return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    sdxl.training_loss(denoiser, sdxl.load_noise_scheduler(params.model), batch, torch.Generator().manual_seed(0),
+                       params.train)
+    assert seen["time_ids"].dtype == torch.float32 and seen["time_ids"][0, 0].item() == 1023

@@ -122,9 +122,9 @@ def encode_images(pipe, pixels, meta):
     """
     vae = pipe.vae
     loaded = vae.dtype
-    # SDXL's VAE overflows in float16 (not in bfloat16, which has float32's range): encode
-    # those in float32 and put the VAE back, as diffusers' pipelines do when decoding.
-    upcast = vae.config.force_upcast and loaded == torch.float16
+    # SDXL's VAE overflows in float16 and loses precision in bfloat16: a VAE marked force_upcast
+    # encodes in float32, as diffusers' SDXL trainer keeps it, and is put back afterwards.
+    upcast = vae.config.force_upcast and loaded != torch.float32
     if upcast:
         vae.to(torch.float32)
     try:
@@ -136,6 +136,12 @@ def encode_images(pipe, pixels, meta):
     # Integers, so a bfloat16 cache cannot round a size (3000 would become 3008).
     time_ids = torch.tensor([[*m["original_size"], *m["crop_top_left"], *target] for m in meta],
                             dtype=torch.int64)
+    # A VAE with per-channel latent statistics (e.g. Playground v2.5's) is normalised with them:
+    # the pipeline decodes latents * std / scaling_factor + mean.
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean, std = (torch.tensor(v, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1) for v in (mean, std))
+        return {"latents": (latents - mean) * vae.config.scaling_factor / std, "time_ids": time_ids}
     return {"latents": latents * vae.config.scaling_factor, "time_ids": time_ids}
 
 
@@ -154,7 +160,9 @@ def training_loss(denoiser, scheduler, batch, generator, train):
     noise = common.sample_noise(latents, generator, train.noise_offset)
     timesteps = common.sample_timesteps(scheduler, latents.shape[0], generator, latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    added = {"text_embeds": batch["pooled_prompt_embeds"], "time_ids": batch["time_ids"].to(latents.dtype)}
+    # float32, not the latents' dtype: bfloat16 would round a size (1023 to 1024), and the UNet
+    # embeds the six numbers in float32 anyway
+    added = {"text_embeds": batch["pooled_prompt_embeds"], "time_ids": batch["time_ids"].float()}
     pred = denoiser(noisy, timesteps, encoder_hidden_states=batch["prompt_embeds"],
                     added_cond_kwargs=added).sample
     return common.diffusion_loss(pred, latents, noise, timesteps, scheduler, train)
