@@ -68,6 +68,8 @@ def provenance(params, manifest_path="data/raw.manifest.json", cache_index="cach
         "cache_index_sha256": io.sha256_file(index) if index.exists() else "unknown",
         "model_family": params.model.family,
         "dataset_manifest_sha256": io.sha256_file(manifest) if manifest.exists() else "unknown",
-        "params_sha256": params_hash(params, "base", "data", "caption", "model", "cache", "train"),
+        # the seed from base, not base.device: where it ran is in train.json, not part of what was asked
+        "params_sha256": io.sha256_json({"seed": params.base.seed,
+                                         "params": params_hash(params, "data", "caption", "model", "cache", "train")}),
         "git_commit": git_commit(),
     }

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sdtune import params as params_lib, runtime
 from sdtune.errors import UserError, main_guard
-from sdtune.train import loop, outputs, validate as validate_lib
+from sdtune.train import checkpoint, loop, outputs, validate as validate_lib
 
 CACHE, LORA_DIR, CKPT, VALIDATION = "cache", "models/lora", "checkpoints", "reports/validation"
 
@@ -53,6 +53,7 @@ def main():
             meta = runtime.provenance(params)
             outputs.write_lora(LORA_DIR, run, loop.final_lora(run), meta)
             outputs.write_reports(run, stats)
+            checkpoint.discard(CKPT, stats["steps"])  # it served a failure after the loop; none came
         if wb is not None:
             wb.finish()
     if run.accelerator.is_main_process:

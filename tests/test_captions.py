@@ -62,6 +62,11 @@ def test_sidecar_suffix_case_is_ignored(tmp_path):
     (tmp_path / "B.Caption").write_text("mixed case caption")
     assert read_sidecar(tmp_path / "a.JPG") == "upper case txt"
     assert read_sidecar(tmp_path / "b.jpg") == "mixed case caption"
+    # An exact match wins over a name that differs only in case (A.txt sorts before a.txt).
+    (tmp_path / "d.png").write_bytes((tmp_path / "b.jpg").read_bytes())
+    (tmp_path / "D.txt").write_text("the caption of D")
+    (tmp_path / "d.txt").write_text("the caption of d")
+    assert read_sidecar(tmp_path / "d.png") == "the caption of d"
 
 
 def test_uppercase_sidecars_are_used_and_a_shared_one_is_warned(tmp_path):

@@ -95,6 +95,22 @@ def test_sigkill_then_rerun_resumes_to_a_bit_identical_lora(uninterrupted, works
     assert lora_bytes(ws) == lora_bytes(uninterrupted), f"killed after step {kill_after}"
 
 
+def test_a_finished_run_keeps_no_final_checkpoint_so_a_rerun_trains(uninterrupted, tmp_path):
+    """The last step's checkpoint serves a failure after the loop; after a good run it goes, so a
+    rerun DVC starts for a change the fingerprint leaves out (log_every here) trains its last steps
+    again instead of resuming at the end with nothing to do."""
+    assert [c.name for c in checkpoint.all_checkpoints(uninterrupted / "checkpoints")] == ["step-0000006"]
+    ws = clone(uninterrupted, tmp_path / "rerun")
+    (ws / "params.yaml").write_text(PARAMS.replace("log_every: 1", "log_every: 2"))
+    done = train(ws)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = io.read_json(ws / "reports/train.json")
+    assert stats["resumed_from"].endswith("step-0000006") and stats["steps_per_second"] > 0
+    # the same tensors (the metadata's params hash differs: log_every is a param)
+    again, first = (load_file(str(w / "models/lora" / common.LORA_FILE)) for w in (ws, uninterrupted))
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+
+
 def test_checkpoints_of_other_params_are_not_resumed(uninterrupted, tmp_path):
     ws = clone(uninterrupted, tmp_path / "changed")
     shutil.rmtree(ws / "models")
@@ -432,3 +448,27 @@ def test_a_real_model_is_not_trained_on_the_cpu_unless_asked(tmp_path):
 
     for raw in ({"model": {"id": "org/some-model"}, "base": {"device": "cpu"}}, {"model": {"id": "tiny"}}):
         train_stage.check_device(params_lib.parse(raw))  # no error
+
+
+def test_a_checkpoint_without_a_loss_scaler_resumes_into_a_run_with_one(tmp_path):
+    """Made where `auto` meant bf16, resumed where it means fp16: nothing to restore into the scaler.
+    (The fingerprint now names the resolved precision; restore still must not fail on it.)"""
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([weight])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    checkpoint.save(tmp_path, 1, {"w": weight.detach()}, optimizer, schedule, None, None, [], 2, "mark")
+    _, saved = checkpoint.latest(tmp_path, "mark")
+    scaler = torch.amp.GradScaler("cpu")
+    step, _ = checkpoint.restore(saved, lambda tensors: None, optimizer, schedule, None, scaler)
+    assert step == 1 and scaler.get_scale() == 65536.0
+
+
+def test_the_loras_params_hash_names_the_seed_not_the_device():
+    from sdtune import runtime
+
+    def digest(base):
+        return runtime.provenance(params_lib.parse({"base": base}))["params_sha256"]
+
+    assert digest({"device": "auto"}) == digest({"device": "cpu"})
+    assert digest({"seed": 1}) != digest({"seed": 2})
+

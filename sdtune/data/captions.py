@@ -47,8 +47,9 @@ def _read_sidecar(image_path: Path, notes, names: dict | None) -> tuple[str | No
     """(caption, the sidecar it came from), or (None, None); see read_sidecar."""
     names = _names(image_path.parent) if names is None else names
     for suffix in SIDECARS:
-        # case-insensitive: cameras and Windows tools write a.JPG with a.TXT
-        side = names.get((image_path.stem + suffix).casefold())
+        # the exact name first; then case-insensitive: cameras and Windows tools write a.JPG with a.TXT
+        side = image_path.with_suffix(suffix)
+        side = side if side.is_file() else names.get((image_path.stem + suffix).casefold())
         if side is None or not side.is_file():
             continue
         try:

@@ -83,6 +83,13 @@ def fingerprint_of(path) -> str:
         return ""
 
 
+def discard(ckpt_dir, step: int) -> None:
+    """Remove the checkpoint of `step`: the train stage's last one, once the LoRA is written. Kept,
+    it would make a rerun DVC starts for a change the fingerprint leaves out (a validation param,
+    the stage script) resume at the end and train nothing."""
+    shutil.rmtree(Path(ckpt_dir) / f"{PREFIX}{step:07d}", ignore_errors=True)
+
+
 def remove_stale(ckpt_dir, fingerprint: str) -> None:
     """Remove what cannot be resumed: the checkpoints of a run with other params, data or code
     (another fingerprint), and the hidden temporaries a kill mid-write left. Call it from one
@@ -128,7 +135,7 @@ def restore(saved: dict, set_lora, optimizer, lr_scheduler, ema, scaler) -> tupl
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
-    if scaler is not None:
+    if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     meta = saved["meta"]
     _set_rng_state(meta["rng"], saved["rng"])

@@ -267,7 +267,8 @@ def fingerprint(run: Run, cache_dir) -> str:
     train = {k: v for k, v in run.params.train.model_dump().items() if k not in NOT_FINGERPRINTED}
     parts = {"train": train, "model": run.params.model.model_dump(), "seed": run.params.base.seed,
              "cache": io.sha256_file(Path(cache_dir) / "index.json"),
-             "processes": run.accelerator.num_processes, "code": training_code()}
+             "processes": run.accelerator.num_processes, "code": training_code(),
+             "precision": run.accelerator.mixed_precision}  # what `auto` became on this card
     return io.sha256_json(parts)
 
 
@@ -327,6 +328,8 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None) -> dict:
                             mark)
         if validate is not None and p.validate_every and (run.step % p.validate_every == 0 or last):
             validate(run)
+    if start == p.steps and validate is not None and p.validate_every:
+        validate(run)  # resumed at the end (a failure after the loop): the last step's images still
     acc.wait_for_everyone()
     seconds = time.perf_counter() - t0
     done = p.steps - start
