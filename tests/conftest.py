@@ -108,13 +108,14 @@ def run(cmd, cwd, timeout=900, check=True, env=None):
     return out
 
 
-SECRET = "secret-key-1234567890abcdef"
+# Not a key: a marker the W&B tests plant as WANDB_API_KEY and then look for in what was written.
+FAKE_WANDB_KEY = "fake-wandb-key-for-tests-only"
 
 
 def wandb_stage(name: str, cwd) -> subprocess.CompletedProcess:
     """`python -m stages.<name>` in `cwd` with W&B as its params say (not disabled as in the other
     tests) and a fake WANDB_API_KEY that assert_no_secret looks for."""
-    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "WANDB_API_KEY": SECRET}
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "WANDB_API_KEY": FAKE_WANDB_KEY}
     env.pop("WANDB_MODE")
     return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -123,7 +124,7 @@ def wandb_stage(name: str, cwd) -> subprocess.CompletedProcess:
 def assert_no_secret(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file() and path.stat().st_size < 5_000_000:
-            assert SECRET.encode() not in path.read_bytes(), path
+            assert FAKE_WANDB_KEY.encode() not in path.read_bytes(), path
 
 
 @pytest.fixture(scope="session")
