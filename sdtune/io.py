@@ -36,6 +36,13 @@ def sha256_json(obj) -> str:
     return sha256_text(json.dumps(obj, sort_keys=True))
 
 
+def sha256_code(files, libraries) -> str:
+    """A hash of source files (in the order given) and of the versions of the libraries they run on:
+    the part of a cache key or checkpoint fingerprint that changes when the code that made it does."""
+    return sha256_json({"files": [[Path(f).name, sha256_file(f)] for f in files],
+                        "versions": {lib.__name__: lib.__version__ for lib in libraries}})
+
+
 @contextlib.contextmanager
 def atomic_path(dest):
     """Yield a temporary path beside `dest`; on success rename it over `dest`.

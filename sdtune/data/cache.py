@@ -30,9 +30,8 @@ def encoder_code(family) -> str:
     encode (Pillow's Lanczos filter makes the pixels the VAE sees).
     It is part of every key: DVC re-runs the cache stage when this code changes, and without it
     the re-run would keep every item the old code made."""
-    files = [Path(__file__), Path(images.__file__), Path(common.__file__), Path(family.__file__)]
-    return io.sha256_json({"files": [io.sha256_file(f) for f in files], "torch": torch.__version__,
-                           "pillow": PIL.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__})
+    files = [__file__, images.__file__, common.__file__, family.__file__]
+    return io.sha256_code(files, [torch, PIL, diffusers, transformers])
 
 
 def item_key(row, model, cache, encode_dtype: torch.dtype, code: str, revision: str) -> str:

@@ -257,9 +257,8 @@ CODE_DIRS = [Path(__file__).parent, Path(common.__file__).parent]
 def training_code() -> str:
     """A hash of the code that computes a step: the files in CODE_DIRS and the libraries under them.
     DVC re-runs train when that code changes; a checkpoint the old code made must not be resumed."""
-    files = {str(f.relative_to(d.parent)): io.sha256_file(f) for d in CODE_DIRS for f in sorted(d.rglob("*.py"))}
-    return io.sha256_json({"files": files, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                           "peft": peft.__version__, "accelerate": accelerate.__version__})
+    files = [f for d in CODE_DIRS for f in sorted(d.rglob("*.py"))]
+    return io.sha256_code(files, [torch, diffusers, peft, accelerate])
 
 
 def fingerprint(run: Run, cache_dir) -> str:
