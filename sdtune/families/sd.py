@@ -60,8 +60,8 @@ load_tokenizer = common.load_tokenizer
 def load_pipeline(model, dtype=torch.float32, **components):
     """The whole pipeline; `components` (e.g. unet=...) replace the loaded ones."""
     if model.id == "tiny":
-        parts = dict(unet=tiny_unet().to(dtype), vae=tiny_vae().to(dtype),
-                     text_encoder=tiny_text_encoder().to(dtype), tokenizer=common.clip_tokenizer(),
+        parts = dict(unet=common.cast(tiny_unet(), dtype), vae=common.cast(tiny_vae(), dtype),
+                     text_encoder=common.cast(tiny_text_encoder(), dtype), tokenizer=common.clip_tokenizer(),
                      scheduler=common.tiny_ddpm_scheduler(model)) | components
         return PIPELINE(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = common.from_hub(model, PIPELINE, torch_dtype=dtype, safety_checker=None,

@@ -118,7 +118,7 @@ def load_pipeline(model, dtype=torch.float32, **components):
                      tokenizer=common.clip_tokenizer(), tokenizer_2=common.clip_tokenizer(),
                      tokenizer_3=tiny_t5_tokenizer(), scheduler=tiny_scheduler())
         # Cast only what we built: a passed-in component (maybe quantized) keeps its own dtype.
-        parts = {k: v.to(dtype) if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
+        parts = {k: common.cast(v, dtype) if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
         return PIPELINE(**(parts | components))
     return common.from_hub(model, PIPELINE, torch_dtype=dtype, **components)
 

@@ -101,8 +101,9 @@ def load_pipeline(model, dtype=torch.float32, **components):
     No invisible watermark: it needs an extra package and changes the pixels the evaluation measures.
     """
     if model.id == "tiny":
-        parts = dict(unet=tiny_unet().to(dtype), vae=tiny_vae().to(dtype),
-                     text_encoder=tiny_text_encoder().to(dtype), text_encoder_2=tiny_text_encoder_2().to(dtype),
+        parts = dict(unet=common.cast(tiny_unet(), dtype), vae=common.cast(tiny_vae(), dtype),
+                     text_encoder=common.cast(tiny_text_encoder(), dtype),
+                     text_encoder_2=common.cast(tiny_text_encoder_2(), dtype),
                      tokenizer=common.clip_tokenizer(), tokenizer_2=common.clip_tokenizer(),
                      scheduler=tiny_sampling_scheduler(model)) | components
         return PIPELINE(**parts, force_zeros_for_empty_prompt=True, add_watermarker=False)
