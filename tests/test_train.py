@@ -220,12 +220,29 @@ def test_fp16_on_the_cpu_is_one_clear_line(workspace):
 
 @pytest.mark.parametrize("optimizer, lr", [("adamw8bit", 1.0e-3), ("prodigy", 1.0)])
 def test_other_optimizers_train_on_cpu(workspace, optimizer, lr):
-    run = loop.setup(in_process_params(workspace, optimizer=optimizer, lr=lr), workspace / "cache")
+    # rank 64: bitsandbytes keeps 8-bit state only for tensors of at least 4096 elements (its
+    # default min_8bit_size); the tiny model's 64-wide layers give 64x64 LoRA matrices
+    run = loop.setup(in_process_params(workspace, optimizer=optimizer, lr=lr, lora={"rank": 64, "alpha": 64.0}),
+                     workspace / "cache")
     before = {k: v.clone() for k, v in lora_state(run).items()}
     losses = [loop.train_step(run, s).item() for s in range(2)]
     assert all(torch.isfinite(torch.tensor(losses)))
     after = lora_state(run)
     assert any((after[k] != before[k]).any() for k in before)
+    inner = run.optimizer.optimizer  # accelerate's AcceleratedOptimizer wraps the real one
+    if optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        assert type(inner) is bnb.optim.AdamW8bit
+        states = [inner.state[p] for g in inner.param_groups for p in g["params"] if p.numel() >= 4096]
+        assert states, "no LoRA tensor large enough for 8-bit state"
+        assert all(st["state1"].dtype == torch.uint8 and st["state2"].dtype == torch.uint8 for st in states)
+    else:
+        from prodigyopt import Prodigy
+
+        assert type(inner) is Prodigy
+        assert all("d" in g and g["d"] > 0 for g in inner.param_groups)
+        assert all({"s", "p0"} <= inner.state[p].keys() for g in inner.param_groups for p in g["params"])
 
 
 def lora_state(run):
