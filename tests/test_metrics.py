@@ -70,10 +70,31 @@ def test_style_similarity(clip, sets):
     assert -1.0 <= to_itself <= 1.0
 
 
+def _clip_score_by_hand(images, prompts, clip) -> float:
+    """torchmetrics' definition, from the CLIP directly: max(100 * mean_i cos(image_i, prompt_i), 0),
+    the images through the CLIP processor's resize/crop/normalisation, the prompts padded together."""
+    model, processor = clip
+    with torch.no_grad():
+        pixels = processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        tokens = processor.tokenizer(prompts, padding=True, return_tensors="pt")
+        img = model.get_image_features(pixel_values=pixels)
+        txt = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    img, txt = (getattr(t, "pooler_output", t) for t in (img, txt))  # transformers 5: a ModelOutput
+    return max(100 * torch.nn.functional.cosine_similarity(img, txt, dim=-1).mean().item(), 0.0)
+
+
 def test_clip_score_range_and_inputs(clip, sets):
-    prompts = [f"a painting of shape {i}" for i in range(N)]
+    # Prompts the random tiny CLIP scores above 0 (most score below and clamp to 0, which would hide
+    # whether the prompts are used at all); one per image, so the pairing counts too.
+    prompts = [f"a red circle on a blue gradient {i}" for i in range(N)]
     score = M.clip_score(sets["real"], prompts, clip)
-    assert math.isfinite(score) and 0.0 <= score <= 100.0
+    assert math.isfinite(score) and 0.0 < score <= 100.0
+    assert score == pytest.approx(_clip_score_by_hand(sets["real"], prompts, clip), abs=1e-3)
+    # Other prompts, another score, also as computed by hand.
+    others = [f"{i} a red circle on a blue gradient" for i in range(N)]
+    other = M.clip_score(sets["real"], others, clip)
+    assert other == pytest.approx(_clip_score_by_hand(sets["real"], others, clip), abs=1e-3)
+    assert abs(other - score) > 0.5
     # A list of PIL images is the same input as the uint8 tensor.
     pil = [Image.fromarray(t.permute(1, 2, 0).numpy()) for t in sets["real"]]
     assert M.clip_score(pil, prompts, clip) == pytest.approx(score, abs=1e-4)
