@@ -5,10 +5,20 @@
 #                                          make the Debian base image if missing (cached by tag)
 #   .ci/container.sh build <context> <tag> build <context>/docker/Dockerfile on that base with the CPU torch
 #                                          wheel (copied into <context>/docker/) instead of CUDA torch
+#   .ci/container.sh test-image            setup, then build the image tests/test_container.py uses
+#                                          ($TEST_TAG) from this checkout, labelled with inputs-hash
+#   .ci/container.sh inputs-hash           print the hash of what test-image would build from now
+#                                          (the build context and build args; offline, builds nothing)
 #   .ci/container.sh env                   print the environment lines podman needs here (eval-able)
+#   .ci/container.sh test-env              the same for the tests: containers get no network at all
+#                                          (containers.conf netns = "none", so docker/run's too)
+#
+# setup, build and test-image need the network (apt, a Debian mirror, PyPI): .ci/run calls test-image
+# before `make test`; the tests never do. They only use $TEST_TAG if it exists and its label matches
+# inputs-hash, and skip otherwise, naming the command that builds it.
 #
 # Exit status 3 means "containers cannot run on this machine"; the last line of output says why
-# (tests/test_container.py turns it into a skip with that reason).
+# (.ci/run then goes on without the image, and the container tests skip).
 #
 # What this machine needs (checked on the CI machine; DESIGN.md, "Notes on this environment"): the runc runtime, low default
 # ulimits (the CI sandbox lacks CAP_SYS_RESOURCE, so runc cannot raise them), a base image made locally
@@ -16,6 +26,9 @@
 set -euo pipefail
 
 BASE_IMAGE=${SDTUNE_CI_BASE_IMAGE:-localhost/sdtune-ci-base:bookworm}
+TEST_TAG=${SDTUNE_CI_TEST_TAG:-localhost/sdtune-ci:test}
+INPUTS_LABEL=org.sdtune.ci.inputs
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DEBIAN_MIRROR=${SDTUNE_CI_DEBIAN_MIRROR:-}  # empty: debootstrap's own default mirror
 TORCH_VERSION=${SDTUNE_CI_TORCH_VERSION:-2.13.0+cpu}
 # The index the host's pip uses (empty: pip's default), so the build reaches what this machine reaches.
@@ -42,6 +55,9 @@ default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
 [engine]
 runtime = "runc"
 EOF
+    # The tests' containers: the same, with no network namespace but loopback. docker/run passes no
+    # --network, so the default here is what its containers get.
+    sed 's/^\[containers\]$/[containers]\nnetns = "none"/' "$STATE/containers.conf" >"$STATE/containers-offline.conf"
     export CONTAINERS_CONF="$STATE/containers.conf"
 }
 
@@ -109,15 +125,46 @@ torch_wheel() {
         python3 -m pip "${opts[@]}" --index-url https://download.pytorch.org/whl/cpu "$spec"
 }
 
+context() {
+    # What .dockerignore lets through of the files the Dockerfile uses, copied to $1 (no torch wheel).
+    local dest=$1 name names=()
+    for name in pyproject.toml README.md .dockerignore sdtune docker; do
+        [ ! -e "$ROOT/$name" ] || names+=("$name")
+    done
+    tar -C "$ROOT" -c --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' --exclude='*.whl' \
+        "${names[@]}" | tar -C "$dest" -x
+}
+
+hash_of() {
+    # The build context's paths and contents, the torch pin and the base image's id, in one sha256.
+    local ctx=$1 base
+    base=$(podman image inspect --format '{{.Id}}' "$BASE_IMAGE" 2>/dev/null || echo missing)
+    {
+        printf 'torch %s\nbase %s\n' "$TORCH_VERSION" "$base"
+        (cd "$ctx" && find . -type f ! -name 'torch-*.whl' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
+    } | sha256sum | cut -d' ' -f1
+}
+
+inputs_hash() {
+    local ctx hash
+    ctx=$(mktemp -d "${TMPDIR:-/tmp}/sdtune-context.XXXXXX")
+    context "$ctx"
+    hash=$(hash_of "$ctx")
+    rm -rf "$ctx"
+    echo "$hash"
+}
+
 build() {
     local ctx=$1 tag=$2 t0=$SECONDS
+    shift 2
     [ -f "$ctx/docker/Dockerfile" ] || { echo "no $ctx/docker/Dockerfile" >&2; exit 2; }
     ls "$ctx"/docker/torch-*.whl >/dev/null 2>&1 || torch_wheel "$ctx/docker"
     local args=(build --pull=never --layers
         --file "$ctx/docker/Dockerfile" --tag "$tag"
         --build-arg "BASE_IMAGE=$BASE_IMAGE"
         --build-arg "TORCH_VERSION=$TORCH_VERSION"
-        --build-arg "TORCH_INDEX_URL=$INDEX_URL")
+        --build-arg "TORCH_INDEX_URL=$INDEX_URL"
+        "$@")
     if [ -s "$CA_BUNDLE" ]; then
         args+=(--secret "id=ca_bundle,src=$CA_BUNDLE")
     fi
@@ -126,25 +173,44 @@ build() {
     log "image $tag built in $((SECONDS - t0)) s"
 }
 
+setup() {
+    install_deps
+    check_runs
+    make_base
+    check_container
+    echo "ready: base $BASE_IMAGE, CONTAINERS_CONF=$CONTAINERS_CONF"
+}
+
 mkdir -p "$STATE"
 write_conf
 case ${1:-} in
     setup)
-        install_deps
-        check_runs
-        make_base
-        check_container
-        echo "ready: base $BASE_IMAGE, CONTAINERS_CONF=$CONTAINERS_CONF"
+        setup
         ;;
     build)
         [ "$#" -eq 3 ] || { echo "usage: $0 build <context> <tag>" >&2; exit 2; }
         build "$2" "$3"
         ;;
+    test-image)
+        setup
+        ctx=$(mktemp -d "${TMPDIR:-/tmp}/sdtune-context.XXXXXX")
+        trap 'rm -rf "$ctx"' EXIT
+        context "$ctx"
+        hash=$(hash_of "$ctx")  # before build() adds the torch wheel (the pin stands for it)
+        build "$ctx" "$TEST_TAG" --label "$INPUTS_LABEL=$hash"
+        echo "ready: $TEST_TAG ($INPUTS_LABEL=$hash)"
+        ;;
+    inputs-hash)
+        inputs_hash
+        ;;
     env)
         printf 'export CONTAINERS_CONF=%q\n' "$CONTAINERS_CONF"
         ;;
+    test-env)
+        printf 'export CONTAINERS_CONF=%q\n' "$STATE/containers-offline.conf"
+        ;;
     *)
-        echo "usage: $0 setup | build <context> <tag> | env" >&2
+        echo "usage: $0 setup | build <context> <tag> | test-image | inputs-hash | env | test-env" >&2
         exit 2
         ;;
 esac

@@ -1,10 +1,13 @@
-"""The real image: build docker/Dockerfile with podman and run pipeline stages in it through docker/run.
+"""The real image: docker/Dockerfile built with podman, pipeline stages run in it through docker/run.
 
 The CUDA base and CUDA torch are swapped for a Debian base made with debootstrap and the CPU torch wheel
-(build args); everything else is the real Dockerfile, the real lock and the real wrapper. Setup, base
-image and build go through .ci/container.sh, which installs podman & co. when they are missing (root
-only) and reports when containers cannot run here, which skips these tests with that reason.
-First run on a clean machine: several minutes (the lock's wheels come from PyPI); reruns hit the cache.
+(build args); everything else is the real Dockerfile, the real lock and the real wrapper.
+Nothing here reaches the network. The image is built beforehand, by `bash .ci/container.sh test-image`
+(podman & co., the base image and the build need apt, a Debian mirror and PyPI; .ci/run does it before
+`make test`), and labelled with the hash of what it was built from. These tests use it only if it exists
+and that label matches this checkout (`.ci/container.sh inputs-hash`); otherwise they skip, naming the
+command, or fail when SDTUNE_CONTAINER_REQUIRED=1 (set by .ci/run once the build succeeded). Their
+containers, docker/run's included, get no network but loopback (`.ci/container.sh test-env`).
 """
 
 import json
@@ -22,8 +25,9 @@ pytestmark = pytest.mark.container
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = ROOT / ".ci" / "container.sh"
 RUN = ROOT / "docker" / "run"
-TAG = "localhost/sdtune-ci:test"
-CANNOT_RUN = 3  # .ci/container.sh's exit status for "containers cannot run on this machine"
+TAG = os.environ.get("SDTUNE_CI_TEST_TAG", "localhost/sdtune-ci:test")  # .ci/container.sh's TEST_TAG
+LABEL = "org.sdtune.ci.inputs"  # .ci/container.sh's INPUTS_LABEL
+BUILD = "bash .ci/container.sh test-image"
 
 # A stage of our own: reports what the wrapper set up inside the container.
 PROBE = '''\
@@ -39,6 +43,7 @@ Path("probe.json").write_text(json.dumps({
     "sdtune": sdtune.__file__,
     "creds": Path(creds).read_text() if creds else None,
     "creds_writable": os.access(creds, os.W_OK) if creds else None,
+    "net": sorted(os.listdir("/sys/class/net")),
 }))
 '''
 
@@ -48,7 +53,9 @@ def _helper(*args, timeout):
 
 
 def _container_env():
-    out = _helper("env", timeout=60)
+    # test-env: CONTAINERS_CONF with netns = "none", so every container started here, by docker/run
+    # too, has loopback and nothing else.
+    out = _helper("test-env", timeout=60)
     assert out.returncode == 0, out.stderr
     env = dict(os.environ)
     for line in out.stdout.splitlines():
@@ -57,31 +64,31 @@ def _container_env():
     return env
 
 
+def _unusable(reason):
+    if os.environ.get("SDTUNE_CONTAINER_REQUIRED") == "1":
+        pytest.fail(f"{reason} (SDTUNE_CONTAINER_REQUIRED=1)")
+    print(f"SKIP container tests: {reason}", file=sys.stderr)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    t0 = time.monotonic()
-    setup = _helper("setup", timeout=900)
-    if setup.returncode == CANNOT_RUN:
-        reason = (setup.stdout.strip().splitlines() or ["no reason given"])[-1]
-        print(f"SKIP container tests: {reason}", file=sys.stderr)
-        pytest.skip(reason)
-    assert setup.returncode == 0, f"{setup.stdout}\n{setup.stderr}"
-    t_setup = time.monotonic() - t0
-
-    # The build context: what .dockerignore would let through, plus the CPU torch wheel in docker/.
-    ctx = tmp_path_factory.mktemp("context")
-    for name in ("pyproject.toml", "README.md", ".dockerignore"):
-        if (ROOT / name).exists():
-            shutil.copy2(ROOT / name, ctx / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "*.whl")
-    shutil.copytree(ROOT / "sdtune", ctx / "sdtune", ignore=ignore)
-    shutil.copytree(ROOT / "docker", ctx / "docker", ignore=ignore)
-
-    t1 = time.monotonic()
-    build = _helper("build", str(ctx), TAG, timeout=1500)
-    t_build = time.monotonic() - t1
-    assert build.returncode == 0, f"image build failed:\n{build.stdout[-6000:]}\n{build.stderr[-6000:]}"
-    print(f"container: setup {t_setup:.0f} s, build {t_build:.0f} s", file=sys.stderr)
+def image():
+    """The image .ci/container.sh test-image built from this checkout; never builds it (that needs the network)."""
+    if shutil.which("podman") is None:
+        _unusable(f"podman is not installed; `{BUILD}` installs it and builds the image (needs the network)")
+    env = _container_env()
+    out = subprocess.run(["podman", "image", "inspect", "--format", f'{{{{index .Labels "{LABEL}"}}}}', TAG],
+                         capture_output=True, text=True, timeout=120, env=env)
+    if out.returncode != 0:
+        _unusable(f"no image {TAG} here; build it first with `{BUILD}` (needs the network)")
+    built_from = out.stdout.strip().removeprefix("<no value>")
+    now = _helper("inputs-hash", timeout=120)
+    assert now.returncode == 0, now.stderr
+    now = now.stdout.strip()
+    if built_from != now:
+        _unusable(f"image {TAG} is stale: built from inputs {built_from[:12] or '(no label)'}, this checkout's "
+                  f"are {now[:12]} (pyproject.toml, README.md, sdtune/, docker/ or the base changed); "
+                  f"rebuild it with `{BUILD}` (needs the network)")
     return TAG
 
 
@@ -155,6 +162,7 @@ def test_wrapper_plumbing(image, tmp_path):
     assert probe["sdtune"] == str(ws / "sdtune" / "__init__.py"), "the workspace's sdtune must win"
     assert probe["creds"] == '{"type": "test"}'
     assert probe["creds_writable"] is False
+    assert probe["net"] == ["lo"], "the tests' containers must have no network but loopback"
 
     bad = _run(ws, "nope", env=env)
     assert bad.returncode != 0
