@@ -262,13 +262,15 @@ class Bench:
         if self.args.compile and self.args.compile_mode in CUDA_GRAPH_MODES:
             # CUDA graphs reuse their output buffers; mark where one step's tensors stop being needed.
             torch.compiler.cudagraph_mark_step_begin()
-        with timer.phase("forward"), self.amp, loop.attention(self.args.attention):
-            noisy, t, target = self._noised(self.latents)
-            noisy = noisy.contiguous(memory_format=self.memory_format)
-            pred = self.model(**{self.arch.sample_arg: noisy, "timestep": t}, **self.cond).sample
-            loss = F.mse_loss(pred.float(), target.float())
-        with timer.phase("backward"):
-            loss.backward()
+        # Backward inside the attention choice too: checkpointing recomputes the forward there.
+        with loop.attention(self.args.attention):
+            with timer.phase("forward"), self.amp:
+                noisy, t, target = self._noised(self.latents)
+                noisy = noisy.contiguous(memory_format=self.memory_format)
+                pred = self.model(**{self.arch.sample_arg: noisy, "timestep": t}, **self.cond).sample
+                loss = F.mse_loss(pred.float(), target.float())
+            with timer.phase("backward"):
+                loss.backward()
         with timer.phase("optimizer"):
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.optimizer.step()
@@ -283,13 +285,14 @@ class Bench:
             t = torch.randint(0, 1000, (latents.shape[0],), device=latents.device).long()
             noisy = self.scheduler.add_noise(latents, noise, t)
             text = self.text_encoder(self.input_ids, return_dict=False)[0]
-        with timer.phase("forward"), self.amp, loop.attention(self.args.attention):
-            pred = self.model(noisy, t, text, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
-        if not loss.is_meta:
-            loss.item()  # the example logs train_loss += avg_loss.item() every step
-        with timer.phase("backward"):
-            self.scaler.scale(loss).backward()
+        with loop.attention(self.args.attention):
+            with timer.phase("forward"), self.amp:
+                pred = self.model(noisy, t, text, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+            if not loss.is_meta:
+                loss.item()  # the example logs train_loss += avg_loss.item() every step
+            with timer.phase("backward"):
+                self.scaler.scale(loss).backward()
         with timer.phase("optimizer"):
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
