@@ -1,8 +1,10 @@
 """FLOPs of one training step, counted by torch.utils.flop_counter.
 
 FlopCounterMode counts matmuls, convolutions and attention (forward and backward) from the ops
-actually dispatched, which is what MFU is defined on. Elementwise ops, norms and the optimizer
-update are not counted: they are memory-bound and small next to the GEMMs.
+actually dispatched, which is what MFU is defined on; work a kernel redoes instead of storing
+it (the attention scores in a fused backward) is left out, as MFU leaves out recomputation.
+Elementwise ops, norms and the optimizer update are not counted: they are memory-bound and
+small next to the GEMMs.
 """
 
 import contextlib
@@ -27,6 +29,35 @@ def _register_cpu_attention_flops():
 _register_cpu_attention_flops()
 
 
+def _attention_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    # Model FLOPs: the gradients of Q, K, V and of the scores, four products that together are
+    # twice the forward's two. torch's formula adds a fifth, the scores the fused kernels recompute
+    # instead of storing, which the math path never does: SDPA cells would count a few percent
+    # more work for the same model, the way checkpointing's recompute would (see no_recompute).
+    return 2 * flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _attention_backward_raw(op):
+    """The lower-level kernels' backward (padded or nested layouts): torch's count less its
+    recomputed scores. Per head and query-key pair the five products cost 3·d_q + 2·d_v, the
+    model's four 2·d_q + 2·d_v; the head dims are the last dim in every layout."""
+    dispatched = flop_counter.flop_registry[op]
+
+    def formula(grad_out, query, key, value, *args, **kwargs):
+        d_q, d_v = query.size(-1), value.size(-1)
+        return dispatched(grad_out, query, key, value, *args, **kwargs) * (2 * d_q + 2 * d_v) // (3 * d_q + 2 * d_v)
+
+    formula._get_raw = True  # FlopCounterMode passes the tensors, not their shapes
+    return formula
+
+
+aten = torch.ops.aten
+MODEL_FLOPS = {op: _attention_backward for op in (
+    aten._scaled_dot_product_efficient_attention_backward, aten._scaled_dot_product_flash_attention_backward,
+    aten._scaled_dot_product_cudnn_attention_backward, aten._scaled_dot_product_flash_attention_for_cpu_backward)}
+MODEL_FLOPS |= {op: _attention_backward_raw(op) for op in (aten._flash_attention_backward, aten._efficient_attention_backward)}
+
+
 @contextlib.contextmanager
 def no_recompute(model):
     """Gradient checkpointing off inside the block (and back on after, if it was on).
@@ -46,7 +77,7 @@ def no_recompute(model):
 
 def count_flops(fn, *args, **kwargs) -> int:
     """FLOPs of one call `fn(*args, **kwargs)` (e.g. forward + backward of a training step)."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=MODEL_FLOPS) as counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
 
