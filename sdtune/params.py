@@ -4,6 +4,7 @@ Unknown keys, wrong types and impossible values stop the stage with one line nam
 key and what is allowed. Every field has a default so a params.yaml only says what differs.
 """
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -16,12 +17,14 @@ FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
 DENSITIES = ("logit_normal", "uniform", "mode")     # SD3.x: how training timesteps are drawn
 WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")      # SD3.x: how the flow-matching loss is weighted
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
+CELL_NAME = re.compile(r"[A-Za-z0-9._+-]+")  # a profile cell's name, also part of file names
 MAX_PIXELS = 178_956_970  # Pillow's own hard limit (2 x MAX_IMAGE_PIXELS); the images' default too
 
 
 class Section(BaseModel):
-    # strict: "16" is not an int and "yes" is not a bool; forbid: a typo'd key is an error.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # strict: "16" is not an int and "yes" is not a bool; forbid: a typo'd key is an error;
+    # no .inf or .nan: no param means "unbounded" that way, and reports must stay valid JSON.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class Base(Section):
@@ -207,6 +210,9 @@ class Profile(Section):
         names = [c.get("name") for c in cells]
         if not cells or not all(isinstance(n, str) and n for n in names):
             raise ValueError("each cell needs a non-empty 'name'")
+        for n in names:  # names become file names (traces, snapshots) and chart labels
+            if not CELL_NAME.fullmatch(n):
+                raise ValueError(f"cell name {n!r}: use letters, digits, '.', '_', '+' and '-' only")
         if len(set(names)) != len(names):
             raise ValueError(f"cell names must be unique, got {names}")
         return cells

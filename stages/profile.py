@@ -28,7 +28,11 @@ def header(cells, p) -> str:
     against = (f"the {source.split(':', 1)[1]} datasheet's dense peak" if source.startswith("datasheet:")
                else "a matmul ceiling measured on this device")
     text = (f"Measured on {c['device_name']}: each step time is the median of {p.steps} steps after "
-            f"{p.warmup} warm-up; MFU is against {against}, for each cell's precision.")
+            f"{p.warmup} warm-up; images/s, TFLOP/s, MFU and cost are from the totals over those steps "
+            f"(a short last batch trains fewer images); MFU is against {against}, for each cell's precision.")
+    if source.startswith("datasheet:"):
+        text += (f" A large matmul reaches {c['ceiling_tflops']:.0f} TFLOP/s on this device, "
+                 f"{c['ceiling_tflops'] / c['peak_tflops']:.0%} of that peak.")
     if any(cell["spec"].get("latents") == "on_the_fly" for cell in cells):
         text += (" MFU counts each cell's own FLOPs, so an on-the-fly cell's include its VAE and text "
                  "encoders: it can show a higher MFU while training fewer images a second.")
@@ -107,13 +111,15 @@ def main():
             gen, gen_failed = measure_each(
                 p.inference, lambda spec: inference.profile_cell(params, spec, LORA_DIR, cells[0]["device"]), "inference")
             charts.bar_chart(gen, "seconds_per_image", tmp / "inference.png", "Generation time (s per image, median)")
-        failed = {"matrix": failed, "inference": gen_failed}
-        io.write_json(REPORT, {"best": best["name"], "cells": {c["name"]: c for c in cells},
-                               "inference": {c["name"]: c for c in gen}, "failed": failed})
-        io.write_json(PLOT, [{"cell": c["name"], "step_ms": c["step_ms"], "mfu": c["mfu"],
-                              "peak_mib": c["memory"]["peak_bytes"] / 2**20} for c in cells])
-        text = "\n".join(filter(None, [header(cells, p), table(cells), inference.table(gen), failed_list(failed)]))
-        io.write_text(TABLE, text)
+            # The reports before the folders are swapped in: one that cannot be written leaves the
+            # last run's folders, not new charts beside old numbers.
+            failed = {"matrix": failed, "inference": gen_failed}
+            io.write_json(REPORT, {"best": best["name"], "cells": {c["name"]: c for c in cells},
+                                   "inference": {c["name"]: c for c in gen}, "failed": failed})
+            io.write_json(PLOT, [{"cell": c["name"], "step_ms": c["step_ms"], "mfu": c["mfu"],
+                                  "peak_mib": c["memory"]["peak_bytes"] / 2**20} for c in cells])
+            text = "\n".join(filter(None, [header(cells, p), table(cells), inference.table(gen), failed_list(failed)]))
+            io.write_text(TABLE, text)
     print(text)
 
 

@@ -65,6 +65,10 @@ def unet_step():
 
 
 def test_flops_of_tiny_unet_match_an_independent_count(unet_step):
+    """The fused-attention step is counted as the math path computes it, product by product: the
+    independent count is torch's own FlopCounterMode on the math path, where attention is plain bmm."""
+    from sdtune.train.loop import attention
+
     model, _, _, _ = unet_step
     latents, text, t = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32), torch.tensor([1, 500])
 
@@ -72,11 +76,35 @@ def test_flops_of_tiny_unet_match_an_independent_count(unet_step):
         model(latents, t, encoder_hidden_states=text).sample.square().mean().backward()
 
     counted = flops.count_flops(fwd_bwd)
-    with FlopCounterMode(display=False) as independent:
+    with FlopCounterMode(display=False) as dispatched:
+        fwd_bwd()
+    with attention("math"), FlopCounterMode(display=False) as math_path:
         fwd_bwd()
     model.zero_grad(set_to_none=True)
-    assert counted == independent.get_total_flops() > 0
+    assert counted == math_path.get_total_flops() > 0
+    # torch's formula for the fused backward also counts the scores it recomputes.
+    assert dispatched.get_total_flops() > counted
     assert flops.achieved_tflops(2 * 10**12, 2.0) == pytest.approx(1.0)
+
+
+def test_attention_flops_are_counted_by_hand():
+    """Forward QK^T and PV, backward the four gradient products: 12·b·h·s²·d in all, for the
+    fused kernel and the math path alike, and for the lower-level kernels' backward too."""
+    from sdtune.train.loop import attention
+
+    b, h, s, d = 2, 3, 16, 8
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+
+    def fwd_bwd():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    assert flops.count_flops(fwd_bwd) == 12 * b * h * s * s * d
+    with attention("math"):
+        assert flops.count_flops(fwd_bwd) == 12 * b * h * s * s * d
+    # The flash kernel's own backward (CUDA only), with [b, h, s, d] tensors as torch's formula reads them.
+    backward = flops.MODEL_FLOPS[torch.ops.aten._flash_attention_backward]
+    grad, query, key, value, out = (torch.empty(b, h, s, d, device="meta") for _ in range(5))
+    assert backward(grad, query, key, value, out, None, None, None, s, s, out_val=None) == 8 * b * h * s * s * d
 
 
 def test_phases_cover_the_step_and_summarise(unet_step):
@@ -205,6 +233,17 @@ def test_breakdown_matches_hand_counted_bytes():
 
 
 @pytest.mark.skipif(not memory.CLEAR_REFS.exists(), reason="the peak RSS can be reset on Linux only")
+def test_optimizer_state_shared_between_parameters_counts_once():
+    """bitsandbytes' 8-bit AdamW keeps one quantization map for all parameters in every state."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(4, 4)
+    qmap = torch.zeros(256)
+    state = {p: {"state1": torch.zeros(p.shape, dtype=torch.uint8), "qmap1": qmap} for p in model.parameters()}
+    parts = memory.breakdown(model, SimpleNamespace(state=state))
+    assert parts["optimizer_bytes"] == (16 + 4) + 256 * 4
+
+
 def test_cpu_peak_is_that_of_what_ran_since_the_reset():
     # Each profile cell and evaluated variant resets the peak: a lifetime peak would charge the
     # first cell's memory to every later one (checkpointing would seem to cost memory).
@@ -277,6 +316,12 @@ def test_on_the_fly_cell_encodes_every_step_and_feeds_the_same_latents(train_wor
     assert fly["coverage"] >= 0.95
     # The VAE and text encoder run inside the counted step, so it does more work than the cached one.
     assert fly["flops_per_step"] > cached["flops_per_step"] > 0
+    # ... and they stay resident: their weights are not put down to activations.
+    from sdtune.families import sd
+
+    encoders = sum(t.numel() * t.element_size() for m in (sd.tiny_vae(), sd.tiny_text_encoder()) for t in m.parameters())
+    assert fly["memory"]["encoder_weights_bytes"] == encoders
+    assert "encoder_weights_bytes" not in cached["memory"]
 
     # What the encoders make every step is what the cache holds: the cells differ in time only.
     # The cells' runs left their accelerate state behind: a fresh one for this run.
@@ -378,6 +423,68 @@ def test_profiled_cell_counts_the_gradients_a_real_step_holds(train_workspace):
     mem = cell["memory"]
     assert mem["gradients_bytes"] == sum(held.values()) == mem["trainable_bytes"] > 0
     assert mem["trainable_bytes"] < mem["weights_bytes"]  # the LoRA's, not the frozen base's
+
+
+def test_short_batches_count_in_throughput_and_flops(tmp_path, keep_threads):
+    """5 images in batches of 2: every third step trains 1 image. Images/s and MFU come from what
+    the measured steps really trained, recorded here from the batches the denoiser was given."""
+    from accelerate.state import AcceleratorState
+
+    from conftest import tiny_cache
+    from sdtune.profiling import run as prof
+    from sdtune.train import loop
+
+    torch.set_num_threads(1)
+    p = PROFILE_PARAMS.model_copy(update={"profile": PROFILE_PARAMS.profile.model_copy(update={"steps": 4})})
+    tiny_cache(tmp_path / "data/raw", tmp_path / "cache", 5, 48, p)
+    cell = prof.profile_cell(p, {"name": "baseline"}, tmp_path / "cache", raw_dir=tmp_path / "data/raw")
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run = loop.setup(p, tmp_path / "cache")
+    seen = []
+    run.denoiser.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[0].shape[0]), with_kwargs=True)
+    measured = range(p.profile.warmup, p.profile.warmup + p.profile.steps)
+    step_flops = []
+    for i in range(measured.stop):
+        if i in measured:
+            step_flops.append(flops.count_flops(loop.train_step, run, i))
+        else:
+            loop.train_step(run, i)
+    trained = seen[p.profile.warmup:]
+    assert len(trained) == p.profile.steps and min(trained) == 1 and max(trained) == 2
+    seconds = cell["phases"]["step_mean_ms"] * p.profile.steps / 1e3
+    assert cell["images_per_second"] == pytest.approx(sum(trained) / seconds)
+    assert cell["flops_per_step"] * p.profile.steps == sum(step_flops)
+    assert cell["mfu"] == pytest.approx(sum(step_flops) / seconds / (cell["peak_tflops"] * 1e12))
+    assert cell["ceiling_tflops"] == cell["peak_tflops"] > 0  # on a CPU the peak is the measured ceiling
+
+
+def test_a_cells_nested_keys_change_only_what_they_name():
+    from sdtune.profiling import run as prof
+
+    p = params_lib.parse({"train": {"lora": {"rank": 16, "alpha": 32.0, "dropout": 0.1,
+                                             "target_modules": ["to_q", "to_v"]}}})
+    lora = prof.cell_params(p, {"name": "rank64", "lora": {"rank": 64}}).train.lora
+    assert (lora.rank, lora.alpha, lora.dropout, lora.target_modules) == (64, 32.0, 0.1, ["to_q", "to_v"])
+
+
+def test_a_deterministic_cell_leaves_the_process_as_it_found_it(train_workspace):
+    from sdtune.profiling import run as prof
+
+    ws, p = train_workspace
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    prof.profile_cell(p, {"name": "deterministic", "deterministic": True}, ws / "cache", raw_dir=ws / "data/raw")
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
+
+
+@pytest.mark.parametrize("profile, message", [
+    ({"matrix": [{"name": "sub/fast"}]}, "cell name 'sub/fast'"),
+    ({"usd_per_hour": float("inf")}, "profile.usd_per_hour: Input should be a finite number"),
+])
+def test_names_that_cannot_be_file_names_and_infinite_prices_are_one_line(profile, message):
+    with pytest.raises(UserError, match=message) as err:
+        params_lib.parse({"profile": profile})
+    assert "\n" not in str(err.value)
 
 
 def test_unpriced_machine_type_stops_the_stage_before_any_cell_is_measured(tmp_path, monkeypatch, capsys):

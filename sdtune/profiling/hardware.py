@@ -95,6 +95,12 @@ def _ceiling(device: str, dtype: torch.dtype) -> float:
     return measured_matmul_tflops(device, dtype)
 
 
+def ceiling_tflops(device="cpu", dtype=torch.float32) -> float:
+    """The GEMM ceiling measured on `device` in `dtype` (once per process): real GEMMs reach less
+    than the datasheet, so MFU against this says how close a step is to what the card can do."""
+    return _ceiling(str(torch.device(device)), dtype)
+
+
 def peak_tflops(device="cpu", dtype=torch.float32):
     """(TFLOP/s, source): source is "datasheet:<name>" for a known GPU, else "measured".
 
@@ -106,7 +112,7 @@ def peak_tflops(device="cpu", dtype=torch.float32):
         found = datasheet_peak(torch.cuda.get_device_name(device), dtype)
         if found:
             return float(found[0]), f"datasheet:{found[1]}"
-    return _ceiling(str(device), dtype), "measured"
+    return ceiling_tflops(device, dtype), "measured"
 
 
 def mfu(flops_per_step: int, step_seconds: float, peak: float) -> float:

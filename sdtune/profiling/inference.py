@@ -2,7 +2,8 @@
 
 A cell is a name plus any of: dtype (float32, bfloat16, float16), attention (sdpa, math),
 channels_last, compile, lora (load models/lora on top). Each reports the median seconds per
-image after warm-up, FLOPs per image (FlopCounterMode over one sample), MFU and peak memory.
+image over evaluate.latency_repeats images after one warm-up, FLOPs per image (FlopCounterMode
+over one sample), MFU and peak memory.
 """
 
 from typing import Literal
@@ -32,7 +33,7 @@ def parse_cell(raw: dict) -> Cell:
     return validate(Cell, raw, where=f"profile.inference.{raw.get('name', '?')}")
 
 
-def profile_cell(params, raw: dict, lora_dir, device, repeats: int = 3) -> dict:
+def profile_cell(params, raw: dict, lora_dir, device) -> dict:
     cell = parse_cell(raw)
     family = families.get(params.model.family)
     pipe = generate.pipeline(family, params.model, device, lora_dir=lora_dir if cell.lora else None,
@@ -51,6 +52,7 @@ def profile_cell(params, raw: dict, lora_dir, device, repeats: int = 3) -> dict:
                                    size=params.model.resolution)
 
     memory.reset_peak(device)
+    repeats = e.latency_repeats  # timed as the evaluate stage times its variants
     timing = metrics.time_it(one, repeats=repeats, warmup=1, sync=device)
     peak_mem = memory.peak_memory(device)["peak_bytes"]  # before the FLOP count and a GEMM ceiling
     n_flops = flops.count_flops(one)
@@ -60,11 +62,14 @@ def profile_cell(params, raw: dict, lora_dir, device, repeats: int = 3) -> dict:
             "denoiser_steps_per_second": e.steps / seconds, "flops_per_image": n_flops,
             "achieved_tflops": flops.achieved_tflops(n_flops, seconds), "mfu": hardware.mfu(n_flops, seconds, peak),
             "peak_tflops": peak, "peak_source": source,
-            "peak_memory_bytes": peak_mem}
+            "peak_memory_bytes": peak_mem, "timed_images": repeats}
 
 
 def table(cells) -> str:
-    lines = ["| inference cell | s/image | denoiser steps/s | TFLOP/s | MFU | peak MiB |", "|---|---|---|---|---|---|"]
+    if not cells:
+        return ""
+    lines = [f"Generation: each time is the median of {cells[0]['timed_images']} images after one warm-up.", "",
+             "| inference cell | s/image | denoiser steps/s | TFLOP/s | MFU | peak MiB |", "|---|---|---|---|---|---|"]
     for c in cells:
         lines.append(f"| {c['name']} | {c['seconds_per_image']:.3f} | {c['denoiser_steps_per_second']:.1f} | "
                      f"{c['achieved_tflops']:.4f} | {c['mfu']:.1%} | {c['peak_memory_bytes'] / 2**20:.0f} |")

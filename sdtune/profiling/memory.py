@@ -85,10 +85,14 @@ def breakdown(model: torch.nn.Module, optimizer=None) -> dict:
     zero_grad(set_to_none=True), so after it no .grad is left to count, yet each step held them all.
     """
     params = list(model.parameters())
-    optimizer_bytes = 0
+    # Each storage once: bitsandbytes' 8-bit AdamW shares its quantization maps across parameters.
+    storages = {}
     if optimizer is not None:
         for state in optimizer.state.values():
-            optimizer_bytes += sum(_nbytes(v) for v in state.values() if torch.is_tensor(v))
+            for v in state.values():
+                if torch.is_tensor(v):
+                    storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+    optimizer_bytes = sum(storages.values())
     trainable = sum(_nbytes(p) for p in params if p.requires_grad)
     return {
         "weights_bytes": sum(_nbytes(p) for p in params),
@@ -98,15 +102,23 @@ def breakdown(model: torch.nn.Module, optimizer=None) -> dict:
     }
 
 
+def weight_bytes(pipe) -> int:
+    """Bytes of the parameters of a pipeline's modules (e.g. the VAE and text encoders)."""
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    return sum(_nbytes(p) for m in modules for p in m.parameters())
+
+
 def activations(parts: dict, peak: dict, device) -> dict:
-    """Activation bytes estimated as peak allocated minus weights, gradients and optimizer state.
+    """Activation bytes estimated as peak allocated minus weights (the encoders' too, when a cell
+    encodes every step), gradients and optimizer state.
 
     Only on CUDA, where the peak counts tensors alone; the estimate also holds temporaries such as
     workspaces. On CPU the peak is a process RSS, so subtracting tensor bytes would mean nothing.
     """
     if torch.device(device).type != "cuda":
         return {"activations_bytes": None, "activations_note": "not measured on CPU: peak RSS is not a tensor count"}
-    rest = parts["weights_bytes"] + parts["gradients_bytes"] + parts["optimizer_bytes"]
+    rest = (parts["weights_bytes"] + parts.get("encoder_weights_bytes", 0) + parts["gradients_bytes"]
+            + parts["optimizer_bytes"])
     return {
         "activations_bytes": max(0, peak["allocated_bytes"] - rest),
         "activations_note": "peak allocated minus weights, gradients and optimizer state",

@@ -5,6 +5,7 @@ checkpointing, LoRA rank, ...). A cell runs the real `train_step` of the trainin
 what is measured is what `dvc repro` trains with.
 """
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -29,8 +30,17 @@ def cell_params(params, cell: dict):
     if cell.get("latents", "cached") not in LATENTS:
         raise UserError(f"params.yaml: profile.matrix.{name}.latents: expected one of {', '.join(LATENTS)} "
                         f"(got {cell['latents']!r})")
-    train = validate(Train, params.train.model_dump() | overrides, where=f"profile.matrix.{name}")
+    train = validate(Train, _merged(params.train.model_dump(), overrides), where=f"profile.matrix.{name}")
     return params.model_copy(update={"train": train})
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` applied key by key, nested sections included: a cell's
+    `lora: {rank: 64}` changes the rank and keeps train.lora's alpha, DoRA and target modules."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
 
 
 class OnTheFly:
@@ -70,6 +80,36 @@ def model_flops(run, step_fn, step: int) -> int:
         return flops.count_flops(step_fn, step)
 
 
+def step_batches(run, step: int) -> tuple:
+    """What step `step` trains on, as (images, latent shape) per micro-batch: steps with the same
+    batches do the same FLOPs. A step can be short (the last batch of a bucket or of the data)."""
+    return tuple((len(idx), tuple(run.items[idx[0]]["latents"].shape))
+                 for idx in (loop.sample_indices(run, step, m) for m in range(run.params.train.grad_accum)))
+
+
+def measured_flops(run, step_fn, steps: range) -> int:
+    """FLOPs of all the measured steps: each distinct batch layout is counted once, on a step that has it."""
+    layouts = [step_batches(run, i) for i in steps]
+    first = {}
+    for i, layout in zip(steps, layouts):
+        first.setdefault(layout, i)
+    counted = {layout: model_flops(run, step_fn, i) for layout, i in first.items()}
+    return sum(counted[layout] for layout in layouts)
+
+
+@contextlib.contextmanager
+def process_flags():
+    """Put back the process-wide switches a training cell sets (deterministic algorithms, cuDNN's
+    autotuning), so a later cell, e.g. an inference cell, runs with the process's own."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
+
+
 def measure(run, step_fn, steps: int, warmup: int) -> dict:
     device = run.accelerator.device
     timer = phases.PhaseTimer(device, enabled=True, warmup=warmup)
@@ -83,7 +123,8 @@ def measure(run, step_fn, steps: int, warmup: int) -> dict:
 
 
 def _setup(params, spec: dict, cache_dir, raw_dir):
-    """(cell params, run, step_fn) for one matrix cell; step_fn(i, timer) runs training step i."""
+    """(cell params, run, step_fn, on-the-fly encoder or None) for one matrix cell; step_fn(i, timer)
+    runs training step i."""
     cell = cell_params(params, spec)
     # Each cell may ask for another precision; accelerate keeps one state per process.
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -98,7 +139,7 @@ def _setup(params, spec: dict, cache_dir, raw_dir):
             fly(i, timer)
         return loop.train_step(run, i, timer)
 
-    return cell, run, step_fn
+    return cell, run, step_fn, fly
 
 
 def _trace(run, step_fn, name: str, trace_path, warmup: int) -> None:
@@ -114,8 +155,9 @@ def _trace(run, step_fn, name: str, trace_path, warmup: int) -> None:
 
 def trace_cell(params, spec: dict, cache_dir, trace_path, raw_dir="data/raw") -> None:
     """Only the trace and snapshot of one cell (the fastest, once the matrix has been measured)."""
-    _, run, step_fn = _setup(params, spec, cache_dir, raw_dir)
-    _trace(run, step_fn, spec["name"], trace_path, warmup=params.profile.warmup)
+    with process_flags():
+        _, run, step_fn, _ = _setup(params, spec, cache_dir, raw_dir)
+        _trace(run, step_fn, spec["name"], trace_path, warmup=params.profile.warmup)
 
 
 def fastest(cells: list[dict]) -> dict:
@@ -125,29 +167,43 @@ def fastest(cells: list[dict]) -> dict:
 
 
 def profile_cell(params, spec: dict, cache_dir, trace_path=None, raw_dir="data/raw") -> dict:
+    with process_flags():
+        return _profile_cell(params, spec, cache_dir, trace_path, raw_dir)
+
+
+def _profile_cell(params, spec, cache_dir, trace_path, raw_dir) -> dict:
     p = params.profile
-    cell, run, step_fn = _setup(params, spec, cache_dir, raw_dir)
+    cell, run, step_fn, fly = _setup(params, spec, cache_dir, raw_dir)
     device = run.accelerator.device
     memory.reset_peak(device)
     summary = measure(run, step_fn, p.steps, p.warmup)
     # Read before the FLOP count, whose step runs without checkpointing, and before a GEMM ceiling
     # is measured: either would otherwise become this cell's peak.
     peak_mem = memory.peak_memory(device)
-    step_s = summary["step_median_ms"] / 1e3
-    n_flops = model_flops(run, step_fn, p.warmup + p.steps)
-    peak, peak_source = hardware.peak_tflops(device, loop.weight_dtype(run.accelerator.mixed_precision))
+    # Throughput and MFU from totals over the measured steps, not from the median step: a short
+    # step (the last batch of a bucket) is quicker and trains fewer images.
+    measured = range(p.warmup, p.warmup + p.steps)
+    seconds = summary["step_mean_ms"] * p.steps / 1e3
+    images = sum(n for i in measured for n, _ in step_batches(run, i))
+    n_flops = measured_flops(run, step_fn, measured)
+    dtype = loop.weight_dtype(run.accelerator.mixed_precision)
+    peak, peak_source = hardware.peak_tflops(device, dtype)
     parts = memory.breakdown(run.accelerator.unwrap_model(run.denoiser), run.optimizer)
+    if fly is not None:  # its VAE and text encoders stay resident all along
+        parts["encoder_weights_bytes"] = memory.weight_bytes(fly.pipe)
     usd = cost_lib.hourly_usd(p)
     if trace_path is not None:
         _trace(run, step_fn, spec["name"], trace_path, warmup=0)  # already warm
-    images = cell.train.batch_size * cell.train.grad_accum
     return {
         "name": spec["name"], "spec": spec, "device": str(device), "device_name": hardware.device_name(device),
         "mixed_precision": run.accelerator.mixed_precision,
-        "step_ms": summary["step_median_ms"], "images_per_step": images, "images_per_second": images / step_s,
+        "step_ms": summary["step_median_ms"], "images_per_step": cell.train.batch_size * cell.train.grad_accum,
+        "images_per_second": images / seconds,
         "phases": summary, "coverage": summary["coverage"],
-        "flops_per_step": n_flops, "achieved_tflops": flops.achieved_tflops(n_flops, step_s),
-        "peak_tflops": peak, "peak_source": peak_source, "mfu": hardware.mfu(n_flops, step_s, peak),
+        "flops_per_step": n_flops / p.steps, "achieved_tflops": flops.achieved_tflops(n_flops, seconds),
+        "peak_tflops": peak, "peak_source": peak_source, "mfu": hardware.mfu(n_flops, seconds, peak),
+        # What this device's GEMMs reach (the peak itself where none is in the datasheet table).
+        "ceiling_tflops": hardware.ceiling_tflops(device, dtype),
         "memory": peak_mem | parts | memory.activations(parts, peak_mem, device),
-        "cost": cost_lib.cost(step_s, cell.train.steps, usd) | {"usd_per_hour": usd},
+        "cost": cost_lib.cost(seconds / p.steps, cell.train.steps, usd) | {"usd_per_hour": usd},
     }
