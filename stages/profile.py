@@ -33,6 +33,9 @@ def header(cells, p) -> str:
     if source.startswith("datasheet:"):
         text += (f" A large matmul reaches {c['ceiling_tflops']:.0f} TFLOP/s on this device, "
                  f"{c['ceiling_tflops'] / c['peak_tflops']:.0%} of that peak.")
+    if "RSS" in c["memory"]["source"]:
+        text += (" Peak memory on a CPU is the process's resident set during the cell, which also holds "
+                 "what earlier cells brought in (libraries, compiled code): later cells read a little high.")
     if any(cell["spec"].get("latents") == "on_the_fly" for cell in cells):
         text += (" MFU counts each cell's own FLOPs, so an on-the-fly cell's include its VAE and text "
                  "encoders: it can show a higher MFU while training fewer images a second.")

@@ -568,3 +568,21 @@ def test_the_loras_effect_on_style_is_judged_by_kid():
     assert line.startswith("- The two measures disagree on whether the LoRA moved samples toward")
     (line,) = report.findings({"base": base, "lora": {"style_similarity": 0.35, "fid": 0.2, "kid": 0.0050}}, profile)
     assert line.startswith("- The LoRA did not move samples closer")
+
+
+def test_profile_md_header_says_what_the_numbers_are_against():
+    """A reader of profile.md alone learns the card's GEMM ceiling next to its datasheet peak, and
+    that a CPU's peak memory is a process-wide resident set."""
+    import importlib
+
+    stage = importlib.import_module("stages.profile")
+    gpu = made_cell("bf16", 16, 100.0) | {"device_name": "NVIDIA H200", "peak_source": "datasheet:H200",
+                                          "peak_tflops": 989.0, "ceiling_tflops": 808.0}
+    gpu["memory"]["source"] = "torch.cuda.max_memory_allocated"
+    text = stage.header([gpu], PROFILE_PARAMS.profile)
+    assert "reaches 808 TFLOP/s on this device, 82% of that peak" in text and "resident set" not in text
+    cpu = made_cell("fp32", 2, 100.0) | {"device_name": "x86 CPU, 2 threads", "peak_source": "measured",
+                                         "peak_tflops": 0.1, "ceiling_tflops": 0.1}
+    cpu["memory"]["source"] = "peak RSS since reset_peak (VmHWM)"
+    text = stage.header([cpu], PROFILE_PARAMS.profile)
+    assert "resident set" in text and "TFLOP/s on this device" not in text
