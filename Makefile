@@ -19,7 +19,7 @@ DEMO = \
 	-S ++evaluate.prompts=prompts/demo.txt -S ++evaluate.clip_model=tiny -S ++evaluate.steps=4 \
 	-S '++evaluate.seeds=[0, 1]' -S ++evaluate.latency_repeats=2 \
 	-S ++profile.steps=3 -S ++profile.warmup=2 \
-	-S '++profile.inference=[{name: fp32}, {name: fp32-no-lora, lora: false}, {name: math-attention, attention: math}]' \
+	-S '++profile.inference=[{name: fp32}, {name: fp32-no-lora, lora: false}, {name: math-attention, attention: math}, {name: int8wo-fused, variant: int8wo-fused}]' \
 	-S '++profile.matrix=[{name: baseline}, {name: checkpointing, gradient_checkpointing: true}, {name: math-attention, attention: math}, {name: channels-last, channels_last: true}, {name: rank4, lora: {rank: 4, alpha: 4.0}}, {name: on-the-fly, latents: on_the_fly}, {name: qlora, qlora: true}]'
 
 .PHONY: install demo test lint

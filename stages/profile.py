@@ -87,7 +87,7 @@ def main():
     for spec in p.matrix:  # a typo in any cell stops here, before minutes of measuring
         prof.cell_params(params, spec)
     for spec in p.inference:
-        inference.parse_cell(spec)
+        inference.check_variant(inference.parse_cell(spec))
     cost.hourly_usd(p)  # an unpriced machine type stops here too, not in every cell after it was measured
     with runtime.stage("profile"):
         with io.atomic_path(OUT_DIR) as tmp, io.atomic_path(TRACES) as traces:

@@ -586,3 +586,17 @@ def test_profile_md_header_says_what_the_numbers_are_against():
     cpu["memory"]["source"] = "peak RSS since reset_peak (VmHWM)"
     text = stage.header([cpu], PROFILE_PARAMS.profile)
     assert "resident set" in text and "TFLOP/s on this device" not in text
+
+
+def test_an_inference_variant_cell_must_be_saved_and_brings_its_own_dtype(tmp_path, monkeypatch):
+    from sdtune.profiling import inference
+
+    with pytest.raises(UserError, match="a variant brings its own dtype and LoRA; drop dtype, lora"):
+        inference.parse_cell({"name": "q", "variant": "int8wo-fused", "dtype": "bfloat16", "lora": False})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models/quantized/int8wo-fused").mkdir(parents=True)
+    inference.check_variant(inference.parse_cell({"name": "q", "variant": "int8wo-fused"}))
+    with pytest.raises(UserError) as err:
+        inference.check_variant(inference.parse_cell({"name": "q", "variant": "nf4-fused"}))
+    assert str(err.value) == ("params.yaml: profile.inference.q.variant: models/quantized/nf4-fused does not exist; "
+                              "the quantize stage saved: int8wo-fused")

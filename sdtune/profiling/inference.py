@@ -1,7 +1,9 @@
 """Profile generation (the evaluate stage's sampling): one cell per inference setting.
 
 A cell is a name plus any of: dtype (float32, bfloat16, float16), attention (sdpa, math),
-channels_last, compile, lora (load models/lora on top). Each reports the median seconds per
+channels_last, compile, lora (load models/lora on top), or variant: a quantized denoiser the
+quantize stage saved (models/quantized/<variant>, e.g. nf4-fused), which brings its own dtype and
+LoRA. Each reports the median seconds per
 image over evaluate.latency_repeats images after one warm-up, FLOPs per image (FlopCounterMode
 over one sample), MFU and peak memory.
 """
@@ -11,13 +13,15 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from sdtune import families
+from sdtune import families, quantize
 from sdtune.families import common
 from sdtune.data import cache as cache_lib
+from sdtune.errors import UserError
 from sdtune.params import validate
 from sdtune.evaluate import generate, metrics
 from sdtune.profiling import flops, hardware, memory
 from sdtune.train.loop import attention
+
 
 class Cell(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -27,17 +31,40 @@ class Cell(BaseModel):
     channels_last: bool = False
     compile: bool = False
     lora: bool = True
+    variant: str | None = None
 
 
 def parse_cell(raw: dict) -> Cell:
-    return validate(Cell, raw, where=f"profile.inference.{raw.get('name', '?')}")
+    where = f"profile.inference.{raw.get('name', '?')}"
+    cell = validate(Cell, raw, where=where)
+    clash = sorted({"dtype", "lora"} & raw.keys())
+    if cell.variant is not None and clash:
+        raise UserError(f"params.yaml: {where}: a variant brings its own dtype and LoRA; drop {', '.join(clash)}")
+    return cell
+
+
+def check_variant(cell: Cell) -> None:
+    """A cell's variant must be one the quantize stage saved: said before any cell is measured."""
+    if cell.variant is None or (quantize.QUANT_DIR / cell.variant).is_dir():
+        return
+    saved = sorted(d.name for d in quantize.QUANT_DIR.glob("*") if d.is_dir())
+    raise UserError(f"params.yaml: profile.inference.{cell.name}.variant: {quantize.QUANT_DIR / cell.variant} "
+                    f"does not exist; the quantize stage saved: {', '.join(saved) or 'nothing'}")
+
+
+def _pipeline(cell: Cell, family, model, lora_dir, device):
+    """(pipeline, dtype) of a cell: a saved variant, or the base model with or without the LoRA."""
+    if cell.variant is not None:
+        kwargs = quantize.pipeline_kwargs(cell.variant)
+        return generate.pipeline(family, model, device, **kwargs), quantize.METHODS[kwargs["method"]].dtype
+    dtype = cache_lib.DTYPES[cell.dtype]
+    return generate.pipeline(family, model, device, lora_dir=lora_dir if cell.lora else None, dtype=dtype), dtype
 
 
 def profile_cell(params, raw: dict, lora_dir, device) -> dict:
     cell = parse_cell(raw)
     family = families.get(params.model.family)
-    pipe = generate.pipeline(family, params.model, device, lora_dir=lora_dir if cell.lora else None,
-                             dtype=cache_lib.DTYPES[cell.dtype])
+    pipe, dtype = _pipeline(cell, family, params.model, lora_dir, device)
     denoiser = getattr(pipe, family.DENOISER_ATTR)
     if cell.channels_last:
         denoiser.to(memory_format=torch.channels_last)
@@ -56,9 +83,10 @@ def profile_cell(params, raw: dict, lora_dir, device) -> dict:
     timing = metrics.time_it(one, repeats=repeats, warmup=1, sync=device)
     peak_mem = memory.peak_memory(device)["peak_bytes"]  # before the FLOP count and a GEMM ceiling
     n_flops = flops.count_flops(one)
-    peak, source = hardware.peak_tflops(device, cache_lib.DTYPES[cell.dtype])
+    peak, source = hardware.peak_tflops(device, dtype)
     seconds = timing["median_s"]
-    return {"name": cell.name, "cell": cell.model_dump(), "seconds_per_image": seconds,
+    return {"name": cell.name, "cell": cell.model_dump(), "dtype": str(dtype).removeprefix("torch."),
+            "seconds_per_image": seconds,
             "denoiser_steps_per_second": e.steps / seconds, "flops_per_image": n_flops,
             "achieved_tflops": flops.achieved_tflops(n_flops, seconds), "mfu": hardware.mfu(n_flops, seconds, peak),
             "peak_tflops": peak, "peak_source": source,
@@ -69,8 +97,9 @@ def table(cells) -> str:
     if not cells:
         return ""
     lines = [f"Generation: each time is the median of {cells[0]['timed_images']} images after one warm-up.", "",
-             "| inference cell | s/image | denoiser steps/s | TFLOP/s | MFU | peak MiB |", "|---|---|---|---|---|---|"]
+             "| inference cell | dtype | s/image | denoiser steps/s | TFLOP/s | MFU | peak MiB |",
+             "|---|---|---|---|---|---|---|"]
     for c in cells:
-        lines.append(f"| {c['name']} | {c['seconds_per_image']:.3f} | {c['denoiser_steps_per_second']:.1f} | "
+        lines.append(f"| {c['name']} | {c['dtype']} | {c['seconds_per_image']:.3f} | {c['denoiser_steps_per_second']:.1f} | "
                      f"{c['achieved_tflops']:.4f} | {c['mfu']:.1%} | {c['peak_memory_bytes'] / 2**20:.0f} |")
     return "\n".join(lines) + "\n"
