@@ -1,5 +1,6 @@
 """The offline demo end to end: `make demo` (a real `dvc exp run`) in a fresh copy of the repo."""
 
+import hashlib
 import json
 import math
 import re
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import sdtune
 from conftest import assert_no_secret, run, wandb_stage
 from sdtune import io, params as params_lib, runtime
 from sdtune.evaluate import report as eval_report
@@ -116,10 +118,25 @@ def test_lora_changes_the_output_and_scale_zero_does_not(demo):
     zero = image()
     assert abs(tuned - base).max() > 1e-3
     assert abs(zero - base).max() == 0
+
+
+def sha256_of(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_loras_lineage_names_the_demos_data_cache_params_and_commit(demo):
     meta = common.read_metadata(demo / "models/lora" / common.LORA_FILE)
-    assert meta["base_model"] == "tiny" and len(meta["dataset_manifest_sha256"]) == 64
-    assert meta["base_commit"] == "tiny"
-    assert meta["cache_index_sha256"] == io.sha256_file(demo / "cache/index.json")
+    assert meta["base_model"] == "tiny" and meta["base_commit"] == "tiny"
+    assert meta["dataset_manifest_sha256"] == sha256_of(demo / "data/raw.manifest.json")
+    assert meta["cache_index_sha256"] == sha256_of(demo / "cache/index.json")
+    # the fixture's copy is a git repo with one commit; `dvc exp run` trains in that workspace
+    head = run(["git", "rev-parse", "HEAD"], demo).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{40}", head) and meta["git_commit"] == head
+    assert meta["sdtune_version"] == sdtune.__version__
+    # the params the LoRA was trained with: the demo's params.yaml (the demo's values, from dvc exp run -S)
+    params = params_lib.load(demo / "params.yaml")
+    assert params.model.id == "tiny"
+    assert meta["params_sha256"] == runtime.provenance(params)["params_sha256"]
 
 
 def test_dvc_metrics_show_reads_every_metric(demo):
@@ -165,11 +182,19 @@ def test_report_is_generated_from_the_numbers(demo):
     cells = profile["cells"]
     fly, base = cells["on-the-fly"], cells["baseline"]
     assert fly["phases"]["phases"]["encode"]["median_ms"] > 0
-    assert (f"and ran {fly['step_ms'] / base['step_ms']:.2f}× the speed of `on-the-fly`" in text
+    # speed is images a second (from what the measured steps trained), not the inverse step time
+    assert (f"and ran {base['images_per_second'] / fly['images_per_second']:.2f}× the speed of `on-the-fly`" in text
             and f"({fly['step_ms']:.1f} vs {base['step_ms']:.1f} ms/step" in text)
+    # What all the switches together bought over the examples' way: said unless the fastest cell is
+    # `on-the-fly` itself or `baseline`, its cached twin, whose sentence is the one above.
     best = cells[profile["best"]]
-    if best["name"] != "baseline":  # and what all the switches together bought over the examples' way
-        assert f"The fastest cell, `{best['name']}`, ran {fly['step_ms'] / best['step_ms']:.2f}× the speed of `on-the-fly`" in text
+    assert best["images_per_second"] == max(c["images_per_second"] for c in cells.values())
+    fastest = "- The fastest cell, "
+    if best["name"] in ("baseline", "on-the-fly"):
+        assert fastest not in text
+    else:
+        speed = best["images_per_second"] / fly["images_per_second"]
+        assert f"{fastest}`{best['name']}`, ran {speed:.2f}× the speed of `on-the-fly`" in text
 
 
 def test_dvc_plots_show_reads_every_declared_plot(demo):
