@@ -1,17 +1,23 @@
 """`sdtune generate` on the tiny SD1 model: files, determinism, LoRA scale, variants, and one-line errors."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import diffusers
+import numpy as np
 import pytest
 from diffusers import UNet2DConditionModel
 from PIL import Image
 from test_kohya import make_lora
 
-from sdtune import families, quantize
+from conftest import ROOT
+from sdtune import families, quantize, runtime
 from sdtune.cli import main
+from sdtune.evaluate import generate as gen
 from sdtune.families import common
-from sdtune.params import parse
+from sdtune.params import load, parse
 
 FAST = ["--steps", "1", "--seed", "3"]  # one step: each run is mostly model building
 
@@ -43,6 +49,40 @@ def fails(argv, capsys) -> str:
     return err
 
 
+def direct(prompt, seed, size, *, steps=1, variant=None, lora=None, scheduler=None) -> np.ndarray:
+    """The image `sdtune generate` should write, made here through sdtune's generate pipeline
+    directly: the folder's params.yaml (run in `cwd`), the variant's own denoiser and dtype."""
+    params = load("params.yaml")
+    family = families.get(params.model.family)
+    device = runtime.device(params.base.device)
+    if variant is not None:
+        method, _ = quantize.variant_parts(variant)
+        pipe = gen.pipeline(family, params.model, device, variant_dir=quantize.QUANT_DIR / variant, method=method,
+                            lora_dir=lora)
+    else:
+        pipe = gen.pipeline(family, params.model, device, lora_dir=lora, lora_scale=params.evaluate.lora_scale)
+    if scheduler is not None:
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    image = gen.sample(pipe, prompt, seed, steps=steps, guidance=params.evaluate.guidance_scale, size=size)
+    return np.asarray(image)
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def record_schedulers(monkeypatch) -> list[str]:
+    """The scheduler class of each pipeline `sdtune generate` samples with."""
+    used, sample = [], gen.sample
+
+    def spy(pipe, *args, **kwargs):
+        used.append(type(pipe.scheduler).__name__)
+        return sample(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "sample", spy)
+    return used
+
+
 def test_seed_and_lora_scale(cwd):
     for name, extra in [("base", []), ("lora", ["--lora", "models/lora"]), ("again", ["--lora", "models/lora"]),
                         ("zero", ["--lora", "models/lora", "--lora-scale", "0"])]:
@@ -54,19 +94,29 @@ def test_seed_and_lora_scale(cwd):
     assert png["lora"] != png["base"]
 
 
-def test_prompts_file_writes_prompt_x_seed(cwd):
+def test_prompts_file_writes_prompt_x_seed(cwd, monkeypatch):
     (cwd / "prompts.txt").write_text("# eval prompts\na harbour\n\na portrait of a lady\n")
+    used = record_schedulers(monkeypatch)
     main(["generate", "--prompts", "prompts.txt", "--seeds", "3,4", "--steps", "1", "--lora", "models/lora",
           "--size", "32", "--scheduler", "euler", "--out", "grid"])
     names = sorted(p.name for p in (cwd / "grid").iterdir())
     assert names == ["001-a-harbour-seed3.png", "001-a-harbour-seed4.png",
                      "002-a-portrait-of-a-lady-seed3.png", "002-a-portrait-of-a-lady-seed4.png"]
     assert Image.open(cwd / "grid" / names[0]).size == (32, 32)
+    assert used == ["EulerDiscreteScheduler"] * 4
+    # the file named for the second prompt and seed 4 is that prompt and seed, sampled with Euler
+    written = pixels(cwd / "grid" / names[3])
+    euler = direct("a portrait of a lady", 4, 32, lora="models/lora", scheduler=diffusers.EulerDiscreteScheduler)
+    assert np.array_equal(written, euler)
+    assert not np.array_equal(written, direct("a portrait of a lady", 4, 32, lora="models/lora"))  # the default one
 
 
 def test_quantized_variant(cwd, capsys):
     main(["generate", "--prompt", "a harbour", *FAST, "--variant", "bf16-fused", "--out", "v.png"])
     assert Image.open(cwd / "v.png").size == (64, 64)
+    written = pixels(cwd / "v.png")  # FAST: 1 step, seed 3; 64 px from params.yaml's model.resolution
+    assert np.array_equal(written, direct("a harbour", 3, 64, variant="bf16-fused"))
+    assert not np.array_equal(written, direct("a harbour", 3, 64))  # not the base model's image
     assert "bf16-fused" in fails(["generate", "--prompt", "x", "--variant", "int8wo-fused", "--out", "x.png"], capsys)
     assert "drop --lora" in fails(["generate", "--prompt", "x", "--variant", "bf16-fused", "--lora", "models/lora",
                                    "--out", "x.png"], capsys)
@@ -74,20 +124,28 @@ def test_quantized_variant(cwd, capsys):
         ["generate", "--prompt", "x", "--variant", "bf16-fused", "--lora-scale", "0.5", "--out", "x.png"], capsys)
 
 
-def test_the_readmes_commands_run(cwd):
-    """The README's `sdtune generate` lines as written, on this folder's variant, at a fast size."""
+def test_the_readmes_commands_run(cwd, capsys):
+    """The README's `sdtune generate` lines as written, on this folder's variant, at a fast size;
+    each writes what its options ask for."""
     import shlex
-
-    from conftest import ROOT
 
     (cwd / "prompts").mkdir(exist_ok=True)
     (cwd / "prompts" / "eval.txt").write_text((ROOT / "prompts" / "eval.txt").read_text())
     lines = [ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()
              if ln.strip().startswith("sdtune generate ")]
-    assert len(lines) >= 2
+    assert len(lines) >= 2 and any("--variant" in ln for ln in lines)
+    seed = load("params.yaml").base.seed
     for line in lines:
         argv = shlex.split(line.replace("int8wo-fused", "bf16-fused"))[1:]
+        capsys.readouterr()
         assert main([*argv, "--steps", "1", "--size", "32"]) == 0, line
+        first = Path(capsys.readouterr().out.splitlines()[0])  # each file written, one a line
+        opt = dict(zip(argv[1::2], argv[2::2]))
+        prompt = opt.get("--prompt") or gen.read_prompts(Path(opt["--prompts"]), "--prompts")[0]
+        want = direct(prompt, int(opt.get("--seed", seed)), 32, variant=opt.get("--variant"), lora=opt.get("--lora"))
+        assert np.array_equal(pixels(first), want), line
+        if "--variant" in opt:
+            assert not np.array_equal(want, direct(prompt, seed, 32)), "the variant draws what the base model draws"
 
 
 def test_user_mistakes_are_one_line(cwd, capsys):
@@ -120,7 +178,8 @@ def test_lora_for_another_architecture_is_one_line_on_stderr(cwd, tmp_path):
     path = make_lora(tmp_path / "wide", unet=other)
     # A real process, so the test sees everything a user would on stderr.
     out = subprocess.run([sys.executable, "-m", "sdtune.cli", "generate", "--prompt", "x", "--lora", str(path.parent),
-                          "--out", str(tmp_path / "x.png")], cwd=cwd, capture_output=True, text=True, timeout=300)
+                          "--out", str(tmp_path / "x.png")], cwd=cwd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # this checkout's sdtune, not another
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr
     assert str(path) in out.stderr and "size mismatch" in out.stderr
