@@ -45,11 +45,21 @@ def test_bad_value_is_one_line_naming_the_key(raw, key, allowed):
     assert key in msg and allowed in msg
 
 
-def test_defaults_are_the_real_run_and_repo_params_load():
-    p = params.load(ROOT / "params.yaml")
+def real_run(p):
+    """What README and params.yaml's header say the real run is: Sargent's paintings (the zip on
+    Google Drive, captions that name him), SD 1.5 at 512 px, LoRA rank 16 (alpha = rank), W&B
+    offline until a key is set, seed 1234."""
     assert p.data.source == "gdrive://1capT9kF-zCu2OiNVzm7VG5DQDaAQLl1Q"
-    assert p.model.id == "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    assert (p.model.resolution, p.train.lora.rank) == (512, 16)
+    assert p.caption.template.startswith("a painting by sargent, ")
+    assert (p.model.family, p.model.id) == ("sd1", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert (p.model.resolution, p.train.lora.rank, p.train.lora.alpha) == (512, 16, 16.0)
+    assert (p.train.wandb, p.base.seed) == ("offline", 1234)
+
+
+def test_defaults_are_the_real_run_and_repo_params_load():
+    real_run(params.load(ROOT / "params.yaml"))
+    # with no params at all (`sdtune generate` outside a checkout), the built-in defaults are that run
+    real_run(params.parse({}))
 
 
 def test_floats_accept_ints_but_not_strings():
