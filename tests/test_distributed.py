@@ -52,6 +52,11 @@ def test_two_ranks_see_different_data_remove_stale_checkpoints_once_and_save_ran
 
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
+    # every step's one micro-batch (steps: 4, grad_accum 1) recorded on each rank, batch_size 2 each:
+    # zip over an empty or short record would compare nothing
+    for r in ranks:
+        assert [(s, m) for s, m, _ in r["seen"]] == [(0, 0), (1, 0), (2, 0), (3, 0)]
+        assert all(len(idx) == 2 for _, _, idx in r["seen"])
     for (s0, m0, idx0), (s1, m1, idx1) in zip(ranks[0]["seen"], ranks[1]["seen"]):
         assert (s0, m0) == (s1, m1)
         assert not set(idx0) & set(idx1), f"step {s0}: both ranks trained on {set(idx0) & set(idx1)}"
