@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from test_kohya import make_lora
 
-from conftest import ROOT
+from conftest import OFFLINE, ROOT
 from sdtune import families, quantize, runtime
 from sdtune.cli import main
 from sdtune.evaluate import generate as gen
@@ -179,7 +179,7 @@ def test_lora_for_another_architecture_is_one_line_on_stderr(cwd, tmp_path):
     # A real process, so the test sees everything a user would on stderr.
     out = subprocess.run([sys.executable, "-m", "sdtune.cli", "generate", "--prompt", "x", "--lora", str(path.parent),
                           "--out", str(tmp_path / "x.png")], cwd=cwd, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # this checkout's sdtune, not another
+                         env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)})  # this checkout's sdtune, not another
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr
     assert str(path) in out.stderr and "size mismatch" in out.stderr
