@@ -47,18 +47,18 @@ def test_report_row_measures_size_and_load(variant):
     assert row["memory_bytes"] < parent  # int8 weights: smaller than the float32 parent
 
 
-def int8_linears(module) -> set[str]:
+def linear_weight_types(module) -> set[str]:
     return {type(m.weight).__name__ for m in module.modules() if isinstance(m, torch.nn.Linear)}
 
 
 def test_saved_variant_reloads_and_gives_the_same_image_for_the_same_seed(variant, int8_images):
     path, _ = variant
     pipe = generate.pipeline(sd, MODEL, torch.device("cpu"), variant_dir=path, method="int8wo")
-    assert "Int8Tensor" in int8_linears(pipe.unet)  # the pipeline samples with the saved int8 denoiser
+    assert "Int8Tensor" in linear_weight_types(pipe.unet)  # the pipeline samples with the saved int8 denoiser
     again = images(pipe)
     assert [a.tobytes() for a in int8_images] == [b.tobytes() for b in again]
     reloaded = quantize.load_variant(sd, path, "int8wo")
-    assert "Int8Tensor" in int8_linears(reloaded)  # loaded as int8 from disk, not quantized again from float
+    assert "Int8Tensor" in linear_weight_types(reloaded)  # loaded as int8 from disk, not quantized again from float
     # The same images as the reloaded denoiser in a pipeline built here (int8wo computes in bf16),
     # and not the base model's in that dtype: the quantized, LoRA-fused denoiser draws them.
     by_hand = images(sd.load_pipeline(MODEL, torch.bfloat16, unet=reloaded))
