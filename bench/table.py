@@ -92,8 +92,8 @@ def render(rows, judged) -> str:
         f"Device: {', '.join(devices) or 'none'}. Step ms: median of synchronised steps after warm-up; "
         "pipelined ms: back-to-back steps, one sync at the end. MFU: FLOPs per step over the run's peak "
         "(datasheet dense peak, else a measured GEMM ceiling); FLOPs are torch's FlopCounterMode count of one "
-        "eager step: fused attention's backward as torch's formula counts it (5 matmuls, the recomputed QKᵀ "
-        "included, where the model needs 4; math attention: 4), gradient checkpointing's recompute left out.",
+        "eager step in model FLOPs: attention's backward as 4 matmuls whichever kernel runs it (a fused kernel's "
+        "recomputed QKᵀ and gradient checkpointing's recomputed forward are left out; the JSON's HFU keeps them).",
         results_table(rows), targets_table(judged)]) + "\n"
 
 

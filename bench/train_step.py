@@ -303,16 +303,16 @@ class Bench:
 
 
 def count_model_flops(bench) -> dict:
-    """FLOPs of one step as dispatched, and without the recompute of gradient checkpointing
-    (counted once more with it switched off; see flops.no_recompute)."""
-    dispatched = flops.count_flops(bench.step)
-    out = {"flops_per_step": dispatched, "flops_dispatched": dispatched}
-    if bench.args.checkpointing:
-        try:
-            with flops.no_recompute(bench.model):
-                out["flops_per_step"] = flops.count_flops(bench.step)
-        except torch.OutOfMemoryError:
-            out["flops_note"] = "out of memory without checkpointing: flops_per_step includes recompute"
+    """FLOPs of one step as its kernels do them (HFU's: recomputation included), and as the model
+    needs them (MFU's: without the recompute of gradient checkpointing, counted with it switched
+    off, see flops.no_recompute, nor the scores a fused attention backward recomputes)."""
+    out = {"flops_dispatched": flops.count_dispatched_flops(bench.step)}
+    try:
+        with flops.no_recompute(bench.model) if bench.args.checkpointing else contextlib.nullcontext():
+            out["flops_per_step"] = flops.count_flops(bench.step)
+    except torch.OutOfMemoryError:  # checkpointing is back on: this count includes its recompute
+        out["flops_per_step"] = flops.count_flops(bench.step)
+        out["flops_note"] = "out of memory without checkpointing: flops_per_step includes recompute"
     return out
 
 

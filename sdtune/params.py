@@ -97,7 +97,7 @@ class Train(Section):
     warmup_steps: int = Field(0, ge=0)
     optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
     weight_decay: float = Field(1e-2, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping (the norm is still measured)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "math"] = "sdpa"  # math: the unfused reference kernel, for comparison

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 import sdtune
 from conftest import assert_no_secret, run, wandb_stage
-from sdtune import io, params as params_lib, runtime
+from sdtune import params as params_lib, runtime
 from sdtune.evaluate import report as eval_report
 from sdtune.families import common, sd
 

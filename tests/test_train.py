@@ -245,6 +245,27 @@ def test_other_optimizers_train_on_cpu(workspace, optimizer, lr):
         assert all({"s", "p0"} <= inner.state[p].keys() for g in inner.param_groups for p in g["params"])
 
 
+def test_max_grad_norm_null_trains_unclipped_and_still_measures_the_norm(workspace):
+    """null turns clipping off (.inf used to, and is now refused like every non-finite param).
+    The norm the optimizer sees is read from its gradients as its step begins."""
+    from accelerate.state import AcceleratorState
+
+    def one_step(bound):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        run = loop.setup(in_process_params(workspace, max_grad_norm=bound), workspace / "cache")
+        seen = []
+        run.optimizer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(
+            torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in opt.param_groups for p in g["params"]])).item()))
+        loop.train_step(run, 0)
+        return float(run.grad_norm), seen[0]
+
+    norm, stepped = one_step(None)
+    assert math.isfinite(norm) and norm > 0
+    assert stepped == pytest.approx(norm, rel=1e-5)  # not clipped
+    norm, stepped = one_step(1.0e-3)
+    assert norm > 1.0e-2 and stepped == pytest.approx(1.0e-3, rel=1e-3)  # clipped to the bound
+
+
 def lora_state(run):
     from sdtune.train import lora
 

@@ -76,8 +76,16 @@ def no_recompute(model):
 
 
 def count_flops(fn, *args, **kwargs) -> int:
-    """FLOPs of one call `fn(*args, **kwargs)` (e.g. forward + backward of a training step)."""
+    """Model FLOPs of one call `fn(*args, **kwargs)` (e.g. forward + backward of a training step)."""
     with FlopCounterMode(display=False, custom_mapping=MODEL_FLOPS) as counter:
+        fn(*args, **kwargs)
+    return int(counter.get_total_flops())
+
+
+def count_dispatched_flops(fn, *args, **kwargs) -> int:
+    """FLOPs the kernels of one call do, as torch's formulas count them, recomputation included
+    (the fused attention backward's scores, checkpointing's forward): what HFU is defined on."""
+    with FlopCounterMode(display=False) as counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
 

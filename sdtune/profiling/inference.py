@@ -85,7 +85,8 @@ def profile_cell(params, raw: dict, lora_dir, device) -> dict:
     n_flops = flops.count_flops(one)
     peak, source = hardware.peak_tflops(device, dtype)
     seconds = timing["median_s"]
-    return {"name": cell.name, "cell": cell.model_dump(), "dtype": str(dtype).removeprefix("torch."),
+    keys = cell.model_dump(exclude={"dtype", "lora"} if cell.variant else set())  # a variant's are its own
+    return {"name": cell.name, "cell": keys, "dtype": str(dtype).removeprefix("torch."),
             "seconds_per_image": seconds,
             "denoiser_steps_per_second": e.steps / seconds, "flops_per_image": n_flops,
             "achieved_tflops": flops.achieved_tflops(n_flops, seconds), "mfu": hardware.mfu(n_flops, seconds, peak),

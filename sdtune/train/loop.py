@@ -222,7 +222,9 @@ def train_step(run: Run, step: int, timer=NullTimer()) -> torch.Tensor:
                 acc.backward(loss / p.grad_accum)
         total += loss.detach() / p.grad_accum
     with timer.phase("optimizer"):
-        run.grad_norm = acc.clip_grad_norm_(lora.trainable(run.denoiser), p.max_grad_norm)
+        # An infinite bound clips nothing and still returns the norm.
+        bound = p.max_grad_norm if p.max_grad_norm is not None else math.inf
+        run.grad_norm = acc.clip_grad_norm_(lora.trainable(run.denoiser), bound)
         scale = acc.scaler.get_scale() if acc.scaler is not None else None
         run.optimizer.step()
         # fp16: the loss scaler skips a step whose gradients overflowed, and halves its scale. The
