@@ -102,11 +102,10 @@ def variant_kwargs(name, lora, lora_scale=None):
     """pipeline() arguments for models/quantized/<name>/: method-mode, e.g. int8wo-fused."""
     from sdtune import quantize
 
-    quant_dir = quantize.QUANT_DIR
-    if not (quant_dir / name).is_dir():
-        have = sorted(p.name for p in quant_dir.iterdir() if p.is_dir()) if quant_dir.is_dir() else []
+    have = quantize.saved_variants()
+    if name not in have:
         listed = ", ".join(have) if have else "none (run the quantize stage or dvc pull)"
-        raise UserError(f"--variant: no variant {name!r} in {quant_dir}/; available: {listed}")
+        raise UserError(f"--variant: no variant {name!r} in {quantize.QUANT_DIR}/; available: {listed}")
     method, mode = quantize.variant_parts(name)
     if method not in quantize.METHODS:
         raise UserError(f"--variant: {name!r} does not start with a known method ({', '.join(quantize.METHODS)})")

@@ -67,6 +67,11 @@ def variant_parts(name: str) -> tuple[str, str]:
     return method, mode
 
 
+def saved_variants() -> list[str]:
+    """The variants the quantize stage saved: the folders in QUANT_DIR."""
+    return sorted(p.name for p in QUANT_DIR.iterdir() if p.is_dir()) if QUANT_DIR.is_dir() else []
+
+
 def pipeline_kwargs(name: str, lora_dir=None) -> dict:
     """generate.pipeline() arguments for the variant QUANT_DIR/<name>: its method, and the LoRA to
     load on top: `lora_dir`, or LORA_DIR by default when the variant kept its LoRA as an adapter."""

@@ -28,8 +28,9 @@ def main():
                 rows.append(quantize.make_variant(family, params.model, quantize.LORA_DIR, name, mode,
                                                   tmp / quantize.variant_name(name, mode),
                                                   lora_scale=params.evaluate.lora_scale))
-        io.write_json(REPORT, {"variants": {r.pop("variant"): r for r in rows}})
-    for name, r in io.read_json(REPORT)["variants"].items():
+        variants = {r.pop("variant"): r for r in rows}
+        io.write_json(REPORT, {"variants": variants})
+    for name, r in variants.items():
         print(f"quantize: {name}: {r['disk_bytes'] / 2**20:.1f} MiB on disk, "
               f"{r['memory_bytes'] / 2**20:.1f} MiB in memory, loads in {r['load_seconds']:.2f} s")
 

@@ -45,9 +45,9 @@ def parse_cell(raw: dict) -> Cell:
 
 def check_variant(cell: Cell) -> None:
     """A cell's variant must be one the quantize stage saved: said before any cell is measured."""
-    if cell.variant is None or (quantize.QUANT_DIR / cell.variant).is_dir():
+    saved = quantize.saved_variants()
+    if cell.variant is None or cell.variant in saved:
         return
-    saved = sorted(d.name for d in quantize.QUANT_DIR.glob("*") if d.is_dir())
     raise UserError(f"params.yaml: profile.inference.{cell.name}.variant: {quantize.QUANT_DIR / cell.variant} "
                     f"does not exist; the quantize stage saved: {', '.join(saved) or 'nothing'}")
 
