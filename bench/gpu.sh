@@ -31,9 +31,14 @@ read -r -a ONLY <<<"${BENCH_ONLY:-}"
 PY=${PYTHON:-python3}
 
 SD15=(--arch sd15 --res 512)
-STEPS=(--steps 10 --warmup 3)
+# --kernels: each run also sums its kernels' time by kind (attention, convolution, matmul, fused...)
+# next to each kind's FLOPs, a few seconds that say which kind holds MFU down.
+STEPS=(--steps 10 --warmup 3 --kernels)
 # Compiled runs need more warm-up: the first steps compile forward, backward and recompile once.
-CSTEPS=(--steps 10 --warmup 5)
+CSTEPS=(--steps 10 --warmup 5 --kernels)
+# CUDA-graph runs without --kernels: their kernels replay inside graphs, a part of CUPTI's tracing
+# that has crashed processes before; a crash would lose the run's numbers.
+GSTEPS=(--steps 10 --warmup 5)
 
 # run NAME LIMIT_S NEED_S ARGS...: LIMIT_S is the run's time limit, NEED_S the least time it needs.
 # Measured on an H200 (docs/benchmarks.md): an eager run took 23-37 s in a process of its own (about
@@ -55,16 +60,13 @@ plan() {
     run sd15-bs1-baseline 60 30 "${SD15[@]}" --bs 1 --baseline "${STEPS[@]}"
     group_end
     run sd15-bs1-bf16-compile-cudagraphs 200 150 "${SD15[@]}" --bs 1 --precision bf16 --compile \
-        --compile-mode reduce-overhead "${CSTEPS[@]}"
+        --compile-mode reduce-overhead "${GSTEPS[@]}"
     run sd15-bs16-bf16-compile 200 110 "${SD15[@]}" --bs 16 --precision bf16 --compile "${CSTEPS[@]}"
     run sd35m-bs3-bf16-compile 180 80 --arch sd35m --res 1024 --bs 3 --precision bf16 --compile "${CSTEPS[@]}"
     # The rest of the SD1.5 matrix, one change at a time from sd15-bs16-bf16, and the loop's eager step.
     group_begin matrix
-    run sd15-bs16-bf16-channels-last 60 30 "${SD15[@]}" --bs 16 --precision bf16 --channels-last "${STEPS[@]}"
-    run sd15-bs16-bf16-cudnn-attn 60 30 "${SD15[@]}" --bs 16 --precision bf16 --attention cudnn "${STEPS[@]}"
     run sd15-bs16-bf16-ckpt 60 30 "${SD15[@]}" --bs 16 --precision bf16 --checkpointing "${STEPS[@]}"
     run sd15-bs16-bf16-adamw8bit 60 30 "${SD15[@]}" --bs 16 --precision bf16 --optimizer adamw8bit "${STEPS[@]}"
-    run sd15-bs16-bf16-math-attn 60 30 "${SD15[@]}" --bs 16 --precision bf16 --attention math "${STEPS[@]}"
     run sd15-bs16-bf16-rank64 60 30 "${SD15[@]}" --bs 16 --precision bf16 --rank 64 "${STEPS[@]}"
     run sd15-bs16-bf16-no-cudnn-benchmark 60 30 "${SD15[@]}" --bs 16 --precision bf16 --no-cudnn-benchmark \
         "${STEPS[@]}"
@@ -73,11 +75,21 @@ plan() {
     run sd15-bs16-bf16-loop 90 30 "${SD15[@]}" --bs 16 --precision bf16 --loop "${STEPS[@]}"
     run sd35l-bs1-nf4 120 60 --arch sd35l --res 1024 --bs 1 --precision bf16 --nf4 --steps 5 --warmup 2
     group_end
+    # Which attention kernel and which convolution layout are fastest, kernel by kind (--kernels):
+    # compiled code calls the same SDPA and cuDNN kernels, so the eager steps answer for it too.
+    # Most of SD1.5's attention has 40-dim heads, which kernels tiled for 64 or 128 run poorly.
+    group_begin kernels
+    run sd15-bs16-bf16-flash-attn 60 30 "${SD15[@]}" --bs 16 --precision bf16 --attention flash "${STEPS[@]}"
+    run sd15-bs16-bf16-efficient-attn 60 30 "${SD15[@]}" --bs 16 --precision bf16 --attention efficient "${STEPS[@]}"
+    run sd15-bs16-bf16-cudnn-attn 60 30 "${SD15[@]}" --bs 16 --precision bf16 --attention cudnn "${STEPS[@]}"
+    run sd15-bs16-bf16-math-attn 60 30 "${SD15[@]}" --bs 16 --precision bf16 --attention math "${STEPS[@]}"
+    run sd15-bs16-bf16-channels-last 60 30 "${SD15[@]}" --bs 16 --precision bf16 --channels-last "${STEPS[@]}"
+    group_end
     # Not yet measured: the training loop's own step (--loop: host-side batch, per-step generator,
     # accelerate, clipping, LR schedule) compiled, against the plain compiled steps above.
     run sd15-bs16-bf16-compile-loop 200 110 "${SD15[@]}" --bs 16 --precision bf16 --compile --loop "${CSTEPS[@]}"
     run sd15-bs1-bf16-compile-cudagraphs-loop 200 150 "${SD15[@]}" --bs 1 --precision bf16 --compile \
-        --compile-mode reduce-overhead --loop "${CSTEPS[@]}"
+        --compile-mode reduce-overhead --loop "${GSTEPS[@]}"
     run sd35m-bs3-bf16-compile-loop 180 80 --arch sd35m --res 1024 --bs 3 --precision bf16 --compile --loop \
         "${CSTEPS[@]}"
     # Not yet measured: candidates for the SD1.5 bs16 MFU target (27.4% compiled, 35% asked). The
@@ -89,6 +101,8 @@ plan() {
         --attention cudnn "${CSTEPS[@]}"
     run sd15-bs16-bf16-compile-channels-last 200 150 "${SD15[@]}" --bs 16 --precision bf16 --compile \
         --channels-last "${CSTEPS[@]}"
+    run sd15-bs16-bf16-compile-cudnn-attn-channels-last 200 150 "${SD15[@]}" --bs 16 --precision bf16 --compile \
+        --attention cudnn --channels-last "${CSTEPS[@]}"
     run sd15-bs16-bf16-compile-max-autotune 420 300 "${SD15[@]}" --bs 16 --precision bf16 --compile \
         --compile-mode max-autotune-no-cudagraphs "${CSTEPS[@]}"
 }
@@ -96,6 +110,8 @@ plan() {
 # plan() is walked once to list the runs and groups (MODE=list), then once per unit to run (MODE=run):
 # a unit is the tests, a run of its own, or a group. UNIT is the unit being run.
 MODE=list CUR_GROUP="" UNIT="" GROUP_FILE=""
+declare -A RUN_ARGS=()
+WARM=()  # the compiled runs the warm pool compiles ahead (see warm_all)
 ALL_RUNS=() RUN_GROUPS=() ALL_GROUPS=() PLAN_UNITS=() GROUP_NAMES=() GROUP_NEEDS=() GROUP_LIMIT=0
 results=()
 
@@ -115,6 +131,7 @@ run() {
     if [[ $MODE == list ]]; then
         ALL_RUNS+=("$name")
         RUN_GROUPS+=("$CUR_GROUP")
+        RUN_ARGS[$name]=$(printf '%q ' "$@")
         if [[ -z $CUR_GROUP ]]; then
             PLAN_UNITS+=("run:$name")
         fi
@@ -139,6 +156,9 @@ run() {
         GROUP_NEEDS+=("$need")
         GROUP_LIMIT=$((GROUP_LIMIT + limit))
         return 0
+    fi
+    if contains "$name" "${WARM[@]}"; then
+        need=$(warmed "$name" "$need")
     fi
     left=$((BUDGET_S - (SECONDS - start)))
     if ((left < need)); then
@@ -339,6 +359,67 @@ run_tests() {
     echo "   $((SECONDS - began))s wall"
 }
 
+# Compiling ahead: a compiled run spends most of its time (100-150 s for SD1.5 on the H200) in
+# torch.compile, on the CPU, while the GPU waits. So while the GPU tests run, BENCH_WARM processes
+# at a time (default 3 on a machine with nvidia-smi, else 0: off) compile the selected compiled runs
+# with --warm-only, in the order they will run, filling inductor's on-disk caches (FX graph,
+# AOTAutograd, Triton kernels). The timed run then waits for its warm process and compiles from the
+# cache, so it needs WARM_NEED_S instead of its own need; where a warm process failed it compiles
+# itself, as before. A warm process skips cuDNN's algorithm timing, which would use the GPU.
+if [[ -n ${BENCH_WARM:-} ]]; then
+    WARM_JOBS=$BENCH_WARM
+elif nvidia-smi -L >/dev/null 2>&1; then
+    WARM_JOBS=3
+else
+    WARM_JOBS=0
+fi
+WARM_NEED_S=${BENCH_WARM_NEED_S:-60}
+for unit in "${UNITS[@]}"; do
+    name=${unit#run:}
+    if [[ $unit == run:* && " ${RUN_ARGS[$name]} " == *" --compile "* ]] && selected "$name" ""; then
+        WARM+=("$name")
+    fi
+done
+warm_all() {
+    local name args
+    for name in "${WARM[@]}"; do
+        while (($(jobs -rp | wc -l) >= WARM_JOBS)); do
+            wait -n || true
+        done
+        eval "args=(${RUN_ARGS[$name]})"
+        (
+            rc=0
+            TORCHINDUCTOR_COMPILE_THREADS=4 timeout --kill-after=10 "$BUDGET_S" "$PY" -m bench.train_step --warm-only \
+                --name "$name" --json "$RUNS/$name.warm.json" "${args[@]}" "${EXTRA[@]}" >"$RUNS/$name.warm.log" 2>&1 || rc=$?
+            echo "$rc" >"$RUNS/$name.warm.rc"
+        ) &
+    done
+    wait
+}
+# warmed NAME NEED: waits for NAME's warm process (while the budget lasts) and prints the need of
+# the timed run that follows it.
+warmed() {
+    local name=$1 need=$2 began=$SECONDS
+    while [[ ! -f $RUNS/$name.warm.rc ]] && ((SECONDS - start < BUDGET_S - WARM_NEED_S)); do
+        sleep 1
+    done
+    if [[ -f $RUNS/$name.warm.rc && $(cat "$RUNS/$name.warm.rc") == 0 ]]; then
+        echo "== $name: compiled ahead (waited $((SECONDS - began))s: $(tail -n 1 "$RUNS/$name.warm.log"))" >&2
+        echo $((WARM_NEED_S < need ? WARM_NEED_S : need))
+    else
+        echo "== $name: not compiled ahead ($(tail -n 1 "$RUNS/$name.warm.log" 2>/dev/null || echo "no warm process")): compiles itself" >&2
+        echo "$need"
+    fi
+}
+WARM_PID=""
+if ((WARM_JOBS > 0 && ${#WARM[@]})); then
+    echo "== compiling ahead, $WARM_JOBS at a time: ${WARM[*]}"
+    warm_all &
+    WARM_PID=$!
+else
+    WARM=()
+fi
+
 MODE=run
 for UNIT in "${UNITS[@]}"; do
     if [[ $UNIT == tests ]]; then
@@ -348,6 +429,10 @@ for UNIT in "${UNITS[@]}"; do
     fi
 done
 
+if [[ -n $WARM_PID ]]; then  # warm processes still compiling runs that will not run
+    kill "$WARM_PID" 2>/dev/null || true
+    pkill -f -- "-m bench.train_step --warm-only" 2>/dev/null || true
+fi
 if ((${#results[@]})); then
     "$PY" -m bench.table "${results[@]}" --json "$OUT/bench.json" --md "$OUT/bench.md" ||
         echo "bench.table failed (exit $?)"

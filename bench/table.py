@@ -12,6 +12,7 @@ import operator
 from pathlib import Path
 
 from sdtune import io
+from sdtune.profiling import kernels
 
 GIB = 2**30
 
@@ -86,6 +87,17 @@ def targets_table(judged) -> str:
     return "\n".join(lines)
 
 
+def kernel_tables(rows) -> list[str]:
+    """Each run's kernel time by kind (bench.train_step --kernels), where it has one."""
+    out = []
+    for r in rows:
+        k = r.get("kernels") if _ok(r) else None
+        if k:
+            body = kernels.table(k) if "rows" in k else f"kernel breakdown failed: {k['error']}"
+            out.append(f"**{r['name']}**: kernel time by kind, per step\n\n{body}")
+    return out
+
+
 def render(rows, judged) -> str:
     devices = sorted({r["device_name"] for r in rows if _ok(r)})
     return "\n\n".join([
@@ -94,7 +106,7 @@ def render(rows, judged) -> str:
         "(datasheet dense peak, else a measured GEMM ceiling); FLOPs are torch's FlopCounterMode count of one "
         "eager step in model FLOPs: attention's backward as 4 matmuls whichever kernel runs it (a fused kernel's "
         "recomputed QKᵀ and gradient checkpointing's recomputed forward are left out; the JSON's HFU keeps them).",
-        results_table(rows), targets_table(judged)]) + "\n"
+        results_table(rows), targets_table(judged), *kernel_tables(rows)]) + "\n"
 
 
 def main(argv=None) -> str:

@@ -42,7 +42,7 @@ from bench import archs
 from sdtune import families, io, params
 from sdtune.families import common
 from sdtune.params import CUDA_GRAPH_MODES
-from sdtune.profiling import flops, hardware, memory
+from sdtune.profiling import flops, hardware, kernels, memory
 from sdtune.profiling.phases import PhaseTimer, sync
 from sdtune.train import lora, loop, optim
 
@@ -80,6 +80,13 @@ def parse(argv=None):
     p.add_argument("--loop", action="store_true", help="sdtune's training loop step (see above)")
     p.add_argument("--steps", type=int, default=20, help="measured steps")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--kernels", action="store_true",
+                   help="also profile a few steps and sum kernel time by kind (attention, convolution, "
+                        "matmul, fused, ...) next to each kind's FLOPs: which kind holds MFU down")
+    p.add_argument("--warm-only", action="store_true",
+                   help="build, compile and run the warm-up steps only, without timing or FLOP counts: "
+                        "fills inductor's on-disk caches so that a later run of the same options compiles "
+                        "from them (bench/gpu.sh does this while the GPU tests run)")
     p.add_argument("--phases", action="store_true",
                    help="also time forward/backward/optimizer (a sync at each boundary: slower steps)")
     p.add_argument("--device", default="auto",
@@ -309,10 +316,12 @@ def count_model_flops(bench) -> dict:
     out = {"flops_dispatched": flops.count_dispatched_flops(bench.step)}
     try:
         with flops.no_recompute(bench.model) if bench.args.checkpointing else contextlib.nullcontext():
-            out["flops_per_step"] = flops.count_flops(bench.step)
+            by_op = flops.count_flops_by_op(bench.step)
     except torch.OutOfMemoryError:  # checkpointing is back on: this count includes its recompute
-        out["flops_per_step"] = flops.count_flops(bench.step)
+        by_op = flops.count_flops_by_op(bench.step)
         out["flops_note"] = "out of memory without checkpointing: flops_per_step includes recompute"
+    out["flops_per_step"] = sum(by_op.values())
+    out["flops_by_kind"] = kernels.flops_by_kind(by_op)
     return out
 
 
@@ -331,6 +340,8 @@ def run(args, began: float = IMPORTED_AT) -> dict:
     bench = Bench(args)
     device = bench.device
     lap("build")
+    if args.warm_only:
+        return warm(bench, seconds, lap)
     counted = count_model_flops(bench)  # eager, before compiling: FlopCounterMode does not see inside compiled code
     lap("flop_count")
     if device.type == "meta":  # shapes only: FLOPs are all there is to measure
@@ -338,6 +349,7 @@ def run(args, began: float = IMPORTED_AT) -> dict:
     if args.compile:
         bench.compile()
     memory.reset_peak(device)
+    cached_before = compile_cache_counts()
 
     # Per-step times: the timer syncs at each step's start and end (and at phase edges with --phases).
     timer = PhaseTimer(device, warmup=args.warmup)
@@ -347,6 +359,7 @@ def run(args, began: float = IMPORTED_AT) -> dict:
         loss = bench.step(phase_timer)
         timer.step_end()
     lap("warmup_and_timed_steps")  # compiling happens in the first warm-up steps; step_end synced
+    compile_cache = delta(compile_cache_counts(), cached_before) if args.compile else None
     summary = timer.summary()
     # Back to back with one sync at the end, as the training loop runs: the host queues the next
     # step while the GPU finishes this one.
@@ -357,6 +370,14 @@ def run(args, began: float = IMPORTED_AT) -> dict:
     sync(device)
     pipelined_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     lap("pipelined_steps")
+    by_kind = None
+    if args.kernels:  # after the timed steps: the profiler's overhead stays out of their times
+        try:
+            ms = kernels.time_by_kind(bench.step, min(args.steps, 3), device)
+            by_kind = kernels.breakdown(ms, counted["flops_by_kind"], pipelined_ms)
+        except Exception as err:  # the breakdown is a diagnosis: the measured numbers above stand
+            by_kind = {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"}
+        lap("kernel_profile")
 
     peak_mem = memory.peak_memory(device)
     parts = memory.breakdown(bench.model, bench.optimizer)
@@ -374,7 +395,7 @@ def run(args, began: float = IMPORTED_AT) -> dict:
         "steps": args.steps, "warmup": args.warmup,
         "step_ms": summary["step_median_ms"], "step_ms_mean": summary["step_mean_ms"],
         "step_ms_pipelined": pipelined_ms, "images_per_second": args.bs / step_s,
-        "phases": summary["phases"] if args.phases else None,
+        "phases": summary["phases"] if args.phases else None, "kernels": by_kind, "compile_cache": compile_cache,
         **counted,
         "achieved_tflops": flops.achieved_tflops(counted["flops_per_step"], step_s),
         "peak_tflops": peak, "peak_source": peak_source,
@@ -399,19 +420,58 @@ def run(args, began: float = IMPORTED_AT) -> dict:
     return result
 
 
+def warm(bench, seconds: dict, lap) -> dict:
+    """--warm-only: compile and run the warm-up steps, so that inductor's on-disk caches (FX graph,
+    AOTAutograd, Triton kernels) hold this configuration's compiled code. cuDNN's algorithm timing is
+    left off: it changes no compiled code, and it would run on a GPU that another run is timing."""
+    torch.backends.cudnn.benchmark = False
+    if bench.args.compile:
+        bench.compile()
+    before = compile_cache_counts()
+    for _ in range(bench.args.warmup):
+        loss = bench.step()
+    sync(bench.device)
+    lap("warmup_steps")
+    return {"name": bench.args.name, "warm_only": True, "final_loss": float(loss), "seconds": seconds,
+            "compile_cache": delta(compile_cache_counts(), before)}
+
+
+def compile_cache_counts() -> dict[str, int]:
+    """Hits and misses of inductor's on-disk caches so far in this process: whether a compile ran
+    or was loaded (the compiled graph, and AOTAutograd's forward and backward)."""
+    from torch._dynamo.utils import counters
+
+    return {"fx_graph_hit": counters["inductor"]["fxgraph_cache_hit"],
+            "fx_graph_miss": counters["inductor"]["fxgraph_cache_miss"],
+            "aot_autograd_hit": counters["aot_autograd"]["autograd_cache_hit"],
+            "aot_autograd_miss": counters["aot_autograd"]["autograd_cache_miss"]}
+
+
+def delta(after: dict, before: dict) -> dict:
+    return {k: after[k] - before[k] for k in after}
+
+
 def report(args, result: dict) -> dict:
     if args.json:
         io.write_text(args.json, json.dumps(result, indent=1) + "\n")
     if "error" in result:
         print(f"{result['name']}: {result['error']}")
         return result
+    if result.get("warm_only"):
+        print(f"{result['name']}: warmed in {sum(result['seconds'].values()):.0f} s")
+        return result
     if "step_ms" not in result:
         print(f"{result['name']}: {result['flops_per_step'] / 1e12:.4g} TFLOP/step "
               f"({result['flops_dispatched'] / 1e12:.4g} dispatched)")
         return result
     mem_gib = result["peak_memory_bytes"] / 2**30
+    if result.get("kernels"):
+        print(kernels.table(result["kernels"]) if "rows" in result["kernels"]
+              else f"kernel breakdown failed: {result['kernels']['error']}")
+    cache = result.get("compile_cache")
+    cached = f", compiled graphs from the cache {cache['fx_graph_hit']}/{cache['fx_graph_hit'] + cache['fx_graph_miss']}" if cache else ""
     print(f"{result['name']}: {result['step_ms']:.1f} ms/step (pipelined {result['step_ms_pipelined']:.1f}), "
-          f"{result['flops_per_step'] / 1e12:.3g} TFLOP/step, MFU {result['mfu']:.1%}, peak {mem_gib:.2f} GiB")
+          f"{result['flops_per_step'] / 1e12:.3g} TFLOP/step, MFU {result['mfu']:.1%}, peak {mem_gib:.2f} GiB{cached}")
     return result
 
 

@@ -92,7 +92,7 @@ def _dispatched_flops(argv, checkpointing: bool) -> int:
 
 
 CASES = {
-    "sd15": ["--arch", "sd15"],
+    "sd15": ["--arch", "sd15", "--kernels"],
     "sd15-ckpt": ["--arch", "sd15", "--checkpointing"],
     "sd35m": ["--arch", "sd35m"],
     "sd35m-ckpt": ["--arch", "sd35m", "--checkpointing"],
@@ -132,10 +132,22 @@ def test_train_step_measures_time_flops_and_mfu(results, case):
     assert r["flops_dispatched"] == _dispatched_flops(argv, "--checkpointing" in argv) > r["flops_per_step"]
     assert r["trainable_params"] > 0 and math.isfinite(r["final_loss"])
     # Where the run's wall time went, part by part.
-    assert list(r["seconds"]) == ["startup", "build", "flop_count", "warmup_and_timed_steps", "pipelined_steps"]
+    parts = ["startup", "build", "flop_count", "warmup_and_timed_steps", "pipelined_steps"]
+    assert list(r["seconds"]) == parts + (["kernel_profile"] if "--kernels" in argv else [])
     assert all(v > 0 for v in r["seconds"].values())
     assert r["seconds"]["warmup_and_timed_steps"] >= r["steps"] * r["step_ms_mean"] / 1e3  # the timed ones and more
     assert r["seconds"]["pipelined_steps"] * 1e3 == pytest.approx(r["steps"] * r["step_ms_pipelined"], rel=0.01)
+    # FLOPs by kind are the parts of the step's count.
+    assert sum(r["flops_by_kind"].values()) == r["flops_per_step"]
+    if "--kernels" not in argv:
+        assert r["kernels"] is None
+        return
+    rows = {row["kind"]: row for row in r["kernels"]["rows"]}
+    assert {"convolution", "matmul", "attention"} <= set(rows)
+    for kind in ("convolution", "matmul", "attention"):
+        assert rows[kind]["ms"] > 0 and rows[kind]["tflop"] * 1e12 == r["flops_by_kind"][kind]
+    assert sum(row["share"] for row in rows.values()) == pytest.approx(1)
+    assert r["kernels"]["kernel_ms"] == pytest.approx(sum(row["ms"] for row in rows.values()))
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sd35m"])
@@ -176,6 +188,8 @@ def test_table_renders_results_failures_and_targets(results, tmp_path):
     for case in ["sd15-tiny 64px bs1 fp32", "sd35m-tiny 64px bs1 fp32 ckpt", "timed out after 120s"]:
         assert case in md
     assert "×" in md  # the speedup over the baseline of the same arch, size and batch
+    assert "**sd15-tiny 64px bs1 fp32**: kernel time by kind, per step" in md  # the one --kernels run
+    assert md.count("kernel time by kind") == 1 and "| all kernels |" in md
     combined = json.loads((tmp_path / "bench.json").read_text())
     assert len(combined["results"]) == len(paths)
     # Tiny runs never count towards the real-size targets.
@@ -239,7 +253,7 @@ def test_many_runs_share_a_process_and_each_gets_its_result(tmp_path):
 
 
 def test_gpu_script_groups_eager_runs_and_reports_every_run_on_cpu(tmp_path):
-    """The script itself, on this CPU at tiny sizes: the GPU tests (skipped here), two groups of
+    """The script itself, on this CPU at tiny sizes: the GPU tests (skipped here), three groups of
     eager runs, one run failing."""
     runs = ["sd15-bs16-bf16", "sd15-bs1-bf16", "sd15-bs16-bf16-cudnn-attn", "sd15-bs16-bf16-ckpt"]
     out = _gpu_script(tmp_path, " ".join(["tests", *runs]), BENCH_SKIP_TESTS="")
@@ -249,8 +263,9 @@ def test_gpu_script_groups_eager_runs_and_reports_every_run_on_cpu(tmp_path):
     assert all(rows[n]["step_ms"] > 0 for n in runs if n != "sd15-bs16-bf16-cudnn-attn")
     assert rows["sd15-bs16-bf16-cudnn-attn"]["error"].startswith("failed: RuntimeError")  # and the next still ran
     assert rows["sd15-bs16-bf16-ckpt"]["checkpointing"]
-    assert out.stdout.count("(one process") == 2
-    assert {p.name for p in (tmp_path / "runs").glob("group-*.log")} == {"group-targets.log", "group-matrix.log"}
+    assert out.stdout.count("(one process") == 3
+    assert {p.name for p in (tmp_path / "runs").glob("group-*.log")} == {
+        "group-targets.log", "group-kernels.log", "group-matrix.log"}
     # Each GPU test's verdict on a line of its own (-v), under pytest-timeout's per-test limit: a
     # hung test fails alone, and the verdicts before a hang survive the overall limit.
     tests = (tmp_path / "gpu-tests.txt").read_text()
@@ -306,6 +321,22 @@ def test_gpu_script_runs_in_bench_only_order_and_starts_no_run_that_needs_more_t
     assert re.fullmatch(r"not run: needs 150 s, \d+ s left", rows[0]["error"])
     assert "== sd15-bs1-bf16-compile-cudagraphs-loop: not run: needs 150s" in out.stdout
     assert rows[1]["step_ms"] > 0
+
+
+def test_gpu_script_compiles_ahead_and_the_timed_run_loads_the_compiled_graphs(tmp_path):
+    """BENCH_WARM: a --warm-only process compiles the run first (here alone, on a GPU box while
+    the tests run); the timed run then needs WARM_NEED_S and takes its graphs from inductor's cache."""
+    out = _gpu_script(tmp_path, "sd15-bs16-bf16-compile", BENCH_WARM="1", BENCH_WARM_NEED_S="45",
+                      TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "== compiling ahead, 1 at a time: sd15-bs16-bf16-compile" in out.stdout
+    assert "== sd15-bs16-bf16-compile: compiled ahead" in out.stdout + out.stderr
+    assert re.search(r"== sd15-bs16-bf16-compile \(timeout \d+s, needs 45s", out.stdout)
+    warm = json.loads((tmp_path / "runs" / "sd15-bs16-bf16-compile.warm.json").read_text())
+    timed = json.loads((tmp_path / "runs" / "sd15-bs16-bf16-compile.json").read_text())
+    assert warm["warm_only"] and warm["compile_cache"]["fx_graph_miss"] > 0
+    assert timed["compile_cache"]["fx_graph_miss"] == 0 and timed["compile_cache"]["fx_graph_hit"] > 0
+    assert timed["step_ms"] > 0 and timed["compile"]
 
 
 def test_many_starts_no_run_that_needs_more_than_is_left(tmp_path):

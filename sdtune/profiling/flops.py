@@ -77,9 +77,14 @@ def no_recompute(model):
 
 def count_flops(fn, *args, **kwargs) -> int:
     """Model FLOPs of one call `fn(*args, **kwargs)` (e.g. forward + backward of a training step)."""
+    return sum(count_flops_by_op(fn, *args, **kwargs).values())
+
+
+def count_flops_by_op(fn, *args, **kwargs) -> dict[str, int]:
+    """Model FLOPs of one call per aten op ({"aten.convolution": n, ...}): count_flops' parts."""
     with FlopCounterMode(display=False, custom_mapping=MODEL_FLOPS) as counter:
         fn(*args, **kwargs)
-    return int(counter.get_total_flops())
+    return {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
 
 
 def count_dispatched_flops(fn, *args, **kwargs) -> int:

@@ -1,0 +1,101 @@
+"""Where a step's compute time goes, by kind of kernel, and how fast each kind runs.
+
+The phases say which part of a step is slow; this says which kind of work inside it is: the
+device time of every kernel (on a CPU, the self time of every op) summed by kind, and next to it
+the FLOPs FlopCounterMode counts for that kind, so each kind's achieved TFLOP/s shows which one
+holds MFU down (say, attention kernels at half the speed of the convolutions).
+
+Kinds are read off kernel names: inductor's generated kernels start with "triton_" (GPU) or
+"cpp_" (CPU); cuDNN's and
+cuBLAS's carry fprop/dgrad/wgrad, gemm, nvjet or cutlass; the attention kernels flash, fmha or
+sdpa. The first kind whose pattern matches wins, hence the order.
+"""
+
+import re
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+KINDS = [
+    ("fused (inductor)", r"^(triton|cpp)_"),  # torch.compile's generated kernels: Triton on GPUs, C++ on CPUs
+    ("attention", r"attention|flash|fmha|sdpa"),
+    ("convolution", r"conv|fprop|dgrad|wgrad"),
+    ("layout", r"nchwtonhwc|nhwctonchw|transpose"),  # cuDNN's and others' layout changes around convs
+    ("matmul", r"gemm|nvjet|cutlass|matmul|(^|[.:_])(add|b|badd)?mm($|[.])"),
+    ("copy", r"memcpy|memset|copy"),
+]
+OTHER = "other (elementwise, norms, optimizer)"
+_PATTERNS = [(kind, re.compile(pattern)) for kind, pattern in KINDS]
+
+
+def kind(name: str) -> str:
+    """The kind of a kernel or op, from its name ("aten.convolution.default", "sm90_xmma_fprop_...")."""
+    name = name.lower().removeprefix("void ")
+    for k, pattern in _PATTERNS:
+        if pattern.search(name):
+            return k
+    return OTHER
+
+
+def flops_by_kind(counts: dict) -> dict[str, int]:
+    """FLOPs per kind from FlopCounterMode's get_flop_counts()["Global"] ({op: flops})."""
+    out: dict[str, int] = {}
+    for op, n in counts.items():
+        out[kind(str(op))] = out.get(kind(str(op)), 0) + int(n)
+    return out
+
+
+def time_by_kind(fn, steps: int, device) -> dict[str, float]:
+    """Milliseconds per call of `fn` by kind: each kernel's device time on a GPU, each op's self
+    time on a CPU (where ops run their own loops), over `steps` calls under torch.profiler."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if cuda:
+            # Device events are kernels, copies and the GPU-side spans of record_function labels
+            # (user annotations), which would count their kernels twice.
+            if event.device_type != DeviceType.CUDA or event.is_user_annotation:
+                continue
+            us = event.time_range.elapsed_us()
+        else:
+            if event.is_user_annotation:  # record_function labels: their self time is Python, kept in "other"
+                us = event.self_cpu_time_total
+                totals[OTHER] = totals.get(OTHER, 0.0) + us
+                continue
+            us = event.self_cpu_time_total
+        k = kind(event.name)
+        totals[k] = totals.get(k, 0.0) + us
+    return {k: us / 1e3 / steps for k, us in totals.items()}
+
+
+def breakdown(ms: dict[str, float], flops: dict[str, int], step_ms: float) -> dict:
+    """One row per kind, busiest first: ms per step, share of the summed kernel time, FLOPs and
+    achieved TFLOP/s (where FLOPs are counted), plus how much of the step the kernels fill."""
+    total = sum(ms.values())
+    rows = []
+    for k in sorted(set(ms) | set(flops), key=lambda k: -ms.get(k, 0.0)):
+        t, f = ms.get(k, 0.0), flops.get(k, 0)
+        rows.append({"kind": k, "ms": t, "share": t / total if total else 0.0, "tflop": f / 1e12,
+                     "tflops": f / (t / 1e3) / 1e12 if f and t else None})
+    return {"rows": rows, "kernel_ms": total, "step_ms": step_ms,
+            "busy": total / step_ms if step_ms > 0 else None}
+
+
+def table(result: dict) -> str:
+    """The breakdown as Markdown, with a last row for all kinds together."""
+    lines = ["| kind | ms/step | share | TFLOP/step | TFLOP/s |", "|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        tflop = f"{r['tflop']:.3g}" if r["tflop"] else ""
+        tflops = "" if r["tflops"] is None else f"{r['tflops']:.0f}" if r["tflops"] >= 10 else f"{r['tflops']:.2g}"
+        lines.append(f"| {r['kind']} | {r['ms']:.2f} | {r['share']:.0%} | {tflop} | {tflops} |")
+    busy = "" if result["busy"] is None else f"{result['busy']:.0%} of the {result['step_ms']:.1f} ms step"
+    lines.append(f"| all kernels | {result['kernel_ms']:.2f} | {busy} | | |")
+    return "\n".join(lines)

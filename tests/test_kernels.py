@@ -1,0 +1,95 @@
+"""sdtune.profiling.kernels: a step's kernel time by kind, next to each kind's FLOPs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from sdtune.profiling import flops, kernels
+
+# Names as they appear in torch.profiler's traces: kernels on an H100, ops on a CPU.
+NAMES = {
+    "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolution",
+    "sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x256x64": "convolution",
+    "void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816wgrad_optimized_bf16_64x64_64x5_nhwc>": "convolution",
+    "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false>": "layout",
+    "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "matmul",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4, false>>": "attention",
+    "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": "attention",
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128": "attention",
+    "triton_red_fused_native_group_norm_silu_0": "fused (inductor)",
+    "triton_poi_fused_convolution_backward_add_3": "fused (inductor)",
+    "cpp_fused_add_mul_0": "fused (inductor)",
+    "Memcpy HtoD (Pinned -> Device)": "copy",
+    "aten::mkldnn_convolution": "convolution",
+    "aten::convolution_backward": "convolution",
+    "aten::addmm": "matmul",
+    "aten::bmm": "matmul",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "aten::copy_": "copy",
+    "aten::transpose": "layout",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": kernels.OTHER,
+    "aten::native_group_norm": kernels.OTHER,
+    "aten::_fused_adamw_": kernels.OTHER,
+}
+
+
+@pytest.mark.parametrize("name", list(NAMES))
+def test_kernel_and_op_names_map_to_their_kind(name):
+    assert kernels.kind(name) == NAMES[name]
+
+
+def _step(conv, linear, x, tokens):
+    """A step with a convolution, a matmul and an attention, forward and backward."""
+
+    def step():
+        y = conv(x).mean()
+        h = linear(tokens)
+        q = h.view(2, 16, 2, 8).transpose(1, 2)
+        z = F.scaled_dot_product_attention(q, q, q).mean()
+        (y + z).backward()
+
+    return step
+
+
+def test_flops_by_kind_split_the_step_count_by_op():
+    torch.manual_seed(0)
+    step = _step(torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(16, 16), torch.randn(2, 3, 16, 16), torch.randn(2, 16, 16))
+    by_op = flops.count_flops_by_op(step)
+    by_kind = kernels.flops_by_kind(by_op)
+    assert set(by_kind) == {"convolution", "matmul", "attention"}
+    assert sum(by_kind.values()) == flops.count_flops(step)
+    # The convolution's share, counted independently: its forward and backward ops.
+    with FlopCounterMode(display=False) as counter:
+        step()
+    convs = {str(op): n for op, n in counter.get_flop_counts()["Global"].items() if "convolution" in str(op)}
+    assert by_kind["convolution"] == sum(convs.values()) > 0
+
+
+def test_time_by_kind_finds_where_a_step_spends_its_time(keep_threads):
+    torch.set_num_threads(1)
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1)
+    conv_heavy = lambda: conv(torch.randn(4, 32, 48, 48)).sum().backward()  # noqa: E731
+    linear = torch.nn.Linear(512, 512)
+    matmul_heavy = lambda: linear(torch.randn(1024, 512)).sum().backward()  # noqa: E731
+    for step, kind in [(conv_heavy, "convolution"), (matmul_heavy, "matmul")]:
+        step()  # warm-up: first calls allocate and pick algorithms
+        ms = kernels.time_by_kind(step, 2, "cpu")
+        assert all(v >= 0 for v in ms.values())
+        assert ms[kind] / sum(ms.values()) > 0.5, ms
+
+
+def test_breakdown_rates_each_kind_by_its_own_flops_and_time():
+    ms = {"convolution": 6.0, "matmul": 2.0}
+    counted = {"convolution": 6 * 10**12, "matmul": 10**12, "attention": 5 * 10**11}
+    b = kernels.breakdown(ms, counted, step_ms=10.0)
+    assert [r["kind"] for r in b["rows"]] == ["convolution", "matmul", "attention"]
+    conv, mm, attn = b["rows"]
+    assert conv["share"] == 0.75 and conv["tflops"] == pytest.approx(1000)  # 6 TFLOP in 6 ms
+    assert mm["tflops"] == pytest.approx(500)
+    assert attn["ms"] == 0 and attn["tflops"] is None  # counted, but no kernel of its kind ran
+    assert b["kernel_ms"] == 8.0 and b["busy"] == pytest.approx(0.8)
+    md = kernels.table(b)
+    assert "| convolution | 6.00 | 75% | 6 | 1000 |" in md
+    assert "| all kernels | 8.00 | 80% of the 10.0 ms step | | |" in md
