@@ -22,6 +22,7 @@ imports and the CUDA start-up are paid once (bench/gpu.sh groups its eager runs 
 """
 
 import argparse
+import ast
 import contextlib
 import datetime
 import json
@@ -36,6 +37,7 @@ from pathlib import Path
 IMPORTED_AT = time.perf_counter()  # before torch and diffusers: their import time is part of a run's cost
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from accelerate.state import AcceleratorState
 from bench import archs
@@ -65,6 +67,9 @@ def parse(argv=None):
     p.add_argument("--compile-scope", choices=["full", "blocks"],
                    help="whole model, or each repeated block (regional: faster to compile); "
                         "default full for UNets, blocks for SD3")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a torch._inductor.config option for this run's compile, e.g. "
+                        "force_layout_optimization=True (repeatable)")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--rank", type=int, default=16)
@@ -120,8 +125,30 @@ def parse(argv=None):
         p.error("--baseline is the SD1.5 diffusers example: --arch sd15, no --compile, no --nf4")
     if args.res % 8:
         p.error("--res must be a multiple of 8 (the VAE downsamples 8x)")
+    args.inductor = dict(inductor_option(p, item) for item in args.inductor)
+    if args.inductor and not args.compile:
+        p.error("--inductor sets torch.compile's options: it needs --compile")
     args.name = args.name or label(args)
     return args
+
+
+def inductor_option(p, item: str) -> tuple[str, object]:
+    """KEY=VALUE to (key, value), the value a Python literal of the option's own type."""
+    key, sep, text = item.partition("=")
+    owner, *path = key.split(".")
+    try:
+        current = getattr(inductor_config, owner)
+        for part in path:
+            current = getattr(current, part)
+    except AttributeError:
+        p.error(f"--inductor {item}: torch._inductor.config has no option {key!r}")
+    try:
+        value = ast.literal_eval(text) if sep else None
+    except (ValueError, SyntaxError):
+        value = text
+    if not sep or type(value) is not type(current):
+        p.error(f"--inductor {item}: expected {key}=<{type(current).__name__}>, as the option is now {current!r}")
+    return key, value
 
 
 def label(args) -> str:
@@ -132,6 +159,7 @@ def label(args) -> str:
         parts.append("loop")
     if args.compile:
         parts.append("compile" + ("" if args.compile_mode == "default" else f"-{args.compile_mode}"))
+        parts += [f"{k}={v}" for k, v in args.inductor.items()]
     for flag, text in [(args.checkpointing, "ckpt"), (args.nf4, "nf4"), (args.tf32, "tf32"),
                        (args.channels_last, "channels-last"), (args.optimizer == "adamw8bit", "adamw8bit"),
                        (args.attention != "sdpa", f"{args.attention}-attn"),
@@ -328,6 +356,11 @@ def count_model_flops(bench) -> dict:
 def run(args, began: float = IMPORTED_AT) -> dict:
     """One configuration, measured. `began`: when its process started importing, or when the
     previous run of a --many process ended."""
+    with inductor_config.patch(args.inductor):  # --inductor's options, for this run only
+        return _run(args, began)
+
+
+def _run(args, began: float) -> dict:
     # Where a run's wall time goes, for planning a device call (most of a short eager run is not
     # its timed steps): "startup" is the imports, or in a --many process the clean-up after the last run.
     seconds, clock = {"startup": time.perf_counter() - began}, time.perf_counter()
@@ -373,8 +406,8 @@ def run(args, began: float = IMPORTED_AT) -> dict:
     by_kind = None
     if args.kernels:  # after the timed steps: the profiler's overhead stays out of their times
         try:
-            ms = kernels.time_by_kind(bench.step, min(args.steps, 3), device)
-            by_kind = kernels.breakdown(ms, counted["flops_by_kind"], pipelined_ms)
+            per_kernel = kernels.time_by_kernel(bench.step, min(args.steps, 3), device)
+            by_kind = kernels.breakdown(per_kernel, counted["flops_by_kind"], pipelined_ms)
         except Exception as err:  # the breakdown is a diagnosis: the measured numbers above stand
             by_kind = {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"}
         lap("kernel_profile")
@@ -388,7 +421,7 @@ def run(args, began: float = IMPORTED_AT) -> dict:
         "precision": args.precision, "tf32": args.tf32, "baseline": args.baseline, "loop": args.loop,
         "compile": args.compile,
         "compile_mode": args.compile_mode if args.compile else None,
-        "compile_scope": args.compile_scope if args.compile else None,
+        "compile_scope": args.compile_scope if args.compile else None, "inductor": args.inductor,
         "checkpointing": args.checkpointing, "optimizer": args.optimizer, "rank": args.rank, "nf4": args.nf4,
         "attention": args.attention, "channels_last": args.channels_last,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,

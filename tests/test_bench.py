@@ -330,6 +330,7 @@ def test_gpu_script_compiles_ahead_and_the_timed_run_loads_the_compiled_graphs(t
                       TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "== compiling ahead, 1 at a time: sd15-bs16-bf16-compile" in out.stdout
+    assert re.search(r"== waited \d+s for the warm processes to end", out.stdout)  # timed alone
     assert "== sd15-bs16-bf16-compile: compiled ahead" in out.stdout + out.stderr
     assert re.search(r"== sd15-bs16-bf16-compile \(timeout \d+s, needs 45s", out.stdout)
     warm = json.loads((tmp_path / "runs" / "sd15-bs16-bf16-compile.warm.json").read_text())
@@ -337,6 +338,30 @@ def test_gpu_script_compiles_ahead_and_the_timed_run_loads_the_compiled_graphs(t
     assert warm["warm_only"] and warm["compile_cache"]["fx_graph_miss"] > 0
     assert timed["compile_cache"]["fx_graph_miss"] == 0 and timed["compile_cache"]["fx_graph_hit"] > 0
     assert timed["step_ms"] > 0 and timed["compile"]
+
+
+def test_inductor_options_are_checked_and_hold_for_their_run_only(monkeypatch, capsys):
+    import torch._inductor.config as inductor_config
+
+    for bad, message in [("nope=1", "torch._inductor.config has no option 'nope'"),
+                         ("force_layout_optimization=1", "expected force_layout_optimization=<bool>"),
+                         ("force_layout_optimization", "expected force_layout_optimization=<bool>")]:
+        with pytest.raises(SystemExit):
+            train_step.parse(["--tiny", "--compile", "--inductor", bad])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_step.parse(["--tiny", "--inductor", "force_layout_optimization=True"])
+    assert "needs --compile" in capsys.readouterr().err
+
+    args = train_step.parse(["--tiny", "--compile", "--inductor", "force_layout_optimization=True",
+                             "--inductor", "triton.cudagraphs=True"])
+    assert args.name.endswith("compile force_layout_optimization=True triton.cudagraphs=True")
+    seen = {}
+    monkeypatch.setattr(train_step, "_run", lambda a, began: seen.update(
+        layout=inductor_config.force_layout_optimization, graphs=inductor_config.triton.cudagraphs))
+    train_step.run(args)
+    assert seen == {"layout": True, "graphs": True}
+    assert not inductor_config.force_layout_optimization and not inductor_config.triton.cudagraphs
 
 
 def test_many_starts_no_run_that_needs_more_than_is_left(tmp_path):

@@ -75,15 +75,19 @@ def test_time_by_kind_finds_where_a_step_spends_its_time(keep_threads):
     matmul_heavy = lambda: linear(torch.randn(1024, 512)).sum().backward()  # noqa: E731
     for step, kind in [(conv_heavy, "convolution"), (matmul_heavy, "matmul")]:
         step()  # warm-up: first calls allocate and pick algorithms
-        ms = kernels.time_by_kind(step, 2, "cpu")
-        assert all(v >= 0 for v in ms.values())
+        per_kernel = kernels.time_by_kernel(step, 2, "cpu")
+        ms = kernels.by_kind(per_kernel)
+        assert all(v >= 0 for v in ms.values()) and sum(ms.values()) == pytest.approx(sum(per_kernel.values()))
         assert ms[kind] / sum(ms.values()) > 0.5, ms
+        busiest = kernels.breakdown(per_kernel, {}, step_ms=1.0, top=3)["top"]
+        assert len(busiest) == 3 and busiest[0]["kind"] == kind  # the op that does the step's work
+        assert [k["ms"] for k in busiest] == sorted((k["ms"] for k in busiest), reverse=True)
 
 
 def test_breakdown_rates_each_kind_by_its_own_flops_and_time():
-    ms = {"convolution": 6.0, "matmul": 2.0}
+    per_kernel = {"sm90_xmma_fprop_implicit_gemm": 4.0, "sm90_xmma_dgrad_implicit_gemm": 2.0, "nvjet_tst_128x256": 2.0}
     counted = {"convolution": 6 * 10**12, "matmul": 10**12, "attention": 5 * 10**11}
-    b = kernels.breakdown(ms, counted, step_ms=10.0)
+    b = kernels.breakdown(per_kernel, counted, step_ms=10.0)
     assert [r["kind"] for r in b["rows"]] == ["convolution", "matmul", "attention"]
     conv, mm, attn = b["rows"]
     assert conv["share"] == 0.75 and conv["tflops"] == pytest.approx(1000)  # 6 TFLOP in 6 ms
@@ -93,3 +97,5 @@ def test_breakdown_rates_each_kind_by_its_own_flops_and_time():
     md = kernels.table(b)
     assert "| convolution | 6.00 | 75% | 6 | 1000 |" in md
     assert "| all kernels | 8.00 | 80% of the 10.0 ms step | | |" in md
+    assert [k["name"] for k in b["top"]][0] == "sm90_xmma_fprop_implicit_gemm"
+    assert "| `sm90_xmma_fprop_implicit_gemm` | convolution | 4.00 |" in md

@@ -46,9 +46,9 @@ def flops_by_kind(counts: dict) -> dict[str, int]:
     return out
 
 
-def time_by_kind(fn, steps: int, device) -> dict[str, float]:
-    """Milliseconds per call of `fn` by kind: each kernel's device time on a GPU, each op's self
-    time on a CPU (where ops run their own loops), over `steps` calls under torch.profiler."""
+def time_by_kernel(fn, steps: int, device) -> dict[str, float]:
+    """Milliseconds per call of `fn` by kernel name: each kernel's device time on a GPU, each op's
+    self time on a CPU (where ops run their own loops), over `steps` calls under torch.profiler."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -59,6 +59,7 @@ def time_by_kind(fn, steps: int, device) -> dict[str, float]:
             torch.cuda.synchronize(device)
     totals: dict[str, float] = {}
     for event in prof.events():
+        name = event.name
         if cuda:
             # Device events are kernels, copies and the GPU-side spans of record_function labels
             # (user annotations), which would count their kernels twice.
@@ -66,31 +67,40 @@ def time_by_kind(fn, steps: int, device) -> dict[str, float]:
                 continue
             us = event.time_range.elapsed_us()
         else:
-            if event.is_user_annotation:  # record_function labels: their self time is Python, kept in "other"
-                us = event.self_cpu_time_total
-                totals[OTHER] = totals.get(OTHER, 0.0) + us
-                continue
+            if event.is_user_annotation:  # a record_function label's self time is Python between ops
+                name = "python between ops"
             us = event.self_cpu_time_total
-        k = kind(event.name)
-        totals[k] = totals.get(k, 0.0) + us
-    return {k: us / 1e3 / steps for k, us in totals.items()}
+        totals[name] = totals.get(name, 0.0) + us
+    return {name: us / 1e3 / steps for name, us in totals.items()}
 
 
-def breakdown(ms: dict[str, float], flops: dict[str, int], step_ms: float) -> dict:
+def by_kind(per_kernel: dict[str, float]) -> dict[str, float]:
+    """Sum a {kernel name: ms} mapping by kind."""
+    out: dict[str, float] = {}
+    for name, ms in per_kernel.items():
+        out[kind(name)] = out.get(kind(name), 0.0) + ms
+    return out
+
+
+def breakdown(per_kernel: dict[str, float], flops: dict[str, int], step_ms: float, top: int = 12) -> dict:
     """One row per kind, busiest first: ms per step, share of the summed kernel time, FLOPs and
-    achieved TFLOP/s (where FLOPs are counted), plus how much of the step the kernels fill."""
+    achieved TFLOP/s (where FLOPs are counted); how much of the step the kernels fill; and the
+    `top` busiest kernels by name, which say what a kind's time is made of."""
+    ms = by_kind(per_kernel)
     total = sum(ms.values())
     rows = []
     for k in sorted(set(ms) | set(flops), key=lambda k: -ms.get(k, 0.0)):
         t, f = ms.get(k, 0.0), flops.get(k, 0)
         rows.append({"kind": k, "ms": t, "share": t / total if total else 0.0, "tflop": f / 1e12,
                      "tflops": f / (t / 1e3) / 1e12 if f and t else None})
+    busiest = sorted(per_kernel.items(), key=lambda item: -item[1])[:top]
     return {"rows": rows, "kernel_ms": total, "step_ms": step_ms,
-            "busy": total / step_ms if step_ms > 0 else None}
+            "busy": total / step_ms if step_ms > 0 else None,
+            "top": [{"name": name, "kind": kind(name), "ms": t} for name, t in busiest]}
 
 
 def table(result: dict) -> str:
-    """The breakdown as Markdown, with a last row for all kinds together."""
+    """The breakdown as Markdown, with a last row for all kinds together, then the busiest kernels."""
     lines = ["| kind | ms/step | share | TFLOP/step | TFLOP/s |", "|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
         tflop = f"{r['tflop']:.3g}" if r["tflop"] else ""
@@ -98,4 +108,9 @@ def table(result: dict) -> str:
         lines.append(f"| {r['kind']} | {r['ms']:.2f} | {r['share']:.0%} | {tflop} | {tflops} |")
     busy = "" if result["busy"] is None else f"{result['busy']:.0%} of the {result['step_ms']:.1f} ms step"
     lines.append(f"| all kernels | {result['kernel_ms']:.2f} | {busy} | | |")
+    if result.get("top"):
+        lines += ["", "| busiest kernels | kind | ms/step |", "|---|---|---:|"]
+        for k in result["top"]:
+            name = k["name"] if len(k["name"]) <= 100 else k["name"][:97] + "..."
+            lines.append(f"| `{name.replace('|', '/')}` | {k['kind']} | {k['ms']:.2f} |")
     return "\n".join(lines)
