@@ -406,8 +406,8 @@ def _run(args, began: float) -> dict:
     by_kind = None
     if args.kernels:  # after the timed steps: the profiler's overhead stays out of their times
         try:
-            per_kernel = kernels.time_by_kernel(bench.step, min(args.steps, 3), device)
-            by_kind = kernels.breakdown(per_kernel, counted["flops_by_kind"], pipelined_ms)
+            per_kernel, profiled_ms = kernels.time_by_kernel(bench.step, min(args.steps, 3), device)
+            by_kind = kernels.breakdown(per_kernel, counted["flops_by_kind"], profiled_ms)
         except Exception as err:  # the breakdown is a diagnosis: the measured numbers above stand
             by_kind = {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"}
         lap("kernel_profile")

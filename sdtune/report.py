@@ -89,6 +89,7 @@ def findings(evals: dict, profile: dict) -> list[str]:
         lines.append(f"- The fastest cell, `{best['name']}`, ran {speed:.2f}× the speed of `{fly['name']}`, the way "
                      f"diffusers' example scripts train ({best['images_per_second']:.2f} vs "
                      f"{fly['images_per_second']:.2f} images/s).")
+    lines += kernel_finding(best)
     if "base" in evals and "lora" in evals:
         b, t = evals["base"], evals["lora"]
         # Two measures of the same thing; when they disagree the sentence says so, not a verdict.
@@ -108,6 +109,22 @@ def findings(evals: dict, profile: dict) -> list[str]:
                      f"PSNR to the unquantized LoRA model {rec['psnr_to_lora']:.1f} dB, CLIP score "
                      f"{rec['clip_score']:.2f} vs {ref['clip_score']:.2f}.")
     return lines
+
+
+def kernel_finding(cell: dict) -> list[str]:
+    """Where a traced cell's kernel time went: its three busiest kinds, and the kind that does the
+    fewest FLOPs a second, which holds MFU down."""
+    rows = [r for r in cell.get("kernels", {}).get("rows", []) if r["ms"] > 0]
+    if not rows:
+        return []
+    busiest = ", ".join(f"{r['kind']} {r['share']:.0%}" + (f" (at {r['tflops']:.3g} TFLOP/s)" if r["tflops"] else "")
+                        for r in rows[:3])
+    text = f"- Where `{cell['name']}`'s kernel time went: {busiest}"
+    rated = [r for r in rows if r["tflops"]]
+    if len(rated) > 1:
+        slowest = min(rated, key=lambda r: r["tflops"])
+        text += f"; of the kinds that do FLOPs, {slowest['kind']} does the fewest a second ({slowest['tflops']:.3g} TFLOP/s)"
+    return [text + "."]
 
 
 def stage_times(folder) -> list[str]:

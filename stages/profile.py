@@ -1,8 +1,8 @@
 """profile: where the training step's time and memory go, for each optimization-matrix cell,
 and what generation costs for each inference cell.
 
-Writes reports/profile.json (phase times, FLOPs, MFU, memory, cost per cell),
-reports/profile.md (the tables), reports/profile/ (phase and bar charts),
+Writes reports/profile.json (phase times, FLOPs, MFU, memory, cost per cell; for the traced
+cells, kernel time by kind next to each kind's FLOPs), reports/profile.md (the tables), reports/profile/ (phase and bar charts),
 reports/profile_cells.json (DVC plots) and reports/traces/ (Chrome traces of the baseline
 and of the fastest cell and, on CUDA, their allocator snapshots; kept apart from the plots,
 which DVC reads as data).
@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from sdtune import io, params as params_lib, runtime
 from sdtune.errors import UserError, main_guard
-from sdtune.profiling import charts, cost, inference, run as prof
+from sdtune.profiling import charts, cost, inference, kernels, run as prof
 
 CACHE, LORA_DIR, OUT_DIR, TRACES = "cache", "models/lora", Path("reports/profile"), Path("reports/traces")
 REPORT, TABLE, PLOT = "reports/profile.json", "reports/profile.md", "reports/profile_cells.json"
@@ -56,6 +56,13 @@ def table(cells) -> str:
         ph = c["phases"]["phases"]
         lines.append(f"| {c['name']} | " + " | ".join(f"{ph.get(n, {}).get('median_ms', 0):.1f}" for n in phase_names) + " |")
     return "\n".join(lines) + "\n"
+
+
+def kernel_tables(cells) -> str:
+    """Where the traced cells' (the baseline's and the fastest's) time went, by kind of kernel."""
+    parts = [f"Kernel time by kind in `{c['name']}`'s traced steps (reports/traces/trace-{c['name']}.json), "
+             f"next to the FLOPs of each kind:\n\n{kernels.table(c['kernels'])}\n" for c in cells if c.get("kernels")]
+    return "\n".join(parts)
 
 
 def failed_list(failed: dict) -> str:
@@ -107,7 +114,8 @@ def main():
                 raise UserError(f"profile.matrix: no cell ran; the first, {name!r}, failed with: {first['reason']}")
             best = prof.fastest(cells)
             if p.trace and best is not cells[0]:  # the fastest cell's trace, to compare with the baseline's
-                prof.trace_cell(params, best["spec"], CACHE, traces / f"trace-{best['name']}.json")
+                traced = prof.trace_cell(params, best["spec"], CACHE, traces / f"trace-{best['name']}.json")
+                best["kernels"] = prof.kernel_breakdown(best, traced)
             charts.phase_chart({c["name"]: c["phases"] for c in cells}, tmp / "phases.png")
             charts.bar_chart(cells, "step_ms", tmp / "step_ms.png", "Training step time (ms, median)")
             charts.bar_chart(cells, "mfu", tmp / "mfu.png", "Model FLOPs utilisation", fmt="{:.1%}")
@@ -121,7 +129,8 @@ def main():
                                    "inference": {c["name"]: c for c in gen}, "failed": failed})
             io.write_json(PLOT, [{"cell": c["name"], "step_ms": c["step_ms"], "mfu": c["mfu"],
                                   "peak_mib": c["memory"]["peak_bytes"] / 2**20} for c in cells])
-            text = "\n".join(filter(None, [header(cells, p), table(cells), inference.table(gen), failed_list(failed)]))
+            text = "\n".join(filter(None, [header(cells, p), table(cells), kernel_tables(cells),
+                                            inference.table(gen), failed_list(failed)]))
             io.write_text(TABLE, text)
     print(text)
 

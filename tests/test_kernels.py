@@ -75,7 +75,8 @@ def test_time_by_kind_finds_where_a_step_spends_its_time(keep_threads):
     matmul_heavy = lambda: linear(torch.randn(1024, 512)).sum().backward()  # noqa: E731
     for step, kind in [(conv_heavy, "convolution"), (matmul_heavy, "matmul")]:
         step()  # warm-up: first calls allocate and pick algorithms
-        per_kernel = kernels.time_by_kernel(step, 2, "cpu")
+        per_kernel, step_ms = kernels.time_by_kernel(step, 2, "cpu")
+        assert 0.5 < sum(per_kernel.values()) / step_ms <= 1.05  # ops' self times make up about the step
         ms = kernels.by_kind(per_kernel)
         assert all(v >= 0 for v in ms.values()) and sum(ms.values()) == pytest.approx(sum(per_kernel.values()))
         assert ms[kind] / sum(ms.values()) > 0.5, ms
@@ -96,6 +97,6 @@ def test_breakdown_rates_each_kind_by_its_own_flops_and_time():
     assert b["kernel_ms"] == 8.0 and b["busy"] == pytest.approx(0.8)
     md = kernels.table(b)
     assert "| convolution | 6.00 | 75% | 6 | 1000 |" in md
-    assert "| all kernels | 8.00 | 80% of the 10.0 ms step | | |" in md
+    assert "| all kernels | 8.00 | 80% of the 10.0 ms profiled step | | |" in md
     assert [k["name"] for k in b["top"]][0] == "sm90_xmma_fprop_implicit_gemm"
     assert "| `sm90_xmma_fprop_implicit_gemm` | convolution | 4.00 |" in md

@@ -75,6 +75,15 @@ def test_reports_hold_finite_numbers(demo):
     trace = json.loads((demo / "reports/traces/trace-baseline.json").read_text())
     names = {e.get("name") for e in trace["traceEvents"]}
     assert {"forward", "backward", "optimizer"} <= names
+    # The traced cells' time by kind of kernel, each kind's FLOPs beside it: the baseline and the fastest.
+    base, best = profile["cells"]["baseline"], profile["cells"][profile["best"]]
+    for cell in {base["name"]: base, best["name"]: best}.values():
+        kinds = {row["kind"]: row for row in cell["kernels"]["rows"]}
+        assert {"convolution", "matmul", "attention"} <= set(kinds)
+        assert all(kinds[k]["tflop"] * 1e12 == pytest.approx(cell["flops_by_kind"][k]) for k in ("convolution", "matmul"))
+        assert f"Kernel time by kind in `{cell['name']}`'s traced steps" in (demo / "reports/profile.md").read_text()
+    assert sum(base["flops_by_kind"].values()) == pytest.approx(base["flops_per_step"])
+    assert all("kernels" not in c for name, c in profile["cells"].items() if name not in (base["name"], best["name"]))
 
 
 def test_sample_grid_is_a_png_of_the_expected_size(demo):
@@ -179,6 +188,12 @@ def test_report_is_generated_from_the_numbers(demo):
     evals = json.loads((demo / "reports/eval.json").read_text())
     assert f"{evals['int8wo-fused']['psnr_to_lora']:.1f} dB" in text
     assert "## What helped, what did not" in text and "`checkpointing`" in text
+    profile = json.loads((demo / "reports/profile.json").read_text())
+    best = profile["cells"][profile["best"]]
+    first = best["kernels"]["rows"][0]
+    assert f"- Where `{best['name']}`'s kernel time went: {first['kind']} {first['share']:.0%}" in text
+    slowest = min((r for r in best["kernels"]["rows"] if r["tflops"]), key=lambda r: r["tflops"])
+    assert f"{slowest['kind']} does the fewest a second ({slowest['tflops']:.3g} TFLOP/s)" in text
     # The on-the-fly cell is the way without the cache: its sentence is about what the cache bought.
     profile = json.loads((demo / "reports/profile.json").read_text())
     cells = profile["cells"]

@@ -355,9 +355,19 @@ def test_trace_cell_writes_a_chrome_trace_of_the_cells_steps(train_workspace, tm
 
     ws, p = train_workspace
     trace = tmp_path / "trace-fly.json"
-    prof.trace_cell(p, {"name": "fly", "latents": "on_the_fly"}, ws / "cache", trace, raw_dir=ws / "data/raw")
-    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    per_kernel, step_ms = prof.trace_cell(p, {"name": "fly", "latents": "on_the_fly"}, ws / "cache", trace,
+                                          raw_dir=ws / "data/raw")
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
     assert {"step_0", "step_1", "encode", "forward", "backward"} <= names
+    # The ops the trace holds, timed per step: a convolution's self time is in the trace too.
+    assert {"aten::convolution_backward", "aten::addmm"} <= set(per_kernel) and all(v >= 0 for v in per_kernel.values())
+    in_trace = sum(e["dur"] for e in events if e.get("name") == "aten::convolution_backward" and e.get("ph") == "X")
+    assert 0 < per_kernel["aten::convolution_backward"] * 2 <= in_trace / 1e3 * 1.001  # self time ≤ inclusive
+    # On a CPU every op's self time, and Python's between them, make up about the traced step.
+    steps = [e["dur"] / 1e3 for e in events if e.get("name") in ("step_0", "step_1") and e.get("ph") == "X"]
+    assert step_ms == pytest.approx(sum(steps) / 2)
+    assert 0.8 < sum(per_kernel.values()) / step_ms <= 1.05
 
 
 def test_each_compiled_cell_runs_its_own_compiled_denoiser(train_workspace):

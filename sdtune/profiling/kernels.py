@@ -12,6 +12,7 @@ sdpa. The first kind whose pattern matches wins, hence the order.
 """
 
 import re
+import time
 
 import torch
 from torch.autograd import DeviceType
@@ -46,17 +47,33 @@ def flops_by_kind(counts: dict) -> dict[str, int]:
     return out
 
 
-def time_by_kernel(fn, steps: int, device) -> dict[str, float]:
-    """Milliseconds per call of `fn` by kernel name: each kernel's device time on a GPU, each op's
-    self time on a CPU (where ops run their own loops), over `steps` calls under torch.profiler."""
+def time_by_kernel(fn, steps: int, device) -> tuple[dict[str, float], float]:
+    """(milliseconds per call of `fn` by kernel name, wall milliseconds per call), over `steps`
+    calls under torch.profiler: each kernel's device time on a GPU, each op's self time on a CPU
+    (where ops run their own loops). The wall time is the profiled calls' own, the profiler's
+    overhead included, so that the kernels' share of it is a share of the same steps."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
+        began = time.perf_counter()
         for _ in range(steps):
             fn()
         if cuda:
             torch.cuda.synchronize(device)
+        wall_ms = (time.perf_counter() - began) * 1e3 / steps
+    return per_kernel(prof, steps, cuda), wall_ms
+
+
+def traced_step_ms(prof) -> float:
+    """Mean wall milliseconds of the `step_<i>` ranges phases.trace wraps each traced step in."""
+    spans = [e.time_range.elapsed_us() for e in prof.events()
+             if re.fullmatch(r"step_\d+", e.name) and e.device_type == DeviceType.CPU]
+    return sum(spans) / len(spans) / 1e3
+
+
+def per_kernel(prof, steps: int, cuda: bool) -> dict[str, float]:
+    """Milliseconds per step by kernel name from a finished torch.profiler run of `steps` steps."""
     totals: dict[str, float] = {}
     for event in prof.events():
         name = event.name
@@ -84,7 +101,9 @@ def by_kind(per_kernel: dict[str, float]) -> dict[str, float]:
 
 def breakdown(per_kernel: dict[str, float], flops: dict[str, int], step_ms: float, top: int = 12) -> dict:
     """One row per kind, busiest first: ms per step, share of the summed kernel time, FLOPs and
-    achieved TFLOP/s (where FLOPs are counted); how much of the step the kernels fill; and the
+    achieved TFLOP/s (where FLOPs are counted); how much of the (profiled) step the kernels fill
+    (on a GPU the rest is time no kernel ran; on a CPU, with ops timed by their self time, about
+    all of it); and the
     `top` busiest kernels by name, which say what a kind's time is made of."""
     ms = by_kind(per_kernel)
     total = sum(ms.values())
@@ -106,7 +125,7 @@ def table(result: dict) -> str:
         tflop = f"{r['tflop']:.3g}" if r["tflop"] else ""
         tflops = "" if r["tflops"] is None else f"{r['tflops']:.0f}" if r["tflops"] >= 10 else f"{r['tflops']:.2g}"
         lines.append(f"| {r['kind']} | {r['ms']:.2f} | {r['share']:.0%} | {tflop} | {tflops} |")
-    busy = "" if result["busy"] is None else f"{result['busy']:.0%} of the {result['step_ms']:.1f} ms step"
+    busy = "" if result["busy"] is None else f"{result['busy']:.0%} of the {result['step_ms']:.1f} ms profiled step"
     lines.append(f"| all kernels | {result['kernel_ms']:.2f} | {busy} | | |")
     if result.get("top"):
         lines += ["", "| busiest kernels | kind | ms/step |", "|---|---|---:|"]

@@ -15,7 +15,7 @@ from sdtune import io
 from sdtune.data import cache as cache_lib
 from sdtune.errors import UserError
 from sdtune.params import Train, cell_train_keys, validate
-from sdtune.profiling import cost as cost_lib, flops, hardware, memory, phases
+from sdtune.profiling import cost as cost_lib, flops, hardware, kernels, memory, phases
 from sdtune.train import loop
 
 # A cell's keys that are not train keys: "latents" says where each step's latents and text
@@ -73,11 +73,11 @@ class OnTheFly:
                 run.items[i] = item
 
 
-def model_flops(run, step_fn, step: int) -> int:
-    """FLOPs of one step (encoding included when it runs every step), without the forward
-    recomputed by gradient checkpointing: recomputation lowers MFU instead of inflating it."""
+def model_flops(run, step_fn, step: int) -> dict[str, int]:
+    """FLOPs of one step by kind of op (encoding included when it runs every step), without the
+    forward recomputed by gradient checkpointing: recomputation lowers MFU instead of inflating it."""
     with flops.no_recompute(run.accelerator.unwrap_model(run.denoiser)):
-        return flops.count_flops(step_fn, step)
+        return kernels.flops_by_kind(flops.count_flops_by_op(step_fn, step))
 
 
 def step_batches(run, step: int) -> tuple:
@@ -87,14 +87,19 @@ def step_batches(run, step: int) -> tuple:
                  for idx in (loop.sample_indices(run, step, m) for m in range(run.params.train.grad_accum)))
 
 
-def measured_flops(run, step_fn, steps: range) -> int:
-    """FLOPs of all the measured steps: each distinct batch layout is counted once, on a step that has it."""
+def measured_flops(run, step_fn, steps: range) -> dict[str, int]:
+    """FLOPs of all the measured steps by kind of op: each distinct batch layout is counted once, on
+    a step that has it."""
     layouts = [step_batches(run, i) for i in steps]
     first = {}
     for i, layout in zip(steps, layouts):
         first.setdefault(layout, i)
     counted = {layout: model_flops(run, step_fn, i) for layout, i in first.items()}
-    return sum(counted[layout] for layout in layouts)
+    total: dict[str, int] = {}
+    for layout in layouts:
+        for kind, n in counted[layout].items():
+            total[kind] = total.get(kind, 0) + n
+    return total
 
 
 @contextlib.contextmanager
@@ -142,22 +147,32 @@ def _setup(params, spec: dict, cache_dir, raw_dir):
     return cell, run, step_fn, fly
 
 
-def _trace(run, step_fn, name: str, trace_path, warmup: int) -> None:
+def _trace(run, step_fn, name: str, trace_path, warmup: int) -> dict[str, float]:
     """A Chrome trace of two steps and, on CUDA, the allocator's history of two more (open it at
-    https://pytorch.org/memory_viz; memory.snapshot does nothing on CPU)."""
+    https://pytorch.org/memory_viz; memory.snapshot does nothing on CPU). Returns the traced steps'
+    milliseconds per step by kernel (kernels.per_kernel) and their own wall milliseconds per step."""
     device = run.accelerator.device
     step, names = iter(range(10_000, 20_000)), phases.PhaseTimer(device)  # names the phases in the trace
-    phases.trace(lambda: step_fn(next(step), names), trace_path, steps=2, warmup=warmup)
+    traced = phases.trace(lambda: step_fn(next(step), names), trace_path, steps=2, warmup=warmup)
     with memory.snapshot(trace_path.with_name(f"memory-{name}.pickle"), device):
         for _ in range(2):
             step_fn(next(step))
+    return kernels.per_kernel(traced, 2, device.type == "cuda"), kernels.traced_step_ms(traced)
 
 
-def trace_cell(params, spec: dict, cache_dir, trace_path, raw_dir="data/raw") -> None:
-    """Only the trace and snapshot of one cell (the fastest, once the matrix has been measured)."""
+def trace_cell(params, spec: dict, cache_dir, trace_path, raw_dir="data/raw") -> tuple[dict[str, float], float]:
+    """Only the trace and snapshot of one cell (the fastest, once the matrix has been measured);
+    returns its milliseconds per step by kernel, and per traced step."""
     with process_flags():
         _, run, step_fn, _ = _setup(params, spec, cache_dir, raw_dir)
-        _trace(run, step_fn, spec["name"], trace_path, warmup=params.profile.warmup)
+        return _trace(run, step_fn, spec["name"], trace_path, warmup=params.profile.warmup)
+
+
+def kernel_breakdown(cell: dict, traced: tuple[dict[str, float], float]) -> dict:
+    """A measured cell's traced kernel time by kind next to its FLOPs by kind (kernels.breakdown);
+    `traced` is what _trace returns."""
+    per_kernel_ms, step_ms = traced
+    return kernels.breakdown(per_kernel_ms, cell["flops_by_kind"], step_ms)
 
 
 def fastest(cells: list[dict]) -> dict:
@@ -185,25 +200,29 @@ def _profile_cell(params, spec, cache_dir, trace_path, raw_dir) -> dict:
     measured = range(p.warmup, p.warmup + p.steps)
     seconds = summary["step_mean_ms"] * p.steps / 1e3
     images = sum(n for i in measured for n, _ in step_batches(run, i))
-    n_flops = measured_flops(run, step_fn, measured)
+    by_kind = measured_flops(run, step_fn, measured)
+    n_flops = sum(by_kind.values())
     dtype = loop.weight_dtype(run.accelerator.mixed_precision)
     peak, peak_source = hardware.peak_tflops(device, dtype)
     parts = memory.breakdown(run.accelerator.unwrap_model(run.denoiser), run.optimizer)
     if fly is not None:  # its VAE and text encoders stay resident all along
         parts["encoder_weights_bytes"] = memory.weight_bytes(fly.pipe)
     usd = cost_lib.hourly_usd(p)
-    if trace_path is not None:
-        _trace(run, step_fn, spec["name"], trace_path, warmup=0)  # already warm
-    return {
+    traced = _trace(run, step_fn, spec["name"], trace_path, warmup=0) if trace_path is not None else None  # already warm
+    result = {
         "name": spec["name"], "spec": spec, "device": str(device), "device_name": hardware.device_name(device),
         "mixed_precision": run.accelerator.mixed_precision,
         "step_ms": summary["step_median_ms"], "images_per_step": cell.train.batch_size * cell.train.grad_accum,
         "images_per_second": images / seconds,
         "phases": summary, "coverage": summary["coverage"],
         "flops_per_step": n_flops / p.steps, "achieved_tflops": flops.achieved_tflops(n_flops, seconds),
+        "flops_by_kind": {kind: n / p.steps for kind, n in by_kind.items()},
         "peak_tflops": peak, "peak_source": peak_source, "mfu": hardware.mfu(n_flops, seconds, peak),
         # What this device's GEMMs reach (the peak itself where none is in the datasheet table).
         "ceiling_tflops": hardware.ceiling_tflops(device, dtype),
         "memory": peak_mem | parts | memory.activations(parts, peak_mem, device),
         "cost": cost_lib.cost(seconds / p.steps, cell.train.steps, usd) | {"usd_per_hour": usd},
     }
+    if traced is not None:  # where the traced steps' time went, by kind of kernel
+        result["kernels"] = kernel_breakdown(result, traced)
+    return result
