@@ -10,10 +10,12 @@
 # are paid once. A run that needs more than is left of the overall budget (BENCH_BUDGET_S, default
 # 450 s, counted from the script's start) is not started ("not run: needs N s, M s left"); a run that
 # is started gets at least what it needs. Not-run and failed runs still appear in the table with the
-# reason. Without BENCH_ONLY everything runs, the tests first, then the runs in order of importance
-# (plan() below). BENCH_ONLY="tests NAME ... GROUP ..." runs only those, in that order (a group name,
-# or any run in it, places the group there; its runs named in BENCH_ONLY share one process, or all
-# of them if the group itself is named); a name that matches nothing is warned about at the start.
+# reason. While the GPU tests run, the compiled runs compile ahead in processes of their own
+# (BENCH_WARM, below), and no run is timed until those have ended. Without BENCH_ONLY everything
+# runs, the tests first, then the runs in order of importance (plan() below).
+# BENCH_ONLY="tests NAME ... GROUP ..." runs only those, in that order (a group name, or any run in
+# it, places the group there; its runs named in BENCH_ONLY share one process, or all of them if the
+# group itself is named); a name that matches nothing is warned about at the start.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -85,8 +87,9 @@ plan() {
     run sd15-bs16-bf16-math-attn 60 30 "${SD15[@]}" --bs 16 --precision bf16 --attention math "${STEPS[@]}"
     run sd15-bs16-bf16-channels-last 60 30 "${SD15[@]}" --bs 16 --precision bf16 --channels-last "${STEPS[@]}"
     group_end
-    # Not yet measured: the training loop's own step (--loop: host-side batch, per-step generator,
-    # accelerate, clipping, LR schedule) compiled, against the plain compiled steps above.
+    # The training loop's own step (--loop: host-side batch, per-step generator, accelerate,
+    # clipping, LR schedule) compiled, against the plain compiled steps above; bs1 and SD3.5 Medium
+    # ran on the H100, bs16 not yet.
     run sd15-bs16-bf16-compile-loop 200 110 "${SD15[@]}" --bs 16 --precision bf16 --compile --loop "${CSTEPS[@]}"
     run sd15-bs1-bf16-compile-cudagraphs-loop 200 150 "${SD15[@]}" --bs 1 --precision bf16 --compile \
         --compile-mode reduce-overhead --loop "${GSTEPS[@]}"
@@ -379,8 +382,8 @@ run_tests() {
 # torch.compile, on the CPU, while the GPU waits. So while the GPU tests run, BENCH_WARM processes
 # at a time (default 4 on a machine with nvidia-smi, else 0: off) compile the selected compiled runs
 # with --warm-only, in the order they will run, filling inductor's on-disk caches (FX graph,
-# AOTAutograd, Triton kernels). The timed run then compiles from the cache, so it needs WARM_NEED_S instead of its own need; where a warm process failed it compiles
-# itself, as before. A warm process skips cuDNN's algorithm timing, which would use the GPU. No run
+# AOTAutograd, Triton kernels). The timed run then compiles from the cache, so it needs WARM_NEED_S
+# instead of its own need; where a warm process failed it compiles itself, as before. A warm process skips cuDNN's algorithm timing, which would use the GPU. No run
 # is timed while a warm process is alive (wait_for_warm): they would share the GPU and the CPU.
 if [[ -n ${BENCH_WARM:-} ]]; then
     WARM_JOBS=$BENCH_WARM

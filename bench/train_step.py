@@ -456,7 +456,8 @@ def _run(args, began: float) -> dict:
 def warm(bench, seconds: dict, lap) -> dict:
     """--warm-only: compile and run the warm-up steps, so that inductor's on-disk caches (FX graph,
     AOTAutograd, Triton kernels) hold this configuration's compiled code. cuDNN's algorithm timing is
-    left off: it changes no compiled code, and it would run on a GPU that another run is timing."""
+    left off: it changes no compiled code, and would time algorithms on a GPU the tests and other
+    warm processes share, whose choices the timed run would not reuse anyway."""
     torch.backends.cudnn.benchmark = False
     if bench.args.compile:
         bench.compile()

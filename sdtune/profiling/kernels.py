@@ -6,9 +6,8 @@ the FLOPs FlopCounterMode counts for that kind, so each kind's achieved TFLOP/s 
 holds MFU down (say, attention kernels at half the speed of the convolutions).
 
 Kinds are read off kernel names: inductor's generated kernels start with "triton_" (GPU) or
-"cpp_" (CPU); cuDNN's and
-cuBLAS's carry fprop/dgrad/wgrad, gemm, nvjet or cutlass; the attention kernels flash, fmha or
-sdpa. The first kind whose pattern matches wins, hence the order.
+"cpp_" (CPU); cuDNN's and cuBLAS's carry fprop/dgrad/wgrad, gemm, nvjet or cutlass; the attention
+kernels flash, fmha or sdpa. The first kind whose pattern matches wins, hence the order.
 """
 
 import re
@@ -65,13 +64,6 @@ def time_by_kernel(fn, steps: int, device) -> tuple[dict[str, float], float]:
     return per_kernel(prof, steps, cuda), wall_ms
 
 
-def traced_step_ms(prof) -> float:
-    """Mean wall milliseconds of the `step_<i>` ranges phases.trace wraps each traced step in."""
-    spans = [e.time_range.elapsed_us() for e in prof.events()
-             if re.fullmatch(r"step_\d+", e.name) and e.device_type == DeviceType.CPU]
-    return sum(spans) / len(spans) / 1e3
-
-
 def per_kernel(prof, steps: int, cuda: bool) -> dict[str, float]:
     """Milliseconds per step by kernel name from a finished torch.profiler run of `steps` steps."""
     totals: dict[str, float] = {}
@@ -91,6 +83,13 @@ def per_kernel(prof, steps: int, cuda: bool) -> dict[str, float]:
     return {name: us / 1e3 / steps for name, us in totals.items()}
 
 
+def traced_step_ms(prof) -> float:
+    """Mean wall milliseconds of the `step_<i>` ranges phases.trace wraps each traced step in."""
+    spans = [e.time_range.elapsed_us() for e in prof.events()
+             if re.fullmatch(r"step_\d+", e.name) and e.device_type == DeviceType.CPU]
+    return sum(spans) / len(spans) / 1e3
+
+
 def by_kind(per_kernel: dict[str, float]) -> dict[str, float]:
     """Sum a {kernel name: ms} mapping by kind."""
     out: dict[str, float] = {}
@@ -103,8 +102,7 @@ def breakdown(per_kernel: dict[str, float], flops: dict[str, int], step_ms: floa
     """One row per kind, busiest first: ms per step, share of the summed kernel time, FLOPs and
     achieved TFLOP/s (where FLOPs are counted); how much of the (profiled) step the kernels fill
     (on a GPU the rest is time no kernel ran; on a CPU, with ops timed by their self time, about
-    all of it); and the
-    `top` busiest kernels by name, which say what a kind's time is made of."""
+    all of it); and the `top` busiest kernels by name, which say what a kind's time is made of."""
     ms = by_kind(per_kernel)
     total = sum(ms.values())
     rows = []
