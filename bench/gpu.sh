@@ -96,7 +96,7 @@ plan() {
     run sd35m-bs3-bf16-compile-loop 180 80 --arch sd35m --res 1024 --bs 3 --precision bf16 --compile --loop \
         "${CSTEPS[@]}"
     # Candidates for the SD1.5 bs16 MFU target (35% asked). On the H100 (docs/benchmarks.md) the
-    # compiled step is 118 ms (23.7%): cuDNN attention (the default kernel there) 25 ms at 237 TFLOP/s,
+    # compiled step is 118 ms (23.7%): attention (torch's pick, as fast as cuDNN's) 25 ms at 237 TFLOP/s,
     # matmuls 22 ms at 346, convolutions 19 ms at 743, inductor's fused kernels 27 ms, and 10 ms of
     # cuDNN's NCHW<->NHWC conversions, since inductor's layout optimisation skips the graph (its
     # up-block convolutions halve their channels); 11 ms of the step no kernel runs. Forcing the layout
