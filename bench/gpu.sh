@@ -176,7 +176,7 @@ run() {
     fi
     wait_for_warm
     if contains "$name" "${WARM[@]}"; then
-        need=$(warmed "$name" "$need")
+        warmed "$name"
     fi
     left=$((BUDGET_S - (SECONDS - start)))
     if ((left < need)); then
@@ -433,15 +433,15 @@ wait_for_warm() {
         echo "== waited $((SECONDS - began))s for the warm processes to end"
     fi
 }
-# warmed NAME NEED: the need of NAME's timed run: WARM_NEED_S if its warm process compiled it.
+# warmed NAME: says whether NAME's warm process compiled it; if so, lowers the caller's `need` (run's
+# local) to WARM_NEED_S.
 warmed() {
-    local name=$1 need=$2
+    local name=$1
     if [[ -f $RUNS/$name.warm.rc && $(cat "$RUNS/$name.warm.rc") == 0 ]]; then
-        echo "== $name: compiled ahead ($(tail -n 1 "$RUNS/$name.warm.log"))" >&2
-        echo $((WARM_NEED_S < need ? WARM_NEED_S : need))
+        echo "== $name: compiled ahead ($(tail -n 1 "$RUNS/$name.warm.log"))"
+        need=$((WARM_NEED_S < need ? WARM_NEED_S : need))
     else
-        echo "== $name: not compiled ahead ($(tail -n 1 "$RUNS/$name.warm.log" 2>/dev/null || echo "no warm process")): compiles itself" >&2
-        echo "$need"
+        echo "== $name: not compiled ahead ($(tail -n 1 "$RUNS/$name.warm.log" 2>/dev/null || echo "no warm process")): compiles itself"
     fi
 }
 WARM_PID=""

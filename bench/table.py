@@ -93,8 +93,7 @@ def kernel_tables(rows) -> list[str]:
     for r in rows:
         k = r.get("kernels") if _ok(r) else None
         if k:
-            body = kernels.table(k) if "rows" in k else f"kernel breakdown failed: {k['error']}"
-            out.append(f"**{r['name']}**: kernel time by kind, per step\n\n{body}")
+            out.append(f"**{r['name']}**: kernel time by kind, per step\n\n{kernels.table(k)}")
     return out
 
 

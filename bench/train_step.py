@@ -349,7 +349,7 @@ def count_model_flops(bench) -> dict:
         by_op = flops.count_flops_by_op(bench.step)
         out["flops_note"] = "out of memory without checkpointing: flops_per_step includes recompute"
     out["flops_per_step"] = sum(by_op.values())
-    out["flops_by_kind"] = kernels.flops_by_kind(by_op)
+    out["flops_by_kind"] = kernels.by_kind(by_op)
     return out
 
 
@@ -500,8 +500,7 @@ def report(args, result: dict) -> dict:
         return result
     mem_gib = result["peak_memory_bytes"] / 2**30
     if result.get("kernels"):
-        print(kernels.table(result["kernels"]) if "rows" in result["kernels"]
-              else f"kernel breakdown failed: {result['kernels']['error']}")
+        print(kernels.table(result["kernels"]))
     cache = result.get("compile_cache")
     cached = f", compiled graphs from the cache {cache['fx_graph_hit']}/{cache['fx_graph_hit'] + cache['fx_graph_miss']}" if cache else ""
     print(f"{result['name']}: {result['step_ms']:.1f} ms/step (pipelined {result['step_ms_pipelined']:.1f}), "

@@ -57,7 +57,7 @@ def test_flops_by_kind_split_the_step_count_by_op():
     torch.manual_seed(0)
     step = _step(torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(16, 16), torch.randn(2, 3, 16, 16), torch.randn(2, 16, 16))
     by_op = flops.count_flops_by_op(step)
-    by_kind = kernels.flops_by_kind(by_op)
+    by_kind = kernels.by_kind(by_op)
     assert set(by_kind) == {"convolution", "matmul", "attention"}
     assert sum(by_kind.values()) == flops.count_flops(step)
     # The convolution's share, counted independently: its forward and backward ops.
@@ -100,3 +100,7 @@ def test_breakdown_rates_each_kind_by_its_own_flops_and_time():
     assert "| all kernels | 8.00 | 80% of the 10.0 ms profiled step | | |" in md
     assert [k["name"] for k in b["top"]][0] == "sm90_xmma_fprop_implicit_gemm"
     assert "| `sm90_xmma_fprop_implicit_gemm` | convolution | 4.00 |" in md
+
+
+def test_a_failed_breakdown_says_why_in_place_of_its_table():
+    assert kernels.table({"error": "RuntimeError: CUPTI"}) == "kernel breakdown failed: RuntimeError: CUPTI"

@@ -3,9 +3,8 @@
 A cell is a name plus any of: dtype (float32, bfloat16, float16), attention (sdpa, math),
 channels_last, compile, lora (load models/lora on top), or variant: a quantized denoiser the
 quantize stage saved (models/quantized/<variant>, e.g. nf4-fused), which brings its own dtype and
-LoRA. Each reports the median seconds per
-image over evaluate.latency_repeats images after one warm-up, FLOPs per image (FlopCounterMode
-over one sample), MFU and peak memory.
+LoRA. Each reports the median seconds per image over evaluate.latency_repeats images after one
+warm-up, FLOPs per image (FlopCounterMode over one sample), MFU and peak memory.
 """
 
 from typing import Literal

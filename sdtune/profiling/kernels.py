@@ -38,14 +38,6 @@ def kind(name: str) -> str:
     return OTHER
 
 
-def flops_by_kind(counts: dict) -> dict[str, int]:
-    """FLOPs per kind from FlopCounterMode's get_flop_counts()["Global"] ({op: flops})."""
-    out: dict[str, int] = {}
-    for op, n in counts.items():
-        out[kind(str(op))] = out.get(kind(str(op)), 0) + int(n)
-    return out
-
-
 def time_by_kernel(fn, steps: int, device) -> tuple[dict[str, float], float]:
     """(milliseconds per call of `fn` by kernel name, wall milliseconds per call), over `steps`
     calls under torch.profiler: each kernel's device time on a GPU, each op's self time on a CPU
@@ -90,11 +82,11 @@ def traced_step_ms(prof) -> float:
     return sum(spans) / len(spans) / 1e3
 
 
-def by_kind(per_kernel: dict[str, float]) -> dict[str, float]:
-    """Sum a {kernel name: ms} mapping by kind."""
-    out: dict[str, float] = {}
-    for name, ms in per_kernel.items():
-        out[kind(name)] = out.get(kind(name), 0.0) + ms
+def by_kind(values: dict) -> dict:
+    """Sum a mapping keyed by kernel or op name ({kernel: ms}, or FlopCounterMode's {op: flops}) by kind."""
+    out = {}
+    for name, value in values.items():
+        out[kind(str(name))] = out.get(kind(str(name)), 0) + value
     return out
 
 
@@ -117,7 +109,10 @@ def breakdown(per_kernel: dict[str, float], flops: dict[str, int], step_ms: floa
 
 
 def table(result: dict) -> str:
-    """The breakdown as Markdown, with a last row for all kinds together, then the busiest kernels."""
+    """The breakdown as Markdown, with a last row for all kinds together, then the busiest kernels
+    (or the line saying why there is none: {"error": ...})."""
+    if "error" in result:
+        return f"kernel breakdown failed: {result['error']}"
     lines = ["| kind | ms/step | share | TFLOP/step | TFLOP/s |", "|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
         tflop = f"{r['tflop']:.3g}" if r["tflop"] else ""

@@ -77,7 +77,7 @@ def model_flops(run, step_fn, step: int) -> dict[str, int]:
     """FLOPs of one step by kind of op (encoding included when it runs every step), without the
     forward recomputed by gradient checkpointing: recomputation lowers MFU instead of inflating it."""
     with flops.no_recompute(run.accelerator.unwrap_model(run.denoiser)):
-        return kernels.flops_by_kind(flops.count_flops_by_op(step_fn, step))
+        return kernels.by_kind(flops.count_flops_by_op(step_fn, step))
 
 
 def step_batches(run, step: int) -> tuple:
