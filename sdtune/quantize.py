@@ -130,7 +130,7 @@ def make_variant(family, model, lora_dir, name: str, mode: str, out_dir, lora_sc
         src.save_pretrained(tmp, safe_serialization=True)
         del src
         t0 = time.perf_counter()
-        q = family.DENOISER.from_pretrained(tmp, torch_dtype=method.dtype,
+        q = family.DENOISER.from_pretrained(tmp, dtype=method.dtype,
                                 quantization_config=method.config() if method.config else None)
         quantize_s = time.perf_counter() - t0
         q.save_pretrained(out_dir, safe_serialization=True)
@@ -145,4 +145,4 @@ def make_variant(family, model, lora_dir, name: str, mode: str, out_dir, lora_sc
 
 def load_variant(family, path, name: str):
     """Reload a saved variant: its quantization config comes from its own config.json."""
-    return family.DENOISER.from_pretrained(str(path), torch_dtype=METHODS[name].dtype)
+    return family.DENOISER.from_pretrained(str(path), dtype=METHODS[name].dtype)

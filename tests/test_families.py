@@ -45,3 +45,25 @@ def test_cast_keeps_diffusers_own_path_when_a_model_lists_float32_modules(diffus
     unet._keep_in_fp32_modules = ["time_embedding"]
     common.cast(unet, torch.bfloat16)
     assert any("kept in float32: ['time_embedding']" in m for m in diffusers_warnings)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])
+def test_real_loading_code_reads_a_saved_pipeline_quietly(family, tmp_path):
+    """The hub branch (from_pretrained with subfolders) that the real run takes, on the tiny
+    pipeline saved to a local folder: the same weights come back, in the dtype asked for, and
+    without diffusers' FutureWarning for the `torch_dtype` it deprecated."""
+    import warnings
+
+    fam = get(family)
+    tiny = params_lib.parse({"model": {"family": family, "id": "tiny", "resolution": 64}}).model
+    fam.load_pipeline(tiny).save_pretrained(tmp_path)
+    model = params_lib.parse({"model": {"family": family, "id": str(tmp_path), "resolution": 64}}).model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = fam.load_pipeline(model, dtype=torch.bfloat16)
+        denoiser = fam.load_denoiser(model, dtype=torch.bfloat16)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+    expected = common.cast(fam.load_denoiser(tiny), torch.bfloat16).state_dict()
+    torch.testing.assert_close(denoiser.state_dict(), expected)
+    torch.testing.assert_close(getattr(pipe, fam.DENOISER_ATTR).state_dict(), expected)
+    assert fam.load_tokenizer(model).model_max_length == 77

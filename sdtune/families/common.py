@@ -41,7 +41,7 @@ def tiny_quantized(module, dtype, quantization_config=None):
         return cast(module, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         module.save_pretrained(tmp)
-        return type(module).from_pretrained(tmp, torch_dtype=dtype, quantization_config=quantization_config)
+        return type(module).from_pretrained(tmp, dtype=dtype, quantization_config=quantization_config)
 
 
 def from_hub(model, cls, subfolder=None, **kwargs):
@@ -81,7 +81,7 @@ def load_denoiser(model, cls, subfolder, tiny, dtype, quantization_config=None):
     a quantization config (NF4 for QLoRA, torchao) applies as it loads."""
     if model.id == "tiny":
         return tiny_quantized(tiny(), dtype, quantization_config)
-    return from_hub(model, cls, subfolder, torch_dtype=dtype, quantization_config=quantization_config)
+    return from_hub(model, cls, subfolder, dtype=dtype, quantization_config=quantization_config)
 
 
 def load_tokenizer(model):

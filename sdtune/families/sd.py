@@ -64,7 +64,7 @@ def load_pipeline(model, dtype=torch.float32, **components):
                      text_encoder=common.cast(tiny_text_encoder(), dtype), tokenizer=common.clip_tokenizer(),
                      scheduler=common.tiny_ddpm_scheduler(model)) | components
         return PIPELINE(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = common.from_hub(model, PIPELINE, torch_dtype=dtype, safety_checker=None,
+    pipe = common.from_hub(model, PIPELINE, dtype=dtype, safety_checker=None,
                            requires_safety_checker=False, **components)
     common.set_prediction_type(pipe.scheduler, model)
     return pipe

@@ -120,7 +120,7 @@ def load_pipeline(model, dtype=torch.float32, **components):
         # Cast only what we built: a passed-in component (maybe quantized) keeps its own dtype.
         parts = {k: common.cast(v, dtype) if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
         return PIPELINE(**(parts | components))
-    return common.from_hub(model, PIPELINE, torch_dtype=dtype, **components)
+    return common.from_hub(model, PIPELINE, dtype=dtype, **components)
 
 
 # ---- what the cache stores ----

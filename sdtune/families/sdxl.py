@@ -107,7 +107,7 @@ def load_pipeline(model, dtype=torch.float32, **components):
                      tokenizer=common.clip_tokenizer(), tokenizer_2=common.clip_tokenizer(),
                      scheduler=tiny_sampling_scheduler(model)) | components
         return PIPELINE(**parts, force_zeros_for_empty_prompt=True, add_watermarker=False)
-    pipe = common.from_hub(model, PIPELINE, torch_dtype=dtype, add_watermarker=False, **components)
+    pipe = common.from_hub(model, PIPELINE, dtype=dtype, add_watermarker=False, **components)
     common.set_prediction_type(pipe.scheduler, model)
     return pipe
 
