@@ -1,5 +1,7 @@
 """What every family's tiny pipeline shares: built from configs, in the dtype asked for, quietly."""
 
+import os
+
 import pytest
 import torch
 
@@ -67,3 +69,21 @@ def test_real_loading_code_reads_a_saved_pipeline_quietly(family, tmp_path):
     torch.testing.assert_close(denoiser.state_dict(), expected)
     torch.testing.assert_close(getattr(pipe, fam.DENOISER_ATTR).state_dict(), expected)
     assert fam.load_tokenizer(model).model_max_length == 77
+
+
+def test_importing_the_stages_and_the_cli_prints_nothing():
+    """Every stage starts by importing diffusers, transformers, peft and their optional kernels;
+    their import-time notices about things sdtune does not use (torchvision, bitsandbytes' hub
+    kernels, torchao's CUDA extensions) must not greet the user as warnings."""
+    import subprocess
+    import sys
+
+    from conftest import OFFLINE, ROOT
+
+    modules = sorted(f"stages.{p.stem}" for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__")
+    assert len(modules) == 8
+    code = "; ".join(f"import {m}" for m in [*modules, "sdtune.cli"])
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env=os.environ | OFFLINE, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and done.stdout == ""
