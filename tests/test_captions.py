@@ -95,6 +95,26 @@ def test_truncate_to_77_tokens_at_a_word(clip_tokenizer):
     assert len(clip_tokenizer(text + " madame").input_ids) > 77  # as long as it could be
 
 
+def test_truncating_logs_nothing_from_transformers():
+    """The caption stage warns about a cut caption in its own words; transformers' "Token indices
+    sequence length is longer than..." line (logged once per tokenizer) would only repeat it."""
+    import logging
+
+    from sdtune.families import common
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    messages, handler = [], Collect(logging.WARNING)
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        text, cut = truncate("a painting by sargent, " + "madame " * 100, common.clip_tokenizer(), 77)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert cut and messages == []
+
+
 def test_template_and_fixed(demo):
     assert apply_template("a painting by sargent, {caption}", "a {red} hat") == "a painting by sargent, a {red} hat"
     with pytest.raises(UserError, match="caption.template"):

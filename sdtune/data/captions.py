@@ -82,8 +82,9 @@ def _note(notes, message):
 
 
 def _count(tokenizer, text: str) -> int:
-    # tokenize() rather than __call__: no "longer than the maximum" log line for every probe
-    return len(tokenizer.tokenize(text)) + tokenizer.num_special_tokens_to_add()
+    # verbose=False: no "Token indices sequence length is longer than..." line from transformers for
+    # the probes of an overlong caption (tokenize() logs it too); the stage warns in its own words.
+    return len(tokenizer(text, verbose=False).input_ids)
 
 
 def truncate(text: str, tokenizer, max_tokens: int) -> tuple[str, bool]:
