@@ -371,11 +371,22 @@ run_tests() {
     fi
     echo "== tests/test_gpu.py (timeout ${BENCH_TESTS_TIMEOUT_S:-240}s, ${per_test[0]:-no per-test limit})"
     began=$SECONDS
+    import_times &
     timeout --kill-after=10 "${BENCH_TESTS_TIMEOUT_S:-240}" "$PY" -m pytest -v -rs -p no:cacheprovider \
         "${per_test[@]}" tests/test_gpu.py >"$OUT/gpu-tests.txt" 2>&1 || true
     grep -E '::|^SKIPPED' "$OUT/gpu-tests.txt" | sed 's/^/   /' || true
     tail -n 1 "$OUT/gpu-tests.txt"
     echo "   $((SECONDS - began))s wall"
+    wait "$!" || true
+    echo "== the slowest imports of a bench process (python -X importtime, in µs: self | with what it imports | module; runs/importtime.txt):"
+    grep '^import time:' "$RUNS/importtime.txt" | sort -t'|' -k2 -n -r | head -n 12 | sed 's/^import time: */   /' || true
+}
+
+# Where a bench process's start-up goes: on the H100 its imports took 17-25 s (5 s on a laptop's
+# CPU), unexplained. Python's own per-module import times, once, beside the GPU tests (which leave
+# the CPU idle), so no run is timed next to it.
+import_times() {
+    timeout 120 "$PY" -X importtime -c "import bench.train_step" >/dev/null 2>"$RUNS/importtime.txt" || true
 }
 
 # Compiling ahead: a compiled run spends most of its time (100-150 s for SD1.5 on the H200) in

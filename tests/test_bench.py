@@ -272,6 +272,10 @@ def test_gpu_script_groups_eager_runs_and_reports_every_run_on_cpu(tmp_path):
     assert "timeout: 120.0s" in tests
     verdict = "tests/test_gpu.py::test_bf16_training_on_cuda_uses_fused_adamw "
     assert verdict in tests and verdict in out.stdout
+    # Beside the tests, where a bench process's import time goes, slowest first.
+    assert "import time:" in (tmp_path / "runs" / "importtime.txt").read_text()
+    slowest = out.stdout.split("the slowest imports of a bench process")[1].splitlines()[1]
+    assert slowest.strip().endswith("bench.train_step")
 
 
 @pytest.fixture
