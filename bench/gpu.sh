@@ -2,7 +2,8 @@
 # The GPU tests and benchmark matrix, for one H100/H200, within a time budget:
 #
 #   bash bench/gpu.sh            # results in $OUT (default ./bench-out): bench.json, bench.md, runs/,
-#                                # gpu-tests.txt (tests/test_gpu.py), versions.txt, nvidia-smi.txt
+#                                # gpu-tests.txt (tests/test_gpu.py), versions.txt, nvidia-smi.txt,
+#                                # runs/importtime.txt (where a bench process's imports spend their time)
 #
 # Every run has its own time limit and the least time it needs (from the H200's durations in
 # docs/benchmarks.md), and a failed run (out of memory, say) costs that run only. A compiled run is a
@@ -371,23 +372,34 @@ run_tests() {
     fi
     echo "== tests/test_gpu.py (timeout ${BENCH_TESTS_TIMEOUT_S:-240}s, ${per_test[0]:-no per-test limit})"
     began=$SECONDS
-    import_times &
     timeout --kill-after=10 "${BENCH_TESTS_TIMEOUT_S:-240}" "$PY" -m pytest -v -rs -p no:cacheprovider \
         "${per_test[@]}" tests/test_gpu.py >"$OUT/gpu-tests.txt" 2>&1 || true
     grep -E '::|^SKIPPED' "$OUT/gpu-tests.txt" | sed 's/^/   /' || true
     tail -n 1 "$OUT/gpu-tests.txt"
     echo "   $((SECONDS - began))s wall"
-    wait "$!" || true
-    echo "== the slowest imports of a bench process (python -X importtime, in µs: self | with what it imports | module; runs/importtime.txt):"
-    grep '^import time:' "$RUNS/importtime.txt" | sort -t'|' -k2 -n -r | head -n 12 | sed 's/^import time: */   /' || true
 }
 
 # Where a bench process's start-up goes: on the H100 its imports took 17-25 s (5 s on a laptop's
-# CPU), unexplained. Python's own per-module import times, once, beside the GPU tests (which leave
-# the CPU idle), so no run is timed next to it.
+# CPU), unexplained. Python's own per-module import times, once, in the background from the start
+# (beside the GPU tests or the warm processes) and waited for before anything is timed
+# (imports_done). BENCH_IMPORT_TIMES=1 or 0; default 1 on a machine with nvidia-smi.
+IMPORT_PID=""
 import_times() {
     timeout 120 "$PY" -X importtime -c "import bench.train_step" >/dev/null 2>"$RUNS/importtime.txt" || true
 }
+imports_done() {
+    if [[ -z $IMPORT_PID ]]; then
+        return 0
+    fi
+    wait "$IMPORT_PID" || true
+    IMPORT_PID=""
+    echo "== the slowest imports of a bench process (python -X importtime, in µs: self | with what it imports | module; runs/importtime.txt):"
+    grep '^import time:' "$RUNS/importtime.txt" | sort -t'|' -k2 -n -r | head -n 12 | sed 's/^import time: */   /' || true
+}
+if [[ ${BENCH_IMPORT_TIMES:-$(nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)} == 1 ]]; then
+    import_times &
+    IMPORT_PID=$!
+fi
 
 # Compiling ahead: a compiled run spends most of its time (100-150 s for SD1.5 on the H200) in
 # torch.compile, on the CPU, while the GPU waits. So while the GPU tests run, BENCH_WARM processes
@@ -432,6 +444,7 @@ warm_all() {
 # 182 ms a step, alone 118 ms.
 wait_for_warm() {
     local began=$SECONDS name pending
+    imports_done
     while ((SECONDS - start < BUDGET_S)); do
         pending=0
         for name in "${WARM[@]}"; do
@@ -473,6 +486,7 @@ for UNIT in "${UNITS[@]}"; do
     fi
 done
 
+imports_done  # when nothing was timed
 if [[ -n $WARM_PID ]]; then  # warm processes still compiling runs that will not run
     kill "$WARM_PID" 2>/dev/null || true
     pkill -f -- "-m bench.train_step --warm-only" 2>/dev/null || true
