@@ -221,8 +221,10 @@ class Bench:
             # DDPM's scaled-linear schedule (SD1.x/SDXL), kept on the device so noising needs no copy.
             betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, device=self.device) ** 2
             self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        self.amp = (torch.autocast(self.device.type, dtype=dtype)
-                    if dtype != torch.float32 and self.device.type != "meta" else contextlib.nullcontext())
+        autocast = dtype != torch.float32 and self.device.type != "meta"
+        self.amp = torch.autocast(self.device.type, dtype=dtype) if autocast else contextlib.nullcontext()
+        if autocast and not args.baseline:  # as the loop does; the diffusers example keeps peft's casts
+            lora.skip_input_casts(self.model, params.Lora())
 
     def _setup_loop(self):
         """A training-loop Run over this denoiser: LoRA, optimizer and everything else as in training."""

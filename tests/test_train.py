@@ -510,3 +510,45 @@ def test_the_loras_params_hash_names_the_seed_not_the_device():
     assert digest({"device": "auto"}) == digest({"device": "cpu"})
     assert digest({"seed": 1}) != digest({"seed": 2})
 
+
+
+def test_under_mixed_precision_lora_inputs_skip_peft_casts_with_the_same_bits(workspace):
+    """bf16: peft's cast of each LoRA input to float32, which autocast undoes at once, is skipped.
+    Three steps train the same LoRA to the bit with fewer copies; DoRA (its weight norm follows
+    the input's dtype) and full precision keep peft's behaviour."""
+    from accelerate.state import AcceleratorState
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Copies.n += func._overloadpacket is torch.ops.aten._to_copy
+            return func(*args, **(kwargs or {}))
+
+    def trained(casts: bool, **train):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        run = loop.setup(in_process_params(workspace, mixed_precision="bf16", **train), workspace / "cache")
+        layers = [m for m in run.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+        skipped = [not m.cast_input_dtype_enabled for m in layers]
+        for m in layers:
+            m.cast_input_dtype_enabled = casts
+        Copies.n = 0
+        with Copies():
+            for step in range(3):
+                loop.train_step(run, step)
+        return lora_state(run), Copies.n, skipped
+
+    skipping, fewer, skipped = trained(casts=False)
+    casting, more, _ = trained(casts=True)
+    assert skipped and all(skipped)  # what setup did
+    assert skipping.keys() == casting.keys()
+    assert all(torch.equal(skipping[k], casting[k]) for k in skipping)
+    assert more - fewer >= 3 * 2 * len(skipped)  # at least one copy saved per layer, forward and backward
+
+    _, _, dora = trained(casts=True, lora={"rank": 4, "alpha": 4.0, "use_dora": True})
+    assert dora and not any(dora)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    full = loop.setup(in_process_params(workspace), workspace / "cache")
+    assert all(m.cast_input_dtype_enabled for m in full.denoiser.modules() if isinstance(m, BaseTunerLayer))

@@ -137,6 +137,8 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
     lora.add(denoiser, p.lora, family.LORA_TARGETS)
     for param in lora.trainable(denoiser):
         param.data = param.data.float()
+    if accelerator.mixed_precision != "no":  # every forward runs under autocast: training and validation
+        lora.skip_input_casts(denoiser, p.lora)
     if p.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     if p.channels_last:

@@ -2,6 +2,7 @@
 
 import torch
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from diffusers.utils import convert_state_dict_to_diffusers
 
@@ -37,6 +38,21 @@ def add(denoiser, lora, default_targets) -> LoraConfig:
     if lora.init in MUTATES_BASE:
         setattr(denoiser, INITIAL, {k: v.detach().cpu().clone() for k, v in peft_state(denoiser).items()})
     return cfg
+
+
+def skip_input_casts(denoiser, lora) -> int:
+    """For a denoiser that runs only under autocast (mixed precision): peft casts each LoRA layer's
+    input to the adapter's float32, and autocast casts it straight back to bf16/fp16 for the
+    matmul. That is two copies of the activation per layer in the forward and two in the backward,
+    for the same numbers to the bit (peft's own 4-bit layers skip the cast under autocast too).
+    Not with DoRA, which computes its weight norm in the input's dtype: float32 with the cast.
+    Returns how many layers skip it."""
+    if lora.use_dora:
+        return 0
+    layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return len(layers)
 
 
 def published_config(lora, default_targets) -> LoraConfig:
