@@ -515,7 +515,8 @@ def test_the_loras_params_hash_names_the_seed_not_the_device():
 def test_under_mixed_precision_lora_inputs_skip_peft_casts_with_the_same_bits(workspace):
     """bf16: peft's cast of each LoRA input to float32, which autocast undoes at once, is skipped.
     Three steps train the same LoRA to the bit with fewer copies; DoRA (its weight norm follows
-    the input's dtype) and full precision keep peft's behaviour."""
+    the input's dtype), LoRA dropout (its scale would round to bf16) and full precision keep
+    peft's behaviour."""
     from accelerate.state import AcceleratorState
     from peft.tuners.tuners_utils import BaseTunerLayer
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -547,8 +548,9 @@ def test_under_mixed_precision_lora_inputs_skip_peft_casts_with_the_same_bits(wo
     assert all(torch.equal(skipping[k], casting[k]) for k in skipping)
     assert more - fewer >= 3 * 2 * len(skipped)  # at least one copy saved per layer, forward and backward
 
-    _, _, dora = trained(casts=True, lora={"rank": 4, "alpha": 4.0, "use_dora": True})
-    assert dora and not any(dora)
+    for kept in ({"use_dora": True}, {"dropout": 0.1}):
+        _, _, flags = trained(casts=True, lora={"rank": 4, "alpha": 4.0, **kept})
+        assert flags and not any(flags), kept
     AcceleratorState._reset_state(reset_partial_state=True)
     full = loop.setup(in_process_params(workspace), workspace / "cache")
     assert all(m.cast_input_dtype_enabled for m in full.denoiser.modules() if isinstance(m, BaseTunerLayer))

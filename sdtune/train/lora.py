@@ -45,9 +45,9 @@ def skip_input_casts(denoiser, lora) -> int:
     input to the adapter's float32, and autocast casts it straight back to bf16/fp16 for the
     matmul. That is two copies of the activation per layer in the forward and two in the backward,
     for the same numbers to the bit (peft's own 4-bit layers skip the cast under autocast too).
-    Not with DoRA, which computes its weight norm in the input's dtype: float32 with the cast.
-    Returns how many layers skip it."""
-    if lora.use_dora:
+    Not with DoRA, which computes its weight norm in the input's dtype (float32 with the cast), nor
+    with LoRA dropout, whose 1/(1-p) scale would be rounded to bf16. Returns how many layers skip it."""
+    if lora.use_dora or lora.dropout:
         return 0
     layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
     for layer in layers:
