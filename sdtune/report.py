@@ -50,6 +50,38 @@ def _same_but_cached(cell: dict, cells: list[dict]):
                  and cell_train_keys(c["spec"]) == wanted), None)
 
 
+def _value(v) -> str:
+    """A params value as params.yaml writes it: true, null, {rank: 64, alpha: 64.0}."""
+    if isinstance(v, bool) or v is None:
+        return {True: "true", False: "false", None: "null"}[v]
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_value(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+UNSET = object()  # a train key a cell leaves to the train section while the other cell sets it
+
+
+def changes(cell: dict, ref: dict) -> dict:
+    """The train keys `cell` sets differently from `ref`, with `cell`'s values (or UNSET)."""
+    a, b = cell_train_keys(cell["spec"]), cell_train_keys(ref["spec"])
+    keys = [*a, *(k for k in b if k not in a)]
+    return {k: a.get(k, UNSET) for k in keys if a.get(k, UNSET) != b.get(k, UNSET)}
+
+
+def reference(cell: dict, earlier: list[dict]) -> dict:
+    """What a cell's switches are measured against: the earlier cell it changes in the fewest
+    train keys (the first of equals). So `bf16-compile` is measured against `bf16`, not against
+    the first cell, which also differs from it in precision."""
+    return min(earlier, key=lambda ref: len(changes(cell, ref)))
+
+
+def change_text(diff: dict) -> str:
+    if not diff:
+        return "nothing (the same train keys)"
+    return ", ".join(f"{k} as in train" if v is UNSET else f"{k}: {_value(v)}" for k, v in diff.items())
+
+
 def _verdict(speedup: float) -> str:
     return "helped" if speedup > 1.05 else "did not help" if speedup < 0.95 else "made no real difference"
 
@@ -62,7 +94,7 @@ def findings(evals: dict, profile: dict) -> list[str]:
     lines = []
     cells = list(profile["cells"].values())
     base = cells[0]
-    for cell in cells[1:]:
+    for i, cell in enumerate(cells[1:], start=1):
         if cell["spec"].get("latents") == "on_the_fly":
             # Here the cell is the way without the optimization, so the sentence is about the cache,
             # against the cell with the same train keys that reads the cache (else the first cell).
@@ -75,11 +107,13 @@ def findings(evals: dict, profile: dict) -> list[str]:
                          f"encodes its images every step ({cell['step_ms']:.1f} vs {ref['step_ms']:.1f} ms/step; "
                          f"{encode_ms:.1f} ms of it decoding and encoding).")
             continue
-        speed = cell["images_per_second"] / base["images_per_second"]
-        lines.append(f"- `{cell['name']}` {_verdict(speed)}: {speed:.2f}× the speed of `{base['name']}` "
-                     f"({cell['images_per_second']:.2f} vs {base['images_per_second']:.2f} images/s; "
-                     f"{cell['step_ms']:.1f} vs {base['step_ms']:.1f} ms/step), MFU {cell['mfu']:.1%} vs "
-                     f"{base['mfu']:.1%}, peak memory {_pct(cell['memory']['peak_bytes'], base['memory']['peak_bytes'])}.")
+        ref = reference(cell, [c for c in cells[:i] if c["spec"].get("latents") != "on_the_fly"] or [base])
+        speed = cell["images_per_second"] / ref["images_per_second"]
+        lines.append(f"- `{cell['name']}` {_verdict(speed)}: {speed:.2f}× the speed of `{ref['name']}`, the cell it "
+                     f"changes by {change_text(changes(cell, ref))} ({cell['images_per_second']:.2f} vs "
+                     f"{ref['images_per_second']:.2f} images/s; {cell['step_ms']:.1f} vs {ref['step_ms']:.1f} "
+                     f"ms/step), MFU {cell['mfu']:.1%} vs {ref['mfu']:.1%}, peak memory "
+                     f"{_pct(cell['memory']['peak_bytes'], ref['memory']['peak_bytes'])}.")
     fly = next((c for c in cells if c["spec"].get("latents") == "on_the_fly"), None)
     best = profile["cells"][profile["best"]]
     # Not when the fastest cell is the on-the-fly one itself, or its cached twin (the sentence above).

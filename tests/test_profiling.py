@@ -542,11 +542,46 @@ def test_cells_of_other_batch_sizes_are_compared_by_images_per_second():
     best = prof.fastest(cells)
     assert best["name"] == "bs8"  # 32 images/s; bs1 has the shortest step but 25 images/s
     lines = report.findings({}, {"cells": {c["name"]: c for c in cells}, "best": best["name"]})
-    assert lines[0] == ("- `bs8` helped: 1.60× the speed of `baseline` (32.00 vs 20.00 images/s; 250.0 vs 100.0 "
-                        "ms/step), MFU 10.0% vs 10.0%, peak memory +0%.")
-    assert lines[1].startswith("- `bs1` helped: 1.25× the speed of `baseline`")
+    assert lines[0] == ("- `bs8` helped: 1.60× the speed of `baseline`, the cell it changes by batch_size: 8 "
+                        "(32.00 vs 20.00 images/s; 250.0 vs 100.0 ms/step), MFU 10.0% vs 10.0%, peak memory +0%.")
+    assert lines[1].startswith("- `bs1` helped: 1.25× the speed of `baseline`, the cell it changes by batch_size: 1")
     assert lines[-1] == ("- The fastest cell, `bs8`, ran 3.20× the speed of `otf`, the way diffusers' example "
                          "scripts train (32.00 vs 10.00 images/s).")
+
+
+def test_each_cell_is_measured_against_the_earlier_cell_it_changes_least():
+    """The real run's matrix: against the first cell (fp32), every bf16 cell would be credited
+    with what bf16 itself bought, and checkpointing would seem to help. Each is measured against
+    the earlier cell it changes in the fewest train keys, and the sentence names the change; an
+    on-the-fly cell is never the reference."""
+    from sdtune import report
+
+    cells = [made_cell("fp32", 2, 200.0, mixed_precision="no"),
+             made_cell("bf16-on-the-fly", 2, 150.0, mixed_precision="bf16", latents="on_the_fly"),
+             made_cell("bf16", 2, 100.0, mixed_precision="bf16"),
+             made_cell("bf16-checkpointing", 2, 125.0, mixed_precision="bf16", gradient_checkpointing=True),
+             made_cell("bf16-compile", 2, 80.0, mixed_precision="bf16", compile=True),
+             made_cell("bf16-compile-cudagraphs", 2, 40.0, mixed_precision="bf16", compile=True,
+                       compile_mode="reduce-overhead"),
+             made_cell("bf16-rank64", 2, 110.0, mixed_precision="bf16", lora={"rank": 64, "alpha": 64.0})]
+    lines = report.findings({}, {"cells": {c["name"]: c for c in cells}, "best": "bf16-compile-cudagraphs"})
+    said = {line.split("`")[1]: line for line in lines if line.startswith("- `")}
+    assert said["bf16"].startswith("- `bf16` helped: 2.00× the speed of `fp32`, the cell it changes by "
+                                   "mixed_precision: bf16 (")
+    assert said["bf16-checkpointing"].startswith(
+        "- `bf16-checkpointing` did not help: 0.80× the speed of `bf16`, the cell it changes by "
+        "gradient_checkpointing: true (")
+    assert said["bf16-compile"].startswith("- `bf16-compile` helped: 1.25× the speed of `bf16`, the cell it "
+                                           "changes by compile: true (")
+    assert said["bf16-compile-cudagraphs"].startswith(
+        "- `bf16-compile-cudagraphs` helped: 2.00× the speed of `bf16-compile`, the cell it changes by "
+        "compile_mode: reduce-overhead (")
+    assert "the cell it changes by lora: {rank: 64, alpha: 64.0} (" in said["bf16-rank64"]
+    assert all("the speed of `bf16-on-the-fly`, the cell" not in line for line in lines)
+    # Keys one cell sets and the other leaves to train, and cells with the same keys, are said too.
+    unset = made_cell("fp32-again", 2, 200.0)
+    assert report.change_text(report.changes(unset, cells[0])) == "mixed_precision as in train"
+    assert report.change_text(report.changes(cells[0], cells[0])) == "nothing (the same train keys)"
 
 
 def test_an_on_the_fly_cell_that_is_fastest_is_not_compared_with_itself():
