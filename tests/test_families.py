@@ -87,3 +87,28 @@ def test_importing_the_stages_and_the_cli_prints_nothing():
                           env=os.environ | OFFLINE, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stderr == "" and done.stdout == ""
+
+
+def test_compiling_a_bf16_unet_does_not_warn_about_diffusers_version_check():
+    """Dynamo warns twice per traced graph that diffusers' upsamplers call an lru_cache'd
+    is_torch_version(); compile_denoiser filters exactly that warning (in a fresh process, where
+    the filter is not undone by pytest's own warning capture)."""
+    import subprocess
+    import sys
+
+    from conftest import OFFLINE, ROOT
+
+    code = """
+import torch
+from sdtune.families import common, sd
+unet = common.cast(sd.tiny_unet(), torch.bfloat16)
+common.compile_denoiser(unet, None)
+out = unet(torch.randn(1, 4, 16, 16, dtype=torch.bfloat16), torch.tensor([10]),
+           torch.randn(1, 77, 32, dtype=torch.bfloat16)).sample
+print(out.shape)
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env=os.environ | OFFLINE, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "torch.Size([1, 4, 16, 16])"
+    assert "lru_cache" not in done.stderr and "Warning" not in done.stderr, done.stderr[-2000:]

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -154,6 +155,10 @@ def compute_dtype(device) -> torch.dtype:
 def compile_denoiser(denoiser, blocks, mode: str = "default") -> None:
     """torch.compile in place (the pipeline and the state-dict keys keep their modules): the whole
     denoiser, or each module whose class is named in `blocks` (a family's COMPILE_BLOCKS)."""
+    # diffusers' upsamplers ask an lru_cache'd is_torch_version(); Dynamo traces the function
+    # under the cache and warns, twice per traced graph. It only compares version strings.
+    warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped "
+                                              r"function at 'upsampling.py:", category=UserWarning)
     mode = None if mode == "default" else mode
     if not blocks:
         denoiser.compile(mode=mode)
