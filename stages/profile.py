@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sdtune import io, params as params_lib, runtime
+from sdtune import families, io, params as params_lib, runtime
 from sdtune.errors import UserError, main_guard
 from sdtune.profiling import charts, cost, inference, kernels, run as prof
 
@@ -91,8 +91,9 @@ def measure_each(specs, measure, what: str):
 def main():
     params = params_lib.load()
     p = params.profile
-    for spec in p.matrix:  # a typo in any cell stops here, before minutes of measuring
-        prof.cell_params(params, spec)
+    family = families.get(params.model.family)
+    for spec in p.matrix:  # a typo in any cell, or a key the family refuses, stops here, before minutes of measuring
+        family.check_train(prof.cell_params(params, spec).train)
     for spec in p.inference:
         inference.check_variant(inference.parse_cell(spec))
     cost.hourly_usd(p)  # an unpriced machine type stops here too, not in every cell after it was measured

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sdtune import params as params_lib
+from sdtune.errors import UserError
 from sdtune.families import common, get
 
 
@@ -112,3 +113,18 @@ print(out.shape)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "torch.Size([1, 4, 16, 16])"
     assert "lru_cache" not in done.stderr and "Warning" not in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family, train, message", [
+    ("sd1", {"loss_weighting": "cosmap"}, "train.loss_weighting: is for flow-matching models"),
+    ("sdxl", {"timestep_density": "uniform"}, "train.timestep_density: is for flow-matching models"),
+    ("sd3", {"snr_gamma": 5.0}, "train.snr_gamma: min-SNR weighting is for epsilon/v models"),
+    ("sd3", {"snr_gamma": None, "noise_offset": 0.05}, "train.noise_offset: sd3 samples from pure Gaussian noise"),
+])
+def test_each_family_refuses_the_train_keys_it_cannot_honour(family, train, message):
+    refused = params_lib.parse({"model": {"family": family}, "train": train}).train
+    with pytest.raises(UserError, match=f"^{message}"):
+        get(family).check_train(refused)
+    # The defaults pass, for each family's own keys (sd3 needs min-SNR off, which sd1's default has on).
+    fine = params_lib.parse({"model": {"family": family}, "train": {"snr_gamma": None} if family == "sd3" else {}})
+    get(family).check_train(fine.train)

@@ -531,6 +531,26 @@ def made_cell(name, batch, step_ms, **spec):
             "phases": {"phases": {"encode": {"median_ms": step_ms / 2}}}}
 
 
+def test_a_cell_with_a_key_the_family_refuses_stops_the_stage_before_any_cell_is_measured(
+        tmp_path, monkeypatch, capsys):
+    """sd3 refuses min-SNR weighting; a cell that sets it used to fail only when its turn came,
+    after the cells before it had been measured."""
+    from sdtune.profiling import run as prof
+    from stages import profile as stage
+
+    measured = []
+    monkeypatch.setattr(prof, "profile_cell", lambda params, spec, *a, **k: measured.append(spec["name"]))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        "model: {family: sd3, id: tiny}\ntrain: {snr_gamma: null}\n"
+        "profile:\n  matrix: [{name: a}, {name: snr, snr_gamma: 5.0}]\n")
+    with pytest.raises(SystemExit) as exit_:
+        stage.main()
+    assert exit_.value.code == 2 and measured == []
+    assert capsys.readouterr().err.startswith("error: train.snr_gamma: min-SNR weighting is for epsilon/v models")
+    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]  # nothing written
+
+
 def test_cells_of_other_batch_sizes_are_compared_by_images_per_second():
     """Ranked by step time, a batch-1 cell was "fastest" and a batch-8 cell that trains more images
     a second "did not help"."""

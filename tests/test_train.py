@@ -121,6 +121,21 @@ def test_checkpoints_of_other_params_are_not_resumed(uninterrupted, tmp_path):
     assert io.read_json(ws / "reports/train.json")["resumed_from"] is None
 
 
+def test_a_key_the_family_refuses_stops_training_before_any_checkpoint_is_removed(uninterrupted, tmp_path):
+    """SD 1.x would ignore SD3's loss weighting. The refusal came from the first training step,
+    after the checkpoints of the params before had been removed as stale: a mistyped family or key
+    cost the previous run's checkpoints."""
+    ws = clone(uninterrupted, tmp_path / "refused")
+    before = [c.name for c in checkpoint.all_checkpoints(ws / "checkpoints")]
+    assert before
+    (ws / "params.yaml").write_text(PARAMS.replace("log_every: 1,", "log_every: 1, loss_weighting: cosmap,"))
+    done = train(ws)
+    assert done.returncode == 2
+    assert done.stderr == ("error: train.loss_weighting: is for flow-matching models (model.family: sd3); "
+                           "epsilon/v models would ignore it, so leave it at 'none'\n")
+    assert [c.name for c in checkpoint.all_checkpoints(ws / "checkpoints")] == before
+
+
 def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(workspace, tmp_path):
     ws = clone(workspace, tmp_path / "nan")
     shutil.rmtree(ws / "checkpoints", ignore_errors=True)

@@ -14,6 +14,8 @@
     load_noise_scheduler(model)                 -> the training noise scheduler
     encode_images(pipe, pixels, meta)           -> {name: tensor[B, ...]} to cache (latents, sizes)
     encode_prompts(pipe, captions)              -> {name: tensor[B, ...]} to cache (embeddings)
+    check_train(train)                          -> None; a UserError for a train key the family
+                                                   cannot honour (before anything loads)
     training_loss(denoiser, scheduler, batch, generator, train) -> loss per sample, shape [B]
     save_lora(directory, state_dict, metadata, adapter_metadata=None)
                                                 writes pytorch_lora_weights.safetensors

@@ -168,6 +168,20 @@ def compile_denoiser(denoiser, blocks, mode: str = "default") -> None:
             module.compile(mode=mode)
 
 
+# The train keys of flow matching (SD3.x): how timesteps are drawn and how the loss is weighted.
+FLOW_MATCHING_KEYS = ("timestep_density", "logit_mean", "logit_std", "mode_scale", "loss_weighting")
+
+
+def check_epsilon_train(train) -> None:
+    """The epsilon/v families' check of the train section, run before anything loads or a
+    checkpoint is removed: they would ignore the flow-matching keys, so one set is refused."""
+    for key in FLOW_MATCHING_KEYS:
+        default = type(train).model_fields[key].default
+        if getattr(train, key) != default:
+            raise UserError(f"train.{key}: is for flow-matching models (model.family: sd3); epsilon/v "
+                            f"models would ignore it, so leave it at {default!r}")
+
+
 def sample_timesteps(scheduler, batch_size, generator, device):
     """Drawn on the host from the step's generator (the same on every device), copied without a sync."""
     t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)

@@ -88,6 +88,9 @@ def encode_prompts(pipe, captions):
 
 # ---- the objective ----
 
+check_train = common.check_epsilon_train
+
+
 def training_loss(denoiser, scheduler, batch, generator, train):
     latents = batch["latents"]
     noise = common.sample_noise(latents, generator, train.noise_offset)

@@ -146,6 +146,17 @@ def encode_prompts(pipe, captions):
 
 # ---- the objective ----
 
+def check_train(train) -> None:
+    """The train keys flow matching cannot honour, refused before anything loads or a checkpoint
+    is removed (and again by training_loss, for callers that skip the training loop)."""
+    if train.snr_gamma is not None:
+        raise UserError("train.snr_gamma: min-SNR weighting is for epsilon/v models; sd3 is trained by "
+                        "flow matching, so leave it unset and use train.loss_weighting")
+    if train.noise_offset:
+        raise UserError("train.noise_offset: sd3 samples from pure Gaussian noise at sigma 1, and an offset "
+                        "would train it to start elsewhere; leave it 0 for sd3")
+
+
 def _choice(train, name, default, allowed):
     value = getattr(train, name, default)
     if value not in allowed:  # diffusers treats any unknown name as uniform / unweighted
@@ -171,12 +182,7 @@ def training_loss(denoiser, scheduler, batch, generator, train):
     prediction implies (x0 = noisy - sigma * v, its default --precondition_outputs); that loss is
     sigma² times the velocity's, so applied to the velocity's they weight otherwise (sigma_sqrt by
     sigma⁻², up to 1e5 near sigma 0). They are applied where diffusers applies them."""
-    if train.snr_gamma is not None:
-        raise UserError("train.snr_gamma: min-SNR weighting is for epsilon/v models; sd3 is trained by "
-                        "flow matching, so leave it unset and use train.loss_weighting")
-    if train.noise_offset:
-        raise UserError("train.noise_offset: sd3 samples from pure Gaussian noise at sigma 1, and an offset "
-                        "would train it to start elsewhere; leave it 0 for sd3")
+    check_train(train)
     weighting = _choice(train, "loss_weighting", "none", WEIGHTINGS)
     latents = batch["latents"]
     noise = common.sample_noise(latents, generator, train.noise_offset)

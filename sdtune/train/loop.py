@@ -110,6 +110,8 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
     """A Run over `items` (the cached tensors, one dict per image): the denoiser loaded (unless
     given: bench/ passes real-size ones with random weights), LoRA attached, optimizer built."""
     p, m = params.train, params.model
+    family = families.get(m.family)
+    family.check_train(p)  # a key the family refuses stops here, before a model loads or a checkpoint goes
     device_type = runtime.device(params.base.device).type
     if p.mixed_precision == "fp16" and device_type == "cpu":
         # accelerate gives the CPU no fp16 autocast nor loss scaling: the fp16 base would meet the
@@ -127,7 +129,6 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
     # (convolutions are half of a UNet step's FLOPs). A choice by timing can differ between runs,
     # so a deterministic run keeps cuDNN's fixed heuristics.
     torch.backends.cudnn.benchmark = not p.deterministic
-    family = families.get(m.family)
 
     # The frozen base sits in the compute dtype; the LoRA weights stay float32 for stable updates.
     dtype = weight_dtype(accelerator.mixed_precision)
