@@ -259,3 +259,32 @@ def test_report_goes_to_wandb_when_it_is_on(demo, tmp_path):
     report = files / "REPORT.md"  # a copy: a run synced later still holds this report
     assert not report.is_symlink() and report.read_text() == (ws / "reports/REPORT.md").read_text()
     assert_no_secret(ws / "wandb")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_the_demo_runs_for_the_other_families_through_the_hub_loading_code(family, tmp_path):
+    """The demo's `dvc exp run`, with model.family switched and model.id a folder holding the
+    family's tiny pipeline as diffusers saves it: every stage loads its model the way the real run
+    does (from_pretrained with subfolders), end to end, and the LoRA names that folder."""
+    import shlex
+
+    from conftest import copy_repo
+    from sdtune import families
+
+    repo = copy_repo(tmp_path / "repo")
+    weights = tmp_path / f"{family}-tiny"
+    tiny = params_lib.parse({"model": {"family": family, "id": "tiny", "resolution": 64}}).model
+    families.get(family).load_pipeline(tiny).save_pretrained(weights)
+    demo_cmd = run(["make", "-n", "demo"], repo).stdout.splitlines()[0]
+    assert demo_cmd.startswith("HF_HUB_OFFLINE=1 dvc exp run ")
+    args = shlex.split(demo_cmd)[1:] + ["-S", f"++model.family={family}", "-S", f"++model.id={weights}",
+                                        "-S", "++base.device=cpu"]
+    out = run(args, repo, timeout=1200)
+    assert ran(out.stdout) == STAGES, out.stdout[-3000:]
+    meta = common.read_metadata(repo / "models/lora" / common.LORA_FILE)
+    assert meta["base_model"] == str(weights) and meta["base_commit"].startswith("local:")
+    evals = json.loads((repo / "reports/eval.json").read_text())
+    assert list(evals) == ["base", "lora", "int8wo-fused"] and finite_numbers(evals)
+    profile = json.loads((repo / "reports/profile.json").read_text())
+    assert finite_numbers(profile["cells"]) and profile["best"] in profile["cells"]
+    assert "## What helped, what did not" in (repo / "reports/REPORT.md").read_text()
