@@ -383,6 +383,10 @@ run_tests() {
 # CPU), unexplained. Python's own per-module import times, once, in the background from the start
 # (beside the GPU tests or the warm processes) and waited for before anything is timed
 # (imports_done). BENCH_IMPORT_TIMES=1 or 0; default 1 on a machine with nvidia-smi.
+GPU_BOX=0  # whether this machine has a GPU: what BENCH_IMPORT_TIMES and BENCH_WARM default to
+if nvidia-smi -L >/dev/null 2>&1; then
+    GPU_BOX=1
+fi
 IMPORT_PID=""
 import_times() {
     timeout 120 "$PY" -X importtime -c "import bench.train_step" >/dev/null 2>"$RUNS/importtime.txt" || true
@@ -396,7 +400,7 @@ imports_done() {
     echo "== the slowest imports of a bench process (python -X importtime, in µs: self | with what it imports | module; runs/importtime.txt):"
     grep '^import time:' "$RUNS/importtime.txt" | sort -t'|' -k2 -n -r | head -n 12 | sed 's/^import time: */   /' || true
 }
-if [[ ${BENCH_IMPORT_TIMES:-$(nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)} == 1 ]]; then
+if [[ ${BENCH_IMPORT_TIMES:-$GPU_BOX} == 1 ]]; then
     import_times &
     IMPORT_PID=$!
 fi
@@ -408,13 +412,7 @@ fi
 # AOTAutograd, Triton kernels). The timed run then compiles from the cache, so it needs WARM_NEED_S
 # instead of its own need; where a warm process failed it compiles itself, as before. A warm process skips cuDNN's algorithm timing, which would use the GPU. No run
 # is timed while a warm process is alive (wait_for_warm): they would share the GPU and the CPU.
-if [[ -n ${BENCH_WARM:-} ]]; then
-    WARM_JOBS=$BENCH_WARM
-elif nvidia-smi -L >/dev/null 2>&1; then
-    WARM_JOBS=4
-else
-    WARM_JOBS=0
-fi
+WARM_JOBS=${BENCH_WARM:-$((GPU_BOX * 4))}
 # On the H100 a run compiled from the cache took 45-68 s, 17-25 s of it the imports.
 WARM_NEED_S=${BENCH_WARM_NEED_S:-70}
 for unit in "${UNITS[@]}"; do

@@ -202,7 +202,8 @@ class Bench:
     def _setup_step(self):
         """This denoiser with LoRA, an optimizer and pre-made inputs (or the diffusers example's parts)."""
         args, dtype = self.args, self.dtype
-        lora.add(self.model, params.Lora(rank=args.rank, alpha=float(args.rank)), self.arch.lora_targets)
+        self.lora = params.Lora(rank=args.rank, alpha=float(args.rank))
+        lora.add(self.model, self.lora, self.arch.lora_targets)
         self.params = lora.trainable(self.model)
         for p in self.params:  # LoRA weights stay float32 for stable updates, as in sdtune.train.loop
             p.data = p.data.float()
@@ -224,7 +225,7 @@ class Bench:
         autocast = dtype != torch.float32 and self.device.type != "meta"
         self.amp = torch.autocast(self.device.type, dtype=dtype) if autocast else contextlib.nullcontext()
         if autocast and not args.baseline:  # as the loop does; the diffusers example keeps peft's casts
-            lora.skip_input_casts(self.model, params.Lora())
+            lora.skip_input_casts(self.model, self.lora)
 
     def _setup_loop(self):
         """A training-loop Run over this denoiser: LoRA, optimizer and everything else as in training."""
@@ -405,13 +406,13 @@ def _run(args, began: float) -> dict:
     sync(device)
     pipelined_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     lap("pipelined_steps")
-    by_kind = None
+    kernel_time = None
     if args.kernels:  # after the timed steps: the profiler's overhead stays out of their times
         try:
             per_kernel, profiled_ms = kernels.time_by_kernel(bench.step, min(args.steps, 3), device)
-            by_kind = kernels.breakdown(per_kernel, counted["flops_by_kind"], profiled_ms)
+            kernel_time = kernels.breakdown(per_kernel, counted["flops_by_kind"], profiled_ms)
         except Exception as err:  # the breakdown is a diagnosis: the measured numbers above stand
-            by_kind = {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"}
+            kernel_time = {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"}
         lap("kernel_profile")
 
     peak_mem = memory.peak_memory(device)
@@ -430,7 +431,7 @@ def _run(args, began: float) -> dict:
         "steps": args.steps, "warmup": args.warmup,
         "step_ms": summary["step_median_ms"], "step_ms_mean": summary["step_mean_ms"],
         "step_ms_pipelined": pipelined_ms, "images_per_second": args.bs / step_s,
-        "phases": summary["phases"] if args.phases else None, "kernels": by_kind, "compile_cache": compile_cache,
+        "phases": summary["phases"] if args.phases else None, "kernels": kernel_time, "compile_cache": compile_cache,
         **counted,
         "achieved_tflops": flops.achieved_tflops(counted["flops_per_step"], step_s),
         "peak_tflops": peak, "peak_source": peak_source,

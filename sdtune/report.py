@@ -43,11 +43,6 @@ def training_section(train: dict) -> list[str]:
     ]
 
 
-def _same_but_cached(cell: dict, cells: list[dict]):
-    """The cell whose train keys are `cell`'s and which reads the cache, if the matrix has one."""
-    wanted = cell_train_keys(cell["spec"])
-    return next((c for c in cells if c["spec"].get("latents", "cached") == "cached"
-                 and cell_train_keys(c["spec"]) == wanted), None)
 
 
 def _value(v) -> str:
@@ -76,6 +71,15 @@ def reference(cell: dict, earlier: list[dict]) -> dict:
     return min(earlier, key=lambda ref: len(changes(cell, ref)))
 
 
+def _reads_cache(cell: dict) -> bool:
+    return cell["spec"].get("latents", "cached") == "cached"
+
+
+def _same_but_cached(cell: dict, cells: list[dict]):
+    """The cell whose train keys are `cell`'s and which reads the cache, if the matrix has one."""
+    return next((c for c in cells if _reads_cache(c) and not changes(cell, c)), None)
+
+
 def change_text(diff: dict) -> str:
     if not diff:
         return "nothing (the same train keys)"
@@ -95,7 +99,7 @@ def findings(evals: dict, profile: dict) -> list[str]:
     cells = list(profile["cells"].values())
     base = cells[0]
     for i, cell in enumerate(cells[1:], start=1):
-        if cell["spec"].get("latents") == "on_the_fly":
+        if not _reads_cache(cell):
             # Here the cell is the way without the optimization, so the sentence is about the cache,
             # against the cell with the same train keys that reads the cache (else the first cell).
             ref = _same_but_cached(cell, cells) or base
@@ -107,14 +111,14 @@ def findings(evals: dict, profile: dict) -> list[str]:
                          f"encodes its images every step ({cell['step_ms']:.1f} vs {ref['step_ms']:.1f} ms/step; "
                          f"{encode_ms:.1f} ms of it decoding and encoding).")
             continue
-        ref = reference(cell, [c for c in cells[:i] if c["spec"].get("latents") != "on_the_fly"] or [base])
+        ref = reference(cell, [c for c in cells[:i] if _reads_cache(c)] or [base])
         speed = cell["images_per_second"] / ref["images_per_second"]
         lines.append(f"- `{cell['name']}` {_verdict(speed)}: {speed:.2f}× the speed of `{ref['name']}`, the cell it "
                      f"changes by {change_text(changes(cell, ref))} ({cell['images_per_second']:.2f} vs "
                      f"{ref['images_per_second']:.2f} images/s; {cell['step_ms']:.1f} vs {ref['step_ms']:.1f} "
                      f"ms/step), MFU {cell['mfu']:.1%} vs {ref['mfu']:.1%}, peak memory "
                      f"{_pct(cell['memory']['peak_bytes'], ref['memory']['peak_bytes'])}.")
-    fly = next((c for c in cells if c["spec"].get("latents") == "on_the_fly"), None)
+    fly = next((c for c in cells if not _reads_cache(c)), None)
     best = profile["cells"][profile["best"]]
     # Not when the fastest cell is the on-the-fly one itself, or its cached twin (the sentence above).
     if fly is not None and best["name"] != fly["name"] and best is not _same_but_cached(fly, cells):

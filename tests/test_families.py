@@ -1,10 +1,14 @@
 """What every family's tiny pipeline shares: built from configs, in the dtype asked for, quietly."""
 
 import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
 
+from conftest import OFFLINE, ROOT
 from sdtune import params as params_lib
 from sdtune.errors import UserError
 from sdtune.families import common, get
@@ -55,8 +59,6 @@ def test_real_loading_code_reads_a_saved_pipeline_quietly(family, tmp_path):
     """The hub branch (from_pretrained with subfolders) that the real run takes, on the tiny
     pipeline saved to a local folder: the same weights come back, in the dtype asked for, and
     without diffusers' FutureWarning for the `torch_dtype` it deprecated."""
-    import warnings
-
     fam = get(family)
     tiny = params_lib.parse({"model": {"family": family, "id": "tiny", "resolution": 64}}).model
     fam.load_pipeline(tiny).save_pretrained(tmp_path)
@@ -76,11 +78,6 @@ def test_importing_the_stages_and_the_cli_prints_nothing():
     """Every stage starts by importing diffusers, transformers, peft and their optional kernels;
     their import-time notices about things sdtune does not use (torchvision, bitsandbytes' hub
     kernels, torchao's CUDA extensions) must not greet the user as warnings."""
-    import subprocess
-    import sys
-
-    from conftest import OFFLINE, ROOT
-
     modules = sorted(f"stages.{p.stem}" for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__")
     assert len(modules) == 8
     code = "; ".join(f"import {m}" for m in [*modules, "sdtune.cli"])
@@ -94,11 +91,6 @@ def test_compiling_a_bf16_unet_does_not_warn_about_diffusers_version_check():
     """Dynamo warns twice per traced graph that diffusers' upsamplers call an lru_cache'd
     is_torch_version(); compile_denoiser filters exactly that warning (in a fresh process, where
     the filter is not undone by pytest's own warning capture)."""
-    import subprocess
-    import sys
-
-    from conftest import OFFLINE, ROOT
-
     code = """
 import torch
 from sdtune.families import common, sd

@@ -12,6 +12,7 @@ kernels flash, fmha or sdpa. The first kind whose pattern matches wins, hence th
 
 import re
 import time
+from collections import Counter
 
 import torch
 from torch.autograd import DeviceType
@@ -84,10 +85,10 @@ def traced_step_ms(prof) -> float:
 
 def by_kind(values: dict) -> dict:
     """Sum a mapping keyed by kernel or op name ({kernel: ms}, or FlopCounterMode's {op: flops}) by kind."""
-    out = {}
+    out = Counter()
     for name, value in values.items():
-        out[kind(str(name))] = out.get(kind(str(name)), 0) + value
-    return out
+        out[kind(str(name))] += value
+    return dict(out)
 
 
 def breakdown(per_kernel: dict[str, float], flops: dict[str, int], step_ms: float, top: int = 12) -> dict:

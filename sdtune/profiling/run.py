@@ -6,6 +6,7 @@ what is measured is what `dvc repro` trains with.
 """
 
 import contextlib
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -95,11 +96,10 @@ def measured_flops(run, step_fn, steps: range) -> dict[str, int]:
     for i, layout in zip(steps, layouts):
         first.setdefault(layout, i)
     counted = {layout: model_flops(run, step_fn, i) for layout, i in first.items()}
-    total: dict[str, int] = {}
+    total = Counter()
     for layout in layouts:
-        for kind, n in counted[layout].items():
-            total[kind] = total.get(kind, 0) + n
-    return total
+        total.update(counted[layout])
+    return dict(total)
 
 
 @contextlib.contextmanager
