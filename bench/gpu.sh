@@ -48,8 +48,8 @@ GSTEPS=(--steps 10 --warmup 5)
 # 2 s of it steps; in a group the first run pays the start-up), the compiled SD1.5 bs1 run with CUDA
 # graphs 140 s, compiled SD1.5 bs16 about 100 s, compiled SD3.5 Medium about 70 s; the compiled
 # channels_last run was still compiling after 120 s. On the H100 a compiled SD1.5 run alone needs more
-# (hence 240 s): four compiling together took 178-197 s, and one alone was still compiling after
-# 200 s. Eager runs share a process per group; compiled
+# (hence 240 s): four compiling together took 178-197 s, and one alone had not finished after 200 s
+# (start-up, FLOP count, compile and warm-up, steps: about 230 s). Eager runs share a process per group; compiled
 # ones keep their own, since a compile can hang or exhaust memory. The order is by importance: the
 # four targets eager (each then has a number even if time runs out) and the diffusers example's way
 # for the speedup column, the compiled runs that meet the targets, the rest of the SD1.5 matrix one
@@ -92,8 +92,8 @@ plan() {
     group_end
     # The training loop's own step (--loop: host-side batch, per-step generator, accelerate,
     # clipping, LR schedule) compiled, against the plain compiled steps above; bs1 and SD3.5 Medium
-    # ran on the H100, bs16 not yet (its CUDA-graph run, alone and not compiled ahead, was still
-    # compiling after 200 s).
+    # ran on the H100, bs16 not yet (its CUDA-graph run, alone and not compiled ahead, had not
+    # finished after 200 s).
     run sd15-bs16-bf16-compile-loop 300 240 "${SD15[@]}" --bs 16 --precision bf16 --compile --loop "${CSTEPS[@]}"
     run sd15-bs16-bf16-compile-cudagraphs-loop 300 240 "${SD15[@]}" --bs 16 --precision bf16 --compile \
         --compile-mode reduce-overhead --loop "${GSTEPS[@]}"

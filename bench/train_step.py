@@ -366,13 +366,17 @@ def run(args, began: float = IMPORTED_AT) -> dict:
 def _run(args, began: float) -> dict:
     # Where a run's wall time goes, for planning a device call (most of a short eager run is not
     # its timed steps): "startup" is the imports, or in a --many process the clean-up after the last run.
-    seconds, clock = {"startup": time.perf_counter() - began}, time.perf_counter()
+    seconds, clock = {}, began
 
     def lap(name):
+        # One line per part as it ends: a run cut off at its time limit shows in its log how far it
+        # got. Indented, so that gpu.sh's summary (the lines that start with a run's name) skips them.
         nonlocal clock
         now = time.perf_counter()
         seconds[name], clock = now - clock, now
+        print(f"  {args.name}: {name} took {seconds[name]:.1f} s", flush=True)
 
+    lap("startup")
     bench = Bench(args)
     device = bench.device
     lap("build")
@@ -390,11 +394,16 @@ def _run(args, began: float) -> dict:
     # Per-step times: the timer syncs at each step's start and end (and at phase edges with --phases).
     timer = PhaseTimer(device, warmup=args.warmup)
     phase_timer = timer if args.phases else PhaseTimer(device, enabled=False)
-    for _ in range(args.warmup + args.steps):
+    for _ in range(args.warmup):
         timer.step_begin()
         loss = bench.step(phase_timer)
         timer.step_end()
-    lap("warmup_and_timed_steps")  # compiling happens in the first warm-up steps; step_end synced
+    lap("warmup_steps")  # compiling happens in the first warm-up steps; step_end synced
+    for _ in range(args.steps):
+        timer.step_begin()
+        loss = bench.step(phase_timer)
+        timer.step_end()
+    lap("timed_steps")
     compile_cache = delta(compile_cache_counts(), cached_before) if args.compile else None
     summary = timer.summary()
     # Back to back with one sync at the end, as the training loop runs: the host queues the next
