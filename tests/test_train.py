@@ -551,20 +551,29 @@ def test_under_mixed_precision_lora_inputs_skip_peft_casts_with_the_same_bits(wo
         for m in layers:
             m.cast_input_dtype_enabled = casts
         Copies.n = 0
-        with Copies():
+        saved = {}  # storage -> bytes, of the tensors autograd keeps for the backward
+
+        def pack(tensor):
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with Copies(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             for step in range(3):
                 loop.train_step(run, step)
-        return lora_state(run), Copies.n, skipped
+        return lora_state(run), Copies.n, skipped, sum(saved.values())
 
-    skipping, fewer, skipped = trained(casts=False)
-    casting, more, _ = trained(casts=True)
+    skipping, fewer, skipped, kept_less = trained(casts=False)
+    casting, more, _, kept_more = trained(casts=True)
     assert skipped and all(skipped)  # what setup did
     assert skipping.keys() == casting.keys()
     assert all(torch.equal(skipping[k], casting[k]) for k in skipping)
     assert more - fewer >= 3 * 2 * len(skipped)  # at least one copy saved per layer, forward and backward
+    # With the cast, a LoRA's down-projection keeps its own bf16 copy of the layer's input for the
+    # backward, beside the one the frozen layer keeps; without it both keep the same tensor.
+    assert kept_less < kept_more
 
     for kept in ({"use_dora": True}, {"dropout": 0.1}):
-        _, _, flags = trained(casts=True, lora={"rank": 4, "alpha": 4.0, **kept})
+        _, _, flags, _ = trained(casts=True, lora={"rank": 4, "alpha": 4.0, **kept})
         assert flags and not any(flags), kept
     AcceleratorState._reset_state(reset_partial_state=True)
     full = loop.setup(in_process_params(workspace), workspace / "cache")
