@@ -48,17 +48,26 @@ def speedup(r, rows):
     return min(b["step_ms"] for b in same) / r["step_ms"] if same else None
 
 
+def _spread(value: float, samples) -> str:
+    """A time and the range of its samples, where the run recorded them (runs since 2026-11-26's
+    second H100 call)."""
+    samples = [x for x in samples if x is not None]
+    return f"{value:.1f}" + (f" ({min(samples):.1f}–{max(samples):.1f})" if samples else "")
+
+
 def results_table(rows) -> str:
-    head = ("| run | step ms | pipelined ms | img/s | TFLOP/step | MFU | peak GiB | vs baseline |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| run | step ms (min–max) | pipelined ms (blocks' min–max) | img/s | TFLOP/step | MFU | peak GiB "
+            "| vs baseline |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         if not _ok(r):
             lines.append(f"| {r['name']} | {r['error']} | | | | | | |")
             continue
         s = speedup(r, rows)
+        step = _spread(r["step_ms"], [r.get("step_ms_min"), r.get("step_ms_max")])
+        pipelined = _spread(r["step_ms_pipelined"], r.get("step_ms_pipelined_blocks", []))
         lines.append(
-            f"| {r['name']} | {r['step_ms']:.1f} | {r['step_ms_pipelined']:.1f} | {r['images_per_second']:.2f} "
+            f"| {r['name']} | {step} | {pipelined} | {r['images_per_second']:.2f} "
             f"| {r['flops_per_step'] / 1e12:.3g} | {r['mfu']:.1%} | {r['peak_memory_bytes'] / GIB:.2f} "
             f"| {'' if s is None else f'{s:.2f}×'} |")
     return "\n".join(lines)
@@ -100,8 +109,9 @@ def kernel_tables(rows) -> list[str]:
 def render(rows, judged) -> str:
     devices = sorted({r["device_name"] for r in rows if _ok(r)})
     return "\n\n".join([
-        f"Device: {', '.join(devices) or 'none'}. Step ms: median of synchronised steps after warm-up; "
-        "pipelined ms: back-to-back steps, one sync at the end. MFU: FLOPs per step over the run's peak "
+        f"Device: {', '.join(devices) or 'none'}. Step ms: median of synchronised steps after warm-up, "
+        "with the fastest and slowest; pipelined ms: back-to-back steps, one sync at the end, the median of "
+        "three blocks with the fastest and slowest block. MFU: FLOPs per step over the run's peak "
         "(datasheet dense peak, else a measured GEMM ceiling); FLOPs are torch's FlopCounterMode count of one "
         "eager step in model FLOPs: attention's backward as 4 matmuls whichever kernel runs it (a fused kernel's "
         "recomputed QKᵀ and gradient checkpointing's recomputed forward are left out; the JSON's HFU keeps them).",

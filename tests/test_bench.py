@@ -138,7 +138,10 @@ def test_train_step_measures_time_flops_and_mfu(results, case):
     assert all(v > 0 for v in r["seconds"].values())
     assert r["seconds"]["timed_steps"] >= r["steps"] * r["step_ms_mean"] / 1e3  # the timed ones and a little more
     assert r["seconds"]["timed_steps"] == pytest.approx(r["steps"] * r["step_ms_mean"] / 1e3, rel=0.2)
-    assert r["seconds"]["pipelined_steps"] * 1e3 == pytest.approx(r["steps"] * r["step_ms_pipelined"], rel=0.01)
+    blocks = r["step_ms_pipelined_blocks"]
+    assert len(blocks) == train_step.PIPELINED_BLOCKS and r["step_ms_pipelined"] == sorted(blocks)[1]
+    assert r["seconds"]["pipelined_steps"] * 1e3 == pytest.approx(r["steps"] * sum(blocks), rel=0.01)
+    assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
     # FLOPs by kind are the parts of the step's count.
     assert sum(r["flops_by_kind"].values()) == r["flops_per_step"]
     if "--kernels" not in argv:
@@ -190,6 +193,14 @@ def test_table_renders_results_failures_and_targets(results, tmp_path):
     for case in ["sd15-tiny 64px bs1 fp32", "sd35m-tiny 64px bs1 fp32 ckpt", "timed out after 120s"]:
         assert case in md
     assert "×" in md  # the speedup over the baseline of the same arch, size and batch
+    # Each time with its spread; a run recorded before the spread was (docs/results) shows the time alone.
+    r = json.loads(Path(paths[0]).read_text())
+    blocks = r["step_ms_pipelined_blocks"]
+    row = (f"| {r['step_ms']:.1f} ({r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}) "
+           f"| {r['step_ms_pipelined']:.1f} ({min(blocks):.1f}–{max(blocks):.1f}) |")
+    assert row in md
+    old = {k: v for k, v in r.items() if k not in ("step_ms_min", "step_ms_max", "step_ms_pipelined_blocks")}
+    assert f"| {r['step_ms']:.1f} | {r['step_ms_pipelined']:.1f} |" in table.results_table([old])
     assert "**sd15-tiny 64px bs1 fp32**: kernel time by kind, per step" in md  # the one --kernels run
     assert md.count("kernel time by kind") == 1 and "| all kernels |" in md
     combined = json.loads((tmp_path / "bench.json").read_text())

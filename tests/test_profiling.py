@@ -117,6 +117,9 @@ def test_phases_cover_the_step_and_summarise(unet_step):
     assert s["coverage"] >= 0.95, s
     assert all(p["median_ms"] > 0 and p["mean_ms"] > 0 for p in s["phases"].values())
     assert sum(p["mean_ms"] for p in s["phases"].values()) <= s["step_mean_ms"]
+    measured = [t["step_ms"] for t in timer.steps[2:]]
+    assert (s["step_min_ms"], s["step_max_ms"]) == (min(measured), max(measured))
+    assert s["step_min_ms"] <= s["step_median_ms"] <= s["step_max_ms"]
 
 
 def test_phases_accumulate_and_nested_phases_do_not_count_twice():

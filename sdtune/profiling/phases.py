@@ -96,7 +96,7 @@ class PhaseTimer:
                 self._current["top"] += ms
 
     def summary(self):
-        """Per-phase median/mean ms, step median/mean ms and coverage over the steps after warm-up.
+        """Per-phase median/mean ms, step median/mean/min/max ms and coverage over the steps after warm-up.
 
         Returns None when the timer is disabled. A phase missing from a step counts as 0 ms there,
         so means add up to the mean step time (the charts stack means for that reason).
@@ -119,6 +119,8 @@ class PhaseTimer:
             "warmup_steps": min(self.warmup, len(self.steps)),
             "step_median_ms": statistics.median(step_ms),
             "step_mean_ms": statistics.mean(step_ms),
+            "step_min_ms": min(step_ms),  # the spread: a difference inside it between two runs is noise
+            "step_max_ms": max(step_ms),
             "phases": phases,
             # Totals, not a mean of ratios: a long step weighs as much as its time.
             "coverage": sum(s["top"] for s in measured) / sum(step_ms),
