@@ -47,13 +47,14 @@ GSTEPS=(--steps 10 --warmup 5)
 # Measured on an H200 (docs/benchmarks.md): an eager run took 23-37 s in a process of its own (about
 # 2 s of it steps; in a group the first run pays the start-up), the compiled SD1.5 bs1 run with CUDA
 # graphs 140 s, compiled SD1.5 bs16 about 100 s, compiled SD3.5 Medium about 70 s; the compiled
-# channels_last run was still compiling after 120 s. On the H100 a compiled SD1.5 run alone needs more
-# (hence 240 s): four compiling together took 178-197 s, and one alone had not finished after 200 s
-# (start-up, FLOP count, compile and warm-up, steps: about 230 s). Eager runs share a process per group; compiled
-# ones keep their own, since a compile can hang or exhaust memory. The order is by importance: the
-# four targets eager (each then has a number even if time runs out) and the diffusers example's way
-# for the speedup column, the compiled runs that meet the targets, the rest of the SD1.5 matrix one
-# change at a time, the training loop's own step, then what might lift SD1.5 bs16 to 35% MFU.
+# channels_last run was still compiling after 120 s. On the H100 a compiled SD1.5 run alone needs
+# more (hence 240 s): four compiling together took 178-197 s, and one alone had not finished after
+# 200 s (start-up, FLOP count, compile and warm-up, steps: about 230 s). Eager runs share a process
+# per group; compiled ones keep their own, since a compile can hang or exhaust memory. The order is
+# by importance: the four targets eager (each then has a number even if time runs out) and the
+# diffusers example's way for the speedup column, the compiled runs that meet the targets, the rest
+# of the SD1.5 matrix one change at a time, the training loop's own step, then what might lift
+# SD1.5 bs16 to 35% MFU.
 plan() {
     group_begin targets
     run sd15-bs16-bf16 90 30 "${SD15[@]}" --bs 16 --precision bf16 "${STEPS[@]}"
@@ -389,9 +390,11 @@ run_tests() {
 }
 
 # Where a bench process's start-up goes: on the H100 its imports took 17-25 s (5 s on a laptop's
-# CPU), unexplained. Python's own per-module import times, once, in the background from the start
-# (beside the GPU tests or the warm processes) and waited for before anything is timed
-# (imports_done). BENCH_IMPORT_TIMES=1 or 0; default 1 on a machine with nvidia-smi.
+# CPU), nearly all in torch, Dynamo and what diffusers' quantizers import (bitsandbytes, peft,
+# transformers; docs/benchmarks.md, second H100 call). Python's own per-module import times, once,
+# in the background from the start (beside the GPU tests or the warm processes) and waited for
+# before anything is timed (imports_done). BENCH_IMPORT_TIMES=1 or 0; default 1 on a machine with
+# nvidia-smi.
 GPU_BOX=0  # whether this machine has a GPU: what BENCH_IMPORT_TIMES and BENCH_WARM default to
 if nvidia-smi -L >/dev/null 2>&1; then
     GPU_BOX=1
@@ -419,10 +422,11 @@ fi
 # at a time (default 4 on a machine with nvidia-smi, else 0: off) compile the selected compiled runs
 # with --warm-only, in the order they will run, filling inductor's on-disk caches (FX graph,
 # AOTAutograd, Triton kernels). The timed run then compiles from the cache, so it needs WARM_NEED_S
-# instead of its own need; where a warm process failed it compiles itself, as before. A warm process skips cuDNN's algorithm timing, which would use the GPU. No run
-# is timed while a warm process is alive (wait_for_warm): they would share the GPU and the CPU. Each
-# warm process has its run's time limit, so one slow compile holds the timed runs back no longer.
-# On the H100, four compiling SD1.5 bs16 at once took 178-197 s, next to the GPU tests.
+# instead of its own need; where a warm process failed it compiles itself, as before. A warm
+# process skips cuDNN's algorithm timing, which would use the GPU. No run is timed while a warm
+# process is alive (wait_for_warm): they would share the GPU and the CPU. Each warm process has its
+# run's time limit, so one slow compile holds the timed runs back no longer. On the H100, four
+# compiling SD1.5 bs16 at once took 178-197 s, next to the GPU tests.
 WARM_JOBS=${BENCH_WARM:-$((GPU_BOX * 4))}
 # On the H100 a run compiled from the cache took 45-73 s, 17-25 s of it the imports.
 WARM_NEED_S=${BENCH_WARM_NEED_S:-70}

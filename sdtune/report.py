@@ -43,8 +43,6 @@ def training_section(train: dict) -> list[str]:
     ]
 
 
-
-
 def _value(v) -> str:
     """A params value as params.yaml writes it: true, null, {rank: 64, alpha: 64.0}."""
     if isinstance(v, bool) or v is None:

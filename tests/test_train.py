@@ -526,7 +526,6 @@ def test_the_loras_params_hash_names_the_seed_not_the_device():
     assert digest({"seed": 1}) != digest({"seed": 2})
 
 
-
 def test_under_mixed_precision_lora_inputs_skip_peft_casts_with_the_same_bits(workspace):
     """bf16: peft's cast of each LoRA input to float32, which autocast undoes at once, is skipped.
     Three steps train the same LoRA to the bit with fewer copies; DoRA (its weight norm follows
@@ -573,9 +572,9 @@ def test_under_mixed_precision_lora_inputs_skip_peft_casts_with_the_same_bits(wo
     # backward, beside the one the frozen layer keeps; without it both keep the same tensor.
     assert kept_less < kept_more
 
-    for kept in ({"use_dora": True}, {"dropout": 0.1}):
-        _, _, flags, _ = trained(casts=True, lora={"rank": 4, "alpha": 4.0, **kept})
-        assert flags and not any(flags), kept
+    for keeps_casts in ({"use_dora": True}, {"dropout": 0.1}):
+        _, _, flags, _ = trained(casts=True, lora={"rank": 4, "alpha": 4.0, **keeps_casts})
+        assert flags and not any(flags), keeps_casts
     AcceleratorState._reset_state(reset_partial_state=True)
     full = loop.setup(in_process_params(workspace), workspace / "cache")
     assert all(m.cast_input_dtype_enabled for m in full.denoiser.modules() if isinstance(m, BaseTunerLayer))
