@@ -100,6 +100,11 @@ plan() {
         --compile-mode reduce-overhead --loop "${GSTEPS[@]}"
     run sd15-bs1-bf16-compile-cudagraphs-loop 300 240 "${SD15[@]}" --bs 1 --precision bf16 --compile \
         --compile-mode reduce-overhead --loop "${GSTEPS[@]}"
+    # inductor's C++ wrapper launches the compiled kernels from C++, not Python: on a CPU it made the
+    # tiny step 25-30% faster. At bs1 it might give most of what CUDA graphs give without their
+    # limits (no grad_accum); its compile time is a guess.
+    run sd15-bs1-bf16-compile-cpp-wrapper-loop 400 300 "${SD15[@]}" --bs 1 --precision bf16 --compile \
+        --inductor cpp_wrapper=True --loop "${CSTEPS[@]}"
     run sd35m-bs3-bf16-compile-loop 180 80 --arch sd35m --res 1024 --bs 3 --precision bf16 --compile --loop \
         "${CSTEPS[@]}"
     # Candidates for the SD1.5 bs16 MFU target (35% asked). On the H100 (docs/benchmarks.md, both

@@ -137,21 +137,19 @@ def parse(argv=None):
 
 
 def inductor_option(p, item: str) -> tuple[str, object]:
-    """KEY=VALUE to (key, value), the value a Python literal of the option's own type."""
+    """KEY=VALUE to (key, value), the value a Python literal of the option's own type (checked as
+    train.compile_options is)."""
     key, sep, text = item.partition("=")
-    owner, *path = key.split(".")
     try:
-        current = getattr(inductor_config, owner)
-        for part in path:
-            current = getattr(current, part)
-    except AttributeError:
-        p.error(f"--inductor {item}: torch._inductor.config has no option {key!r}")
-    try:
-        value = ast.literal_eval(text) if sep else None
+        value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
-    if not sep or type(value) is not type(current):
-        p.error(f"--inductor {item}: expected {key}=<{type(current).__name__}>, as the option is now {current!r}")
+    try:
+        if not sep:
+            raise ValueError("expected KEY=VALUE")
+        params.check_inductor_options({key: value})
+    except ValueError as err:
+        p.error(f"--inductor {item}: {err}")
     return key, value
 
 

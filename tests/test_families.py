@@ -107,6 +107,36 @@ print(out.shape)
     assert "lru_cache" not in done.stderr and "Warning" not in done.stderr, done.stderr[-2000:]
 
 
+class Noisy(torch.nn.Module):
+    """Adds uniform noise: compiled, inductor draws its own random numbers unless told to fall
+    back to torch's (its fallback_random option), so the option's effect shows in the output."""
+
+    def forward(self, x):
+        return x + torch.rand_like(x)
+
+
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
+def test_train_compile_options_reach_inductor_with_the_modes_own(mode):
+    from types import SimpleNamespace
+
+    from sdtune.train import loop
+
+    x = torch.zeros(64)
+    torch.manual_seed(0)
+    eager = Noisy()(x)
+    outputs = {}
+    for options in ({}, {"fallback_random": True}):
+        train = params_lib.parse({"train": {"compile": True, "compile_mode": mode, "compile_options": options}}).train
+        denoiser = torch.nn.Sequential(Noisy(), Noisy())  # compiled block by block, as SD3's is
+        run = SimpleNamespace(denoiser=denoiser, family=SimpleNamespace(COMPILE_BLOCKS=("Noisy",)),
+                              params=SimpleNamespace(train=train))
+        loop.compile_denoiser(run)
+        torch.manual_seed(0)
+        outputs[bool(options)] = denoiser[0](x)
+    assert not torch.equal(outputs[False], eager)  # inductor's own random numbers
+    assert torch.equal(outputs[True], eager)
+
+
 @pytest.mark.parametrize("family, train, message", [
     ("sd1", {"loss_weighting": "cosmap"}, "train.loss_weighting: is for flow-matching models"),
     ("sdxl", {"timestep_density": "uniform"}, "train.timestep_density: is for flow-matching models"),

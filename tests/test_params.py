@@ -33,7 +33,23 @@ BAD = [
     ({"train": {"compile_mode": "reduce-overhead"}}, "train.compile_mode: 'reduce-overhead' needs compile: true", ""),
     ({"train": {"compile": True, "compile_mode": "reduce-overhead", "grad_accum": 4}},
      "train.compile_mode: 'reduce-overhead' uses CUDA graphs", "set grad_accum: 1 or compile_mode: default"),
+    ({"train": {"compile_options": {"cpp_wrapper": True}}}, "train.compile_options", "needs compile: true"),
+    ({"train": {"compile": True, "compile_options": {"cpp_wraper": True}}},
+     "train.compile_options: 'cpp_wraper'", "no such option"),
+    ({"train": {"compile": True, "compile_options": {"cpp_wrapper": 1}}},
+     "train.compile_options: 'cpp_wrapper'", "expected a value of type bool, as the option is now False (got 1)"),
+    ({"train": {"compile": True, "compile_options": {"cpp.threads": True}}},
+     "train.compile_options: 'cpp.threads'", "expected a value of type int"),
+    ({"train": {"compile": True, "compile_options": {"triton.cudagraphs": True}}},
+     "train.compile_options: 'triton.cudagraphs'", "set compile_mode: reduce-overhead instead"),
 ]
+
+
+def test_compile_options_take_inductor_values_of_the_options_types():
+    train = params.parse({"train": {"compile": True, "compile_options": {
+        "cpp_wrapper": True, "cpp.threads": 2, "max_autotune_gemm_backends": "ATEN"}}}).train
+    assert train.compile_options == {"cpp_wrapper": True, "cpp.threads": 2, "max_autotune_gemm_backends": "ATEN"}
+    assert params.parse({}).train.compile_options == {}
 
 
 @pytest.mark.parametrize("raw, key, allowed", BAD)

@@ -152,20 +152,24 @@ def compute_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def compile_denoiser(denoiser, blocks, mode: str = "default") -> None:
+def compile_denoiser(denoiser, blocks, mode: str = "default", options: dict | None = None) -> None:
     """torch.compile in place (the pipeline and the state-dict keys keep their modules): the whole
-    denoiser, or each module whose class is named in `blocks` (a family's COMPILE_BLOCKS)."""
+    denoiser, or each module whose class is named in `blocks` (a family's COMPILE_BLOCKS).
+    `options`: torch._inductor.config options on top of the mode's (train.compile_options)."""
     # diffusers' upsamplers ask an lru_cache'd is_torch_version(); Dynamo traces the function
     # under the cache and warns, twice per traced graph. It only compares version strings.
     warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped "
                                               r"function at 'upsampling.py:", category=UserWarning)
-    mode = None if mode == "default" else mode
+    from torch._inductor import list_mode_options  # here: inductor is imported only to compile
+
+    # torch.compile takes a mode or options, not both: with options, the mode's own come first.
+    how = {"options": {**list_mode_options(mode), **options}} if options else {"mode": mode}
     if not blocks:
-        denoiser.compile(mode=mode)
+        denoiser.compile(**how)
         return
     for module in denoiser.modules():  # through a DDP wrapper too: it holds the model as a child
         if type(module).__name__ in blocks:
-            module.compile(mode=mode)
+            module.compile(**how)
 
 
 # The train keys of flow matching (SD3.x): how timesteps are drawn and how the loss is weighted.

@@ -154,7 +154,8 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
 
 def compile_denoiser(run: Run) -> None:
     """train.compile: in place, so LoRA saving and resume see the same modules and keys."""
-    common.compile_denoiser(run.denoiser, run.family.COMPILE_BLOCKS, run.params.train.compile_mode)
+    train = run.params.train
+    common.compile_denoiser(run.denoiser, run.family.COMPILE_BLOCKS, train.compile_mode, train.compile_options)
 
 
 def epoch_batches(run: Run, epoch: int) -> list[list[int]]:
