@@ -101,7 +101,7 @@ plan() {
     run sd15-bs1-bf16-compile-cudagraphs-loop 300 240 "${SD15[@]}" --bs 1 --precision bf16 --compile \
         --compile-mode reduce-overhead --loop "${GSTEPS[@]}"
     # inductor's C++ wrapper launches the compiled kernels from C++, not Python: on a CPU it made the
-    # tiny step 25-30% faster. At bs1 it might give most of what CUDA graphs give without their
+    # tiny step 15-30% faster. At bs1 it might give most of what CUDA graphs give without their
     # limits (no grad_accum); its compile time is a guess.
     run sd15-bs1-bf16-compile-cpp-wrapper-loop 400 300 "${SD15[@]}" --bs 1 --precision bf16 --compile \
         --inductor cpp_wrapper=True --loop "${CSTEPS[@]}"

@@ -108,7 +108,7 @@ class Train(Section):
     # 10% at SD1.5 bs16 on an H100 (125 -> 112.5 ms a step compiled).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # torch._inductor.config options on top of the mode's, e.g. {cpp_wrapper: true}: on a CPU the C++
-    # wrapper made the tiny SD1.5 step 25-30% faster, for about 3x the cold compile time.
+    # wrapper made the tiny SD1.5 step 15-30% faster, for about 3x the cold compile time.
     compile_options: dict[str, bool | int | float | str] = {}
     snr_gamma: float | None = Field(None, gt=0)
     noise_offset: float = Field(0.0, ge=0)
