@@ -346,8 +346,8 @@ install() {
 }
 [[ -n ${BENCH_SKIP_INSTALL:-} ]] || install
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
-# The versions, and the bf16 matmul ceiling this card reaches (the datasheet peak is the MFU
-# denominator; this is what real GEMMs get): one process, so CUDA starts once.
+# The versions, the bf16 matmul ceiling this card reaches (the datasheet peak is the MFU
+# denominator; this is what real GEMMs get) and its copy bandwidth: one process, so CUDA starts once.
 if ! "$PY" - >"$OUT/versions.txt" 2>&1 <<'EOF'
 import torch, diffusers, peft, bitsandbytes
 cuda = torch.cuda.is_available()
@@ -362,8 +362,11 @@ try:
     from sdtune.profiling import hardware
     print("bf16 matmul ceiling (%s^3, best of 5): %.0f TFLOP/s" % (
         8192 if cuda else 1024, hardware.measured_matmul_tflops("cuda" if cuda else "cpu", torch.bfloat16)))
-except Exception as err:  # the ceiling is informative; the runs need only the imports above
-    print("bf16 matmul ceiling: failed:", type(err).__name__, err)
+    # What memory-bound kernels can reach: bench.roofline's --bandwidth-gbs for this card.
+    print("copy bandwidth (%s MiB, best of 5): %.0f GB/s" % (
+        2048 if cuda else 256, hardware.measured_bandwidth_gbs("cuda" if cuda else "cpu")))
+except Exception as err:  # the ceilings are informative; the runs need only the imports above
+    print("bf16 matmul ceiling or copy bandwidth: failed:", type(err).__name__, err)
 EOF
 then
     cat "$OUT/versions.txt"

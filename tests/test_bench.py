@@ -339,6 +339,10 @@ def test_gpu_script_runs_in_bench_only_order_and_starts_no_run_that_needs_more_t
     parts = [re.escape(f"  sd15-bs1-bf16: {part} took ") + r"\d+\.\d s" for part in rows[1]["seconds"]]
     assert re.search(r"[\s\S]*".join(parts), log), log[-2000:]
     assert "sd15-bs1-bf16: startup took" not in out.stdout  # the summary keeps to the results
+    # The ceilings the call measures first: GEMMs' rate and memory's (bench.roofline's --peak-tflops, --bandwidth-gbs).
+    versions = (tmp_path / "versions.txt").read_text()
+    assert re.search(r"bf16 matmul ceiling \(1024\^3, best of 5\): \d+ TFLOP/s", versions), versions
+    assert re.search(r"copy bandwidth \(256 MiB, best of 5\): \d+ GB/s", versions), versions
 
 
 def test_gpu_script_compiles_ahead_and_the_timed_run_loads_the_compiled_graphs(tmp_path):

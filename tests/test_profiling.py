@@ -1,6 +1,7 @@
 """The profiling library on CPU, with a tiny real diffusers UNet and a matmul-heavy MLP."""
 
 import json
+import math
 import statistics
 import time
 
@@ -215,6 +216,20 @@ def test_datasheet_table_matches_device_names(fp32_precision):
     assert hardware.datasheet_peak("NVIDIA H200", bf16) == (989, "H200")
     assert hardware.datasheet_peak("NVIDIA H100 NVL", bf16) is None  # unknown: measure instead
     assert hardware.datasheet_peak("Tesla T4", bf16) is None  # no bf16 tensor cores
+
+
+def test_every_card_in_the_table_has_its_bandwidth():
+    for _, name, peaks in hardware.PEAKS:
+        assert hardware.card(name) == (peaks, float(hardware.BANDWIDTH_GBS[name]))
+    assert hardware.card("H100 SXM")[1] == 3350
+    with pytest.raises(ValueError, match="unknown card 'B200': expected one of L4, L40S"):
+        hardware.card("B200")
+
+
+def test_measured_bandwidth_is_a_copy_rate():
+    # 16 MiB each way: past the caches of most CPUs, small enough for a test.
+    gbs = hardware.measured_bandwidth_gbs("cpu", mib=16, repeats=2, trials=2)
+    assert math.isfinite(gbs) and 0.1 < gbs < 10_000
 
 
 def test_breakdown_matches_hand_counted_bytes():

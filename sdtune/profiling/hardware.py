@@ -28,6 +28,9 @@ PEAKS = [
     (r"\bH200\b(?!.*NVL)", "H200", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67}),
     (r"\bT4\b", "T4", {"fp16": 65, "fp32": 8.1}),
 ]
+# Memory bandwidth in GB/s from the same datasheets (A100: the 80 GB SXM card's; the 40 GB has 1,555),
+# for bench.roofline's memory-bound floor.
+BANDWIDTH_GBS = {"L4": 300, "L40S": 864, "A100": 2039, "H100 PCIe": 2000, "H100 SXM": 3350, "H200": 4800, "T4": 320}
 
 _DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -51,6 +54,14 @@ def datasheet_peak(device_name: str, dtype: torch.dtype):
         if re.search(pattern, upper):
             return (peaks[key], name) if key in peaks else None
     return None
+
+
+def card(name: str) -> tuple[dict, float]:
+    """({dtype key: TFLOP/s}, GB/s) of a card by its table name ("H100 SXM")."""
+    peaks = {n: p for _, n, p in PEAKS}
+    if name not in peaks:
+        raise ValueError(f"unknown card {name!r}: expected one of {', '.join(peaks)}")
+    return peaks[name], float(BANDWIDTH_GBS[name])
 
 
 def device_name(device) -> str:
@@ -88,6 +99,29 @@ def measured_matmul_tflops(device="cpu", dtype=torch.float32, n=None, repeats=No
     _matmul_seconds(a, b, 1, device)  # warm-up: library init, thread pool, cuBLAS handles
     best = min(_matmul_seconds(a, b, repeats, device) for _ in range(trials))
     return 2 * n**3 * repeats / best / 1e12
+
+
+def measured_bandwidth_gbs(device="cpu", mib=None, repeats=None, trials=5) -> float:
+    """Best-of-`trials` GB/s of copying one tensor into another on `device` (each byte read once and
+    written once): the memory-bound kernels' practical ceiling, as the GEMM one is for matmuls.
+    Defaults: 256 MiB × 4 on CPU, 2 GiB × 10 on CUDA, well past the caches."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = (mib or (2048 if cuda else 256)) * 2**20
+    repeats = repeats or (10 if cuda else 4)
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+
+    def seconds(k):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(k):
+            dst.copy_(src)
+        sync(device)
+        return time.perf_counter() - t0
+
+    seconds(1)
+    return 2 * n * repeats / min(seconds(repeats) for _ in range(trials)) / 1e9
 
 
 @functools.cache

@@ -1,0 +1,116 @@
+"""bench/roofline.py: each op held to its FLOPs or its bytes, attention counted as the fused
+kernels run it, LoRA's products apart; checked against the ops a CPU step really dispatches."""
+
+import contextlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench import roofline, train_step
+from bench.roofline import LORA
+
+pytestmark = pytest.mark.usefixtures("keep_threads")  # train_step's --threads 1
+
+TINY = ["--tiny", "--threads", "1", "--precision", "fp32", "--steps", "2", "--warmup", "1"]
+
+
+def _bench(*extra, device="meta"):
+    return train_step.Bench(train_step.parse([*TINY, *extra, "--device", device]))
+
+
+def test_a_linear_layer_is_held_to_its_bytes_or_its_flops():
+    x, layer = torch.randn(64, 32), torch.nn.Linear(32, 16)
+    counted = roofline.Roofline(peak_tflops=1.0, bandwidth_gbs=1.0)
+    with counted:
+        layer(x).sum().backward()
+    calls, flops, nbytes, seconds = counted.ops[("aten.addmm", "matmul")]
+    assert (calls, flops) == (1, 2 * 64 * 32 * 16)
+    assert nbytes == 4 * (16 + 64 * 32 + 32 * 16 + 64 * 16)  # bias, x and Wᵀ read; the output written
+    assert seconds == max(flops / 1e12, nbytes / 1e9)
+    assert counted.ops[("aten.mm", "matmul")][:2] == [1, 2 * 64 * 32 * 16]  # the weight's gradient
+    assert not {op for op, _ in counted.ops} & {"aten.t", "aten.view", "aten.expand"}  # views move nothing
+
+
+def _attention(device, head_multiple=1):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 40, device=device, requires_grad=True) for n in (64, 32, 32))
+    counted = roofline.Roofline(1.0, 1.0)
+    swap = roofline.FusedAttention(counted, head_multiple) if device == "meta" else contextlib.nullcontext()
+    with swap, counted:
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+    rows = [row for (_, kind), row in counted.ops.items() if kind == "attention"]
+    return sum(r[1] for r in rows), sum(r[2] for r in rows), len(rows)
+
+
+def test_meta_attention_counts_what_the_cpu_kernels_do_and_move():
+    # On CPU the step dispatches the fused flash kernels (forward and backward); on meta the math
+    # path would run, so the roofline counts it as those kernels: same FLOPs, same bytes.
+    cpu, meta = _attention("cpu"), _attention("meta")
+    assert cpu[2] == meta[2] == 2
+    assert meta[:2] == cpu[:2]
+
+
+def test_head_multiple_pads_attention_flops_and_not_its_bytes():
+    flops, nbytes, _ = _attention("meta")
+    padded_flops, padded_bytes, _ = _attention("meta", head_multiple=64)
+    assert padded_flops == flops * 64 // 40 and padded_bytes == nbytes
+
+
+def test_a_tiny_step_on_meta_counts_what_the_cpu_step_dispatches():
+    cpu = roofline.by_kind(roofline.count(_bench(device="cpu"), 1.0, 1.0))
+    meta = roofline.by_kind(roofline.count(_bench(), 1.0, 1.0))
+    for kind in ("convolution", "matmul", LORA, "attention"):
+        assert cpu[kind]["flops"] > 0 and meta[kind]["flops"] == cpu[kind]["flops"], kind
+        assert meta[kind]["bytes"] == cpu[kind]["bytes"], kind
+
+
+def test_lora_products_grow_with_the_rank_and_nothing_else_does():
+    # A base matmul taken for LoRA's would not double with the rank; a LoRA product left among the
+    # base matmuls would change their count.
+    r4 = roofline.by_kind(roofline.count(_bench("--rank", "4"), 1.0, 1.0))
+    r8 = roofline.by_kind(roofline.count(_bench("--rank", "8"), 1.0, 1.0))
+    assert r8[LORA]["flops"] == 2 * r4[LORA]["flops"] > 0
+    for kind in ("convolution", "matmul", "attention"):
+        assert r8[kind]["flops"] == r4[kind]["flops"] > 0, kind
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """A tiny CPU run's JSON with its kernel breakdown, and one without."""
+    out = tmp_path_factory.mktemp("measured")
+    train_step.main([*TINY, "--arch", "sd15", "--kernels", "--json", str(out / "kernels.json")])
+    train_step.main([*TINY, "--arch", "sd15", "--json", str(out / "plain.json")])
+    return out
+
+
+def test_cli_sets_the_floor_beside_a_measured_breakdown(measured, tmp_path, capsys):
+    out = tmp_path / "roofline.json"
+    result = roofline.main(["--card", "L4", "--measured", str(measured / "kernels.json"), "--json", str(out),
+                            *TINY, "--arch", "sd15"])
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    run = json.loads((measured / "kernels.json").read_text())
+    assert result["measured"]["run"] == run["name"]
+    assert sum(result["measured"]["kinds"].values()) == pytest.approx(run["kernels"]["kernel_ms"])
+    floor = sum(row["bound_ms"] for row in result["kinds"].values())
+    assert floor == pytest.approx(sum(op["bound_ms"] for op in result["ops"])) and floor > 0
+    assert result["peak_tflops"] == 30.3 and result["bandwidth_gbs"] == 300  # the L4's fp32 and memory
+    assert "| convolution |" in printed and "|   of which LoRA |" in printed
+    assert f"At the floor the step takes {floor:.1f} ms" in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--card", "B200"], "--card: unknown card 'B200'"),
+    (["--device", "cpu"], "--device: the roofline always counts on meta"),
+    (["--measured", "{dir}/missing.json"], "--measured: [Errno 2] No such file or directory"),
+    (["--measured", "{dir}/kernels.json", "--run", "nope"], "no run named 'nope'"),
+    (["--measured", "{dir}/plain.json"], "has no kernel breakdown (bench.train_step --kernels makes one)"),
+])
+def test_cli_refuses_bad_arguments_in_one_line(measured, capsys, argv, message):
+    argv = [a.format(dir=measured) for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        roofline.main([*argv, *TINY])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err.splitlines()[-1]
