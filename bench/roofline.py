@@ -19,9 +19,12 @@ How it counts:
   scaled_dot_product_attention calls are counted as the fused kernels run them instead: Q, K, V
   and the output (and its log-sum-exp) in the forward; those, the output's gradient and Q, K, V's
   gradients in the backward. Kernels tiled for 64-wide heads do more than the FLOPs counted for
-  SD1.5's 40-wide ones, so its attention floor is lower than any kernel we know reaches.
+  SD1.5's 40-wide ones, so its attention floor is lower than any kernel we know reaches;
+  --head-multiple 64 counts attention as such a kernel does it.
 - LoRA: the products through the adapters' weights, and through what those products made (the
   rank-wide x·Aᵀ and its gradient), are counted apart within matmul.
+- Dtypes: meta has no autocast, so the step runs in the compute dtype throughout, LoRA's weights
+  included, as autocast runs the matmuls; autocast's float32 norms are not modelled.
 
 The first argument not known here and all that follow go to bench.train_step (its --arch,
 --res, --bs, --precision, --rank, --baseline, ...), which builds the step; --device is always meta.
@@ -42,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from bench import train_step
+from sdtune import io
 from sdtune.profiling import hardware, kernels
 
 aten = torch.ops.aten
@@ -254,6 +258,11 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     if "--device" in rest:
         p.error("--device: the roofline always counts on meta")
+    if args.head_multiple < 1:
+        p.error(f"--head-multiple: expected a whole number of at least 1, got {args.head_multiple}")
+    for flag, value in (("--peak-tflops", args.peak_tflops), ("--bandwidth-gbs", args.bandwidth_gbs)):
+        if value is not None and not value > 0:
+            p.error(f"{flag}: expected a rate above 0, got {value:g}")
     step_args = train_step.parse([*rest, "--device", "meta"])
     try:
         peaks, bandwidth = hardware.card(args.card)
@@ -270,20 +279,18 @@ def main(argv=None):
             p.error(f"--measured: {err}")
 
     bench = train_step.Bench(step_args)
-    peak = args.peak_tflops or peaks[key]
-    roofline = count(bench, peak, args.bandwidth_gbs or bandwidth, args.head_multiple)  # first: it sets the LoRA weights' dtype
+    peak, bandwidth = args.peak_tflops or peaks[key], args.bandwidth_gbs or bandwidth
+    roofline = count(bench, peak, bandwidth, args.head_multiple)  # first: it sets the LoRA weights' dtype
     model_flops = train_step.count_model_flops(bench)["flops_per_step"]
-    result = {"name": step_args.name, "card": args.card, "head_multiple": args.head_multiple, "peak_tflops": peak, "datasheet_tflops": peaks[key],
-              "bandwidth_gbs": args.bandwidth_gbs or bandwidth, "model_flops": model_flops,
+    result = {"name": step_args.name, "card": args.card, "peak_tflops": peak, "datasheet_tflops": peaks[key],
+              "bandwidth_gbs": bandwidth, "head_multiple": args.head_multiple, "model_flops": model_flops,
               "kinds": by_kind(roofline), "measured": measured,
               "ops": [{"op": op, "kind": kind, "calls": n, "flops": f, "bytes": b, "bound_ms": s * 1e3}
                       for (op, kind), (n, f, b, s) in sorted(roofline.ops.items(), key=lambda item: -item[1][3])]}
-    print(f"{result['name']} on {args.card} ({peak:g} TFLOP/s, {result['bandwidth_gbs']:g} GB/s):")
+    print(f"{result['name']} on {args.card} ({peak:g} TFLOP/s, {bandwidth:g} GB/s):")
     print(table(result))
     print(summary(result))
     if args.out:
-        from sdtune import io
-
         io.write_text(args.out, json.dumps(result, indent=1) + "\n")
     return result
 

@@ -104,6 +104,8 @@ def test_cli_sets_the_floor_beside_a_measured_breakdown(measured, tmp_path, caps
 @pytest.mark.parametrize("argv, message", [
     (["--card", "B200"], "--card: unknown card 'B200'"),
     (["--device", "cpu"], "--device: the roofline always counts on meta"),
+    (["--head-multiple", "0"], "--head-multiple: expected a whole number of at least 1, got 0"),
+    (["--bandwidth-gbs", "0"], "--bandwidth-gbs: expected a rate above 0, got 0"),
     (["--measured", "{dir}/missing.json"], "--measured: [Errno 2] No such file or directory"),
     (["--measured", "{dir}/kernels.json", "--run", "nope"], "no run named 'nope'"),
     (["--measured", "{dir}/plain.json"], "has no kernel breakdown (bench.train_step --kernels makes one)"),
