@@ -1,0 +1,195 @@
+"""The least time each kind of kernel in a step could take: the roofline, op by op.
+
+Each op dispatched inside a Roofline is held to its FLOPs at a GEMM rate or to its bytes at a
+memory bandwidth, whichever takes longer; by_kind sums those floors by the kinds of
+sdtune.profiling.kernels, so each can sit beside the kernel time measured for it.
+
+How it counts:
+- FLOPs: torch's flop_counter formulas, as the kernels do them (a fused attention backward's
+  recomputed scores included: the kernel does that work).
+- Bytes: each op reads its tensor inputs and writes its outputs once. That is the floor for a
+  matmul, a convolution or an attention kernel. For everything else (norms, activations, residual
+  adds, copies) it is what eager moves op by op, unfused: fusion (inductor's) skips the
+  intermediates, so that row is an upper figure, not a floor. Views and allocations move nothing.
+- LoRA: the products through the adapters' weights, and through what those products made (an
+  autocast copy of a weight, the rank-wide x·Aᵀ, its gradient), are counted apart within matmul.
+- Attention: a step on real devices dispatches the fused kernels, counted as any op. On the meta
+  device SDPA would run its math path (the scores written out), so FusedAttention counts those
+  calls as the fused kernels run them.
+"""
+
+import collections
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from sdtune.profiling import kernels
+
+aten = torch.ops.aten
+LORA = "matmul: LoRA"
+MEMORY = "memory-bound (norms, activations, residuals, copies)"
+# The GEMM-like kinds keep their kernels' names; every other measured kind is memory-bound work.
+COMPUTE = ("convolution", "matmul", "attention")
+FREE = {aten.empty, aten.empty_like, aten.new_empty, aten.empty_strided, aten.new_empty_strided,
+        aten._unsafe_view, aten.detach, aten.lift_fresh, aten.alias}
+CASTS = {aten._to_copy, aten.clone}  # autocast's copies of a LoRA weight are LoRA's too
+WRITE_ONLY = {aten.zeros_like, aten.ones_like, aten.full_like, aten.new_zeros, aten.new_ones, aten.new_full,
+              aten.zeros, aten.ones, aten.full, aten.randn_like, aten.rand_like, aten.randint}
+
+
+def nbytes(t: torch.Tensor) -> int:
+    """Bytes a kernel must touch to read or write `t`: its elements, or its storage where that is
+    smaller (an expanded tensor repeats elements)."""
+    return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+
+
+def _key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+class Roofline(TorchDispatchMode):
+    """Counts every op dispatched inside it: {(op, kind): [calls, flops, bytes, bound seconds]}."""
+
+    def __init__(self, peak_tflops: float, bandwidth_gbs: float, lora_params=()):
+        super().__init__()
+        self.flop_rate, self.byte_rate = peak_tflops * 1e12, bandwidth_gbs * 1e9
+        self.ops = collections.defaultdict(lambda: [0, 0, 0, 0.0])
+        # Storages that are LoRA's: its weights, then the rank-wide products made from them. The
+        # storages themselves are held, so that a freed one's address is never taken for another.
+        self.lora = {_key(p): p.untyped_storage() for p in lora_params}
+
+    def add(self, op: str, kind: str, n_flops: int, n_bytes: int) -> None:
+        row = self.ops[(op, kind)]
+        row[0] += 1
+        row[1] += n_flops
+        row[2] += n_bytes
+        row[3] += max(n_flops / self.flop_rate, n_bytes / self.byte_rate)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if func.is_view or packet in FREE:
+            return out
+        ins = list({id(t): t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}.values())
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        n_bytes = sum(map(nbytes, outs)) + (0 if packet in WRITE_ONLY else sum(map(nbytes, ins)))
+        formula = flop_counter.flop_registry.get(packet)
+        n_flops = formula(*args, **kwargs, out_val=out) if formula else 0
+        kind = kernels.kind(str(packet))
+        lora = any(_key(t) in self.lora for t in ins)
+        if lora and kind == "matmul":
+            kind = LORA
+        if lora and (kind == LORA or packet in CASTS):
+            self.lora |= {_key(t): t.untyped_storage() for t in outs}
+        self.add(str(packet), kind, n_flops, n_bytes)
+        return out
+
+
+class _FlashAttention(torch.autograd.Function):
+    """SDPA as a fused kernel does it, counted into the active Roofline; the outputs are empty
+    (on meta there are no values)."""
+
+    @staticmethod
+    def forward(ctx, mode, q, k, v):
+        ctx.mode, roofline = mode, mode.roofline
+        ctx.save_for_backward(q, k, v)
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.out_bytes = nbytes(out)
+        lse = q.numel() // q.shape[-1] * 4  # float32, one per query and head
+        n_flops = flop_counter.sdpa_flop_count(*map(mode.padded, (q.shape, k.shape, v.shape)))
+        roofline.add("attention (forward)", "attention", n_flops, sum(map(nbytes, (q, k, v, out))) + lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        lse = q.numel() // q.shape[-1] * 4
+        n_flops = flop_counter.sdpa_backward_flop_count(*map(ctx.mode.padded, (grad_out.shape, q.shape, k.shape, v.shape)))
+        # Reads Q, K, V, the output, its gradient and the log-sum-exp; writes Q's, K's and V's gradients.
+        n_bytes = 2 * sum(map(nbytes, (q, k, v))) + ctx.out_bytes + nbytes(grad_out) + lse
+        ctx.mode.roofline.add("attention (backward)", "attention", n_flops, n_bytes)
+        return None, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class FusedAttention(TorchFunctionMode):
+    """Routes F.scaled_dot_product_attention without a mask, dropout or causality (as the denoisers
+    call it) to _FlashAttention, whose counts go to `roofline`; other calls (a text encoder's causal
+    mask) run and are counted as the math path's ops. With `head_multiple` its FLOPs are those of a
+    kernel that pads each head to a multiple of that many (64: SD1.5's 40-wide heads cost as 64)."""
+
+    def __init__(self, roofline: Roofline, head_multiple: int = 1):
+        super().__init__()
+        self.roofline, self.head_multiple = roofline, head_multiple
+
+    def padded(self, shape):
+        m = self.head_multiple
+        return (*shape[:-1], -(-shape[-1] // m) * m)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        plain = len(args) == 3 and not any(kwargs.get(k) for k in ("attn_mask", "dropout_p", "is_causal", "enable_gqa"))
+        if func is F.scaled_dot_product_attention and plain:
+            return _FlashAttention.apply(self, *args)
+        return func(*args, **kwargs)
+
+
+def by_kind(roofline: Roofline) -> dict[str, dict]:
+    """{kind: {flops, bytes, bound_ms, memory_bound_ms}}: memory_bound_ms is the part of bound_ms
+    from ops whose bytes, not their FLOPs, set their time."""
+    out = collections.defaultdict(lambda: {"flops": 0, "bytes": 0, "bound_ms": 0.0, "memory_bound_ms": 0.0})
+    for (_, kind), (_, n_flops, n_bytes, seconds) in roofline.ops.items():
+        row = out[kind if kind in (*COMPUTE, LORA) else MEMORY]
+        row["flops"] += n_flops
+        row["bytes"] += n_bytes
+        row["bound_ms"] += seconds * 1e3
+        if n_bytes / roofline.byte_rate >= n_flops / roofline.flop_rate:
+            row["memory_bound_ms"] += seconds * 1e3
+    return dict(out)
+
+
+def count(fn, *args, peak_tflops: float, bandwidth_gbs: float, lora_params=(), fused_attention=False,
+          head_multiple: int = 1) -> Roofline:
+    """One call fn(*args), counted. fused_attention: count SDPA as FusedAttention does (on meta)."""
+    counted = Roofline(peak_tflops, bandwidth_gbs, lora_params)
+    swap = FusedAttention(counted, head_multiple) if fused_attention else contextlib.nullcontext()
+    with swap, counted:
+        fn(*args)
+    return counted
+
+
+def measured_by_kind(rows) -> dict[str, float]:
+    """A kernel breakdown's rows (kernels.breakdown) as ms per step by this module's kinds: every
+    kind but the GEMM-like ones is memory-bound work."""
+    ms = collections.Counter()
+    for row in rows:
+        ms[row["kind"] if row["kind"] in COMPUTE else MEMORY] += row["ms"]
+    return dict(ms)
+
+
+def table(kinds: dict, measured: dict | None = None, measured_total: float | None = None) -> str:
+    """by_kind's floors as Markdown, with measured ms per kind (measured_by_kind) beside them."""
+    lines = ["| kind | TFLOP | GB moved | floor ms | of it memory-bound | measured ms | measured / floor |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def line(name, row, ms=None):
+        ratio = f"{ms / row['bound_ms']:.1f}×" if ms and row["bound_ms"] else ""
+        lines.append(f"| {name} | {row['flops'] / 1e12:.3g} | {row['bytes'] / 1e9:.3g} | {row['bound_ms']:.2f} "
+                     f"| {row['memory_bound_ms']:.2f} | {'' if ms is None else f'{ms:.2f}'} | {ratio} |")
+
+    empty = {"flops": 0, "bytes": 0, "bound_ms": 0.0, "memory_bound_ms": 0.0}
+    got = measured or {}
+    matmul = {k: kinds.get("matmul", empty)[k] + kinds.get(LORA, empty)[k] for k in empty}
+    for kind in COMPUTE:
+        line(kind, matmul if kind == "matmul" else kinds.get(kind, empty), got.get(kind) if measured else None)
+        if kind == "matmul" and LORA in kinds:
+            line("  of which LoRA", kinds[LORA])
+    line(MEMORY + ", unfused", kinds.get(MEMORY, empty), got.get(MEMORY) if measured else None)
+    total = {k: sum(row[k] for row in kinds.values()) for k in empty}
+    line("all kernels", total, measured_total)
+    return "\n".join(lines)
