@@ -160,7 +160,20 @@ def kernel_finding(cell: dict) -> list[str]:
     if len(rated) > 1:
         slowest = min(rated, key=lambda r: r["tflops"])
         text += f"; of the kinds that do FLOPs, {slowest['kind']} does the fewest a second ({slowest['tflops']:.3g} TFLOP/s)"
-    return [text + "."]
+    return [text + "."] + floor_finding(cell)
+
+
+def floor_finding(cell: dict) -> list[str]:
+    """How far a traced cell's GEMM-like kernels (convolution, matmul, attention) are from their
+    floor on this device (the profile stage's kernels.vs_floor), the furthest named. The
+    memory-bound kinds are left out: their floor is eager's unfused traffic."""
+    ratios = cell.get("kernels", {}).get("vs_floor")
+    if not ratios:
+        return []
+    furthest = max(ratios, key=ratios.get)
+    parts = ", ".join(f"{k} {r:.1f}×" for k, r in sorted(ratios.items(), key=lambda kv: -kv[1]))
+    return [f"- Against their floor on this device (each op at the GEMM ceiling or the copy bandwidth measured "
+            f"here), `{cell['name']}`'s kernels take: {parts}; {furthest} is furthest from what the device allows."]
 
 
 def stage_times(folder) -> list[str]:

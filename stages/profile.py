@@ -1,8 +1,8 @@
 """profile: where the training step's time and memory go, for each optimization-matrix cell,
 and what generation costs for each inference cell.
 
-Writes reports/profile.json (phase times, FLOPs, MFU, memory, cost per cell; for the traced
-cells, kernel time by kind next to each kind's FLOPs), reports/profile.md (the tables),
+Writes reports/profile.json (phase times, FLOPs, MFU, memory, cost and each kind of kernel's
+floor per cell; for the traced cells, kernel time by kind next to each kind's FLOPs), reports/profile.md (the tables),
 reports/profile/ (phase and bar charts), reports/profile_cells.json (DVC plots) and
 reports/traces/ (Chrome traces of the baseline and of the fastest cell and, on CUDA, their
 allocator snapshots; kept apart from the plots, which DVC reads as data).
@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from sdtune import families, io, params as params_lib, runtime
 from sdtune.errors import UserError, main_guard
-from sdtune.profiling import charts, cost, inference, kernels, run as prof
+from sdtune.profiling import charts, cost, inference, kernels, roofline, run as prof
 
 CACHE, LORA_DIR, OUT_DIR, TRACES = "cache", "models/lora", Path("reports/profile"), Path("reports/traces")
 REPORT, TABLE, PLOT = "reports/profile.json", "reports/profile.md", "reports/profile_cells.json"
@@ -59,9 +59,22 @@ def table(cells) -> str:
 
 
 def kernel_tables(cells) -> str:
-    """Where the traced cells' (the baseline's and the fastest's) time went, by kind of kernel."""
-    parts = [f"Kernel time by kind in `{c['name']}`'s traced steps (reports/traces/trace-{c['name']}.json), "
-             f"next to the FLOPs of each kind:\n\n{kernels.table(c['kernels'])}\n" for c in cells if c.get("kernels")]
+    """Where the traced cells' (the baseline's and the fastest's) time went, by kind of kernel, and
+    how far each kind is from its floor on this device."""
+    parts = []
+    for c in cells:
+        if not c.get("kernels"):
+            continue
+        parts.append(f"Kernel time by kind in `{c['name']}`'s traced steps (reports/traces/trace-{c['name']}.json), "
+                     f"next to the FLOPs of each kind:\n\n{kernels.table(c['kernels'])}\n")
+        if "rows" in c["kernels"]:
+            f = c["floor"]
+            measured = roofline.measured_by_kind(c["kernels"]["rows"])
+            parts.append(f"The same kinds against their floor: each op of one step held to its FLOPs at this device's "
+                         f"GEMM ceiling ({f['ceiling_tflops']:.3g} TFLOP/s) or its bytes at its copy bandwidth "
+                         f"({f['bandwidth_gbs']:.3g} GB/s), whichever takes longer. The memory-bound floor is eager's "
+                         f"unfused traffic, which fusion cuts; on a CPU its measured time includes Python between ops."
+                         f"\n\n{roofline.table(f['kinds'], measured, c['kernels']['kernel_ms'])}\n")
     return "\n".join(parts)
 
 

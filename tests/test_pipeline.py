@@ -84,6 +84,24 @@ def test_reports_hold_finite_numbers(demo):
         assert f"Kernel time by kind in `{cell['name']}`'s traced steps" in (demo / "reports/profile.md").read_text()
     assert sum(base["flops_by_kind"].values()) == pytest.approx(base["flops_per_step"])
     assert all("kernels" not in c for name, c in profile["cells"].items() if name not in (base["name"], best["name"]))
+    # Every cell's floor on this device, kind by kind; the traced cells' kernels set against it.
+    for cell in profile["cells"].values():
+        floor = cell["floor"]
+        assert {"convolution", "matmul", "matmul: LoRA"} <= set(floor["kinds"])
+        # The math-attention cell's attention is plain matmuls; the others dispatch the fused kernels.
+        assert ("attention" in floor["kinds"]) == (cell["spec"].get("attention") != "math"), cell["name"]
+        assert floor["ms"] == pytest.approx(sum(k["bound_ms"] for k in floor["kinds"].values())) and floor["ms"] > 0
+        assert floor["ceiling_tflops"] == cell["ceiling_tflops"] and floor["bandwidth_gbs"] > 0
+    for cell in (base, best):
+        ms = {k: sum(r["ms"] for r in cell["kernels"]["rows"] if r["kind"] == k) for k in ("convolution", "matmul")}
+        floors, ratios = cell["floor"]["kinds"], cell["kernels"]["vs_floor"]
+        assert ratios["convolution"] == pytest.approx(ms["convolution"] / floors["convolution"]["bound_ms"])
+        # A trace cannot tell LoRA's matmuls from the others: they are set against both floors.
+        matmul_floor = floors["matmul"]["bound_ms"] + floors["matmul: LoRA"]["bound_ms"]
+        assert ratios["matmul"] == pytest.approx(ms["matmul"] / matmul_floor)
+    profile_md = (demo / "reports/profile.md").read_text()
+    assert profile_md.count("The same kinds against their floor") == len({base["name"], best["name"]})
+    assert "|   of which LoRA | " in profile_md
 
 
 def test_sample_grid_is_a_png_of_the_expected_size(demo):
@@ -194,6 +212,10 @@ def test_report_is_generated_from_the_numbers(demo):
     assert f"- Where `{best['name']}`'s kernel time went: {first['kind']} {first['share']:.0%}" in text
     slowest = min((r for r in best["kernels"]["rows"] if r["tflops"]), key=lambda r: r["tflops"])
     assert f"{slowest['kind']} does the fewest a second ({slowest['tflops']:.3g} TFLOP/s)" in text
+    ratios = best["kernels"]["vs_floor"]
+    furthest = max(ratios, key=ratios.get)
+    assert f"`{best['name']}`'s kernels take: {furthest} {ratios[furthest]:.1f}×" in text
+    assert f"; {furthest} is furthest from what the device allows." in text
     # The on-the-fly cell is the way without the cache: its sentence is about what the cache bought.
     profile = json.loads((demo / "reports/profile.json").read_text())
     cells = profile["cells"]

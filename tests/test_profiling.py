@@ -426,6 +426,22 @@ def test_a_failed_cell_does_not_break_dvc_metrics_show(tmp_path):
     assert out.returncode == 0 and "failed to load" not in (out.stdout + out.stderr).lower(), out.stderr
 
 
+def test_a_cells_floor_counts_every_flop_its_step_dispatches(train_workspace):
+    """The floor is counted over the cell's own training step: the same FLOPs FlopCounterMode
+    counts on a step of the same batch, LoRA's products among them."""
+    from sdtune.profiling import run as prof
+
+    ws, p = train_workspace
+    _, run, step_fn, _ = prof._setup(p, {"name": "baseline"}, ws / "cache", ws / "data/raw")
+    step = p.profile.warmup
+    floor = prof.floor(run, step_fn, step, ceiling_tflops=1.0)
+    assert prof.step_batches(run, step) == prof.step_batches(run, step + 1)
+    assert sum(k["flops"] for k in floor["kinds"].values()) == flops.count_dispatched_flops(step_fn, step + 1)
+    lora = floor["kinds"]["matmul: LoRA"]
+    assert lora["flops"] > 0 and lora["bytes"] > 0
+    assert floor["ms"] == pytest.approx(sum(k["bound_ms"] for k in floor["kinds"].values()))
+
+
 def test_profiled_cell_counts_the_gradients_a_real_step_holds(train_workspace):
     """The step ends with zero_grad(set_to_none=True): counted from .grad after it, gradients were
     always 0 bytes, and on CUDA their bytes were put down to activations instead."""

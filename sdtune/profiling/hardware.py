@@ -135,6 +135,17 @@ def ceiling_tflops(device="cpu", dtype=torch.float32) -> float:
     return _ceiling(str(torch.device(device)), dtype)
 
 
+@functools.cache
+def _bandwidth(device: str) -> float:
+    return measured_bandwidth_gbs(device, mib=256)
+
+
+def bandwidth_gbs(device="cpu") -> float:
+    """The copy bandwidth measured on `device` (once per process), 256 MiB each way: past the last
+    cache of the CPUs and GPUs we know, and small beside a training cell's own memory."""
+    return _bandwidth(str(torch.device(device)))
+
+
 def peak_tflops(device="cpu", dtype=torch.float32):
     """(TFLOP/s, source): source is "datasheet:<name>" for a known GPU, else "measured".
 

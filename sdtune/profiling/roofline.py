@@ -172,6 +172,20 @@ def measured_by_kind(rows) -> dict[str, float]:
     return dict(ms)
 
 
+def floor_by_measured_kind(kinds: dict) -> dict[str, float]:
+    """by_kind's floors (ms) in the kinds a kernel breakdown can tell apart: LoRA's matmuls with the rest."""
+    out = {kind: row["bound_ms"] for kind, row in kinds.items() if kind != LORA}
+    if LORA in kinds:
+        out["matmul"] = out.get("matmul", 0.0) + kinds[LORA]["bound_ms"]
+    return out
+
+
+def vs_floor(kinds: dict, measured: dict[str, float]) -> dict[str, float]:
+    """Measured ms over floor ms for the GEMM-like kinds both have (measured: measured_by_kind)."""
+    floors = floor_by_measured_kind(kinds)
+    return {k: measured[k] / floors[k] for k in COMPUTE if measured.get(k) and floors.get(k)}
+
+
 def table(kinds: dict, measured: dict | None = None, measured_total: float | None = None) -> str:
     """by_kind's floors as Markdown, with measured ms per kind (measured_by_kind) beside them."""
     lines = ["| kind | TFLOP | GB moved | floor ms | of it memory-bound | measured ms | measured / floor |",

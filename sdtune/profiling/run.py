@@ -16,8 +16,8 @@ from sdtune import io
 from sdtune.data import cache as cache_lib
 from sdtune.errors import UserError
 from sdtune.params import Train, cell_train_keys, validate
-from sdtune.profiling import cost as cost_lib, flops, hardware, kernels, memory, phases
-from sdtune.train import loop
+from sdtune.profiling import cost as cost_lib, flops, hardware, kernels, memory, phases, roofline
+from sdtune.train import lora, loop
 
 # A cell's keys that are not train keys: "latents" says where each step's latents and text
 # embeddings come from, the cache (what `dvc repro` trains with) or encoded again every step.
@@ -102,6 +102,18 @@ def measured_flops(run, step_fn, steps: range) -> dict[str, int]:
     return dict(total)
 
 
+def floor(run, step_fn, step: int, ceiling_tflops: float) -> dict:
+    """The least time step `step` could take on this device, kind by kind: each op held to its
+    FLOPs at the GEMM ceiling measured here or to its bytes at the copy bandwidth measured here
+    (sdtune.profiling.roofline; checkpointing's recompute counts, as its kernels run)."""
+    bandwidth = hardware.bandwidth_gbs(run.accelerator.device)
+    counted = roofline.count(step_fn, step, peak_tflops=ceiling_tflops, bandwidth_gbs=bandwidth,
+                             lora_params=lora.trainable(run.accelerator.unwrap_model(run.denoiser)))
+    kinds = roofline.by_kind(counted)
+    return {"ceiling_tflops": ceiling_tflops, "bandwidth_gbs": bandwidth, "kinds": kinds,
+            "ms": sum(row["bound_ms"] for row in kinds.values())}
+
+
 @contextlib.contextmanager
 def process_flags():
     """Put back the process-wide switches a training cell sets (deterministic algorithms, cuDNN's
@@ -169,10 +181,13 @@ def trace_cell(params, spec: dict, cache_dir, trace_path, raw_dir="data/raw") ->
 
 
 def kernel_breakdown(cell: dict, traced: tuple[dict[str, float], float]) -> dict:
-    """A measured cell's traced kernel time by kind next to its FLOPs by kind (kernels.breakdown);
-    `traced` is what _trace returns."""
+    """A measured cell's traced kernel time by kind next to its FLOPs by kind (kernels.breakdown),
+    and the GEMM-like kinds' time over their floor; `traced` is what _trace returns."""
     per_kernel_ms, step_ms = traced
-    return kernels.breakdown(per_kernel_ms, cell["flops_by_kind"], step_ms)
+    out = kernels.breakdown(per_kernel_ms, cell["flops_by_kind"], step_ms)
+    # Measured over floor for the GEMM-like kinds: what REPORT.md reads without recounting.
+    out["vs_floor"] = roofline.vs_floor(cell["floor"]["kinds"], roofline.measured_by_kind(out["rows"]))
+    return out
 
 
 def fastest(cells: list[dict]) -> dict:
@@ -208,6 +223,8 @@ def _profile_cell(params, spec, cache_dir, trace_path, raw_dir) -> dict:
     if fly is not None:  # its VAE and text encoders stay resident all along
         parts["encoder_weights_bytes"] = memory.weight_bytes(fly.pipe)
     usd = cost_lib.hourly_usd(p)
+    ceiling = hardware.ceiling_tflops(device, dtype)
+    step_floor = floor(run, step_fn, p.warmup, ceiling)
     traced = _trace(run, step_fn, spec["name"], trace_path, warmup=0) if trace_path is not None else None  # already warm
     result = {
         "name": spec["name"], "spec": spec, "device": str(device), "device_name": hardware.device_name(device),
@@ -219,7 +236,9 @@ def _profile_cell(params, spec, cache_dir, trace_path, raw_dir) -> dict:
         "flops_by_kind": {kind: n / p.steps for kind, n in by_kind.items()},
         "peak_tflops": peak, "peak_source": peak_source, "mfu": hardware.mfu(n_flops, seconds, peak),
         # What this device's GEMMs reach (the peak itself where none is in the datasheet table).
-        "ceiling_tflops": hardware.ceiling_tflops(device, dtype),
+        "ceiling_tflops": ceiling,
+        # One measured step's floor, kind by kind: how far the kernels are from what the device allows.
+        "floor": step_floor,
         "memory": peak_mem | parts | memory.activations(parts, peak_mem, device),
         "cost": cost_lib.cost(seconds / p.steps, cell.train.steps, usd) | {"usd_per_hour": usd},
     }
