@@ -12,7 +12,7 @@ import operator
 from pathlib import Path
 
 from sdtune import io
-from sdtune.profiling import kernels
+from sdtune.profiling import kernels, roofline
 
 GIB = 2**30
 
@@ -97,12 +97,15 @@ def targets_table(judged) -> str:
 
 
 def kernel_tables(rows) -> list[str]:
-    """Each run's kernel time by kind (bench.train_step --kernels), where it has one."""
+    """Each run's kernel time by kind (bench.train_step --kernels), where it has one, and the floor
+    under each kind."""
     out = []
     for r in rows:
         k = r.get("kernels") if _ok(r) else None
         if k:
             out.append(f"**{r['name']}**: kernel time by kind, per step\n\n{kernels.table(k)}")
+        if k and r.get("floor"):
+            out.append(f"**{r['name']}**: {roofline.floor_table(r['floor'], k)}")
     return out
 
 

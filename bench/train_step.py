@@ -45,7 +45,7 @@ from bench import archs
 from sdtune import families, io, params
 from sdtune.families import common
 from sdtune.params import CUDA_GRAPH_MODES
-from sdtune.profiling import flops, hardware, kernels, memory
+from sdtune.profiling import flops, hardware, kernels, memory, roofline
 from sdtune.profiling.phases import PhaseTimer, sync
 from sdtune.train import lora, loop, optim
 
@@ -420,7 +420,7 @@ def _run(args, began: float) -> dict:
         sync(device)
         blocks.append((time.perf_counter() - t0) * 1e3 / args.steps)
     lap("pipelined_steps")
-    kernel_time = None
+    kernel_time = floor = None
     if args.kernels:  # after the timed steps: the profiler's overhead stays out of their times
         try:
             per_kernel, profiled_ms = kernels.time_by_kernel(bench.step, min(args.steps, 3), device)
@@ -428,6 +428,8 @@ def _run(args, began: float) -> dict:
         except Exception as err:  # the breakdown is a diagnosis: the measured numbers above stand
             kernel_time = {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"}
         lap("kernel_profile")
+        floor = step_floor(bench, kernel_time)
+        lap("floor")
 
     peak_mem = memory.peak_memory(device)
     parts = memory.breakdown(bench.model, bench.optimizer)
@@ -447,7 +449,8 @@ def _run(args, began: float) -> dict:
         "step_ms_min": summary["step_min_ms"], "step_ms_max": summary["step_max_ms"],
         "step_ms_pipelined": statistics.median(blocks), "step_ms_pipelined_blocks": blocks,
         "images_per_second": args.bs / step_s,
-        "phases": summary["phases"] if args.phases else None, "kernels": kernel_time, "compile_cache": compile_cache,
+        "phases": summary["phases"] if args.phases else None, "kernels": kernel_time, "floor": floor,
+        "compile_cache": compile_cache,
         **counted,
         "achieved_tflops": flops.achieved_tflops(counted["flops_per_step"], step_s),
         "peak_tflops": peak, "peak_source": peak_source,
@@ -470,6 +473,23 @@ def _run(args, began: float) -> dict:
     except ImportError:
         pass
     return result
+
+
+def step_floor(bench, kernel_time: dict) -> dict:
+    """One eager step of the run counted op by op on its own device (sdtune.profiling.roofline), each
+    op held to the GEMM ceiling and the copy bandwidth measured there; the kernel breakdown gets its
+    GEMM-like kinds' time over their floor ("vs_floor")."""
+    device = bench.device
+    try:
+        ceiling, bandwidth = hardware.ceiling_tflops(device, bench.dtype), hardware.bandwidth_gbs(device)
+        kinds = roofline.by_kind(roofline.count(bench.step, peak_tflops=ceiling, bandwidth_gbs=bandwidth,
+                                                lora_params=bench.params))
+    except Exception as err:  # a diagnosis, like the breakdown
+        return {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"}
+    if "rows" in kernel_time:
+        kernel_time["vs_floor"] = roofline.vs_floor(kinds, roofline.measured_by_kind(kernel_time["rows"]))
+    return {"ceiling_tflops": ceiling, "bandwidth_gbs": bandwidth, "kinds": kinds,
+            "ms": sum(row["bound_ms"] for row in kinds.values())}
 
 
 def warm(bench, seconds: dict, lap) -> dict:
@@ -520,6 +540,8 @@ def report(args, result: dict) -> dict:
     mem_gib = result["peak_memory_bytes"] / 2**30
     if result.get("kernels"):
         print(kernels.table(result["kernels"]))
+    if result.get("floor"):
+        print(roofline.floor_table(result["floor"], result.get("kernels")))
     cache = result.get("compile_cache")
     cached = f", compiled graphs from the cache {cache['fx_graph_hit']}/{cache['fx_graph_hit'] + cache['fx_graph_miss']}" if cache else ""
     print(f"{result['name']}: {result['step_ms']:.1f} ms/step (pipelined {result['step_ms_pipelined']:.1f}), "

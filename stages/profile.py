@@ -67,14 +67,8 @@ def kernel_tables(cells) -> str:
             continue
         parts.append(f"Kernel time by kind in `{c['name']}`'s traced steps (reports/traces/trace-{c['name']}.json), "
                      f"next to the FLOPs of each kind:\n\n{kernels.table(c['kernels'])}\n")
-        if "rows" in c["kernels"]:
-            f = c["floor"]
-            measured = roofline.measured_by_kind(c["kernels"]["rows"])
-            parts.append(f"The same kinds against their floor: each op of one step held to its FLOPs at this device's "
-                         f"GEMM ceiling ({f['ceiling_tflops']:.3g} TFLOP/s) or its bytes at its copy bandwidth "
-                         f"({f['bandwidth_gbs']:.3g} GB/s), whichever takes longer. The memory-bound floor is eager's "
-                         f"unfused traffic, which fusion cuts; on a CPU its measured time includes Python between ops."
-                         f"\n\n{roofline.table(f['kinds'], measured, c['kernels']['kernel_ms'])}\n")
+        note = "; on a CPU its measured time includes Python's between the ops" if c["device"] == "cpu" else ""
+        parts.append(f"`{c['name']}`'s kinds against their floor. {roofline.floor_table(c['floor'], c['kernels'], note)}\n")
     return "\n".join(parts)
 
 

@@ -134,7 +134,7 @@ def test_train_step_measures_time_flops_and_mfu(results, case):
     assert r["trainable_params"] > 0 and math.isfinite(r["final_loss"])
     # Where the run's wall time went, part by part.
     parts = ["startup", "build", "flop_count", "warmup_steps", "timed_steps", "pipelined_steps"]
-    assert list(r["seconds"]) == parts + (["kernel_profile"] if "--kernels" in argv else [])
+    assert list(r["seconds"]) == parts + (["kernel_profile", "floor"] if "--kernels" in argv else [])
     assert all(v > 0 for v in r["seconds"].values())
     assert r["seconds"]["timed_steps"] >= r["steps"] * r["step_ms_mean"] / 1e3  # the timed ones and a little more
     assert r["seconds"]["timed_steps"] == pytest.approx(r["steps"] * r["step_ms_mean"] / 1e3, rel=0.2)
@@ -145,7 +145,7 @@ def test_train_step_measures_time_flops_and_mfu(results, case):
     # FLOPs by kind are the parts of the step's count.
     assert sum(r["flops_by_kind"].values()) == r["flops_per_step"]
     if "--kernels" not in argv:
-        assert r["kernels"] is None
+        assert r["kernels"] is None and r["floor"] is None
         return
     rows = {row["kind"]: row for row in r["kernels"]["rows"]}
     assert {"convolution", "matmul", "attention"} <= set(rows)
@@ -153,6 +153,14 @@ def test_train_step_measures_time_flops_and_mfu(results, case):
         assert rows[kind]["ms"] > 0 and rows[kind]["tflop"] * 1e12 == r["flops_by_kind"][kind]
     assert sum(row["share"] for row in rows.values()) == pytest.approx(1)
     assert r["kernels"]["kernel_ms"] == pytest.approx(sum(row["ms"] for row in rows.values()))
+    # The floor under each kind, from one more step counted op by op: its FLOPs are the kernels'
+    # (dispatched: the fused attention backward's recompute included), and the kernels are set against it.
+    floor = r["floor"]
+    assert sum(k["flops"] for k in floor["kinds"].values()) == r["flops_dispatched"]
+    assert floor["ceiling_tflops"] > 0 and floor["bandwidth_gbs"] > 0 and floor["kinds"]["matmul: LoRA"]["flops"] > 0
+    matmul_floor = floor["kinds"]["matmul"]["bound_ms"] + floor["kinds"]["matmul: LoRA"]["bound_ms"]
+    assert r["kernels"]["vs_floor"]["matmul"] == pytest.approx(rows["matmul"]["ms"] / matmul_floor)
+    assert set(r["kernels"]["vs_floor"]) == {"convolution", "matmul", "attention"}
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sd35m"])
@@ -203,6 +211,7 @@ def test_table_renders_results_failures_and_targets(results, tmp_path):
     assert f"| {r['step_ms']:.1f} | {r['step_ms_pipelined']:.1f} |" in table.results_table([old])
     assert "**sd15-tiny 64px bs1 fp32**: kernel time by kind, per step" in md  # the one --kernels run
     assert md.count("kernel time by kind") == 1 and "| all kernels |" in md
+    assert md.count("**sd15-tiny 64px bs1 fp32**: Each kind's floor: one step's ops") == 1
     combined = json.loads((tmp_path / "bench.json").read_text())
     assert len(combined["results"]) == len(paths)
     # Tiny runs never count towards the real-size targets.

@@ -100,7 +100,7 @@ def test_reports_hold_finite_numbers(demo):
         matmul_floor = floors["matmul"]["bound_ms"] + floors["matmul: LoRA"]["bound_ms"]
         assert ratios["matmul"] == pytest.approx(ms["matmul"] / matmul_floor)
     profile_md = (demo / "reports/profile.md").read_text()
-    assert profile_md.count("The same kinds against their floor") == len({base["name"], best["name"]})
+    assert profile_md.count("'s kinds against their floor. Each kind's floor: one step's ops") == len({base["name"], best["name"]})
     assert "|   of which LoRA | " in profile_md
 
 

@@ -207,3 +207,16 @@ def table(kinds: dict, measured: dict | None = None, measured_total: float | Non
     total = {k: sum(row[k] for row in kinds.values()) for k in empty}
     line("all kernels", total, measured_total)
     return "\n".join(lines)
+
+
+def floor_table(floor: dict, breakdown: dict | None = None, note: str = "") -> str:
+    """A step's floor ({ceiling_tflops, bandwidth_gbs, kinds} or {error}) as Markdown with what it
+    is held to, beside a measured kernel breakdown (kernels.breakdown) where there is one."""
+    if "error" in floor:
+        return f"The floor count failed: {floor['error']}"
+    rows = (breakdown or {}).get("rows")
+    return (f"Each kind's floor: one step's ops, each held to its FLOPs at the GEMM ceiling measured here "
+            f"({floor['ceiling_tflops']:.3g} TFLOP/s) or its bytes at the copy bandwidth measured here "
+            f"({floor['bandwidth_gbs']:.3g} GB/s), whichever takes longer. The memory-bound floor is eager's "
+            f"unfused traffic, which fusion cuts{note}.\n\n"
+            + table(floor["kinds"], rows and measured_by_kind(rows), rows and breakdown["kernel_ms"]))
