@@ -442,6 +442,23 @@ def test_a_cells_floor_counts_every_flop_its_step_dispatches(train_workspace):
     assert floor["ms"] == pytest.approx(sum(k["bound_ms"] for k in floor["kinds"].values()))
 
 
+def test_a_floor_that_cannot_be_counted_costs_the_cell_nothing(train_workspace, tmp_path, monkeypatch):
+    from sdtune.profiling import roofline, run as prof
+
+    def count(*args, **kwargs):  # say, an op of a quantized base whose tensors have no storage
+        raise RuntimeError("Cannot access storage of TensorWrapper\nsecond line")
+
+    ws, p = train_workspace
+    monkeypatch.setattr(roofline, "count", count)
+    cell = prof.profile_cell(p, {"name": "baseline"}, ws / "cache", tmp_path / "trace-baseline.json",
+                             raw_dir=ws / "data/raw")
+    assert cell["floor"] == {"error": "RuntimeError: Cannot access storage of TensorWrapper"}
+    assert cell["step_ms"] > 0 and 0 < cell["mfu"] <= 1 and cell["kernels"]["rows"]
+    assert "vs_floor" not in cell["kernels"]
+    assert roofline.floor_table(cell["floor"], cell["kernels"]) == (
+        "The floor count failed: RuntimeError: Cannot access storage of TensorWrapper")
+
+
 def test_profiled_cell_counts_the_gradients_a_real_step_holds(train_workspace):
     """The step ends with zero_grad(set_to_none=True): counted from .grad after it, gradients were
     always 0 bytes, and on CUDA their bytes were put down to activations instead."""

@@ -106,9 +106,12 @@ def floor(run, step_fn, step: int, ceiling_tflops: float) -> dict:
     """The least time step `step` could take on this device, kind by kind: each op held to its
     FLOPs at the GEMM ceiling measured here or to its bytes at the copy bandwidth measured here
     (sdtune.profiling.roofline; checkpointing's recompute counts, as its kernels run)."""
-    bandwidth = hardware.bandwidth_gbs(run.accelerator.device)
-    counted = roofline.count(step_fn, step, peak_tflops=ceiling_tflops, bandwidth_gbs=bandwidth,
-                             lora_params=lora.trainable(run.accelerator.unwrap_model(run.denoiser)))
+    try:
+        bandwidth = hardware.bandwidth_gbs(run.accelerator.device)
+        counted = roofline.count(step_fn, step, peak_tflops=ceiling_tflops, bandwidth_gbs=bandwidth,
+                                 lora_params=lora.trainable(run.accelerator.unwrap_model(run.denoiser)))
+    except Exception as err:  # a diagnosis: the cell's measured numbers stand without it
+        return {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"}
     kinds = roofline.by_kind(counted)
     return {"ceiling_tflops": ceiling_tflops, "bandwidth_gbs": bandwidth, "kinds": kinds,
             "ms": sum(row["bound_ms"] for row in kinds.values())}
@@ -186,7 +189,8 @@ def kernel_breakdown(cell: dict, traced: tuple[dict[str, float], float]) -> dict
     per_kernel_ms, step_ms = traced
     out = kernels.breakdown(per_kernel_ms, cell["flops_by_kind"], step_ms)
     # Measured over floor for the GEMM-like kinds: what REPORT.md reads without recounting.
-    out["vs_floor"] = roofline.vs_floor(cell["floor"]["kinds"], roofline.measured_by_kind(out["rows"]))
+    if "kinds" in cell["floor"]:
+        out["vs_floor"] = roofline.vs_floor(cell["floor"]["kinds"], roofline.measured_by_kind(out["rows"]))
     return out
 
 
