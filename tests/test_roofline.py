@@ -35,6 +35,22 @@ def test_a_linear_layer_is_held_to_its_bytes_or_its_flops():
     assert not {op for op, _ in counted.ops} & {"aten.t", "aten.view", "aten.expand"}  # views move nothing
 
 
+def test_lora_products_are_the_six_matmuls_through_the_adapter():
+    """Three frozen layers, LoRA on the middle one, the input's gradient wanted: forward x·Aᵀ and
+    (x·Aᵀ)·Bᵀ, backward gradient·B, (gradient·B)·A and the two weight gradients are LoRA's; the
+    three base layers' forward and their input gradients are not, though the middle one's reaches
+    the first through a sum with LoRA's."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 8))
+    model = inject_adapter_in_model(LoraConfig(r=4, target_modules=["1"]), model.requires_grad_(False))
+    x = torch.randn(10, 24, requires_grad=True)
+    counted = roofline.count(lambda: model(x).sum().backward(), peak_tflops=1.0, bandwidth_gbs=1.0,
+                             lora_params=[p for p in model.parameters() if p.requires_grad])
+    assert counted.ops[("aten.mm", LORA)][:2] == [6, 2 * 10 * 4 * (32 + 32) * 3]
+    assert counted.ops[("aten.addmm", "matmul")][0] == 3 and counted.ops[("aten.mm", "matmul")][0] == 3
+
+
 def _attention(device, head_multiple=1):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, n, 40, device=device, requires_grad=True) for n in (64, 32, 32))

@@ -29,8 +29,9 @@ PEAKS = [
     (r"\bT4\b", "T4", {"fp16": 65, "fp32": 8.1}),
 ]
 # Memory bandwidth in GB/s from the same datasheets (A100: the 80 GB SXM card's; the 40 GB has 1,555),
-# for bench.roofline's memory-bound floor.
-BANDWIDTH_GBS = {"L4": 300, "L40S": 864, "A100": 2039, "H100 PCIe": 2000, "H100 SXM": 3350, "H200": 4800, "T4": 320}
+# for the roofline's memory-bound floor on a card we are not on (bench.roofline).
+BANDWIDTH_GBS = {"L4": 300, "L40S": 864, "A100": 2039, "H100 PCIe": 2000, "H100 SXM": 3350, "H200": 4800,
+                 "T4": 320}
 
 _DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 

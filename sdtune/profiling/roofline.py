@@ -11,8 +11,8 @@ How it counts:
   matmul, a convolution or an attention kernel. For everything else (norms, activations, residual
   adds, copies) it is what eager moves op by op, unfused: fusion (inductor's) skips the
   intermediates, so that row is an upper figure, not a floor. Views and allocations move nothing.
-- LoRA: the products through the adapters' weights, and through what those products made (an
-  autocast copy of a weight, the rank-wide x·Aᵀ, its gradient), are counted apart within matmul.
+- LoRA: the products through the adapters' (linear) weights, and through what those products made
+  (an autocast copy of a weight, the rank-wide x·Aᵀ and gradient·B), are counted apart within matmul.
 - Attention: a step on real devices dispatches the fused kernels, counted as any op. On the meta
   device SDPA would run its math path (the scores written out), so FusedAttention counts those
   calls as the fused kernels run them.
@@ -62,6 +62,10 @@ class Roofline(TorchDispatchMode):
         # Storages that are LoRA's: its weights, then the rank-wide products made from them. The
         # storages themselves are held, so that a freed one's address is never taken for another.
         self.lora = {_key(p): p.untyped_storage() for p in lora_params}
+        # Only the rank-wide products (x·Aᵀ, gradient·B: the rank is their last dim) are followed:
+        # a full-width one (x·Aᵀ·Bᵀ, or the gradient handed back to x) can become the buffer
+        # autograd adds the base's gradient into, which the next layer's base matmuls then read.
+        self.ranks = {min(p.shape) for p in lora_params if p.dim() == 2}
 
     def add(self, op: str, kind: str, n_flops: int, n_bytes: int) -> None:
         row = self.ops[(op, kind)]
@@ -85,7 +89,8 @@ class Roofline(TorchDispatchMode):
         lora = any(_key(t) in self.lora for t in ins)
         if lora and kind == "matmul":
             kind = LORA
-        if lora and (kind == LORA or packet in CASTS):
+            self.lora |= {_key(t): t.untyped_storage() for t in outs if t.dim() and t.shape[-1] in self.ranks}
+        elif lora and packet in CASTS:
             self.lora |= {_key(t): t.untyped_storage() for t in outs}
         self.add(str(packet), kind, n_flops, n_bytes)
         return out
