@@ -3,9 +3,10 @@ and what generation costs for each inference cell.
 
 Writes reports/profile.json (phase times, FLOPs, MFU, memory, cost and each kind of kernel's
 floor per cell; for the traced cells, kernel time by kind next to each kind's FLOPs and floor),
-reports/profile.md (the tables), reports/profile/ (phase and bar charts), reports/profile_cells.json (DVC plots) and
-reports/traces/ (Chrome traces of the baseline and of the fastest cell and, on CUDA, their
-allocator snapshots; kept apart from the plots, which DVC reads as data).
+reports/profile.md (the tables), reports/profile/ (phase and bar charts),
+reports/profile_cells.json (DVC plots) and reports/traces/ (Chrome traces of the baseline and of
+the fastest cell and, on CUDA, their allocator snapshots; kept apart from the plots, which DVC
+reads as data).
 """
 
 import gc
