@@ -162,3 +162,8 @@ def test_profile_cell_on_cuda_writes_a_gpu_trace_and_an_allocator_snapshot(cache
     assert any(e.get("cat") == "kernel" for e in events)  # GPU kernels, not only host ops
     snapshot = tmp_path / "memory-baseline.pickle"
     assert snapshot.stat().st_size > 0
+    # The floor, counted over the CUDA kernels the step dispatches (fused attention among them).
+    floor = cell["floor"]
+    assert "error" not in floor, floor
+    assert floor["kinds"]["attention"]["flops"] > 0 and floor["kinds"]["matmul: LoRA"]["flops"] > 0
+    assert {"matmul", "attention"} <= set(cell["kernels"]["vs_floor"])
