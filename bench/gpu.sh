@@ -363,8 +363,7 @@ try:
     print("bf16 matmul ceiling (%s^3, best of 5): %.0f TFLOP/s" % (
         8192 if cuda else 1024, hardware.measured_matmul_tflops("cuda" if cuda else "cpu", torch.bfloat16)))
     # What memory-bound kernels can reach: bench.roofline's --bandwidth-gbs for this card.
-    print("copy bandwidth (%s MiB, best of 5): %.0f GB/s" % (
-        2048 if cuda else 256, hardware.measured_bandwidth_gbs("cuda" if cuda else "cpu")))
+    print("copy bandwidth (256 MiB, best of 5): %.0f GB/s" % hardware.measured_bandwidth_gbs("cuda" if cuda else "cpu"))
 except Exception as err:  # the ceilings are informative; the runs need only the imports above
     print("bf16 matmul ceiling or copy bandwidth: failed:", type(err).__name__, err)
 EOF

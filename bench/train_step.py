@@ -42,7 +42,7 @@ import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from accelerate.state import AcceleratorState
 from bench import archs
-from sdtune import families, io, params
+from sdtune import errors, families, io, params
 from sdtune.families import common
 from sdtune.params import CUDA_GRAPH_MODES
 from sdtune.profiling import flops, hardware, kernels, memory, roofline
@@ -426,7 +426,7 @@ def _run(args, began: float) -> dict:
             per_kernel, profiled_ms = kernels.time_by_kernel(bench.step, min(args.steps, 3), device)
             kernel_time = kernels.breakdown(per_kernel, counted["flops_by_kind"], profiled_ms)
         except Exception as err:  # the breakdown is a diagnosis: the measured numbers above stand
-            kernel_time = {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"}
+            kernel_time = {"error": errors.describe(err)}
         lap("kernel_profile")
 
     peak_mem = memory.peak_memory(device)
@@ -477,20 +477,14 @@ def _run(args, began: float) -> dict:
 
 
 def step_floor(bench, kernel_time: dict) -> dict:
-    """One eager step of the run counted op by op on its own device (sdtune.profiling.roofline), each
-    op held to the GEMM ceiling and the copy bandwidth measured there; the kernel breakdown gets its
-    GEMM-like kinds' time over their floor ("vs_floor")."""
-    device = bench.device
-    try:
-        ceiling, bandwidth = hardware.ceiling_tflops(device, bench.dtype), hardware.bandwidth_gbs(device)
-        kinds = roofline.by_kind(roofline.count(bench.step, peak_tflops=ceiling, bandwidth_gbs=bandwidth,
-                                                lora_params=bench.params))
-    except Exception as err:  # a diagnosis, like the breakdown
-        return {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"}
-    if "rows" in kernel_time:
-        kernel_time["vs_floor"] = roofline.vs_floor(kinds, roofline.measured_by_kind(kernel_time["rows"]))
-    return {"ceiling_tflops": ceiling, "bandwidth_gbs": bandwidth, "kinds": kinds,
-            "ms": sum(row["bound_ms"] for row in kinds.values())}
+    """One eager step of the run counted op by op on its own device (roofline.step_floor, at the
+    GEMM ceiling measured there); the kernel breakdown gets its GEMM-like kinds' time over their
+    floor ("vs_floor")."""
+    floor = roofline.step_floor(bench.step, device=bench.device, lora_params=bench.params,
+                                ceiling_tflops=hardware.ceiling_tflops(bench.device, bench.dtype))
+    if ratios := roofline.vs_floor(floor, kernel_time):
+        kernel_time["vs_floor"] = ratios
+    return floor
 
 
 def warm(bench, seconds: dict, lap) -> dict:

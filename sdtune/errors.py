@@ -11,6 +11,11 @@ class UserError(Exception):
     """
 
 
+def describe(err: Exception) -> str:
+    """An exception in one line for a report: its type and the first line of its message."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+
+
 def main_guard(fn):
     """Wrap a stage's main(): a UserError prints `error: <message>` and exits 2."""
 

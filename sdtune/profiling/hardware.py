@@ -102,14 +102,14 @@ def measured_matmul_tflops(device="cpu", dtype=torch.float32, n=None, repeats=No
     return 2 * n**3 * repeats / best / 1e12
 
 
-def measured_bandwidth_gbs(device="cpu", mib=None, repeats=None, trials=5) -> float:
-    """Best-of-`trials` GB/s of copying one tensor into another on `device` (each byte read once and
-    written once): the memory-bound kernels' practical ceiling, as the GEMM one is for matmuls.
-    Defaults: 256 MiB × 4 on CPU, 2 GiB × 10 on CUDA, well past the caches."""
+def measured_bandwidth_gbs(device="cpu", mib=256, repeats=None, trials=5) -> float:
+    """Best-of-`trials` GB/s of copying `mib` MiB into another tensor on `device` (each byte read
+    once and written once): the memory-bound kernels' practical ceiling, as the GEMM one is for
+    matmuls. 256 MiB is past the last cache of the CPUs and GPUs we know, and small beside a
+    training cell's own memory; `repeats` copies a trial, 4 on CPU and 10 on CUDA by default."""
     device = torch.device(device)
-    cuda = device.type == "cuda"
-    n = (mib or (2048 if cuda else 256)) * 2**20
-    repeats = repeats or (10 if cuda else 4)
+    n = mib * 2**20
+    repeats = repeats or (10 if device.type == "cuda" else 4)
     src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
 
@@ -138,12 +138,11 @@ def ceiling_tflops(device="cpu", dtype=torch.float32) -> float:
 
 @functools.cache
 def _bandwidth(device: str) -> float:
-    return measured_bandwidth_gbs(device, mib=256)
+    return measured_bandwidth_gbs(device)
 
 
 def bandwidth_gbs(device="cpu") -> float:
-    """The copy bandwidth measured on `device` (once per process), 256 MiB each way: past the last
-    cache of the CPUs and GPUs we know, and small beside a training cell's own memory."""
+    """The copy bandwidth measured on `device`, once per process."""
     return _bandwidth(str(torch.device(device)))
 
 

@@ -28,7 +28,8 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from sdtune.profiling import kernels
+from sdtune.errors import describe
+from sdtune.profiling import hardware, kernels
 
 aten = torch.ops.aten
 LORA = "matmul: LoRA"
@@ -185,9 +186,25 @@ def floor_by_measured_kind(kinds: dict) -> dict[str, float]:
     return out
 
 
-def vs_floor(kinds: dict, measured: dict[str, float]) -> dict[str, float]:
-    """Measured ms over floor ms for the GEMM-like kinds both have (measured: measured_by_kind)."""
-    floors = floor_by_measured_kind(kinds)
+def step_floor(fn, *args, device, ceiling_tflops: float, lora_params=()) -> dict:
+    """One call fn(*args) (a training step) counted on `device`, each op held to `ceiling_tflops`
+    or to the copy bandwidth measured there: {ceiling_tflops, bandwidth_gbs, kinds, ms}, or
+    {error} when it cannot be counted (a diagnosis: what was measured stands without it)."""
+    try:
+        bandwidth = hardware.bandwidth_gbs(device)
+        kinds = by_kind(count(fn, *args, peak_tflops=ceiling_tflops, bandwidth_gbs=bandwidth, lora_params=lora_params))
+    except Exception as err:
+        return {"error": describe(err)}
+    return {"ceiling_tflops": ceiling_tflops, "bandwidth_gbs": bandwidth, "kinds": kinds,
+            "ms": sum(row["bound_ms"] for row in kinds.values())}
+
+
+def vs_floor(floor: dict, breakdown: dict) -> dict[str, float]:
+    """Measured ms over floor ms for the GEMM-like kinds a step_floor and a kernel breakdown
+    (kernels.breakdown) both have; empty where either failed."""
+    if "kinds" not in floor or "rows" not in breakdown:
+        return {}
+    floors, measured = floor_by_measured_kind(floor["kinds"]), measured_by_kind(breakdown["rows"])
     return {k: measured[k] / floors[k] for k in COMPUTE if measured.get(k) and floors.get(k)}
 
 

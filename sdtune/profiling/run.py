@@ -103,18 +103,10 @@ def measured_flops(run, step_fn, steps: range) -> dict[str, int]:
 
 
 def floor(run, step_fn, step: int, ceiling_tflops: float) -> dict:
-    """The least time step `step` could take on this device, kind by kind: each op held to its
-    FLOPs at the GEMM ceiling measured here or to its bytes at the copy bandwidth measured here
-    (sdtune.profiling.roofline; checkpointing's recompute counts, as its kernels run)."""
-    try:
-        bandwidth = hardware.bandwidth_gbs(run.accelerator.device)
-        counted = roofline.count(step_fn, step, peak_tflops=ceiling_tflops, bandwidth_gbs=bandwidth,
-                                 lora_params=lora.trainable(run.accelerator.unwrap_model(run.denoiser)))
-    except Exception as err:  # a diagnosis: the cell's measured numbers stand without it
-        return {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"}
-    kinds = roofline.by_kind(counted)
-    return {"ceiling_tflops": ceiling_tflops, "bandwidth_gbs": bandwidth, "kinds": kinds,
-            "ms": sum(row["bound_ms"] for row in kinds.values())}
+    """The least time step `step` could take on this device, kind by kind (roofline.step_floor;
+    checkpointing's recompute counts, as its kernels run)."""
+    return roofline.step_floor(step_fn, step, device=run.accelerator.device, ceiling_tflops=ceiling_tflops,
+                               lora_params=lora.trainable(run.accelerator.unwrap_model(run.denoiser)))
 
 
 @contextlib.contextmanager
@@ -189,8 +181,8 @@ def kernel_breakdown(cell: dict, traced: tuple[dict[str, float], float]) -> dict
     per_kernel_ms, step_ms = traced
     out = kernels.breakdown(per_kernel_ms, cell["flops_by_kind"], step_ms)
     # Measured over floor for the GEMM-like kinds: what REPORT.md reads without recounting.
-    if "kinds" in cell["floor"]:
-        out["vs_floor"] = roofline.vs_floor(cell["floor"]["kinds"], roofline.measured_by_kind(out["rows"]))
+    if ratios := roofline.vs_floor(cell["floor"], out):
+        out["vs_floor"] = ratios
     return out
 
 
