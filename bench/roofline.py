@@ -58,11 +58,6 @@ def measured_kinds(path: str, run: str | None) -> dict:
             "step_ms": found[0].get("step_ms_pipelined") or found[0].get("step_ms")}
 
 
-def table(result: dict) -> str:
-    measured = result.get("measured")
-    return roofline.table(result["kinds"], measured and measured["kinds"], measured and measured["kernel_ms"])
-
-
 def summary(result: dict) -> str:
     """What the floor means for MFU, in two lines."""
     kinds, peak = result["kinds"], result["datasheet_tflops"]
@@ -104,8 +99,7 @@ def main(argv=None):
         peaks, bandwidth = hardware.card(args.card)
     except ValueError as err:
         p.error(f"--card: {err}")
-    key = step_args.precision  # bf16, fp16 or fp32, as the datasheet table names them
-    if key not in peaks:
+    if step_args.precision not in peaks:  # bf16, fp16 or fp32, as the datasheet table names them
         p.error(f"--card {args.card}: no {step_args.precision} peak in the datasheet table")
     measured = None
     if args.measured:
@@ -115,16 +109,17 @@ def main(argv=None):
             p.error(f"--measured: {err}")
 
     bench = train_step.Bench(step_args)
-    peak, bandwidth = args.peak_tflops or peaks[key], args.bandwidth_gbs or bandwidth
+    datasheet = peaks[step_args.precision]
+    peak, bandwidth = args.peak_tflops or datasheet, args.bandwidth_gbs or bandwidth
     counted = count(bench, peak, bandwidth, args.head_multiple)  # first: it sets the LoRA weights' dtype
     model_flops = train_step.count_model_flops(bench)["flops_per_step"]
-    result = {"name": step_args.name, "card": args.card, "peak_tflops": peak, "datasheet_tflops": peaks[key],
+    result = {"name": step_args.name, "card": args.card, "peak_tflops": peak, "datasheet_tflops": datasheet,
               "bandwidth_gbs": bandwidth, "head_multiple": args.head_multiple, "model_flops": model_flops,
               "kinds": roofline.by_kind(counted), "measured": measured,
               "ops": [{"op": op, "kind": kind, "calls": n, "flops": f, "bytes": b, "bound_ms": s * 1e3}
                       for (op, kind), (n, f, b, s) in sorted(counted.ops.items(), key=lambda item: -item[1][3])]}
     print(f"{result['name']} on {args.card} ({peak:g} TFLOP/s, {bandwidth:g} GB/s):")
-    print(table(result))
+    print(roofline.table(result["kinds"], measured and measured["kinds"], measured and measured["kernel_ms"]))
     print(summary(result))
     if args.out:
         io.write_text(args.out, json.dumps(result, indent=1) + "\n")
