@@ -4,7 +4,8 @@
     python -m bench.roofline ... --measured docs/results/h100-2026-11-26-second-call.json --run sd15-bs16-bf16-compile
 
 One step of the real-size model is counted on the meta device (seconds on a laptop, no GPU), each
-op held to its FLOPs at the card's GEMM rate or its bytes at the card's memory bandwidth
+op held to its FLOPs at the card's GEMM rate, its bytes at the card's memory bandwidth, or (fused
+attention) its exponentials at the card's special-function units' rate
 (sdtune.profiling.roofline says how). Summed by kind, beside a measured kernel breakdown
 (bench.train_step --kernels), it says which kind runs furthest from what the card allows.
 
@@ -26,7 +27,8 @@ from bench import train_step
 from sdtune import io
 from sdtune.profiling import hardware, roofline
 
-def count(bench, peak_tflops: float, bandwidth_gbs: float, head_multiple: int = 1) -> roofline.Roofline:
+def count(bench, peak_tflops: float, bandwidth_gbs: float, head_multiple: int = 1,
+          exp_tera_per_s: float | None = None) -> roofline.Roofline:
     """One step of a bench.train_step Bench, counted (attention as fused kernels run it, on meta).
     Before the Bench's first step: on meta it sets the LoRA weights' dtype, and the optimizer's
     state follows the weights'."""
@@ -37,7 +39,7 @@ def count(bench, peak_tflops: float, bandwidth_gbs: float, head_multiple: int = 
         for p in bench.params:
             p.data = p.data.to(bench.dtype)
     return roofline.count(bench.step, peak_tflops=peak_tflops, bandwidth_gbs=bandwidth_gbs, lora_params=bench.params,
-                          fused_attention=meta, head_multiple=head_multiple)
+                          fused_attention=meta, head_multiple=head_multiple, exp_tera_per_s=exp_tera_per_s)
 
 
 def measured_kinds(path: str, run: str | None) -> dict:
@@ -67,6 +69,7 @@ def summary(result: dict) -> str:
     text = (f"At the floor the step takes {floor:.1f} ms: {mfu(floor):.1%} MFU of the datasheet's {peak:g} TFLOP/s "
             f"({result['model_flops'] / 1e12:.3g} model TFLOP). With the memory-bound work fused away entirely, "
             f"{gemm:.1f} ms: {mfu(gemm):.1%}.")
+    text += roofline.exp_note(kinds, result["exp_tera_per_s"])
     if result.get("measured"):
         step = result["measured"]["step_ms"]
         text += f" Measured ({result['measured']['run']}): {step:.1f} ms a step, {mfu(step):.1%}."
@@ -81,6 +84,8 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, help="the GEMM rate (default: the card's datasheet peak "
                    "for --precision; the H100's measured ceiling is 801 for bf16)")
     p.add_argument("--bandwidth-gbs", type=float, help="the memory bandwidth (default: the card's datasheet)")
+    p.add_argument("--exp-tera", type=float, help="exponentials per second, ×10¹², of the special-function units "
+                   "(default: the card's: SMs × 16 a clock × the clock of its tensor peak)")
     p.add_argument("--head-multiple", type=int, default=1,
                    help="count attention's FLOPs as a kernel that pads heads to a multiple of this does (64, say)")
     p.add_argument("--measured", help="a bench JSON with a --kernels breakdown to set beside the floor")
@@ -91,12 +96,13 @@ def main(argv=None):
         p.error("--device: the roofline always counts on meta")
     if args.head_multiple < 1:
         p.error(f"--head-multiple: expected a whole number of at least 1, got {args.head_multiple}")
-    for flag, value in (("--peak-tflops", args.peak_tflops), ("--bandwidth-gbs", args.bandwidth_gbs)):
+    for flag, value in (("--peak-tflops", args.peak_tflops), ("--bandwidth-gbs", args.bandwidth_gbs),
+                        ("--exp-tera", args.exp_tera)):
         if value is not None and not value > 0:
             p.error(f"{flag}: expected a rate above 0, got {value:g}")
     step_args = train_step.parse([*rest, "--device", "meta"])
     try:
-        peaks, bandwidth = hardware.card(args.card)
+        peaks, bandwidth, exp_rate = hardware.card(args.card)
     except ValueError as err:
         p.error(f"--card: {err}")
     if step_args.precision not in peaks:  # bf16, fp16 or fp32, as the datasheet table names them
@@ -110,15 +116,16 @@ def main(argv=None):
 
     bench = train_step.Bench(step_args)
     datasheet = peaks[step_args.precision]
-    peak, bandwidth = args.peak_tflops or datasheet, args.bandwidth_gbs or bandwidth
-    counted = count(bench, peak, bandwidth, args.head_multiple)  # first: it sets the LoRA weights' dtype
+    peak, bandwidth, exp_rate = args.peak_tflops or datasheet, args.bandwidth_gbs or bandwidth, args.exp_tera or exp_rate
+    counted = count(bench, peak, bandwidth, args.head_multiple, exp_rate)  # first: it sets the LoRA weights' dtype
     model_flops = train_step.count_model_flops(bench)["flops_per_step"]
     result = {"name": step_args.name, "card": args.card, "peak_tflops": peak, "datasheet_tflops": datasheet,
-              "bandwidth_gbs": bandwidth, "head_multiple": args.head_multiple, "model_flops": model_flops,
+              "bandwidth_gbs": bandwidth, "exp_tera_per_s": exp_rate, "head_multiple": args.head_multiple, "model_flops": model_flops,
               "kinds": roofline.by_kind(counted), "measured": measured,
-              "ops": [{"op": op, "kind": kind, "calls": n, "flops": f, "bytes": b, "bound_ms": s * 1e3}
-                      for (op, kind), (n, f, b, s) in sorted(counted.ops.items(), key=lambda item: -item[1][3])]}
-    print(f"{result['name']} on {args.card} ({peak:g} TFLOP/s, {bandwidth:g} GB/s):")
+              "ops": [{"op": op, "kind": kind, "calls": row["calls"], "flops": row["flops"], "bytes": row["bytes"],
+                       "exps": row["exps"], "bound_ms": row["bound_seconds"] * 1e3, "serial_ms": row["serial_seconds"] * 1e3}
+                      for (op, kind), row in sorted(counted.ops.items(), key=lambda item: -item[1]["bound_seconds"])]}
+    print(f"{result['name']} on {args.card} ({peak:g} TFLOP/s, {bandwidth:g} GB/s, {exp_rate:.3g} ×10¹² exp/s):")
     print(roofline.table(result["kinds"], measured and measured["kinds"], measured and measured["kernel_ms"]))
     print(summary(result))
     if args.out:

@@ -15,7 +15,7 @@ from conftest import tiny_cache
 from sdtune import params as params_lib, quantize
 from sdtune.evaluate import generate
 from sdtune.families import sd
-from sdtune.profiling import run as prof
+from sdtune.profiling import hardware, run as prof
 from sdtune.train import lora, loop
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -166,4 +166,9 @@ def test_profile_cell_on_cuda_writes_a_gpu_trace_and_an_allocator_snapshot(cache
     floor = cell["floor"]
     assert "error" not in floor, floor
     assert floor["kinds"]["attention"]["flops"] > 0 and floor["kinds"]["matmul: LoRA"]["flops"] > 0
+    # Whichever fused kernel torch picks, its exponentials are counted from its FLOPs: one per
+    # query-key pair, forward and backward.
+    assert floor["kinds"]["attention"]["exps"] > 0
+    if hardware.card_name(torch.cuda.get_device_name()):  # a card in the table holds them to its rate
+        assert floor["exp_tera_per_s"] == hardware.EXP_TERA_PER_S[hardware.card_name(torch.cuda.get_device_name())]
     assert {"matmul", "attention"} <= set(cell["kernels"]["vs_floor"])

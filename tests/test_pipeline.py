@@ -92,6 +92,8 @@ def test_reports_hold_finite_numbers(demo):
         assert ("attention" in floor["kinds"]) == (cell["spec"].get("attention") != "math"), cell["name"]
         assert floor["ms"] == pytest.approx(sum(k["bound_ms"] for k in floor["kinds"].values())) and floor["ms"] > 0
         assert floor["ceiling_tflops"] == cell["ceiling_tflops"] and floor["bandwidth_gbs"] > 0
+        assert floor["exp_tera_per_s"] is None  # a CPU's exponentials have no units of their own
+        assert (floor["kinds"].get("attention", {}).get("exps", 0) > 0) == ("attention" in floor["kinds"])
     for cell in (base, best):
         ms = {k: sum(r["ms"] for r in cell["kernels"]["rows"] if r["kind"] == k) for k in ("convolution", "matmul")}
         floors, ratios = cell["floor"]["kinds"], cell["kernels"]["vs_floor"]

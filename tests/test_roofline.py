@@ -27,11 +27,13 @@ def test_a_linear_layer_is_held_to_its_bytes_or_its_flops():
     counted = roofline.Roofline(peak_tflops=1.0, bandwidth_gbs=1.0)
     with counted:
         layer(x).sum().backward()
-    calls, flops, nbytes, seconds = counted.ops[("aten.addmm", "matmul")]
-    assert (calls, flops) == (1, 2 * 64 * 32 * 16)
-    assert nbytes == 4 * (16 + 64 * 32 + 32 * 16 + 64 * 16)  # bias, x and Wᵀ read; the output written
-    assert seconds == max(flops / 1e12, nbytes / 1e9)
-    assert counted.ops[("aten.mm", "matmul")][:2] == [1, 2 * 64 * 32 * 16]  # the weight's gradient
+    addmm = counted.ops[("aten.addmm", "matmul")]
+    assert (addmm["calls"], addmm["flops"], addmm["exps"]) == (1, 2 * 64 * 32 * 16, 0)
+    assert addmm["bytes"] == 4 * (16 + 64 * 32 + 32 * 16 + 64 * 16)  # bias, x and Wᵀ read; the output written
+    assert addmm["bound_seconds"] == addmm["serial_seconds"] == max(addmm["flops"] / 1e12, addmm["bytes"] / 1e9)
+    assert addmm["bound_seconds"] == addmm["memory_bound_seconds"]  # at 1 GB/s per 1 TFLOP/s
+    mm = counted.ops[("aten.mm", "matmul")]
+    assert (mm["calls"], mm["flops"]) == (1, 2 * 64 * 32 * 16)  # the weight's gradient
     assert not {op for op, _ in counted.ops} & {"aten.t", "aten.view", "aten.expand"}  # views move nothing
 
 
@@ -47,33 +49,66 @@ def test_lora_products_are_the_six_matmuls_through_the_adapter():
     x = torch.randn(10, 24, requires_grad=True)
     counted = roofline.count(lambda: model(x).sum().backward(), peak_tflops=1.0, bandwidth_gbs=1.0,
                              lora_params=[p for p in model.parameters() if p.requires_grad])
-    assert counted.ops[("aten.mm", LORA)][:2] == [6, 2 * 10 * 4 * (32 + 32) * 3]
-    assert counted.ops[("aten.addmm", "matmul")][0] == 3 and counted.ops[("aten.mm", "matmul")][0] == 3
+    assert (counted.ops[("aten.mm", LORA)]["calls"], counted.ops[("aten.mm", LORA)]["flops"]) == (6, 2 * 10 * 4 * (32 + 32) * 3)
+    assert counted.ops[("aten.addmm", "matmul")]["calls"] == 3 and counted.ops[("aten.mm", "matmul")]["calls"] == 3
 
 
-def _attention(device, head_multiple=1):
+def _attention(device, head_multiple=1, bandwidth_gbs=1.0, exp_tera_per_s=None):
+    """One attention call, forward and backward, at 1 TFLOP/s: 2 batches × 4 heads, 64 queries,
+    32 keys, 40-wide heads. Returns (FLOPs, bytes, exponentials, ops, by_kind's attention row)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, n, 40, device=device, requires_grad=True) for n in (64, 32, 32))
-    counted = roofline.Roofline(1.0, 1.0)
+    counted = roofline.Roofline(1.0, bandwidth_gbs, exp_tera_per_s=exp_tera_per_s)
     swap = roofline.FusedAttention(counted, head_multiple) if device == "meta" else contextlib.nullcontext()
     with swap, counted:
         F.scaled_dot_product_attention(q, k, v).sum().backward()
     rows = [row for (_, kind), row in counted.ops.items() if kind == "attention"]
-    return sum(r[1] for r in rows), sum(r[2] for r in rows), len(rows)
+    return (*(sum(r[key] for r in rows) for key in ("flops", "bytes", "exps")), len(rows),
+            roofline.by_kind(counted)["attention"])
 
 
 def test_meta_attention_counts_what_the_cpu_kernels_do_and_move():
     # On CPU the step dispatches the fused flash kernels (forward and backward); on meta the math
-    # path would run, so the roofline counts it as those kernels: same FLOPs, same bytes.
+    # path would run, so the roofline counts it as those kernels: same FLOPs, bytes and exponentials.
     cpu, meta = _attention("cpu"), _attention("meta")
-    assert cpu[2] == meta[2] == 2
-    assert meta[:2] == cpu[:2]
+    assert cpu[3] == meta[3] == 2
+    assert meta[:3] == cpu[:3]
 
 
-def test_head_multiple_pads_attention_flops_and_not_its_bytes():
-    flops, nbytes, _ = _attention("meta")
-    padded_flops, padded_bytes, _ = _attention("meta", head_multiple=64)
-    assert padded_flops == flops * 64 // 40 and padded_bytes == nbytes
+def test_attention_takes_an_exponential_per_pair_forward_and_again_backward():
+    flops, _, exps, _, row = _attention("cpu")
+    assert exps == 2 * (2 * 4 * 64 * 32)  # the backward recomputes the scores
+    assert row["exp_bound_ms"] == 0.0 and row["serial_ms"] == row["bound_ms"]  # no rate: they bound nothing
+    # Bytes made free, at 10¹⁰ exponentials a second: per pair the forward's 160 FLOPs take 160 ps and
+    # the backward's 400 FLOPs 400 ps, each exponential 100 ps. The matmuls set the floor; run one
+    # after the other, the exponentials add theirs.
+    fast = _attention("cpu", bandwidth_gbs=1e9, exp_tera_per_s=0.01)[4]
+    assert fast["exp_bound_ms"] == 0.0 and fast["bound_ms"] == pytest.approx(flops / 1e12 * 1e3)
+    assert fast["serial_ms"] == pytest.approx(fast["bound_ms"] + exps / 1e10 * 1e3)
+    # At 10⁸ a second (10 ns each) the exponentials set both kernels' floors.
+    slow = _attention("cpu", bandwidth_gbs=1e9, exp_tera_per_s=1e-4)[4]
+    assert slow["bound_ms"] == slow["exp_bound_ms"] == pytest.approx(exps / 1e8 * 1e3)
+    assert slow["serial_ms"] == pytest.approx(slow["bound_ms"] + flops / 1e12 * 1e3)
+
+
+def test_each_call_is_held_to_its_own_bound():
+    # Two attention calls under one op name, at 1 TFLOP/s and 10¹⁰ exponentials a second, bytes
+    # made free: per query-key pair 8-wide heads do 32 FLOPs (32 ps) against an exponential's
+    # 100 ps, 256-wide ones 1,024 FLOPs. Summed, the calls' FLOPs would outweigh their exponentials.
+    counted = roofline.Roofline(1.0, 1e9, exp_tera_per_s=0.01)
+    with roofline.FusedAttention(counted), counted:
+        for width in (8, 256):
+            q = torch.empty(1, 2, 64, width, device="meta")
+            F.scaled_dot_product_attention(q, q, q)
+    row, pairs = roofline.by_kind(counted)["attention"], 2 * 64 * 64
+    assert row["exp_bound_ms"] == pytest.approx(pairs / 1e10 * 1e3)
+    assert row["bound_ms"] == pytest.approx(row["exp_bound_ms"] + pairs * 2 * 512 / 1e12 * 1e3)
+
+
+def test_head_multiple_pads_attention_flops_and_not_its_bytes_or_exponentials():
+    flops, nbytes, exps, _, _ = _attention("meta")
+    padded_flops, padded_bytes, padded_exps, _, _ = _attention("meta", head_multiple=64)
+    assert padded_flops == flops * 64 // 40 and padded_bytes == nbytes and padded_exps == exps
 
 
 def test_a_tiny_step_on_meta_counts_what_the_cpu_step_dispatches():
@@ -117,8 +152,13 @@ def test_cli_sets_the_floor_beside_a_measured_breakdown(measured, tmp_path, caps
     floor = sum(row["bound_ms"] for row in result["kinds"].values())
     assert floor == pytest.approx(sum(op["bound_ms"] for op in result["ops"])) and floor > 0
     assert result["peak_tflops"] == 30.3 and result["bandwidth_gbs"] == 300  # the L4's fp32 and memory
+    assert result["exp_tera_per_s"] == pytest.approx(1.89, rel=0.01)  # its exponentials
+    attention = result["kinds"]["attention"]
+    assert attention["exps"] == sum(op["exps"] for op in result["ops"]) > 0
+    assert attention["serial_ms"] >= attention["bound_ms"]  # the tiny model's attention is bound by its bytes
     assert "| convolution |" in printed and "|   of which LoRA |" in printed
     assert f"At the floor the step takes {floor:.1f} ms" in printed
+    assert f"a kernel that runs them after its matmuls instead of beside them takes at least {attention['serial_ms']:.2f} ms" in printed
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -126,6 +166,7 @@ def test_cli_sets_the_floor_beside_a_measured_breakdown(measured, tmp_path, caps
     (["--device", "cpu"], "--device: the roofline always counts on meta"),
     (["--head-multiple", "0"], "--head-multiple: expected a whole number of at least 1, got 0"),
     (["--bandwidth-gbs", "0"], "--bandwidth-gbs: expected a rate above 0, got 0"),
+    (["--exp-tera", "-1"], "--exp-tera: expected a rate above 0, got -1"),
     (["--measured", "{dir}/missing.json"], "--measured: [Errno 2] No such file or directory"),
     (["--measured", "{dir}/kernels.json", "--run", "nope"], "no run named 'nope'"),
     (["--measured", "{dir}/plain.json"], "has no kernel breakdown (bench.train_step --kernels makes one)"),

@@ -32,6 +32,13 @@ PEAKS = [
 # for the roofline's memory-bound floor on a card we are not on (bench.roofline).
 BANDWIDTH_GBS = {"L4": 300, "L40S": 864, "A100": 2039, "H100 PCIe": 2000, "H100 SXM": 3350, "H200": 4800,
                  "T4": 320}
+# A fused attention kernel takes one exponential per query-key pair (and again in the backward,
+# which recomputes the scores), on the SMs' special-function units: 16 a clock per SM on all of
+# these cards (the CUDA guide's arithmetic-throughput table), far fewer than the tensor cores' FMAs.
+# (SMs, GHz): the clock is the one each card's tensor-core peak above is quoted at.
+SMS_AND_CLOCK = {"L4": (58, 2.04), "L40S": (142, 2.52), "A100": (108, 1.41), "H100 PCIe": (114, 1.62),
+                 "H100 SXM": (132, 1.83), "H200": (132, 1.83), "T4": (40, 1.59)}
+EXP_TERA_PER_S = {name: sms * 16 * ghz / 1e3 for name, (sms, ghz) in SMS_AND_CLOCK.items()}
 
 _DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -45,24 +52,39 @@ def _tf32_enabled() -> bool:
     return "tf32" in (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
 
 
+def card_name(device_name: str) -> str | None:
+    """The table's name for a GPU's name (torch.cuda.get_device_name), or None when not in it."""
+    upper = device_name.upper()
+    return next((name for pattern, name, _ in PEAKS if re.search(pattern, upper)), None)
+
+
 def datasheet_peak(device_name: str, dtype: torch.dtype):
     """(tflops, table name) for a GPU name and dtype, or None when not in the table."""
     key = _DTYPE_KEYS.get(dtype)
     if key == "fp32" and _tf32_enabled():
         key = "tf32"
-    upper = device_name.upper()
-    for pattern, name, peaks in PEAKS:
-        if re.search(pattern, upper):
-            return (peaks[key], name) if key in peaks else None
-    return None
+    name = card_name(device_name)
+    peaks = dict((n, p) for _, n, p in PEAKS).get(name, {})
+    return (peaks[key], name) if key in peaks else None
 
 
-def card(name: str) -> tuple[dict, float]:
-    """({dtype key: TFLOP/s}, GB/s) of a card by its table name ("H100 SXM")."""
+def card(name: str) -> tuple[dict, float, float]:
+    """({dtype key: TFLOP/s}, GB/s, exponentials per second ×10¹²) of a card by its table name ("H100 SXM")."""
     peaks = {n: p for _, n, p in PEAKS}
     if name not in peaks:
         raise ValueError(f"unknown card {name!r}: expected one of {', '.join(peaks)}")
-    return peaks[name], float(BANDWIDTH_GBS[name])
+    return peaks[name], float(BANDWIDTH_GBS[name]), EXP_TERA_PER_S[name]
+
+
+def exp_tera_per_s(device) -> float | None:
+    """The special-function units' exponentials per second (×10¹²) on a GPU in the table; None
+    elsewhere: a CPU computes its exponentials on the same vector units as everything else, and an
+    unknown GPU's rate is not measured (a plain exp kernel is bound by memory, not by the units)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = card_name(torch.cuda.get_device_name(device))
+    return EXP_TERA_PER_S.get(name)
 
 
 def device_name(device) -> str:

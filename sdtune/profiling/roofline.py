@@ -1,7 +1,8 @@
 """The least time each kind of kernel in a step could take: the roofline, op by op.
 
 Each op dispatched inside a Roofline is held to its FLOPs at a GEMM rate or to its bytes at a
-memory bandwidth, whichever takes longer; by_kind sums those floors by the kinds of
+memory bandwidth, whichever takes longer, and a fused attention kernel also to its exponentials at
+the special-function units' rate; by_kind sums those floors by the kinds of
 sdtune.profiling.kernels, so each can sit beside the kernel time measured for it.
 
 How it counts:
@@ -16,6 +17,11 @@ How it counts:
 - Attention: a step on real devices dispatches the fused kernels, counted as any op. On the meta
   device SDPA would run its math path (the scores written out), so FusedAttention counts those
   calls as the fused kernels run them.
+- Exponentials: a fused attention kernel takes one per query-key pair in its softmax, and again in
+  the backward, which recomputes the scores. A GPU's special-function units give them at a small
+  fraction of the tensor cores' rate (an H100 SXM: 3.9 ×10¹² a second against 989 TFLOP/s), so
+  with narrow heads (few FLOPs per pair) they, not the matmuls, can set the kernel's floor. The
+  floor assumes the kernel overlaps them with its matmuls; `serial` is its time if it does not.
 """
 
 import collections
@@ -53,13 +59,29 @@ def _key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-class Roofline(TorchDispatchMode):
-    """Counts every op dispatched inside it: {(op, kind): [calls, flops, bytes, bound seconds]}."""
+def score_pairs(packet, args, n_flops: int) -> int:
+    """Query-key pairs a fused attention op scores (one exponential each), from its FLOPs as torch's
+    formulas count them, which works for every layout (padded, nested): per pair the forward does
+    two products, 2·(d_q + d_v) FLOPs, and the backward five, 2·(3·d_q + 2·d_v)."""
+    backward = str(packet).endswith("_backward")
+    q, v = (args[1], args[3]) if backward else (args[0], args[2])
+    d_q, d_v = q.size(-1), v.size(-1)
+    per_pair = 2 * (3 * d_q + 2 * d_v) if backward else 2 * (d_q + d_v)
+    return n_flops // per_pair
 
-    def __init__(self, peak_tflops: float, bandwidth_gbs: float, lora_params=()):
+
+class Roofline(TorchDispatchMode):
+    """Counts every op dispatched inside it: ops[(op, kind)] sums, over its calls, calls, flops,
+    bytes, exps and bound_seconds (each call's floor), with serial_seconds (its exponentials after its
+    FLOPs instead of beside them) and the seconds of the calls whose bytes, or whose exponentials,
+    set their floor (memory_bound_seconds, exp_bound_seconds). exp_tera_per_s: None where
+    exponentials have no units of their own (a CPU): they are counted and bound nothing."""
+
+    def __init__(self, peak_tflops: float, bandwidth_gbs: float, lora_params=(), exp_tera_per_s: float | None = None):
         super().__init__()
         self.flop_rate, self.byte_rate = peak_tflops * 1e12, bandwidth_gbs * 1e9
-        self.ops = collections.defaultdict(lambda: [0, 0, 0, 0.0])
+        self.exp_rate = exp_tera_per_s * 1e12 if exp_tera_per_s else None
+        self.ops = collections.defaultdict(collections.Counter)
         # Storages that are LoRA's: its weights, then the rank-wide products made from them. The
         # storages themselves are held, so that a freed one's address is never taken for another.
         self.lora = {_key(p): p.untyped_storage() for p in lora_params}
@@ -68,12 +90,15 @@ class Roofline(TorchDispatchMode):
         # autograd adds the base's gradient into, which the next layer's base matmuls then read.
         self.ranks = {min(p.shape) for p in lora_params if p.dim() == 2}
 
-    def add(self, op: str, kind: str, n_flops: int, n_bytes: int) -> None:
-        row = self.ops[(op, kind)]
-        row[0] += 1
-        row[1] += n_flops
-        row[2] += n_bytes
-        row[3] += max(n_flops / self.flop_rate, n_bytes / self.byte_rate)
+    def add(self, op: str, kind: str, n_flops: int, n_bytes: int, n_exps: int = 0) -> None:
+        compute, memory = n_flops / self.flop_rate, n_bytes / self.byte_rate
+        exps = n_exps / self.exp_rate if self.exp_rate else 0.0
+        seconds = max(compute, exps, memory)
+        self.ops[(op, kind)].update(
+            calls=1, flops=n_flops, bytes=n_bytes, exps=n_exps, bound_seconds=seconds,
+            serial_seconds=max(compute + exps, memory),
+            memory_bound_seconds=seconds if memory >= max(compute, exps) else 0.0,
+            exp_bound_seconds=seconds if exps > max(compute, memory) else 0.0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -87,13 +112,14 @@ class Roofline(TorchDispatchMode):
         formula = flop_counter.flop_registry.get(packet)
         n_flops = formula(*args, **kwargs, out_val=out) if formula else 0
         kind = kernels.kind(str(packet))
+        n_exps = score_pairs(packet, args, n_flops) if kind == "attention" and n_flops else 0
         lora = any(_key(t) in self.lora for t in ins)
         if lora and kind == "matmul":
             kind = LORA
             self.lora |= {_key(t): t.untyped_storage() for t in outs if t.dim() and t.shape[-1] in self.ranks}
         elif lora and packet in CASTS:
             self.lora |= {_key(t): t.untyped_storage() for t in outs}
-        self.add(str(packet), kind, n_flops, n_bytes)
+        self.add(str(packet), kind, n_flops, n_bytes, n_exps)
         return out
 
 
@@ -109,7 +135,8 @@ class _FlashAttention(torch.autograd.Function):
         ctx.out_bytes = nbytes(out)
         lse = q.numel() // q.shape[-1] * 4  # float32, one per query and head
         n_flops = flop_counter.sdpa_flop_count(*map(mode.padded, (q.shape, k.shape, v.shape)))
-        roofline.add("attention (forward)", "attention", n_flops, sum(map(nbytes, (q, k, v, out))) + lse)
+        ctx.pairs = q.numel() // q.shape[-1] * k.shape[-2]
+        roofline.add("attention (forward)", "attention", n_flops, sum(map(nbytes, (q, k, v, out))) + lse, ctx.pairs)
         return out
 
     @staticmethod
@@ -119,7 +146,7 @@ class _FlashAttention(torch.autograd.Function):
         n_flops = flop_counter.sdpa_backward_flop_count(*map(ctx.mode.padded, (grad_out.shape, q.shape, k.shape, v.shape)))
         # Reads Q, K, V, the output, its gradient and the log-sum-exp; writes Q's, K's and V's gradients.
         n_bytes = 2 * sum(map(nbytes, (q, k, v))) + ctx.out_bytes + nbytes(grad_out) + lse
-        ctx.mode.roofline.add("attention (backward)", "attention", n_flops, n_bytes)
+        ctx.mode.roofline.add("attention (backward)", "attention", n_flops, n_bytes, ctx.pairs)
         return None, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -145,24 +172,28 @@ class FusedAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+EMPTY = {"flops": 0, "bytes": 0, "exps": 0, "bound_ms": 0.0, "memory_bound_ms": 0.0, "exp_bound_ms": 0.0,
+         "serial_ms": 0.0}
+
+
 def by_kind(roofline: Roofline) -> dict[str, dict]:
-    """{kind: {flops, bytes, bound_ms, memory_bound_ms}}: memory_bound_ms is the part of bound_ms
-    from ops whose bytes, not their FLOPs, set their time."""
-    out = collections.defaultdict(lambda: {"flops": 0, "bytes": 0, "bound_ms": 0.0, "memory_bound_ms": 0.0})
-    for (_, kind), (_, n_flops, n_bytes, seconds) in roofline.ops.items():
+    """{kind: {flops, bytes, exps, bound_ms, memory_bound_ms, exp_bound_ms, serial_ms}}: the parts
+    of bound_ms from ops whose bytes, or whose exponentials, set their time; serial_ms as bound_ms
+    with each op's exponentials after its FLOPs instead of beside them."""
+    out = collections.defaultdict(lambda: dict(EMPTY))
+    for (_, kind), op in roofline.ops.items():
         row = out[kind if kind in (*COMPUTE, LORA) else MEMORY]
-        row["flops"] += n_flops
-        row["bytes"] += n_bytes
-        row["bound_ms"] += seconds * 1e3
-        if n_bytes / roofline.byte_rate >= n_flops / roofline.flop_rate:
-            row["memory_bound_ms"] += seconds * 1e3
+        for key in ("flops", "bytes", "exps"):
+            row[key] += op[key]
+        for key in ("bound", "memory_bound", "exp_bound", "serial"):
+            row[f"{key}_ms"] += op[f"{key}_seconds"] * 1e3
     return dict(out)
 
 
 def count(fn, *args, peak_tflops: float, bandwidth_gbs: float, lora_params=(), fused_attention=False,
-          head_multiple: int = 1) -> Roofline:
+          head_multiple: int = 1, exp_tera_per_s: float | None = None) -> Roofline:
     """One call fn(*args), counted. fused_attention: count SDPA as FusedAttention does (on meta)."""
-    counted = Roofline(peak_tflops, bandwidth_gbs, lora_params)
+    counted = Roofline(peak_tflops, bandwidth_gbs, lora_params, exp_tera_per_s)
     swap = FusedAttention(counted, head_multiple) if fused_attention else contextlib.nullcontext()
     with swap, counted:
         fn(*args)
@@ -187,15 +218,17 @@ def floor_by_measured_kind(kinds: dict) -> dict[str, float]:
 
 
 def step_floor(fn, *args, device, ceiling_tflops: float, lora_params=()) -> dict:
-    """One call fn(*args) (a training step) counted on `device`, each op held to `ceiling_tflops`
-    or to the copy bandwidth measured there: {ceiling_tflops, bandwidth_gbs, kinds, ms}, or
-    {error} when it cannot be counted (a diagnosis: what was measured stands without it)."""
+    """One call fn(*args) (a training step) counted on `device`, each op held to `ceiling_tflops`,
+    to the copy bandwidth measured there, or to the card's exponential rate (hardware.exp_tera_per_s):
+    {ceiling_tflops, bandwidth_gbs, exp_tera_per_s, kinds, ms}, or {error} when it cannot be
+    counted (a diagnosis: what was measured stands without it)."""
     try:
-        bandwidth = hardware.bandwidth_gbs(device)
-        kinds = by_kind(count(fn, *args, peak_tflops=ceiling_tflops, bandwidth_gbs=bandwidth, lora_params=lora_params))
+        bandwidth, exp_rate = hardware.bandwidth_gbs(device), hardware.exp_tera_per_s(device)
+        kinds = by_kind(count(fn, *args, peak_tflops=ceiling_tflops, bandwidth_gbs=bandwidth, lora_params=lora_params,
+                              exp_tera_per_s=exp_rate))
     except Exception as err:
         return {"error": describe(err)}
-    return {"ceiling_tflops": ceiling_tflops, "bandwidth_gbs": bandwidth, "kinds": kinds,
+    return {"ceiling_tflops": ceiling_tflops, "bandwidth_gbs": bandwidth, "exp_tera_per_s": exp_rate, "kinds": kinds,
             "ms": sum(row["bound_ms"] for row in kinds.values())}
 
 
@@ -210,35 +243,55 @@ def vs_floor(floor: dict, breakdown: dict) -> dict[str, float]:
 
 def table(kinds: dict, measured: dict | None = None, measured_total: float | None = None) -> str:
     """by_kind's floors as Markdown, with measured ms per kind (measured_by_kind) beside them."""
-    lines = ["| kind | TFLOP | GB moved | floor ms | of it memory-bound | measured ms | measured / floor |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| kind | TFLOP | GB moved | G exps | floor ms | of it memory-bound | of it exp-bound | measured ms "
+             "| measured / floor |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def line(name, row, ms=None):
         ratio = f"{ms / row['bound_ms']:.1f}×" if ms and row["bound_ms"] else ""
-        lines.append(f"| {name} | {row['flops'] / 1e12:.3g} | {row['bytes'] / 1e9:.3g} | {row['bound_ms']:.2f} "
-                     f"| {row['memory_bound_ms']:.2f} | {'' if ms is None else f'{ms:.2f}'} | {ratio} |")
+        exps = f"{row['exps'] / 1e9:.3g}" if row["exps"] else ""
+        lines.append(f"| {name} | {row['flops'] / 1e12:.3g} | {row['bytes'] / 1e9:.3g} | {exps} | {row['bound_ms']:.2f} "
+                     f"| {row['memory_bound_ms']:.2f} | {row['exp_bound_ms']:.2f} "
+                     f"| {'' if ms is None else f'{ms:.2f}'} | {ratio} |")
 
-    empty = {"flops": 0, "bytes": 0, "bound_ms": 0.0, "memory_bound_ms": 0.0}
+    kinds = {kind: EMPTY | row for kind, row in kinds.items()}  # a floor saved before a key was added
     got = measured or {}
-    matmul = {k: kinds.get("matmul", empty)[k] + kinds.get(LORA, empty)[k] for k in empty}
+    matmul = {k: kinds.get("matmul", EMPTY)[k] + kinds.get(LORA, EMPTY)[k] for k in EMPTY}
     for kind in COMPUTE:
-        line(kind, matmul if kind == "matmul" else kinds.get(kind, empty), got.get(kind) if measured else None)
+        line(kind, matmul if kind == "matmul" else kinds.get(kind, EMPTY), got.get(kind) if measured else None)
         if kind == "matmul" and LORA in kinds:
             line("  of which LoRA", kinds[LORA])
-    line(MEMORY + ", unfused", kinds.get(MEMORY, empty), got.get(MEMORY) if measured else None)
-    total = {k: sum(row[k] for row in kinds.values()) for k in empty}
+    line(MEMORY + ", unfused", kinds.get(MEMORY, EMPTY), got.get(MEMORY) if measured else None)
+    total = {k: sum(row[k] for row in kinds.values()) for k in EMPTY}
     line("all kernels", total, measured_total)
     return "\n".join(lines)
 
 
+def exp_note(kinds: dict, exp_tera_per_s: float | None) -> str:
+    """A sentence on attention's exponentials: what they cost and what a kernel that does not
+    overlap them with its matmuls would take; empty where there are none or no rate for them."""
+    attention = kinds.get("attention", {})
+    if not exp_tera_per_s or not attention.get("exps"):
+        return ""
+    return (f" Attention's softmax takes {attention['exps'] / 1e9:.3g} G exponentials, "
+            f"{attention['exps'] / exp_tera_per_s / 1e9:.2f} ms at the special-function units' "
+            f"{exp_tera_per_s:.3g} ×10¹² a second; a kernel that runs them after its matmuls instead of "
+            f"beside them takes at least {attention['serial_ms']:.2f} ms, not {attention['bound_ms']:.2f}.")
+
+
 def floor_table(floor: dict, breakdown: dict | None = None, note: str = "") -> str:
-    """A step's floor ({ceiling_tflops, bandwidth_gbs, kinds} or {error}) as Markdown with what it
-    is held to, beside a measured kernel breakdown (kernels.breakdown) where there is one."""
+    """A step's floor ({ceiling_tflops, bandwidth_gbs, exp_tera_per_s, kinds} or {error}) as
+    Markdown with what it is held to, beside a measured kernel breakdown (kernels.breakdown) where
+    there is one."""
     if "error" in floor:
         return f"The floor count failed: {floor['error']}"
     rows = (breakdown or {}).get("rows")
+    exp_rate = floor.get("exp_tera_per_s")
+    held = (f"its bytes at the copy bandwidth measured here ({floor['bandwidth_gbs']:.3g} GB/s) or, in a fused "
+            f"attention kernel, its exponentials at the card's {exp_rate:.3g} ×10¹² a second, whichever takes longest"
+            if exp_rate else f"or its bytes at the copy bandwidth measured here ({floor['bandwidth_gbs']:.3g} GB/s), "
+            "whichever takes longer (exponentials have no units of their own here)")
     return (f"Each kind's floor: one step's ops, each held to its FLOPs at the GEMM ceiling measured here "
-            f"({floor['ceiling_tflops']:.3g} TFLOP/s) or its bytes at the copy bandwidth measured here "
-            f"({floor['bandwidth_gbs']:.3g} GB/s), whichever takes longer. The memory-bound floor is eager's "
-            f"unfused traffic, which fusion cuts{note}.\n\n"
+            f"({floor['ceiling_tflops']:.3g} TFLOP/s), {held}. The memory-bound floor is "
+            f"eager's unfused traffic, which fusion cuts{note}.{exp_note(floor['kinds'], exp_rate)}\n\n"
             + table(floor["kinds"], rows and measured_by_kind(rows), rows and breakdown["kernel_ms"]))
