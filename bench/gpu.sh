@@ -137,6 +137,13 @@ plan() {
         --attention cudnn --channels-last "${CSTEPS[@]}"
     run sd15-bs16-bf16-compile-max-autotune 420 300 "${SD15[@]}" --bs 16 --precision bf16 --compile \
         --compile-mode max-autotune-no-cudagraphs "${CSTEPS[@]}"
+    # FlashAttention 4 in the flash kernel's place (bench/wheels-fa4, installed by a call of its own:
+    # see install below). The roofline says cuDNN's attention backward runs at 1.34x the floor of a
+    # kernel that takes its exponentials after its matmuls; FA4 overlaps them. Its kernels compile on
+    # first use (a guess: a minute or two).
+    run sd15-bs16-bf16-fa4-attn 300 120 "${SD15[@]}" --bs 16 --precision bf16 --attention fa4 "${STEPS[@]}"
+    run sd15-bs16-bf16-compile-cudagraphs-fa4 400 300 "${SD15[@]}" --bs 16 --precision bf16 --compile \
+        --compile-mode reduce-overhead --attention fa4 "${GSTEPS[@]}"
 }
 
 # plan() is walked once to list the runs and groups (MODE=list), then once per unit to run (MODE=run):
@@ -333,18 +340,38 @@ echo "order: ${ORDER[*]:-nothing}; budget ${BUDGET_S}s"
 # Wheels for what the box lacks (diffusers, bitsandbytes, torchao, pydantic, ruamel.yaml): installed
 # into a folder of their own, without deps or an index (the box has no network), and put first on
 # the path so they win over any other version there. sdtune itself runs from the checkout.
+# bench/wheels-fa4 (bench/fa4-wheels.sh) is FlashAttention 4 for --attention fa4: too big to travel
+# with the others, it comes in a call of its own, BENCH_INSTALL_ONLY=1, which installs into the same
+# folder and stops; the next call on the same warm machine finds it there. Its largest wheel comes
+# as its contents, xz-packed (.tar.xz): unpacked into the folder as pip would.
+SITE=${BENCH_SITE:-/tmp/sdtune-site} FA4_WHEELS=${BENCH_FA4_WHEELS:-bench/wheels-fa4}
+# install DIR...: each folder's wheels, and its .tar.xz unpacked, into $SITE, which goes first on the path.
 install() {
+    local dir wheels=() trees=()
     shopt -s nullglob
-    local wheels=(bench/wheels/*.whl)
+    for dir; do
+        wheels+=("$dir"/*.whl)
+        trees+=("$dir"/*.tar.xz)
+    done
     shopt -u nullglob
     if ((${#wheels[@]})); then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/sdtune-site "${wheels[@]}"
-        export PYTHONPATH=/tmp/sdtune-site:$PWD
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "${wheels[@]}"
+    fi
+    for dir in "${trees[@]}"; do
+        mkdir -p "$SITE" && tar -xJf "$dir" -C "$SITE"
+    done
+    if [[ -d $SITE ]]; then
+        export PYTHONPATH=$SITE:$PWD
     else
         export PYTHONPATH=$PWD
     fi
 }
-[[ -n ${BENCH_SKIP_INSTALL:-} ]] || install
+if [[ -n ${BENCH_INSTALL_ONLY:-} ]]; then
+    install "$FA4_WHEELS"
+    "$PY" -c "import flash_attn.cute.interface; print('FlashAttention 4: importable')" 2>&1 | tail -1 | tee "$OUT/fa4.txt"
+    exit 0
+fi
+[[ -n ${BENCH_SKIP_INSTALL:-} ]] || install bench/wheels "$FA4_WHEELS"
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
 # The versions, the bf16 matmul ceiling this card reaches (the datasheet peak is the MFU
 # denominator; this is what real GEMMs get) and its copy bandwidth: one process, so CUDA starts once.

@@ -78,9 +78,10 @@ def parse(argv=None):
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--nf4", action="store_true", help="NF4 base weights via bitsandbytes (QLoRA); CUDA only")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", *loop.BACKENDS],
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", *loop.BACKENDS, "fa4"],
                    help="sdpa: let torch pick the fused kernel; math: the unfused reference; "
-                        "flash, efficient, cudnn: that SDPA kernel only")
+                        "flash, efficient, cudnn: that SDPA kernel only; fa4: the flash kernel, with "
+                        "FlashAttention 4's (the flash-attn-4 package; Hopper and Blackwell) in its place")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="cuDNN's fixed heuristics instead of timing its convolution algorithms (the training "
@@ -121,6 +122,8 @@ def parse(argv=None):
     cuda = args.device.startswith("cuda")
     if args.nf4 and not cuda:
         p.error("--nf4 needs a CUDA GPU: bitsandbytes' 4-bit training kernels are CUDA only here")
+    if args.attention == "fa4" and not cuda:
+        p.error("--attention fa4 needs a CUDA GPU: FlashAttention 4's kernels run on Hopper and Blackwell only")
     if args.tf32 and args.precision != "fp32":
         p.error("--tf32 is for --precision fp32 (bf16 and fp16 runs leave torch's TF32 flags alone)")
     if args.nf4 and args.precision == "fp32":
@@ -171,6 +174,17 @@ def label(args) -> str:
     return " ".join(parts)
 
 
+def flash_attention_4():
+    """SDPA's flash kernel replaced by FlashAttention 4's for the rest of the process (torch's own
+    hook for it; the flash-attn-4 package's CuTe kernels, compiled on first use). Its kernels
+    overlap the softmax's exponentials with the matmuls, which the roofline's exponential floor
+    says the kernels torch picks on an H100 do not (docs/benchmarks.md)."""
+    from torch.nn.attention import activate_flash_attention_impl, current_flash_attention_impl
+
+    if current_flash_attention_impl() != "FA4":
+        activate_flash_attention_impl("FA4")
+
+
 class Bench:
     """The model, optimizer and pre-made inputs of one configuration, and its step()."""
 
@@ -192,6 +206,10 @@ class Bench:
             torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = FP32_PRECISION
         dtype = DTYPES[args.precision]
         self.dtype = dtype
+        # The SDPA kernel each step forces (loop.attention); fa4 is the flash one, FlashAttention 4's.
+        self.backend = "flash" if args.attention == "fa4" else args.attention
+        if args.attention == "fa4":
+            flash_attention_4()
 
         self.model = archs.build(self.arch, args.tiny, self.device, dtype, nf4=args.nf4)
         if args.loop:
@@ -295,7 +313,7 @@ class Bench:
         if self.args.baseline:
             return self._baseline_step(timer)
         if self.args.loop:
-            with loop.attention(self.args.attention):  # a kernel the loop's own key cannot force
+            with loop.attention(self.backend):  # a kernel the loop's own key cannot force
                 loss = loop.train_step(self.run, self.step_index, timer)
             self.step_index += 1
             return loss
@@ -303,7 +321,7 @@ class Bench:
             # CUDA graphs reuse their output buffers; mark where one step's tensors stop being needed.
             torch.compiler.cudagraph_mark_step_begin()
         # Backward inside the attention choice too: checkpointing recomputes the forward there.
-        with loop.attention(self.args.attention):
+        with loop.attention(self.backend):
             with timer.phase("forward"), self.amp:
                 noisy, t, target = self._noised(self.latents)
                 noisy = noisy.contiguous(memory_format=self.memory_format)
@@ -325,7 +343,7 @@ class Bench:
             t = torch.randint(0, 1000, (latents.shape[0],), device=latents.device).long()
             noisy = self.scheduler.add_noise(latents, noise, t)
             text = self.text_encoder(self.input_ids, return_dict=False)[0]
-        with loop.attention(self.args.attention):
+        with loop.attention(self.backend):
             with timer.phase("forward"), self.amp:
                 pred = self.model(noisy, t, text, return_dict=False)[0]
             loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")

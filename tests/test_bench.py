@@ -1,5 +1,6 @@
 """bench/: real-size configs counted on meta, tiny variants trained for a few steps on CPU."""
 
+import importlib.util
 import json
 import math
 import os
@@ -227,12 +228,29 @@ def test_table_judges_targets():
     assert judged[2]["result"] == judged[3]["result"] == "not run"
 
 
-def test_nf4_needs_cuda_with_a_clear_message(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "sd35l", "--nf4"], "--nf4 needs a CUDA GPU"),
+    (["--attention", "fa4"], "--attention fa4 needs a CUDA GPU: FlashAttention 4's kernels run on Hopper and Blackwell only"),
+])
+def test_cuda_only_options_say_so_in_one_line(capsys, argv, message):
     if torch.cuda.is_available():
         pytest.skip("has CUDA")
     with pytest.raises(SystemExit):
-        train_step.parse(["--tiny", "--arch", "sd35l", "--nf4"])
-    assert "--nf4 needs a CUDA GPU" in capsys.readouterr().err
+        train_step.parse(["--tiny", *argv])
+    assert message in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_flash_attention_4_is_asked_of_torch_by_name():
+    # torch imports the flash-attn-4 package only when FA4 is activated; without the package the
+    # run fails with the import's own error (in --many: that run only), and the flash backend is
+    # left as it was.
+    from torch.nn import attention
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn-4 is installed: tests/test_gpu.py runs it")
+    with pytest.raises(ModuleNotFoundError, match="No module named 'flash_attn'"):
+        train_step.flash_attention_4()
+    assert attention.current_flash_attention_impl() is None
 
 
 def test_nf4_quantization_code_path_on_cpu():
@@ -369,6 +387,28 @@ def test_gpu_script_compiles_ahead_and_the_timed_run_loads_the_compiled_graphs(t
     assert warm["warm_only"] and warm["compile_cache"]["fx_graph_miss"] > 0
     assert timed["compile_cache"]["fx_graph_miss"] == 0 and timed["compile_cache"]["fx_graph_hit"] > 0
     assert timed["step_ms"] > 0 and timed["compile"]
+
+
+def test_gpu_script_installs_a_packed_wheel_in_a_call_of_its_own(tmp_path):
+    """BENCH_INSTALL_ONLY: FlashAttention 4's wheels, too big to travel with the others, are
+    installed by a call of their own into the folder the next call runs from; the largest comes
+    as its contents, xz-packed. Here a one-module package stands in for it: what is checked is
+    the unpacking and the import, before any other check or run."""
+    tree = tmp_path / "tree" / "flash_attn" / "cute"
+    tree.mkdir(parents=True)
+    (tree.parent / "__init__.py").write_text("")
+    (tree / "__init__.py").write_text("")
+    (tree / "interface.py").write_text("")
+    (tmp_path / "wheels").mkdir()
+    with tarfile.open(tmp_path / "wheels" / "flash-attn.tar.xz", "w:xz") as packed:
+        packed.add(tree.parent, arcname="flash_attn")
+    site = tmp_path / "site"
+    out = _gpu_script(tmp_path, "sd15-bs1-bf16", BENCH_INSTALL_ONLY="1",
+                      BENCH_SITE=str(site), BENCH_FA4_WHEELS=str(tmp_path / "wheels"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert (site / "flash_attn" / "cute" / "interface.py").exists()
+    assert (tmp_path / "fa4.txt").read_text() == "FlashAttention 4: importable\n"
+    assert not (tmp_path / "versions.txt").exists() and not (tmp_path / "bench.json").exists()
 
 
 def test_inductor_options_are_checked_and_hold_for_their_run_only(monkeypatch, capsys):

@@ -172,3 +172,31 @@ def test_profile_cell_on_cuda_writes_a_gpu_trace_and_an_allocator_snapshot(cache
     if hardware.card_name(torch.cuda.get_device_name()):  # a card in the table holds them to its rate
         assert floor["exp_tera_per_s"] == hardware.EXP_TERA_PER_S[hardware.card_name(torch.cuda.get_device_name())]
     assert {"matmul", "attention"} <= set(cell["kernels"]["vs_floor"])
+
+
+def test_flash_attention_4_computes_what_the_flash_kernel_does():
+    # bench.train_step --attention fa4: SD1.5's 40-wide heads at 64×64 latents, forward and backward,
+    # against torch's own flash kernel; then torch's own is put back for the tests after this one.
+    pytest.importorskip("flash_attn.cute.interface", reason="flash-attn-4 (bench/wheels-fa4) not installed")
+    from torch.nn.attention import SDPBackend, restore_flash_attention_impl, sdpa_kernel
+
+    from bench import train_step
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 4096, 40, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+
+    def attend():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        return out, grads
+
+    ours, our_grads = attend()
+    try:
+        train_step.flash_attention_4()
+        theirs, their_grads = attend()
+    finally:
+        restore_flash_attention_impl()
+    torch.testing.assert_close(theirs, ours, atol=2e-2, rtol=2e-2)
+    for a, b in zip(their_grads, our_grads):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)

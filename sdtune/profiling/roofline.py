@@ -248,7 +248,7 @@ def table(kinds: dict, measured: dict | None = None, measured_total: float | Non
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def line(name, row, ms=None):
-        ratio = f"{ms / row['bound_ms']:.1f}×" if ms and row["bound_ms"] else ""
+        ratio = f"{ms / row['bound_ms']:.2f}×" if ms and row["bound_ms"] else ""
         exps = f"{row['exps'] / 1e9:.3g}" if row["exps"] else ""
         lines.append(f"| {name} | {row['flops'] / 1e12:.3g} | {row['bytes'] / 1e9:.3g} | {exps} | {row['bound_ms']:.2f} "
                      f"| {row['memory_bound_ms']:.2f} | {row['exp_bound_ms']:.2f} "
