@@ -64,11 +64,16 @@ def summary(result: dict) -> str:
     """What the floor means for MFU, in two lines."""
     kinds, peak = result["kinds"], result["datasheet_tflops"]
     floor = sum(row["bound_ms"] for row in kinds.values())
-    gemm = sum(row["bound_ms"] for kind, row in kinds.items() if kind != roofline.MEMORY)
+    memory = roofline.EMPTY | kinds.get(roofline.MEMORY, {})
+    fused = floor - memory["bound_ms"] + memory["fused_ms"]
     mfu = lambda ms: result["model_flops"] / (ms / 1e3) / (peak * 1e12)  # noqa: E731
     text = (f"At the floor the step takes {floor:.1f} ms: {mfu(floor):.1%} MFU of the datasheet's {peak:g} TFLOP/s "
-            f"({result['model_flops'] / 1e12:.3g} model TFLOP). With the memory-bound work fused away entirely, "
-            f"{gemm:.1f} ms: {mfu(gemm):.1%}.")
+            f"({result['model_flops'] / 1e12:.3g} model TFLOP). With the memory-bound work fused between "
+            f"GEMM-like ops ({memory['fused_bytes'] / 1e9:.3g} GB moved, not {memory['bytes'] / 1e9:.3g}), "
+            f"{fused:.1f} ms: {mfu(fused):.1%}.")
+    if by_norm := memory.get("fused_by_norm"):
+        text += " Fused so, " + ", ".join(f"the windows with a {name} move {moved / 1e9:.3g} GB" if name != "other" else
+                                         f"the rest {moved / 1e9:.3g} GB" for name, moved in sorted(by_norm.items())) + "."
     text += roofline.exp_note(kinds, result["exp_tera_per_s"])
     if result.get("measured"):
         step = result["measured"]["step_ms"]

@@ -37,6 +37,29 @@ def test_a_linear_layer_is_held_to_its_bytes_or_its_flops():
     assert not {op for op, _ in counted.ops} & {"aten.t", "aten.view", "aten.expand"}  # views move nothing
 
 
+def _fused(fn):
+    """The memory-bound bytes of fn() fused between GEMM-like ops, in units of 64×64 float32."""
+    counted = roofline.Roofline(1.0, 1.0)
+    with counted:
+        fn()
+    return counted.windows.bytes() / (64 * 64 * 4)
+
+
+def test_fused_memory_bound_ops_read_what_they_did_not_make_and_write_what_is_needed_later():
+    x, w, p = torch.randn(64, 64), torch.randn(64, 64), torch.randn(64, 64)
+    # Between two matmuls, relu, ×2 and +x read x once and write only the sum the matmul reads (eager
+    # moves six: x and each result read and written).
+    assert _fused(lambda: torch.mm(torch.relu(x).mul(2).add(x), w)) == 2
+    # x·2 is read again after the first matmul, in the next window: written once, read twice; each
+    # window's result is read by its matmul: x, x·2, relu's, x·2 again, +1's.
+    assert _fused(lambda: (lambda a: (torch.mm(torch.relu(a), w), torch.mm(a + 1, w)))(x * 2)) == 5
+    # A tensor that was there before is written in place: read p and x, write p.
+    assert _fused(lambda: p.add_(x)) == 3
+    # What outlives the call is written, though nothing reads it.
+    kept = []
+    assert _fused(lambda: kept.append(x * 2)) == 2
+
+
 def test_lora_products_are_the_six_matmuls_through_the_adapter():
     """Three frozen layers, LoRA on the middle one, the input's gradient wanted: forward x·Aᵀ and
     (x·Aᵀ)·Bᵀ, backward gradient·B, (gradient·B)·A and the two weight gradients are LoRA's; the
@@ -117,6 +140,15 @@ def test_a_tiny_step_on_meta_counts_what_the_cpu_step_dispatches():
     for kind in ("convolution", "matmul", LORA, "attention"):
         assert cpu[kind]["flops"] > 0 and meta[kind]["flops"] == cpu[kind]["flops"], kind
         assert meta[kind]["bytes"] == cpu[kind]["bytes"], kind
+    # Fused between GEMM-like ops, the memory-bound work moves less than op by op (not the same on
+    # both: the CPU's optimizer is the fused AdamW, meta's the loop over the weights).
+    for memory in (cpu[roofline.MEMORY], meta[roofline.MEMORY]):
+        assert 0 < memory["fused_bytes"] < memory["bytes"]
+        assert memory["fused_ms"] == pytest.approx(memory["fused_bytes"] / 1e9 * 1e3)
+        # A UNet's windows: its ResNet blocks' group norms, its transformer blocks' layer norms, the rest.
+        by_norm = memory["fused_by_norm"]
+        assert set(by_norm) == {"group norm", "layer norm", "other"} and min(by_norm.values()) > 0
+        assert sum(by_norm.values()) == memory["fused_bytes"]
 
 
 @pytest.mark.parametrize("device, precision", [("meta", "fp32"), ("cpu", "bf16")])

@@ -12,6 +12,8 @@ How it counts:
   matmul, a convolution or an attention kernel. For everything else (norms, activations, residual
   adds, copies) it is what eager moves op by op, unfused: fusion (inductor's) skips the
   intermediates, so that row is an upper figure, not a floor. Views and allocations move nothing.
+  FusionWindows gives the other end: the memory-bound ops between two GEMM-like ones fused into
+  one kernel, which reads each tensor made outside it once and writes only what is needed later.
 - LoRA: the products through the adapters' (linear) weights, and through what those products made
   (an autocast copy of a weight, the rank-wide x·Aᵀ and gradient·B), are counted apart within matmul.
 - Attention: a step on real devices dispatches the fused kernels, counted as any op. On the meta
@@ -29,6 +31,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -70,6 +73,67 @@ def score_pairs(packet, args, n_flops: int) -> int:
     return n_flops // per_pair
 
 
+class FusionWindows:
+    """The bytes the memory-bound ops of a step would move if all of them between two GEMM-like
+    ops (a convolution, a matmul, an attention kernel) ran as one fused kernel, as a compiler
+    that fuses everything it can would run them: each storage made outside a window is read once
+    by it, and a storage a window makes is written only if something outside the window reads it
+    (a later GEMM-like op, another window: the backward, say), it outlives the step (a gradient,
+    the optimizer's state) or it was there before the step (a weight updated in place). Neither
+    bound is strict: a compiler may recompute cheap ops instead of keeping their results for the
+    backward (less), and cannot fuse across every reduction (more)."""
+
+    def __init__(self):
+        self.window, self.read = 0, set()
+        self.reads = collections.Counter()  # window: bytes it reads
+        self.names = collections.defaultdict(set)  # window: the ops in it
+        self.storages = {}  # storage key: {ref, window that last wrote it, bytes, external, readers}
+
+    def _storage(self, t: torch.Tensor, written: bool) -> tuple[int, dict]:
+        key = _key(t)
+        found = self.storages.get(key)
+        if found is None or found["ref"].expired():  # a freed storage's address can be taken again
+            found = self.storages[key] = {"ref": StorageWeakRef(t.untyped_storage()), "window": None, "bytes": 0,
+                                          "external": not written, "readers": set()}
+        return key, found
+
+    def op(self, name: str, ins, outs, memory_bound: bool) -> None:
+        reader = self.window if memory_bound else None  # None: a GEMM-like op
+        if memory_bound:
+            self.names[self.window].add(name)
+        for t in ins:
+            key, storage = self._storage(t, written=False)
+            storage["readers"].add(reader)
+            if memory_bound and storage["window"] != self.window and (self.window, key) not in self.read:
+                self.read.add((self.window, key))
+                self.reads[self.window] += nbytes(t)
+        for t in outs:
+            _, storage = self._storage(t, written=True)
+            storage["window"] = self.window if memory_bound else None
+            storage["bytes"] = max(storage["bytes"], nbytes(t)) if memory_bound else 0
+        if not memory_bound:
+            self.window += 1
+
+    def by_window(self) -> collections.Counter:
+        """{window: bytes read and written}, once the step has run (what outlives it is alive then)."""
+        moved = collections.Counter(self.reads)
+        for s in self.storages.values():
+            if s["window"] is not None and (s["external"] or s["readers"] - {s["window"]} or not s["ref"].expired()):
+                moved[s["window"]] += s["bytes"]
+        return moved
+
+    def bytes(self) -> int:
+        return sum(self.by_window().values())
+
+    def by_norm(self) -> dict[str, int]:
+        """The bytes of the windows that hold a group norm, a layer norm (forward or backward), or neither."""
+        out = collections.Counter()
+        for window, moved in self.by_window().items():
+            names = " ".join(self.names[window])
+            out["group norm" if "group_norm" in names else "layer norm" if "layer_norm" in names else "other"] += moved
+        return dict(out)
+
+
 class Roofline(TorchDispatchMode):
     """Counts every op dispatched inside it: ops[(op, kind)] sums, over its calls, calls, flops,
     bytes, exps and bound_seconds (each call's floor), with serial_seconds (its exponentials after its
@@ -82,6 +146,7 @@ class Roofline(TorchDispatchMode):
         self.flop_rate, self.byte_rate = peak_tflops * 1e12, bandwidth_gbs * 1e9
         self.exp_rate = exp_tera_per_s * 1e12 if exp_tera_per_s else None
         self.ops = collections.defaultdict(collections.Counter)
+        self.windows = FusionWindows()
         # Storages that are LoRA's: its weights, then the rank-wide products made from them. The
         # storages themselves are held, so that a freed one's address is never taken for another.
         self.lora = {_key(p): p.untyped_storage() for p in lora_params}
@@ -120,6 +185,7 @@ class Roofline(TorchDispatchMode):
         elif lora and packet in CASTS:
             self.lora |= {_key(t): t.untyped_storage() for t in outs}
         self.add(str(packet), kind, n_flops, n_bytes, n_exps)
+        self.windows.op(str(packet), [] if packet in WRITE_ONLY else ins, outs, memory_bound=kind not in (*COMPUTE, LORA))
         return out
 
 
@@ -137,6 +203,7 @@ class _FlashAttention(torch.autograd.Function):
         n_flops = flop_counter.sdpa_flop_count(*map(mode.padded, (q.shape, k.shape, v.shape)))
         ctx.pairs = q.numel() // q.shape[-1] * k.shape[-2]
         roofline.add("attention (forward)", "attention", n_flops, sum(map(nbytes, (q, k, v, out))) + lse, ctx.pairs)
+        roofline.windows.op("attention (forward)", [q, k, v], [out], memory_bound=False)
         return out
 
     @staticmethod
@@ -147,6 +214,7 @@ class _FlashAttention(torch.autograd.Function):
         # Reads Q, K, V, the output, its gradient and the log-sum-exp; writes Q's, K's and V's gradients.
         n_bytes = 2 * sum(map(nbytes, (q, k, v))) + ctx.out_bytes + nbytes(grad_out) + lse
         ctx.mode.roofline.add("attention (backward)", "attention", n_flops, n_bytes, ctx.pairs)
+        ctx.mode.roofline.windows.op("attention (backward)", [q, k, v, grad_out], [], memory_bound=False)
         return None, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -173,13 +241,14 @@ class FusedAttention(TorchFunctionMode):
 
 
 EMPTY = {"flops": 0, "bytes": 0, "exps": 0, "bound_ms": 0.0, "memory_bound_ms": 0.0, "exp_bound_ms": 0.0,
-         "serial_ms": 0.0}
+         "serial_ms": 0.0, "fused_bytes": 0, "fused_ms": 0.0}
 
 
 def by_kind(roofline: Roofline) -> dict[str, dict]:
-    """{kind: {flops, bytes, exps, bound_ms, memory_bound_ms, exp_bound_ms, serial_ms}}: the parts
-    of bound_ms from ops whose bytes, or whose exponentials, set their time; serial_ms as bound_ms
-    with each op's exponentials after its FLOPs instead of beside them."""
+    """{kind: {flops, bytes, exps, bound_ms, memory_bound_ms, exp_bound_ms, serial_ms, fused_bytes,
+    fused_ms}}: the parts of bound_ms from ops whose bytes, or whose exponentials, set their time;
+    serial_ms as bound_ms with each op's exponentials after its FLOPs instead of beside them; and,
+    for the memory-bound kind, what it moves fused between GEMM-like ops (FusionWindows)."""
     out = collections.defaultdict(lambda: dict(EMPTY))
     for (_, kind), op in roofline.ops.items():
         row = out[kind if kind in (*COMPUTE, LORA) else MEMORY]
@@ -187,6 +256,10 @@ def by_kind(roofline: Roofline) -> dict[str, dict]:
             row[key] += op[key]
         for key in ("bound", "memory_bound", "exp_bound", "serial"):
             row[f"{key}_ms"] += op[f"{key}_seconds"] * 1e3
+    if MEMORY in out:
+        by_norm = roofline.windows.by_norm()
+        fused = sum(by_norm.values())
+        out[MEMORY] |= {"fused_bytes": fused, "fused_ms": fused / roofline.byte_rate * 1e3, "fused_by_norm": by_norm}
     return dict(out)
 
 
@@ -261,7 +334,10 @@ def table(kinds: dict, measured: dict | None = None, measured_total: float | Non
         line(kind, matmul if kind == "matmul" else kinds.get(kind, EMPTY), got.get(kind) if measured else None)
         if kind == "matmul" and LORA in kinds:
             line("  of which LoRA", kinds[LORA])
-    line(MEMORY + ", unfused", kinds.get(MEMORY, EMPTY), got.get(MEMORY) if measured else None)
+    memory = kinds.get(MEMORY, EMPTY)
+    line(MEMORY + ", unfused", memory, got.get(MEMORY) if measured else None)
+    fused = EMPTY | {"bytes": memory["fused_bytes"], "bound_ms": memory["fused_ms"], "memory_bound_ms": memory["fused_ms"]}
+    line("  the same, fused between GEMM-like ops", fused, got.get(MEMORY) if measured else None)
     total = {k: sum(row[k] for row in kinds.values()) for k in EMPTY}
     line("all kernels", total, measured_total)
     return "\n".join(lines)
@@ -293,5 +369,6 @@ def floor_table(floor: dict, breakdown: dict | None = None, note: str = "") -> s
             "whichever takes longer (exponentials have no units of their own here)")
     return (f"Each kind's floor: one step's ops, each held to its FLOPs at the GEMM ceiling measured here "
             f"({floor['ceiling_tflops']:.3g} TFLOP/s), {held}. The memory-bound floor is "
-            f"eager's unfused traffic, which fusion cuts{note}.{exp_note(floor['kinds'], exp_rate)}\n\n"
+            f"eager's unfused traffic, which fusion cuts{note}; the row under it has every memory-bound op "
+            f"between two GEMM-like ones fused into one kernel.{exp_note(floor['kinds'], exp_rate)}\n\n"
             + table(floor["kinds"], rows and measured_by_kind(rows), rows and breakdown["kernel_ms"]))
