@@ -360,8 +360,12 @@ install() {
     for dir in "${trees[@]}"; do
         mkdir -p "$SITE" && tar -xJf "$dir" -C "$SITE"
     done
+    # pip's --target folder is not a site folder: the .pth files there are not read. The CuTe DSL's
+    # (FlashAttention 4's compiler) puts its dsl_packages folder on the path; so does this.
+    local path=$SITE
+    [[ -d $SITE/nvidia_cutlass_dsl/dsl_packages ]] && path+=:$SITE/nvidia_cutlass_dsl/dsl_packages
     if [[ -d $SITE ]]; then
-        export PYTHONPATH=$SITE:$PWD
+        export PYTHONPATH=$path:$PWD
     else
         export PYTHONPATH=$PWD
     fi
