@@ -61,7 +61,7 @@ def measured_kinds(path: str, run: str | None) -> dict:
 
 
 def summary(result: dict) -> str:
-    """What the floor means for MFU, in two lines."""
+    """What the floor means for MFU, fused and unfused, and what attention's exponentials cost."""
     kinds, peak = result["kinds"], result["datasheet_tflops"]
     floor = sum(row["bound_ms"] for row in kinds.values())
     memory = roofline.EMPTY | kinds.get(roofline.MEMORY, {})
@@ -125,7 +125,8 @@ def main(argv=None):
     counted = count(bench, peak, bandwidth, args.head_multiple, exp_rate)  # first: it sets the LoRA weights' dtype
     model_flops = train_step.count_model_flops(bench)["flops_per_step"]
     result = {"name": step_args.name, "card": args.card, "peak_tflops": peak, "datasheet_tflops": datasheet,
-              "bandwidth_gbs": bandwidth, "exp_tera_per_s": exp_rate, "head_multiple": args.head_multiple, "model_flops": model_flops,
+              "bandwidth_gbs": bandwidth, "exp_tera_per_s": exp_rate, "head_multiple": args.head_multiple,
+              "model_flops": model_flops,
               "kinds": roofline.by_kind(counted), "measured": measured,
               "ops": [{"op": op, "kind": kind, "calls": row["calls"], "flops": row["flops"], "bytes": row["bytes"],
                        "exps": row["exps"], "bound_ms": row["bound_seconds"] * 1e3, "serial_ms": row["serial_seconds"] * 1e3}
