@@ -615,9 +615,8 @@ def run_many(path, budget_s: float, start: float | None = None) -> list[dict]:
             with time_limit(int(min(float(limit), left))):
                 result = run(args, began)
         except Exception as err:  # past its limit, out of memory, a kernel this device lacks: this run only
-            first = (str(err).splitlines() or [""])[0][:200]
             result = {"name": args.name,
-                      "error": first if isinstance(err, RunTimeout) else f"failed: {type(err).__name__}: {first}"}
+                      "error": str(err) if isinstance(err, RunTimeout) else f"failed: {errors.describe(err)}"}
             traceback.clear_frames(err.__traceback__)  # the frames hold the failed run's tensors
         results.append(report(args, result))
         # A clean slate: no compiled code or cached blocks of the last run (a --loop run resets

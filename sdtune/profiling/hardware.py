@@ -28,6 +28,7 @@ PEAKS = [
     (r"\bH200\b(?!.*NVL)", "H200", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67}),
     (r"\bT4\b", "T4", {"fp16": 65, "fp32": 8.1}),
 ]
+CARDS = {name: peaks for _, name, peaks in PEAKS}  # the same, by the table's name
 # Memory bandwidth in GB/s from the same datasheets (A100: the 80 GB SXM card's; the 40 GB has 1,555),
 # for the roofline's memory-bound floor on a card we are not on (bench.roofline).
 BANDWIDTH_GBS = {"L4": 300, "L40S": 864, "A100": 2039, "H100 PCIe": 2000, "H100 SXM": 3350, "H200": 4800,
@@ -64,16 +65,15 @@ def datasheet_peak(device_name: str, dtype: torch.dtype):
     if key == "fp32" and _tf32_enabled():
         key = "tf32"
     name = card_name(device_name)
-    peaks = dict((n, p) for _, n, p in PEAKS).get(name, {})
+    peaks = CARDS.get(name, {})
     return (peaks[key], name) if key in peaks else None
 
 
 def card(name: str) -> tuple[dict, float, float]:
     """({dtype key: TFLOP/s}, GB/s, exponentials per second ×10¹²) of a card by its table name ("H100 SXM")."""
-    peaks = {n: p for _, n, p in PEAKS}
-    if name not in peaks:
-        raise ValueError(f"unknown card {name!r}: expected one of {', '.join(peaks)}")
-    return peaks[name], float(BANDWIDTH_GBS[name]), EXP_TERA_PER_S[name]
+    if name not in CARDS:
+        raise ValueError(f"unknown card {name!r}: expected one of {', '.join(CARDS)}")
+    return CARDS[name], float(BANDWIDTH_GBS[name]), EXP_TERA_PER_S[name]
 
 
 def exp_tera_per_s(device) -> float | None:

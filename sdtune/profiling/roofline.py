@@ -52,6 +52,12 @@ WRITE_ONLY = {aten.zeros_like, aten.ones_like, aten.full_like, aten.new_zeros, a
               aten.zeros, aten.ones, aten.full, aten.randn_like, aten.rand_like, aten.randint}
 
 
+def group(kind: str) -> str:
+    """A kernel kind (sdtune.profiling.kernels), or LoRA's, as the roofline sums it: the GEMM-like
+    kinds and LoRA's products by themselves, everything else as memory-bound work."""
+    return kind if kind in (*COMPUTE, LORA) else MEMORY
+
+
 def nbytes(t: torch.Tensor) -> int:
     """Bytes a kernel must touch to read or write `t`: its elements, or its storage where that is
     smaller (an expanded tensor repeats elements)."""
@@ -185,7 +191,7 @@ class Roofline(TorchDispatchMode):
         elif lora and packet in CASTS:
             self.lora |= {_key(t): t.untyped_storage() for t in outs}
         self.add(str(packet), kind, n_flops, n_bytes, n_exps)
-        self.windows.op(str(packet), [] if packet in WRITE_ONLY else ins, outs, memory_bound=kind not in (*COMPUTE, LORA))
+        self.windows.op(str(packet), [] if packet in WRITE_ONLY else ins, outs, memory_bound=group(kind) == MEMORY)
         return out
 
 
@@ -251,7 +257,7 @@ def by_kind(roofline: Roofline) -> dict[str, dict]:
     for the memory-bound kind, what it moves fused between GEMM-like ops (FusionWindows)."""
     out = collections.defaultdict(lambda: dict(EMPTY))
     for (_, kind), op in roofline.ops.items():
-        row = out[kind if kind in (*COMPUTE, LORA) else MEMORY]
+        row = out[group(kind)]
         for key in ("flops", "bytes", "exps"):
             row[key] += op[key]
         for key in ("bound", "memory_bound", "exp_bound", "serial"):
@@ -282,12 +288,18 @@ def measured_by_kind(rows) -> dict[str, float]:
     return dict(ms)
 
 
-def floor_by_measured_kind(kinds: dict) -> dict[str, float]:
-    """by_kind's floors (ms) in the kinds a kernel breakdown can tell apart: LoRA's matmuls with the rest."""
-    out = {kind: row["bound_ms"] for kind, row in kinds.items() if kind != LORA}
+def lora_in_matmul(kinds: dict) -> dict[str, dict]:
+    """by_kind's rows in the kinds a kernel breakdown can tell apart: LoRA's matmuls with the rest."""
+    out = {kind: EMPTY | row for kind, row in kinds.items() if kind != LORA}  # EMPTY: a floor saved before a key was added
     if LORA in kinds:
-        out["matmul"] = out.get("matmul", 0.0) + kinds[LORA]["bound_ms"]
+        matmul = out.get("matmul", EMPTY)
+        out["matmul"] = {k: matmul[k] + kinds[LORA].get(k, 0) for k in EMPTY}
     return out
+
+
+def floor_by_measured_kind(kinds: dict) -> dict[str, float]:
+    """by_kind's floors (ms) in the kinds a kernel breakdown can tell apart."""
+    return {kind: row["bound_ms"] for kind, row in lora_in_matmul(kinds).items()}
 
 
 def step_floor(fn, *args, device, ceiling_tflops: float, lora_params=()) -> dict:
@@ -327,18 +339,16 @@ def table(kinds: dict, measured: dict | None = None, measured_total: float | Non
                      f"| {row['memory_bound_ms']:.2f} | {row['exp_bound_ms']:.2f} "
                      f"| {'' if ms is None else f'{ms:.2f}'} | {ratio} |")
 
-    kinds = {kind: EMPTY | row for kind, row in kinds.items()}  # a floor saved before a key was added
-    got = measured or {}
-    matmul = {k: kinds.get("matmul", EMPTY)[k] + kinds.get(LORA, EMPTY)[k] for k in EMPTY}
+    got, merged = measured or {}, lora_in_matmul(kinds)
     for kind in COMPUTE:
-        line(kind, matmul if kind == "matmul" else kinds.get(kind, EMPTY), got.get(kind) if measured else None)
+        line(kind, merged.get(kind, EMPTY), got.get(kind) if measured else None)
         if kind == "matmul" and LORA in kinds:
-            line("  of which LoRA", kinds[LORA])
-    memory = kinds.get(MEMORY, EMPTY)
+            line("  of which LoRA", EMPTY | kinds[LORA])
+    memory = merged.get(MEMORY, EMPTY)
     line(MEMORY + ", unfused", memory, got.get(MEMORY) if measured else None)
     fused = EMPTY | {"bytes": memory["fused_bytes"], "bound_ms": memory["fused_ms"], "memory_bound_ms": memory["fused_ms"]}
     line("  the same, fused between GEMM-like ops", fused, got.get(MEMORY) if measured else None)
-    total = {k: sum(row[k] for row in kinds.values()) for k in EMPTY}
+    total = {k: sum(row[k] for row in merged.values()) for k in EMPTY}
     line("all kernels", total, measured_total)
     return "\n".join(lines)
 
