@@ -234,6 +234,25 @@ def test_every_card_in_the_table_has_its_bandwidth_and_exponential_rate():
         hardware.card("B200")
 
 
+def test_the_gemm_ceiling_is_the_best_rate_over_sizes(monkeypatch):
+    """Timed by a stand-in clock with a fallback kernel's rates, fastest on small matrices (as fp16
+    on a CPU without fp16 arithmetic): the ceiling is the best of them, and after the first size
+    whose one product takes longer than a trial's time no larger size is tried."""
+    flops_per_s = {128: 4e9, 256: 3e9, 512: 2e9, 1024: 1e9}
+    tried = []
+
+    def seconds(a, b, repeats, device):
+        tried.append(len(a))
+        return 2 * len(a) ** 3 * repeats / flops_per_s[len(a)]
+
+    monkeypatch.setattr(hardware, "_matmul_seconds", seconds)
+    assert hardware.measured_matmul_tflops("cpu", seconds=0.05) == pytest.approx(4e9 / 1e12)
+    assert sorted(set(tried)) == [128, 256, 512]  # one 512² product: 0.067 s
+    monkeypatch.undo()
+    tflops = hardware.measured_matmul_tflops("cpu", sizes=(64,), trials=2)  # the real thing, briefly
+    assert math.isfinite(tflops) and 0 < tflops < 100
+
+
 def test_measured_bandwidth_is_a_copy_rate():
     # 16 MiB each way: past the caches of most CPUs, small enough for a test.
     gbs = hardware.measured_bandwidth_gbs("cpu", mib=16, repeats=2, trials=2)

@@ -107,21 +107,29 @@ def _matmul_seconds(a, b, repeats: int, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def measured_matmul_tflops(device="cpu", dtype=torch.float32, n=None, repeats=None, trials=5) -> float:
-    """Best-of-`trials` TFLOP/s of `repeats` n×n @ n×n matmuls on `device`: a practical ceiling.
+def measured_matmul_tflops(device="cpu", dtype=torch.float32, sizes=None, trials=5, seconds=0.05) -> float:
+    """The best TFLOP/s of n×n @ n×n matmuls on `device` over `sizes`: a practical ceiling.
 
-    Defaults keep it quick: n=1024 × 4 on CPU, n=8192 × 20 on CUDA. Best-of, because a slower trial
-    means interference (another process, a clock ramp), not a lower ceiling.
+    CUDA: 8192, 20 products a trial. CPU: 128 to 1024, as many products a trial as take about
+    `seconds`, stopping after the first size whose one product takes longer. Best over sizes,
+    because a kernel's rate peaks at a size of its own: on a CPU without fp16 arithmetic torch's
+    fallback fp16 GEMM is fastest on small matrices (an AMD EPYC, 2026-11-27: 0.004 TFLOP/s at
+    128, 0.001 at 1024), where a 1024-only ceiling put the tiny model's fp16 step above 100%.
+    Best of `trials` too, because a slower trial means interference (another process, a clock
+    ramp), not a lower ceiling.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
-    n = n or (8192 if cuda else 1024)
-    repeats = repeats or (20 if cuda else 4)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    _matmul_seconds(a, b, 1, device)  # warm-up: library init, thread pool, cuBLAS handles
-    best = min(_matmul_seconds(a, b, repeats, device) for _ in range(trials))
-    return 2 * n**3 * repeats / best / 1e12
+    best = 0.0
+    for n in sizes or ((8192,) if cuda else (128, 256, 512, 1024)):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        one = _matmul_seconds(a, b, 1, device)  # also the warm-up: library init, thread pool, cuBLAS handles
+        repeats = 20 if cuda else max(1, round(seconds / max(one, 1e-6)))
+        best = max(best, 2 * n**3 * repeats / min(_matmul_seconds(a, b, repeats, device) for _ in range(trials)) / 1e12)
+        if not cuda and one > seconds:
+            break
+    return best
 
 
 def measured_bandwidth_gbs(device="cpu", mib=256, repeats=None, trials=5) -> float:
