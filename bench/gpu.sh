@@ -79,6 +79,9 @@ plan() {
     run sd15-bs16-fp32 90 40 "${SD15[@]}" --bs 16 --precision fp32 "${STEPS[@]}"
     run sd15-bs1-fp32 60 30 "${SD15[@]}" --bs 1 --precision fp32 "${STEPS[@]}"
     run sd15-bs16-bf16-loop 90 30 "${SD15[@]}" --bs 16 --precision bf16 --loop "${STEPS[@]}"
+    # Every run above adds its LoRA products inside GEMMs (sdtune.train.lora.AddmmLora); this one keeps
+    # peft's own forward, as runs before 2026-11-27 did.
+    run sd15-bs16-bf16-peft-lora 60 30 "${SD15[@]}" --bs 16 --precision bf16 --lora-forward peft "${STEPS[@]}"
     run sd35l-bs1-nf4 120 60 --arch sd35l --res 1024 --bs 1 --precision bf16 --nf4 --steps 5 --warmup 2
     group_end
     # Which attention kernel and which convolution layout are fastest, kernel by kind (--kernels):
@@ -144,6 +147,10 @@ plan() {
     run sd15-bs16-bf16-fa4-attn 300 120 "${SD15[@]}" --bs 16 --precision bf16 --attention fa4 "${STEPS[@]}"
     run sd15-bs16-bf16-compile-cudagraphs-fa4 400 300 "${SD15[@]}" --bs 16 --precision bf16 --compile \
         --compile-mode reduce-overhead --attention fa4 "${GSTEPS[@]}"
+    # The best compiled step so far with peft's LoRA forward, against sd15-bs16-bf16-compile-cudagraphs:
+    # the roofline has the addmm forward moving 16 GB a step less once fused (3.4 ms at 3,350 GB/s).
+    run sd15-bs16-bf16-compile-cudagraphs-peft-lora 300 240 "${SD15[@]}" --bs 16 --precision bf16 --compile \
+        --compile-mode reduce-overhead --lora-forward peft "${GSTEPS[@]}"
 }
 
 # plan() is walked once to list the runs and groups (MODE=list), then once per unit to run (MODE=run):

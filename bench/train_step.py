@@ -77,6 +77,9 @@ def parse(argv=None):
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--lora-forward", default="addmm", choices=["addmm", "peft"],
+                   help="addmm: each LoRA product added inside a GEMM, as the loop does; peft: peft's own "
+                   "forward (--baseline always, as the diffusers example)")
     p.add_argument("--nf4", action="store_true", help="NF4 base weights via bitsandbytes (QLoRA); CUDA only")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", *loop.BACKENDS, "fa4"],
                    help="sdpa: let torch pick the fused kernel; math: the unfused reference; "
@@ -168,6 +171,7 @@ def label(args) -> str:
     for flag, text in [(args.checkpointing, "ckpt"), (args.nf4, "nf4"), (args.tf32, "tf32"),
                        (args.channels_last, "channels-last"), (args.optimizer == "adamw8bit", "adamw8bit"),
                        (args.attention != "sdpa", f"{args.attention}-attn"),
+                       (args.lora_forward == "peft" and not args.baseline, "peft-lora"),
                        (args.no_cudnn_benchmark, "no-cudnn-benchmark")]:
         if flag:
             parts.append(text)
@@ -222,7 +226,7 @@ class Bench:
     def _setup_step(self):
         """This denoiser with LoRA, an optimizer and pre-made inputs (or the diffusers example's parts)."""
         args, dtype = self.args, self.dtype
-        self.lora = params.Lora(rank=args.rank, alpha=float(args.rank))
+        self.lora = params.Lora(rank=args.rank, alpha=float(args.rank), addmm=args.lora_forward == "addmm")
         lora.add(self.model, self.lora, self.arch.lora_targets)
         self.params = lora.trainable(self.model)
         for p in self.params:  # LoRA weights stay float32 for stable updates, as in sdtune.train.loop
@@ -244,8 +248,10 @@ class Bench:
             self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         autocast = dtype != torch.float32 and self.device.type != "meta"
         self.amp = torch.autocast(self.device.type, dtype=dtype) if autocast else contextlib.nullcontext()
-        if autocast and not args.baseline:  # as the loop does; the diffusers example keeps peft's casts
-            lora.skip_input_casts(self.model, self.lora)
+        if not args.baseline:  # as the loop does; the diffusers example keeps peft's forward and casts
+            if autocast:
+                lora.skip_input_casts(self.model, self.lora)
+            lora.addmm_forward(self.model, self.lora)
 
     def _setup_loop(self):
         """A training-loop Run over this denoiser: LoRA, optimizer and everything else as in training."""
@@ -254,7 +260,8 @@ class Bench:
                  "mixed_precision": {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[a.precision],
                  "gradient_checkpointing": a.checkpointing, "channels_last": a.channels_last,
                  "compile": a.compile,  # attention: step() forces the asked kernel around the loop
-                 "compile_mode": a.compile_mode, "lora": {"rank": a.rank, "alpha": float(a.rank)}}
+                 "compile_mode": a.compile_mode,
+                 "lora": {"rank": a.rank, "alpha": float(a.rank), "addmm": a.lora_forward == "addmm"}}
         # model.id "tiny" only picks the noise schedule (the same as the real configs'); the
         # denoiser is this one.
         run_params = params.parse({"base": {"seed": a.seed, "device": "cuda" if self.device.type == "cuda" else "cpu"},
@@ -461,7 +468,7 @@ def _run(args, began: float) -> dict:
         "compile_mode": args.compile_mode if args.compile else None,
         "compile_scope": args.compile_scope if args.compile else None, "inductor": args.inductor,
         "checkpointing": args.checkpointing, "optimizer": args.optimizer, "rank": args.rank, "nf4": args.nf4,
-        "attention": args.attention, "channels_last": args.channels_last,
+        "lora_forward": "peft" if args.baseline else args.lora_forward, "attention": args.attention, "channels_last": args.channels_last,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "steps": args.steps, "warmup": args.warmup,
         "step_ms": summary["step_median_ms"], "step_ms_mean": summary["step_mean_ms"],

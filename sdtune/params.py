@@ -86,6 +86,9 @@ class Lora(Section):
     target_modules: list[str] | None = Field(None, min_length=1)  # None: the family's default
     init: Literal["gaussian", "default", "pissa", "olora"] = "gaussian"
     use_dora: bool = False
+    # Each plain LoRA Linear layer adds its product inside a GEMM (sdtune.train.lora.AddmmLora)
+    # instead of peft's separate scale and add kernels. false: peft's own forward.
+    addmm: bool = True
 
 
 class Train(Section):

@@ -526,6 +526,29 @@ def test_the_loras_params_hash_names_the_seed_not_the_device():
     assert digest({"seed": 1}) != digest({"seed": 2})
 
 
+def test_lora_layers_add_their_products_inside_gemms_and_train_peft_s_lora(workspace):
+    """train.lora.addmm (the default) gives each LoRA Linear layer AddmmLora's forward; three float32
+    steps train the LoRA that peft's own forward trains, to float32's rounding."""
+    from accelerate.state import AcceleratorState
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from sdtune.train import lora
+
+    def trained(addmm: bool):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        run = loop.setup(in_process_params(workspace, lora={"rank": 4, "alpha": 8.0, "addmm": addmm}), workspace / "cache")
+        layers = [m for m in run.denoiser.modules() if isinstance(m, LoraLinear)]
+        for step in range(3):
+            loop.train_step(run, step)
+        return lora_state(run), {getattr(m.forward, "__func__", None) is lora._addmm_forward for m in layers}
+
+    (ours, addmm), (peft_s, not_addmm) = trained(True), trained(False)
+    assert addmm == {True} and not_addmm == {False}
+    assert ours.keys() == peft_s.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], peft_s[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_under_mixed_precision_lora_inputs_skip_peft_casts_with_the_same_bits(workspace):
     """bf16: peft's cast of each LoRA input to float32, which autocast undoes at once, is skipped.
     Three steps train the same LoRA to the bit with fewer copies; DoRA (its weight norm follows
@@ -543,6 +566,8 @@ def test_under_mixed_precision_lora_inputs_skip_peft_casts_with_the_same_bits(wo
             return func(*args, **(kwargs or {}))
 
     def trained(casts: bool, **train):
+        # peft's own forward: AddmmLora (train.lora.addmm) casts its operands itself.
+        train.setdefault("lora", {"rank": 4, "alpha": 4.0, "addmm": False})
         AcceleratorState._reset_state(reset_partial_state=True)
         run = loop.setup(in_process_params(workspace, mixed_precision="bf16", **train), workspace / "cache")
         layers = [m for m in run.denoiser.modules() if isinstance(m, BaseTunerLayer)]

@@ -140,6 +140,7 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
         param.data = param.data.float()
     if accelerator.mixed_precision != "no":  # every forward runs under autocast: training and validation
         lora.skip_input_casts(denoiser, p.lora)
+    lora.addmm_forward(denoiser, p.lora)
     if p.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     if p.channels_last:

@@ -1,7 +1,11 @@
 """LoRA on the denoiser through peft, and its state dict in diffusers' keys."""
 
+import types
+
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from diffusers.utils import convert_state_dict_to_diffusers
@@ -52,6 +56,68 @@ def skip_input_casts(denoiser, lora) -> int:
     layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
     for layer in layers:
         layer.cast_input_dtype_enabled = False
+    return len(layers)
+
+
+class AddmmLora(torch.autograd.Function):
+    """A frozen linear layer and its LoRA, y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, with each sum done by a GEMM
+    as it writes its output (addmm). peft's forward writes the LoRA's full-width product out,
+    scales it and adds it to the base output in kernels of their own, and autograd then scales the
+    incoming gradient and sums the two input gradients in more; at SD1.5's batch 16 that is 19 GB a
+    step of memory traffic this does without (bench.roofline, docs/benchmarks.md). The same products
+    in the same dtype (autocast's, or the weight's), so only the rounding of the sums differs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+        ctx.scale, ctx.dtypes = scale, (x.dtype, lora_a.dtype, lora_b.dtype)
+        kind = x.device.type
+        autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+        dtype = torch.get_autocast_dtype(kind) if autocast else weight.dtype
+        # Cast here, once, so autocast (still on in here) finds every operand in its dtype already.
+        x, weight, a, b = x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+        base = F.linear(x, weight, None if bias is None else bias.to(dtype))
+        h = F.linear(x, a)
+        y = torch.addmm(base.view(-1, base.shape[-1]), h.view(-1, h.shape[-1]), b.t(), alpha=scale).view(base.shape)
+        ctx.save_for_backward(x, h, weight, a, b)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, h, weight, a, b = ctx.saved_tensors
+        x_dtype, a_dtype, b_dtype = ctx.dtypes
+        g = grad.to(h.dtype).reshape(-1, grad.shape[-1])
+        x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
+        grad_h = (g @ b).mul_(ctx.scale)  # (tokens, rank): small
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addmm(g @ weight, grad_h, a).view(x.shape).to(x_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_a = (grad_h.t() @ x2).to(a_dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b = (g.t() @ h2).mul_(ctx.scale).to(b_dtype)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def _addmm_forward(self, x, *args, **kwargs):
+    """forward for a peft LoRA Linear: AddmmLora for the plain case, peft's own for the rest."""
+    names = [n for n in self.active_adapters if n in self.lora_A]
+    base = self.base_layer
+    trains_base = base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
+    if self.disable_adapters or self.merged or args or kwargs or len(names) != 1 or trains_base:
+        return LoraLinear.forward(self, x, *args, **kwargs)
+    name = names[0]
+    return AddmmLora.apply(x, base.weight, base.bias,
+                           self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+
+
+def addmm_forward(denoiser, lora) -> int:
+    """With lora.addmm, give each plain LoRA Linear layer (an nn.Linear base, no dropout, no DoRA)
+    AddmmLora's forward. Returns how many layers take it."""
+    if not lora.addmm or lora.use_dora or lora.dropout:
+        return 0
+    layers = [m for m in denoiser.modules() if isinstance(m, LoraLinear) and type(m.base_layer) is torch.nn.Linear]
+    for layer in layers:
+        layer.forward = types.MethodType(_addmm_forward, layer)
     return len(layers)
 
 

@@ -1,0 +1,115 @@
+"""sdtune.train.lora.AddmmLora: a LoRA Linear layer's forward with each sum inside a GEMM, against
+peft's own forward; and what it saves in a training step's memory traffic."""
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+
+from bench import roofline as cli, train_step
+from sdtune import params
+from sdtune.profiling import roofline
+from sdtune.train import lora
+
+pytestmark = pytest.mark.usefixtures("keep_threads")  # train_step's --threads 1
+
+
+def _layer(addmm: bool, bias=True, dtype=torch.float32, **lora_keys):
+    """One frozen Linear(48 → 40) with a rank-4 LoRA (alpha 8: scale 2), B nonzero so the product
+    counts, and the LoRA weights float32 as training keeps them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 40, bias=bias)).requires_grad_(False).to(dtype)
+    cfg = params.Lora(rank=4, alpha=8.0, addmm=addmm, **lora_keys)
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8.0, lora_dropout=cfg.dropout,
+                                               use_dora=cfg.use_dora, target_modules=["0"]), model)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn_like(p, dtype=torch.float32) * 0.1
+    lora.skip_input_casts(model, cfg)
+    assert lora.addmm_forward(model, cfg) == (addmm and not lora_keys)
+    return model
+
+
+def _run(model, x, autocast=False):
+    """Output, and the gradients of x, A and B, of (output · a fixed weight).sum()."""
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    layer = model[0]
+    return out, x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_addmm_gives_peft_s_output_and_gradients_in_float32(bias):
+    x = torch.randn(3, 7, 48)  # batch × tokens × features, as a denoiser's projections see them
+    ours, theirs = _run(_layer(True, bias), x), _run(_layer(False, bias), x)
+    for mine, peft_s, what in zip(ours, theirs, ("output", "x's gradient", "A's gradient", "B's gradient")):
+        assert mine.shape == peft_s.shape and mine.dtype == peft_s.dtype, what
+        torch.testing.assert_close(mine, peft_s, rtol=1e-5, atol=1e-6, msg=what)
+
+
+def test_under_bf16_autocast_it_is_no_further_from_float64_than_peft():
+    """The same products in bf16; only the sums round differently (once, inside the GEMM). Each
+    result's distance from a float64 reference is at most peft's (plus 10%)."""
+    x = torch.randn(256, 48).bfloat16()
+    reference = _run(_layer(False, dtype=torch.bfloat16).double(), x.double())  # the same weights, exactly
+    ours, theirs = _run(_layer(True, dtype=torch.bfloat16), x, True), _run(_layer(False, dtype=torch.bfloat16), x, True)
+    for mine, peft_s, ref in zip(ours, theirs, reference):
+        assert mine.dtype == peft_s.dtype
+        error = lambda t: ((t.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+        assert 0 < error(mine) <= 1.1 * error(peft_s) < 1e-2
+
+
+def test_x_without_a_gradient_still_trains_a_and_b():
+    # Cross-attention's key and value projections read the text embeddings, which need no gradient.
+    model = _layer(True)
+    model(torch.randn(5, 48)).sum().backward()
+    layer = model[0]
+    assert layer.lora_A["default"].weight.grad.abs().sum() > 0
+    assert layer.lora_B["default"].weight.grad.abs().sum() > 0
+
+
+def test_peft_s_forward_where_addmm_does_not_apply():
+    x = torch.randn(4, 48)
+    model = _layer(True)
+    layer = model[0]
+    with torch.no_grad():
+        with_lora = model(x)
+        layer.enable_adapters(False)
+        assert torch.equal(model(x), layer.base_layer(x))
+        layer.enable_adapters(True)
+        layer.merge()
+        torch.testing.assert_close(model(x), with_lora)
+    # Dropout and DoRA keep peft's forward, as does train.lora.addmm: false.
+    for keys in ({"dropout": 0.1}, {"use_dora": True}):
+        _layer(True, **keys)
+    assert lora.addmm_forward(_layer(False), params.Lora(addmm=False)) == 0
+
+
+def test_compiles_into_one_graph_with_the_eager_gradients():
+    x = torch.randn(2, 6, 48)
+    eager = _run(_layer(True), x)
+    compiled = _layer(True)
+    torch._dynamo.reset()
+    compiled[0] = torch.compile(compiled[0], fullgraph=True)  # a graph break would raise
+    for mine, theirs in zip(_run(compiled, x), eager):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def _counted(*extra):
+    bench = train_step.Bench(train_step.parse(["--tiny", "--threads", "1", "--precision", "fp32", "--steps", "2",
+                                               "--warmup", "1", "--device", "meta", *extra]))
+    return roofline.by_kind(cli.count(bench, 1.0, 1.0))
+
+
+def test_a_training_step_moves_less_for_the_same_flops():
+    """The tiny SD1.5 step on meta, counted op by op: the same FLOPs in every kind, and fewer bytes in
+    all, op by op and with the memory-bound work fused between GEMM-like ops."""
+    ours, peft_s = _counted(), _counted("--lora-forward", "peft")
+    assert ours.keys() == peft_s.keys()
+    for kind in ours:
+        assert ours[kind]["flops"] == peft_s[kind]["flops"], kind
+    total = lambda kinds, key: sum(row[key] for row in kinds.values())  # noqa: E731
+    assert total(ours, "bytes") < 0.95 * total(peft_s, "bytes")
+    fused = lambda kinds: total(kinds, "bytes") - kinds[roofline.MEMORY]["bytes"] + kinds[roofline.MEMORY]["fused_bytes"]  # noqa: E731
+    assert fused(ours) < fused(peft_s)
