@@ -246,7 +246,7 @@ def test_save_load_lora_changes_output_and_scale_zero_does_not(params, trained, 
     with_lora = image(direct)
     off = image(gen.pipeline(sd3, params.model, torch.device("cpu"), lora_dir=tmp_path, lora_scale=0.0))
     assert np.abs(with_lora - base).max() > 1e-3
-    np.testing.assert_allclose(off, base, atol=1e-6)
+    np.testing.assert_allclose(off, base, atol=1e-5)  # float32's rounding: see test_family_sdxl's LoRA test
 
 
 def test_quantization_config_is_applied_and_lora_attaches(params):
