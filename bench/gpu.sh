@@ -79,8 +79,8 @@ plan() {
     run sd15-bs16-fp32 90 40 "${SD15[@]}" --bs 16 --precision fp32 "${STEPS[@]}"
     run sd15-bs1-fp32 60 30 "${SD15[@]}" --bs 1 --precision fp32 "${STEPS[@]}"
     run sd15-bs16-bf16-loop 90 30 "${SD15[@]}" --bs 16 --precision bf16 --loop "${STEPS[@]}"
-    # Every run above adds its LoRA products inside GEMMs (sdtune.train.lora.AddmmLora); this one keeps
-    # peft's own forward, as runs before 2026-11-27 did.
+    # Every run but the -peft-lora ones adds its LoRA products inside GEMMs (sdtune.train.lora.AddmmLora);
+    # this one keeps peft's own forward, as all runs before 2026-11-27 did.
     run sd15-bs16-bf16-peft-lora 60 30 "${SD15[@]}" --bs 16 --precision bf16 --lora-forward peft "${STEPS[@]}"
     run sd35l-bs1-nf4 120 60 --arch sd35l --res 1024 --bs 1 --precision bf16 --nf4 --steps 5 --warmup 2
     group_end

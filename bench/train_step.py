@@ -249,9 +249,7 @@ class Bench:
         autocast = dtype != torch.float32 and self.device.type != "meta"
         self.amp = torch.autocast(self.device.type, dtype=dtype) if autocast else contextlib.nullcontext()
         if not args.baseline:  # as the loop does; the diffusers example keeps peft's forward and casts
-            if autocast:
-                lora.skip_input_casts(self.model, self.lora)
-            lora.addmm_forward(self.model, self.lora)
+            lora.training_forward(self.model, self.lora, autocast)
 
     def _setup_loop(self):
         """A training-loop Run over this denoiser: LoRA, optimizer and everything else as in training."""
@@ -468,7 +466,8 @@ def _run(args, began: float) -> dict:
         "compile_mode": args.compile_mode if args.compile else None,
         "compile_scope": args.compile_scope if args.compile else None, "inductor": args.inductor,
         "checkpointing": args.checkpointing, "optimizer": args.optimizer, "rank": args.rank, "nf4": args.nf4,
-        "lora_forward": "peft" if args.baseline else args.lora_forward, "attention": args.attention, "channels_last": args.channels_last,
+        "lora_forward": "peft" if args.baseline else args.lora_forward,
+        "attention": args.attention, "channels_last": args.channels_last,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "steps": args.steps, "warmup": args.warmup,
         "step_ms": summary["step_median_ms"], "step_ms_mean": summary["step_mean_ms"],

@@ -138,9 +138,8 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
     lora.add(denoiser, p.lora, family.LORA_TARGETS)
     for param in lora.trainable(denoiser):
         param.data = param.data.float()
-    if accelerator.mixed_precision != "no":  # every forward runs under autocast: training and validation
-        lora.skip_input_casts(denoiser, p.lora)
-    lora.addmm_forward(denoiser, p.lora)
+    # Every forward runs under autocast with mixed precision: training and validation.
+    lora.training_forward(denoiser, p.lora, autocast=accelerator.mixed_precision != "no")
     if p.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     if p.channels_last:

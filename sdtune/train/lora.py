@@ -121,6 +121,14 @@ def addmm_forward(denoiser, lora) -> int:
     return len(layers)
 
 
+def training_forward(denoiser, lora, autocast: bool) -> None:
+    """What training changes in peft's LoRA forward (the loop's and the bench's steps alike): under
+    autocast no input casts (skip_input_casts), and with lora.addmm the sums inside GEMMs."""
+    if autocast:
+        skip_input_casts(denoiser, lora)
+    addmm_forward(denoiser, lora)
+
+
 def published_config(lora, default_targets) -> LoraConfig:
     """The config of the file we publish: for PiSSA/OLoRA the plain LoRA of twice the rank that
     plain_lora writes, with alpha doubled too so that the scaling alpha/r is unchanged (no rslora
