@@ -163,6 +163,21 @@ def test_lora_products_grow_with_the_rank_and_nothing_else_does(device, precisio
         assert r8[kind]["flops"] == r4[kind]["flops"] > 0, kind
 
 
+def test_lora_sums_inside_gemms_move_less_for_the_same_flops():
+    """The tiny SD1.5 step with sdtune.train.lora.AddmmLora (the default) against peft's LoRA
+    forward: the same FLOPs in every kind, and fewer bytes in all, op by op and with the
+    memory-bound work fused between GEMM-like ops."""
+    ours = roofline.by_kind(cli.count(_bench(), 1.0, 1.0))
+    peft_s = roofline.by_kind(cli.count(_bench("--lora-forward", "peft"), 1.0, 1.0))
+    assert ours.keys() == peft_s.keys()
+    for kind in ours:
+        assert ours[kind]["flops"] == peft_s[kind]["flops"], kind
+    total = lambda kinds, key: sum(row[key] for row in kinds.values())  # noqa: E731
+    assert total(ours, "bytes") < 0.95 * total(peft_s, "bytes")
+    fused = lambda kinds: total(kinds, "bytes") - kinds[roofline.MEMORY]["bytes"] + kinds[roofline.MEMORY]["fused_bytes"]  # noqa: E731
+    assert fused(ours) < fused(peft_s)
+
+
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     """A tiny CPU run's JSON with its kernel breakdown, and one without."""
