@@ -210,3 +210,11 @@ def test_addmm_lora_is_no_further_from_float64_than_peft_on_cuda():
     torch.manual_seed(1)
     check_bf16_against_float64(torch.randn(16 * 4096, 320, device="cuda", dtype=torch.bfloat16),
                                size=(320, 320, 16), device="cuda")
+
+
+def test_the_whole_unet_with_addmm_lora_compiles_into_one_graph_on_cuda():
+    # The torch on the GPU box is older than CI's: Dynamo there traces less (docs/benchmarks.md,
+    # twelfth session).
+    from test_lora import check_whole_unet_compiles_into_one_graph
+
+    check_whole_unet_compiles_into_one_graph("cuda")
