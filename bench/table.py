@@ -66,8 +66,10 @@ def results_table(rows) -> str:
         s = speedup(r, rows)
         step = _spread(r["step_ms"], [r.get("step_ms_min"), r.get("step_ms_max")])
         pipelined = _spread(r["step_ms_pipelined"], r.get("step_ms_pipelined_blocks", []))
+        breaks = (r.get("compile_cache") or {}).get("graph_breaks")
+        name = f"{r['name']} ({breaks} graph breaks)" if breaks else r["name"]
         lines.append(
-            f"| {r['name']} | {step} | {pipelined} | {r['images_per_second']:.2f} "
+            f"| {name} | {step} | {pipelined} | {r['images_per_second']:.2f} "
             f"| {r['flops_per_step'] / 1e12:.3g} | {r['mfu']:.1%} | {r['peak_memory_bytes'] / GIB:.2f} "
             f"| {'' if s is None else f'{s:.2f}×'} |")
     return "\n".join(lines)

@@ -476,6 +476,7 @@ def _run(args, began: float) -> dict:
         "images_per_second": args.bs / step_s,
         "phases": summary["phases"] if args.phases else None, "kernels": kernel_time, "floor": floor,
         "compile_cache": compile_cache,
+        "graph_break_reasons": graph_break_reasons() if args.compile else None,
         **counted,
         "achieved_tflops": flops.achieved_tflops(counted["flops_per_step"], step_s),
         "peak_tflops": peak, "peak_source": peak_source,
@@ -525,7 +526,7 @@ def warm(bench, seconds: dict, lap) -> dict:
     sync(bench.device)
     lap("warmup_steps")
     return {"name": bench.args.name, "warm_only": True, "final_loss": float(loss), "seconds": seconds,
-            "compile_cache": delta(compile_cache_counts(), before)}
+            "compile_cache": delta(compile_cache_counts(), before), "graph_break_reasons": graph_break_reasons()}
 
 
 def compile_cache_counts() -> dict[str, int]:
@@ -536,7 +537,18 @@ def compile_cache_counts() -> dict[str, int]:
     return {"fx_graph_hit": counters["inductor"]["fxgraph_cache_hit"],
             "fx_graph_miss": counters["inductor"]["fxgraph_cache_miss"],
             "aot_autograd_hit": counters["aot_autograd"]["autograd_cache_hit"],
-            "aot_autograd_miss": counters["aot_autograd"]["autograd_cache_miss"]}
+            "aot_autograd_miss": counters["aot_autograd"]["autograd_cache_miss"],
+            # A whole-model compile is one forward graph (and its backward); each break adds
+            # graphs, and on an H100 a break at every LoRA layer cost 1.7x (docs/benchmarks.md).
+            "graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values())}
+
+
+def graph_break_reasons() -> list[str]:
+    """The first line of each distinct reason Dynamo broke a graph for, most frequent first."""
+    from torch._dynamo.utils import counters
+
+    return [reason.splitlines()[0] for reason, _ in counters["graph_break"].most_common()]
 
 
 def delta(after: dict, before: dict) -> dict:
@@ -563,6 +575,8 @@ def report(args, result: dict) -> dict:
         print(roofline.floor_table(result["floor"], result.get("kernels")))
     cache = result.get("compile_cache")
     cached = f", compiled graphs from the cache {cache['fx_graph_hit']}/{cache['fx_graph_hit'] + cache['fx_graph_miss']}" if cache else ""
+    if cache and cache.get("graph_breaks"):
+        cached += f", graph breaks {cache['graph_breaks']} ({result['graph_break_reasons'][0]})"
     print(f"{result['name']}: {result['step_ms']:.1f} ms/step (pipelined {result['step_ms_pipelined']:.1f}), "
           f"{result['flops_per_step'] / 1e12:.3g} TFLOP/step, MFU {result['mfu']:.1%}, peak {mem_gib:.2f} GiB{cached}")
     return result

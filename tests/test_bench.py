@@ -210,6 +210,8 @@ def test_table_renders_results_failures_and_targets(results, tmp_path):
     assert row in md
     old = {k: v for k, v in r.items() if k not in ("step_ms_min", "step_ms_max", "step_ms_pipelined_blocks")}
     assert f"| {r['step_ms']:.1f} | {r['step_ms_pipelined']:.1f} |" in table.results_table([old])
+    broken = r | {"compile_cache": {"graphs": 4, "graph_breaks": 3}}  # a compiled run Dynamo broke up
+    assert f"| {r['name']} (3 graph breaks) |" in table.results_table([broken])
     assert "**sd15-tiny 64px bs1 fp32**: kernel time by kind, per step" in md  # the one --kernels run
     assert md.count("kernel time by kind") == 1 and "| all kernels |" in md
     assert md.count("**sd15-tiny 64px bs1 fp32**: Each kind's floor: one step's ops") == 1
@@ -387,6 +389,10 @@ def test_gpu_script_compiles_ahead_and_the_timed_run_loads_the_compiled_graphs(t
     assert warm["warm_only"] and warm["compile_cache"]["fx_graph_miss"] > 0
     assert timed["compile_cache"]["fx_graph_miss"] == 0 and timed["compile_cache"]["fx_graph_hit"] > 0
     assert timed["step_ms"] > 0 and timed["compile"]
+    # The whole UNet, LoRA layers and all, is one graph: a break would show in both counts.
+    for r in (warm, timed):
+        assert r["compile_cache"]["graphs"] >= 1 and r["compile_cache"]["graph_breaks"] == 0
+        assert r["graph_break_reasons"] == []
 
 
 def test_gpu_script_installs_a_packed_wheel_in_a_call_of_its_own(tmp_path):
