@@ -4,6 +4,8 @@ peft's own forward (what it saves in a step's memory traffic: tests/test_rooflin
 import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from sdtune import params
 from sdtune.train import lora
@@ -129,3 +131,38 @@ def check_whole_unet_compiles_into_one_graph(device):
 
 def test_the_whole_unet_compiles_into_one_graph():
     check_whole_unet_compiles_into_one_graph("cpu")
+
+
+class _FullWidthTensors(TorchDispatchMode):
+    """Counts the tensors ops make in memory of their own (not a view, not written into an input)
+    that are at least `nbytes` large."""
+
+    def __init__(self, nbytes):
+        super().__init__()
+        self.nbytes, self.made = nbytes, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if (isinstance(t, torch.Tensor) and not func.is_view and t.untyped_storage().nbytes() >= self.nbytes
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.made += 1
+        return out
+
+
+def test_the_sums_are_written_into_the_gemms_own_outputs():
+    """A forward and backward of AddmmLora makes three full-width tensors: the output, the
+    incoming gradient (made here) and the input's gradient. peft's forward makes the LoRA's
+    product, its scaled copy and the sum too, and their gradients; an addmm into a new tensor
+    would copy its C there first, one more each way."""
+    x = torch.randn(512, 48, dtype=torch.bfloat16)
+    made = {}
+    for addmm in (True, False):
+        model, leaf = _layer(addmm), x.clone().requires_grad_()
+        with _FullWidthTensors(x.shape[0] * 40 * x.element_size()) as counter:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(leaf)
+            out.backward(torch.ones_like(out))
+        made[addmm] = counter.made
+    assert made[True] == 3 and made[False] > 3, made

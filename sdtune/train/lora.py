@@ -59,6 +59,13 @@ def skip_input_casts(denoiser, lora) -> int:
     return len(layers)
 
 
+def _addmm_into(c, m1, m2, alpha=1.0):
+    """c += alpha·m1·m2, in c's own memory. An addmm into a new tensor first copies c there (torch's
+    CPU and CUDA kernels alike), a read and a write of the whole output more. Not addmm_:
+    FlopCounterMode has no formula for it, and MFU would lose these FLOPs."""
+    return torch.addmm(c, m1, m2, alpha=alpha, out=c)
+
+
 class AddmmLora(torch.autograd.Function):
     """A frozen linear layer and its LoRA, y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, with each sum done by a GEMM
     as it writes its output (addmm). peft's forward writes the LoRA's full-width product out,
@@ -80,7 +87,7 @@ class AddmmLora(torch.autograd.Function):
         x, weight, a, b = x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
         base = F.linear(x, weight, None if bias is None else bias.to(dtype))
         h = F.linear(x, a)
-        y = torch.addmm(base.view(-1, base.shape[-1]), h.view(-1, h.shape[-1]), b.t(), alpha=scale).view(base.shape)
+        y = _addmm_into(base.view(-1, base.shape[-1]), h.view(-1, h.shape[-1]), b.t(), scale).view(base.shape)
         ctx.save_for_backward(x, h, weight, a, b)
         return y
 
@@ -93,7 +100,7 @@ class AddmmLora(torch.autograd.Function):
         grad_h = (g @ b).mul_(ctx.scale)  # (tokens, rank): small
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addmm(g @ weight, grad_h, a).view(x.shape).to(x_dtype)
+            grad_x = _addmm_into(g @ weight, grad_h, a).view(x.shape).to(x_dtype)
         if ctx.needs_input_grad[3]:
             grad_a = (grad_h.t() @ x2).to(a_dtype)
         if ctx.needs_input_grad[4]:
