@@ -59,10 +59,15 @@ def skip_input_casts(denoiser, lora) -> int:
     return len(layers)
 
 
-def _addmm_into(c, m1, m2, alpha=1.0):
-    """c += alpha·m1·m2, in c's own memory. An addmm into a new tensor first copies c there (torch's
-    CPU and CUDA kernels alike), a read and a write of the whole output more. Not addmm_:
-    FlopCounterMode has no formula for it, and MFU would lose these FLOPs."""
+def _add_product(c, m1, m2, alpha=1.0):
+    """c + alpha·m1·m2. Eagerly an addmm into c's own memory: one into a new tensor first copies c
+    there (torch's CPU and CUDA kernels alike), a read and a write of the whole output more; not
+    addmm_, for which FlopCounterMode has no formula (MFU would lose these FLOPs). Compiled, a
+    product and an add: inductor turns either addmm into that copy and a GEMM, but fuses a plain
+    add into the kernels around it (the next residual add, the sum of q, k and v's gradients)."""
+    if torch.compiler.is_compiling():
+        product = m1 @ m2
+        return c + (product if alpha == 1 else product * alpha)
     return torch.addmm(c, m1, m2, alpha=alpha, out=c)
 
 
@@ -72,7 +77,9 @@ class AddmmLora(torch.autograd.Function):
     scales it and adds it to the base output in kernels of their own, and autograd then scales the
     incoming gradient and sums the two input gradients in more; at SD1.5's batch 16 that is 19 GB a
     step of memory traffic this does without (bench.roofline, docs/benchmarks.md). The same products
-    in the same dtype (autocast's, or the weight's), so only the rounding of the sums differs."""
+    in the same dtype (autocast's, or the weight's), so only the rounding of the sums differs. Under
+    torch.compile the sums are plain adds for inductor to fuse (_add_product); the backward still
+    scales the rank-wide gradient, not the full-width one as peft's does."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
@@ -87,7 +94,7 @@ class AddmmLora(torch.autograd.Function):
         x, weight, a, b = x.to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
         base = F.linear(x, weight, None if bias is None else bias.to(dtype))
         h = F.linear(x, a)
-        y = _addmm_into(base.view(-1, base.shape[-1]), h.view(-1, h.shape[-1]), b.t(), scale).view(base.shape)
+        y = _add_product(base.view(-1, base.shape[-1]), h.view(-1, h.shape[-1]), b.t(), scale).view(base.shape)
         ctx.save_for_backward(x, h, weight, a, b)
         return y
 
@@ -100,7 +107,7 @@ class AddmmLora(torch.autograd.Function):
         grad_h = (g @ b).mul_(ctx.scale)  # (tokens, rank): small
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _addmm_into(g @ weight, grad_h, a).view(x.shape).to(x_dtype)
+            grad_x = _add_product(g @ weight, grad_h, a).view(x.shape).to(x_dtype)
         if ctx.needs_input_grad[3]:
             grad_a = (grad_h.t() @ x2).to(a_dtype)
         if ctx.needs_input_grad[4]:
