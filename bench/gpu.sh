@@ -147,8 +147,10 @@ plan() {
     run sd15-bs16-bf16-fa4-attn 300 120 "${SD15[@]}" --bs 16 --precision bf16 --attention fa4 "${STEPS[@]}"
     run sd15-bs16-bf16-compile-cudagraphs-fa4 400 300 "${SD15[@]}" --bs 16 --precision bf16 --compile \
         --compile-mode reduce-overhead --attention fa4 "${GSTEPS[@]}"
-    # The best compiled step so far with peft's LoRA forward, against sd15-bs16-bf16-compile-cudagraphs:
-    # the roofline has the addmm forward moving 16 GB a step less once fused (3.4 ms at 3,350 GB/s).
+    # The best compiled step so far with peft's LoRA forward, against sd15-bs16-bf16-compile-cudagraphs.
+    # Compiled, AddmmLora's sums are plain adds (inductor would copy an addmm's C first), so what is
+    # left is its rank-wide backward scale: the roofline's fused floor 57.9 -> 56.6 ms. (Eagerly it
+    # took 10 ms of kernels off the H100's step, docs/benchmarks.md.)
     run sd15-bs16-bf16-compile-cudagraphs-peft-lora 300 240 "${SD15[@]}" --bs 16 --precision bf16 --compile \
         --compile-mode reduce-overhead --lora-forward peft "${GSTEPS[@]}"
 }
