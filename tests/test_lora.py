@@ -114,8 +114,7 @@ def check_whole_unet_compiles_into_one_graph(device):
     lora.add(model, cfg, arch.lora_targets)
     for p in lora.trainable(model):
         p.data = torch.randn_like(p) * 0.1  # B nonzero, so A has a gradient to get
-    assert lora.addmm_forward(model, cfg) > 0
-    lora.skip_input_casts(model, cfg)
+    assert lora.training_forward(model, cfg, autocast=True) > 0
     latents, cond = archs.inputs(arch, 2, archs.TINY_RES, device, torch.float32, tiny=True)
     torch._dynamo.reset()
     # aot_eager: Dynamo's graph capture and AOTAutograd's backward without inductor's code, which

@@ -138,12 +138,13 @@ def addmm_forward(denoiser, lora) -> int:
     return len(layers)
 
 
-def training_forward(denoiser, lora, autocast: bool) -> None:
+def training_forward(denoiser, lora, autocast: bool) -> int:
     """What training changes in peft's LoRA forward (the loop's and the bench's steps alike): under
-    autocast no input casts (skip_input_casts), and with lora.addmm the sums inside GEMMs."""
+    autocast no input casts (skip_input_casts), and with lora.addmm the sums inside GEMMs. Returns
+    how many layers take AddmmLora's forward."""
     if autocast:
         skip_input_casts(denoiser, lora)
-    addmm_forward(denoiser, lora)
+    return addmm_forward(denoiser, lora)
 
 
 def published_config(lora, default_targets) -> LoraConfig:
