@@ -12,7 +12,9 @@ attention) its exponentials at the card's special-function units' rate
 On meta, attention is counted as the fused kernels run it; kernels tiled for 64-wide heads do more
 than the FLOPs counted for SD1.5's 40-wide ones, and --head-multiple 64 counts them as such a
 kernel does. Meta has no autocast, so the step runs in the compute dtype throughout, LoRA's
-weights included, as autocast runs the matmuls; autocast's float32 norms are not modelled.
+weights included, as autocast runs the matmuls: the step without autocast (bench.train_step
+--no-autocast). --cuda-autocast counts it with CUDA autocast's casts instead (norms and softmax in
+float32, sdtune.profiling.roofline.CudaAutocast), as the eager step runs on a GPU by default.
 
 The first argument not known here and all that follow go to bench.train_step (its --arch,
 --res, --bs, --precision, --rank, --baseline, ...), which builds the step; --device is always meta.
@@ -28,7 +30,7 @@ from sdtune import io
 from sdtune.profiling import hardware, roofline
 
 def count(bench, peak_tflops: float, bandwidth_gbs: float, head_multiple: int = 1,
-          exp_tera_per_s: float | None = None) -> roofline.Roofline:
+          exp_tera_per_s: float | None = None, cuda_autocast: bool = False) -> roofline.Roofline:
     """One step of a bench.train_step Bench, counted (attention as fused kernels run it, on meta).
     Before the Bench's first step: on meta it sets the LoRA weights' dtype, and the optimizer's
     state follows the weights'."""
@@ -39,7 +41,8 @@ def count(bench, peak_tflops: float, bandwidth_gbs: float, head_multiple: int = 
         for p in bench.params:
             p.data = p.data.to(bench.dtype)
     return roofline.count(bench.step, peak_tflops=peak_tflops, bandwidth_gbs=bandwidth_gbs, lora_params=bench.params,
-                          fused_attention=meta, head_multiple=head_multiple, exp_tera_per_s=exp_tera_per_s)
+                          fused_attention=meta, head_multiple=head_multiple, exp_tera_per_s=exp_tera_per_s,
+                          cuda_autocast=bench.dtype if cuda_autocast else None)
 
 
 def measured_kinds(path: str, run: str | None) -> dict:
@@ -93,6 +96,9 @@ def main(argv=None):
                    "(default: the card's: SMs × 16 a clock × the clock of its tensor peak)")
     p.add_argument("--head-multiple", type=int, default=1,
                    help="count attention's FLOPs as a kernel that pads heads to a multiple of this does (64, say)")
+    p.add_argument("--cuda-autocast", action="store_true",
+                   help="count the step as it runs under CUDA autocast: norms and softmax in float32, their "
+                        "inputs and outputs cast (default: the compute dtype throughout, as --no-autocast runs)")
     p.add_argument("--measured", help="a bench JSON with a --kernels breakdown to set beside the floor")
     p.add_argument("--run", help="which run of --measured (its name)")
     p.add_argument("--json", dest="out", help="write the result here")
@@ -110,6 +116,8 @@ def main(argv=None):
         peaks, bandwidth, exp_rate = hardware.card(args.card)
     except ValueError as err:
         p.error(f"--card: {err}")
+    if args.cuda_autocast and (step_args.precision == "fp32" or step_args.no_autocast):
+        p.error("--cuda-autocast: autocast is for --precision bf16 or fp16, without --no-autocast")
     if step_args.precision not in peaks:  # bf16, fp16 or fp32, as the datasheet table names them
         p.error(f"--card {args.card}: no {step_args.precision} peak in the datasheet table")
     measured = None
@@ -122,11 +130,11 @@ def main(argv=None):
     bench = train_step.Bench(step_args)
     datasheet = peaks[step_args.precision]
     peak, bandwidth, exp_rate = args.peak_tflops or datasheet, args.bandwidth_gbs or bandwidth, args.exp_tera or exp_rate
-    counted = count(bench, peak, bandwidth, args.head_multiple, exp_rate)  # first: it sets the LoRA weights' dtype
+    counted = count(bench, peak, bandwidth, args.head_multiple, exp_rate, args.cuda_autocast)  # first: it sets the LoRA weights' dtype
     model_flops = train_step.count_model_flops(bench)["flops_per_step"]
     result = {"name": step_args.name, "card": args.card, "peak_tflops": peak, "datasheet_tflops": datasheet,
               "bandwidth_gbs": bandwidth, "exp_tera_per_s": exp_rate, "head_multiple": args.head_multiple,
-              "model_flops": model_flops,
+              "cuda_autocast": args.cuda_autocast, "model_flops": model_flops,
               "kinds": roofline.by_kind(counted), "measured": measured,
               "ops": [{"op": op, "kind": kind, "calls": row["calls"], "flops": row["flops"], "bytes": row["bytes"],
                        "exps": row["exps"], "bound_ms": row["bound_seconds"] * 1e3, "serial_ms": row["serial_seconds"] * 1e3}

@@ -4,6 +4,7 @@ CPU step really dispatches."""
 
 import contextlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,6 +179,64 @@ def test_lora_sums_inside_gemms_move_less_for_the_same_flops():
     assert fused(ours) < fused(peft_s)
 
 
+def test_cuda_autocasts_policy_is_the_one_torch_lists():
+    """CudaAutocast's two sets, by name, against the lists torch's own tests of CUDA autocast use
+    (read from their source: importing torch.testing._internal freezes torch's global flags)."""
+    import ast
+    import importlib.util
+
+    source = Path(importlib.util.find_spec("torch.testing._internal.autocast_test_lists").origin).read_text()
+    cuda = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == "AutocastTestLists")
+    lists = {a.targets[0].attr: [e.elts[0].value for e in a.value.elts if isinstance(e, ast.Tuple)]
+             for a in ast.walk(cuda) if isinstance(a, ast.Assign) and isinstance(a.targets[0], ast.Attribute)
+             and isinstance(a.value, ast.List)}
+    names = lambda *kinds: {name for kind in kinds for name in lists[kind]}  # noqa: E731
+    low = names("torch_fp16", "nn_fp16", "methods_fp16") | {"scaled_dot_product_attention"}  # in autocast_mode.cpp, untested there
+    assert {f.__name__ for f in roofline.LOW_PRECISION} <= low
+    assert {f.__name__ for f in roofline.FLOAT32} <= names("torch_fp32", "nn_fp32", "methods_fp32")
+    assert {"group_norm", "layer_norm", "softmax"} <= {f.__name__ for f in roofline.FLOAT32}
+
+
+def test_cuda_autocast_runs_a_norm_in_float32_and_counts_the_casts_around_it():
+    """GroupNorm, SiLU, conv in bf16: under CudaAutocast the norm and the SiLU run in float32, as
+    on a GPU under autocast, between a cast of the input up and of the conv's input down."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.GroupNorm(4, 16), torch.nn.SiLU(), torch.nn.Conv2d(16, 16, 3, padding=1))
+    block = block.to(torch.bfloat16)
+    x = torch.randn(2, 16, 8, 8, dtype=torch.bfloat16, requires_grad=True)
+    dtypes = []
+    for m in block:
+        m.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+
+    def counted(cuda_autocast):
+        dtypes.clear()
+        c = roofline.count(lambda: block(x).float().sum().backward(), peak_tflops=1.0, bandwidth_gbs=1.0,
+                           cuda_autocast=cuda_autocast)
+        return {op: row for (op, _), row in c.ops.items()}, list(dtypes)
+
+    plain, plain_dtypes = counted(None)
+    cast, cast_dtypes = counted(torch.bfloat16)
+    assert plain_dtypes == [torch.bfloat16] * 3
+    assert cast_dtypes == [torch.float32, torch.float32, torch.bfloat16]
+    n = x.numel()
+    assert cast["aten.silu"]["bytes"] == 2 * plain["aten.silu"]["bytes"] == 2 * 2 * 2 * n  # read and written in 4 bytes, not 2
+    # Up before the norm (2 bytes read, 4 written) and down before the conv (4 read, 2 written), and
+    # their gradients' casts back.
+    assert cast["aten._to_copy"]["bytes"] - plain["aten._to_copy"]["bytes"] >= 2 * (6 * n + 6 * n)
+    assert cast["aten.convolution"]["flops"] == plain["aten.convolution"]["flops"]
+
+
+def test_cli_counts_the_step_under_cuda_autocast_with_more_memory_bound_bytes():
+    argv = [*TINY, "--precision", "bf16", "--arch", "sd15"]
+    plain, cast = cli.main(argv), cli.main(["--cuda-autocast", *argv])
+    assert cast["cuda_autocast"] and not plain["cuda_autocast"]
+    for kind in ("convolution", "matmul", "attention"):
+        assert cast["kinds"][kind]["flops"] == plain["kinds"][kind]["flops"], kind
+    memory = lambda r, key: r["kinds"][roofline.MEMORY][key]  # noqa: E731
+    assert memory(cast, "bytes") > 1.2 * memory(plain, "bytes")  # 1.27x here; 1.76x at SD1.5 bs16
+    assert memory(cast, "fused_bytes") > memory(plain, "fused_bytes")
+
+
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     """A tiny CPU run's JSON with its kernel breakdown, and one without."""
@@ -214,6 +273,7 @@ def test_cli_sets_the_floor_beside_a_measured_breakdown(measured, tmp_path, caps
     (["--head-multiple", "0"], "--head-multiple: expected a whole number of at least 1, got 0"),
     (["--bandwidth-gbs", "0"], "--bandwidth-gbs: expected a rate above 0, got 0"),
     (["--exp-tera", "-1"], "--exp-tera: expected a rate above 0, got -1"),
+    (["--cuda-autocast"], "--cuda-autocast: autocast is for --precision bf16 or fp16, without --no-autocast"),
     (["--measured", "{dir}/missing.json"], "--measured: [Errno 2] No such file or directory"),
     (["--measured", "{dir}/kernels.json", "--run", "nope"], "no run named 'nope'"),
     (["--measured", "{dir}/plain.json"], "has no kernel breakdown (bench.train_step --kernels makes one)"),

@@ -24,6 +24,9 @@ How it counts:
   fraction of the tensor cores' rate (an H100 SXM: 3.9 ×10¹² a second against 989 TFLOP/s), so
   with narrow heads (few FLOPs per pair) they, not the matmuls, can set the kernel's floor. The
   floor assumes the kernel overlaps them with its matmuls; `serial` is its time if it does not.
+- CUDA autocast: meta has none, so a step counted there runs in one dtype throughout. CudaAutocast
+  applies CUDA's casts instead (norms and softmax in float32, matmuls in bf16/fp16), to count what
+  the eager step pays under autocast on a GPU, which a CPU's autocast (norms in bf16) cannot show.
 """
 
 import collections
@@ -35,7 +38,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from sdtune.errors import describe
 from sdtune.profiling import hardware, kernels
@@ -246,6 +249,40 @@ class FusedAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# CUDA autocast's policy (aten/src/ATen/autocast_mode.cpp) for the ops a denoiser's step calls: the
+# GEMM-like ones in the low dtype, norms, softmax and a few pointwise ops and reductions in float32.
+# tests/test_roofline.py checks each name against torch's own lists.
+LOW_PRECISION = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                 torch.matmul, torch.Tensor.__matmul__, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
+                 F.scaled_dot_product_attention}
+FLOAT32 = {F.group_norm, F.layer_norm, F.rms_norm, F.softmax, F.log_softmax, torch.softmax, torch.Tensor.softmax,
+           torch.exp, torch.Tensor.exp, torch.rsqrt, torch.Tensor.rsqrt, torch.pow, torch.Tensor.pow,
+           torch.sum, torch.Tensor.sum, F.mse_loss}
+
+
+class CudaAutocast(TorchFunctionMode):
+    """CUDA autocast's casts, on any device: the inputs of a LOW_PRECISION function that are float32
+    go to `dtype`, those of a FLOAT32 one that are bf16/fp16 go to float32, and every other op runs
+    in its inputs' dtypes (type promotion, as under autocast). Autocast does this per aten op; this
+    does it per Python function, the first one a call reaches (nn.GroupNorm's F.group_norm, say)."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in LOW_PRECISION:
+            args, kwargs = _cast((args, kwargs), {torch.float32}, self.dtype)
+        elif func in FLOAT32:
+            args, kwargs = _cast((args, kwargs), {torch.bfloat16, torch.float16}, torch.float32)
+        return func(*args, **kwargs)
+
+
+def _cast(tree, sources: set, dtype: torch.dtype):
+    return tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in sources else t, tree)
+
+
 EMPTY = {"flops": 0, "bytes": 0, "exps": 0, "bound_ms": 0.0, "memory_bound_ms": 0.0, "exp_bound_ms": 0.0,
          "serial_ms": 0.0, "fused_bytes": 0, "fused_ms": 0.0}
 
@@ -270,11 +307,14 @@ def by_kind(roofline: Roofline) -> dict[str, dict]:
 
 
 def count(fn, *args, peak_tflops: float, bandwidth_gbs: float, lora_params=(), fused_attention=False,
-          head_multiple: int = 1, exp_tera_per_s: float | None = None) -> Roofline:
-    """One call fn(*args), counted. fused_attention: count SDPA as FusedAttention does (on meta)."""
+          head_multiple: int = 1, exp_tera_per_s: float | None = None, cuda_autocast: torch.dtype | None = None) -> Roofline:
+    """One call fn(*args), counted. fused_attention: count SDPA as FusedAttention does (on meta);
+    cuda_autocast: run it under CudaAutocast to that dtype."""
     counted = Roofline(peak_tflops, bandwidth_gbs, lora_params, exp_tera_per_s)
     swap = FusedAttention(counted, head_multiple) if fused_attention else contextlib.nullcontext()
-    with swap, counted:
+    # Entered after FusedAttention, so it sees SDPA first and hands it on with its inputs cast.
+    casts = CudaAutocast(cuda_autocast) if cuda_autocast else contextlib.nullcontext()
+    with swap, casts, counted:
         fn(*args)
     return counted
 
