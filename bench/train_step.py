@@ -80,6 +80,9 @@ def parse(argv=None):
     p.add_argument("--lora-forward", default="addmm", choices=["addmm", "peft"],
                    help="addmm: each LoRA product added inside a GEMM, as the loop does; peft: peft's own "
                    "forward (--baseline always, as the diffusers example)")
+    p.add_argument("--no-autocast", action="store_true",
+                   help="run the bf16/fp16 base in its own dtype, not under autocast, as train.autocast: false "
+                        "does (CUDA autocast runs each norm in float32 and copies its input and output)")
     p.add_argument("--nf4", action="store_true", help="NF4 base weights via bitsandbytes (QLoRA); CUDA only")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", *loop.BACKENDS, "fa4"],
                    help="sdpa: let torch pick the fused kernel; math: the unfused reference; "
@@ -129,6 +132,8 @@ def parse(argv=None):
         p.error("--attention fa4 needs a CUDA GPU: FlashAttention 4's kernels run on Hopper and Blackwell only")
     if args.tf32 and args.precision != "fp32":
         p.error("--tf32 is for --precision fp32 (bf16 and fp16 runs leave torch's TF32 flags alone)")
+    if args.no_autocast and (args.precision == "fp32" or args.baseline):
+        p.error("--no-autocast: fp32 runs no autocast anyway, and --baseline autocasts as the diffusers example does")
     if args.nf4 and args.precision == "fp32":
         p.error("--nf4 computes in bf16 or fp16; pick --precision bf16")
     if args.baseline and (args.arch != "sd15" or args.compile or args.nf4):
@@ -172,6 +177,7 @@ def label(args) -> str:
                        (args.channels_last, "channels-last"), (args.optimizer == "adamw8bit", "adamw8bit"),
                        (args.attention != "sdpa", f"{args.attention}-attn"),
                        (args.lora_forward == "peft" and not args.baseline, "peft-lora"),
+                       (args.no_autocast, "no-autocast"),
                        (args.no_cudnn_benchmark, "no-cudnn-benchmark")]:
         if flag:
             parts.append(text)
@@ -246,7 +252,7 @@ class Bench:
             # DDPM's scaled-linear schedule (SD1.x/SDXL), kept on the device so noising needs no copy.
             betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, device=self.device) ** 2
             self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        autocast = dtype != torch.float32 and self.device.type != "meta"
+        autocast = dtype != torch.float32 and self.device.type != "meta" and not args.no_autocast
         self.amp = torch.autocast(self.device.type, dtype=dtype) if autocast else contextlib.nullcontext()
         if not args.baseline:  # as the loop does; the diffusers example keeps peft's forward and casts
             lora.training_forward(self.model, self.lora, autocast)
@@ -258,7 +264,7 @@ class Bench:
                  "mixed_precision": {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[a.precision],
                  "gradient_checkpointing": a.checkpointing, "channels_last": a.channels_last,
                  "compile": a.compile,  # attention: step() forces the asked kernel around the loop
-                 "compile_mode": a.compile_mode,
+                 "compile_mode": a.compile_mode, "autocast": not a.no_autocast,
                  "lora": {"rank": a.rank, "alpha": float(a.rank), "addmm": a.lora_forward == "addmm"}}
         # model.id "tiny" only picks the noise schedule (the same as the real configs'); the
         # denoiser is this one.
@@ -466,7 +472,7 @@ def _run(args, began: float) -> dict:
         "compile_mode": args.compile_mode if args.compile else None,
         "compile_scope": args.compile_scope if args.compile else None, "inductor": args.inductor,
         "checkpointing": args.checkpointing, "optimizer": args.optimizer, "rank": args.rank, "nf4": args.nf4,
-        "lora_forward": "peft" if args.baseline else args.lora_forward,
+        "lora_forward": "peft" if args.baseline else args.lora_forward, "autocast": args.precision != "fp32" and not args.no_autocast,
         "attention": args.attention, "channels_last": args.channels_last,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "steps": args.steps, "warmup": args.warmup,

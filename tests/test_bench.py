@@ -466,3 +466,26 @@ def test_gpu_script_warns_of_a_misspelt_name_first_and_finishes_without_runs(tmp
         assert "import time:" in packed.extractfile("runs/importtime.txt").read().decode()
     slowest = out.stdout.split("the slowest imports of a bench process")[1].splitlines()[1]
     assert slowest.strip().endswith("| bench.train_step")
+
+
+@pytest.mark.parametrize("extra", [[], ["--loop"]])
+def test_no_autocast_steps_the_bf16_base_without_autocast_to_the_same_loss_on_a_cpu(extra, capsys):
+    """--no-autocast (the loop's train.autocast: false): the step runs outside autocast, in the
+    bench's own step and the loop's. On a CPU, whose autocast keeps norms in bf16, the loss is the
+    autocast step's to the bit."""
+    argv = ["--tiny", "--threads", "1", "--precision", "bf16", "--arch", "sd15", *extra]
+    losses, seen = {}, {}
+    for off in (False, True):
+        args = train_step.parse(argv + ["--no-autocast"] * off)
+        bench = train_step.Bench(args)
+        seen[off] = set()
+        for m in bench.model.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.register_forward_pre_hook(lambda m, a, off=off: seen[off].add(torch.is_autocast_enabled("cpu")))
+        losses[off] = bench.step()
+    assert seen == {False: {True}, True: {False}}
+    assert torch.isfinite(losses[True]) and torch.equal(losses[True], losses[False])
+    assert args.name.endswith("no-autocast")
+    with pytest.raises(SystemExit):
+        train_step.parse([*argv, "--precision", "fp32", "--no-autocast"])
+    assert "--no-autocast: fp32 runs no autocast anyway" in capsys.readouterr().err.splitlines()[-1]

@@ -218,3 +218,62 @@ def test_the_whole_unet_with_addmm_lora_compiles_into_one_graph_on_cuda():
     from test_lora import check_whole_unet_compiles_into_one_graph
 
     check_whole_unet_compiles_into_one_graph("cuda")
+
+
+def test_without_autocast_the_norms_run_in_bf16_and_it_trains(cache_dir):
+    """train.autocast: false on CUDA: the norms take and give bf16 (under autocast they give
+    float32, each between two casts), and the step trains."""
+    from accelerate.state import AcceleratorState
+
+    def norm_outputs(run):
+        seen = set()
+        for m in run.accelerator.unwrap_model(run.denoiser).modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                m.register_forward_hook(lambda m, args, out: seen.add((args[0].dtype, out.dtype)))
+        assert_trains(run)
+        return seen
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert norm_outputs(loop.setup(params(), cache_dir)) == {(torch.float32, torch.float32)}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert norm_outputs(loop.setup(params(autocast=False), cache_dir)) == {(torch.bfloat16, torch.bfloat16)}
+
+
+def test_the_rooflines_cuda_autocast_is_cudas_own():
+    """sdtune.profiling.roofline.CudaAutocast (how bench.roofline --cuda-autocast counts the eager
+    step on meta) against torch.autocast on CUDA: the tiny SD1.5 UNet's forward and backward
+    dispatch the same ops with outputs in the same dtypes, the casts aside."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from bench import archs
+    from sdtune.profiling import roofline
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._overloadpacket is not torch.ops.aten._to_copy and not func.is_view:
+                dtypes = tuple(t.dtype for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+                self.ops.append((str(func._overloadpacket), dtypes))
+            return out
+
+    arch = archs.get("sd15")
+    torch.manual_seed(0)
+    unet = archs.build(arch, True, torch.device("cuda"), torch.bfloat16).requires_grad_(False)
+    latents, cond = archs.inputs(arch, 2, archs.TINY_RES, "cuda", torch.bfloat16, True)
+    t = torch.tensor([10, 500], device="cuda")
+
+    def ops(casts):
+        x = latents.clone().requires_grad_(True)
+        with casts, Record() as record:
+            unet(x, t, **cond).sample.float().square().mean().backward()
+        return record.ops
+
+    real, emulated = ops(torch.autocast("cuda", dtype=torch.bfloat16)), ops(roofline.CudaAutocast(torch.bfloat16))
+    first = next((i for i, (a, b) in enumerate(zip(real, emulated)) if a != b), None)
+    assert first is None and len(real) == len(emulated), (first, real[first:first + 3], emulated[first:first + 3])
+    assert ("aten.native_group_norm", (torch.float32,) * 3) in real

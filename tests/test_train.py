@@ -603,3 +603,43 @@ def test_under_mixed_precision_lora_inputs_skip_peft_casts_with_the_same_bits(wo
     AcceleratorState._reset_state(reset_partial_state=True)
     full = loop.setup(in_process_params(workspace), workspace / "cache")
     assert all(m.cast_input_dtype_enabled for m in full.denoiser.modules() if isinstance(m, BaseTunerLayer))
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd35m"])
+def test_without_autocast_each_family_trains_its_bf16_base_in_bf16(arch):
+    """train.autocast: false switches autocast off around the forward (accelerate's wrapper and the
+    loop's own context alike), and each family hands its bf16 denoiser bf16 inputs. On a CPU,
+    whose autocast keeps norms in bf16, that is the autocast step to the bit: the casts the
+    families make are the ones autocast made at the first layers."""
+    from accelerate.state import AcceleratorState
+
+    from bench import archs
+
+    spec = archs.get(arch)
+
+    def first_step(autocast: bool):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        raw = {"base": {"seed": 3, "device": "cpu"},
+               "model": {"family": spec.family, "id": "tiny", "resolution": archs.TINY_RES},
+               "train": {"steps": 2, "batch_size": 2, "wandb": "disabled", "mixed_precision": "bf16",
+                         "autocast": autocast, "lora": {"rank": 4, "alpha": 4.0}}}
+        torch.manual_seed(0)  # the same random denoiser both times
+        denoiser = archs.build(spec, True, torch.device("cpu"), torch.bfloat16)
+        run = loop.prepare(params_lib.parse(raw), archs.cache_items(spec, 2, archs.TINY_RES, tiny=True), denoiser=denoiser)
+        seen = set()
+        for m in run.denoiser.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                m.register_forward_pre_hook(lambda m, args: seen.add((torch.is_autocast_enabled("cpu"), args[0].dtype)))
+        before = {k: v.clone() for k, v in lora_state(run).items()}
+        loss = loop.train_step(run, 0)
+        after = lora_state(run)
+        assert any(not torch.equal(before[k], after[k]) for k in after)  # it trained
+        return loss, after, seen
+
+    loss_with, lora_with, seen_with = first_step(True)
+    loss_without, lora_without, seen_without = first_step(False)
+    assert seen_with == {(True, torch.bfloat16)}
+    assert seen_without == {(False, torch.bfloat16)}
+    assert torch.isfinite(loss_without) and torch.equal(loss_without, loss_with)
+    assert {v.dtype for v in lora_without.values()} == {torch.float32}
+    assert all(torch.equal(lora_without[k], lora_with[k]) for k in lora_with)

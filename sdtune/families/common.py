@@ -152,6 +152,14 @@ def compute_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def model_dtype(denoiser) -> torch.dtype:
+    """The dtype the frozen denoiser computes in (DDP's wrapper looked through). Training casts the
+    latents and embeddings it feeds the denoiser to it: without autocast (train.autocast: false)
+    its first layers would meet float32 inputs, and under autocast those layers cast them there
+    anyway, to the same numbers."""
+    return getattr(denoiser, "module", denoiser).dtype
+
+
 def compile_denoiser(denoiser, blocks, mode: str = "default", options: dict | None = None) -> None:
     """torch.compile in place (the pipeline and the state-dict keys keep their modules): the whole
     denoiser, or each module whose class is named in `blocks` (a family's COMPILE_BLOCKS).

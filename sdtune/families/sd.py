@@ -96,7 +96,8 @@ def training_loss(denoiser, scheduler, batch, generator, train):
     noise = common.sample_noise(latents, generator, train.noise_offset)
     timesteps = common.sample_timesteps(scheduler, latents.shape[0], generator, latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    pred = denoiser(noisy, timesteps, encoder_hidden_states=batch["prompt_embeds"]).sample
+    dtype = common.model_dtype(denoiser)
+    pred = denoiser(noisy.to(dtype), timesteps, encoder_hidden_states=batch["prompt_embeds"].to(dtype)).sample
     return common.diffusion_loss(pred, latents, noise, timesteps, scheduler, train)
 
 

@@ -192,9 +192,11 @@ def training_loss(denoiser, scheduler, batch, generator, train):
     # Rectified flow: a straight line from the image (sigma 0) to noise (sigma 1); the model
     # predicts its velocity, noise - x0.
     noisy = (1 - sigmas) * latents + sigmas * noise
-    pred = denoiser(hidden_states=noisy, timestep=timesteps,
-                    encoder_hidden_states=batch["prompt_embeds"],
-                    pooled_projections=batch["pooled_prompt_embeds"], return_dict=False)[0]
+    # The timesteps stay float32: the denoiser embeds them itself, and bf16 would round 999 to 1000.
+    dtype = common.model_dtype(denoiser)
+    pred = denoiser(hidden_states=noisy.to(dtype), timestep=timesteps,
+                    encoder_hidden_states=batch["prompt_embeds"].to(dtype),
+                    pooled_projections=batch["pooled_prompt_embeds"].to(dtype), return_dict=False)[0]
     target = noise - latents
     if weighting != "none":  # on the implied image, as diffusers' trainer weights it
         pred, target = noisy - sigmas * pred, latents

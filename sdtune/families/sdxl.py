@@ -166,8 +166,9 @@ def training_loss(denoiser, scheduler, batch, generator, train):
     noisy = scheduler.add_noise(latents, noise, timesteps)
     # float32, not the latents' dtype: bfloat16 would round a size (1023 to 1024), and the UNet
     # embeds the six numbers in float32 anyway
-    added = {"text_embeds": batch["pooled_prompt_embeds"], "time_ids": batch["time_ids"].float()}
-    pred = denoiser(noisy, timesteps, encoder_hidden_states=batch["prompt_embeds"],
+    dtype = common.model_dtype(denoiser)
+    added = {"text_embeds": batch["pooled_prompt_embeds"].to(dtype), "time_ids": batch["time_ids"].float()}
+    pred = denoiser(noisy.to(dtype), timesteps, encoder_hidden_states=batch["prompt_embeds"].to(dtype),
                     added_cond_kwargs=added).sample
     return common.diffusion_loss(pred, latents, noise, timesteps, scheduler, train)
 

@@ -18,7 +18,7 @@ import peft
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import AutocastKwargs, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
@@ -117,7 +117,10 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
         # accelerate gives the CPU no fp16 autocast nor loss scaling: the fp16 base would meet the
         # float32 LoRA in a matmul and fail deep in the first step.
         raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on the CPU")
-    accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision(p.mixed_precision, device_type))
+    # train.autocast: false keeps accelerate's mixed precision (the base's dtype, fp16's loss scaling)
+    # with its autocast switched off, around the prepared model's forward and in acc.autocast() alike.
+    accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision(p.mixed_precision, device_type),
+                              kwargs_handlers=[AutocastKwargs(enabled=p.autocast)])
     # Seeds python, numpy and torch: the LoRA initialisation and dropout draw from them.
     set_seed(params.base.seed)
     if p.deterministic:
@@ -138,8 +141,9 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
     lora.add(denoiser, p.lora, family.LORA_TARGETS)
     for param in lora.trainable(denoiser):
         param.data = param.data.float()
-    # Every forward runs under autocast with mixed precision: training and validation.
-    lora.training_forward(denoiser, p.lora, autocast=accelerator.mixed_precision != "no")
+    # With mixed precision every forward runs under autocast, unless train.autocast is off: training
+    # and validation alike.
+    lora.training_forward(denoiser, p.lora, autocast=accelerator.mixed_precision != "no" and p.autocast)
     if p.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     if p.channels_last:
