@@ -234,9 +234,12 @@ def test_sizes_reach_the_unet_exactly_whatever_the_cache_dtype(encoded):
     seen = {}
 
     def denoiser(noisy, timesteps, encoder_hidden_states, added_cond_kwargs):
-        seen.update(added_cond_kwargs)
+        seen.update(added_cond_kwargs, noisy=noisy, encoder_hidden_states=encoder_hidden_states)
         return SimpleNamespace(sample=torch.zeros_like(noisy))
 
+    denoiser.dtype = torch.bfloat16  # what the frozen UNet computes in
     sdxl.training_loss(denoiser, sdxl.load_noise_scheduler(params.model), batch, torch.Generator().manual_seed(0),
                        params.train)
     assert seen["time_ids"].dtype == torch.float32 and seen["time_ids"][0, 0].item() == 1023
+    # The rest goes in the UNet's dtype (without autocast nothing else would cast it).
+    assert {seen[k].dtype for k in ("noisy", "encoder_hidden_states", "text_embeds")} == {torch.bfloat16}
