@@ -82,6 +82,11 @@ plan() {
     # Every run but the -peft-lora ones adds its LoRA products inside GEMMs (sdtune.train.lora.AddmmLora);
     # this one keeps peft's own forward, as all runs before 2026-11-27 did.
     run sd15-bs16-bf16-peft-lora 60 30 "${SD15[@]}" --bs 16 --precision bf16 --lora-forward peft "${STEPS[@]}"
+    # Without autocast (train.autocast: false): CUDA autocast runs every group and layer norm in
+    # float32, between a cast of its input up and of its output down. Counted on meta (bench.roofline
+    # --cuda-autocast), that is 53 of SD1.5 bs16's 122 GB of eager memory-bound traffic a step, 18 ms
+    # at the H100's copy bandwidth (the compiled run is below).
+    run sd15-bs16-bf16-no-autocast 60 30 "${SD15[@]}" --bs 16 --precision bf16 --no-autocast "${STEPS[@]}"
     run sd35l-bs1-nf4 120 60 --arch sd35l --res 1024 --bs 1 --precision bf16 --nf4 --steps 5 --warmup 2
     group_end
     # Which attention kernel and which convolution layout are fastest, kernel by kind (--kernels):
@@ -153,6 +158,15 @@ plan() {
     # took 10 ms of kernels off the H100's step, docs/benchmarks.md.)
     run sd15-bs16-bf16-compile-cudagraphs-peft-lora 300 240 "${SD15[@]}" --bs 16 --precision bf16 --compile \
         --compile-mode reduce-overhead --lora-forward peft "${GSTEPS[@]}"
+    # Compiled, inductor fuses the casts into the norms, but what the backward keeps may still be
+    # float32: fused between GEMM-like ops the roofline counts 56 GB a step with autocast, 38 without
+    # (about 6 ms at the H100's copy bandwidth).
+    run sd15-bs16-bf16-compile-cudagraphs-no-autocast 300 240 "${SD15[@]}" --bs 16 --precision bf16 --compile \
+        --compile-mode reduce-overhead --no-autocast "${GSTEPS[@]}"
+    # The forced layout made inductor's norm kernels 7.8 ms slower in channels-last tensors, norms
+    # that autocast ran in float32: in bf16 they read and write half as much.
+    run sd15-bs16-bf16-compile-force-layout-cudagraphs-no-autocast 300 240 "${SD15[@]}" --bs 16 --precision bf16 \
+        --compile --compile-mode reduce-overhead --inductor force_layout_optimization=True --no-autocast "${GSTEPS[@]}"
 }
 
 # plan() is walked once to list the runs and groups (MODE=list), then once per unit to run (MODE=run):
