@@ -643,3 +643,24 @@ def test_without_autocast_each_family_trains_its_bf16_base_in_bf16(arch):
     assert torch.isfinite(loss_without) and torch.equal(loss_without, loss_with)
     assert {v.dtype for v in lora_without.values()} == {torch.float32}
     assert all(torch.equal(lora_without[k], lora_with[k]) for k in lora_with)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])
+def test_validation_samples_the_denoiser_trained_without_autocast(family, tmp_path):
+    """accelerate hands the prepared denoiser's output back in float32, which makes the pipeline's
+    latents float32 after its first step: without autocast the bf16 denoiser must still get bf16."""
+    from accelerate.state import AcceleratorState
+
+    from sdtune.train import validate as validate_lib
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    p = params_lib.parse({"base": {"seed": 3, "device": "cpu"}, "model": {"family": family, "id": "tiny", "resolution": 32},
+                          "train": {"wandb": "disabled", "mixed_precision": "bf16", "autocast": False,
+                                    "validation_prompts": ["a picture 1"], "validation_seeds": [0], "validation_steps": 3}})
+    run = loop.prepare(p, items=[])
+    path = validate_lib.Validator(p, run.family, tmp_path)(run)
+    from PIL import Image
+
+    with Image.open(path) as image:
+        pixels = torch.tensor(list(image.convert("L").getdata()), dtype=torch.float32)
+    assert pixels.std() > 0  # a picture, not a blank

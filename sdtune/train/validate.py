@@ -6,6 +6,7 @@ import torch
 
 from sdtune.data import cache as cache_lib
 from sdtune.evaluate import generate, report
+from sdtune.families import common
 from sdtune.train import lora, loop
 
 
@@ -39,12 +40,17 @@ class Validator:
             run.ema.copy_to(weights)
         model.eval()
         images = []
+        # accelerate hands the prepared denoiser's output back in float32, so the scheduler's step
+        # makes the latents float32. Under autocast the next step casts them; without it
+        # (train.autocast: false) the bf16 denoiser would meet them, so they go back to its dtype
+        # after each step, where a pipeline outside accelerate keeps them.
+        extra = {} if p.autocast else {"callback_on_step_end": _latents_in(common.model_dtype(model))}
         with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []), torch.no_grad(), acc.autocast():
             for prompt in p.validation_prompts:
                 for seed in p.validation_seeds:
                     # guidance None: the pipeline's default guidance scale
                     images.append(generate.sample(self.pipe, prompt, seed, steps=p.validation_steps,
-                                                  guidance=None, size=size))
+                                                  guidance=None, size=size, **extra))
         model.train()
         if run.ema is not None:
             run.ema.restore(weights)
@@ -54,3 +60,10 @@ class Validator:
         if self.log_image is not None:
             self.log_image(path, run.step)
         return path
+
+
+def _latents_in(dtype):
+    """A pipeline's callback_on_step_end that casts each step's latents to `dtype`."""
+    def callback(pipe, step, timestep, tensors):
+        return {"latents": tensors["latents"].to(dtype)}
+    return callback
