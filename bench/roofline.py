@@ -78,6 +78,7 @@ def summary(result: dict) -> str:
         text += " Fused so, " + ", ".join(f"the windows with a {name} move {moved / 1e9:.3g} GB" if name != "other" else
                                          f"the rest {moved / 1e9:.3g} GB" for name, moved in sorted(by_norm.items())) + "."
     text += roofline.exp_note(kinds, result["exp_tera_per_s"])
+    text += f" Autograd keeps {result['saved_bytes'] / 2**30:.3g} GiB for the backward (the weights aside)."
     if result.get("measured"):
         step = result["measured"]["step_ms"]
         text += f" Measured ({result['measured']['run']}): {step:.1f} ms a step, {mfu(step):.1%}."
@@ -134,7 +135,7 @@ def main(argv=None):
     model_flops = train_step.count_model_flops(bench)["flops_per_step"]
     result = {"name": step_args.name, "card": args.card, "peak_tflops": peak, "datasheet_tflops": datasheet,
               "bandwidth_gbs": bandwidth, "exp_tera_per_s": exp_rate, "head_multiple": args.head_multiple,
-              "cuda_autocast": args.cuda_autocast, "model_flops": model_flops,
+              "cuda_autocast": args.cuda_autocast, "model_flops": model_flops, "saved_bytes": counted.saved_bytes,
               "kinds": roofline.by_kind(counted), "measured": measured,
               "ops": [{"op": op, "kind": kind, "calls": row["calls"], "flops": row["flops"], "bytes": row["bytes"],
                        "exps": row["exps"], "bound_ms": row["bound_seconds"] * 1e3, "serial_ms": row["serial_seconds"] * 1e3}

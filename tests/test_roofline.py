@@ -212,10 +212,10 @@ def test_cuda_autocast_runs_a_norm_in_float32_and_counts_the_casts_around_it():
         dtypes.clear()
         c = roofline.count(lambda: block(x).float().sum().backward(), peak_tflops=1.0, bandwidth_gbs=1.0,
                            cuda_autocast=cuda_autocast)
-        return {op: row for (op, _), row in c.ops.items()}, list(dtypes)
+        return {op: row for (op, _), row in c.ops.items()}, list(dtypes), c.saved_bytes
 
-    plain, plain_dtypes = counted(None)
-    cast, cast_dtypes = counted(torch.bfloat16)
+    plain, plain_dtypes, plain_kept = counted(None)
+    cast, cast_dtypes, cast_kept = counted(torch.bfloat16)
     assert plain_dtypes == [torch.bfloat16] * 3
     assert cast_dtypes == [torch.float32, torch.float32, torch.bfloat16]
     n = x.numel()
@@ -224,6 +224,11 @@ def test_cuda_autocast_runs_a_norm_in_float32_and_counts_the_casts_around_it():
     # their gradients' casts back.
     assert cast["aten._to_copy"]["bytes"] - plain["aten._to_copy"]["bytes"] >= 2 * (6 * n + 6 * n)
     assert cast["aten.convolution"]["flops"] == plain["aten.convolution"]["flops"]
+    # Kept for the backward: the norm's input, the SiLU's and the conv's, and the norm's mean and
+    # 1/std (2 x 4 of each). In bf16 all of them; under autocast the first two in float32, and the
+    # norm's weight too, whose float32 cast is no parameter.
+    assert plain_kept == 3 * 2 * n + 2 * 8 * 2
+    assert cast_kept == 2 * 4 * n + 2 * n + 2 * 8 * 4 + 16 * 4
 
 
 def test_cli_counts_the_step_under_cuda_autocast_with_more_memory_bound_bytes():

@@ -152,6 +152,7 @@ class Roofline(TorchDispatchMode):
 
     def __init__(self, peak_tflops: float, bandwidth_gbs: float, lora_params=(), exp_tera_per_s: float | None = None):
         super().__init__()
+        self.saved_bytes = 0  # count() sets it: the activations autograd kept for the backward
         self.flop_rate, self.byte_rate = peak_tflops * 1e12, bandwidth_gbs * 1e9
         self.exp_rate = exp_tera_per_s * 1e12 if exp_tera_per_s else None
         self.ops = collections.defaultdict(collections.Counter)
@@ -314,8 +315,16 @@ def count(fn, *args, peak_tflops: float, bandwidth_gbs: float, lora_params=(), f
     swap = FusedAttention(counted, head_multiple) if fused_attention else contextlib.nullcontext()
     # Entered after FusedAttention, so it sees SDPA first and hands it on with its inputs cast.
     casts = CudaAutocast(cuda_autocast) if cuda_autocast else contextlib.nullcontext()
-    with swap, casts, counted:
+    kept = {}  # storage -> itself, of what autograd keeps for the backward other than the weights
+
+    def keep(t):
+        if not isinstance(t, torch.nn.Parameter):  # the weights were there before the step
+            kept[_key(t)] = t.untyped_storage()  # held, so that no other storage takes its address
+        return t
+
+    with swap, casts, counted, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         fn(*args)
+    counted.saved_bytes = sum(storage.nbytes() for storage in kept.values())
     return counted
 
 
