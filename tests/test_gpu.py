@@ -212,12 +212,13 @@ def test_addmm_lora_is_no_further_from_float64_than_peft_on_cuda():
                                size=(320, 320, 16), device="cuda")
 
 
-def test_the_whole_unet_with_addmm_lora_compiles_into_one_graph_on_cuda():
+@pytest.mark.parametrize("autocast", [True, False])
+def test_the_whole_unet_with_addmm_lora_compiles_into_one_graph_on_cuda(autocast):
     # The torch on the GPU box is older than CI's: Dynamo there traces less (docs/benchmarks.md,
     # twelfth session).
     from test_lora import check_whole_unet_compiles_into_one_graph
 
-    check_whole_unet_compiles_into_one_graph("cuda")
+    check_whole_unet_compiles_into_one_graph("cuda", autocast)
 
 
 def test_without_autocast_the_norms_run_in_bf16_and_it_trains(cache_dir):

@@ -101,35 +101,39 @@ def test_compiles_into_one_graph_with_the_eager_gradients():
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
-def check_whole_unet_compiles_into_one_graph(device):
+def check_whole_unet_compiles_into_one_graph(device, autocast=True):
     """The tiny SD1.5 UNet with LoRA as training runs it (float32 adapter, bf16 autocast, the
     training forward), compiled whole with fullgraph=True: a graph break anywhere in a LoRA layer
     raises. On the H100's torch 2.11 one untraceable call in AddmmLora broke the graph at every
-    LoRA layer and made the compiled step 1.7x slower; one layer compiled alone (above) missed it."""
+    LoRA layer and made the compiled step 1.7x slower; one layer compiled alone (above) missed it.
+    autocast=False: the base in bf16 without autocast, as train.autocast: false runs it."""
     from bench import archs
 
     arch, cfg = archs.get("sd15"), params.Lora(rank=4, alpha=8.0)
+    dtype = torch.float32 if autocast else torch.bfloat16
     torch.manual_seed(0)
-    model = archs.build(arch, tiny=True, device=device)
+    model = archs.build(arch, tiny=True, device=device, dtype=dtype)
     lora.add(model, cfg, arch.lora_targets)
     for p in lora.trainable(model):
-        p.data = torch.randn_like(p) * 0.1  # B nonzero, so A has a gradient to get
-    assert lora.training_forward(model, cfg, autocast=True) > 0
-    latents, cond = archs.inputs(arch, 2, archs.TINY_RES, device, torch.float32, tiny=True)
+        p.data = torch.randn(p.shape, device=p.device) * 0.1  # float32; B nonzero, so A has a gradient to get
+    assert lora.training_forward(model, cfg, autocast=autocast) > 0
+    latents, cond = archs.inputs(arch, 2, archs.TINY_RES, device, dtype, tiny=True)
     torch._dynamo.reset()
     # aot_eager: Dynamo's graph capture and AOTAutograd's backward without inductor's code, which
     # would take minutes here; a break is Dynamo's, whichever backend.
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
         out = compiled(latents, torch.tensor([10, 500], device=device), **cond).sample
+    assert out.dtype == torch.bfloat16
     out.float().square().mean().backward()
     grads = [p.grad for p in lora.trainable(model)]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads[::2])
 
 
-def test_the_whole_unet_compiles_into_one_graph():
-    check_whole_unet_compiles_into_one_graph("cpu")
+@pytest.mark.parametrize("autocast", [True, False])
+def test_the_whole_unet_compiles_into_one_graph(autocast):
+    check_whole_unet_compiles_into_one_graph("cpu", autocast)
 
 
 class _FullWidthTensors(TorchDispatchMode):
