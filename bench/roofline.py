@@ -79,6 +79,9 @@ def summary(result: dict) -> str:
                                          f"the rest {moved / 1e9:.3g} GB" for name, moved in sorted(by_norm.items())) + "."
     text += roofline.exp_note(kinds, result["exp_tera_per_s"])
     text += f" Autograd keeps {result['saved_bytes'] / 2**30:.3g} GiB for the backward (the weights aside)."
+    if saved := result.get("compiled_saved"):
+        text += (f" Compiled (AOTAutograd's min-cut partition, as inductor splits the step), the forward keeps "
+                 f"{saved['bytes'] / 2**30:.3g} GiB, {saved['float32_bytes'] / 2**30:.3g} GiB of it float32.")
     if result.get("measured"):
         step = result["measured"]["step_ms"]
         text += f" Measured ({result['measured']['run']}): {step:.1f} ms a step, {mfu(step):.1%}."
@@ -100,6 +103,9 @@ def main(argv=None):
     p.add_argument("--cuda-autocast", action="store_true",
                    help="count the step as it runs under CUDA autocast: norms and softmax in float32, their "
                         "inputs and outputs cast (default: the compute dtype throughout, as --no-autocast runs)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also trace the denoiser as torch.compile would and sum what its forward keeps for the "
+                        "backward (AOTAutograd's min-cut partition, as inductor splits it; a minute at real size)")
     p.add_argument("--measured", help="a bench JSON with a --kernels breakdown to set beside the floor")
     p.add_argument("--run", help="which run of --measured (its name)")
     p.add_argument("--json", dest="out", help="write the result here")
@@ -117,6 +123,8 @@ def main(argv=None):
         peaks, bandwidth, exp_rate = hardware.card(args.card)
     except ValueError as err:
         p.error(f"--card: {err}")
+    if args.compiled and step_args.baseline:
+        p.error("--compiled: the baseline is the diffusers example's eager step")
     if args.cuda_autocast and (step_args.precision == "fp32" or step_args.no_autocast):
         p.error("--cuda-autocast: autocast is for --precision bf16 or fp16, without --no-autocast")
     if step_args.precision not in peaks:  # bf16, fp16 or fp32, as the datasheet table names them
@@ -140,6 +148,11 @@ def main(argv=None):
               "ops": [{"op": op, "kind": kind, "calls": row["calls"], "flops": row["flops"], "bytes": row["bytes"],
                        "exps": row["exps"], "bound_ms": row["bound_seconds"] * 1e3, "serial_ms": row["serial_seconds"] * 1e3}
                       for (op, kind), row in sorted(counted.ops.items(), key=lambda item: -item[1]["bound_seconds"])]}
+    if args.compiled:
+        noisy, t, _ = bench._noised(bench.latents)
+        result["compiled_saved"] = roofline.compiled_saved(
+            bench.model, **{bench.arch.sample_arg: noisy, "timestep": t}, **bench.cond,
+            cuda_autocast=bench.dtype if args.cuda_autocast else None)
     print(f"{result['name']} on {args.card} ({peak:g} TFLOP/s, {bandwidth:g} GB/s, {exp_rate:.3g} ×10¹² exp/s):")
     print(roofline.table(result["kinds"], measured and measured["kinds"], measured and measured["kernel_ms"]))
     print(summary(result))

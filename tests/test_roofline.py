@@ -289,3 +289,37 @@ def test_cli_refuses_bad_arguments_in_one_line(measured, capsys, argv, message):
         cli.main([*argv, *TINY])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err.splitlines()[-1]
+
+
+def test_a_compiled_forward_keeps_what_a_fused_attention_kernel_keeps_not_its_scores():
+    """compiled_saved traces SDPA as one op keeping q, k, v, its output and a log-sum-exp; the math
+    path would keep the softmax's 2 x 256 x 256 scores (512 KiB in float32)."""
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(8, 24).to(torch.bfloat16).requires_grad_(False)
+
+    class Attention(torch.nn.Module):
+        def forward(self, x):
+            q, k, v = proj(x).chunk(3, dim=-1)
+            return F.scaled_dot_product_attention(q, k, v)
+
+    x = torch.randn(1, 2, 256, 8, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    proj.to("meta")
+    saved = roofline.compiled_saved(Attention(), x)
+    # q, k and v (views of the one projection), the output (also what the forward returns) in bf16,
+    # the log-sum-exp in float32.
+    assert saved == {"bytes": 2 * 256 * 24 * 2 + 2 * 256 * 8 * 2 + 2 * 256 * 4, "tensors": 3,
+                     "float32_bytes": 2 * 256 * 4}
+
+
+def test_a_compiled_step_keeps_no_more_under_autocasts_casts_and_less_than_eager():
+    """With inductor's decompositions the partitioner recomputes a norm's float32 output from its
+    bf16 input and statistics: the compiled forward keeps the same bytes with autocast's casts as
+    without, almost none of them float32, and less than the eager step keeps."""
+    argv = ["--compiled", *TINY, "--precision", "bf16", "--arch", "sd15"]
+    plain, cast = cli.main(argv), cli.main(["--cuda-autocast", *argv])
+    assert plain["saved_bytes"] < cast["saved_bytes"]  # eager: the float32 norms' inputs and outputs
+    compiled, compiled_cast = plain["compiled_saved"], cast["compiled_saved"]
+    assert 0 < compiled["bytes"] < plain["saved_bytes"]
+    assert compiled_cast["bytes"] == pytest.approx(compiled["bytes"], rel=0.01)
+    # Float32: attention's log-sum-exp and the timestep embedding.
+    assert max(compiled["float32_bytes"], compiled_cast["float32_bytes"]) < 0.05 * compiled["bytes"]

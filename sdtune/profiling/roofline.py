@@ -284,6 +284,88 @@ def _cast(tree, sources: set, dtype: torch.dtype):
     return tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in sources else t, tree)
 
 
+@torch.library.custom_op("sdtune::fused_attention", mutates_args=())
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA as one opaque op that, like a flash kernel, keeps its output and a float32 log-sum-exp
+    per query for the backward (never the scores). Only traced: compiled_saved runs it on meta."""
+    return F.scaled_dot_product_attention(q, k, v), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@_fused_attention.register_fake
+def _(q, k, v):
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+def _fused_attention_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+@torch.library.custom_op("sdtune::fused_attention_backward", mutates_args=())
+def _fused_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward as one op that reads all a flash backward reads, so the partitioner keeps them."""
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@_fused_attention_backward_op.register_fake
+def _(grad, q, k, v, out, lse):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fused_attention_backward(ctx, grad_out, grad_lse):
+    return torch.ops.sdtune.fused_attention_backward(grad_out, *ctx.saved_tensors)
+
+
+_fused_attention.register_autograd(_fused_attention_backward, setup_context=_fused_attention_context)
+
+
+class _OneAttentionOp(TorchFunctionMode):
+    """Plain SDPA calls (no mask, dropout or causality) go to sdtune::fused_attention."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        plain = len(args) == 3 and not any(kwargs.get(k) for k in ("attn_mask", "dropout_p", "is_causal", "enable_gqa"))
+        if func is F.scaled_dot_product_attention and plain:
+            return torch.ops.sdtune.fused_attention(*args)[0]
+        return func(*args, **kwargs)
+
+
+def compiled_saved(module, *args, cuda_autocast: torch.dtype | None = None, **kwargs) -> dict:
+    """What a torch.compile'd forward of module(*args, **kwargs) keeps for its backward: Dynamo's
+    graph split by AOTAutograd's min-cut partitioner, the one inductor uses, with each plain SDPA
+    call one fused op (sdtune::fused_attention). Run on meta, nothing is computed. Graph inputs
+    (weights, the batch) are left out: they are there anyway. cuda_autocast: under CudaAutocast.
+    {bytes, float32_bytes, tensors}."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    kept = {}  # storage -> (bytes, dtype): q, k and v kept as views of one projection are one tensor
+
+    def forward_graph(gm, example_inputs):
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        for n in outputs:
+            if isinstance(n, torch.fx.Node) and n.op != "placeholder" and isinstance(n.meta.get("val"), torch.Tensor):
+                t = n.meta["val"]
+                kept[_key(t)] = (t.untyped_storage().nbytes(), t.dtype)
+        return gm
+
+    # Inductor's decompositions too: with a norm split into pointwise ops and reductions, the
+    # partitioner can recompute its output from its input and statistics instead of keeping it.
+    backend = aot_autograd(fw_compiler=forward_graph, bw_compiler=lambda gm, example_inputs: gm,
+                           partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
+    casts = CudaAutocast(cuda_autocast) if cuda_autocast else contextlib.nullcontext()
+    torch._dynamo.reset()
+    try:
+        with _OneAttentionOp(), casts:
+            torch.compile(module, backend=backend, fullgraph=True)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    # The forward's own outputs are among them too (the prediction): small beside the rest.
+    return {"bytes": sum(n for n, _ in kept.values()), "tensors": len(kept),
+            "float32_bytes": sum(n for n, dtype in kept.values() if dtype == torch.float32)}
+
+
 EMPTY = {"flops": 0, "bytes": 0, "exps": 0, "bound_ms": 0.0, "memory_bound_ms": 0.0, "exp_bound_ms": 0.0,
          "serial_ms": 0.0, "fused_bytes": 0, "fused_ms": 0.0}
 
