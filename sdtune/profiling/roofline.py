@@ -228,6 +228,12 @@ class _FlashAttention(torch.autograd.Function):
         return None, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def _plain_attention(func, args, kwargs) -> bool:
+    """Whether a call is SDPA without a mask, dropout or causality, as the denoisers call it."""
+    return func is F.scaled_dot_product_attention and len(args) == 3 and not any(
+        kwargs.get(k) for k in ("attn_mask", "dropout_p", "is_causal", "enable_gqa"))
+
+
 class FusedAttention(TorchFunctionMode):
     """Routes F.scaled_dot_product_attention without a mask, dropout or causality (as the denoisers
     call it) to _FlashAttention, whose counts go to `roofline`; other calls (a text encoder's causal
@@ -244,8 +250,7 @@ class FusedAttention(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        plain = len(args) == 3 and not any(kwargs.get(k) for k in ("attn_mask", "dropout_p", "is_causal", "enable_gqa"))
-        if func is F.scaled_dot_product_attention and plain:
+        if _plain_attention(func, args, kwargs):
             return _FlashAttention.apply(self, *args)
         return func(*args, **kwargs)
 
@@ -324,8 +329,7 @@ class _OneAttentionOp(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        plain = len(args) == 3 and not any(kwargs.get(k) for k in ("attn_mask", "dropout_p", "is_causal", "enable_gqa"))
-        if func is F.scaled_dot_product_attention and plain:
+        if _plain_attention(func, args, kwargs):
             return torch.ops.sdtune.fused_attention(*args)[0]
         return func(*args, **kwargs)
 
