@@ -191,10 +191,51 @@ def test_cuda_autocasts_policy_is_the_one_torch_lists():
              for a in ast.walk(cuda) if isinstance(a, ast.Assign) and isinstance(a.targets[0], ast.Attribute)
              and isinstance(a.value, ast.List)}
     names = lambda *kinds: {name for kind in kinds for name in lists[kind]}  # noqa: E731
-    low = names("torch_fp16", "nn_fp16", "methods_fp16") | {"scaled_dot_product_attention"}  # in autocast_mode.cpp, untested there
+    # In autocast_mode.h's lists, untested in torch's: SDPA, and the upsample_* ops F.interpolate reaches.
+    low = names("torch_fp16", "nn_fp16", "methods_fp16") | {"scaled_dot_product_attention"}
     assert {f.__name__ for f in roofline.LOW_PRECISION} <= low
-    assert {f.__name__ for f in roofline.FLOAT32} <= names("torch_fp32", "nn_fp32", "methods_fp32")
+    assert {f.__name__ for f in roofline.FLOAT32} <= names("torch_fp32", "nn_fp32", "methods_fp32") | {"interpolate"}
     assert {"group_norm", "layer_norm", "softmax"} <= {f.__name__ for f in roofline.FLOAT32}
+
+
+# The aten ops a denoiser's forward reaches that CUDA autocast runs in float32 or in the low dtype
+# (AT_FORALL_FP32 and AT_FORALL_LOWER_PRECISION_FP in aten/src/ATen/autocast_mode.h), named as a
+# dispatch mode sees them: group_norm as native_group_norm, softmax as _softmax, SDPA as its CPU kernel.
+AUTOCAST_FLOAT32 = {"native_group_norm", "native_layer_norm", "_softmax", "_log_softmax", "exp", "pow", "rsqrt",
+                    "sum", "mse_loss", "upsample_nearest2d", "_upsample_nearest_exact2d", "upsample_bilinear2d",
+                    "upsample_bicubic2d", "logsumexp", "cdist", "renorm", "prod"}
+AUTOCAST_LOW = {"convolution", "addmm", "mm", "bmm", "baddbmm", "addbmm", "mv", "addmv",
+                "_scaled_dot_product_flash_attention_for_cpu"}
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "sd35m"])
+def test_cuda_autocast_gives_every_listed_aten_op_the_dtype_cuda_autocast_would(name):
+    """Each aten op of a tiny denoiser's forward under CudaAutocast that CUDA autocast lists gets its
+    floating inputs in that list's dtype. CudaAutocast casts per Python function, so this catches a
+    listed op reached through a function it does not know (diffusers' F.interpolate once)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bench import archs
+
+    wrong = []
+
+    class Check(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            op = func._overloadpacket.__name__
+            expected = torch.float32 if op in AUTOCAST_FLOAT32 else torch.bfloat16 if op in AUTOCAST_LOW else None
+            floats = [t.dtype for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            if expected and any(d != expected for d in floats):
+                wrong.append((op, floats))
+            return func(*args, **(kwargs or {}))
+
+    arch = archs.get(name)
+    torch.manual_seed(0)
+    model = archs.build(arch, True, "cpu", torch.bfloat16)
+    latents, cond = archs.inputs(arch, 2, archs.TINY_RES, "cpu", torch.bfloat16, True)
+    with torch.no_grad(), roofline.CudaAutocast(torch.bfloat16), Check():
+        model(**{arch.sample_arg: latents, "timestep": torch.tensor([10, 500])}, **cond)
+    assert not wrong, wrong[:3]
 
 
 def test_cuda_autocast_runs_a_norm_in_float32_and_counts_the_casts_around_it():

@@ -256,14 +256,17 @@ class FusedAttention(TorchFunctionMode):
 
 
 # CUDA autocast's policy (aten/src/ATen/autocast_mode.cpp) for the ops a denoiser's step calls: the
-# GEMM-like ones in the low dtype, norms, softmax and a few pointwise ops and reductions in float32.
-# tests/test_roofline.py checks each name against torch's own lists.
+# GEMM-like ones in the low dtype; norms, softmax, a few pointwise ops and reductions, and upsampling
+# (the UNet's up blocks, F.interpolate) in float32. tests/test_roofline.py checks each name against
+# torch's own lists, and the aten ops a step dispatches against autocast_mode.h's.
 LOW_PRECISION = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
                  torch.matmul, torch.Tensor.__matmul__, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
                  F.scaled_dot_product_attention}
 FLOAT32 = {F.group_norm, F.layer_norm, F.rms_norm, F.softmax, F.log_softmax, torch.softmax, torch.Tensor.softmax,
            torch.exp, torch.Tensor.exp, torch.rsqrt, torch.Tensor.rsqrt, torch.pow, torch.Tensor.pow,
-           torch.sum, torch.Tensor.sum, F.mse_loss}
+           torch.sum, torch.Tensor.sum, F.mse_loss, F.interpolate}
+# F.interpolate's one mode that is no upsample_* op: adaptive_avg_pool2d, which autocast leaves alone.
+_NOT_UPSAMPLING = "area"
 
 
 class CudaAutocast(TorchFunctionMode):
@@ -280,9 +283,14 @@ class CudaAutocast(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in LOW_PRECISION:
             args, kwargs = _cast((args, kwargs), {torch.float32}, self.dtype)
-        elif func in FLOAT32:
+        elif func in FLOAT32 and not (func is F.interpolate and _mode(args, kwargs) == _NOT_UPSAMPLING):
             args, kwargs = _cast((args, kwargs), {torch.bfloat16, torch.float16}, torch.float32)
         return func(*args, **kwargs)
+
+
+def _mode(args, kwargs) -> str:
+    """F.interpolate's mode: its fourth argument (input, size, scale_factor, mode)."""
+    return kwargs.get("mode", args[3] if len(args) > 3 else "nearest")
 
 
 def _cast(tree, sources: set, dtype: torch.dtype):
