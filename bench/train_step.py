@@ -597,6 +597,9 @@ def time_limit(seconds: int):
     """RunTimeout once `seconds` have passed (checked between Python bytecodes, so a kernel or a
     sync in progress finishes first; the caller's `timeout` catches a true hang)."""
     def expire(signum, frame):
+        # Again a second later: raised inside a finaliser or a callback, the exception is printed
+        # and dropped, and a one-shot alarm would leave the run going (a 100,000-step test run did).
+        signal.alarm(1)
         raise RunTimeout(f"timed out after {seconds}s")
 
     previous = signal.signal(signal.SIGALRM, expire)

@@ -294,6 +294,26 @@ def test_many_runs_share_a_process_and_each_gets_its_result(tmp_path):
     assert "| no-such-kernel | failed: RuntimeError" in table.results_table(rows)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_run_past_its_limit_stops_even_when_its_first_alarm_is_swallowed():
+    """The alarm's exception, raised inside a finaliser, is printed and dropped by Python: the
+    limit must still stop the run (once, a --many test run took 100,000 steps this way)."""
+    import time
+
+    class SlowFinaliser:
+        def __del__(self):  # busy past the limit, so the first alarm goes off in here
+            end = time.monotonic() + 1.5
+            while time.monotonic() < end:
+                pass
+
+    began = time.monotonic()
+    with pytest.raises(train_step.RunTimeout), train_step.time_limit(1):
+        SlowFinaliser()
+        while time.monotonic() - began < 6:
+            time.sleep(0.01)
+    assert time.monotonic() - began < 4
+
+
 def test_gpu_script_groups_eager_runs_and_reports_every_run_on_cpu(tmp_path):
     """The script itself, on this CPU at tiny sizes: the GPU tests (skipped here), three groups of
     eager runs, one run failing."""
