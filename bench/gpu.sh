@@ -82,10 +82,10 @@ plan() {
     # Every run but the -peft-lora ones adds its LoRA products inside GEMMs (sdtune.train.lora.AddmmLora);
     # this one keeps peft's own forward, as all runs before 2026-11-27 did.
     run sd15-bs16-bf16-peft-lora 60 30 "${SD15[@]}" --bs 16 --precision bf16 --lora-forward peft "${STEPS[@]}"
-    # Without autocast (train.autocast: false): CUDA autocast runs every group and layer norm in
-    # float32, between a cast of its input up and of its output down. Counted on meta (bench.roofline
-    # --cuda-autocast), that is 53 of SD1.5 bs16's 122 GB of eager memory-bound traffic a step, 18 ms
-    # at the H100's copy bandwidth (the compiled run is below).
+    # Without autocast (train.autocast: false, the loop's default; the bench's runs keep autocast
+    # unless --no-autocast): CUDA autocast runs every norm and upsampling in float32, between casts.
+    # On the H100 the eager step without it took 157.0 ms pipelined against 169.9 ms, and peaked
+    # 4.27 GiB lower (docs/benchmarks.md; the compiled run is below).
     run sd15-bs16-bf16-no-autocast 60 30 "${SD15[@]}" --bs 16 --precision bf16 --no-autocast "${STEPS[@]}"
     run sd35l-bs1-nf4 120 60 --arch sd35l --res 1024 --bs 1 --precision bf16 --nf4 --steps 5 --warmup 2
     group_end
@@ -159,8 +159,8 @@ plan() {
     run sd15-bs16-bf16-compile-cudagraphs-peft-lora 300 240 "${SD15[@]}" --bs 16 --precision bf16 --compile \
         --compile-mode reduce-overhead --lora-forward peft "${GSTEPS[@]}"
     # Compiled, the casts fuse into the norms, and traced as inductor splits the step the forward keeps
-    # the same 10.4 GiB either way (bench.roofline --compiled): this should read as the run with
-    # autocast, a check of that count.
+    # the same 10.4 GiB either way (bench.roofline --compiled). On the H100 it read as the run with
+    # autocast: 106.9 against 106.8 ms pipelined, 11.79 GiB both.
     run sd15-bs16-bf16-compile-cudagraphs-no-autocast 300 240 "${SD15[@]}" --bs 16 --precision bf16 --compile \
         --compile-mode reduce-overhead --no-autocast "${GSTEPS[@]}"
 }

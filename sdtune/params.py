@@ -102,11 +102,13 @@ class Train(Section):
     weight_decay: float = Field(1e-2, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping (the norm is still measured)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    # With bf16/fp16: the forward under torch.autocast, which on CUDA runs every norm and softmax in
-    # float32 (a copy of its input and output each). false: the frozen base runs in its own dtype
-    # throughout, as diffusers' pipelines run it (the norms accumulate in float32 inside their
-    # kernels); only LoRA's float32 weights are cast, for the matmuls.
-    autocast: bool = True
+    # With bf16/fp16, false (the default): the frozen base runs in its own dtype throughout, as
+    # diffusers' pipelines run it (the norms accumulate in float32 inside their kernels); only LoRA's
+    # float32 weights are cast, for the matmuls. true: the forward under torch.autocast, which on CUDA
+    # runs every norm and upsampling in float32, between a cast of its input up and of its output
+    # down. On an H100 (SD1.5 bs16, eager) true took 8% longer a step and 4.3 GiB (30%) more memory;
+    # compiled, the two are the same (docs/benchmarks.md).
+    autocast: bool = False
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "math"] = "sdpa"  # math: the unfused reference kernel, for comparison
     channels_last: bool = False  # NHWC memory layout for the UNet's convolutions

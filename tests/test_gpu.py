@@ -236,7 +236,7 @@ def test_without_autocast_the_norms_run_in_bf16_and_it_trains(cache_dir):
 
     AcceleratorState._reset_state(reset_partial_state=True)
     # Under autocast a norm's input arrives as it is (bf16) and the cast happens inside it.
-    assert {out for _, out in norm_outputs(loop.setup(params(), cache_dir))} == {torch.float32}
+    assert {out for _, out in norm_outputs(loop.setup(params(autocast=True), cache_dir))} == {torch.float32}
     AcceleratorState._reset_state(reset_partial_state=True)
     assert norm_outputs(loop.setup(params(autocast=False), cache_dir)) == {(torch.bfloat16, torch.bfloat16)}
 

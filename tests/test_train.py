@@ -566,8 +566,10 @@ def test_under_mixed_precision_lora_inputs_skip_peft_casts_with_the_same_bits(wo
             return func(*args, **(kwargs or {}))
 
     def trained(casts: bool, **train):
-        # peft's own forward: AddmmLora (train.lora.addmm) casts its operands itself.
+        # peft's own forward: AddmmLora (train.lora.addmm) casts its operands itself. Under autocast,
+        # as the skip needs: without autocast peft's casts are what run the float32 adapter on bf16.
         train.setdefault("lora", {"rank": 4, "alpha": 4.0, "addmm": False})
+        train.setdefault("autocast", True)
         AcceleratorState._reset_state(reset_partial_state=True)
         run = loop.setup(in_process_params(workspace, mixed_precision="bf16", **train), workspace / "cache")
         layers = [m for m in run.denoiser.modules() if isinstance(m, BaseTunerLayer)]
@@ -603,6 +605,10 @@ def test_under_mixed_precision_lora_inputs_skip_peft_casts_with_the_same_bits(wo
     AcceleratorState._reset_state(reset_partial_state=True)
     full = loop.setup(in_process_params(workspace), workspace / "cache")
     assert all(m.cast_input_dtype_enabled for m in full.denoiser.modules() if isinstance(m, BaseTunerLayer))
+    AcceleratorState._reset_state(reset_partial_state=True)  # bf16 by default: no autocast, peft casts
+    plain = loop.setup(in_process_params(workspace, mixed_precision="bf16", lora={"rank": 4, "alpha": 4.0, "addmm": False}),
+                       workspace / "cache")
+    assert all(m.cast_input_dtype_enabled for m in plain.denoiser.modules() if isinstance(m, BaseTunerLayer))
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd35m"])
