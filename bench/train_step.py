@@ -255,7 +255,9 @@ class Bench:
         autocast = dtype != torch.float32 and self.device.type != "meta" and not args.no_autocast
         self.amp = torch.autocast(self.device.type, dtype=dtype) if autocast else contextlib.nullcontext()
         if not args.baseline:  # as the loop does; the diffusers example keeps peft's forward and casts
-            lora.training_forward(self.model, self.lora, autocast)
+            own = dtype if args.no_autocast and dtype != torch.float32 and self.device.type != "meta" \
+                else None
+            lora.training_forward(self.model, self.lora, autocast, own_autocast=own)
 
     def _setup_loop(self):
         """A training-loop Run over this denoiser: LoRA, optimizer and everything else as in training."""

@@ -104,7 +104,8 @@ class Train(Section):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     # With bf16/fp16, false (the default): the frozen base runs in its own dtype throughout, as
     # diffusers' pipelines run it (the norms accumulate in float32 inside their kernels); only LoRA's
-    # float32 weights are cast, for the matmuls. true: the forward under torch.autocast, which on CUDA
+    # float32 weights are cast, for the matmuls (the layers on peft's forward, a 4-bit base, DoRA or
+    # dropout, under an autocast of their own). true: the forward under torch.autocast, which on CUDA
     # runs every norm and upsampling in float32, between a cast of its input up and of its output
     # down. On an H100 (SD1.5 bs16, eager) true took 8% longer a step and 4.3 GiB (30%) more memory;
     # compiled, the two are the same (docs/benchmarks.md).

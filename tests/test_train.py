@@ -21,7 +21,7 @@ from sdtune import io, params as params_lib
 from sdtune.errors import UserError
 from sdtune.data import cache
 from sdtune.families import common, sd
-from sdtune.train import checkpoint, loop
+from sdtune.train import checkpoint, loop, lora as lora_lib
 
 PARAMS = """\
 base: {seed: 3}
@@ -605,10 +605,13 @@ def test_under_mixed_precision_lora_inputs_skip_peft_casts_with_the_same_bits(wo
     AcceleratorState._reset_state(reset_partial_state=True)
     full = loop.setup(in_process_params(workspace), workspace / "cache")
     assert all(m.cast_input_dtype_enabled for m in full.denoiser.modules() if isinstance(m, BaseTunerLayer))
-    AcceleratorState._reset_state(reset_partial_state=True)  # bf16 by default: no autocast, peft casts
+    # bf16 without autocast (the default): the layers skip the casts too, under an autocast of their own.
+    AcceleratorState._reset_state(reset_partial_state=True)
     plain = loop.setup(in_process_params(workspace, mixed_precision="bf16", lora={"rank": 4, "alpha": 4.0, "addmm": False}),
                        workspace / "cache")
-    assert all(m.cast_input_dtype_enabled for m in plain.denoiser.modules() if isinstance(m, BaseTunerLayer))
+    layers = [m for m in plain.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+    assert {getattr(m, lora_lib.AUTOCAST) for m in layers} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd35m"])
@@ -649,6 +652,43 @@ def test_without_autocast_each_family_trains_its_bf16_base_in_bf16(arch):
     assert torch.isfinite(loss_without) and torch.equal(loss_without, loss_with)
     assert {v.dtype for v in lora_without.values()} == {torch.float32}
     assert all(torch.equal(lora_without[k], lora_with[k]) for k in lora_with)
+
+
+@pytest.mark.parametrize("keeps_peft_forward", [{"dropout": 0.1}, {"use_dora": True}])
+def test_without_autocast_layers_on_peft_forward_train_as_under_autocast(keeps_peft_forward):
+    """The LoRA layers that keep peft's forward (LoRA dropout, DoRA; a 4-bit base on CUDA) run it
+    under an autocast of their own when the step has none: the same LoRA to the bit as the
+    autocast step, and no float32 copy of each layer's input kept for the backward."""
+    from accelerate.state import AcceleratorState
+
+    from bench import archs
+
+    spec = archs.get("sd15")
+
+    def first_step(autocast: bool):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        raw = {"base": {"seed": 3, "device": "cpu"}, "model": {"id": "tiny", "resolution": archs.TINY_RES},
+               "train": {"steps": 2, "batch_size": 2, "wandb": "disabled", "mixed_precision": "bf16",
+                         "autocast": autocast, "lora": {"rank": 4, "alpha": 4.0, **keeps_peft_forward}}}
+        torch.manual_seed(0)
+        denoiser = archs.build(spec, True, torch.device("cpu"), torch.bfloat16)
+        run = loop.prepare(params_lib.parse(raw), archs.cache_items(spec, 2, archs.TINY_RES, tiny=True), denoiser=denoiser)
+        kept = {}
+
+        def pack(tensor):
+            kept[tensor.untyped_storage().data_ptr()] = (tensor.untyped_storage().nbytes(), tensor.dtype)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = loop.train_step(run, 0)
+        float32 = sum(n for n, dtype in kept.values() if dtype == torch.float32)
+        return loss, lora_state(run), float32
+
+    loss_with, lora_with, float32_with = first_step(True)
+    loss_without, lora_without, float32_without = first_step(False)
+    assert torch.equal(loss_without, loss_with)
+    assert all(torch.equal(lora_without[k], lora_with[k]) for k in lora_with)
+    assert float32_without == float32_with
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])

@@ -141,9 +141,11 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
     lora.add(denoiser, p.lora, family.LORA_TARGETS)
     for param in lora.trainable(denoiser):
         param.data = param.data.float()
-    # With mixed precision every forward runs under autocast, unless train.autocast is off: training
-    # and validation alike.
-    lora.training_forward(denoiser, p.lora, autocast=accelerator.mixed_precision != "no" and p.autocast)
+    # With mixed precision and train.autocast every forward runs under autocast, training and
+    # validation alike; without it only the LoRA layers that keep peft's forward do.
+    mixed = accelerator.mixed_precision != "no"
+    lora.training_forward(denoiser, p.lora, autocast=mixed and p.autocast,
+                          own_autocast=dtype if mixed and not p.autocast else None)
     if p.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     if p.channels_last:
