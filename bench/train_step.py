@@ -252,11 +252,11 @@ class Bench:
             # DDPM's scaled-linear schedule (SD1.x/SDXL), kept on the device so noising needs no copy.
             betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, device=self.device) ** 2
             self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        autocast = dtype != torch.float32 and self.device.type != "meta" and not args.no_autocast
+        mixed = dtype != torch.float32 and self.device.type != "meta"  # meta has no autocast
+        autocast = mixed and not args.no_autocast
         self.amp = torch.autocast(self.device.type, dtype=dtype) if autocast else contextlib.nullcontext()
         if not args.baseline:  # as the loop does; the diffusers example keeps peft's forward and casts
-            own = dtype if args.no_autocast and dtype != torch.float32 and self.device.type != "meta" \
-                else None
+            own = dtype if mixed and args.no_autocast else None
             lora.training_forward(self.model, self.lora, autocast, own_autocast=own)
 
     def _setup_loop(self):

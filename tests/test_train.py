@@ -1,5 +1,6 @@
 """Training: identical reruns, exact resume after SIGKILL, a NaN loss stops cleanly, exact cache reuse."""
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -549,6 +550,38 @@ def test_lora_layers_add_their_products_inside_gemms_and_train_peft_s_lora(works
         torch.testing.assert_close(ours[key], peft_s[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+@contextlib.contextmanager
+def kept_for_backward():
+    """storage address -> (bytes, dtype) of each tensor autograd keeps for the backward in the block
+    (all alive together until a step's backward, so no address repeats within a step)."""
+    kept = {}
+
+    def pack(tensor):
+        kept[tensor.untyped_storage().data_ptr()] = (tensor.untyped_storage().nbytes(), tensor.dtype)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield kept
+
+
+def bf16_run(arch: str, autocast: bool, **lora):
+    """A CPU training Run in bf16 over bench's tiny random denoiser of `arch`, the same one each
+    call (seeded), with a rank-4 LoRA and these lora keys."""
+    from accelerate.state import AcceleratorState
+
+    from bench import archs
+
+    spec = archs.get(arch)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    raw = {"base": {"seed": 3, "device": "cpu"},
+           "model": {"family": spec.family, "id": "tiny", "resolution": archs.TINY_RES},
+           "train": {"steps": 2, "batch_size": 2, "wandb": "disabled", "mixed_precision": "bf16",
+                     "autocast": autocast, "lora": {"rank": 4, "alpha": 4.0, **lora}}}
+    torch.manual_seed(0)
+    denoiser = archs.build(spec, True, torch.device("cpu"), torch.bfloat16)
+    return loop.prepare(params_lib.parse(raw), archs.cache_items(spec, 2, archs.TINY_RES, tiny=True), denoiser=denoiser)
+
+
 def test_under_mixed_precision_lora_inputs_skip_peft_casts_with_the_same_bits(workspace):
     """bf16: peft's cast of each LoRA input to float32, which autocast undoes at once, is skipped.
     Three steps train the same LoRA to the bit with fewer copies; DoRA (its weight norm follows
@@ -577,17 +610,13 @@ def test_under_mixed_precision_lora_inputs_skip_peft_casts_with_the_same_bits(wo
         for m in layers:
             m.cast_input_dtype_enabled = casts
         Copies.n = 0
-        kept = []  # per step: storage -> bytes, of the tensors autograd keeps for the backward
-
-        def pack(tensor):  # all alive together until the step's backward, so no address repeats
-            kept[-1][tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
-
-        with Copies(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        kept = []  # per step: what autograd keeps for the backward
+        with Copies():
             for step in range(3):
-                kept.append({})
-                loop.train_step(run, step)
-        return lora_state(run), Copies.n, skipped, max(sum(step.values()) for step in kept)
+                with kept_for_backward() as step_kept:
+                    loop.train_step(run, step)
+                kept.append(sum(n for n, _ in step_kept.values()))
+        return lora_state(run), Copies.n, skipped, max(kept)
 
     skipping, fewer, skipped, kept_less = trained(casts=False)
     casting, more, _, kept_more = trained(casts=True)
@@ -620,21 +649,8 @@ def test_without_autocast_each_family_trains_its_bf16_base_in_bf16(arch):
     loop's own context alike), and each family hands its bf16 denoiser bf16 inputs. On a CPU,
     whose autocast keeps norms in bf16, that is the autocast step to the bit: the casts the
     families make are the ones autocast made at the first layers."""
-    from accelerate.state import AcceleratorState
-
-    from bench import archs
-
-    spec = archs.get(arch)
-
     def first_step(autocast: bool):
-        AcceleratorState._reset_state(reset_partial_state=True)
-        raw = {"base": {"seed": 3, "device": "cpu"},
-               "model": {"family": spec.family, "id": "tiny", "resolution": archs.TINY_RES},
-               "train": {"steps": 2, "batch_size": 2, "wandb": "disabled", "mixed_precision": "bf16",
-                         "autocast": autocast, "lora": {"rank": 4, "alpha": 4.0}}}
-        torch.manual_seed(0)  # the same random denoiser both times
-        denoiser = archs.build(spec, True, torch.device("cpu"), torch.bfloat16)
-        run = loop.prepare(params_lib.parse(raw), archs.cache_items(spec, 2, archs.TINY_RES, tiny=True), denoiser=denoiser)
+        run = bf16_run(arch, autocast)  # the same random denoiser both times
         seen = set()
         for m in run.denoiser.modules():
             if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
@@ -659,27 +675,9 @@ def test_without_autocast_layers_on_peft_forward_train_as_under_autocast(keeps_p
     """The LoRA layers that keep peft's forward (LoRA dropout, DoRA; a 4-bit base on CUDA) run it
     under an autocast of their own when the step has none: the same LoRA to the bit as the
     autocast step, and no float32 copy of each layer's input kept for the backward."""
-    from accelerate.state import AcceleratorState
-
-    from bench import archs
-
-    spec = archs.get("sd15")
-
     def first_step(autocast: bool):
-        AcceleratorState._reset_state(reset_partial_state=True)
-        raw = {"base": {"seed": 3, "device": "cpu"}, "model": {"id": "tiny", "resolution": archs.TINY_RES},
-               "train": {"steps": 2, "batch_size": 2, "wandb": "disabled", "mixed_precision": "bf16",
-                         "autocast": autocast, "lora": {"rank": 4, "alpha": 4.0, **keeps_peft_forward}}}
-        torch.manual_seed(0)
-        denoiser = archs.build(spec, True, torch.device("cpu"), torch.bfloat16)
-        run = loop.prepare(params_lib.parse(raw), archs.cache_items(spec, 2, archs.TINY_RES, tiny=True), denoiser=denoiser)
-        kept = {}
-
-        def pack(tensor):
-            kept[tensor.untyped_storage().data_ptr()] = (tensor.untyped_storage().nbytes(), tensor.dtype)
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run = bf16_run("sd15", autocast, **keeps_peft_forward)
+        with kept_for_backward() as kept:
             loss = loop.train_step(run, 0)
         float32 = sum(n for n, dtype in kept.values() if dtype == torch.float32)
         return loss, lora_state(run), float32
