@@ -16,7 +16,8 @@
 # runs, the tests first, then the runs in order of importance (plan() below).
 # BENCH_ONLY="tests NAME ... GROUP ..." runs only those, in that order (a group name, or any run in
 # it, places the group there; its runs named in BENCH_ONLY share one process, or all of them if the
-# group itself is named); a name that matches nothing is warned about at the start.
+# group itself is named); a name that matches nothing is warned about at the start. BENCH_LIST=1
+# prints every run's name and arguments and stops.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -125,6 +126,22 @@ plan() {
     # max-autotune. channels_last, cuDNN attention named, and both, ran at 117-118 ms.
     run sd15-bs16-bf16-compile-cudagraphs 300 240 "${SD15[@]}" --bs 16 --precision bf16 --compile \
         --compile-mode reduce-overhead "${GSTEPS[@]}"
+    # Channels-last with group norms that take their statistics channel by channel (bench/norms.py):
+    # inductor's own group norm reads NHWC memory in 20-byte strided pieces, which is what made the
+    # forced layout's norm kernels 7.8 ms slower; per channel it reads whole rows. If the norms keep
+    # their NCHW speed, the step keeps the forced layout's gain (no cuDNN conversions: 10.3 ms of
+    # kernels) without its loss. The run with torch's group norm is the comparison; the last, not
+    # under CUDA graphs, traces its kernels by kind.
+    run sd15-bs16-bf16-compile-channels-last-per-channel-gn-cudagraphs 300 240 "${SD15[@]}" --bs 16 \
+        --precision bf16 --compile --compile-mode reduce-overhead --channels-last --group-norm per-channel \
+        "${GSTEPS[@]}"
+    run sd15-bs16-bf16-compile-channels-last-cudagraphs 300 240 "${SD15[@]}" --bs 16 --precision bf16 --compile \
+        --compile-mode reduce-overhead --channels-last "${GSTEPS[@]}"
+    run sd15-bs16-bf16-compile-force-layout-per-channel-gn-cudagraphs 300 240 "${SD15[@]}" --bs 16 \
+        --precision bf16 --compile --compile-mode reduce-overhead --inductor force_layout_optimization=True \
+        --group-norm per-channel "${GSTEPS[@]}"
+    run sd15-bs16-bf16-compile-channels-last-per-channel-gn 300 240 "${SD15[@]}" --bs 16 --precision bf16 \
+        --compile --channels-last --group-norm per-channel "${CSTEPS[@]}"
     run sd15-bs16-bf16-compile-cudagraphs-tuned 400 300 "${SD15[@]}" --bs 16 --precision bf16 --compile \
         --compile-mode reduce-overhead --inductor coordinate_descent_tuning=True "${GSTEPS[@]}"
     # Tuning may also win back what the forced layout cost the norm kernels (7.8 ms).
@@ -311,6 +328,14 @@ contains() {  # WORD LIST...: whether WORD is one of LIST
 
 # The units to run, in order: everything (the tests first), or what BENCH_ONLY names, in its order.
 plan
+# BENCH_LIST=1: print each run's name and arguments, one a line, and stop (tests/test_bench.py
+# checks every line against bench.train_step's parser).
+if [[ -n ${BENCH_LIST:-} ]]; then
+    for name in "${ALL_RUNS[@]}"; do
+        echo "$name ${RUN_ARGS[$name]}"
+    done
+    exit 0
+fi
 UNITS=() UNKNOWN=() ORDER=()
 if ((${#ONLY[@]} == 0)); then
     UNITS=(tests "${PLAN_UNITS[@]}")

@@ -41,7 +41,7 @@ import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from accelerate.state import AcceleratorState
-from bench import archs
+from bench import archs, norms
 from sdtune import errors, families, io, params
 from sdtune.families import common
 from sdtune.params import CUDA_GRAPH_MODES
@@ -89,6 +89,10 @@ def parse(argv=None):
                         "flash, efficient, cudnn: that SDPA kernel only; fa4: the flash kernel, with "
                         "FlashAttention 4's (the flash-attn-4 package; Hopper and Blackwell) in its place")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--group-norm", default="native", choices=["native", "per-channel"],
+                   help="per-channel: group norms take their statistics channel by channel first "
+                        "(bench/norms.py), which channels-last memory reads in whole rows; for compiled "
+                        "channels-last or force_layout_optimization runs")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="cuDNN's fixed heuristics instead of timing its convolution algorithms (the training "
                         "loop times them unless train.deterministic)")
@@ -136,8 +140,10 @@ def parse(argv=None):
         p.error("--no-autocast: fp32 runs no autocast anyway, and --baseline autocasts as the diffusers example does")
     if args.nf4 and args.precision == "fp32":
         p.error("--nf4 computes in bf16 or fp16; pick --precision bf16")
-    if args.baseline and (args.arch != "sd15" or args.compile or args.nf4):
-        p.error("--baseline is the SD1.5 diffusers example: --arch sd15, no --compile, no --nf4")
+    if args.baseline and (args.arch != "sd15" or args.compile or args.nf4 or args.group_norm != "native"):
+        p.error("--baseline is the SD1.5 diffusers example: --arch sd15, no --compile, --nf4 or --group-norm")
+    if args.group_norm != "native" and arch.family == "sd3":
+        p.error(f"--group-norm: {args.arch}'s transformer has no group norms")
     if args.res % 8:
         p.error("--res must be a multiple of 8 (the VAE downsamples 8x)")
     args.inductor = dict(inductor_option(p, item) for item in args.inductor)
@@ -177,7 +183,7 @@ def label(args) -> str:
                        (args.channels_last, "channels-last"), (args.optimizer == "adamw8bit", "adamw8bit"),
                        (args.attention != "sdpa", f"{args.attention}-attn"),
                        (args.lora_forward == "peft" and not args.baseline, "peft-lora"),
-                       (args.no_autocast, "no-autocast"),
+                       (args.no_autocast, "no-autocast"), (args.group_norm != "native", f"{args.group_norm}-gn"),
                        (args.no_cudnn_benchmark, "no-cudnn-benchmark")]:
         if flag:
             parts.append(text)
@@ -222,6 +228,8 @@ class Bench:
             flash_attention_4()
 
         self.model = archs.build(self.arch, args.tiny, self.device, dtype, nf4=args.nf4)
+        if args.group_norm == "per-channel":
+            norms.per_channel_stats(self.model)
         if args.loop:
             self._setup_loop()
         else:
@@ -475,7 +483,7 @@ def _run(args, began: float) -> dict:
         "compile_scope": args.compile_scope if args.compile else None, "inductor": args.inductor,
         "checkpointing": args.checkpointing, "optimizer": args.optimizer, "rank": args.rank, "nf4": args.nf4,
         "lora_forward": "peft" if args.baseline else args.lora_forward, "autocast": args.precision != "fp32" and not args.no_autocast,
-        "attention": args.attention, "channels_last": args.channels_last,
+        "attention": args.attention, "channels_last": args.channels_last, "group_norm": args.group_norm,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "steps": args.steps, "warmup": args.warmup,
         "step_ms": summary["step_median_ms"], "step_ms_mean": summary["step_mean_ms"],
