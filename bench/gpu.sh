@@ -126,8 +126,8 @@ plan() {
     # max-autotune. channels_last, cuDNN attention named, and both, ran at 117-118 ms.
     run sd15-bs16-bf16-compile-cudagraphs 300 240 "${SD15[@]}" --bs 16 --precision bf16 --compile \
         --compile-mode reduce-overhead "${GSTEPS[@]}"
-    # Channels-last with group norms that take their statistics channel by channel (bench/norms.py):
-    # inductor's own group norm reads NHWC memory in 20-byte strided pieces, which is what made the
+    # Channels-last with group norms that take their statistics channel by channel (sdtune/train/norms.py):
+    # inductor's own group norm reads NHWC memory in 20-byte strided pieces, which most likely made the
     # forced layout's norm kernels 7.8 ms slower; per channel it reads whole rows. If the norms keep
     # their NCHW speed, the step keeps the forced layout's gain (no cuDNN conversions: 10.3 ms of
     # kernels) without its loss. The run with torch's group norm is the comparison; the last, not

@@ -41,13 +41,13 @@ import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from accelerate.state import AcceleratorState
-from bench import archs, norms
+from bench import archs
 from sdtune import errors, families, io, params
 from sdtune.families import common
 from sdtune.params import CUDA_GRAPH_MODES
 from sdtune.profiling import flops, hardware, kernels, memory, roofline
 from sdtune.profiling.phases import PhaseTimer, sync
-from sdtune.train import lora, loop, optim
+from sdtune.train import lora, loop, norms, optim
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Blocks of back-to-back steps timed. One block gives no spread to judge a 2% change by; on the
@@ -91,7 +91,7 @@ def parse(argv=None):
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--group-norm", default="native", choices=["native", "per-channel"],
                    help="per-channel: group norms take their statistics channel by channel first "
-                        "(bench/norms.py), which channels-last memory reads in whole rows; for compiled "
+                        "(sdtune.train.norms, train.group_norm), which channels-last memory reads in whole rows; for compiled "
                         "channels-last or force_layout_optimization runs")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="cuDNN's fixed heuristics instead of timing its convolution algorithms (the training "
@@ -228,8 +228,6 @@ class Bench:
             flash_attention_4()
 
         self.model = archs.build(self.arch, args.tiny, self.device, dtype, nf4=args.nf4)
-        if args.group_norm == "per-channel":
-            norms.per_channel_stats(self.model)
         if args.loop:
             self._setup_loop()
         else:
@@ -248,6 +246,8 @@ class Bench:
         self.model.train()
         if args.checkpointing:
             self.model.enable_gradient_checkpointing()
+        if args.group_norm == "per-channel":  # as train.group_norm does
+            norms.per_channel_stats(self.model)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         if args.channels_last:
             self.model.to(memory_format=self.memory_format)
@@ -274,7 +274,7 @@ class Bench:
                  "mixed_precision": {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[a.precision],
                  "gradient_checkpointing": a.checkpointing, "channels_last": a.channels_last,
                  "compile": a.compile,  # attention: step() forces the asked kernel around the loop
-                 "compile_mode": a.compile_mode, "autocast": not a.no_autocast,
+                 "compile_mode": a.compile_mode, "autocast": not a.no_autocast, "group_norm": a.group_norm,
                  "lora": {"rank": a.rank, "alpha": float(a.rank), "addmm": a.lora_forward == "addmm"}}
         # model.id "tiny" only picks the noise schedule (the same as the real configs'); the
         # denoiser is this one.

@@ -113,6 +113,10 @@ class Train(Section):
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "math"] = "sdpa"  # math: the unfused reference kernel, for comparison
     channels_last: bool = False  # NHWC memory layout for the UNet's convolutions
+    # per-channel: the UNet's group norms take their statistics channel by channel, then per group
+    # (train/norms.py), which channels-last memory reads in whole rows where torch's reads it in
+    # strided pieces; for compiled channels-last runs. sd3's transformer has no group norms to change.
+    group_norm: Literal["native", "per-channel"] = "native"
     compile: bool = False  # torch.compile the denoiser (minutes of compile time, then faster steps)
     # reduce-overhead adds CUDA graphs: for small batches, where launching kernels costs more than
     # running them (SD1.5 bs1 on an H200: 107 ms eager, 25 ms compiled with CUDA graphs), and still

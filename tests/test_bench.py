@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import tarfile
 from pathlib import Path
@@ -509,3 +510,18 @@ def test_no_autocast_steps_the_bf16_base_without_autocast_to_the_same_loss_on_a_
     with pytest.raises(SystemExit):
         train_step.parse([*argv, "--precision", "fp32", "--no-autocast"])
     assert "--no-autocast: fp32 runs no autocast anyway" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_every_run_of_the_gpu_script_parses(tmp_path):
+    """bench/gpu.sh's runs are only ever started on a GPU box: a misspelt option there would cost a
+    run of a scarce call. Each run's arguments must pass bench.train_step's checks (as on CUDA)."""
+    env = {**os.environ, "OUT": str(tmp_path), "BENCH_LIST": "1"}
+    out = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert len(names) == len(set(names)) > 40 and "sd15-bs16-bf16-compile-channels-last-per-channel-gn-cudagraphs" in names
+    for line in lines:
+        name, *argv = shlex.split(line)
+        args = train_step.parse([*argv, "--device", "cuda"])
+        assert args.bs > 0, name

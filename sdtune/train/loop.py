@@ -28,7 +28,7 @@ from sdtune.families import common
 from sdtune.errors import UserError
 from sdtune.params import CUDA_GRAPH_MODES
 from sdtune.profiling import hardware, memory
-from sdtune.train import checkpoint, lora, optim
+from sdtune.train import checkpoint, lora, norms, optim
 
 
 # Attention kernels that can be forced by name; any other choice ("sdpa") leaves PyTorch to pick.
@@ -148,6 +148,8 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
                           own_autocast=dtype if mixed and not p.autocast else None)
     if p.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
+    if p.group_norm == "per-channel":
+        norms.per_channel_stats(denoiser)
     if p.channels_last:
         denoiser.to(memory_format=torch.channels_last)
 
