@@ -91,8 +91,8 @@ def parse(argv=None):
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--group-norm", default="native", choices=["native", "per-channel"],
                    help="per-channel: group norms take their statistics channel by channel first "
-                        "(sdtune.train.norms, train.group_norm), which channels-last memory reads in whole rows; for compiled "
-                        "channels-last or force_layout_optimization runs")
+                        "(train.group_norm, sdtune/train/norms.py), which channels-last memory reads in "
+                        "whole rows; for compiled channels-last or force_layout_optimization runs")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="cuDNN's fixed heuristics instead of timing its convolution algorithms (the training "
                         "loop times them unless train.deterministic)")

@@ -114,7 +114,7 @@ class Train(Section):
     attention: Literal["sdpa", "math"] = "sdpa"  # math: the unfused reference kernel, for comparison
     channels_last: bool = False  # NHWC memory layout for the UNet's convolutions
     # per-channel: the UNet's group norms take their statistics channel by channel, then per group
-    # (train/norms.py), which channels-last memory reads in whole rows where torch's reads it in
+    # (sdtune/train/norms.py), which channels-last memory reads in whole rows where torch's reads it in
     # strided pieces; for compiled channels-last runs. sd3's transformer has no group norms to change.
     group_norm: Literal["native", "per-channel"] = "native"
     compile: bool = False  # torch.compile the denoiser (minutes of compile time, then faster steps)
