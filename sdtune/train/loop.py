@@ -150,6 +150,9 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
         denoiser.enable_gradient_checkpointing()
     if p.group_norm == "per-channel":
         norms.per_channel_stats(denoiser)
+        if not p.compile:
+            print("train: warning: train.group_norm: per-channel is meant for compiled runs (train.compile: "
+                  "true); eagerly it runs several kernels where torch's group norm runs one")
     if p.channels_last:
         denoiser.to(memory_format=torch.channels_last)
 
