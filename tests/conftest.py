@@ -50,6 +50,27 @@ def captions_for(raw: Path) -> list[dict]:
             for i, p in enumerate(sorted(raw.glob("*.png")))]
 
 
+
+def tiny_loop_run(arch: str, dtype: torch.dtype, lora: dict | None = None, **train):
+    """A CPU training Run (sdtune.train.loop.prepare) over bench's tiny random denoiser of `arch`
+    in `dtype`, the same one each call (seeded): rank-4 LoRA with these lora keys, batch 2, these
+    train keys."""
+    from accelerate.state import AcceleratorState
+
+    from bench import archs
+    from sdtune import params
+    from sdtune.train import loop
+
+    spec = archs.get(arch)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    raw = {"base": {"seed": 3, "device": "cpu"},
+           "model": {"family": spec.family, "id": "tiny", "resolution": archs.TINY_RES},
+           "train": {"steps": 2, "batch_size": 2, "wandb": "disabled",
+                     "lora": {"rank": 4, "alpha": 4.0, **(lora or {})}, **train}}
+    torch.manual_seed(0)
+    denoiser = archs.build(spec, True, torch.device("cpu"), dtype)
+    return loop.prepare(params.parse(raw), archs.cache_items(spec, 2, archs.TINY_RES, tiny=True), denoiser=denoiser)
+
 def tiny_cache(raw: Path, cache_dir: Path, n: int, size: int, params) -> Path:
     """n synthetic size x size images in raw, captioned by captions_for and cached for the tiny SD1
     model under params.model and params.cache. Returns cache_dir."""

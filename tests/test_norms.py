@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
 
 from bench import archs, train_step
-from sdtune import params
+from conftest import tiny_loop_run
 from sdtune.train import loop, lora, norms
 
 
@@ -109,16 +109,7 @@ def test_group_norm_option_is_named_and_refused_where_it_cannot_apply(capsys):
 def _trained(group_norm: str) -> tuple[set, dict]:
     """The group norms' classes and the LoRA after three float32 steps of the training loop over
     bench's tiny SD1.5 UNet in channels-last memory."""
-    from accelerate.state import AcceleratorState
-
-    spec = archs.get("sd15")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    raw = {"base": {"seed": 3, "device": "cpu"}, "model": {"family": "sd1", "id": "tiny", "resolution": archs.TINY_RES},
-           "train": {"steps": 3, "batch_size": 2, "wandb": "disabled", "channels_last": True,
-                     "group_norm": group_norm, "lora": {"rank": 4, "alpha": 4.0}}}
-    torch.manual_seed(0)
-    denoiser = archs.build(spec, True, torch.device("cpu"), torch.float32)
-    run = loop.prepare(params.parse(raw), archs.cache_items(spec, 2, archs.TINY_RES, tiny=True), denoiser=denoiser)
+    run = tiny_loop_run("sd15", torch.float32, steps=3, channels_last=True, group_norm=group_norm)
     swapped = {type(m) for m in run.denoiser.modules() if isinstance(m, torch.nn.GroupNorm)}
     for step in range(3):
         loop.train_step(run, step)

@@ -682,19 +682,16 @@ def test_each_cell_is_measured_against_the_earlier_cell_it_changes_least():
     assert report.change_text(report.changes(cells[0], cells[0])) == "nothing (the same train keys)"
 
 
-
 def test_the_real_matrix_measures_each_switch_against_the_cell_it_changes_least():
     """params.yaml's own matrix: the per-channel group norm cell is set against the compiled NCHW
     step, not against eager channels-last, which differs from it in as many keys (the first of
     equals wins, so the matrix lists bf16-compile before bf16-channels-last)."""
-    from pathlib import Path
-
     import yaml
 
+    from conftest import ROOT
     from sdtune import report
 
-    root = Path(__file__).resolve().parent.parent
-    matrix = yaml.safe_load((root / "params.yaml").read_text())["profile"]["matrix"]
+    matrix = yaml.safe_load((ROOT / "params.yaml").read_text())["profile"]["matrix"]
     cells = [{"name": spec["name"], "spec": spec} for spec in matrix]
     by_name = {c["name"]: c for c in cells}
     refs = {c["name"]: report.reference(c, cells[:i]) for i, c in enumerate(cells) if i}
@@ -702,6 +699,7 @@ def test_the_real_matrix_measures_each_switch_against_the_cell_it_changes_least(
     assert refs[gn]["name"] == "bf16-compile"
     assert report.changes(by_name[gn], refs[gn]) == {"channels_last": True, "group_norm": "per-channel"}
     assert refs["bf16-compile-cudagraphs"]["name"] == "bf16-compile" and refs["bf16-channels-last"]["name"] == "bf16"
+
 
 def test_an_on_the_fly_cell_that_is_fastest_is_not_compared_with_itself():
     from sdtune import report

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import OFFLINE, ROOT, assert_no_secret, captions_for, tiny_cache, wandb_stage
+from conftest import OFFLINE, ROOT, assert_no_secret, captions_for, tiny_cache, tiny_loop_run, wandb_stage
 from sdtune import io, params as params_lib
 from sdtune.errors import UserError
 from sdtune.data import cache
@@ -567,19 +567,7 @@ def kept_for_backward():
 def bf16_run(arch: str, autocast: bool, **lora):
     """A CPU training Run in bf16 over bench's tiny random denoiser of `arch`, the same one each
     call (seeded), with a rank-4 LoRA and these lora keys."""
-    from accelerate.state import AcceleratorState
-
-    from bench import archs
-
-    spec = archs.get(arch)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    raw = {"base": {"seed": 3, "device": "cpu"},
-           "model": {"family": spec.family, "id": "tiny", "resolution": archs.TINY_RES},
-           "train": {"steps": 2, "batch_size": 2, "wandb": "disabled", "mixed_precision": "bf16",
-                     "autocast": autocast, "lora": {"rank": 4, "alpha": 4.0, **lora}}}
-    torch.manual_seed(0)
-    denoiser = archs.build(spec, True, torch.device("cpu"), torch.bfloat16)
-    return loop.prepare(params_lib.parse(raw), archs.cache_items(spec, 2, archs.TINY_RES, tiny=True), denoiser=denoiser)
+    return tiny_loop_run(arch, torch.bfloat16, lora, mixed_precision="bf16", autocast=autocast)
 
 
 def test_under_mixed_precision_lora_inputs_skip_peft_casts_with_the_same_bits(workspace):

@@ -7,12 +7,13 @@ cuDNN its layout conversions: 10.3 ms of SD1.5's compiled bs16 step on an H100) 
 channels are a run of C/G values (20 bytes at SD1.5's 320 channels in bf16) every C values, so
 the reduction reads memory in short strided pieces: most likely why inductor's fused kernels
 took 33.7 ms a step on the H100 with the layout forced, against 25.9 without (docs/benchmarks.md,
-"H100, second call"). (Its backward already sums per channel first, then per group.) Here the
-forward's statistics come from a reduction per (sample, channel) over the pixels,
-which in NHWC reads whole rows of channels at a time, and the groups' mean and variance are then
-combined from their channels' exactly (the channels all count the same pixels). Only the order
-of the sums changes, so the result is group norm's to rounding. Eagerly it is several kernels
-where torch's is one, so it is for compiled runs; not yet timed on a GPU.
+"H100, second call"). Its backward already sums per channel first, then per group.
+
+Here the forward's statistics come from a reduction per (sample, channel) over the pixels, which
+in NHWC reads whole rows of channels at a time; each group's mean and variance are then combined
+from its channels' exactly (the channels all count the same pixels). Only the order of the sums
+changes, so the result is group norm's to rounding. Eagerly it is several kernels where torch's
+is one, so it is for compiled runs; not yet timed on a GPU.
 """
 
 import torch
