@@ -412,7 +412,9 @@ def count(fn, *args, peak_tflops: float, bandwidth_gbs: float, lora_params=(), f
     kept = {}  # storage -> itself, of what autograd keeps for the backward other than the weights
 
     def keep(t):
-        if not isinstance(t, torch.nn.Parameter):  # the weights were there before the step
+        # The weights were there before the step, and a view of one (the weight.t() that F.linear's
+        # addmm saves) is the weight's memory too.
+        if not isinstance(t._base if t._is_view() else t, torch.nn.Parameter):
             kept[_key(t)] = t.untyped_storage()  # held, so that no other storage takes its address
         return t
 
@@ -448,16 +450,18 @@ def floor_by_measured_kind(kinds: dict) -> dict[str, float]:
 def step_floor(fn, *args, device, ceiling_tflops: float, lora_params=()) -> dict:
     """One call fn(*args) (a training step) counted on `device`, each op held to `ceiling_tflops`,
     to the copy bandwidth measured there, or to the card's exponential rate (hardware.exp_tera_per_s):
-    {ceiling_tflops, bandwidth_gbs, exp_tera_per_s, kinds, ms}, or {error} when it cannot be
-    counted (a diagnosis: what was measured stands without it)."""
+    {ceiling_tflops, bandwidth_gbs, exp_tera_per_s, kinds, ms, saved_bytes}, or {error} when it
+    cannot be counted (a diagnosis: what was measured stands without it). saved_bytes: what
+    autograd kept from the step's forward for its backward, the weights aside (count)."""
     try:
         bandwidth, exp_rate = hardware.bandwidth_gbs(device), hardware.exp_tera_per_s(device)
-        kinds = by_kind(count(fn, *args, peak_tflops=ceiling_tflops, bandwidth_gbs=bandwidth, lora_params=lora_params,
-                              exp_tera_per_s=exp_rate))
+        counted = count(fn, *args, peak_tflops=ceiling_tflops, bandwidth_gbs=bandwidth, lora_params=lora_params,
+                        exp_tera_per_s=exp_rate)
     except Exception as err:
         return {"error": describe(err)}
+    kinds = by_kind(counted)
     return {"ceiling_tflops": ceiling_tflops, "bandwidth_gbs": bandwidth, "exp_tera_per_s": exp_rate, "kinds": kinds,
-            "ms": sum(row["bound_ms"] for row in kinds.values())}
+            "ms": sum(row["bound_ms"] for row in kinds.values()), "saved_bytes": counted.saved_bytes}
 
 
 def vs_floor(floor: dict, breakdown: dict) -> dict[str, float]:
