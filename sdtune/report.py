@@ -88,6 +88,16 @@ def _verdict(speedup: float) -> str:
     return "helped" if speedup > 1.05 else "did not help" if speedup < 0.95 else "made no real difference"
 
 
+def memory_change(cell: dict, ref: dict) -> str:
+    """Peak memory against ref's and, where both were counted, what autograd kept for the backward:
+    on a CPU the peak is the process's resident set, which hides what checkpointing saves."""
+    a, b = cell["memory"], ref["memory"]
+    text = f"peak memory {_pct(a['peak_bytes'], b['peak_bytes'])}"
+    if a.get("kept_for_backward_bytes") is not None and b.get("kept_for_backward_bytes") is not None:
+        text += f", kept for the backward {_pct(a['kept_for_backward_bytes'], b['kept_for_backward_bytes'])}"
+    return text
+
+
 def findings(evals: dict, profile: dict) -> list[str]:
     """Sentences from the measured numbers: what each optimization and each variant bought.
 
@@ -114,8 +124,7 @@ def findings(evals: dict, profile: dict) -> list[str]:
         lines.append(f"- `{cell['name']}` {_verdict(speed)}: {speed:.2f}× the speed of `{ref['name']}`, the cell it "
                      f"changes by {change_text(changes(cell, ref))} ({cell['images_per_second']:.2f} vs "
                      f"{ref['images_per_second']:.2f} images/s; {cell['step_ms']:.1f} vs {ref['step_ms']:.1f} "
-                     f"ms/step), MFU {cell['mfu']:.1%} vs {ref['mfu']:.1%}, peak memory "
-                     f"{_pct(cell['memory']['peak_bytes'], ref['memory']['peak_bytes'])}.")
+                     f"ms/step), MFU {cell['mfu']:.1%} vs {ref['mfu']:.1%}, {memory_change(cell, ref)}.")
     fly = next((c for c in cells if not _reads_cache(c)), None)
     best = profile["cells"][profile["best"]]
     # Not when the fastest cell is the on-the-fly one itself, or its cached twin (the sentence above).
@@ -197,7 +206,8 @@ def build(params, provenance, reports="reports") -> str:
     lines += training_section(train)
     lines += ["## Evaluation", "", (r / "eval.md").read_text().strip(), "", "![samples](samples/grid.png)", ""]
     lines += ["## Profile", "", (r / "profile.md").read_text().strip(), "",
-              "![phases](profile/phases.png)", "", "![step time](profile/step_ms.png)", ""]
+              "![phases](profile/phases.png)", "", "![step time](profile/step_ms.png)", "",
+              "![memory](profile/memory.png)", ""]
     # On a CPU (the demo) the step times are the CPU's: priced at a GPU machine's rate they say little.
     measured_on = "" if best["device"].startswith("cuda") else (
         f" These step times were measured on {best['device_name']}, not on that machine's GPU.")

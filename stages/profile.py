@@ -3,7 +3,7 @@ and what generation costs for each inference cell.
 
 Writes reports/profile.json (phase times, FLOPs, MFU, memory, cost and each kind of kernel's
 floor per cell; for the traced cells, kernel time by kind next to each kind's FLOPs and floor),
-reports/profile.md (the tables), reports/profile/ (phase and bar charts),
+reports/profile.md (the tables), reports/profile/ (phase, bar and memory charts),
 reports/profile_cells.json (DVC plots) and reports/traces/ (Chrome traces of the baseline and of
 the fastest cell and, on CUDA, their allocator snapshots; kept apart from the plots, which DVC
 reads as data).
@@ -57,6 +57,27 @@ def table(cells) -> str:
         ph = c["phases"]["phases"]
         lines.append(f"| {c['name']} | " + " | ".join(f"{ph.get(n, {}).get('median_ms', 0):.1f}" for n in phase_names) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mib(n) -> str:
+    return "–" if n is None else f"{n / 2**20:.1f}" if n < 100 * 2**20 else f"{n / 2**20:.0f}"
+
+
+def memory_table(cells) -> str:
+    """Each cell's peak memory and what it is made of: the parts counted from the tensors, the peak
+    measured (on a CPU the process's resident set, which holds far more than tensors)."""
+    cols = [("peak", "peak_bytes"), ("reserved", "reserved_bytes"), ("weights", "weights_bytes")]
+    if any("encoder_weights_bytes" in c["memory"] for c in cells):  # an on-the-fly cell's VAE and text encoders
+        cols.append(("encoders", "encoder_weights_bytes"))
+    cols += [("gradients", "gradients_bytes"), ("optimizer", "optimizer_bytes"),
+             ("kept for backward", "kept_for_backward_bytes"), ("activations", "activations_bytes")]
+    lines = ["| cell | " + " | ".join(f"{name} MiB" for name, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines += [f"| {c['name']} | " + " | ".join(_mib(c["memory"].get(key)) for _, key in cols) + " |" for c in cells]
+    return ("Memory: weights are every parameter (the frozen base and the LoRA); gradients and optimizer state "
+            "are the LoRA's; kept for backward is what autograd saved in one step's forward for its backward, "
+            "counted tensor by tensor (gradient checkpointing keeps only its segments' inputs); activations "
+            "are the peak allocated less weights, gradients and optimizer state (CUDA only).\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def kernel_tables(cells) -> str:
@@ -128,6 +149,7 @@ def main():
             charts.phase_chart({c["name"]: c["phases"] for c in cells}, tmp / "phases.png")
             charts.bar_chart(cells, "step_ms", tmp / "step_ms.png", "Training step time (ms, median)")
             charts.bar_chart(cells, "mfu", tmp / "mfu.png", "Model FLOPs utilisation", fmt="{:.1%}")
+            charts.memory_chart(cells, tmp / "memory.png")
             gen, gen_failed = measure_each(
                 p.inference, lambda spec: inference.profile_cell(params, spec, LORA_DIR, cells[0]["device"]), "inference")
             charts.bar_chart(gen, "seconds_per_image", tmp / "inference.png", "Generation time (s per image, median)")
@@ -138,7 +160,7 @@ def main():
                                    "inference": {c["name"]: c for c in gen}, "failed": failed})
             io.write_json(PLOT, [{"cell": c["name"], "step_ms": c["step_ms"], "mfu": c["mfu"],
                                   "peak_mib": c["memory"]["peak_bytes"] / 2**20} for c in cells])
-            text = "\n".join(filter(None, [header(cells, p), table(cells), kernel_tables(cells),
+            text = "\n".join(filter(None, [header(cells, p), table(cells), memory_table(cells), kernel_tables(cells),
                                             inference.table(gen), failed_list(failed)]))
             io.write_text(TABLE, text)
     print(text)

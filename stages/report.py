@@ -14,7 +14,7 @@ from sdtune.errors import main_guard
 OUT = "reports/REPORT.md"
 PICTURES = ["reports/train_loss.png", "reports/captions.png", "reports/samples/grid.png",
             "reports/profile/phases.png", "reports/profile/step_ms.png", "reports/profile/mfu.png",
-            "reports/profile/inference.png"]
+            "reports/profile/memory.png", "reports/profile/inference.png"]
 
 
 def wandb_report(params) -> None:

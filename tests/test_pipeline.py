@@ -208,6 +208,10 @@ def test_report_is_generated_from_the_numbers(demo):
     evals = json.loads((demo / "reports/eval.json").read_text())
     assert f"{evals['int8wo-fused']['psnr_to_lora']:.1f} dB" in text
     assert "## What helped, what did not" in text and "`checkpointing`" in text
+    # What checkpointing is for, which the CPU's resident-set peak does not show.
+    assert re.search(r"- `checkpointing` .*, kept for the backward -[1-9]\d%\.", text)
+    assert "![memory](profile/memory.png)" in text and (demo / "reports/profile/memory.png").is_file()
+    assert "| cell | peak MiB | reserved MiB | weights MiB |" in profile_md
     profile = json.loads((demo / "reports/profile.json").read_text())
     best = profile["cells"][profile["best"]]
     first = best["kernels"]["rows"][0]

@@ -513,6 +513,66 @@ def test_profiled_cell_counts_the_gradients_a_real_step_holds(train_workspace):
     assert mem["trainable_bytes"] < mem["weights_bytes"]  # the LoRA's, not the frozen base's
 
 
+def test_kept_for_backward_is_what_a_real_step_saves_and_checkpointing_cuts_it(train_workspace):
+    """A cell's memory counts what autograd kept from its step's forward for the backward, on a CPU
+    too, where the peak is a resident set that hides it. Counted again here from a fresh run's step,
+    leaving out the parameters' storages, it is the same number; checkpointing keeps a fraction."""
+    from accelerate.state import AcceleratorState
+
+    from sdtune.profiling import run as prof
+    from sdtune.train import loop
+
+    ws, p = train_workspace
+    base = prof.profile_cell(p, {"name": "baseline"}, ws / "cache", raw_dir=ws / "data/raw")["memory"]
+    ckpt = prof.profile_cell(p, {"name": "ckpt", "gradient_checkpointing": True}, ws / "cache",
+                             raw_dir=ws / "data/raw")["memory"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run = loop.setup(p, ws / "cache")
+    weights = {param.untyped_storage().data_ptr() for param in run.denoiser.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loop.train_step(run, p.profile.warmup)  # the step the cell's floor counts
+    assert base["kept_for_backward_bytes"] == sum(saved.values()) > 0
+    assert 0 < ckpt["kept_for_backward_bytes"] < base["kept_for_backward_bytes"] / 2
+
+
+def test_memory_table_and_chart_show_each_part(tmp_path):
+    """profile.md's memory table: the parts of each cell's memory, a dash where a part was not
+    measured (reserved and activations on a CPU), the encoders' column only when a cell has them."""
+    import importlib
+
+    stage = importlib.import_module("stages.profile")
+    mib = 2**20
+    gpu = made_cell("bf16", 16, 100.0)
+    gpu["memory"] = {"peak_bytes": 12 * 1024 * mib, "allocated_bytes": 12 * 1024 * mib, "reserved_bytes": 13 * 1024 * mib,
+                     "weights_bytes": 1640 * mib, "gradients_bytes": 6 * mib, "optimizer_bytes": 12 * mib,
+                     "kept_for_backward_bytes": 9800 * mib, "activations_bytes": 10580 * mib}
+    cpu = made_cell("fp32", 2, 100.0)
+    cpu["memory"] = {"peak_bytes": 620 * mib, "rss_bytes": 620 * mib, "weights_bytes": 5.5 * mib,
+                     "gradients_bytes": 0.09 * mib, "optimizer_bytes": 0.18 * mib,
+                     "kept_for_backward_bytes": None, "activations_bytes": None}
+    rows = stage.memory_table([gpu, cpu]).splitlines()[2:]
+    assert rows[0] == ("| cell | peak MiB | reserved MiB | weights MiB | gradients MiB | optimizer MiB | "
+                       "kept for backward MiB | activations MiB |")
+    assert rows[2] == "| bf16 | 12288 | 13312 | 1640 | 6.0 | 12.0 | 9800 | 10580 |"
+    assert rows[3] == "| fp32 | 620 | – | 5.5 | 0.1 | 0.2 | – | – |"
+    fly = made_cell("otf", 2, 100.0)
+    fly["memory"] = cpu["memory"] | {"encoder_weights_bytes": 80 * mib}
+    assert "| weights MiB | encoders MiB | gradients MiB |" in stage.memory_table([cpu, fly])
+    assert stage.memory_table([cpu, fly]).splitlines()[-1] == "| otf | 620 | – | 5.5 | 80.0 | 0.1 | 0.2 | – | – |"
+    png = tmp_path / "memory.png"
+    charts.memory_chart([gpu, cpu, fly], png)
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 100
+
+
 def test_short_batches_count_in_throughput_and_flops(tmp_path, keep_threads):
     """5 images in batches of 2: every third step trains 1 image. Images/s and MFU come from what
     the measured steps really trained, recorded here from the batches the denoiser was given."""
@@ -645,6 +705,21 @@ def test_cells_of_other_batch_sizes_are_compared_by_images_per_second():
     assert lines[1].startswith("- `bs1` helped: 1.25× the speed of `baseline`, the cell it changes by batch_size: 1")
     assert lines[-1] == ("- The fastest cell, `bs8`, ran 3.20× the speed of `otf`, the way diffusers' example "
                          "scripts train (32.00 vs 10.00 images/s).")
+
+
+def test_findings_say_what_a_cell_keeps_for_the_backward():
+    """On a CPU the peak is a resident set, which hides what checkpointing saves: the findings say
+    what autograd kept for the backward too, where both cells counted it."""
+    from sdtune import report
+
+    base = made_cell("bf16", 2, 100.0, mixed_precision="bf16")
+    ckpt = made_cell("bf16-ckpt", 2, 125.0, mixed_precision="bf16", gradient_checkpointing=True)
+    base["memory"]["kept_for_backward_bytes"], ckpt["memory"]["kept_for_backward_bytes"] = 10 * 2**20, 2 * 2**20
+    (line,) = report.findings({}, {"cells": {"bf16": base, "bf16-ckpt": ckpt}, "best": "bf16"})
+    assert line.endswith("MFU 10.0% vs 10.0%, peak memory +0%, kept for the backward -80%.")
+    ckpt["memory"]["kept_for_backward_bytes"] = None  # its floor count failed
+    (line,) = report.findings({}, {"cells": {"bf16": base, "bf16-ckpt": ckpt}, "best": "bf16"})
+    assert line.endswith("MFU 10.0% vs 10.0%, peak memory +0%.")
 
 
 def test_each_cell_is_measured_against_the_earlier_cell_it_changes_least():

@@ -62,3 +62,30 @@ def bar_chart(rows, key: str, out_png, title: str, label: str = "name", fmt: str
     ax.set_title(title)
     ax.tick_params(axis="x", labelrotation=30)
     _save(fig, out_png)
+
+
+MEMORY_PARTS = {"weights": "weights_bytes", "encoders": "encoder_weights_bytes", "gradients": "gradients_bytes",
+                "optimizer state": "optimizer_bytes", "kept for backward": "kept_for_backward_bytes"}
+
+
+def memory_chart(cells, out_png, title: str = "Memory of a training step") -> None:
+    """Stacked horizontal bars of each cell's memory by part (counted from the tensors), in MiB,
+    with the measured peak as a black tick where it is a count of tensors too (CUDA's allocated
+    peak; a CPU's resident set also holds the interpreter and its libraries)."""
+    labels = [c["name"] for c in cells]
+    parts = {name: key for name, key in MEMORY_PARTS.items() if any(c["memory"].get(key) for c in cells)}
+    fig = Figure(figsize=(8, 1.2 + 0.5 * len(labels)))
+    ax = fig.add_subplot()
+    left = [0.0] * len(labels)
+    for name, key in parts.items():
+        widths = [(c["memory"].get(key) or 0) / 2**20 for c in cells]
+        ax.barh(labels, widths, left=left, label=name)
+        left = [a + b for a, b in zip(left, widths)]
+    peaks = [(i, c["memory"]["allocated_bytes"] / 2**20) for i, c in enumerate(cells) if "allocated_bytes" in c["memory"]]
+    if peaks:
+        ax.scatter([p for _, p in peaks], [i for i, _ in peaks], marker="|", s=400, color="black", label="peak allocated")
+    ax.set_xlabel("MiB")
+    ax.set_title(title)
+    ax.invert_yaxis()  # first cell on top, as listed
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    _save(fig, out_png)

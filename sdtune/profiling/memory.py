@@ -1,4 +1,4 @@
-"""Where the bytes go: peak memory, a weights/gradients/optimizer breakdown, CUDA snapshots."""
+"""Where the bytes go: peak memory, a weights/gradients/optimizer/activations breakdown, CUDA snapshots."""
 
 import contextlib
 import ctypes
@@ -123,6 +123,14 @@ def activations(parts: dict, peak: dict, device) -> dict:
         "activations_bytes": max(0, peak["allocated_bytes"] - rest),
         "activations_note": "peak allocated minus weights, gradients and optimizer state",
     }
+
+
+def kept(step_floor: dict) -> dict:
+    """What autograd kept from a step's forward for its backward, the weights aside, as the floor
+    count found it (roofline.step_floor): counted from the tensors, so it is the same number on a
+    CPU as on a GPU, and it is the memory gradient checkpointing and the precision change. None
+    where the count failed."""
+    return {"kept_for_backward_bytes": step_floor.get("saved_bytes")}
 
 
 @contextlib.contextmanager

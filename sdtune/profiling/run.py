@@ -235,7 +235,7 @@ def _profile_cell(params, spec, cache_dir, trace_path, raw_dir) -> dict:
         "ceiling_tflops": ceiling,
         # One measured step's floor, kind by kind: how far the kernels are from what the device allows.
         "floor": step_floor,
-        "memory": peak_mem | parts | memory.activations(parts, peak_mem, device),
+        "memory": peak_mem | parts | memory.activations(parts, peak_mem, device) | memory.kept(step_floor),
         "cost": cost_lib.cost(seconds / p.steps, cell.train.steps, usd) | {"usd_per_hour": usd},
     }
     if traced is not None:  # where the traced steps' time went, by kind of kernel
