@@ -24,10 +24,15 @@ def wandb_report(params) -> None:
     import wandb
 
     profile, evals = io.read_json("reports/profile.json"), io.read_json("reports/eval.json")
+    def mib(n):
+        return None if n is None else n / 2**20
+
     training = wandb.Table(
-        columns=["cell", "precision", "step_ms", "images_per_second", "mfu", "peak_mib", "usd_per_1000_steps"],
+        columns=["cell", "precision", "step_ms", "images_per_second", "mfu", "peak_mib", "kept_for_backward_mib",
+                 "usd_per_1000_steps"],
         data=[[c["name"], c["mixed_precision"], c["step_ms"], c["images_per_second"], c["mfu"],
-               c["memory"]["peak_bytes"] / 2**20, c["cost"]["usd_per_1000_steps"]] for c in profile["cells"].values()])
+               mib(c["memory"]["peak_bytes"]), mib(c["memory"].get("kept_for_backward_bytes")),
+               c["cost"]["usd_per_1000_steps"]] for c in profile["cells"].values()])
     inference = wandb.Table(
         columns=["cell", "seconds_per_image", "mfu", "peak_mib"],
         data=[[c["name"], c["seconds_per_image"], c["mfu"], c["peak_memory_bytes"] / 2**20]

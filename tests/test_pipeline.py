@@ -283,6 +283,9 @@ def test_report_goes_to_wandb_when_it_is_on(demo, tmp_path):
     training = json.loads(next(files.rglob("training_*.table.json")).read_text())
     cells = json.loads((demo / "reports/profile.json").read_text())["cells"]
     assert [row[0] for row in training["data"]] == list(cells)  # every measured cell, in order
+    kept = training["columns"].index("kept_for_backward_mib")
+    assert [row[kept] for row in training["data"]] == [c["memory"]["kept_for_backward_bytes"] / 2**20
+                                                        for c in cells.values()]
     assert len(list(files.rglob("*.png"))) >= 6  # loss curve, samples, profile charts
     report = files / "REPORT.md"  # a copy: a run synced later still holds this report
     assert not report.is_symlink() and report.read_text() == (ws / "reports/REPORT.md").read_text()
