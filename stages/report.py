@@ -17,6 +17,10 @@ PICTURES = ["reports/train_loss.png", "reports/captions.png", "reports/samples/g
             "reports/profile/memory.png", "reports/profile/inference.png"]
 
 
+def _mib(n):
+    return None if n is None else n / 2**20  # None: not counted (a cell whose floor count failed)
+
+
 def wandb_report(params) -> None:
     """W&B is imported only when it is on, as in the train stage."""
     if params.train.wandb == "disabled":
@@ -24,14 +28,11 @@ def wandb_report(params) -> None:
     import wandb
 
     profile, evals = io.read_json("reports/profile.json"), io.read_json("reports/eval.json")
-    def mib(n):
-        return None if n is None else n / 2**20
-
     training = wandb.Table(
         columns=["cell", "precision", "step_ms", "images_per_second", "mfu", "peak_mib", "kept_for_backward_mib",
                  "usd_per_1000_steps"],
         data=[[c["name"], c["mixed_precision"], c["step_ms"], c["images_per_second"], c["mfu"],
-               mib(c["memory"]["peak_bytes"]), mib(c["memory"].get("kept_for_backward_bytes")),
+               _mib(c["memory"]["peak_bytes"]), _mib(c["memory"].get("kept_for_backward_bytes")),
                c["cost"]["usd_per_1000_steps"]] for c in profile["cells"].values()])
     inference = wandb.Table(
         columns=["cell", "seconds_per_image", "mfu", "peak_mib"],

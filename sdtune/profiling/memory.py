@@ -128,7 +128,7 @@ def activations(parts: dict, peak: dict, device) -> dict:
 def kept(step_floor: dict) -> dict:
     """What autograd kept from a step's forward for its backward, the weights aside, as the floor
     count found it (roofline.step_floor): counted from the tensors, so it is the same number on a
-    CPU as on a GPU, and it is the memory gradient checkpointing and the precision change. None
+    CPU as on a GPU, and it is the memory that gradient checkpointing and the precision change. None
     where the count failed."""
     return {"kept_for_backward_bytes": step_floor.get("saved_bytes")}
 
