@@ -158,6 +158,10 @@ def test_profile_cell_on_cuda_writes_a_gpu_trace_and_an_allocator_snapshot(cache
     assert cell["device"].startswith("cuda") and 0 < cell["mfu"] <= 1
     assert cell["peak_source"].startswith(("datasheet:", "measured"))
     assert cell["memory"]["peak_bytes"] > 0
+    # What autograd kept for the backward was alive at the peak beside the weights and the LoRA's
+    # state, with the temporaries the estimate of activations also holds.
+    mem = cell["memory"]
+    assert 0 < mem["kept_for_backward_bytes"] <= mem["activations_bytes"], mem
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("cat") == "kernel" for e in events)  # GPU kernels, not only host ops
     snapshot = tmp_path / "memory-baseline.pickle"
