@@ -75,7 +75,8 @@ def memory_table(cells) -> str:
     lines += [f"| {c['name']} | " + " | ".join(_mib(c["memory"].get(key)) for _, key in cols) + " |" for c in cells]
     return ("Memory: weights are every parameter (the frozen base and the LoRA); gradients and optimizer state "
             "are the LoRA's; kept for backward is what autograd saved in one step's forward for its backward, "
-            "counted tensor by tensor (gradient checkpointing keeps only its segments' inputs); activations "
+            "counted tensor by tensor (gradient checkpointing keeps only its segments' inputs; a compiled step is "
+            "not counted); activations "
             "are the peak allocated less weights, gradients and optimizer state (CUDA only).\n\n"
             + "\n".join(lines) + "\n")
 
