@@ -223,9 +223,9 @@ def _profile_cell(params, spec, cache_dir, trace_path, raw_dir) -> dict:
     step_floor = floor(run, step_fn, p.warmup, ceiling)
     # Not for a compiled step: with saved-tensor hooks on, Dynamo compiles it again and traces the
     # hooks, breaking the graph, so the count would be of another step than the one measured.
-    kept = (memory.kept_for_backward(step_fn, p.warmup, weights=run.accelerator.unwrap_model(run.denoiser).parameters())
-            if not cell.train.compile else {"kept_for_backward_bytes": None,
-                                            "kept_for_backward_error": "not counted for a compiled step"})
+    kept = {"kept_for_backward_bytes": None, "kept_for_backward_error": "not counted for a compiled step"}
+    if not cell.train.compile:
+        kept = memory.kept_for_backward(step_fn, p.warmup, weights=run.accelerator.unwrap_model(run.denoiser).parameters())
     traced = _trace(run, step_fn, spec["name"], trace_path, warmup=0) if trace_path is not None else None  # already warm
     result = {
         "name": spec["name"], "spec": spec, "device": str(device), "device_name": hardware.device_name(device),
