@@ -1,6 +1,7 @@
 """Shared test setup: offline, quiet, a fresh accelerate state per test, a tiny SD1 cache,
 and a helper to copy the repo into a temporary git repo."""
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -49,6 +50,20 @@ def captions_for(raw: Path) -> list[dict]:
     return [{"file": p.name, "sha256": io.sha256_file(p), "caption": f"a picture {i}"}
             for i, p in enumerate(sorted(raw.glob("*.png")))]
 
+
+
+@contextlib.contextmanager
+def kept_for_backward():
+    """storage address -> (bytes, dtype) of each tensor autograd keeps for the backward in the block
+    (all alive together until a step's backward, so no address repeats within a step)."""
+    kept = {}
+
+    def pack(tensor):
+        kept[tensor.untyped_storage().data_ptr()] = (tensor.untyped_storage().nbytes(), tensor.dtype)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield kept
 
 
 def tiny_loop_run(arch: str, dtype: torch.dtype, lora: dict | None = None, **train):

@@ -430,8 +430,8 @@ def test_each_compiled_cell_runs_its_own_compiled_denoiser(train_workspace):
         before, compiled = counters["frames"]["ok"], counters["frames"]["total"]
         cell = prof.profile_cell(p, {"name": name, "compile": True, **keys}, ws / "cache", raw_dir=ws / "data/raw")
         assert counters["frames"]["ok"] > before, f"{name}: the denoiser ran uncompiled"
-        # One graph for every step of the cell: the FLOP count (under FlopCounterMode), the
-        # floor's and the memory's count compile nothing more.
+        # One graph for every step of the cell: the FLOP count (under FlopCounterMode) and the
+        # floor's count compile nothing more.
         assert counters["frames"]["total"] == compiled + 1, name
         assert cell["step_ms"] > 0 and 0 < cell["mfu"] <= 1
 
@@ -518,19 +518,22 @@ def test_profiled_cell_counts_the_gradients_a_real_step_holds(train_workspace):
 
 def test_kept_for_backward_is_what_a_real_step_saves_and_checkpointing_cuts_it(train_workspace):
     """A cell's memory counts what autograd kept from its step's forward for the backward, on a CPU
-    too, where the peak is a resident set that hides it. The roofline's count of a fresh run's
-    step, which leaves out parameters and their views rather than their storages, gets the same
-    number. Checkpointing keeps a fraction of it. A compiled step is not counted: with the hooks
-    on, Dynamo would compile it again, break its graph at them and count another step."""
-    from sdtune.profiling import roofline, run as prof
+    too, where the peak is a resident set that hides it. Counted again here over a fresh run's step
+    with saved-tensor hooks of its own, leaving out the parameters' storages (the floor's count
+    leaves out parameters and their views), it is the same number. Checkpointing keeps a fraction
+    of it. A compiled step is not counted: the floor's count runs it eagerly."""
+    from conftest import kept_for_backward
+    from sdtune.profiling import run as prof
 
     ws, p = train_workspace
     kept = {name: prof.profile_cell(p, {"name": name, **keys}, ws / "cache", raw_dir=ws / "data/raw")["memory"]
             ["kept_for_backward_bytes"]
             for name, keys in {"baseline": {}, "ckpt": {"gradient_checkpointing": True}, "compile": {"compile": True}}.items()}
     _, run, step_fn, _ = prof._setup(p, {"name": "baseline"}, ws / "cache", ws / "data/raw")
-    counted = roofline.count(step_fn, p.profile.warmup, peak_tflops=1.0, bandwidth_gbs=1.0)
-    assert kept["baseline"] == counted.saved_bytes > 0
+    weights = {param.untyped_storage().data_ptr() for param in run.denoiser.parameters()}
+    with kept_for_backward() as saved:
+        step_fn(p.profile.warmup)  # the step the cell's floor counts
+    assert kept["baseline"] == sum(n for ptr, (n, _) in saved.items() if ptr not in weights) > 0
     assert 0 < kept["ckpt"] < kept["baseline"] / 2
     assert kept["compile"] is None
 

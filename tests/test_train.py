@@ -1,6 +1,5 @@
 """Training: identical reruns, exact resume after SIGKILL, a NaN loss stops cleanly, exact cache reuse."""
 
-import contextlib
 import importlib.util
 import math
 import os
@@ -17,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import OFFLINE, ROOT, assert_no_secret, captions_for, tiny_cache, tiny_loop_run, wandb_stage
+from conftest import (OFFLINE, ROOT, assert_no_secret, captions_for, kept_for_backward, tiny_cache, tiny_loop_run,
+                      wandb_stage)
 from sdtune import io, params as params_lib
 from sdtune.errors import UserError
 from sdtune.data import cache
@@ -548,20 +548,6 @@ def test_lora_layers_add_their_products_inside_gemms_and_train_peft_s_lora(works
     assert ours.keys() == peft_s.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], peft_s[key], rtol=1e-4, atol=1e-6, msg=key)
-
-
-@contextlib.contextmanager
-def kept_for_backward():
-    """storage address -> (bytes, dtype) of each tensor autograd keeps for the backward in the block
-    (all alive together until a step's backward, so no address repeats within a step)."""
-    kept = {}
-
-    def pack(tensor):
-        kept[tensor.untyped_storage().data_ptr()] = (tensor.untyped_storage().nbytes(), tensor.dtype)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        yield kept
 
 
 def bf16_run(arch: str, autocast: bool, **lora):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from sdtune.errors import describe
 from sdtune.io import atomic_path
 
 
@@ -126,29 +125,15 @@ def activations(parts: dict, peak: dict, device) -> dict:
     }
 
 
-def kept_for_backward(fn, *args, weights) -> dict:
-    """What autograd keeps from fn(*args)'s forward (an eager training step) for its backward,
-    counted tensor by tensor with saved-tensor hooks: the same number on a CPU as on a GPU, and the
-    memory that gradient checkpointing and the precision change. Storages of `weights` (the
-    parameters, and the views of them that ops save) are left out: they were there before the
-    step. Each storage counts once, by address; one freed within the forward, its address reused,
-    is no longer kept. Not for a compiled step: with the hooks on, Dynamo compiles it again and
-    breaks its graph at them."""
-    weights = {w.untyped_storage().data_ptr() for w in weights}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            fn(*args)
-    except Exception as err:  # a diagnosis: what was measured stands without it
-        return {"kept_for_backward_bytes": None, "kept_for_backward_error": describe(err)}
-    return {"kept_for_backward_bytes": sum(saved.values())}
+def kept(step_floor: dict, compiled: bool) -> dict:
+    """What autograd kept from a step's forward for its backward, the weights aside, as the floor's
+    count of that step found it (roofline.step_floor): counted from the tensors, the same number on
+    a CPU as on a GPU, and the memory that gradient checkpointing and the precision change. None
+    where the count failed, and for a compiled step: the floor's dispatch mode runs it eagerly, and
+    with saved-tensor hooks alone Dynamo compiles it again and breaks its graph at them."""
+    if compiled:
+        return {"kept_for_backward_bytes": None, "kept_for_backward_error": "not counted for a compiled step"}
+    return {"kept_for_backward_bytes": step_floor.get("saved_bytes")}
 
 
 @contextlib.contextmanager

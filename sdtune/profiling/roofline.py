@@ -450,16 +450,18 @@ def floor_by_measured_kind(kinds: dict) -> dict[str, float]:
 def step_floor(fn, *args, device, ceiling_tflops: float, lora_params=()) -> dict:
     """One call fn(*args) (a training step) counted on `device`, each op held to `ceiling_tflops`,
     to the copy bandwidth measured there, or to the card's exponential rate (hardware.exp_tera_per_s):
-    {ceiling_tflops, bandwidth_gbs, exp_tera_per_s, kinds, ms}, or {error} when it cannot be
-    counted (a diagnosis: what was measured stands without it)."""
+    {ceiling_tflops, bandwidth_gbs, exp_tera_per_s, kinds, ms, saved_bytes}, or {error} when it
+    cannot be counted (a diagnosis: what was measured stands without it). saved_bytes: what
+    autograd kept from the step's forward for its backward, the weights aside (count)."""
     try:
         bandwidth, exp_rate = hardware.bandwidth_gbs(device), hardware.exp_tera_per_s(device)
-        kinds = by_kind(count(fn, *args, peak_tflops=ceiling_tflops, bandwidth_gbs=bandwidth, lora_params=lora_params,
-                              exp_tera_per_s=exp_rate))
+        counted = count(fn, *args, peak_tflops=ceiling_tflops, bandwidth_gbs=bandwidth, lora_params=lora_params,
+                        exp_tera_per_s=exp_rate)
     except Exception as err:
         return {"error": describe(err)}
+    kinds = by_kind(counted)
     return {"ceiling_tflops": ceiling_tflops, "bandwidth_gbs": bandwidth, "exp_tera_per_s": exp_rate, "kinds": kinds,
-            "ms": sum(row["bound_ms"] for row in kinds.values())}
+            "ms": sum(row["bound_ms"] for row in kinds.values()), "saved_bytes": counted.saved_bytes}
 
 
 def vs_floor(floor: dict, breakdown: dict) -> dict[str, float]:

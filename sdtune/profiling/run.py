@@ -221,11 +221,6 @@ def _profile_cell(params, spec, cache_dir, trace_path, raw_dir) -> dict:
     usd = cost_lib.hourly_usd(p)
     ceiling = hardware.ceiling_tflops(device, dtype)
     step_floor = floor(run, step_fn, p.warmup, ceiling)
-    # Not for a compiled step: with saved-tensor hooks on, Dynamo compiles it again and traces the
-    # hooks, breaking the graph, so the count would be of another step than the one measured.
-    kept = {"kept_for_backward_bytes": None, "kept_for_backward_error": "not counted for a compiled step"}
-    if not cell.train.compile:
-        kept = memory.kept_for_backward(step_fn, p.warmup, weights=run.accelerator.unwrap_model(run.denoiser).parameters())
     traced = _trace(run, step_fn, spec["name"], trace_path, warmup=0) if trace_path is not None else None  # already warm
     result = {
         "name": spec["name"], "spec": spec, "device": str(device), "device_name": hardware.device_name(device),
@@ -240,7 +235,8 @@ def _profile_cell(params, spec, cache_dir, trace_path, raw_dir) -> dict:
         "ceiling_tflops": ceiling,
         # One measured step's floor, kind by kind: how far the kernels are from what the device allows.
         "floor": step_floor,
-        "memory": peak_mem | parts | memory.activations(parts, peak_mem, device) | kept,
+        "memory": peak_mem | parts | memory.activations(parts, peak_mem, device)
+                  | memory.kept(step_floor, cell.train.compile),
         "cost": cost_lib.cost(seconds / p.steps, cell.train.steps, usd) | {"usd_per_hour": usd},
     }
     if traced is not None:  # where the traced steps' time went, by kind of kernel
