@@ -20,6 +20,24 @@ def _save(fig: Figure, out_png) -> None:
         fig.savefig(tmp, format="png", dpi=120)
 
 
+def _stacked_bars(labels, parts: dict, out_png, title: str, xlabel: str, colors=None, peaks=()) -> None:
+    """One horizontal bar per label, stacked from `parts` ({name: a width per label}), first label
+    on top; `peaks` ((bar index, value), ...) are drawn as black ticks."""
+    fig = Figure(figsize=(8, 1.2 + 0.5 * len(labels)))
+    ax = fig.add_subplot()
+    left = [0.0] * len(labels)
+    for name, widths in parts.items():
+        ax.barh(labels, widths, left=left, label=name, color=(colors or {}).get(name))
+        left = [a + b for a, b in zip(left, widths)]
+    if peaks:
+        ax.scatter([v for _, v in peaks], [i for i, _ in peaks], marker="|", s=400, color="black", label="peak allocated")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.invert_yaxis()  # first bar on top, as listed
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    _save(fig, out_png)
+
+
 def phase_chart(summary: dict, out_png, title: str = "Time per training step") -> None:
     """Stacked horizontal bars of mean phase times, one bar per config.
 
@@ -28,24 +46,10 @@ def phase_chart(summary: dict, out_png, title: str = "Time per training step") -
     """
     configs = {"run": summary} if "phases" in summary else summary
     names = list(dict.fromkeys(n for s in configs.values() for n in s["phases"]))
-    labels = list(configs)
-    fig = Figure(figsize=(8, 1.2 + 0.5 * len(labels)))
-    ax = fig.add_subplot()
-    left = [0.0] * len(labels)
-    for name in names + ["untimed"]:
-        widths = []
-        for i, s in enumerate(configs.values()):
-            if name == "untimed":
-                widths.append(max(0.0, s["step_mean_ms"] - left[i]))
-            else:
-                widths.append(s["phases"].get(name, {}).get("mean_ms", 0.0))
-        ax.barh(labels, widths, left=left, label=name, color="lightgrey" if name == "untimed" else None)
-        left = [a + b for a, b in zip(left, widths)]
-    ax.set_xlabel("ms (mean over measured steps)")
-    ax.set_title(title)
-    ax.invert_yaxis()  # first config on top, as listed
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-    _save(fig, out_png)
+    parts = {name: [s["phases"].get(name, {}).get("mean_ms", 0.0) for s in configs.values()] for name in names}
+    timed = [sum(widths) for widths in zip(*parts.values())] or [0.0] * len(configs)
+    parts["untimed"] = [max(0.0, s["step_mean_ms"] - t) for s, t in zip(configs.values(), timed)]
+    _stacked_bars(list(configs), parts, out_png, title, "ms (mean over measured steps)", colors={"untimed": "lightgrey"})
 
 
 def bar_chart(rows, key: str, out_png, title: str, label: str = "name", fmt: str = "{:.3g}") -> None:
@@ -72,20 +76,7 @@ def memory_chart(cells, out_png, title: str = "Memory of a training step") -> No
     """Stacked horizontal bars of each cell's memory by part (counted from the tensors), in MiB,
     with the measured peak as a black tick where it is a count of tensors too (CUDA's allocated
     peak; a CPU's resident set also holds the interpreter and its libraries)."""
-    labels = [c["name"] for c in cells]
-    parts = {name: key for name, key in MEMORY_PARTS.items() if any(c["memory"].get(key) for c in cells)}
-    fig = Figure(figsize=(8, 1.2 + 0.5 * len(labels)))
-    ax = fig.add_subplot()
-    left = [0.0] * len(labels)
-    for name, key in parts.items():
-        widths = [(c["memory"].get(key) or 0) / 2**20 for c in cells]
-        ax.barh(labels, widths, left=left, label=name)
-        left = [a + b for a, b in zip(left, widths)]
+    parts = {name: [(c["memory"].get(key) or 0) / 2**20 for c in cells]
+             for name, key in MEMORY_PARTS.items() if any(c["memory"].get(key) for c in cells)}
     peaks = [(i, c["memory"]["allocated_bytes"] / 2**20) for i, c in enumerate(cells) if "allocated_bytes" in c["memory"]]
-    if peaks:
-        ax.scatter([p for _, p in peaks], [i for i, _ in peaks], marker="|", s=400, color="black", label="peak allocated")
-    ax.set_xlabel("MiB")
-    ax.set_title(title)
-    ax.invert_yaxis()  # first cell on top, as listed
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-    _save(fig, out_png)
+    _stacked_bars([c["name"] for c in cells], parts, out_png, title, "MiB", peaks=peaks)
