@@ -4,7 +4,7 @@ Modules (import the one you need; `charts` pulls in matplotlib):
   phases    PhaseTimer (per-phase wall clock + profiler ranges), sync(), trace() -> Chrome trace
   flops     count_flops(), achieved_tflops()
   hardware  peak_tflops() from a datasheet table or a measured GEMM ceiling, mfu()
-  memory    reset_peak(), peak_memory(), breakdown(), activations(), snapshot()
-  charts    phase_chart(), bar_chart()
+  memory    reset_peak(), peak_memory(), breakdown(), activations(), kept(), snapshot()
+  charts    phase_chart(), bar_chart(), memory_chart()
   cost      cost(), hourly_price(), hourly_usd(), PRICES (approximate GCP on-demand prices)
 """
