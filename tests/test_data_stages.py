@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from conftest import OFFLINE, ROOT
@@ -89,6 +90,34 @@ def test_cache_keys_name_the_dtype_the_encoders_ran_in():
     cpu, gpu = (cache.item_key(row, p.model, p.cache, dtype, code, "tiny") for dtype in (torch.float32, torch.bfloat16))
     assert cpu != gpu
     assert cpu == cache.item_key(row, p.model, p.cache, torch.float32, code, "tiny")
+
+
+@pytest.mark.parametrize("model, cache_params, row, changes", [
+    ({}, {}, {"caption": "another picture"}, True),
+    ({}, {}, {"sha256": "1" * 64}, True),
+    ({"resolution": 32}, {}, {}, True),
+    ({}, {"center_crop": False}, {}, True),
+    ({}, {"dtype": "bfloat16"}, {}, True),
+    ({}, {"buckets": True}, {}, True),
+    # The prediction type is the train stage's target; the latents and embeddings are the same.
+    ({"prediction_type": "v_prediction"}, {}, {}, False),
+    ({}, {"batch_size": 1}, {}, False),
+])
+def test_cache_keys_change_exactly_with_what_is_encoded(model, cache_params, row, changes):
+    import torch
+
+    from sdtune import params as params_lib
+    from sdtune.data import cache
+    from sdtune.families import sd
+
+    code = cache.encoder_code(sd)
+    base_row = {"file": "a.png", "sha256": "0" * 64, "caption": "a picture"}
+
+    def key(model_keys, cache_keys, row_keys):
+        p = params_lib.parse({"model": {"id": "tiny", "resolution": 64, **model_keys}, "cache": cache_keys})
+        return cache.item_key({**base_row, **row_keys}, p.model, p.cache, torch.float32, code, "tiny")
+
+    assert (key(model, cache_params, row) != key({}, {}, {})) == changes
 
 
 def hub_snapshot(hub, repo: str, ref: str, commit: str) -> None:

@@ -37,11 +37,11 @@ def encoder_code(family) -> str:
 def item_key(row, model, cache, encode_dtype: torch.dtype, code: str, revision: str) -> str:
     """The item's content key. `encode_dtype` is what the encoders ran in (bf16 on CUDA, float32
     elsewhere): the same image encoded on another device gives other latents. `code` is
-    encoder_code(family); `revision` is common.resolved_revision(model), the commit, not "main"."""
+    encoder_code(family); `revision` is common.resolved_revision(model), the commit, not "main".
+    model.prediction_type is left out: it changes the training target, not what the encoders make."""
     parts = {
         "code": code, "image": row["sha256"], "caption": row["caption"],
-        "family": model.family, "model": model.id, "revision": revision,
-        "prediction_type": model.prediction_type, "resolution": model.resolution,
+        "family": model.family, "model": model.id, "revision": revision, "resolution": model.resolution,
         "center_crop": cache.center_crop, "dtype": cache.dtype,
         "bucket_step": cache.crop_step, "encode_dtype": str(encode_dtype),
     }
