@@ -12,7 +12,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from sdtune.errors import UserError
+
 CHUNK = 1 << 20
+
+
+def read_text(path, key: str | None = None) -> str:
+    """A text file the user wrote (params, prompts), as UTF-8; other bytes are one clear line.
+    `key` names the param that pointed at the file, when one did."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        where = f"{key}: {path}" if key else str(path)
+        raise UserError(f"{where}: not valid UTF-8 (byte {err.start}); save it as UTF-8") from None
 
 
 def sha256_file(path) -> str:

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ruamel.yaml import YAML, YAMLError
 
+from sdtune import io
 from sdtune.errors import UserError
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
@@ -317,7 +318,16 @@ def load(path="params.yaml") -> Params:
     if not path.exists():
         raise UserError(f"{path}: not found (run from the repository root)")
     try:
-        raw = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+        raw = YAML(typ="safe", pure=True).load(io.read_text(path))
     except YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        raise UserError(f"{path}: not valid YAML{_yaml_where(err)}") from None
     return parse(raw, str(path))
+
+
+def _yaml_where(err: YAMLError) -> str:
+    """Where the parser stopped and what it found there ("line 3, column 3: found duplicate key
+    ..."), not its first line, which for most errors is only the context ("while parsing ...")."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or not problem:
+        return f": {str(err).splitlines()[0]}"
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"

@@ -151,6 +151,9 @@ def test_the_readmes_commands_run(cwd, capsys):
 def test_user_mistakes_are_one_line(cwd, capsys):
     assert "no LoRA file" in fails(["generate", "--prompt", "x", "--lora", "nowhere", "--out", "x.png"], capsys)
     assert "missing.txt not found" in fails(["generate", "--prompts", "missing.txt", "--out", "d"], capsys)
+    (cwd / "latin1.txt").write_bytes("a caf\xe9 at dusk\n".encode("latin-1"))
+    assert fails(["generate", "--prompts", "latin1.txt", "--out", "d"], capsys) == \
+        "error: --prompts: latin1.txt: not valid UTF-8 (byte 5); save it as UTF-8"
     assert "--size" in fails(["generate", "--prompt", "x", "--size", "30", "--out", "x.png"], capsys)
     assert "--seeds" in fails(["generate", "--prompt", "x", "--seeds", "1,a", "--out", "x.png"], capsys)
     assert "--prompt" in fails(["generate", "--out", "x.png"], capsys)

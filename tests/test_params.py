@@ -96,6 +96,16 @@ def test_stage_prints_one_line_and_no_traceback(tmp_path):
 def test_missing_and_broken_params_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         params.load(tmp_path / "params.yaml")
-    (tmp_path / "params.yaml").write_text("train: [unclosed\n")
-    with pytest.raises(UserError, match="not valid YAML"):
+    # Where the parser stopped and what it found there: not its context line ("while parsing ...").
+    for text, said in [(b"train: [unclosed\n", "at line 2, column 1: expected ',' or ']', but got '<stream end>'"),
+                       (b"data:\n  retries: 1\n  retries: 2\n",
+                        'at line 3, column 3: found duplicate key "retries" with value "2" (original value: "1")'),
+                       (b"data:\n\tretries: 1\n", "at line 2, column 1: found character '\\t' that cannot start any token")]:
+        (tmp_path / "params.yaml").write_bytes(text)
+        with pytest.raises(UserError) as err:
+            params.load(tmp_path / "params.yaml")
+        assert str(err.value) == f"{tmp_path / 'params.yaml'}: not valid YAML {said}"
+    (tmp_path / "params.yaml").write_bytes('caption: {template: "caf\xe9 {caption}"}\n'.encode("latin-1"))
+    with pytest.raises(UserError) as err:
         params.load(tmp_path / "params.yaml")
+    assert str(err.value) == f"{tmp_path / 'params.yaml'}: not valid UTF-8 (byte 24); save it as UTF-8"

@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from sdtune import quantize
+from sdtune import io, quantize
 from sdtune.errors import UserError
 from sdtune.families import common
 
@@ -19,7 +19,7 @@ def read_prompts(path, key: str) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{key}: {path} not found (one prompt per line)")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+    prompts = [line.strip() for line in io.read_text(path, key).splitlines()
                if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise UserError(f"{key}: {path} holds no prompt (one per line, # for comments)")
