@@ -61,10 +61,23 @@ def test_extracts_every_format_with_unicode_names_and_drops_junk(tmp_path, suffi
     assert archive_kind(path) == ("tar" if mode else "zip")
 
 
+def _dos_folder(name):
+    """A folder entry as some Windows tools write it: a backslash name and the MS-DOS attribute."""
+    info = zipfile.ZipInfo(name)
+    info.create_system, info.external_attr = 0, 0x10
+    return info
+
+
 def test_windows_backslash_names_become_folders(tmp_path):
-    path = make_zip(tmp_path / "win.zip", {"set\\one.png": b"x"})
+    path = tmp_path / "win.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(_dos_folder("set\\"), b"")
+        zf.writestr("set\\one.png", b"x")
+        zf.writestr(_dos_folder("set\\empty\\"), b"")
+        zf.writestr(_dos_folder("set\\no separator"), b"")  # the attribute alone marks it
     extract(path, tmp_path / "out", **LIMITS)
     assert files_in(tmp_path / "out") == {"set/one.png": b"x"}
+    assert (tmp_path / "out/set/empty").is_dir() and (tmp_path / "out/set/no separator").is_dir()
 
 
 def _zip_link():

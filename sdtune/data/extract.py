@@ -104,7 +104,7 @@ def _zip_members(zf: zipfile.ZipFile) -> list[_Member]:
     out = []
     for info in zf.infolist():
         mode = info.external_attr >> 16  # unix mode, when the zip was made on unix
-        if info.is_dir() or stat.S_ISDIR(mode):
+        if _zip_is_dir(info):
             kind = "dir"
         elif stat.S_ISLNK(mode):
             kind = "link"
@@ -115,6 +115,13 @@ def _zip_members(zf: zipfile.ZipFile) -> list[_Member]:
         # zipfile stops reading at file_size and checks the CRC, so declared sizes cannot lie.
         out.append(_Member(info.filename, kind, info.file_size, info))
     return out
+
+
+def _zip_is_dir(info: zipfile.ZipInfo) -> bool:
+    """A folder entry. ZipInfo.is_dir() looks only for a trailing "/"; a zip made on Windows may end
+    the name with "\\" instead, or mark the folder only by its MS-DOS attribute (0x10)."""
+    dos_folder = info.create_system == 0 and info.external_attr & 0x10
+    return info.filename.endswith(("/", "\\")) or stat.S_ISDIR(info.external_attr >> 16) or bool(dos_folder)
 
 
 def _check(members: list[_Member], where: str, dest: Path, max_bytes: int, max_files: int, skipped: list):
