@@ -60,8 +60,13 @@ def atomic_path(dest):
     """Yield a temporary path beside `dest`; on success rename it over `dest`.
 
     Works for files and folders. On error the temporary is removed and `dest` is untouched.
+    A `dest` that is a link to a folder stays a link, to the new folder.
     """
     dest = Path(dest)
+    if dest.is_symlink() and dest.is_dir():
+        # A folder moved to a bigger disk and linked back (data/raw -> /mnt/disk/raw): no folder can be
+        # renamed over a link, so replace the folder it points to, from a temporary on that disk.
+        dest = dest.resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     tmp.rmdir()  # the caller creates a file or a folder at this name

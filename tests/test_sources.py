@@ -163,6 +163,20 @@ def test_replace_swaps_a_finished_fetch_over_an_earlier_one(tmp_path, http_serve
         fetch(str(src), tmp_path / "file", replace=True)
 
 
+def test_a_linked_folder_stays_a_link_to_the_new_fetch(tmp_path):
+    """data/raw moved to a bigger disk and linked back: the fetch lands in the linked folder."""
+    disk = tmp_path / "disk" / "raw"
+    disk.mkdir(parents=True)
+    (tmp_path / "raw").symlink_to(disk)
+    first = fetch("synthetic://1", tmp_path / "raw")
+    assert (tmp_path / "raw").is_symlink() and sorted(p.name for p in disk.iterdir()) == [r["file"] for r in first]
+    src = write_tree(tmp_path / "src", SET)
+    assert fetch(str(src), tmp_path / "raw", replace=True) == rows_of(SET)
+    assert (tmp_path / "raw").is_symlink() and (tmp_path / "raw").resolve() == disk.resolve()
+    assert sorted(p.name for p in disk.iterdir()) == ["a painting.png", "a painting.txt", "ünï"]
+    assert leftovers(disk) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["disk", "raw", "src"]
+
+
 def test_corrupt_archive_keeps_the_earlier_fetch(tmp_path):
     dest = tmp_path / "raw"
     fetch("synthetic://1", dest)
