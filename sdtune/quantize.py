@@ -115,7 +115,11 @@ def parent(family, model, lora_dir, fuse: bool, lora_scale: float = 1.0):
     when asked (evaluate.lora_scale, the strength the adapter variants are run at)."""
     denoiser = family.load_denoiser(model, dtype=torch.float32)
     if fuse:
-        denoiser.load_lora_adapter(str(common.lora_path(lora_dir)), prefix=family.DENOISER_ATTR)
+        # The folder and the file's name, as generate.add_lora loads it: given the file's path alone,
+        # diffusers skips the file's adapter metadata, so alpha/rank is lost and the LoRA is fused
+        # at scaling 1 (wrong whenever train.lora.alpha differs from the rank).
+        path = common.lora_path(lora_dir)
+        denoiser.load_lora_adapter(str(path.parent), weight_name=path.name, prefix=family.DENOISER_ATTR)
         denoiser.fuse_lora(lora_scale=lora_scale)
         denoiser.unload_lora()
     return denoiser

@@ -180,12 +180,14 @@ def lora_dir(tmp_path_factory):
     from sdtune.train import lora
 
     unet = sd.tiny_unet()
-    cfg = params_lib.parse({"train": {"lora": {"rank": 4, "alpha": 4.0}}}).train.lora
+    # alpha ≠ rank: a loader that misses the file's adapter metadata fuses it at the wrong strength
+    cfg = params_lib.parse({"train": {"lora": {"rank": 4, "alpha": 8.0}}}).train.lora
     lora.add(unet, cfg, sd.LORA_TARGETS)
     g = torch.Generator().manual_seed(0)
     for name, p in unet.named_parameters():
         if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=g) * 0.3
+            p.data = torch.randn(p.shape, generator=g) * 0.15
     out = tmp_path_factory.mktemp("lora")
-    sd.save_lora(out, lora.diffusers_state(unet), {"base_model": "tiny"})
+    sd.save_lora(out, lora.diffusers_state(unet), {"base_model": "tiny"},
+                 adapter_metadata=lora.adapter_metadata(cfg, sd.LORA_TARGETS))
     return out

@@ -34,6 +34,22 @@ def test_fused_variant_bakes_in_the_lora_scale(lora_dir):
     assert any(not torch.equal(base[k], full[k]) for k in base)
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_fused_denoiser_is_the_adapter_the_evaluate_stage_loads(lora_dir, scale):
+    """Fused weights compute what the base with the LoRA loaded as an adapter computes, at the file's
+    alpha/rank (the fixture's alpha is twice its rank) times evaluate.lora_scale."""
+    adapter = generate.pipeline(sd, MODEL, torch.device("cpu"), lora_dir=lora_dir, lora_scale=scale,
+                                dtype=torch.float32).unet
+    fused = quantize.parent(sd, MODEL, lora_dir, fuse=True, lora_scale=scale)
+    base = quantize.parent(sd, MODEL, lora_dir, fuse=False)
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 7, 32, generator=g)
+    with torch.no_grad():
+        want, got, plain = (m(x, 500, encoder_hidden_states=text).sample for m in (adapter, fused, base))
+    assert (want - plain).abs().max() > 0.05  # the LoRA changes the output enough to tell strengths apart
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def int8_images(variant):
     """The saved int8 variant, reloaded and rendered once for the tests that compare it."""

@@ -182,6 +182,14 @@ def published_config(lora, default_targets) -> LoraConfig:
     return cfg
 
 
+def adapter_metadata(lora, default_targets) -> dict:
+    """published_config as the JSON a LoRA file carries (diffusers' lora_adapter_metadata): where
+    loaders read lora_alpha, so that the file is applied at alpha/rank."""
+    meta = published_config(lora, default_targets).to_dict()
+    meta["target_modules"] = sorted(meta["target_modules"])
+    return meta
+
+
 def plain_lora(state, initial):
     """PiSSA/OLoRA's trained change relative to the original W: W_res + s·B·A - W = s·(B·A - B0·A0)
     = s·[B, -B0]·[A; A0], a LoRA of rank 2r on W itself. The conversion peft's

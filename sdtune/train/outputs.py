@@ -14,14 +14,12 @@ REPORT, CURVE_CSV, CURVE_PNG = "reports/train.json", "reports/train_loss.csv", "
 
 def write_lora(directory, run, state_dict, metadata) -> Path:
     directory = Path(directory)
-    cfg = lora.published_config(run.params.train.lora, run.family.LORA_TARGETS)
-    adapter_meta = cfg.to_dict()
-    adapter_meta["target_modules"] = sorted(adapter_meta["target_modules"])
+    adapter_meta = lora.adapter_metadata(run.params.train.lora, run.family.LORA_TARGETS)
     with io.atomic_path(directory) as tmp:
         tmp.mkdir()
         path = run.family.save_lora(tmp, state_dict, metadata, adapter_metadata=adapter_meta)
         if kohya.supports(run.params):  # the same LoRA in the keys AUTOMATIC1111 and ComfyUI read
-            kohya.write_kohya(tmp, load_file(path), cfg.lora_alpha, metadata)
+            kohya.write_kohya(tmp, load_file(path), adapter_meta["lora_alpha"], metadata)
     return directory / path.name
 
 
