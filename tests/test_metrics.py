@@ -45,6 +45,18 @@ def test_tiny_clip_is_deterministic(clip):
         assert torch.equal(a, b), name
 
 
+def test_a_clip_model_that_cannot_load_is_one_line(tmp_path):
+    """evaluate.clip_model named wrong (offline here, as a mistyped id is on the Hub) or a folder that
+    holds no CLIP checkpoint: one line naming the key, no traceback."""
+    (tmp_path / "config.json").write_text("{}")
+    for model_id in ["openai/clip-vit-base-patch1", str(tmp_path)]:
+        with pytest.raises(UserError) as err:
+            load_clip(model_id, "main")
+        said = str(err.value)
+        assert said.startswith(f"evaluate.clip_model: cannot load {model_id!r} at revision 'main': ")
+        assert "\n" not in said
+
+
 def test_fid_kid_order(clip, sets):
     ext = M.clip_image_extractor(clip)
     fid = {k: M.fid_kid(sets["real"], sets[k], ext) for k in ("same", "noisy", "rand")}

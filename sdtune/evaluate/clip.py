@@ -6,6 +6,7 @@ anything else is loaded with `from_pretrained` at a pinned revision.
 
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
+from sdtune.errors import UserError
 from sdtune.families import common
 
 TINY_IMAGE_SIZE = 32
@@ -47,7 +48,11 @@ def load_clip(model_id: str, revision: str = "main", device="cpu") -> tuple[CLIP
     if model_id == "tiny":
         model, processor = _tiny()
     else:
-        model = CLIPModel.from_pretrained(model_id, revision=revision)
-        processor = CLIPProcessor.from_pretrained(model_id, revision=revision)
+        try:
+            model = CLIPModel.from_pretrained(model_id, revision=revision)
+            processor = CLIPProcessor.from_pretrained(model_id, revision=revision)
+        except (OSError, ValueError) as err:  # not on the Hub, no network, not a CLIP checkpoint
+            raise UserError(f"evaluate.clip_model: cannot load {model_id!r} at revision {revision!r}: "
+                            f"{str(err).strip().splitlines()[0]}") from None
     model.requires_grad_(False)
     return model.to(device).eval(), processor
