@@ -6,6 +6,7 @@ Every sentence in "What helped, what did not" is computed from reports/*.json; n
 from pathlib import Path
 
 from sdtune import io, runtime
+from sdtune.profiling import cost
 from sdtune.params import cell_train_keys
 
 
@@ -212,7 +213,7 @@ def build(params, provenance, reports="reports") -> str:
     measured_on = "" if best["device"].startswith("cuda") else (
         f" These step times were measured on {best['device_name']}, not on that machine's GPU.")
     lines += ["## Cost", "",
-              f"At ${best['cost']['usd_per_hour']:.2f}/h ({params.profile.machine_type}), the fastest cell "
+              f"At ${best['cost']['usd_per_hour']:.2f}/h ({cost.price_source(params.profile)}), the fastest cell "
               f"`{best['name']}` ({best['images_per_second']:.2f} images/s) costs "
               f"${best['cost']['usd_per_1000_steps']:.3f} per 1,000 steps of {best['images_per_step']} images and "
               f"${best['cost']['usd_per_run']:.3f} for this run's {params.train.steps} steps (training only)."

@@ -329,6 +329,12 @@ def test_cost():
     assert cost.hourly_price("g2-standard-8") == pytest.approx(0.85)
     with pytest.raises(UserError, match="g2-standard-8"):
         cost.hourly_price("n1-nonexistent")
+    table = params_lib.parse({"profile": {"machine_type": "g2-standard-4"}}).profile
+    own = params_lib.parse({"profile": {"machine_type": "g2-standard-4", "usd_per_hour": 2.0}}).profile
+    assert (cost.hourly_usd(table), cost.hourly_usd(own)) == (pytest.approx(0.71), 2.0)
+    # a price of one's own is not the machine type's
+    assert cost.price_source(table) == f"g2-standard-4, on demand in us-central1, prices of {cost.PRICES_AS_OF}"
+    assert cost.price_source(own) == "profile.usd_per_hour"
 
 
 PROFILE_PARAMS = params_lib.parse({

@@ -36,6 +36,13 @@ def hourly_usd(profile) -> float:
     return profile.usd_per_hour or hourly_price(profile.machine_type)
 
 
+def price_source(profile) -> str:
+    """Where hourly_usd's price came from, for the reports: the param, or the table's entry and date."""
+    if profile.usd_per_hour:
+        return "profile.usd_per_hour"
+    return f"{profile.machine_type}, on demand in {REGION}, prices of {PRICES_AS_OF}"
+
+
 def cost(step_seconds: float, steps: int, hourly_usd: float) -> dict:
     """USD per 1000 steps and for `steps` steps, at `hourly_usd` for the machine's wall time.
 
