@@ -198,7 +198,7 @@ def test_report_is_generated_from_the_numbers(demo):
     assert (f"Final loss {train['final_loss']:.4f} (the mean of the last {train['final_loss_steps']} steps)" in text
             and train["final_loss_steps"] == 10)
     assert f"These step times were measured on {train['device_name']}, not on that machine's GPU." in text
-    assert "At $0.85/h (g2-standard-8, on demand in us-central1, prices of " in text
+    assert "At $0.85/h (g2-standard-8's approximate on-demand price in us-central1, 20" in text
     profile_md = (demo / "reports/profile.md").read_text()
     assert profile_md.startswith(f"Measured on {train['device_name']}: each step time is the median of 3 steps")
     assert "so an on-the-fly cell's include its VAE and text encoders" in profile_md  # the demo has one

@@ -333,7 +333,7 @@ def test_cost():
     own = params_lib.parse({"profile": {"machine_type": "g2-standard-4", "usd_per_hour": 2.0}}).profile
     assert (cost.hourly_usd(table), cost.hourly_usd(own)) == (pytest.approx(0.71), 2.0)
     # a price of one's own is not the machine type's
-    assert cost.price_source(table) == f"g2-standard-4, on demand in us-central1, prices of {cost.PRICES_AS_OF}"
+    assert cost.price_source(table) == f"g2-standard-4's approximate on-demand price in us-central1, {cost.PRICES_AS_OF}"
     assert cost.price_source(own) == "profile.usd_per_hour"
 
 

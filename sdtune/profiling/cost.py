@@ -5,7 +5,7 @@ from sdtune.errors import UserError
 # On-demand hourly prices (USD) in us-central1, VM + attached GPUs, no sustained-use or committed
 # discounts. Recalled from the GCP pricing page, not fetched (this project builds offline):
 # approximate, check https://cloud.google.com/compute/gpus-pricing before quoting them.
-PRICES_AS_OF = "2025-01 (approximate)"
+PRICES_AS_OF = "2025-01"  # approximate
 PRICES_NOTE = "approximate, check the GCP pricing page: https://cloud.google.com/compute/gpus-pricing"
 PRICES = {
     "g2-standard-4": {"usd_per_hour": 0.71, "gpus": "1x NVIDIA L4"},
@@ -40,7 +40,7 @@ def price_source(profile) -> str:
     """Where hourly_usd's price came from, for the reports: the param, or the table's entry and date."""
     if profile.usd_per_hour:
         return "profile.usd_per_hour"
-    return f"{profile.machine_type}, on demand in {REGION}, prices of {PRICES_AS_OF}"
+    return f"{profile.machine_type}'s approximate on-demand price in {REGION}, {PRICES_AS_OF}"
 
 
 def cost(step_seconds: float, steps: int, hourly_usd: float) -> dict:
