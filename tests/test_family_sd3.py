@@ -205,6 +205,21 @@ def test_bad_choices_are_one_line_errors(params, batch, trained):
         sd3.load_noise_scheduler(v.model)
 
 
+
+def test_prediction_type_is_refused_before_the_denoiser_loads(monkeypatch):
+    """SD3.5 Large's transformer takes minutes to load: the refusal must not wait for it."""
+    from sdtune.train import loop
+
+    def load_denoiser(*args, **kwargs):
+        raise AssertionError("the denoiser loaded before model.prediction_type was checked")
+
+    monkeypatch.setattr(sd3, "load_denoiser", load_denoiser)
+    v = params_lib.parse({"base": {"device": "cpu"}, "model": {"family": "sd3", "id": "tiny",
+                                                                "prediction_type": "v_prediction"}})
+    with pytest.raises(UserError, match="^model.prediction_type: 'v_prediction' does not apply to sd3"):
+        loop.prepare(v, items=[{}])
+
+
 def test_real_loading_code_on_a_saved_pipeline(pipe, tmp_path):
     """The hub branch (from_pretrained with subfolders), run on the tiny pipeline saved to a folder."""
     pipe.save_pretrained(tmp_path)

@@ -135,6 +135,9 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
 
     # The frozen base sits in the compute dtype; the LoRA weights stay float32 for stable updates.
     dtype = weight_dtype(accelerator.mixed_precision)
+    # The scheduler first: a few bytes of config, whose checks (sd3 refuses model.prediction_type)
+    # must not wait for SD3.5 Large's 8B transformer to load.
+    noise = family.load_noise_scheduler(m)
     if denoiser is None:
         denoiser = family.load_denoiser(m, dtype=dtype, quantization_config=qlora_config(p, accelerator, dtype))
     denoiser.train()  # from_pretrained returns eval mode, which would switch LoRA dropout off
@@ -160,7 +163,7 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
     sched = optim.scheduler(p.lr_scheduler, opt, p.warmup_steps, p.steps)
     denoiser, opt = accelerator.prepare(denoiser, opt)
     ema = EMAModel(lora.trainable(denoiser), decay=p.ema_decay) if p.ema_decay else None
-    return Run(params, accelerator, family, denoiser, family.load_noise_scheduler(m), opt, sched, items, ema)
+    return Run(params, accelerator, family, denoiser, noise, opt, sched, items, ema)
 
 
 def compile_denoiser(run: Run) -> None:
