@@ -48,7 +48,7 @@ def main():
         wb, log, log_image = wandb_logger(params) if run.accelerator.is_main_process else (None, None, None)
         Path(VALIDATION).mkdir(parents=True, exist_ok=True)  # a DVC output even when validation is off
         validate = validate_lib.Validator(params, run.family, VALIDATION, log_image)
-        stats = loop.train(run, CKPT, CACHE, log=log, validate=validate)
+        stats = loop.train(run, CKPT, CACHE, log=log, validate=validate, on_start=validate.drop_after)
         if run.accelerator.is_main_process:
             meta = runtime.provenance(params)
             outputs.write_lora(LORA_DIR, run, loop.final_lora(run), meta)

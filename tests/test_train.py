@@ -28,7 +28,8 @@ PARAMS = """\
 base: {seed: 3}
 model: {id: tiny, resolution: 32}
 train: {steps: 8, batch_size: 2, lr: 1.0e-3, checkpoint_every: 2, keep_checkpoints: 2, log_every: 1,
-        wandb: disabled, deterministic: true, ema_decay: 0.9, lora: {rank: 4, alpha: 4.0}}
+        wandb: disabled, deterministic: true, ema_decay: 0.9, lora: {rank: 4, alpha: 4.0},
+        validate_every: 2, validation_steps: 2, validation_seeds: [0]}
 """
 
 
@@ -62,6 +63,10 @@ def lora_bytes(ws: Path) -> bytes:
     return (ws / "models/lora" / common.LORA_FILE).read_bytes()
 
 
+def validation_images(ws: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted((ws / "reports/validation").iterdir())}
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(workspace, tmp_path_factory):
     ws = clone(workspace, tmp_path_factory.mktemp("straight") / "ws")
@@ -90,10 +95,18 @@ def test_sigkill_then_rerun_resumes_to_a_bit_identical_lora(uninterrupted, works
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (ws / "models/lora").exists(), "a killed run must not leave a finished-looking LoRA"
+    # As if the kill came between the newest checkpoint and its validation images, and a later
+    # step's images were written: the rerun draws the first again and removes the second.
+    newest = checkpoint.all_checkpoints(ws / "checkpoints")[-1].name
+    (ws / "reports/validation" / f"{newest}.png").unlink(missing_ok=True)
+    (ws / "reports/validation/step-0000007.png").write_bytes(b"an interrupted run's")
     resumed = train(ws)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert io.read_json(ws / "reports/train.json")["resumed_from"], f"did not resume (killed after {kill_after})"
     assert lora_bytes(ws) == lora_bytes(uninterrupted), f"killed after step {kill_after}"
+    # Every step's images, as the uninterrupted run drew them (DVC keeps the folder: persist).
+    assert validation_images(ws) == validation_images(uninterrupted), f"killed after step {kill_after}"
+    assert list(validation_images(ws)) == [f"step-{s:07d}.png" for s in (2, 4, 6, 8)]
 
 
 def test_a_finished_run_keeps_no_final_checkpoint_so_a_rerun_trains(uninterrupted, tmp_path):
@@ -112,14 +125,19 @@ def test_a_finished_run_keeps_no_final_checkpoint_so_a_rerun_trains(uninterrupte
     assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
 
 
-def test_checkpoints_of_other_params_are_not_resumed(uninterrupted, tmp_path):
+@pytest.mark.parametrize("change", [("lr: 1.0e-3", "lr: 2.0e-3"), ("validate_every: 2", "validate_every: 4")])
+def test_checkpoints_of_other_params_are_not_resumed(uninterrupted, tmp_path, change):
+    """Nor across a validation param: a resumed run keeps the images before it, which would be the
+    other params' (here step 2's, with validate_every: 4)."""
     ws = clone(uninterrupted, tmp_path / "changed")
     shutil.rmtree(ws / "models")
-    (ws / "params.yaml").write_text(PARAMS.replace("lr: 1.0e-3", "lr: 2.0e-3"))
+    (ws / "params.yaml").write_text(PARAMS.replace(*change))
     done = train(ws)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "made with other params, data or code" in done.stdout
     assert io.read_json(ws / "reports/train.json")["resumed_from"] is None
+    steps = (4, 8) if "validate_every" in change[1] else (2, 4, 6, 8)
+    assert list(validation_images(ws)) == [f"step-{s:07d}.png" for s in steps]  # none of the other run's
 
 
 def test_a_key_the_family_refuses_stops_training_before_any_checkpoint_is_removed(uninterrupted, tmp_path):

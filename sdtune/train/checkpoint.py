@@ -85,8 +85,8 @@ def fingerprint_of(path) -> str:
 
 def discard(ckpt_dir, step: int) -> None:
     """Remove the checkpoint of `step`: the train stage's last one, once the LoRA is written. Kept,
-    it would make a rerun DVC starts for a change the fingerprint leaves out (a validation param,
-    the stage script) resume at the end and train nothing."""
+    it would make a rerun DVC starts for a change the fingerprint leaves out (log_every, the stage
+    script) resume at the end and train nothing."""
     shutil.rmtree(Path(ckpt_dir) / f"{PREFIX}{step:07d}", ignore_errors=True)
 
 

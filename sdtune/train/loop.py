@@ -266,8 +266,9 @@ def _set_lora(run: Run):
 
 
 # Keys that change what is logged or kept, not what is computed: a run may resume across them.
-NOT_FINGERPRINTED = {"checkpoint_every", "keep_checkpoints", "log_every", "wandb", "wandb_project",
-                     "validate_every", "validation_prompts", "validation_seeds", "validation_steps"}
+# The validation keys are not among them: a resumed run keeps the images of the steps before it,
+# which must be the images the same prompts, seeds and steps give.
+NOT_FINGERPRINTED = {"checkpoint_every", "keep_checkpoints", "log_every", "wandb", "wandb_project"}
 
 
 # The train stage's code deps in dvc.yaml that make the step: sdtune/train and sdtune/families.
@@ -319,12 +320,20 @@ def _flush(run: Run, pending: list) -> None:
     pending.clear()
 
 
-def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None) -> dict:
-    """The loop. Resumes from the newest checkpoint in `ckpt_dir` made by this same run, if any."""
+def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None) -> dict:
+    """The loop. Resumes from the newest checkpoint in `ckpt_dir` made by this same run, if any.
+    `on_start(step)` is called on the main process with the step the run starts from (0 or the
+    resumed checkpoint's) before any step or validation."""
     p, acc = run.params.train, run.accelerator
     mark = fingerprint(run, cache_dir)
     resumed = resume(run, ckpt_dir, mark)
     start, pending, t0 = run.step, [], time.perf_counter()
+    if on_start is not None and acc.is_main_process:
+        on_start(start)
+    if validate is not None and p.validate_every and start and (start % p.validate_every == 0 or start == p.steps):
+        # Resumed at a validation step: a failure between its checkpoint and its images (validation
+        # out of memory, a kill) left none. They come out as they did: the checkpoint holds the weights.
+        validate(run)
     bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc="train", unit="step",
                disable=not acc.is_main_process)
     for step in bar:
@@ -347,8 +356,6 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None) -> dict:
                             mark)
         if validate is not None and p.validate_every and (run.step % p.validate_every == 0 or last):
             validate(run)
-    if start == p.steps and validate is not None and p.validate_every:
-        validate(run)  # resumed at the end (a failure after the loop): the last step's images still
     acc.wait_for_everyone()
     seconds = time.perf_counter() - t0
     done = p.steps - start

@@ -1,5 +1,6 @@
 """Validation images during training: fixed prompts and seeds, so steps compare side by side."""
 
+import re
 from pathlib import Path
 
 import torch
@@ -60,6 +61,15 @@ class Validator:
         if self.log_image is not None:
             self.log_image(path, run.step)
         return path
+
+    def drop_after(self, step: int) -> None:
+        """Remove the images of the steps after `step`, the one the run starts from (0: all).
+        The folder persists across DVC runs so that a resumed run keeps the images of the steps
+        before it; later ones are the interrupted run's, or another run's."""
+        for path in self.out_dir.glob("step-*.png"):
+            found = re.fullmatch(r"step-(\d+)\.png", path.name)
+            if found and int(found[1]) > step:
+                path.unlink()
 
 
 def _latents_in(dtype):
