@@ -635,6 +635,23 @@ def test_under_mixed_precision_lora_inputs_skip_peft_casts_with_the_same_bits(wo
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd35m"])
+def test_latents_cached_in_bf16_are_noised_in_float32(arch):
+    """cache.dtype: bfloat16 keeps the cache small; the noise levels stay float32's. In bf16 the
+    noising would lose timesteps 0 and 1 altogether and most of the low levels' spacing."""
+    run = tiny_loop_run(arch, torch.float32)
+    batch = {k: torch.stack([item[k] for item in run.items]) for k in run.items[0]}
+    as_cached = {**batch, "latents": batch["latents"].to(torch.bfloat16)}
+    widened = {**batch, "latents": as_cached["latents"].float()}  # the same numbers, exactly
+
+    def loss(b):
+        with torch.no_grad():
+            return run.family.training_loss(run.denoiser, run.noise_scheduler, b, torch.Generator().manual_seed(5),
+                                            run.params.train)
+
+    assert torch.equal(loss(as_cached), loss(widened))
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd35m"])
 def test_without_autocast_each_family_trains_its_bf16_base_in_bf16(arch):
     """train.autocast: false switches autocast off around the forward (accelerate's wrapper and the
     loop's own context alike), and each family hands its bf16 denoiser bf16 inputs. On a CPU,

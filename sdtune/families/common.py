@@ -222,6 +222,9 @@ def diffusion_loss(pred, latents, noise, timesteps, scheduler, train):
 
 
 def sample_noise(latents, generator, offset: float):
+    """Noise like `latents`, in their dtype. The families noise float32 latents: latents cached in
+    bf16 (cache.dtype) would make the noising bf16 too, where alphas_cumprod's rounding leaves
+    timesteps 0 and 1 with no noise at all, and the loss's SNR weights belong to other levels."""
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
     if offset:
         # Noise offset (Guttenberg 2023): lets the model learn very dark and very bright images.

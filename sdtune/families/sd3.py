@@ -184,7 +184,7 @@ def training_loss(denoiser, scheduler, batch, generator, train):
     sigma⁻², up to 1e5 near sigma 0). They are applied where diffusers applies them."""
     check_train(train)
     weighting = _choice(train, "loss_weighting", "none", WEIGHTINGS)
-    latents = batch["latents"]
+    latents = batch["latents"].float()  # the noising in float32: see common.sample_noise
     noise = common.sample_noise(latents, generator, train.noise_offset)
     sigmas, timesteps = sample_sigmas(scheduler, latents.shape[0], generator, train)
     sigmas = runtime.to_device(sigmas, latents.device).to(latents.dtype).view(-1, 1, 1, 1)

@@ -160,7 +160,7 @@ check_train = common.check_epsilon_train
 
 
 def training_loss(denoiser, scheduler, batch, generator, train):
-    latents = batch["latents"]
+    latents = batch["latents"].float()  # the noising in float32: see common.sample_noise
     noise = common.sample_noise(latents, generator, train.noise_offset)
     timesteps = common.sample_timesteps(scheduler, latents.shape[0], generator, latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
