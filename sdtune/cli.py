@@ -178,6 +178,8 @@ def generate(args) -> None:
 
     family = families.get(params.model.family)
     device = runtime.device(args.device or params.base.device)
+    if args.lora_scale is not None and args.variant is None and args.lora is None:
+        raise UserError("--lora-scale: no LoRA to scale; add --lora models/lora (or an -adapter --variant)")
     kwargs = variant_kwargs(args.variant, args.lora, args.lora_scale) if args.variant else {"lora_dir": args.lora}
     pipe = gen.pipeline(family, params.model, device, lora_scale=scale, **kwargs)
     tune(pipe, family, args.scheduler, args.channels_last, args.compile)

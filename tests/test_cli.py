@@ -157,6 +157,8 @@ def test_user_mistakes_are_one_line(cwd, capsys):
     assert "--size" in fails(["generate", "--prompt", "x", "--size", "30", "--out", "x.png"], capsys)
     assert "--seeds" in fails(["generate", "--prompt", "x", "--seeds", "1,a", "--out", "x.png"], capsys)
     assert "--prompt" in fails(["generate", "--out", "x.png"], capsys)
+    assert fails(["generate", "--prompt", "x", "--lora-scale", "0.5", "--out", "x.png"], capsys) == \
+        "error: --lora-scale: no LoRA to scale; add --lora models/lora (or an -adapter --variant)"
     assert not (cwd / "x.png").exists()
 
 
