@@ -97,6 +97,22 @@ def test_int8_fidelity_is_below_the_parents_own_and_above_a_random_models(int8_i
     assert psnr(random_model) < psnr(int8_images) < metrics.PSNR_CAP_DB
 
 
+def test_nf4_bytes_count_the_scales_bitsandbytes_keeps_beside_the_weights():
+    """What a 4-bit layer holds is what bitsandbytes saves for it, its packed description aside:
+    the packed weights, the bias, the absmax scales and the codes (1.6 KiB more than those two here)."""
+    import bitsandbytes as bnb
+
+    plain = torch.nn.Linear(256, 128)
+    layer = bnb.nn.Linear4bit(256, 128, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(plain.weight.data, requires_grad=False, quant_type="nf4")
+    layer.bias = plain.bias
+    layer = layer.to("cpu")  # quantizes
+    saved = {k: v for k, v in layer.state_dict().items() if ".quant_state." not in k}
+    assert {"weight", "bias", "weight.absmax", "weight.quant_map"} <= saved.keys()
+    assert quantize.tensor_bytes(layer) == sum(v.numel() * v.element_size() for v in saved.values())
+    assert quantize.tensor_bytes(layer) - (128 * 256 // 2 + 128 * 4) == 1608
+
+
 @pytest.mark.parametrize("name", ["nf4", "int8", "float8wo"])
 def test_cuda_only_methods_refuse_in_one_line_without_cuda(name):
     if torch.cuda.is_available():
