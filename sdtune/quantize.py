@@ -92,9 +92,14 @@ def check_supported(name: str) -> None:
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
-    """Bytes the module's weights really occupy, looking inside quantized tensor subclasses (torchao)
-    and at the scales bitsandbytes keeps beside its 4-bit weights (absmax, the NF4 code, and their
-    own quantization's: 3% more than the packed weights at NF4's block of 64)."""
+    """Bytes the module's parameters and buffers really occupy: see weight_bytes."""
+    return weight_bytes([*module.parameters(), *module.buffers()])
+
+
+def weight_bytes(tensors) -> int:
+    """Bytes the tensors really occupy, looking inside quantized tensor subclasses (torchao) and at
+    the scales bitsandbytes keeps beside its 4-bit weights (absmax, the NF4 code, and their own
+    quantization's: 3% more than the packed weights at NF4's block of 64)."""
     def size(t):
         if hasattr(t, "__tensor_flatten__"):
             names, _ = t.__tensor_flatten__()
@@ -102,7 +107,7 @@ def tensor_bytes(module: torch.nn.Module) -> int:
         return t.numel() * t.element_size()
 
     parts = []  # all held till the end, so that no id() below is a freed tensor's
-    for t in list(module.parameters()) + list(module.buffers()):
+    for t in tensors:
         parts.append(t)
         state = getattr(t, "quant_state", None)
         if state is not None:  # as bitsandbytes saves them, less the packed entry describing them

@@ -277,6 +277,18 @@ def test_breakdown_matches_hand_counted_bytes():
     assert memory.activations(parts, memory.peak_memory("cpu"), "cpu")["activations_bytes"] is None
 
 
+def test_a_qlora_bases_weights_count_its_4bit_scales():
+    """A QLoRA cell's weights: the 4-bit weights and the absmax scales and codes bitsandbytes keeps
+    with them (what it saves for the layer), not the packed bytes alone."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(256, 128, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(128, 256), requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")  # quantizes
+    saved = [v for k, v in layer.state_dict().items() if ".quant_state." not in k]
+    assert memory.breakdown(layer)["weights_bytes"] == sum(v.numel() * v.element_size() for v in saved) > 128 * 256 // 2
+
+
 @pytest.mark.skipif(not memory.CLEAR_REFS.exists(), reason="the peak RSS can be reset on Linux only")
 def test_optimizer_state_shared_between_parameters_counts_once():
     """bitsandbytes' 8-bit AdamW keeps one quantization map for all parameters in every state."""

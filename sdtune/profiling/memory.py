@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from sdtune import quantize
 from sdtune.io import atomic_path
 
 
@@ -95,7 +96,7 @@ def breakdown(model: torch.nn.Module, optimizer=None) -> dict:
     optimizer_bytes = sum(storages.values())
     trainable = sum(_nbytes(p) for p in params if p.requires_grad)
     return {
-        "weights_bytes": sum(_nbytes(p) for p in params),
+        "weights_bytes": quantize.weight_bytes(params),  # a QLoRA base's 4-bit scales included
         "trainable_bytes": trainable,
         "gradients_bytes": trainable,
         "optimizer_bytes": optimizer_bytes,
