@@ -140,11 +140,29 @@ def test_bomb_is_refused_by_size_before_extraction(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_too_many_members_is_refused(tmp_path):
-    path = make_tar(tmp_path / "many.tar", {f"f{i}.txt": b"x" for i in range(101)})
-    with pytest.raises(UserError, match="101 members exceed max_archive_files=100"):
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_too_many_members_is_refused(tmp_path, kind):
+    members = {f"f{i}.txt": b"x" for i in range(101)}
+    path = make_tar(tmp_path / "many.tar", members) if kind == "tar" else make_zip(tmp_path / "many.zip", members)
+    with pytest.raises(UserError, match="more than max_archive_files=100 members; refusing the archive"):
         extract(path, tmp_path / "out", **LIMITS)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tar_of_too_many_members_is_refused_before_it_is_read_to_the_end(tmp_path, monkeypatch):
+    """A tar lists its members only by being read: the count stops at the limit, not after a list
+    of millions (a bomb of empty members fills memory with their headers)."""
+    path = make_tar(tmp_path / "many.tar", {f"f{i}.txt": b"x" for i in range(1000)})
+    read, real_next = [], tarfile.TarFile.next
+
+    def next_member(self):
+        read.append(1)
+        return real_next(self)
+
+    monkeypatch.setattr(tarfile.TarFile, "next", next_member)
+    with pytest.raises(UserError, match="more than max_archive_files=100 members"):
+        extract(path, tmp_path / "out", **LIMITS)
+    assert len(read) < 150  # about the first 101 headers (and the probes that tell a tar), not 1000
 
 
 def test_truncated_archive_is_a_user_error(tmp_path):

@@ -81,9 +81,11 @@ class _Member(NamedTuple):
     ref: object  # the TarInfo or ZipInfo
 
 
-def _tar_members(tf: tarfile.TarFile) -> list[_Member]:
+def _tar_members(tf: tarfile.TarFile, where: str, max_files: int) -> list[_Member]:
     out = []
-    for m in tf.getmembers():
+    for m in tf:  # read member by member: a tar has no index, and a bomb of tiny members would fill memory
+        if len(out) == max_files:
+            raise _too_many(where, max_files)
         if m.isdir():
             kind = "dir"
         elif m.isfile():
@@ -124,13 +126,17 @@ def _zip_is_dir(info: zipfile.ZipInfo) -> bool:
     return info.filename.endswith(("/", "\\")) or stat.S_ISDIR(info.external_attr >> 16) or bool(dos_folder)
 
 
+def _too_many(where: str, max_files: int) -> UserError:
+    return UserError(f"{where}: more than max_archive_files={max_files} members; refusing the archive")
+
+
 def _check(members: list[_Member], where: str, dest: Path, max_bytes: int, max_files: int, skipped: list):
     """All checks, before anything is written; returns (normalised name, member) pairs.
 
     Files that differ from an earlier one only in upper/lower case are appended to `skipped`.
     """
     if len(members) > max_files:
-        raise UserError(f"{where}: {len(members)} members exceed max_archive_files={max_files}; refusing the archive")
+        raise _too_many(where, max_files)
     total = sum(m.size for m in members)
     if total > max_bytes:
         raise UserError(f"{where}: {total} bytes uncompressed exceed max_archive_bytes={max_bytes}; "
@@ -182,7 +188,7 @@ def extract(archive: Path, dest: Path, *, max_bytes: int, max_files: int, name: 
     try:
         if kind == "tar":
             with tarfile.open(archive, "r:*") as tf:
-                checked = _check(_tar_members(tf), where, dest, max_bytes, max_files, skipped)
+                checked = _check(_tar_members(tf, where, max_files), where, dest, max_bytes, max_files, skipped)
                 _write(checked, dest, where, tf.extractfile, skipped)
                 # tarfile stops at the end-of-archive marker, short of the gzip/xz trailer that
                 # holds the checksum: read the rest of the stream so a flipped bit is caught.
