@@ -6,8 +6,8 @@ Every sentence in "What helped, what did not" is computed from reports/*.json; n
 from pathlib import Path
 
 from sdtune import io, runtime
-from sdtune.profiling import cost
 from sdtune.params import cell_train_keys
+from sdtune.profiling import cost
 
 
 def _pct(new: float, old: float) -> str:
