@@ -25,10 +25,21 @@ def recording(run_, step, micro):
 
 
 loop.sample_indices = recording
+own_losses, real_step = [], loop.train_step
+
+
+def own_loss(run_, step, *args, **kwargs):
+    loss = real_step(run_, step, *args, **kwargs)
+    own_losses.append(loss.item())  # this process's batches alone
+    return loss
+
+
+loop.train_step = own_loss
 loop.train(run, "checkpoints", "cache")
 state = lora.diffusers_state(run.accelerator.unwrap_model(run.denoiser))
 save_file({k: v.contiguous() for k, v in state.items()}, f"{out}/rank{rank}.safetensors")
 with open(f"{out}/rank{rank}.json", "w") as f:
-    json.dump({"seen": seen, "world": run.accelerator.num_processes}, f)
+    json.dump({"seen": seen, "world": run.accelerator.num_processes, "own_losses": own_losses,
+               "history": run.history}, f)
 if run.accelerator.is_main_process:
     outputs.write_lora("models/lora", run, loop.final_lora(run), runtime.provenance(params))

@@ -61,6 +61,13 @@ def test_two_ranks_see_different_data_remove_stale_checkpoints_once_and_save_ran
         assert (s0, m0) == (s1, m1)
         assert not set(idx0) & set(idx1), f"step {s0}: both ranks trained on {set(idx0) & set(idx1)}"
 
+    # The loss each rank logs is the mean of both ranks' (one curve, and a NaN on one stops both)
+    for step in range(4):
+        both = [r["own_losses"][step] for r in ranks]
+        assert both[0] != both[1]  # different batches
+        for r in ranks:
+            assert r["history"][step]["loss"] == pytest.approx(sum(both) / 2, rel=1e-6)
+
     held = [load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)]
     saved = load_file(str(tmp_path / "models/lora" / common.LORA_FILE))
     assert held[0].keys() == held[1].keys()

@@ -308,10 +308,14 @@ def resume(run: Run, ckpt_dir, mark: str) -> Path | None:
 
 
 def _flush(run: Run, pending: list) -> None:
-    """Move the pending per-step losses to the host once, and stop on the first non-finite one."""
+    """Move the pending per-step losses to the host once, and stop on the first non-finite one.
+    Every process calls it at the same steps. The losses are the mean over the processes, each of
+    which trained its own batches: the curve is the global batch's, and a loss that is not finite
+    on one process stops them all, where the others would wait for it in the next all-reduce."""
     if not pending:
         return
-    values = torch.stack([torch.stack([loss.float(), norm.float()]) for _, loss, norm, _ in pending]).cpu().tolist()
+    values = torch.stack([torch.stack([loss.float(), norm.float()]) for _, loss, norm, _ in pending])
+    values = run.accelerator.reduce(values, reduction="mean").cpu().tolist()
     for (step, _, _, lr), (loss, norm) in zip(pending, values):
         if not math.isfinite(loss):
             raise UserError(f"train: the loss became {loss} at step {step}; stopped. The last good "
