@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from diffusers.utils import convert_unet_state_dict_to_peft
 from safetensors.torch import load_file
 
-from conftest import OFFLINE, ROOT, tiny_cache
+from conftest import OFFLINE, ROOT, captions_for, tiny_cache
 from sdtune import params as params_lib
 from sdtune.families import common
 
@@ -79,6 +80,50 @@ def test_two_ranks_see_different_data_remove_stale_checkpoints_once_and_save_ran
     assert {k.removeprefix("unet."): v for k, v in saved.items()}.keys() == published.keys()
     for key, value in saved.items():
         assert (value == published[key.removeprefix("unet.")]).all(), key
+
+
+def torchrun(workspace, out, port, **env):
+    out.mkdir(exist_ok=True)
+    launcher = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
+    cmd = [*launcher.split(), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+           str(ROOT / "tests/dist_train.py"), str(out)]
+    return subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env})
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_to_the_lora_of_an_uninterrupted_run(tmp_path):
+    """With LoRA dropout each rank draws its masks from its own RNG, and with aspect-ratio buckets
+    the ranks' batches differ in size, so their RNGs part: a resumed rank 1 must get its own RNG
+    state back, not rank 0's."""
+    from PIL import Image
+
+    from sdtune.data import cache
+    from sdtune.families import sd
+
+    params = PARAMS.replace("checkpoint_every: 100", "checkpoint_every: 2").replace(
+        "alpha: 4.0}", "alpha: 4.0, dropout: 0.2}") + "cache: {buckets: true, bucket_step: 16}\n"
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    for ws in (straight, stopped):
+        (ws / "data/raw").mkdir(parents=True)
+        (ws / "params.yaml").write_text(params)
+        for i in range(4):  # a wide bucket of four and a square one of three (a batch of 1)
+            Image.new("RGB", (96, 48), (40 * i, 20, 20)).save(ws / f"data/raw/wide_{i}.png")
+            if i < 3:
+                Image.new("RGB", (64, 64), (20, 40 * i, 20)).save(ws / f"data/raw/square_{i}.png")
+        p = params_lib.load(ws / "params.yaml")
+        cache.build(captions_for(ws / "data/raw"), ws / "data/raw", ws / "cache", sd, p.model, p.cache)
+    done = torchrun(straight, straight / "dump", 29514)
+    assert done.returncode == 0, done.stderr[-4000:]
+    seen = json.loads((straight / "dump/rank0.json").read_text())["seen"], \
+        json.loads((straight / "dump/rank1.json").read_text())["seen"]
+    assert torchrun(stopped, stopped / "dump", 29515, STOP_AT="3").returncode != 0  # after step 2's checkpoint
+    assert os.listdir(stopped / "checkpoints") == ["step-0000002"] and not (stopped / "dump/rank0.json").exists()
+    done = torchrun(stopped, stopped / "dump", 29516)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for r in (0, 1):
+        want, got = (load_file(str(ws / f"dump/rank{r}.safetensors")) for ws in (straight, stopped))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), f"rank {r}, {seen}"
 
 
 @pytest.mark.slow

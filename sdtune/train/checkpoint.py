@@ -45,13 +45,27 @@ def _set_rng_state(state: dict, tensors: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def rng_by_rank(accelerator) -> list[dict]:
+    """Each process's torch RNG states (CPU and CUDA), by rank; a collective with several processes.
+    They differ: each process draws LoRA dropout's masks for its own batches, and with aspect-ratio
+    buckets their sizes differ from one process to the next."""
+    _, tensors = _rng_state()
+    if accelerator.num_processes == 1:
+        return [tensors]
+    from accelerate.utils import gather_object
+
+    return gather_object([tensors])  # in memory, between this run's processes
+
+
 def save(ckpt_dir, step: int, lora: dict, optimizer, lr_scheduler, ema, scaler, history: list, keep: int,
-         fingerprint: str = "") -> Path:
+         fingerprint: str = "", rng_by_rank: list[dict] | None = None) -> Path:
     """`scaler`: fp16's GradScaler, else None. accelerate keeps it outside the optimizer's state,
-    and a resumed run that started again at scale 65536 would skip other steps."""
+    and a resumed run that started again at scale 65536 would skip other steps. `rng_by_rank`:
+    rng_by_rank()'s, for a run of several processes; by default this process's alone."""
     ckpt_dir = Path(ckpt_dir)
     dest = ckpt_dir / f"{PREFIX}{step:07d}"
-    state, rng = _rng_state()
+    state, own = _rng_state()
+    rng = {f"rank{r}.{k}": v for r, tensors in enumerate(rng_by_rank or [own]) for k, v in tensors.items()}
     with io.atomic_path(dest) as tmp:
         tmp.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
@@ -127,8 +141,8 @@ def latest(ckpt_dir, fingerprint: str = "") -> tuple[Path, dict] | None:
     return None
 
 
-def restore(saved: dict, set_lora, optimizer, lr_scheduler, ema, scaler) -> tuple[int, list]:
-    """Restore what `read` returned, in place; returns (step, loss history)."""
+def restore(saved: dict, set_lora, optimizer, lr_scheduler, ema, scaler, rank: int = 0) -> tuple[int, list]:
+    """Restore what `read` returned, in place, with process `rank`'s RNG; returns (step, loss history)."""
     set_lora(saved["lora"])
     state = saved["state"]
     optimizer.load_state_dict(state["optimizer"])
@@ -138,5 +152,6 @@ def restore(saved: dict, set_lora, optimizer, lr_scheduler, ema, scaler) -> tupl
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     meta = saved["meta"]
-    _set_rng_state(meta["rng"], saved["rng"])
+    prefix = f"rank{rank}."
+    _set_rng_state(meta["rng"], {k.removeprefix(prefix): v for k, v in saved["rng"].items() if k.startswith(prefix)})
     return meta["step"], meta["history"]

@@ -303,7 +303,7 @@ def resume(run: Run, ckpt_dir, mark: str) -> Path | None:
         return None
     path, saved = found
     run.step, run.history = checkpoint.restore(saved, _set_lora(run), run.optimizer, run.lr_scheduler, run.ema,
-                                               acc.scaler)
+                                               acc.scaler, rank=acc.process_index)
     return path
 
 
@@ -354,10 +354,12 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
         # The checkpoint before validation: a validation that fails (out of memory on a small card)
         # must not take the step's checkpoint with it. The last step too, so that a rerun after a
         # failure past the loop (its validation, writing the LoRA) resumes there, not steps earlier.
-        if acc.is_main_process and (run.step % p.checkpoint_every == 0 or last):
-            checkpoint.save(ckpt_dir, run.step, lora.peft_state(acc.unwrap_model(run.denoiser)),
-                            run.optimizer, run.lr_scheduler, run.ema, acc.scaler, run.history, p.keep_checkpoints,
-                            mark)
+        if run.step % p.checkpoint_every == 0 or last:
+            rng = checkpoint.rng_by_rank(acc)  # from every process, so every process comes here
+            if acc.is_main_process:
+                checkpoint.save(ckpt_dir, run.step, lora.peft_state(acc.unwrap_model(run.denoiser)),
+                                run.optimizer, run.lr_scheduler, run.ema, acc.scaler, run.history,
+                                p.keep_checkpoints, mark, rng_by_rank=rng)
         if validate is not None and p.validate_every and (run.step % p.validate_every == 0 or last):
             validate(run)
     acc.wait_for_everyone()
