@@ -224,6 +224,21 @@ def test_http_cut_download_resumes_with_range_or_restarts(tmp_path, http_server,
     assert (tmp_path / "raw" / "big.png").read_bytes() == body
 
 
+@pytest.mark.parametrize("cut", [False, True])
+def test_http_a_server_that_compresses_anyway_still_gives_the_archive(tmp_path, http_server, cut):
+    """Asked for the bytes as they are (Accept-Encoding: identity), a server may still gzip them:
+    its Content-Length then counts the compressed bytes, and a cut transfer cannot resume at an
+    offset of the file on disk, so it starts over."""
+    import gzip
+
+    body = zip_bytes()
+    http_server.routes["/set.zip"] = Route(gzip.compress(body), headers={"Content-Encoding": "gzip"},
+                                           ranges=False, cut_first=cut)
+    rows = fetch(http_server.url("/set.zip"), tmp_path / "raw", sha256=hashlib.sha256(body).hexdigest(), retries=1)
+    assert rows == rows_of(SET)
+    assert [asked for _, asked in http_server.log] == [None] * (2 if cut else 1)  # no Range into gzip
+
+
 def test_http_gives_up_after_retries_and_leaves_nothing(tmp_path, http_server):
     http_server.routes["/down.zip"] = Route(b"x", fail_first=99)
     with pytest.raises(UserError, match="download failed after 3 tries: HTTP 503"):

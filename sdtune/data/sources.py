@@ -219,7 +219,8 @@ def _http(url: str, work: Path, opts: Options) -> Path:
         try:
             name = _http_attempt(url, part, state) or name
             break
-        except (_Retry, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+        except (_Retry, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError) as err:  # the last: a compressed transfer cut short
             last = err
             print(f"fetch: {url}: try {attempt + 1}/{opts.retries + 1} failed: {_one_line(err)}", file=sys.stderr)
         except requests.RequestException as err:  # a malformed URL, too many redirects...: no retry helps
@@ -255,15 +256,27 @@ def _http_attempt(url: str, part: Path, state: dict) -> str | None:
             raise _Retry(f"server sent a byte range we did not ask for ({r.headers.get('Content-Range')})")
         offset = have if resumed else 0
         length = r.headers.get("Content-Length")
-        total = offset + int(length) if length and length.isdigit() else None
+        length = int(length) if length and length.isdigit() else None
+        # A server may compress on the fly though asked not to. Then Content-Length counts the bytes
+        # on the wire, not those on disk, and a cut transfer cannot resume at an offset of the file.
+        encoded = r.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+        total = offset + length if length is not None and not encoded else None
         with open(part, "ab" if resumed else "wb") as f, \
                 tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.stem, disable=None) as bar:
-            for chunk in r.iter_content(CHUNK):
-                f.write(chunk)
-                bar.update(len(chunk))
+            try:
+                for chunk in r.iter_content(CHUNK):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            except requests.RequestException:
+                if encoded:
+                    part.unlink()
+                raise
         size = part.stat().st_size
         if total is not None and size != total:
             raise _Retry(f"connection closed after {size} of {total} bytes")
+        if encoded and length is not None and r.raw.tell() != length:
+            part.unlink()
+            raise _Retry(f"connection closed after {r.raw.tell()} of {length} compressed bytes; starting over")
         m = re.search(r'filename\*?=(?:UTF-8\'\')?"?([^";]+)', r.headers.get("Content-Disposition", ""), re.I)
         return _safe_name(urllib.parse.unquote(m.group(1))) if m else None
 
