@@ -35,6 +35,16 @@ def stale_checkpoints(ckpt_dir, n=100, files=40):
     (ckpt_dir / ".step-0000101.k2x9.tmp").mkdir()
 
 
+def torchrun(workspace, out, port, **env):
+    """tests/dist_train.py in two CPU processes over gloo, in `workspace`, dumping into `out`."""
+    out.mkdir(exist_ok=True)
+    launcher = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
+    cmd = [*launcher.split(), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+           str(ROOT / "tests/dist_train.py"), str(out)]
+    return subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env})
+
+
 @pytest.mark.slow
 def test_two_ranks_see_different_data_remove_stale_checkpoints_once_and_save_rank0s_lora(tmp_path):
     """Rank 0 alone removes another run's checkpoints: both ranks removing them raced (FileNotFoundError)."""
@@ -42,12 +52,7 @@ def test_two_ranks_see_different_data_remove_stale_checkpoints_once_and_save_ran
     tiny_cache(tmp_path / "data/raw", tmp_path / "cache", 8, 40, params_lib.load(tmp_path / "params.yaml"))
     stale_checkpoints(tmp_path / "checkpoints")
     out = tmp_path / "dump"
-    out.mkdir()
-    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
-    cmd = [*torchrun.split(), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29513",
-           str(ROOT / "tests/dist_train.py"), str(out)]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    done = torchrun(tmp_path, out, 29513)
     assert done.returncode == 0, done.stderr[-4000:]
     assert os.listdir(tmp_path / "checkpoints") == ["step-0000004"]  # this run's last step
 
@@ -80,15 +85,6 @@ def test_two_ranks_see_different_data_remove_stale_checkpoints_once_and_save_ran
     assert {k.removeprefix("unet."): v for k, v in saved.items()}.keys() == published.keys()
     for key, value in saved.items():
         assert (value == published[key.removeprefix("unet.")]).all(), key
-
-
-def torchrun(workspace, out, port, **env):
-    out.mkdir(exist_ok=True)
-    launcher = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
-    cmd = [*launcher.split(), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-           str(ROOT / "tests/dist_train.py"), str(out)]
-    return subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env})
 
 
 @pytest.mark.slow
