@@ -106,7 +106,7 @@ def breakdown(model: torch.nn.Module, optimizer=None) -> dict:
 def weight_bytes(pipe) -> int:
     """Bytes of the parameters of a pipeline's modules (e.g. the VAE and text encoders)."""
     modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
-    return sum(_nbytes(p) for m in modules for p in m.parameters())
+    return quantize.weight_bytes([p for m in modules for p in m.parameters()])
 
 
 def activations(parts: dict, peak: dict, device) -> dict:
