@@ -261,22 +261,21 @@ def _http_attempt(url: str, part: Path, state: dict) -> str | None:
         # on the wire, not those on disk, and a cut transfer cannot resume at an offset of the file.
         encoded = r.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
         total = offset + length if length is not None and not encoded else None
-        with open(part, "ab" if resumed else "wb") as f, \
-                tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.stem, disable=None) as bar:
-            try:
+        try:
+            with open(part, "ab" if resumed else "wb") as f, \
+                    tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.stem, disable=None) as bar:
                 for chunk in r.iter_content(CHUNK):
                     f.write(chunk)
                     bar.update(len(chunk))
-            except requests.RequestException:
-                if encoded:
-                    part.unlink()
-                raise
+            if encoded and length is not None and r.raw.tell() != length:
+                raise _Retry(f"connection closed after {r.raw.tell()} of {length} compressed bytes; starting over")
+        except (_Retry, requests.RequestException):
+            if encoded:  # what is on disk is decoded: no byte range of the server's continues it
+                part.unlink()
+            raise
         size = part.stat().st_size
         if total is not None and size != total:
             raise _Retry(f"connection closed after {size} of {total} bytes")
-        if encoded and length is not None and r.raw.tell() != length:
-            part.unlink()
-            raise _Retry(f"connection closed after {r.raw.tell()} of {length} compressed bytes; starting over")
         m = re.search(r'filename\*?=(?:UTF-8\'\')?"?([^";]+)', r.headers.get("Content-Disposition", ""), re.I)
         return _safe_name(urllib.parse.unquote(m.group(1))) if m else None
 
