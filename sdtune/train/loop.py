@@ -324,6 +324,11 @@ def _flush(run: Run, pending: list) -> None:
     pending.clear()
 
 
+def _validates_at(p, step: int) -> bool:
+    """Whether the run draws its validation images after `step`: every validate_every, and the last."""
+    return bool(p.validate_every) and (step % p.validate_every == 0 or step == p.steps)
+
+
 def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None) -> dict:
     """The loop. Resumes from the newest checkpoint in `ckpt_dir` made by this same run, if any.
     `on_start(step)` is called on the main process with the step the run starts from (0 or the
@@ -334,7 +339,7 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
     start, pending, t0 = run.step, [], time.perf_counter()
     if on_start is not None and acc.is_main_process:
         on_start(start)
-    if validate is not None and p.validate_every and start and (start % p.validate_every == 0 or start == p.steps):
+    if validate is not None and start and _validates_at(p, start):
         # Resumed at a validation step: a failure between its checkpoint and its images (validation
         # out of memory, a kill) left none. They come out as they did: the checkpoint holds the weights.
         validate(run)
@@ -360,7 +365,7 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
                 checkpoint.save(ckpt_dir, run.step, lora.peft_state(acc.unwrap_model(run.denoiser)),
                                 run.optimizer, run.lr_scheduler, run.ema, acc.scaler, run.history,
                                 p.keep_checkpoints, mark, rng_by_rank=rng)
-        if validate is not None and p.validate_every and (run.step % p.validate_every == 0 or last):
+        if validate is not None and _validates_at(p, run.step):
             validate(run)
     acc.wait_for_everyone()
     seconds = time.perf_counter() - t0
