@@ -20,8 +20,7 @@ from sdtune.errors import UserError, main_guard
 from sdtune.params import FAMILIES  # light: pydantic only; torch and diffusers load after quiet_libraries()
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # --out suffix -> Pillow format
-SCHEDULERS = {"default": None, "euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler",
-              "dpm": "DPMSolverMultistepScheduler"}
+SCHEDULERS = ("default", "euler", "ddim", "dpm")  # default: the checkpoint's; the others: a family's SAMPLERS
 
 
 class Parser(argparse.ArgumentParser):
@@ -123,8 +122,8 @@ def check_numbers(steps, guidance, size):
         raise UserError(f"--steps: must be positive, got {steps}")
     if guidance < 0:
         raise UserError(f"--guidance: must be >= 0, got {guidance}")
-    if size <= 0 or size % 8:
-        raise UserError(f"--size: must be a positive multiple of 8 (the VAE's factor), got {size}")
+    if size <= 0:  # its multiple is the family's: families.check_size
+        raise UserError(f"--size: must be positive, got {size}")
 
 
 def out_paths(out: Path, prompts, seeds, many: bool) -> list[tuple[str, int, Path]]:
@@ -150,8 +149,8 @@ def tune(pipe, family, scheduler, channels_last, compile_):
 
     from sdtune.families import common
 
-    if SCHEDULERS[scheduler] is not None:
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    if scheduler != "default":
+        pipe.scheduler = getattr(diffusers, family.SAMPLERS[scheduler]).from_config(pipe.scheduler.config)
     denoiser = getattr(pipe, family.DENOISER_ATTR)
     if channels_last:
         denoiser.to(memory_format=torch.channels_last)
@@ -176,7 +175,11 @@ def generate(args) -> None:
     prompts = [args.prompt] if args.prompt is not None else gen.read_prompts(args.prompts, "--prompts")
     jobs = out_paths(args.out, prompts, seeds, many=args.prompts is not None or len(seeds) > 1)
 
-    family = families.get(params.model.family)
+    family = families.of(params)
+    families.check_size(family, params.model.family, "--size", size)
+    if args.scheduler != "default" and args.scheduler not in family.SAMPLERS:
+        raise UserError(f"--scheduler: {args.scheduler} cannot sample {params.model.family} models; "
+                        f"choose from {', '.join(['default', *family.SAMPLERS])}")
     device = runtime.device(args.device or params.base.device)
     if args.lora_scale is not None and args.variant is None and args.lora is None:
         raise UserError("--lora-scale: no LoRA to scale; add --lora models/lora (or an -adapter --variant)")

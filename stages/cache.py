@@ -10,7 +10,7 @@ CAPTIONS, RAW, OUT = "data/captions.jsonl", "data/raw", "cache"
 @main_guard
 def main():
     params = params_lib.load()
-    family = families.get(params.model.family)
+    family = families.of(params)
     with runtime.stage("cache"):
         rows = io.read_jsonl(CAPTIONS)
         counts = cache.build(rows, RAW, OUT, family, params.model, params.cache,

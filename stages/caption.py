@@ -15,6 +15,7 @@ RAW, OUT, REPORT, SHEET = "data/raw", "data/captions.jsonl", "reports/data.json"
 def main():
     params = params_lib.load()
     p = params.caption
+    family = families.of(params)  # sizes the family cannot take stop here, before any image is read
     with runtime.stage("caption"):
         verdicts = images.check_folder(RAW, min_side=params.model.resolution, bucket_step=params.cache.crop_step,
                                        too_small=params.data.too_small,
@@ -24,7 +25,7 @@ def main():
         io.write_json(REPORT, {"kept": len(kept), "skipped": len(skipped), "files": verdicts})
         if not kept:
             raise UserError(f"{RAW}: no usable image among {len(verdicts)} files; reasons in {REPORT}")
-        tokenizer = families.get(params.model.family).load_tokenizer(params.model)
+        tokenizer = family.load_tokenizer(params.model)
         rows = captions.caption_folder(RAW, verdicts, model_id=p.model, revision=p.revision,
                                        template=p.template, fixed=p.fixed, batch_size=p.batch_size,
                                        max_new_tokens=p.max_new_tokens, tokenizer_for_limit=tokenizer,

@@ -49,7 +49,7 @@ def evaluate_one(pipe, p, prompts, device, size):
 def main():
     params = params_lib.load()
     p, size = params.evaluate, params.model.resolution
-    family = families.get(params.model.family)
+    family = families.of(params)
     device = runtime.device(params.base.device)
     prompts = generate.read_prompts(p.prompts, "evaluate.prompts")
     if len(prompts) * len(p.seeds) < 2:  # before minutes of generating, not after

@@ -121,7 +121,7 @@ def measure_each(specs, measure, what: str):
 def main():
     params = params_lib.load()
     p = params.profile
-    family = families.get(params.model.family)
+    family = families.of(params)
     for spec in p.matrix:  # a typo in any cell, or a key the family refuses, stops here, before minutes of measuring
         family.check_train(prof.cell_params(params, spec).train)
     for spec in p.inference:

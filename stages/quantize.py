@@ -16,7 +16,7 @@ REPORT = "reports/quantize.json"
 def main():
     params = params_lib.load()
     p = params.quantize
-    family = families.get(params.model.family)
+    family = families.of(params)
     for name in p.variants:  # refuse up front, before spending minutes on the others
         quantize.check_supported(name)
     with runtime.stage("quantize"):

@@ -159,6 +159,11 @@ def test_user_mistakes_are_one_line(cwd, capsys):
     assert "--prompt" in fails(["generate", "--out", "x.png"], capsys)
     assert fails(["generate", "--prompt", "x", "--lora-scale", "0.5", "--out", "x.png"], capsys) == \
         "error: --lora-scale: no LoRA to scale; add --lora models/lora (or an -adapter --variant)"
+    # SD3 is a flow-matching model: Euler/DDIM/DPM built from its config sampled it with DDPM betas.
+    assert fails(["generate", "--prompt", "x", "--family", "sd3", "--scheduler", "euler", "--out", "x.png"],
+                 capsys) == "error: --scheduler: euler cannot sample sd3 models; choose from default"
+    assert fails(["generate", "--prompt", "x", "--family", "sd3", "--size", "72", "--out", "x.png"], capsys) \
+        .startswith("error: --size: 72 is not a multiple of 16, which sd3 needs")
     assert not (cwd / "x.png").exists()
 
 

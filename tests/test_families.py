@@ -1,6 +1,7 @@
 """What every family's tiny pipeline shares: built from configs, in the dtype asked for, quietly."""
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from conftest import OFFLINE, ROOT
-from sdtune import params as params_lib
+from sdtune import families, params as params_lib
 from sdtune.errors import UserError
 from sdtune.families import common, get
 
@@ -150,3 +151,41 @@ def test_each_family_refuses_the_train_keys_it_cannot_honour(family, train, mess
     # The defaults pass, for each family's own keys (sd3 needs min-SNR off, which sd1's default has on).
     fine = params_lib.parse({"model": {"family": family}, "train": {"snr_gamma": None} if family == "sd3" else {}})
     get(family).check_train(fine.train)
+
+
+def test_a_checkpoint_of_another_family_is_refused_before_anything_is_encoded(tmp_path):
+    # An SDXL checkpoint under the default family (sd1) would be cached with SDXL's first text
+    # encoder alone, and the train stage would fail on it later with a TypeError.
+    tiny = params_lib.parse({"model": {"family": "sdxl", "id": "tiny", "resolution": 64}}).model
+    get("sdxl").load_pipeline(tiny).save_pretrained(tmp_path)
+    as_sd1 = params_lib.parse({"model": {"family": "sd1", "id": str(tmp_path), "resolution": 64}})
+    with pytest.raises(UserError) as err:
+        families.of(as_sd1)
+    assert str(err.value) == (f"model.family: sd1, but {str(tmp_path)!r} is a StableDiffusionXLPipeline "
+                              f"checkpoint (its model_index.json); set model.family: sdxl")
+    as_sdxl = params_lib.parse({"model": {"family": "sdxl", "id": str(tmp_path), "resolution": 64}})
+    assert families.of(as_sdxl) is get("sdxl")
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"model": {"resolution": 72}}, "model.resolution: 72 is not a multiple of 16, which sd3 needs "
+                                    "(the VAE's factor 8 times the transformer's patch size 2)"),
+    ({"cache": {"buckets": True, "bucket_step": 24}}, "cache.bucket_step: 24 is not a multiple of 16"),
+])
+def test_sizes_the_denoiser_cannot_take_are_refused(keys, message):
+    # SD3 latents of odd sides were cached, then the train stage failed on a size mismatch.
+    def params(family):
+        return params_lib.parse({**keys, "model": {"family": family, "id": "tiny", **keys.get("model", {})}})
+
+    with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+        families.of(params("sd3"))
+    # The UNet families take any multiple of the VAE's factor, and a bucket step is free without buckets.
+    assert families.of(params("sd1")) is get("sd1")
+    assert families.of(params_lib.parse({"model": {"family": "sd3", "id": "tiny"},
+                                         "cache": {"buckets": False, "bucket_step": 24}})) is get("sd3")
+
+
+def test_a_model_folder_that_is_not_there_is_one_line():
+    missing = params_lib.parse({"model": {"id": "./models/sd15"}}).model
+    with pytest.raises(UserError, match=r"^model.id: no folder './models/sd15' \(and a path is not a Hub id\)$"):
+        common.resolved_revision(missing)

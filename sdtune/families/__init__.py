@@ -1,10 +1,12 @@
 """Model families: everything that differs between SD 1.x/2.x, SDXL and SD3.x lives here.
 
 Each family is one module with the same functions (see `base.py`); the rest of sdtune
-asks `get(name)` for the module and never checks which family it holds.
+asks `get(name)` (or `of(params)`) for the module and never checks which family it holds.
 """
 
 import importlib
+import json
+from pathlib import Path
 
 from sdtune.errors import UserError
 
@@ -15,3 +17,51 @@ def get(name: str):
     if name not in MODULES:
         raise UserError(f"model.family: unknown family {name!r}; allowed: {', '.join(MODULES)}")
     return importlib.import_module(f"sdtune.families.{MODULES[name]}")
+
+
+def of(params):
+    """The family of `params.model`, once the params agree with it: image sides the denoiser can
+    take, and a checkpoint of this family. Both mistakes would otherwise surface stages later (a
+    cache of odd-sized latents, a dataset encoded with the wrong text encoders)."""
+    model, cache = params.model, params.cache
+    family = get(model.family)
+    sizes = [("model.resolution", model.resolution)]
+    if cache.buckets:
+        sizes.append(("cache.bucket_step", cache.bucket_step))
+    for key, value in sizes:
+        check_size(family, model.family, key, value)
+    pipeline = checkpoint_pipeline(model)
+    owner = next((name for name in MODULES if pipeline and get(name).PIPELINE.__name__ == pipeline), None)
+    if owner is not None and get(owner) is not family:
+        raise UserError(f"model.family: {model.family}, but {model.id!r} is a {pipeline} checkpoint "
+                        f"(its model_index.json); set model.family: {owner}")
+    return family
+
+
+def check_size(family, name: str, key: str, value: int) -> None:
+    """Image sides must be whole latent patches: the VAE's factor times the denoiser's patch."""
+    if value % family.SIZE_MULTIPLE:
+        raise UserError(f"{key}: {value} is not a multiple of {family.SIZE_MULTIPLE}, which {name} needs "
+                        f"({family.SIZE_WHY})")
+
+
+def checkpoint_pipeline(model) -> str | None:
+    """The pipeline class a checkpoint's model_index.json names; None for the tiny models or when
+    it cannot be read here (the loaders then give their own one-line error)."""
+    if model.id == "tiny":
+        return None
+    local = Path(model.id) / "model_index.json"
+    if local.is_file():
+        try:
+            return json.loads(local.read_text(encoding="utf-8")).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            return None
+    if Path(model.id).exists():
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(model.id, "model_index.json", revision=model.revision)
+        return json.loads(Path(path).read_text(encoding="utf-8")).get("_class_name")
+    except Exception:  # noqa: BLE001 - offline, no such repo, no such file: the loaders say which
+        return None

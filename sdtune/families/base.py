@@ -6,6 +6,8 @@
     DENOISER_ATTR       "unet" or "transformer": the pipeline attribute holding the denoiser
     COMPILE_BLOCKS      class names that train.compile compiles one by one (regional compilation),
                         or None to compile the whole denoiser
+    SIZE_MULTIPLE       image sides (pixels) must be multiples of this; SIZE_WHY says why
+    SAMPLERS            `sdtune generate --scheduler` name -> diffusers scheduler class name
 
     load_pipeline(model, dtype, **components)   -> pipeline (hub id + revision, or the tiny variant);
                                                    components (e.g. unet=...) replace loaded ones

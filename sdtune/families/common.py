@@ -16,6 +16,8 @@ from sdtune.errors import UserError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+# `sdtune generate --scheduler` names -> diffusers classes that sample an epsilon or v model.
+NOISE_SAMPLERS = {"euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
 
 
 @contextlib.contextmanager
@@ -72,7 +74,7 @@ def resolved_revision(model) -> str:
 
     try:  # model_index.json only: the snapshot folder's name is the commit
         folder = snapshot_download(model.id, revision=model.revision, allow_patterns=["model_index.json"])
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: not a repo id at all (a path that is not there)
         raise hub_error(model, err) from None
     return Path(folder).name
 
@@ -141,6 +143,8 @@ def tokenize(tokenizer, captions, device):
 
 
 def hub_error(model, err) -> UserError:
+    if model.id.startswith(("/", ".", "~")):  # meant as a folder, so the Hub's complaint would mislead
+        return UserError(f"model.id: no folder {model.id!r} (and a path is not a Hub id)")
     return UserError(f"model.id: could not load {model.id!r} at revision {model.revision!r}: "
                      f"{str(err).splitlines()[0]}")
 

@@ -25,6 +25,11 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 # 24 (Medium) or 38 (Large) identical blocks: compiled one at a time, the graph is built once and
 # reused, which is how bench/ measured SD3.5 Medium at 225 ms/step on an H200 (386 ms eager).
 COMPILE_BLOCKS = ("JointTransformerBlock",)
+SIZE_MULTIPLE = 16  # image sides, in pixels, are multiples of this
+SIZE_WHY = "the VAE's factor 8 times the transformer's patch size 2"
+# A flow-matching model: the noise schedulers (Euler, DDIM, DPM) built from its config fall back to
+# DDPM betas and sample it wrongly without an error, so only its own FlowMatchEuler samples it.
+SAMPLERS = {}
 
 # T5 tokens per prompt: the pipeline's own default at inference, so training sees the same context.
 T5_MAX_LENGTH = 256

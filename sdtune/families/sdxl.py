@@ -21,6 +21,9 @@ DENOISER = UNet2DConditionModel
 DENOISER_ATTR = "unet"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 COMPILE_BLOCKS = None  # the whole UNet, as for SD 1.x
+SIZE_MULTIPLE = 8  # image sides, in pixels, are multiples of this
+SIZE_WHY = "the VAE's factor 8"
+SAMPLERS = common.NOISE_SAMPLERS  # `sdtune generate --scheduler` choices besides the default
 
 
 # ---- the tiny random-initialised variant (offline tests and the demo) ----
