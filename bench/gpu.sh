@@ -11,7 +11,7 @@
 # are paid once. A run that needs more than is left of the overall budget (BENCH_BUDGET_S, default
 # 450 s, counted from the script's start) is not started ("not run: needs N s, M s left"); a run that
 # is started gets at least what it needs. Not-run and failed runs still appear in the table with the
-# reason. While the GPU tests run, the compiled runs compile ahead in processes of their own
+# reason. While the GPU tests run, the first compiled runs compile ahead in processes of their own
 # (BENCH_WARM, below), and no run is timed until those have ended. Without BENCH_ONLY everything
 # runs, the tests first, then the runs in order of importance (plan() below).
 # BENCH_ONLY="tests NAME ... GROUP ..." runs only those, in that order (a group name, or any run in
@@ -30,7 +30,9 @@ start=$SECONDS
 # Appended to every run; e.g. BENCH_EXTRA="--tiny --res 64 --threads 1" BENCH_SKIP_INSTALL=1 is a
 # CPU smoke test of this script.
 read -r -a EXTRA <<<"${BENCH_EXTRA:-}"
-read -r -a ONLY <<<"${BENCH_ONLY:-}"
+# Names on several lines (as docs/benchmarks.md writes a long BENCH_ONLY) count as if on one.
+read -r -d '' -a ONLY <<<"${BENCH_ONLY:-}" || true
+BENCH_ONLY=${ONLY[*]-}
 
 PY=${PYTHON:-python3}
 
@@ -79,7 +81,8 @@ plan() {
         "${STEPS[@]}"
     run sd15-bs16-fp32 90 40 "${SD15[@]}" --bs 16 --precision fp32 "${STEPS[@]}"
     run sd15-bs1-fp32 60 30 "${SD15[@]}" --bs 1 --precision fp32 "${STEPS[@]}"
-    run sd15-bs16-bf16-loop 90 30 "${SD15[@]}" --bs 16 --precision bf16 --loop "${STEPS[@]}"
+    run sd15-bs16-bf16-loop-no-autocast 90 30 "${SD15[@]}" --bs 16 --precision bf16 --loop --no-autocast \
+        "${STEPS[@]}"
     # Every run but the -peft-lora ones adds its LoRA products inside GEMMs (sdtune.train.lora.AddmmLora);
     # this one keeps peft's own forward, as all runs before 2026-11-27 did.
     run sd15-bs16-bf16-peft-lora 60 30 "${SD15[@]}" --bs 16 --precision bf16 --lora-forward peft "${STEPS[@]}"
@@ -101,21 +104,23 @@ plan() {
     run sd15-bs16-bf16-channels-last 60 30 "${SD15[@]}" --bs 16 --precision bf16 --channels-last "${STEPS[@]}"
     group_end
     # The training loop's own step (--loop: host-side batch, per-step generator, accelerate,
-    # clipping, LR schedule) compiled, against the plain compiled steps above; bs1 and SD3.5 Medium
-    # ran on the H100, bs16 not yet (its CUDA-graph run, alone and not compiled ahead, had not
-    # finished after 200 s).
-    run sd15-bs16-bf16-compile-loop 300 240 "${SD15[@]}" --bs 16 --precision bf16 --compile --loop "${CSTEPS[@]}"
-    run sd15-bs16-bf16-compile-cudagraphs-loop 300 240 "${SD15[@]}" --bs 16 --precision bf16 --compile \
-        --compile-mode reduce-overhead --loop "${GSTEPS[@]}"
-    run sd15-bs1-bf16-compile-cudagraphs-loop 300 240 "${SD15[@]}" --bs 1 --precision bf16 --compile \
-        --compile-mode reduce-overhead --loop "${GSTEPS[@]}"
+    # clipping, LR schedule; no autocast, as train.autocast's default trains: the runs named -loop,
+    # before 2026-11-28, kept autocast) compiled, against the plain compiled steps above; bs1 and
+    # SD3.5 Medium ran on the H100, bs16 not yet (its CUDA-graph run, alone and not compiled ahead,
+    # had not finished after 200 s).
+    run sd15-bs16-bf16-compile-loop-no-autocast 300 240 "${SD15[@]}" --bs 16 --precision bf16 --compile \
+        --loop --no-autocast "${CSTEPS[@]}"
+    run sd15-bs16-bf16-compile-cudagraphs-loop-no-autocast 300 240 "${SD15[@]}" --bs 16 --precision bf16 --compile \
+        --compile-mode reduce-overhead --loop --no-autocast "${GSTEPS[@]}"
+    run sd15-bs1-bf16-compile-cudagraphs-loop-no-autocast 300 240 "${SD15[@]}" --bs 1 --precision bf16 --compile \
+        --compile-mode reduce-overhead --loop --no-autocast "${GSTEPS[@]}"
     # inductor's C++ wrapper launches the compiled kernels from C++, not Python: on a CPU it made the
     # tiny step 15-30% faster. At bs1 it might give most of what CUDA graphs give without their
     # limits (no grad_accum); its compile time is a guess.
-    run sd15-bs1-bf16-compile-cpp-wrapper-loop 400 300 "${SD15[@]}" --bs 1 --precision bf16 --compile \
-        --inductor cpp_wrapper=True --loop "${CSTEPS[@]}"
-    run sd35m-bs3-bf16-compile-loop 180 80 --arch sd35m --res 1024 --bs 3 --precision bf16 --compile --loop \
-        "${CSTEPS[@]}"
+    run sd15-bs1-bf16-compile-cpp-wrapper-loop-no-autocast 400 300 "${SD15[@]}" --bs 1 --precision bf16 --compile \
+        --inductor cpp_wrapper=True --loop --no-autocast "${CSTEPS[@]}"
+    run sd35m-bs3-bf16-compile-loop-no-autocast 180 80 --arch sd35m --res 1024 --bs 3 --precision bf16 --compile \
+        --loop --no-autocast "${CSTEPS[@]}"
     # Candidates for the SD1.5 bs16 MFU target (35% asked). On the H100 (docs/benchmarks.md, both
     # calls) the compiled step takes 117-125 ms (22-24%): attention (cuDNN's, 40-dim heads) 25.5 ms at
     # 237 TFLOP/s, matmuls 22 ms at 345, convolutions 19 ms at 745, inductor's fused kernels 26 ms,
@@ -458,13 +463,18 @@ run_tests() {
         echo "== tests/test_gpu.py: skipped (BENCH_SKIP_TESTS)"
         return 0
     fi
-    local began per_test=()
+    local began per_test=() limit=${BENCH_TESTS_TIMEOUT_S:-240} left=$((BUDGET_S - (SECONDS - start)))
+    if ((left < 30)); then  # named after runs in BENCH_ONLY: the budget binds the tests too
+        echo "== tests/test_gpu.py: not run: ${left}s of the budget left"
+        return 0
+    fi
+    limit=$((limit < left ? limit : left))
     if grep -q '^pytest-timeout [0-9]' "$OUT/versions.txt"; then
         per_test=(--timeout="${BENCH_TEST_TIMEOUT_S:-120}")
     fi
-    echo "== tests/test_gpu.py (timeout ${BENCH_TESTS_TIMEOUT_S:-240}s, ${per_test[0]:-no per-test limit})"
+    echo "== tests/test_gpu.py (timeout ${limit}s, ${per_test[0]:-no per-test limit})"
     began=$SECONDS
-    timeout --kill-after=10 "${BENCH_TESTS_TIMEOUT_S:-240}" "$PY" -m pytest -v -rs -p no:cacheprovider \
+    timeout --kill-after=10 "$limit" "$PY" -m pytest -v -rs -p no:cacheprovider \
         "${per_test[@]}" tests/test_gpu.py >"$OUT/gpu-tests.txt" 2>&1 || true
     grep -E '::|^SKIPPED' "$OUT/gpu-tests.txt" | sed 's/^/   /' || true
     tail -n 1 "$OUT/gpu-tests.txt"
@@ -502,7 +512,7 @@ fi
 # Compiling ahead: a compiled run spends most of its time (100-150 s for SD1.5 on the H200) in
 # torch.compile, on the CPU, while the GPU waits. So while the GPU tests run, BENCH_WARM processes
 # at a time (default 4 on a machine with nvidia-smi, else 0: off) compile the selected compiled runs
-# with --warm-only, in the order they will run, filling inductor's on-disk caches (FX graph,
+# with --warm-only, in the order they will run (one wave, below), filling inductor's on-disk caches (FX graph,
 # AOTAutograd, Triton kernels). The timed run then compiles from the cache, so it needs WARM_NEED_S
 # instead of its own need; where a warm process failed it compiles itself, as before. A warm
 # process skips cuDNN's algorithm timing, which would use the GPU. No run is timed while a warm
@@ -512,9 +522,12 @@ fi
 WARM_JOBS=${BENCH_WARM:-$((GPU_BOX * 4))}
 # On the H100 a run compiled from the cache took 45-73 s, 17-25 s of it the imports.
 WARM_NEED_S=${BENCH_WARM_NEED_S:-70}
+# One wave: the first WARM_JOBS compiled runs, which compile beside the tests. A second wave would
+# hold every timed run back until it ended (wait_for_warm), past the budget of a full plan.
 for unit in "${UNITS[@]}"; do
     name=${unit#run:}
-    if [[ $unit == run:* && " ${RUN_ARGS[$name]} " == *" --compile "* ]] && selected "$name" ""; then
+    if ((${#WARM[@]} < WARM_JOBS)) && [[ $unit == run:* && " ${RUN_ARGS[$name]} " == *" --compile "* ]] &&
+        selected "$name" ""; then
         WARM+=("$name")
     fi
 done

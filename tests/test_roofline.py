@@ -4,6 +4,7 @@ CPU step really dispatches."""
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -301,6 +302,9 @@ def test_cli_sets_the_floor_beside_a_measured_breakdown(measured, tmp_path, caps
     run = json.loads((measured / "kernels.json").read_text())
     assert result["measured"]["run"] == run["name"]
     assert sum(result["measured"]["kinds"].values()) == pytest.approx(run["kernels"]["kernel_ms"])
+    # Its MFU is of the synced median step, as bench.table's is, with the pipelined step beside it.
+    assert re.search(re.escape(f"Measured ({run['name']}): {run['step_ms']:.1f} ms a step, ") + r"\d+\.\d%; "
+                     + re.escape(f"pipelined {run['step_ms_pipelined']:.1f} ms, "), printed), printed[-300:]
     floor = sum(row["bound_ms"] for row in result["kinds"].values())
     assert floor == pytest.approx(sum(op["bound_ms"] for op in result["ops"])) and floor > 0
     assert result["peak_tflops"] == 30.3 and result["bandwidth_gbs"] == 300  # the L4's fp32 and memory
