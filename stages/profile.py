@@ -88,8 +88,10 @@ def kernel_tables(cells) -> str:
     for c in cells:
         if not c.get("kernels"):
             continue
-        parts.append(f"Kernel time by kind in `{c['name']}`'s traced steps (reports/traces/trace-{c['name']}.json), "
-                     f"next to the FLOPs of each kind:\n\n{kernels.table(c['kernels'])}\n")
+        ref = c["reference_step"]
+        parts.append(f"Kernel time by kind in `{c['name']}`'s traced steps (step {ref['step']}, {ref['images']} "
+                     f"images, twice: reports/traces/trace-{c['name']}.json), next to the FLOPs of each kind:"
+                     f"\n\n{kernels.table(c['kernels'])}\n")
         note = "; on a CPU its measured time includes Python's between the ops" if c["device"] == "cpu" else ""
         parts.append(f"`{c['name']}`'s kinds against their floor. {roofline.floor_table(c['floor'], c['kernels'], note)}\n")
     return "\n".join(parts)
@@ -143,10 +145,14 @@ def main():
             if not cells:
                 name, first = next(iter(failed.items()))
                 raise UserError(f"profile.matrix: no cell ran; the first, {name!r}, failed with: {first['reason']}")
-            best = prof.fastest(cells)
+            best, trace_failed = prof.fastest(cells), {}
             if p.trace and best is not cells[0]:  # the fastest cell's trace, to compare with the baseline's
-                traced = prof.trace_cell(params, best["spec"], CACHE, traces / f"trace-{best['name']}.json")
-                best["kernels"] = prof.kernel_breakdown(best, traced)
+                # Set up anew, it can fail (out of memory, say) where its measuring did not: noted, not fatal.
+                traced, trace_failed = measure_each(
+                    [best["spec"]], lambda spec: prof.trace_cell(params, spec, CACHE, traces / f"trace-{spec['name']}.json"),
+                    "trace")
+                if traced:
+                    best["kernels"] = prof.kernel_breakdown(best, traced[0])
             charts.phase_chart({c["name"]: c["phases"] for c in cells}, tmp / "phases.png")
             charts.bar_chart(cells, "step_ms", tmp / "step_ms.png", "Training step time (ms, median)")
             charts.bar_chart(cells, "mfu", tmp / "mfu.png", "Model FLOPs utilisation", fmt="{:.1%}")
@@ -156,7 +162,7 @@ def main():
             charts.bar_chart(gen, "seconds_per_image", tmp / "inference.png", "Generation time (s per image, median)")
             # The reports before the folders are swapped in: one that cannot be written leaves the
             # last run's folders, not new charts beside old numbers.
-            failed = {"matrix": failed, "inference": gen_failed}
+            failed = {"matrix": failed, "trace": trace_failed, "inference": gen_failed}
             io.write_json(REPORT, {"best": best["name"], "cells": {c["name"]: c for c in cells},
                                    "inference": {c["name"]: c for c in gen}, "failed": failed})
             io.write_json(PLOT, [{"cell": c["name"], "step_ms": c["step_ms"], "mfu": c["mfu"],

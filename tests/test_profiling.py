@@ -327,7 +327,8 @@ def test_peak_memory_and_snapshot_on_cpu(tmp_path):
 def test_charts_are_real_pngs(tmp_path):
     s = {"step_mean_ms": 10.0, "phases": {"forward": {"mean_ms": 4.0}, "backward": {"mean_ms": 5.0}}}
     phase_png, bar_png = tmp_path / "phases.png", tmp_path / "bars.png"
-    charts.phase_chart({"fp32": s, "bf16": s}, phase_png)
+    # "phases" is a legal cell name: the chart once took such a mapping for one summary and failed.
+    charts.phase_chart({"fp32": s, "phases": s}, phase_png)
     charts.bar_chart([{"name": "a", "mfu": 0.4}, {"name": "b", "mfu": None}], "mfu", bar_png, "MFU")
     for png in (phase_png, bar_png):
         with Image.open(png) as im:
@@ -413,6 +414,16 @@ def test_unknown_latents_value_is_one_line():
                               "(got 'onthefly')")
 
 
+def test_a_cell_key_the_step_never_reads_is_one_line():
+    from sdtune.profiling import run as prof
+
+    for key, value in [("log_every", 1), ("validate_every", 1), ("wandb", "online")]:
+        with pytest.raises(UserError) as err:
+            prof.cell_params(PROFILE_PARAMS, {"name": "x", key: value})
+        assert str(err.value) == (f"params.yaml: profile.matrix.x.{key}: a cell times the training step alone, "
+                                  f"which {key} does not change; remove it")
+
+
 def test_trace_cell_writes_a_chrome_trace_of_the_cells_steps(train_workspace, tmp_path):
     from sdtune.profiling import run as prof
 
@@ -488,6 +499,33 @@ def test_a_cells_floor_counts_every_flop_its_step_dispatches(train_workspace):
     lora = floor["kinds"]["matmul: LoRA"]
     assert lora["flops"] > 0 and lora["bytes"] > 0
     assert floor["ms"] == pytest.approx(sum(k["bound_ms"] for k in floor["kinds"].values()))
+
+
+def test_floor_trace_and_kept_memory_are_of_one_full_step(tmp_path):
+    """With 5 images in batches of 2 the measured steps train 1 and 2 images. The floor, the traced
+    steps' kernels with their FLOPs, and what the backward keeps are all of one step, the fullest:
+    the traced steps were steps 10000 and up, held to a 1-image step's floor and to the mean step's
+    FLOPs, and the memory kept for the backward was half a full step's."""
+    from conftest import tiny_cache
+    from sdtune.profiling import run as prof
+
+    tiny_cache(tmp_path / "data/raw", tmp_path / "cache", 5, 48, PROFILE_PARAMS)
+    p, measured = PROFILE_PARAMS, range(PROFILE_PARAMS.profile.warmup, PROFILE_PARAMS.profile.warmup + 2)
+    _, run, step_fn, _ = prof._setup(p, {"name": "baseline"}, tmp_path / "cache", tmp_path / "data/raw")
+    images = {i: prof.step_batches(run, i)[0][0] for i in measured}
+    assert sorted(images.values()) == [1, 2]  # the case this test is about
+    full = next(i for i in measured if images[i] == 2)
+    full_floor = prof.floor(run, step_fn, full, ceiling_tflops=1.0)
+
+    cell = prof.profile_cell(p, {"name": "baseline"}, tmp_path / "cache", tmp_path / "trace-baseline.json",
+                             raw_dir=tmp_path / "data/raw")
+    assert cell["reference_step"]["step"] == full and cell["reference_step"]["images"] == 2
+    assert cell["memory"]["kept_for_backward_bytes"] == full_floor["saved_bytes"]
+    kinds = {row["kind"]: row for row in cell["kernels"]["rows"]}
+    conv = cell["floor"]["kinds"]["convolution"]["flops"]
+    assert conv == full_floor["kinds"]["convolution"]["flops"]
+    assert kinds["convolution"]["tflop"] * 1e12 == pytest.approx(conv)  # the traced step's own FLOPs
+    assert cell["flops_by_kind"]["convolution"] == pytest.approx(conv * 3 / 4)  # the mean: 1.5 images of 2
 
 
 def test_a_floor_that_cannot_be_counted_costs_the_cell_nothing(train_workspace, tmp_path, monkeypatch):

@@ -38,13 +38,12 @@ def _stacked_bars(labels, parts: dict, out_png, title: str, xlabel: str, colors=
     _save(fig, out_png)
 
 
-def phase_chart(summary: dict, out_png, title: str = "Time per training step") -> None:
+def phase_chart(configs: dict, out_png, title: str = "Time per training step") -> None:
     """Stacked horizontal bars of mean phase times, one bar per config.
 
-    `summary` is one PhaseTimer.summary() or a {config label: summary} mapping. Means are stacked
-    because they add up to the mean step; the rest of the step is drawn as "untimed".
+    `configs` is a {config label: PhaseTimer.summary()} mapping (any label, "phases" too). Means
+    are stacked because they add up to the mean step; the rest of the step is drawn as "untimed".
     """
-    configs = {"run": summary} if "phases" in summary else summary
     names = list(dict.fromkeys(n for s in configs.values() for n in s["phases"]))
     parts = {name: [s["phases"].get(name, {}).get("mean_ms", 0.0) for s in configs.values()] for name in names}
     timed = [sum(widths) for widths in zip(*parts.values())] or [0.0] * len(configs)

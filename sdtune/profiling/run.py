@@ -6,6 +6,7 @@ what is measured is what `dvc repro` trains with.
 """
 
 import contextlib
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -22,12 +23,19 @@ from sdtune.train import lora, loop
 # A cell's keys that are not train keys: "latents" says where each step's latents and text
 # embeddings come from, the cache (what `dvc repro` trains with) or encoded again every step.
 LATENTS = ("cached", "on_the_fly")
+# Train keys of the loop around the step (logging, checkpoints, validation images, W&B): a cell
+# times the step alone, so a cell changing one would measure the baseline under another name.
+NOT_MEASURED = ("log_every", "checkpoint_every", "keep_checkpoints", "wandb", "wandb_project", "validate_every",
+                "validation_prompts", "validation_seeds", "validation_steps")
 
 
 def cell_params(params, cell: dict):
     """params with the cell's train overrides applied, validated like params.yaml itself."""
     name = cell["name"]
     overrides = cell_train_keys(cell)
+    if ignored := [k for k in NOT_MEASURED if k in overrides]:
+        raise UserError(f"params.yaml: profile.matrix.{name}.{ignored[0]}: a cell times the training step alone, "
+                        f"which {ignored[0]} does not change; remove it")
     if cell.get("latents", "cached") not in LATENTS:
         raise UserError(f"params.yaml: profile.matrix.{name}.latents: expected one of {', '.join(LATENTS)} "
                         f"(got {cell['latents']!r})")
@@ -88,18 +96,20 @@ def step_batches(run, step: int) -> tuple:
                  for idx in (loop.sample_indices(run, step, m) for m in range(run.params.train.grad_accum)))
 
 
-def measured_flops(run, step_fn, steps: range) -> dict[str, int]:
-    """FLOPs of all the measured steps by kind of op: each distinct batch layout is counted once, on
-    a step that has it."""
-    layouts = [step_batches(run, i) for i in steps]
+def flops_by_layout(run, step_fn, steps: range) -> dict[tuple, dict[str, int]]:
+    """FLOPs by kind of op of each distinct batch layout among `steps` (step_batches), each
+    counted once, on the first step that has it."""
     first = {}
-    for i, layout in zip(steps, layouts):
-        first.setdefault(layout, i)
-    counted = {layout: model_flops(run, step_fn, i) for layout, i in first.items()}
-    total = Counter()
-    for layout in layouts:
-        total.update(counted[layout])
-    return dict(total)
+    for i in steps:
+        first.setdefault(step_batches(run, i), i)
+    return {layout: model_flops(run, step_fn, i) for layout, i in first.items()}
+
+
+def reference_step(run, steps: range) -> int:
+    """The step of `steps` that does the most work (the most latent pixels; the first such). The
+    floor, the traced steps and what the backward keeps are all of this one step, so they compare
+    like with like, and the memory kept is a full step's, as the peak is."""
+    return max(steps, key=lambda i: sum(n * math.prod(shape) for n, shape in step_batches(run, i)))
 
 
 def floor(run, step_fn, step: int, ceiling_tflops: float) -> dict:
@@ -154,32 +164,36 @@ def _setup(params, spec: dict, cache_dir, raw_dir):
     return cell, run, step_fn, fly
 
 
-def _trace(run, step_fn, name: str, trace_path, warmup: int) -> dict[str, float]:
-    """A Chrome trace of two steps and, on CUDA, the allocator's history of two more (open it at
-    https://pytorch.org/memory_viz; memory.snapshot does nothing on CPU). Returns the traced steps'
-    milliseconds per step by kernel (kernels.per_kernel) and their own wall milliseconds per step."""
+def _trace(run, step_fn, name: str, trace_path, step: int, warmup: int) -> tuple[dict[str, float], float]:
+    """A Chrome trace of training step `step` run twice after `warmup` steps (0, 1, ...) and, on
+    CUDA, the allocator's history of it twice more (open it at https://pytorch.org/memory_viz;
+    memory.snapshot does nothing on CPU). Returns the traced steps' milliseconds per step by kernel
+    (kernels.per_kernel) and their own wall milliseconds per step."""
     device = run.accelerator.device
-    step, names = iter(range(10_000, 20_000)), phases.PhaseTimer(device)  # names the phases in the trace
-    traced = phases.trace(lambda: step_fn(next(step), names), trace_path, steps=2, warmup=warmup)
+    order, names = iter([*range(warmup), step, step]), phases.PhaseTimer(device)  # names the phases in the trace
+    traced = phases.trace(lambda: step_fn(next(order), names), trace_path, steps=2, warmup=warmup)
     with memory.snapshot(trace_path.with_name(f"memory-{name}.pickle"), device):
         for _ in range(2):
-            step_fn(next(step))
+            step_fn(step)
     return kernels.per_kernel(traced, 2, device.type == "cuda"), kernels.traced_step_ms(traced)
 
 
 def trace_cell(params, spec: dict, cache_dir, trace_path, raw_dir="data/raw") -> tuple[dict[str, float], float]:
-    """Only the trace and snapshot of one cell (the fastest, once the matrix has been measured);
-    returns its milliseconds per step by kernel, and per traced step."""
+    """Only the trace and snapshot of one cell (the fastest, once the matrix has been measured), of
+    the reference step its profile_cell counted; returns its milliseconds per step by kernel, and
+    per traced step."""
+    p = params.profile
     with process_flags():
         _, run, step_fn, _ = _setup(params, spec, cache_dir, raw_dir)
-        return _trace(run, step_fn, spec["name"], trace_path, warmup=params.profile.warmup)
+        step = reference_step(run, range(p.warmup, p.warmup + p.steps))
+        return _trace(run, step_fn, spec["name"], trace_path, step, warmup=p.warmup)
 
 
 def kernel_breakdown(cell: dict, traced: tuple[dict[str, float], float]) -> dict:
     """A measured cell's traced kernel time by kind next to its FLOPs by kind (kernels.breakdown),
     and the GEMM-like kinds' time over their floor; `traced` is what _trace returns."""
     per_kernel_ms, step_ms = traced
-    out = kernels.breakdown(per_kernel_ms, cell["flops_by_kind"], step_ms)
+    out = kernels.breakdown(per_kernel_ms, cell["reference_step"]["flops_by_kind"], step_ms)
     # Measured over floor for the GEMM-like kinds: what REPORT.md reads without recounting.
     if ratios := roofline.vs_floor(cell["floor"], out):
         out["vs_floor"] = ratios
@@ -211,8 +225,12 @@ def _profile_cell(params, spec, cache_dir, trace_path, raw_dir) -> dict:
     measured = range(p.warmup, p.warmup + p.steps)
     seconds = summary["step_mean_ms"] * p.steps / 1e3
     images = sum(n for i in measured for n, _ in step_batches(run, i))
-    by_kind = measured_flops(run, step_fn, measured)
+    counted = flops_by_layout(run, step_fn, measured)
+    by_kind = Counter()
+    for i in measured:
+        by_kind.update(counted[step_batches(run, i)])
     n_flops = sum(by_kind.values())
+    ref = reference_step(run, measured)
     dtype = loop.weight_dtype(run.accelerator.mixed_precision)
     peak, peak_source = hardware.peak_tflops(device, dtype)
     parts = memory.breakdown(run.accelerator.unwrap_model(run.denoiser), run.optimizer)
@@ -220,8 +238,8 @@ def _profile_cell(params, spec, cache_dir, trace_path, raw_dir) -> dict:
         parts["encoder_weights_bytes"] = memory.weight_bytes(fly.pipe)
     usd = cost_lib.hourly_usd(p)
     ceiling = hardware.ceiling_tflops(device, dtype)
-    step_floor = floor(run, step_fn, p.warmup, ceiling)
-    traced = _trace(run, step_fn, spec["name"], trace_path, warmup=0) if trace_path is not None else None  # already warm
+    step_floor = floor(run, step_fn, ref, ceiling)
+    traced = _trace(run, step_fn, spec["name"], trace_path, ref, warmup=0) if trace_path is not None else None  # warm
     result = {
         "name": spec["name"], "spec": spec, "device": str(device), "device_name": hardware.device_name(device),
         "mixed_precision": run.accelerator.mixed_precision,
@@ -233,7 +251,9 @@ def _profile_cell(params, spec, cache_dir, trace_path, raw_dir) -> dict:
         "peak_tflops": peak, "peak_source": peak_source, "mfu": hardware.mfu(n_flops, seconds, peak),
         # What this device's GEMMs reach (the peak itself where none is in the datasheet table).
         "ceiling_tflops": ceiling,
-        # One measured step's floor, kind by kind: how far the kernels are from what the device allows.
+        # The reference step's floor, kind by kind: how far the kernels are from what the device allows.
+        "reference_step": {"step": ref, "images": sum(n for n, _ in step_batches(run, ref)),
+                           "flops_by_kind": counted[step_batches(run, ref)]},
         "floor": step_floor,
         "memory": peak_mem | parts | memory.activations(parts, peak_mem, device)
                   | memory.kept(step_floor, cell.train.compile),
