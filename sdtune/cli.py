@@ -117,7 +117,11 @@ def variant_kwargs(name, lora, lora_scale=None):
     return quantize.pipeline_kwargs(name, lora)  # an adapter variant: the LoRA on top at run time
 
 
-def check_numbers(steps, guidance, size):
+def check_numbers(steps, guidance, size, seeds, scale):
+    if bad := [s for s in seeds if not 0 <= s < 2**32]:
+        raise UserError(f"--seed: {bad[0]} is outside 0 to 2**32 - 1, what the seeders accept")
+    if scale is not None and scale < 0:
+        raise UserError(f"--lora-scale: must be >= 0, got {scale}")
     if steps <= 0:
         raise UserError(f"--steps: must be positive, got {steps}")
     if guidance < 0:
@@ -140,6 +144,13 @@ def out_paths(out: Path, prompts, seeds, many: bool) -> list[tuple[str, int, Pat
         slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
         jobs += [(prompt, seed, out / f"{i:03d}-{slug}-seed{seed}.png") for seed in seeds]
     return jobs
+
+
+def check_folder(path: Path) -> None:
+    """Before minutes of loading and sampling: the nearest existing folder above `path` must be one."""
+    parent = next(p for p in path.parents if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"--out: {parent} is a file, not a folder")
 
 
 def tune(pipe, family, scheduler, channels_last, compile_):
@@ -171,9 +182,10 @@ def generate(args) -> None:
     size = args.size if args.size is not None else params.model.resolution
     scale = args.lora_scale if args.lora_scale is not None else ev.lora_scale
     seeds = args.seeds or [args.seed if args.seed is not None else params.base.seed]
-    check_numbers(steps, guidance, size)
+    check_numbers(steps, guidance, size, seeds, args.lora_scale)
     prompts = [args.prompt] if args.prompt is not None else gen.read_prompts(args.prompts, "--prompts")
     jobs = out_paths(args.out, prompts, seeds, many=args.prompts is not None or len(seeds) > 1)
+    check_folder(jobs[0][2])
 
     family = families.of(params)
     families.check_size(family, params.model.family, "--size", size)

@@ -104,10 +104,22 @@ def write_jsonl(dest, rows) -> None:
     write_text(dest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def missing(path) -> UserError:
+    """A stage's input that is not there: the stage before it has not run here."""
+    return UserError(f"{path}: not found; run the stages before this one first (dvc repro runs them in order) "
+                     f"or dvc pull their outputs")
+
+
 def read_json(path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise missing(path) from None
 
 
 def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        raise missing(path) from None

@@ -6,7 +6,7 @@ key and what is allowed. Every field has a default so a params.yaml only says wh
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ruamel.yaml import YAML, YAMLError
@@ -28,8 +28,12 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
+# A seed torch's and numpy's seeders accept.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
 class Base(Section):
-    seed: int = Field(1234, ge=0, lt=2**32)  # what torch and numpy seeders accept
+    seed: Seed = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -141,7 +145,7 @@ class Train(Section):
     validate_every: int | None = Field(None, gt=0)
     validation_prompts: list[str] = Field(["a painting by sargent, a portrait of a woman in a white dress"],
                                           min_length=1)
-    validation_seeds: list[int] = Field([0, 1], min_length=1)
+    validation_seeds: list[Seed] = Field([0, 1], min_length=1)
     validation_steps: int = Field(25, gt=0)
     # Flow-matching families (SD3.x): how timesteps are drawn and how the loss is weighted.
     timestep_density: Literal[DENSITIES] = "logit_normal"
@@ -222,7 +226,7 @@ class Quantize(Section):
 
 class Evaluate(Section):
     prompts: str = "prompts/eval.txt"
-    seeds: list[int] = Field([0, 1], min_length=1)
+    seeds: list[Seed] = Field([0, 1], min_length=1)
     steps: int = Field(30, gt=0)
     guidance_scale: float = Field(7.5, ge=0)
     clip_model: str = "openai/clip-vit-base-patch16"  # "tiny" = random-initialised, offline

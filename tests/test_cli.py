@@ -156,6 +156,10 @@ def test_user_mistakes_are_one_line(cwd, capsys):
         "error: --prompts: latin1.txt: not valid UTF-8 (byte 5); save it as UTF-8"
     assert "--size" in fails(["generate", "--prompt", "x", "--size", "30", "--out", "x.png"], capsys)
     assert "--seeds" in fails(["generate", "--prompt", "x", "--seeds", "1,a", "--out", "x.png"], capsys)
+    assert fails(["generate", "--prompt", "x", "--seeds", f"1,{2**64}", "--out", "d"], capsys) == \
+        f"error: --seed: {2**64} is outside 0 to 2**32 - 1, what the seeders accept"
+    assert fails(["generate", "--prompt", "x", "--lora", "models/lora", "--lora-scale", "-1", "--out", "x.png"],
+                 capsys) == "error: --lora-scale: must be >= 0, got -1.0"
     assert "--prompt" in fails(["generate", "--out", "x.png"], capsys)
     assert fails(["generate", "--prompt", "x", "--lora-scale", "0.5", "--out", "x.png"], capsys) == \
         "error: --lora-scale: no LoRA to scale; add --lora models/lora (or an -adapter --variant)"
@@ -164,6 +168,8 @@ def test_user_mistakes_are_one_line(cwd, capsys):
                  capsys) == "error: --scheduler: euler cannot sample sd3 models; choose from default"
     assert fails(["generate", "--prompt", "x", "--family", "sd3", "--size", "72", "--out", "x.png"], capsys) \
         .startswith("error: --size: 72 is not a multiple of 16, which sd3 needs")
+    assert fails(["generate", "--prompt", "x", "--out", "params.yaml/sub/x.png"], capsys) == \
+        "error: --out: params.yaml is a file, not a folder"
     assert not (cwd / "x.png").exists()
 
 

@@ -240,3 +240,22 @@ def test_evaluate_reads_the_real_images_under_the_params_pixel_limit(tmp_path, m
     tight = params_lib.parse({"model": {"id": "tiny", "resolution": 32}, "data": {"max_pixels": 1000}})
     with pytest.raises(UserError, match="max_pixels 1,000"):
         evaluate.real_images(tight)
+
+
+@pytest.mark.parametrize("stage, missing", [
+    ("cache", "data/captions.jsonl"), ("train", "cache/index.json"),
+    ("evaluate", "data/captions.jsonl"), ("report", "reports/data.json"),
+])
+def test_a_stage_run_before_the_stages_it_reads_says_what_is_missing(stage, missing, tmp_path, monkeypatch, capsys):
+    """Each of these was a FileNotFoundError traceback when run on its own in a fresh clone."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a portrait\na landscape\n")
+    (tmp_path / "params.yaml").write_text("model: {id: tiny, resolution: 32}\n"
+                                          "evaluate: {clip_model: tiny, prompts: prompts.txt}\n")
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"stages.{stage}").main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (f"error: {missing}: not found; run the stages before this one first "
+                                       f"(dvc repro runs them in order) or dvc pull their outputs\n")

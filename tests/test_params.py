@@ -27,6 +27,9 @@ BAD = [
     ({"train": {"lora": {"target_modules": []}}}, "train.lora.target_modules", "at least 1 item"),
     ({"base": {"seed": -1}}, "base.seed", "greater than or equal to 0"),
     ({"base": {"seed": 2**32}}, "base.seed", "less than 4294967296"),
+    # The seed lists were unbounded: a seed past 2**64 failed in the first generation, as a traceback.
+    ({"evaluate": {"seeds": [0, 2**64]}}, "evaluate.seeds.1", "less than 4294967296"),
+    ({"train": {"validation_seeds": [-1]}}, "train.validation_seeds.0", "greater than or equal to 0"),
     ({"train": {"warmup_steps": 100}}, "train.warmup_steps", "constant_with_warmup"),
     ({"train": {"optimizer": "prodigy"}}, "train.optimizer", "expects lr around 1.0"),
     ({"profile": {"matrix": [{"mixed_precision": "bf16"}]}}, "profile.matrix", "'name'"),
