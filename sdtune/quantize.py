@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
+from sdtune import io
 from sdtune.errors import UserError
 from sdtune.families import common
 
 LORA_DIR = Path("models/lora")         # the train stage's LoRA
 QUANT_DIR = Path("models/quantized")   # the quantize stage's variants, one folder each
+BASE_FILE = "sdtune_base.json"         # in each variant's folder: the model it was made from
 
 
 @dataclass(frozen=True)
@@ -152,9 +154,29 @@ def make_variant(family, model, lora_dir, name: str, mode: str, out_dir, lora_sc
     t0 = time.perf_counter()
     reloaded = load_variant(family, out_dir, name)
     load_s = time.perf_counter() - t0
-    return {"variant": variant_name(name, mode), "method": name, "lora": mode, "dtype": str(method.dtype).split(".")[-1],
-            "disk_bytes": folder_bytes(out_dir), "memory_bytes": tensor_bytes(reloaded),
-            "quantize_seconds": quantize_s, "load_seconds": load_s}
+    row = {"variant": variant_name(name, mode), "method": name, "lora": mode, "dtype": str(method.dtype).split(".")[-1],
+           "disk_bytes": folder_bytes(out_dir), "memory_bytes": tensor_bytes(reloaded),
+           "quantize_seconds": quantize_s, "load_seconds": load_s}
+    io.write_json(Path(out_dir) / BASE_FILE, base_of(model))  # after disk_bytes: the weights' bytes alone
+    return row
+
+
+def base_of(model) -> dict:
+    return {"family": model.family, "id": model.id, "revision": model.revision}
+
+
+def check_base(variant_dir, model) -> None:
+    """A variant's denoiser fits only the pipeline of the model it was made from: with another
+    (sdtune generate --family or --model-id) it failed deep in diffusers, or drew nonsense."""
+    saved = Path(variant_dir) / BASE_FILE
+    if not saved.is_file():  # made before variants recorded their base
+        return
+    made, now = io.read_json(saved), base_of(model)
+    if made != now:
+        def said(m):
+            return f"{m['family']} {m['id']!r} (revision {m['revision']})"
+        raise UserError(f"{variant_dir}: made from {said(made)}; this run's model is {said(now)}: "
+                        f"sample it with that model, or run the quantize stage again")
 
 
 def load_variant(family, path, name: str):

@@ -168,6 +168,11 @@ def test_user_mistakes_are_one_line(cwd, capsys):
                  capsys) == "error: --scheduler: euler cannot sample sd3 models; choose from default"
     assert fails(["generate", "--prompt", "x", "--family", "sd3", "--size", "72", "--out", "x.png"], capsys) \
         .startswith("error: --size: 72 is not a multiple of 16, which sd3 needs")
+    # A variant under another family's pipeline was a TypeError deep in diffusers (or, sd2, nonsense).
+    assert fails(["generate", "--prompt", "x", "--variant", "bf16-fused", "--family", "sdxl", "--out", "x.png"],
+                 capsys) == ("error: models/quantized/bf16-fused: made from sd1 'tiny' (revision main); this run's "
+                             "model is sdxl 'tiny' (revision main): sample it with that model, or run the quantize "
+                             "stage again")
     assert fails(["generate", "--prompt", "x", "--out", "params.yaml/sub/x.png"], capsys) == \
         "error: --out: params.yaml is a file, not a folder"
     assert not (cwd / "x.png").exists()

@@ -101,6 +101,7 @@ def pipeline(family, model, device, *, lora_dir=None, variant_dir=None, method=N
     if lora_dir is not None:
         common.lora_path(lora_dir)  # a missing LoRA fails before the model loads
     if variant_dir is not None:
+        quantize.check_base(variant_dir, model)
         denoiser = quantize.load_variant(family, variant_dir, method)
         dtype = quantize.METHODS[method].dtype
         pipe = family.load_pipeline(model, dtype, **{family.DENOISER_ATTR: denoiser})
