@@ -68,8 +68,11 @@ def results_table(rows) -> str:
         s = speedup(r, rows)
         step = _spread(r["step_ms"], [r.get("step_ms_min"), r.get("step_ms_max")])
         pipelined = _spread(r["step_ms_pipelined"], r.get("step_ms_pipelined_blocks", []))
-        breaks = (r.get("compile_cache") or {}).get("graph_breaks")
-        name = f"{r['name']} ({breaks} graph breaks)" if breaks else r["name"]
+        cache = r.get("compile_cache") or {}
+        notes = [f"{cache['graph_breaks']} graph breaks"] if cache.get("graph_breaks") else []
+        if cache.get("cudagraph_skips"):  # a -cudagraphs run that ran without them, in part or whole
+            notes.append(f"CUDA graphs skipped for {cache['cudagraph_skips']} graph(s)")
+        name = f"{r['name']} ({'; '.join(notes)})" if notes else r["name"]
         lines.append(
             f"| {name} | {step} | {pipelined} | {r['images_per_second']:.2f} "
             f"| {r['flops_per_step'] / 1e12:.3g} | {r['mfu']:.1%} | {r['peak_memory_bytes'] / GIB:.2f} "

@@ -557,7 +557,10 @@ def compile_cache_counts() -> dict[str, int]:
             # A whole-model compile is one forward graph (and its backward); each break adds
             # graphs, and on an H100 a break at every LoRA layer cost 1.7x (docs/benchmarks.md).
             "graphs": counters["stats"]["unique_graphs"],
-            "graph_breaks": sum(counters["graph_break"].values())}
+            "graph_breaks": sum(counters["graph_break"].values()),
+            # Graphs inductor compiled without CUDA graphs, though the mode asked for them (a CPU
+            # tensor, a mutated input, ...): a -cudagraphs run with skips is not what its name says.
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
 
 
 def graph_break_reasons() -> list[str]:
@@ -593,6 +596,8 @@ def report(args, result: dict) -> dict:
     cached = f", compiled graphs from the cache {cache['fx_graph_hit']}/{cache['fx_graph_hit'] + cache['fx_graph_miss']}" if cache else ""
     if cache and cache.get("graph_breaks"):
         cached += f", graph breaks {cache['graph_breaks']} ({result['graph_break_reasons'][0]})"
+    if cache and cache.get("cudagraph_skips"):
+        cached += f", CUDA graphs skipped for {cache['cudagraph_skips']} graph(s)"
     print(f"{result['name']}: {result['step_ms']:.1f} ms/step (pipelined {result['step_ms_pipelined']:.1f}), "
           f"{result['flops_per_step'] / 1e12:.3g} TFLOP/step, MFU {result['mfu']:.1%}, peak {mem_gib:.2f} GiB{cached}")
     return result

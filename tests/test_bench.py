@@ -215,6 +215,10 @@ def test_table_renders_results_failures_and_targets(results, tmp_path):
     assert f"| {r['step_ms']:.1f} | {r['step_ms_pipelined']:.1f} |" in table.results_table([old])
     broken = r | {"compile_cache": {"graphs": 4, "graph_breaks": 3}}  # a compiled run Dynamo broke up
     assert f"| {r['name']} (3 graph breaks) |" in table.results_table([broken])
+    # A -cudagraphs run whose graphs inductor compiled without them (on this CPU a tiny reduce-overhead
+    # run counts 1 skip) is not what its name says.
+    skipped = r | {"compile_cache": {"graphs": 1, "graph_breaks": 0, "cudagraph_skips": 2}}
+    assert f"| {r['name']} (CUDA graphs skipped for 2 graph(s)) |" in table.results_table([skipped])
     assert "**sd15-tiny 64px bs1 fp32**: kernel time by kind, per step" in md  # the one --kernels run
     assert md.count("kernel time by kind") == 1 and "| all kernels |" in md
     assert md.count("**sd15-tiny 64px bs1 fp32**: Each kind's floor: one step's ops") == 1
@@ -422,6 +426,7 @@ def test_gpu_script_compiles_ahead_and_the_timed_run_loads_the_compiled_graphs(t
     # The whole UNet, LoRA layers and all, is one graph: a break would show in both counts.
     for r in (warm, timed):
         assert r["compile_cache"]["graphs"] >= 1 and r["compile_cache"]["graph_breaks"] == 0
+        assert r["compile_cache"]["cudagraph_skips"] == 0  # the default mode asks for no CUDA graphs
         assert r["graph_break_reasons"] == []
 
 
