@@ -165,6 +165,10 @@ def base_of(model) -> dict:
     return {"family": model.family, "id": model.id, "revision": model.revision}
 
 
+def _said(base: dict) -> str:
+    return f"{base['family']} {base['id']!r} (revision {base['revision']})"
+
+
 def check_base(variant_dir, model) -> None:
     """A variant's denoiser fits only the pipeline of the model it was made from: with another
     (sdtune generate --family or --model-id) it failed deep in diffusers, or drew nonsense."""
@@ -173,9 +177,7 @@ def check_base(variant_dir, model) -> None:
         return
     made, now = io.read_json(saved), base_of(model)
     if made != now:
-        def said(m):
-            return f"{m['family']} {m['id']!r} (revision {m['revision']})"
-        raise UserError(f"{variant_dir}: made from {said(made)}; this run's model is {said(now)}: "
+        raise UserError(f"{variant_dir}: made from {_said(made)}; this run's model is {_said(now)}: "
                         f"sample it with that model, or run the quantize stage again")
 
 
