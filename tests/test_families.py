@@ -189,3 +189,25 @@ def test_a_model_folder_that_is_not_there_is_one_line():
     missing = params_lib.parse({"model": {"id": "./models/sd15"}}).model
     with pytest.raises(UserError, match=r"^model.id: no folder './models/sd15' \(and a path is not a Hub id\)$"):
         common.resolved_revision(missing)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])
+def test_a_force_upcast_vae_encodes_in_float32_and_is_put_back(family, diffusers_warnings):
+    """bf16 latents kept 8 bits each, and SDXL's VAE overflows in float16: a VAE marked
+    force_upcast (SD 1.x's and SDXL's, and the tiny ones) encodes the cache in float32."""
+    import copy
+
+    fam = get(family)
+    model = params_lib.parse({"model": {"family": family, "id": "tiny", "resolution": 64}}).model
+    pipe = fam.load_pipeline(model, dtype=torch.bfloat16)
+    assert pipe.vae.config.force_upcast
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    meta = [{"original_size": (64, 64), "crop_top_left": (0, 0)}] * 2
+    latents = fam.encode_images(pipe, pixels, meta)["latents"]
+    assert pipe.vae.dtype == torch.bfloat16  # put back
+    # The same bf16-rounded weights, run in float32 by hand: the same latents to the bit.
+    wide = copy.deepcopy(pipe)
+    common.cast(wide.vae, torch.float32)
+    assert latents.dtype == torch.float32
+    assert torch.equal(latents, fam.encode_images(wide, pixels, meta)["latents"])
+    assert not [m for m in diffusers_warnings if "kept in float32" in m]  # no notice in the cache stage's output

@@ -156,6 +156,23 @@ def compute_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+@torch.no_grad()
+def encode_latents(vae, pixels):
+    """The VAE's latents of `pixels` ([-1, 1], [B, 3, H, W]), unscaled. A VAE whose config says
+    force_upcast (SDXL's overflows in float16; in bfloat16 each latent keeps 8 bits) encodes in
+    float32, as diffusers' SDXL trainer keeps it, and is put back afterwards: the cache encodes
+    each image once, so exact latents cost nothing per step."""
+    loaded = vae.dtype
+    upcast = getattr(vae.config, "force_upcast", False) and loaded != torch.float32
+    if upcast:
+        cast(vae, torch.float32)
+    try:
+        return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    finally:
+        if upcast:
+            cast(vae, loaded)
+
+
 def model_dtype(denoiser) -> torch.dtype:
     """The dtype the frozen denoiser computes in (DDP's wrapper looked through). Training casts the
     latents and embeddings it feeds the denoiser to it: without autocast (train.autocast: false)

@@ -79,7 +79,7 @@ def load_pipeline(model, dtype=torch.float32, **components):
 def encode_images(pipe, pixels, meta=None):
     """pixels: float in [-1, 1], [B, 3, H, W]. The latents are scaled, ready for the UNet."""
     vae = pipe.vae
-    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    latents = common.encode_latents(vae, pixels)
     return {"latents": latents * vae.config.scaling_factor}
 
 

@@ -135,7 +135,7 @@ def encode_images(pipe, pixels, meta=None):
     """pixels: float in [-1, 1], [B, 3, H, W]. The latents are shifted and scaled, ready for the
     transformer (the pipeline undoes exactly this before decoding)."""
     vae = pipe.vae
-    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    latents = common.encode_latents(vae, pixels)
     return {"latents": (latents - vae.config.shift_factor) * vae.config.scaling_factor}
 
 

@@ -4,8 +4,7 @@ What differs from SD 1.x/2.x (sd.py):
 - the prompt embedding is both encoders' penultimate hidden states side by side, and the
   second encoder's pooled, projected output goes in separately ("text_embeds");
 - the UNet is also told each image's original size, crop offset and target size
-  ("time_ids", six numbers), so the cache stores them per item;
-- the VAE overflows in float16 (its config says force_upcast), so it encodes in float32.
+  ("time_ids", six numbers), so the cache stores them per item.
 """
 
 
@@ -125,17 +124,7 @@ def encode_images(pipe, pixels, meta):
     (original h, w, crop top, left, target h, w).
     """
     vae = pipe.vae
-    loaded = vae.dtype
-    # SDXL's VAE overflows in float16 and loses precision in bfloat16: a VAE marked force_upcast
-    # encodes in float32, as diffusers' SDXL trainer keeps it, and is put back afterwards.
-    upcast = vae.config.force_upcast and loaded != torch.float32
-    if upcast:
-        vae.to(torch.float32)
-    try:
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-    finally:
-        if upcast:
-            vae.to(loaded)
+    latents = common.encode_latents(vae, pixels)  # in float32: SDXL's VAE overflows in float16
     target = tuple(pixels.shape[-2:])
     # Integers, so a bfloat16 cache cannot round a size (3000 would become 3008).
     time_ids = torch.tensor([[*m["original_size"], *m["crop_top_left"], *target] for m in meta],
