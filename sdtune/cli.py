@@ -187,7 +187,9 @@ def generate(args) -> None:
     jobs = out_paths(args.out, prompts, seeds, many=args.prompts is not None or len(seeds) > 1)
     check_folder(jobs[0][2])
 
-    family = families.of(params)
+    # Not families.of(params): generation takes its size from --size, and has no buckets.
+    family = families.get(params.model.family)
+    families.check_checkpoint(family, params.model)
     families.check_size(family, params.model.family, "--size", size)
     if args.scheduler != "default" and args.scheduler not in family.SAMPLERS:
         raise UserError(f"--scheduler: {args.scheduler} cannot sample {params.model.family} models; "

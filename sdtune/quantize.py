@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from sdtune import io
+from sdtune import families, io
 from sdtune.errors import UserError
 from sdtune.families import common
 
@@ -165,6 +165,12 @@ def base_of(model) -> dict:
     return {"family": model.family, "id": model.id, "revision": model.revision}
 
 
+def _same_id(a: str, b: str) -> bool:
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
 def _said(base: dict) -> str:
     return f"{base['family']} {base['id']!r} (revision {base['revision']})"
 
@@ -176,7 +182,9 @@ def check_base(variant_dir, model) -> None:
     if not saved.is_file():  # made before variants recorded their base
         return
     made, now = io.read_json(saved), base_of(model)
-    if made != now:
+    # The same model however it is spelled: sd1 and sd2 are one family module, a folder may be
+    # named relatively or not; the revision is not compared (--model-id resets it to main).
+    if families.get(made["family"]) is not families.get(now["family"]) or not _same_id(made["id"], now["id"]):
         raise UserError(f"{variant_dir}: made from {_said(made)}; this run's model is {_said(now)}: "
                         f"sample it with that model, or run the quantize stage again")
 

@@ -98,7 +98,9 @@ def kernel_tables(cells) -> str:
 
 
 def failed_list(failed: dict) -> str:
-    lines = [f"- `{name}` ({kind}): {f['reason']}" for kind, cells in failed.items() for name, f in cells.items()]
+    said = {"trace": "trace only: its numbers above stand"}
+    lines = [f"- `{name}` ({said.get(kind, kind)}): {f['reason']}" for kind, cells in failed.items()
+             for name, f in cells.items()]
     return "Cells that did not run:\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 

@@ -168,6 +168,10 @@ def test_user_mistakes_are_one_line(cwd, capsys):
                  capsys) == "error: --scheduler: euler cannot sample sd3 models; choose from default"
     assert fails(["generate", "--prompt", "x", "--family", "sd3", "--size", "72", "--out", "x.png"], capsys) \
         .startswith("error: --size: 72 is not a multiple of 16, which sd3 needs")
+    # --size, not params.yaml's model.resolution (40 here, fine for sd1), is what generation draws at.
+    (cwd / "sd1-40.yaml").write_text("model: {id: tiny, resolution: 40}\n")
+    assert fails(["generate", "--prompt", "x", "--params", "sd1-40.yaml", "--family", "sd3", "--size", "64",
+                  "--scheduler", "ddim", "--out", "x.png"], capsys).startswith("error: --scheduler: ddim")
     # A variant under another family's pipeline was a TypeError deep in diffusers (or, sd2, nonsense).
     assert fails(["generate", "--prompt", "x", "--variant", "bf16-fused", "--family", "sdxl", "--out", "x.png"],
                  capsys) == ("error: models/quantized/bf16-fused: made from sd1 'tiny' (revision main); this run's "

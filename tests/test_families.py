@@ -185,10 +185,19 @@ def test_sizes_the_denoiser_cannot_take_are_refused(keys, message):
                                          "cache": {"buckets": False, "bucket_step": 24}})) is get("sd3")
 
 
-def test_a_model_folder_that_is_not_there_is_one_line():
+def test_a_model_folder_that_is_not_there_is_one_line(tmp_path):
     missing = params_lib.parse({"model": {"id": "./models/sd15"}}).model
     with pytest.raises(UserError, match=r"^model.id: no folder './models/sd15' \(and a path is not a Hub id\)$"):
         common.resolved_revision(missing)
+    # A folder that is there but cannot be loaded keeps the loader's own reason.
+    tiny = params_lib.parse({"model": {"id": "tiny", "resolution": 64}}).model
+    get("sd1").load_pipeline(tiny).save_pretrained(tmp_path)
+    for weights in (tmp_path / "unet").glob("diffusion_pytorch_model*"):
+        weights.unlink()
+    broken = params_lib.parse({"model": {"id": str(tmp_path), "resolution": 64}}).model
+    with pytest.raises(UserError) as err:
+        get("sd1").load_pipeline(broken)
+    assert str(err.value).startswith(f"model.id: could not load {str(tmp_path)!r}") and "no folder" not in str(err.value)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])

@@ -405,6 +405,27 @@ def test_on_the_fly_cell_encodes_every_step_and_feeds_the_same_latents(train_wor
             torch.testing.assert_close(run.items[i][k], stored[i][k], rtol=1e-4, atol=1e-4)
 
 
+def test_on_the_fly_encoders_keep_a_float32_vae_instead_of_casting_it_every_step(train_workspace, monkeypatch):
+    """On a GPU the encoders load in bf16; the VAE, which asks for float32 (force_upcast), was
+    cast to float32 and back in every on-the-fly step. Here the CPU stands in, told to load bf16."""
+    from accelerate.state import AcceleratorState
+
+    from sdtune.families import common
+    from sdtune.profiling import run as prof
+    from sdtune.train import loop
+
+    ws, p = train_workspace
+    monkeypatch.setattr(common, "compute_dtype", lambda device: torch.bfloat16)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run = loop.setup(p, ws / "cache")
+    fly = prof.OnTheFly(run, ws / "cache", ws / "data/raw")
+    assert fly.pipe.vae.dtype == torch.float32 and fly.pipe.text_encoder.dtype == torch.bfloat16
+    casts = []
+    monkeypatch.setattr(common, "cast", lambda module, dtype: casts.append(dtype))
+    fly(0, loop.NullTimer())
+    assert casts == [] and fly.pipe.vae.dtype == torch.float32
+
+
 def test_unknown_latents_value_is_one_line():
     from sdtune.profiling import run as prof
 
@@ -479,6 +500,9 @@ def test_a_failed_cell_does_not_break_dvc_metrics_show(tmp_path):
     done, failed = stage.measure_each([{"name": "qlora", "qlora": True}], measure, "profile")
     assert done == [] and stage.failed_list({"matrix": failed}) == (
         "Cells that did not run:\n\n- `qlora` (matrix): train.qlora: 4-bit NF4 loading needs a CUDA GPU\n")
+    # A trace that failed leaves its cell's numbers in the tables, and says so.
+    assert stage.failed_list({"trace": {"bf16": {"reason": "CUDA out of memory"}}}).endswith(
+        "- `bf16` (trace only: its numbers above stand): CUDA out of memory\n")
     io.write_json(tmp_path / "profile.json", {"best": "baseline", "failed": {"matrix": failed}})
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
     out = subprocess.run(["dvc", "metrics", "show", "profile.json"], cwd=tmp_path, capture_output=True, text=True)

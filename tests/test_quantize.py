@@ -129,3 +129,18 @@ def test_pipeline_kwargs_name_the_folder_and_load_the_lora_only_for_an_adapter_v
         "variant_dir": quantize.QUANT_DIR / "int8wo-fused", "method": "int8wo", "lora_dir": None}
     assert quantize.pipeline_kwargs("bf16-adapter")["lora_dir"] == quantize.LORA_DIR
     assert quantize.pipeline_kwargs("bf16-adapter", "other")["lora_dir"] == "other"
+
+
+def test_a_variant_is_refused_only_under_another_model(tmp_path, monkeypatch):
+    """sdtune_base.json names the model a variant was made from; the same model spelled another
+    way (a folder named relatively or not, sd1 or sd2, another revision) is the same model."""
+    from sdtune import io
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models/sd15").mkdir(parents=True)
+    io.write_json(tmp_path / "v" / quantize.BASE_FILE, {"family": "sd1", "id": "./models/sd15", "revision": "main"})
+    for same in [{"id": "models/sd15/"}, {"id": str(tmp_path / "models/sd15"), "family": "sd2", "revision": "abc"}]:
+        quantize.check_base(tmp_path / "v", params_lib.parse({"model": {"id": "./models/sd15", **same}}).model)
+    for other in [{"id": "tiny"}, {"id": "./models/sd15", "family": "sdxl"}]:
+        with pytest.raises(UserError, match="made from sd1 './models/sd15' \\(revision main\\); this run's model is"):
+            quantize.check_base(tmp_path / "v", params_lib.parse({"model": other}).model)

@@ -74,11 +74,16 @@ def prepare(path, resolution: int, center_crop: bool, bucket_step: int | None = 
     return pixels, meta
 
 
-def load_encoders(family, model, device, dtype=None):
+def load_encoders(family, model, device, dtype=None, *, for_encoding=False):
     """The pipeline without its denoiser (for SD3.5 Large that alone is 16 GB): VAE, tokenizers
-    and text encoders, in `dtype` (default: bf16 on CUDA and float32 elsewhere)."""
+    and text encoders, in `dtype` (default: bf16 on CUDA and float32 elsewhere). for_encoding: a VAE
+    that asks for float32 (force_upcast) is put in float32 for good, so that encoding batch after
+    batch (common.encode_latents) casts nothing; a pipeline that decodes keeps it in `dtype`."""
     dtype = dtype or common.compute_dtype(device)
-    return family.load_pipeline(model, dtype, **{family.DENOISER_ATTR: None}).to(device)
+    pipe = family.load_pipeline(model, dtype, **{family.DENOISER_ATTR: None}).to(device)
+    if for_encoding and getattr(pipe.vae.config, "force_upcast", False):
+        common.cast(pipe.vae, torch.float32)
+    return pipe
 
 
 def encode(family, pipe, prepared, captions, dtype, device, out_device="cpu") -> list[dict]:
@@ -105,7 +110,7 @@ def build(rows, raw_dir, out_dir, family, model, cache, device="cpu", *, max_pix
     dtype = DTYPES[cache.dtype]
 
     if todo:
-        pipe = load_encoders(family, model, device, encode_dtype)
+        pipe = load_encoders(family, model, device, encode_dtype, for_encoding=True)
         step = cache.crop_step
         for start in tqdm(range(0, len(todo), cache.batch_size), desc="cache", unit="batch"):
             chunk = todo[start:start + cache.batch_size]

@@ -30,12 +30,17 @@ def of(params):
         sizes.append(("cache.bucket_step", cache.bucket_step))
     for key, value in sizes:
         check_size(family, model.family, key, value)
+    check_checkpoint(family, model)
+    return family
+
+
+def check_checkpoint(family, model) -> None:
+    """A checkpoint whose model_index.json names another family's pipeline is refused."""
     pipeline = checkpoint_pipeline(model)
     owner = next((name for name in MODULES if pipeline and get(name).PIPELINE.__name__ == pipeline), None)
     if owner is not None and get(owner) is not family:
         raise UserError(f"model.family: {model.family}, but {model.id!r} is a {pipeline} checkpoint "
                         f"(its model_index.json); set model.family: {owner}")
-    return family
 
 
 def check_size(family, name: str, key: str, value: int) -> None:

@@ -143,7 +143,8 @@ def tokenize(tokenizer, captions, device):
 
 
 def hub_error(model, err) -> UserError:
-    if model.id.startswith(("/", ".", "~")):  # meant as a folder, so the Hub's complaint would mislead
+    if model.id.startswith(("/", ".", "~")) and not Path(model.id).exists():  # meant as a folder: the Hub's
+        # complaint about the id would mislead
         return UserError(f"model.id: no folder {model.id!r} (and a path is not a Hub id)")
     return UserError(f"model.id: could not load {model.id!r} at revision {model.revision!r}: "
                      f"{str(err).splitlines()[0]}")
@@ -160,8 +161,8 @@ def compute_dtype(device) -> torch.dtype:
 def encode_latents(vae, pixels):
     """The VAE's latents of `pixels` ([-1, 1], [B, 3, H, W]), unscaled. A VAE whose config says
     force_upcast (SDXL's overflows in float16; in bfloat16 each latent keeps 8 bits) encodes in
-    float32, as diffusers' SDXL trainer keeps it, and is put back afterwards: the cache encodes
-    each image once, so exact latents cost nothing per step."""
+    float32, as diffusers' SDXL trainer keeps it, and is put back afterwards. Callers that encode
+    batch after batch load it in float32 once instead (cache.load_encoders(for_encoding=True))."""
     loaded = vae.dtype
     upcast = getattr(vae.config, "force_upcast", False) and loaded != torch.float32
     if upcast:

@@ -63,7 +63,9 @@ class OnTheFly:
         self.run, self.raw_dir = run, Path(raw_dir)
         self.rows = io.read_json(Path(cache_dir) / "index.json")["items"]  # in run.items' order
         self.device = run.accelerator.device
-        self.pipe = cache_lib.load_encoders(run.family, p.model, self.device)
+        # The VAE encodes as the cache stage's does (float32 where it asks), so both cells train
+        # on the same latents; it is put in float32 once, not cast there and back every step.
+        self.pipe = cache_lib.load_encoders(run.family, p.model, self.device, for_encoding=True)
         self.dtype = cache_lib.DTYPES[p.cache.dtype]
 
     def __call__(self, step: int, timer) -> None:
