@@ -143,8 +143,8 @@ def tokenize(tokenizer, captions, device):
 
 
 def hub_error(model, err) -> UserError:
-    if model.id.startswith(("/", ".", "~")) and not Path(model.id).exists():  # meant as a folder: the Hub's
-        # complaint about the id would mislead
+    # An id meant as a folder that is not there: the Hub's complaint about the id would mislead.
+    if model.id.startswith(("/", ".", "~")) and not Path(model.id).exists():
         return UserError(f"model.id: no folder {model.id!r} (and a path is not a Hub id)")
     return UserError(f"model.id: could not load {model.id!r} at revision {model.revision!r}: "
                      f"{str(err).splitlines()[0]}")
