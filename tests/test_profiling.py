@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdtune import params as params_lib
+from sdtune import families, params as params_lib
 from sdtune.errors import UserError
 from sdtune.profiling import charts, cost, flops, hardware, memory, phases
 
@@ -443,6 +443,31 @@ def test_a_cell_key_the_step_never_reads_is_one_line():
             prof.cell_params(PROFILE_PARAMS, {"name": "x", key: value})
         assert str(err.value) == (f"params.yaml: profile.matrix.x.{key}: a cell times the training step alone, "
                                   f"which {key} does not change; remove it")
+
+
+def test_a_cell_with_a_mistyped_lora_target_stops_the_stage_before_any_cell_is_measured(
+        tmp_path, monkeypatch, capsys):
+    """peft refuses target modules it finds nowhere only when the cell's denoiser loads: the cells
+    before it had been measured by then, and the message did not name the cell."""
+    from sdtune.profiling import run as prof
+    from stages import profile as stage
+
+    measured = []
+    monkeypatch.setattr(prof, "profile_cell", lambda params, spec, *a, **k: measured.append(spec["name"]))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        "model: {id: tiny}\nprofile:\n  matrix: [{name: a}, {name: b, lora: {target_modules: [to_qq]}}]\n")
+    with pytest.raises(SystemExit) as exit_:
+        stage.main()
+    assert exit_.value.code == 2 and measured == []
+    assert capsys.readouterr().err == ("error: params.yaml: profile.matrix.b.lora.target_modules: Target modules "
+                                       "{'to_qq'} not found in the base model. Please check the target modules "
+                                       "and try again.\n")
+    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]  # nothing written
+    # The family's default targets, and a list peft accepts, pass.
+    params = params_lib.parse({"model": {"id": "tiny"}})
+    fine = [{"name": "a"}, {"name": "c", "lora": {"target_modules": ["to_q"]}}]
+    prof.check_lora_targets(params, families.get("sd1"), fine)
 
 
 def test_trace_cell_writes_a_chrome_trace_of_the_cells_steps(train_workspace, tmp_path):

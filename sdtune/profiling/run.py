@@ -43,6 +43,31 @@ def cell_params(params, cell: dict):
     return params.model_copy(update={"train": train})
 
 
+def check_lora_targets(params, family, specs) -> None:
+    """Each cell's LoRA finds its target modules in the denoiser, tried as peft tries it on a copy
+    built on the meta device from the model's config (no weights): a mistyped target module stops
+    the stage before any cell is measured, not when the cell's turn comes. A config that cannot be
+    read here is left to the cell's own loading, which says why."""
+    from accelerate import init_empty_weights
+    from peft import LoraConfig
+
+    model = params.model
+    try:
+        config = (family.load_denoiser(model).config if model.id == "tiny" else
+                  family.DENOISER.load_config(model.id, subfolder=family.DENOISER_ATTR, revision=model.revision))
+    except (OSError, ValueError):
+        return
+    for spec in specs:
+        targets = cell_params(params, spec).train.lora.target_modules or family.LORA_TARGETS
+        with init_empty_weights():
+            denoiser = family.DENOISER.from_config(config)
+            try:
+                denoiser.add_adapter(LoraConfig(r=1, target_modules=list(targets)))
+            except ValueError as err:
+                raise UserError(f"params.yaml: profile.matrix.{spec['name']}.lora.target_modules: "
+                                f"{str(err).splitlines()[0]}") from None
+
+
 def _merged(base: dict, overrides: dict) -> dict:
     """`base` with `overrides` applied key by key, nested sections included: a cell's
     `lora: {rank: 64}` changes the rank and keeps train.lora's alpha, DoRA and target modules."""
