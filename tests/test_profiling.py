@@ -450,20 +450,11 @@ def test_a_cell_with_a_mistyped_lora_target_stops_the_stage_before_any_cell_is_m
     """peft refuses target modules it finds nowhere only when the cell's denoiser loads: the cells
     before it had been measured by then, and the message did not name the cell."""
     from sdtune.profiling import run as prof
-    from stages import profile as stage
 
-    measured = []
-    monkeypatch.setattr(prof, "profile_cell", lambda params, spec, *a, **k: measured.append(spec["name"]))
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(
-        "model: {id: tiny}\nprofile:\n  matrix: [{name: a}, {name: b, lora: {target_modules: [to_qq]}}]\n")
-    with pytest.raises(SystemExit) as exit_:
-        stage.main()
-    assert exit_.value.code == 2 and measured == []
-    assert capsys.readouterr().err == ("error: params.yaml: profile.matrix.b.lora.target_modules: Target modules "
-                                       "{'to_qq'} not found in the base model. Please check the target modules "
-                                       "and try again.\n")
-    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]  # nothing written
+    err = stopped_before_measuring(tmp_path, monkeypatch, capsys, "model: {id: tiny}\nprofile:\n  matrix: "
+                                   "[{name: a}, {name: b, lora: {target_modules: [to_qq]}}]\n")
+    assert err == ("error: params.yaml: profile.matrix.b.lora.target_modules: Target modules {'to_qq'} not found "
+                   "in the base model. Please check the target modules and try again.\n")
     # The family's default targets, and a list peft accepts, pass.
     params = params_lib.parse({"model": {"id": "tiny"}})
     fine = [{"name": "a"}, {"name": "c", "lora": {"target_modules": ["to_q"]}}]
@@ -735,9 +726,9 @@ def test_names_that_cannot_be_file_names_and_infinite_prices_are_one_line(profil
     assert "\n" not in str(err.value)
 
 
-def test_unpriced_machine_type_stops_the_stage_before_any_cell_is_measured(tmp_path, monkeypatch, capsys):
-    """The price was looked up after each cell had been measured, and the failure caught per cell:
-    every cell was measured, then all of them were thrown away for want of a price."""
+def stopped_before_measuring(tmp_path, monkeypatch, capsys, params_yaml: str) -> str:
+    """Run the profile stage on `params_yaml` with measuring stood in for; expect it to stop with
+    exit 2 before any cell is measured, having written nothing. Returns what it said on stderr."""
     from sdtune.profiling import run as prof
     from stages import profile as stage
 
@@ -745,19 +736,25 @@ def test_unpriced_machine_type_stops_the_stage_before_any_cell_is_measured(tmp_p
 
     def profile_cell(params, spec, *args, **kwargs):  # stands in for minutes of measuring
         measured.append(spec["name"])
-        raise RuntimeError("no price")
+        raise RuntimeError("measured")
 
     monkeypatch.setattr(prof, "profile_cell", profile_cell)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(
-        "profile:\n  machine_type: g2-standard-12\n  matrix: [{name: a}, {name: b}]\n")
+    (tmp_path / "params.yaml").write_text(params_yaml)
     with pytest.raises(SystemExit) as exit_:
         stage.main()
     assert exit_.value.code == 2 and measured == []
-    err = capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]  # nothing written
+    return capsys.readouterr().err
+
+
+def test_unpriced_machine_type_stops_the_stage_before_any_cell_is_measured(tmp_path, monkeypatch, capsys):
+    """The price was looked up after each cell had been measured, and the failure caught per cell:
+    every cell was measured, then all of them were thrown away for want of a price."""
+    err = stopped_before_measuring(tmp_path, monkeypatch, capsys,
+                                   "profile:\n  machine_type: g2-standard-12\n  matrix: [{name: a}, {name: b}]\n")
     assert err == ("error: params.yaml: profile.machine_type: no price for 'g2-standard-12' in the price table "
                    f"(priced: {', '.join(cost.PRICES)}); set profile.usd_per_hour to its hourly price in USD\n")
-    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]  # nothing written
     # Each machine type the README offers for more GPUs has a price.
     assert all(cost.hourly_price(f"g2-standard-{n}") > 0 for n in (24, 48, 96))
 
@@ -773,20 +770,10 @@ def test_a_cell_with_a_key_the_family_refuses_stops_the_stage_before_any_cell_is
         tmp_path, monkeypatch, capsys):
     """sd3 refuses min-SNR weighting; a cell that sets it used to fail only when its turn came,
     after the cells before it had been measured."""
-    from sdtune.profiling import run as prof
-    from stages import profile as stage
-
-    measured = []
-    monkeypatch.setattr(prof, "profile_cell", lambda params, spec, *a, **k: measured.append(spec["name"]))
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(
-        "model: {family: sd3, id: tiny}\ntrain: {snr_gamma: null}\n"
-        "profile:\n  matrix: [{name: a}, {name: snr, snr_gamma: 5.0}]\n")
-    with pytest.raises(SystemExit) as exit_:
-        stage.main()
-    assert exit_.value.code == 2 and measured == []
-    assert capsys.readouterr().err.startswith("error: train.snr_gamma: min-SNR weighting is for epsilon/v models")
-    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]  # nothing written
+    err = stopped_before_measuring(tmp_path, monkeypatch, capsys,
+                                   "model: {family: sd3, id: tiny}\ntrain: {snr_gamma: null}\n"
+                                   "profile:\n  matrix: [{name: a}, {name: snr, snr_gamma: 5.0}]\n")
+    assert err.startswith("error: train.snr_gamma: min-SNR weighting is for epsilon/v models")
 
 
 def test_cells_of_other_batch_sizes_are_compared_by_images_per_second():
