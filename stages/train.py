@@ -9,7 +9,7 @@ set, validation images (reports/validation/step-*.png).
 import json
 from pathlib import Path
 
-from sdtune import params as params_lib, runtime
+from sdtune import families, params as params_lib, runtime
 from sdtune.errors import UserError, main_guard
 from sdtune.train import checkpoint, loop, outputs, validate as validate_lib
 
@@ -42,6 +42,7 @@ def check_device(params) -> None:
 @main_guard
 def main():
     params = params_lib.load()
+    families.of(params)  # sizes and a checkpoint of another family stop here, as in the other stages
     check_device(params)
     with runtime.stage("train"):
         run = loop.setup(params, CACHE)

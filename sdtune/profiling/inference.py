@@ -62,7 +62,7 @@ def _pipeline(cell: Cell, family, model, lora_dir, device):
 
 def profile_cell(params, raw: dict, lora_dir, device) -> dict:
     cell = parse_cell(raw)
-    family = families.of(params)
+    family = families.get(params.model.family)  # checked once by the stage (families.of)
     pipe, dtype = _pipeline(cell, family, params.model, lora_dir, device)
     denoiser = getattr(pipe, family.DENOISER_ATTR)
     if cell.channels_last:

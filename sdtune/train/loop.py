@@ -110,7 +110,7 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
     """A Run over `items` (the cached tensors, one dict per image): the denoiser loaded (unless
     given: bench/ passes real-size ones with random weights), LoRA attached, optimizer built."""
     p, m = params.train, params.model
-    family = families.of(params)
+    family = families.get(m.family)  # the stages check the params against it (families.of), once
     family.check_train(p)  # a key the family refuses stops here, before a model loads or a checkpoint goes
     device_type = runtime.device(params.base.device).type
     if p.mixed_precision == "fp16" and device_type == "cpu":
