@@ -51,9 +51,24 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def params_hash(params, *sections: str) -> str:
-    dumped = {s: getattr(params, s).model_dump() for s in sections}
-    return io.sha256_json(dumped)
+# The params a LoRA depends on: those dvc.yaml lists for train and the stages before it, each
+# key once (a whole section stands for its keys). The LoRA's params_sha256 then changes exactly
+# when `dvc status` would call train stale, not with a key no stage before it reads (data.retries).
+# tests/test_dvc_yaml.py holds the two together.
+LORA_PARAMS = ("base.seed", "data.source", "data.sha256", "data.max_archive_bytes", "data.max_archive_files",
+               "data.too_small", "data.max_pixels", "caption", "cache", "model", "train")
+
+
+def params_hash(params, keys) -> str:
+    """The sha256 of the values of `keys` (dotted: a section or one key in it)."""
+    dumped = params.model_dump()
+    picked = {}
+    for key in keys:
+        value = dumped
+        for part in key.split("."):
+            value = value[part]
+        picked[key] = value
+    return io.sha256_json(picked)
 
 
 def provenance(params, manifest_path="data/raw.manifest.json", cache_index="cache/index.json") -> dict:
@@ -68,8 +83,7 @@ def provenance(params, manifest_path="data/raw.manifest.json", cache_index="cach
         "cache_index_sha256": io.sha256_file(index) if index.exists() else "unknown",
         "model_family": params.model.family,
         "dataset_manifest_sha256": io.sha256_file(manifest) if manifest.exists() else "unknown",
-        # the seed from base, not base.device: where it ran is in train.json, not part of what was asked
-        "params_sha256": io.sha256_json({"seed": params.base.seed,
-                                         "params": params_hash(params, "data", "caption", "model", "cache", "train")}),
+        # base.seed, not base.device: where it ran is in train.json, not part of what was asked
+        "params_sha256": params_hash(params, LORA_PARAMS),
         "git_commit": git_commit(),
     }

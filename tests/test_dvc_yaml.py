@@ -100,3 +100,12 @@ def test_the_walk_follows_imports_through_modules_functions_and_family_lookup(tm
     script = tmp_path / "lazy.py"
     script.write_text("def later():\n    from sdtune import quantize\n")
     assert "sdtune/quantize.py" in code_run_by(script)  # an import inside a function counts too
+
+
+def test_the_loras_params_hash_covers_what_train_and_the_stages_before_it_list():
+    """runtime.LORA_PARAMS (what a LoRA's params_sha256 hashes) is the params dvc.yaml lists for
+    train and the stages it reads from, each key once: one a whole listed section holds is dropped."""
+    listed = {key for name in runtime.STAGES[:runtime.STAGES.index("train") + 1]
+              for key in STAGES[name].get("params", [])}
+    covered = {key for key in listed if not any(key.startswith(section + ".") for section in listed)}
+    assert covered == set(runtime.LORA_PARAMS)

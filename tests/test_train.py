@@ -534,14 +534,19 @@ def test_a_checkpoint_without_a_loss_scaler_resumes_into_a_run_with_one(tmp_path
     assert step == 1 and scaler.get_scale() == 65536.0
 
 
-def test_the_loras_params_hash_names_the_seed_not_the_device():
+def test_the_loras_params_hash_names_the_seed_and_what_train_reads_not_the_device_nor_retries():
+    """params_sha256 changes when `dvc status` would call train stale, and only then: not for
+    where it ran (base.device) nor for a key no stage up to train reads (data.retries)."""
     from sdtune import runtime
 
-    def digest(base):
-        return runtime.provenance(params_lib.parse({"base": base}))["params_sha256"]
+    def digest(**sections):
+        return runtime.provenance(params_lib.parse(sections))["params_sha256"]
 
-    assert digest({"device": "auto"}) == digest({"device": "cpu"})
-    assert digest({"seed": 1}) != digest({"seed": 2})
+    assert digest(base={"device": "auto"}) == digest(base={"device": "cpu"})
+    assert digest(data={"retries": 1}) == digest(data={"retries": 5})
+    assert digest(base={"seed": 1}) != digest(base={"seed": 2})
+    assert digest(data={"max_pixels": 10**6}) != digest(data={"max_pixels": 2 * 10**6})
+    assert digest(train={"steps": 3}) != digest(train={"steps": 4})
 
 
 def test_lora_layers_add_their_products_inside_gemms_and_train_peft_s_lora(workspace):
