@@ -1,5 +1,6 @@
 """What every family's tiny pipeline shares: built from configs, in the dtype asked for, quietly."""
 
+import json
 import os
 import re
 import subprocess
@@ -165,6 +166,22 @@ def test_a_checkpoint_of_another_family_is_refused_before_anything_is_encoded(tm
                               f"checkpoint (its model_index.json); set model.family: sdxl")
     as_sdxl = params_lib.parse({"model": {"family": "sdxl", "id": str(tmp_path), "resolution": 64}})
     assert families.of(as_sdxl) is get("sdxl")
+
+
+def test_sd1_and_sd2_checkpoints_are_told_apart_by_the_unets_cross_attention_width(tmp_path):
+    # SD 1.x and 2.x share every class, so model_index.json cannot tell them apart; under sd1 an
+    # SD 2.x LoRA was exported to kohya as ss_base_model_version sd_v1. The UNet's cross-attention
+    # width can: 768 (CLIP ViT-L) for 1.x, 1024 (OpenCLIP ViT-H) for 2.x.
+    tiny = params_lib.parse({"model": {"id": "tiny", "resolution": 64}}).model
+    get("sd1").load_pipeline(tiny).save_pretrained(tmp_path)
+    config = tmp_path / "unet" / "config.json"
+    for width, family, other in [(1024, "sd2", "sd1"), (768, "sd1", "sd2")]:
+        config.write_text(json.dumps(json.loads(config.read_text()) | {"cross_attention_dim": width}))
+        with pytest.raises(UserError) as err:
+            families.of(params_lib.parse({"model": {"family": other, "id": str(tmp_path)}}))
+        assert str(err.value) == (f"model.family: {other}, but {str(tmp_path)!r} is an {family} checkpoint "
+                                  f"(its unet/config.json has cross_attention_dim: {width}); set model.family: {family}")
+        assert families.of(params_lib.parse({"model": {"family": family, "id": str(tmp_path)}})) is get(family)
 
 
 @pytest.mark.parametrize("keys, message", [

@@ -35,12 +35,21 @@ def of(params):
 
 
 def check_checkpoint(family, model) -> None:
-    """A checkpoint whose model_index.json names another family's pipeline is refused."""
-    pipeline = checkpoint_pipeline(model)
+    """A checkpoint whose model_index.json names another family's pipeline is refused, and so is
+    one of the other version a family module serves (SD 2.x under sd1: the same classes)."""
+    pipeline = checkpoint_config(model, "model_index.json").get("_class_name")
     owner = next((name for name in MODULES if pipeline and get(name).PIPELINE.__name__ == pipeline), None)
     if owner is not None and get(owner) is not family:
         raise UserError(f"model.family: {model.family}, but {model.id!r} is a {pipeline} checkpoint "
                         f"(its model_index.json); set model.family: {owner}")
+    if not family.VERSIONS:
+        return
+    filename, key = family.VERSION_KEY
+    value = checkpoint_config(model, filename).get(key)
+    owner = next((name for name, known in family.VERSIONS.items() if known == value), None)
+    if owner not in (None, model.family):
+        raise UserError(f"model.family: {model.family}, but {model.id!r} is an {owner} checkpoint "
+                        f"(its {filename} has {key}: {value}); set model.family: {owner}")
 
 
 def check_size(family, name: str, key: str, value: int) -> None:
@@ -50,23 +59,23 @@ def check_size(family, name: str, key: str, value: int) -> None:
                         f"({family.SIZE_WHY})")
 
 
-def checkpoint_pipeline(model) -> str | None:
-    """The pipeline class a checkpoint's model_index.json names; None for the tiny models or when
-    it cannot be read here (the loaders then give their own one-line error)."""
+def checkpoint_config(model, filename: str) -> dict:
+    """A JSON file of the checkpoint (model_index.json, unet/config.json); empty for the tiny
+    models or when it cannot be read here (the loaders then give their own one-line error)."""
     if model.id == "tiny":
-        return None
-    local = Path(model.id) / "model_index.json"
-    if local.is_file():
-        try:
-            return json.loads(local.read_text(encoding="utf-8")).get("_class_name")
-        except (OSError, ValueError, AttributeError):
-            return None
-    if Path(model.id).exists():
-        return None
-    from huggingface_hub import hf_hub_download
+        return {}
+    local = Path(model.id) / filename
+    if not local.is_file():
+        if Path(model.id).exists():
+            return {}
+        from huggingface_hub import hf_hub_download
 
+        try:
+            local = Path(hf_hub_download(model.id, filename, revision=model.revision))
+        except Exception:  # noqa: BLE001 - offline, no such repo, no such file: the loaders say which
+            return {}
     try:
-        path = hf_hub_download(model.id, "model_index.json", revision=model.revision)
-        return json.loads(Path(path).read_text(encoding="utf-8")).get("_class_name")
-    except Exception:  # noqa: BLE001 - offline, no such repo, no such file: the loaders say which
-        return None
+        config = json.loads(local.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}

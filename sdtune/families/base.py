@@ -8,6 +8,8 @@
                         or None to compile the whole denoiser
     SIZE_MULTIPLE       image sides (pixels) must be multiples of this; SIZE_WHY says why
     SAMPLERS            `sdtune generate --scheduler` name -> diffusers scheduler class name
+    VERSIONS            family name -> the value of VERSION_KEY (a checkpoint file, a key in it)
+                        that tells apart the versions one module serves; {} when it serves one
 
     load_pipeline(model, dtype, **components)   -> pipeline (hub id + revision, or the tiny variant);
                                                    components (e.g. unet=...) replace loaded ones

@@ -16,6 +16,10 @@ COMPILE_BLOCKS = None  # the whole UNet, as bench/ measured it (its blocks come 
 SIZE_MULTIPLE = 8  # image sides, in pixels, are multiples of this
 SIZE_WHY = "the VAE's factor 8"
 SAMPLERS = common.NOISE_SAMPLERS  # `sdtune generate --scheduler` choices besides the default
+# SD 1.x and 2.x share every class. The UNet's cross-attention width tells them apart (CLIP ViT-L's
+# 768 against OpenCLIP ViT-H's 1024), and the kohya export writes which one it is.
+VERSION_KEY = ("unet/config.json", "cross_attention_dim")
+VERSIONS = {"sd1": 768, "sd2": 1024}
 
 
 # ---- the tiny random-initialised variant (offline tests and the demo) ----

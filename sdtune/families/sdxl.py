@@ -23,6 +23,7 @@ COMPILE_BLOCKS = None  # the whole UNet, as for SD 1.x
 SIZE_MULTIPLE = 8  # image sides, in pixels, are multiples of this
 SIZE_WHY = "the VAE's factor 8"
 SAMPLERS = common.NOISE_SAMPLERS  # `sdtune generate --scheduler` choices besides the default
+VERSION_KEY, VERSIONS = None, {}  # one version per family name
 
 
 # ---- the tiny random-initialised variant (offline tests and the demo) ----
