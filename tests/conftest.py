@@ -115,6 +115,15 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def hub_snapshot(hub, repo: str, ref: str, commit: str) -> None:
+    """A Hub cache entry as huggingface_hub lays it out: refs/<ref> names the snapshot's commit."""
+    entry = hub / f"models--{repo.replace('/', '--')}"
+    (entry / "snapshots" / commit).mkdir(parents=True)
+    (entry / "snapshots" / commit / "model_index.json").write_text("{}")
+    (entry / "refs").mkdir(exist_ok=True)
+    (entry / "refs" / ref).write_text(commit)
+
+
 def repo_files() -> list[str]:
     """The files of the working tree that git would commit (tracked, or untracked and not ignored)."""
     out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,

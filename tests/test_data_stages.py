@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import OFFLINE, ROOT
+from conftest import OFFLINE, ROOT, hub_snapshot
 
 
 def stage(name, cwd):
@@ -120,15 +120,6 @@ def test_cache_keys_change_exactly_with_what_is_encoded(model, cache_params, row
     assert (key(model, cache_params, row) != key({}, {}, {})) == changes
 
 
-def hub_snapshot(hub, repo: str, ref: str, commit: str) -> None:
-    """A Hub cache entry as huggingface_hub lays it out: refs/<ref> names the snapshot's commit."""
-    entry = hub / f"models--{repo.replace('/', '--')}"
-    (entry / "snapshots" / commit).mkdir(parents=True)
-    (entry / "snapshots" / commit / "model_index.json").write_text("{}")
-    (entry / "refs").mkdir(exist_ok=True)
-    (entry / "refs" / ref).write_text(commit)
-
-
 def test_cache_keys_follow_the_commit_a_branch_points_to(tmp_path, monkeypatch):
     """revision: main is resolved to its commit (here from the offline Hub cache), so a moved
     branch re-encodes; so does a local model folder whose files changed."""
@@ -167,6 +158,40 @@ def test_cache_keys_follow_the_commit_a_branch_points_to(tmp_path, monkeypatch):
     p = params_lib.parse({"model": {"id": "org/not-downloaded"}})
     with pytest.raises(UserError, match="^model.id: could not load 'org/not-downloaded' at revision 'main'"):
         common.resolved_revision(p.model)
+
+
+def test_a_models_revision_follows_linked_folders_leaves_out_the_denoiser_and_covers_the_tiny_tokenizer(
+        tmp_path, monkeypatch):
+    """What keys the cache: a VAE folder that is a link to another folder is another model; the
+    UNet, which the cache never loads, is not (the cache stage passes skip="unet"); the tiny
+    models' tokenizer, the one file of theirs that is not code, is part of theirs."""
+    import shutil
+
+    from sdtune import params as params_lib
+    from sdtune.families import common
+
+    local = tmp_path / "weights"
+    for name, data in [("vae_a", b"a"), ("vae_b", b"bb"), ("unet", b"u")]:
+        (local / name).mkdir(parents=True)
+        (local / name / "w.safetensors").write_bytes(data)
+    (local / "vae").symlink_to("vae_a", target_is_directory=True)
+    model = params_lib.parse({"model": {"id": str(local)}}).model
+    first = common.resolved_revision(model, skip="unet")
+    (local / "unet" / "w.safetensors").write_bytes(b"uu")
+    assert common.resolved_revision(model, skip="unet") == first
+    (local / "vae").unlink()
+    (local / "vae").symlink_to("vae_b", target_is_directory=True)
+    assert common.resolved_revision(model, skip="unet") != first
+
+    tiny = params_lib.parse({"model": {"id": "tiny"}}).model
+    shutil.copytree(common.ASSETS, tmp_path / "assets")
+    monkeypatch.setattr(common, "ASSETS", tmp_path / "assets")
+    first = common.resolved_revision(tiny)
+    vocab = tmp_path / "assets" / "clip-tokenizer" / "vocab.json"
+    ids = json.loads(vocab.read_text())
+    ids["a"], ids["b"] = ids["b"], ids["a"]  # two tokens swapped: other embeddings for "a" and "b"
+    vocab.write_text(json.dumps(ids))
+    assert common.resolved_revision(tiny) != first
 
 
 def test_prepare_resizes_only_the_crop(tmp_path, monkeypatch):

@@ -1,10 +1,11 @@
 """The latent and text-embedding cache, keyed by content.
 
 Each item's key hashes everything its tensors depend on: the image bytes, the caption,
-the model family, id and the commit its revision resolves to, the resolution and crop, the dtype, and the code that
-encodes (sdtune's and the libraries' versions). An item whose key is already on disk is
-reused; stale items are deleted. So changing one caption re-encodes one item, and changing
-the resolution or the encoding code re-encodes all of them, exactly.
+the model family, id and the commit its revision resolves to (for a local folder, its files
+but the denoiser's), the resolution and crop, the dtype, and the code that encodes (sdtune's
+and the libraries' versions). An item whose key is already on disk is reused; stale items
+are deleted. So changing one caption re-encodes one item, and changing the resolution or the
+encoding code re-encodes all of them, exactly.
 """
 
 from pathlib import Path
@@ -37,7 +38,7 @@ def encoder_code(family) -> str:
 def item_key(row, model, cache, encode_dtype: torch.dtype, code: str, revision: str) -> str:
     """The item's content key. `encode_dtype` is what the encoders ran in (bf16 on CUDA, float32
     elsewhere): the same image encoded on another device gives other latents. `code` is
-    encoder_code(family); `revision` is common.resolved_revision(model), the commit, not "main".
+    encoder_code(family); `revision` is common.resolved_revision: the commit, not "main".
     model.prediction_type is left out: it changes the training target, not what the encoders make."""
     parts = {
         "code": code, "image": row["sha256"], "caption": row["caption"],
@@ -103,7 +104,8 @@ def build(rows, raw_dir, out_dir, family, model, cache, device="cpu", *, max_pix
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     items = out_dir / "items"
     items.mkdir(parents=True, exist_ok=True)
-    code, revision = encoder_code(family), common.resolved_revision(model)
+    # The denoiser's folder is left out of a local model's revision: the cache never loads it.
+    code, revision = encoder_code(family), common.resolved_revision(model, skip=family.DENOISER_ATTR)
     encode_dtype = common.compute_dtype(device)
     keys = [item_key(r, model, cache, encode_dtype, code, revision) for r in rows]
     todo = [(r, k) for r, k in zip(rows, keys) if not (items / f"{k}.safetensors").exists()]

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -58,18 +59,22 @@ def from_hub(model, cls, subfolder=None, **kwargs):
         raise hub_error(model, err) from None
 
 
-def resolved_revision(model) -> str:
+def resolved_revision(model, skip: str | None = None) -> str:
     """What `model.revision` names right now, so that a moved branch ("main") or edited local
-    weights change the cache's keys. A Hub id: the commit the revision points to (online, or from
-    the local Hub cache under HF_HUB_OFFLINE=1). A local folder: a hash of its files' names,
-    sizes and modification times (hashing gigabytes of weights each run would take minutes)."""
+    weights change the cache's keys and the checkpoints' fingerprint. A Hub id: the commit the
+    revision points to (online, or from the local Hub cache under HF_HUB_OFFLINE=1). A local folder:
+    a hash of its files' names, sizes and modification times (hashing gigabytes of weights each run
+    would take minutes), linked folders followed, the subfolder `skip` left out (the cache never
+    loads the denoiser). The tiny models: their tokenizer's files (the weights are code)."""
     if model.id == "tiny":
-        return "tiny"
+        files = sorted((ASSETS / "clip-tokenizer").iterdir())
+        return "tiny:" + io.sha256_json([[f.name, io.sha256_file(f)] for f in files])[:16]
     local = Path(model.id)
     if local.is_dir():
-        files = sorted(f for f in local.rglob("*") if f.is_file())
+        files = sorted(Path(folder, name) for folder, _, names in os.walk(local, followlinks=True) for name in names
+                       if Path(folder, name).is_file())
         return "local:" + io.sha256_json([[str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns]
-                                          for f in files])
+                                          for f in files if f.relative_to(local).parts[0] != skip])
     from huggingface_hub import snapshot_download
 
     try:  # model_index.json only: the snapshot folder's name is the commit
