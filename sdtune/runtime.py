@@ -71,15 +71,16 @@ def params_hash(params, keys) -> str:
     return io.sha256_json(picked)
 
 
-def provenance(params, manifest_path="data/raw.manifest.json", cache_index="cache/index.json") -> dict:
-    """The lineage a LoRA carries: base model, data, params, code. `base_commit` is the commit the
-    cache stage resolved the revision to (a branch like "main" moves)."""
+def provenance(params, base_commit: str = "unknown", manifest_path="data/raw.manifest.json",
+               cache_index="cache/index.json") -> dict:
+    """The lineage a LoRA carries: base model, data, params, code. `base_commit` is what the train
+    stage resolved the revision to (common.resolved_revision: a branch like "main" moves)."""
     manifest, index = Path(manifest_path), Path(cache_index)
     return {
         "sdtune_version": __version__,
         "base_model": params.model.id,
         "base_revision": params.model.revision,
-        "base_commit": io.read_json(index).get("resolved_revision", "unknown") if index.exists() else "unknown",
+        "base_commit": base_commit,
         "cache_index_sha256": io.sha256_file(index) if index.exists() else "unknown",
         "model_family": params.model.family,
         "dataset_manifest_sha256": io.sha256_file(manifest) if manifest.exists() else "unknown",

@@ -109,3 +109,14 @@ def test_the_loras_params_hash_covers_what_train_and_the_stages_before_it_list()
               for key in STAGES[name].get("params", [])}
     covered = {key for key in listed if not any(key.startswith(section + ".") for section in listed)}
     assert covered == set(runtime.LORA_PARAMS)
+
+
+def test_a_checkpoints_fingerprint_hashes_the_train_stages_code_but_what_only_measures():
+    """loop.TRAINING_CODE is the train stage's sdtune code deps in dvc.yaml but sdtune/profiling
+    (timers and memory counts): a change DVC re-runs train for is one its checkpoints must not outlive.
+    The tiny models' tokenizer in sdtune/assets is part of their revision, which is fingerprinted."""
+    from sdtune.train import loop
+
+    deps = {dep for dep in STAGES["train"]["deps"] if dep.startswith("sdtune/")
+            and not dep.startswith(("sdtune/profiling/", "sdtune/assets/"))}
+    assert {str(path.relative_to(ROOT)) for path in loop.TRAINING_CODE} == deps

@@ -159,7 +159,7 @@ def sha256_of(path) -> str:
 
 def test_the_loras_lineage_names_the_demos_data_cache_params_and_commit(demo):
     meta = common.read_metadata(demo / "models/lora" / common.LORA_FILE)
-    assert meta["base_model"] == "tiny" and meta["base_commit"] == "tiny"
+    assert meta["base_model"] == "tiny" and re.fullmatch(r"tiny:[0-9a-f]{16}", meta["base_commit"])
     assert meta["dataset_manifest_sha256"] == sha256_of(demo / "data/raw.manifest.json")
     assert meta["cache_index_sha256"] == sha256_of(demo / "cache/index.json")
     # the fixture's copy is a git repo with one commit; `dvc exp run` trains in that workspace

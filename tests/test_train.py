@@ -1,6 +1,7 @@
 """Training: identical reruns, exact resume after SIGKILL, a NaN loss stops cleanly, exact cache reuse."""
 
 import importlib.util
+import json
 import math
 import os
 import random
@@ -16,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import (OFFLINE, ROOT, assert_no_secret, captions_for, kept_for_backward, tiny_cache, tiny_loop_run,
-                      wandb_stage)
+from conftest import (OFFLINE, ROOT, assert_no_secret, captions_for, hub_snapshot, kept_for_backward, tiny_cache,
+                      tiny_loop_run, wandb_stage)
 from sdtune import io, params as params_lib
 from sdtune.errors import UserError
 from sdtune.data import cache
@@ -420,21 +421,61 @@ def test_a_failing_validation_keeps_its_steps_checkpoint_and_a_rerun_resumes_the
 
 
 def test_checkpoints_of_other_training_code_are_not_resumed(workspace, tmp_path, monkeypatch, capsys):
-    """DVC re-runs train when sdtune/train or sdtune/families change: the rerun starts over."""
+    """DVC re-runs train when its code deps change (sdtune/train, sdtune/families, the validation
+    images' generate.py, ...): the rerun starts over."""
     ckpt = tmp_path / "checkpoints"
     train_in_process(workspace, ckpt, checkpoint_every=1)
     code = tmp_path / "code"
-    for d in loop.CODE_DIRS:
-        shutil.copytree(d, code / d.name, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(loop, "CODE_DIRS", [code / d.name for d in loop.CODE_DIRS])
+    for path in loop.TRAINING_CODE:
+        copy = shutil.copytree if path.is_dir() else shutil.copy
+        (code / path.relative_to(loop.SDTUNE)).parent.mkdir(parents=True, exist_ok=True)
+        copy(path, code / path.relative_to(loop.SDTUNE))
+    monkeypatch.setattr(loop, "TRAINING_CODE", [code / path.relative_to(loop.SDTUNE) for path in loop.TRAINING_CODE])
     _, stats = train_in_process(workspace, ckpt, checkpoint_every=1)  # the same code elsewhere: resumed
     assert stats["resumed_from"] == str(ckpt / "step-0000002")
-    common_py = code / "families/common.py"
-    common_py.write_text(common_py.read_text() + "\n# changed\n")  # any edit: DVC re-runs on any
-    capsys.readouterr()
-    _, stats = train_in_process(workspace, ckpt, checkpoint_every=1)
-    assert stats["resumed_from"] is None
-    assert "made with other params, data or code" in capsys.readouterr().out
+    for changed in ["families/common.py", "evaluate/generate.py"]:  # any edit: DVC re-runs on any
+        (code / changed).write_text((code / changed).read_text() + "\n# changed\n")
+        capsys.readouterr()
+        _, stats = train_in_process(workspace, ckpt, checkpoint_every=1)
+        assert stats["resumed_from"] is None
+        assert "made with other params, data or code" in capsys.readouterr().out
+
+
+def test_a_checkpoint_follows_the_model_its_revision_names_and_the_caches_items(workspace, tmp_path, monkeypatch):
+    """A branch that moved, or a local model whose weights (the UNet too) changed, is another base:
+    its checkpoints are not resumed. The same commit named by branch or by hash is the same base,
+    and the cache index's revision string is not part of what must match; its items are."""
+    from huggingface_hub import constants
+
+    run = loop.setup(in_process_params(workspace), workspace / "cache")
+    cache = tmp_path / "cache"
+    shutil.copytree(workspace / "cache", cache)
+
+    def mark(**model):
+        run.params = params_lib.parse({"model": {"resolution": 32, **model}})
+        return loop.fingerprint(run, cache)
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub_snapshot(tmp_path / "hub", "org/model", "main", "a" * 40)
+    on_main = mark(id="org/model", revision="main")
+    assert mark(id="org/model", revision="a" * 40) == on_main
+    hub_snapshot(tmp_path / "hub", "org/model", "main", "b" * 40)
+    assert mark(id="org/model", revision="main") != on_main
+
+    local = tmp_path / "weights"
+    (local / "unet").mkdir(parents=True)
+    (local / "unet" / "w.safetensors").write_bytes(b"u")
+    first = mark(id=str(local))
+    (local / "unet" / "w.safetensors").write_bytes(b"uu")
+    assert mark(id=str(local)) != first
+
+    index = json.loads((cache / "index.json").read_text())
+    first = mark(id="tiny")
+    (cache / "index.json").write_text(json.dumps(index | {"revision": "a" * 40}))
+    assert mark(id="tiny") == first
+    index["items"][0]["key"] = "0" * 64
+    (cache / "index.json").write_text(json.dumps(index))
+    assert mark(id="tiny") != first
 
 
 def cpu_loss_scaler(run):

@@ -271,22 +271,29 @@ def _set_lora(run: Run):
 NOT_FINGERPRINTED = {"checkpoint_every", "keep_checkpoints", "log_every", "wandb", "wandb_project"}
 
 
-# The train stage's code deps in dvc.yaml that make the step: sdtune/train and sdtune/families.
-CODE_DIRS = [Path(__file__).parent, Path(common.__file__).parent]
+# The train stage's code deps in dvc.yaml but the profiling modules, which only measure (a test
+# holds the two together): what computes a step, the validation images and the LoRA written.
+SDTUNE = Path(common.__file__).parent.parent
+TRAINING_CODE = [SDTUNE / "train", SDTUNE / "families", SDTUNE / "data/cache.py", SDTUNE / "data/images.py",
+                 SDTUNE / "data/links.py", SDTUNE / "evaluate/generate.py", SDTUNE / "evaluate/report.py",
+                 SDTUNE / "quantize.py"]
 
 
 def training_code() -> str:
-    """A hash of the code that computes a step: the files in CODE_DIRS and the libraries under them.
-    DVC re-runs train when that code changes; a checkpoint the old code made must not be resumed."""
-    files = [f for d in CODE_DIRS for f in sorted(d.rglob("*.py"))]
+    """A hash of TRAINING_CODE and the libraries under it. DVC re-runs train when that code changes;
+    a checkpoint the old code made must not be resumed."""
+    files = [f for path in TRAINING_CODE for f in (sorted(path.rglob("*.py")) if path.is_dir() else [path])]
     return io.sha256_code(files, [torch, diffusers, peft, accelerate])
 
 
 def fingerprint(run: Run, cache_dir) -> str:
-    """What a checkpoint must match to be resumed: train and model params, seed, cached data, code."""
+    """What a checkpoint must match to be resumed: train and model params, seed, cached data, code.
+    The model by what its revision names now (a moved "main" or edited local weights are another
+    model; "main" pinned to the commit it names is the same), the cache by its items' keys."""
     train = {k: v for k, v in run.params.train.model_dump().items() if k not in NOT_FINGERPRINTED}
-    parts = {"train": train, "model": run.params.model.model_dump(), "seed": run.params.base.seed,
-             "cache": io.sha256_file(Path(cache_dir) / "index.json"),
+    model = run.params.model.model_dump() | {"revision": common.resolved_revision(run.params.model)}
+    parts = {"train": train, "model": model, "seed": run.params.base.seed,
+             "cache": io.sha256_json(io.read_json(Path(cache_dir) / "index.json")["items"]),
              "processes": run.accelerator.num_processes, "code": training_code(),
              "precision": run.accelerator.mixed_precision}  # what `auto` became on this card
     return io.sha256_json(parts)
