@@ -100,8 +100,9 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 def weight_bytes(tensors) -> int:
     """Bytes the tensors really occupy, looking inside quantized tensor subclasses (torchao) and at
-    the scales bitsandbytes keeps beside its 4-bit weights (absmax, the NF4 code, and their own
-    quantization's: 3% more than the packed weights at NF4's block of 64)."""
+    the scales bitsandbytes keeps beside its weights: for 4-bit ones absmax, the NF4 code, and their
+    own quantization's (3% more than the packed weights at NF4's block of 64); for 8-bit ones a
+    float32 scale per output row (SCB; its CB is the weight itself)."""
     def size(t):
         if hasattr(t, "__tensor_flatten__"):
             names, _ = t.__tensor_flatten__()
@@ -114,6 +115,8 @@ def weight_bytes(tensors) -> int:
         state = getattr(t, "quant_state", None)
         if state is not None:  # as bitsandbytes saves them, less the packed entry describing them
             parts += [v for k, v in state.as_dict(packed=True).items() if not k.startswith("quant_state.")]
+        if getattr(t, "SCB", None) is not None:
+            parts.append(t.SCB)
     unique = {id(t): t for t in parts}  # a tensor shared by several layers (the NF4 code) counts once
     return sum(size(t) for t in unique.values())
 

@@ -113,6 +113,22 @@ def test_nf4_bytes_count_the_scales_bitsandbytes_keeps_beside_the_weights():
     assert quantize.tensor_bytes(layer) - (128 * 256 // 2 + 128 * 4) == 1608
 
 
+def test_int8_bytes_count_the_row_scales_bitsandbytes_keeps_beside_the_weights():
+    """An 8-bit layer holds its int8 weights, the bias and a float32 scale per output row (SCB):
+    what bitsandbytes saves for it, less the one-byte format tag. The scales were left out."""
+    import bitsandbytes as bnb
+
+    plain = torch.nn.Linear(320, 128)
+    layer = bnb.nn.Linear8bitLt(320, 128, has_fp16_weights=False)
+    layer.weight = bnb.nn.Int8Params(plain.weight.data.half(), requires_grad=False, has_fp16_weights=False)
+    layer.bias = torch.nn.Parameter(plain.bias.data.half())
+    layer = layer.to("cpu")  # quantizes
+    saved = {k: v for k, v in layer.state_dict().items() if k != "weight_format"}
+    assert saved.keys() == {"weight", "bias", "SCB"}
+    assert quantize.tensor_bytes(layer) == sum(v.numel() * v.element_size() for v in saved.values())
+    assert quantize.tensor_bytes(layer) == 128 * 320 + 128 * 2 + 128 * 4
+
+
 @pytest.mark.parametrize("name", ["nf4", "int8", "float8wo"])
 def test_cuda_only_methods_refuse_in_one_line_without_cuda(name):
     if torch.cuda.is_available():
