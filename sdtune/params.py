@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ruamel.yaml import YAML, YAMLError
 
 from sdtune import io
@@ -30,6 +30,17 @@ class Section(BaseModel):
 
 # A seed torch's and numpy's seeders accept.
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
+def _once_each(values: list) -> list:
+    twice = list(dict.fromkeys(v for v in values if values.count(v) > 1))
+    if twice:
+        raise ValueError(f"{', '.join(map(str, twice))} listed more than once; list each once")
+    return values
+
+
+# Seeds of images compared as a set (FID, KID): a repeated seed is a repeated image.
+Seeds = Annotated[list[Seed], Field(min_length=1), AfterValidator(_once_each)]
 
 
 class Base(Section):
@@ -145,7 +156,7 @@ class Train(Section):
     validate_every: int | None = Field(None, gt=0)
     validation_prompts: list[str] = Field(["a painting by sargent, a portrait of a woman in a white dress"],
                                           min_length=1)
-    validation_seeds: list[Seed] = Field([0, 1], min_length=1)
+    validation_seeds: Seeds = [0, 1]
     validation_steps: int = Field(25, gt=0)
     # Flow-matching families (SD3.x): how timesteps are drawn and how the loss is weighted.
     timestep_density: Literal[DENSITIES] = "logit_normal"
@@ -219,14 +230,15 @@ def check_inductor_options(options: dict) -> None:
 
 
 class Quantize(Section):
-    variants: list[Literal["bf16", "fp16", "int8wo", "int8dq", "float8wo", "nf4", "int8"]] = ["bf16", "int8wo"]
+    variants: Annotated[list[Literal["bf16", "fp16", "int8wo", "int8dq", "float8wo", "nf4", "int8"]],
+                        AfterValidator(_once_each)] = ["bf16", "int8wo"]
     # fused: LoRA merged into the weights before quantizing; adapter: LoRA kept on top at run time.
-    lora_modes: list[Literal["fused", "adapter"]] = ["fused"]
+    lora_modes: Annotated[list[Literal["fused", "adapter"]], AfterValidator(_once_each)] = ["fused"]
 
 
 class Evaluate(Section):
     prompts: str = "prompts/eval.txt"
-    seeds: list[Seed] = Field([0, 1], min_length=1)
+    seeds: Seeds = [0, 1]
     steps: int = Field(30, gt=0)
     guidance_scale: float = Field(7.5, ge=0)
     clip_model: str = "openai/clip-vit-base-patch16"  # "tiny" = random-initialised, offline

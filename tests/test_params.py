@@ -30,6 +30,11 @@ BAD = [
     # The seed lists were unbounded: a seed past 2**64 failed in the first generation, as a traceback.
     ({"evaluate": {"seeds": [0, 2**64]}}, "evaluate.seeds.1", "less than 4294967296"),
     ({"train": {"validation_seeds": [-1]}}, "train.validation_seeds.0", "greater than or equal to 0"),
+    # FID and KID of [0, 0] were of one image twice, past the stage's two-image guard.
+    ({"evaluate": {"seeds": [0, 1, 0]}}, "evaluate.seeds", "0 listed more than once; list each once"),
+    ({"train": {"validation_seeds": [2, 2]}}, "train.validation_seeds", "2 listed more than once"),
+    ({"quantize": {"variants": ["bf16", "int8wo", "bf16"]}}, "quantize.variants", "bf16 listed more than once"),
+    ({"quantize": {"lora_modes": ["fused", "fused"]}}, "quantize.lora_modes", "fused listed more than once"),
     ({"train": {"warmup_steps": 100}}, "train.warmup_steps", "constant_with_warmup"),
     ({"train": {"optimizer": "prodigy"}}, "train.optimizer", "expects lr around 1.0"),
     ({"profile": {"matrix": [{"mixed_precision": "bf16"}]}}, "profile.matrix", "'name'"),
