@@ -117,6 +117,16 @@ def read_json(path):
         raise missing(path) from None
 
 
+def read_safetensors_metadata(path) -> dict:
+    """The string metadata of a .safetensors file (a LoRA's lineage), without loading its tensors."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise missing(path)
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def read_jsonl(path):
     try:
         with open(path, encoding="utf-8") as f:

@@ -14,7 +14,10 @@ def _pct(new: float, old: float) -> str:
     return f"{(new - old) / old:+.0%}" if old else "n/a"
 
 
-def setup_section(params, provenance: dict, data: dict, train: dict) -> list[str]:
+def setup_section(params, lineage: dict, data: dict, train: dict) -> list[str]:
+    """`lineage`: the LoRA file's own metadata, what it was trained from. The report stage re-runs
+    on changes that do not re-train (a data.source holding the same bytes, a later commit); the
+    LoRA's provenance, not the workspace's, says where it came from."""
     return [
         "## Setup",
         "",
@@ -25,8 +28,11 @@ def setup_section(params, provenance: dict, data: dict, train: dict) -> list[str
         f"- LoRA rank {params.train.lora.rank}, alpha {params.train.lora.alpha}; {train['steps']} steps of batch "
         f"{params.train.batch_size} × accumulation {params.train.grad_accum} × {train['processes']} process(es)",
         f"- hardware: {train['device_name']} ({train['device']}), mixed precision `{train['mixed_precision']}`",
-        f"- commit `{provenance['git_commit']}`, sdtune {provenance['sdtune_version']}, dataset manifest "
-        f"sha256 `{provenance['dataset_manifest_sha256'][:16]}…`",
+        f"- the LoRA (its metadata): trained at commit `{lineage.get('git_commit', 'unknown')}` with sdtune "
+        f"{lineage.get('sdtune_version', 'unknown')}, base `{lineage.get('base_model', 'unknown')}` at "
+        f"`{lineage.get('base_commit', 'unknown')}`, dataset manifest sha256 "
+        f"`{lineage.get('dataset_manifest_sha256', 'unknown')[:16]}…`, params sha256 "
+        f"`{lineage.get('params_sha256', 'unknown')[:16]}…`",
         "",
     ]
 
@@ -197,13 +203,13 @@ def stage_times(folder) -> list[str]:
     return out
 
 
-def build(params, provenance, reports="reports") -> str:
+def build(params, lineage: dict, reports="reports") -> str:
     r = Path(reports)
     data, train = io.read_json(r / "data.json"), io.read_json(r / "train.json")
     evals, profile = io.read_json(r / "eval.json"), io.read_json(r / "profile.json")
     best = profile["cells"][profile["best"]]
     lines = ["# sdtune report", ""]
-    lines += setup_section(params, provenance, data, train)
+    lines += setup_section(params, lineage, data, train)
     lines += training_section(train)
     lines += ["## Evaluation", "", (r / "eval.md").read_text().strip(), "", "![samples](samples/grid.png)", ""]
     lines += ["## Profile", "", (r / "profile.md").read_text().strip(), "",

@@ -8,10 +8,11 @@ import json
 import shutil
 from pathlib import Path
 
-from sdtune import io, params as params_lib, report, runtime
+from sdtune import io, params as params_lib, report
 from sdtune.errors import main_guard
 
 OUT = "reports/REPORT.md"
+LORA = "models/lora/pytorch_lora_weights.safetensors"
 PICTURES = ["reports/train_loss.png", "reports/captions.png", "reports/samples/grid.png",
             "reports/profile/phases.png", "reports/profile/step_ms.png", "reports/profile/mfu.png",
             "reports/profile/memory.png", "reports/profile/inference.png"]
@@ -56,7 +57,7 @@ def wandb_report(params) -> None:
 @main_guard
 def main():
     params = params_lib.load()
-    text = report.build(params, runtime.provenance(params))
+    text = report.build(params, io.read_safetensors_metadata(LORA))
     io.write_text(OUT, text)
     wandb_report(params)
     print(f"report: {OUT}")

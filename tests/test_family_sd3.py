@@ -245,7 +245,7 @@ def test_save_load_lora_changes_output_and_scale_zero_does_not(params, trained, 
     path = sd3.save_lora(tmp_path, lora.diffusers_state(denoiser), {"base_model": "tiny", "steps": 3},
                          adapter_metadata=lora.config(params.train.lora, sd3.LORA_TARGETS).to_dict())
     assert path == tmp_path / common.LORA_FILE
-    meta = common.read_metadata(path)
+    meta = io.read_safetensors_metadata(path)
     assert meta["base_model"] == "tiny" and meta["steps"] == "3"
     assert "lora_adapter_metadata" in meta  # diffusers' own metadata survives ours
 

@@ -156,7 +156,7 @@ def test_training_steps_give_finite_loss_and_move_the_lora(trained):
 
 def test_saved_lora_loads_into_a_fresh_pipeline_and_changes_the_output(trained):
     *_, out = trained
-    assert common.read_metadata(out / common.LORA_FILE)["family"] == "sdxl"
+    assert io.read_safetensors_metadata(out / common.LORA_FILE)["family"] == "sdxl"
     pipe = quiet(sdxl.load_pipeline(make_params().model))
     base = sample_latents(pipe)
     pipe.load_lora_weights(str(out), weight_name=common.LORA_FILE, adapter_name="t")

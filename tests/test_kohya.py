@@ -7,6 +7,7 @@ import torch
 from diffusers.utils import convert_state_dict_to_kohya
 from safetensors.torch import load_file
 
+from sdtune import io
 from sdtune.errors import UserError
 from sdtune.families import common, sd
 from sdtune.params import parse
@@ -60,10 +61,10 @@ def test_unexportable_keys_are_one_line():
 
 
 def test_write_kohya_metadata(lora_file):
-    meta = common.read_metadata(lora_file)
+    meta = io.read_safetensors_metadata(lora_file)
     path = kohya.write_kohya(lora_file.parent, load_file(lora_file), ALPHA, meta)
     assert path.name == "pytorch_lora_weights_kohya.safetensors"
-    written = common.read_metadata(path)
+    written = io.read_safetensors_metadata(path)
     assert written["base_model"] == "tiny" and "lora_adapter_metadata" not in written
     assert (written["ss_network_dim"], written["ss_network_alpha"]) == (str(RANK), str(ALPHA))
     assert (written["ss_base_model_version"], written["ss_v2"]) == ("sd_v1", "False")
@@ -87,7 +88,7 @@ def _with_lora(pipe, folder, weight_name):
 
 def test_diffusers_kohya_loader_gives_the_same_image(lora_file, tmp_path):
     folder = lora_file.parent
-    kohya.write_kohya(folder, load_file(lora_file), ALPHA, common.read_metadata(lora_file))
+    kohya.write_kohya(folder, load_file(lora_file), ALPHA, io.read_safetensors_metadata(lora_file))
     pipe = sd.load_pipeline(parse({"model": {"id": "tiny", "resolution": 64}}).model)
     pipe.set_progress_bar_config(disable=True)
     base = _image(pipe)

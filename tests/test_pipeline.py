@@ -5,14 +5,15 @@ import json
 import math
 import re
 import shutil
+import sys
 
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 import sdtune
-from conftest import assert_no_secret, run, wandb_stage
-from sdtune import params as params_lib, runtime
+from conftest import ROOT, assert_no_secret, run, wandb_stage
+from sdtune import io, params as params_lib, runtime
 from sdtune.evaluate import report as eval_report
 from sdtune.families import common, sd
 
@@ -158,7 +159,7 @@ def sha256_of(path) -> str:
 
 
 def test_the_loras_lineage_names_the_demos_data_cache_params_and_commit(demo):
-    meta = common.read_metadata(demo / "models/lora" / common.LORA_FILE)
+    meta = io.read_safetensors_metadata(demo / "models/lora" / common.LORA_FILE)
     assert meta["base_model"] == "tiny" and re.fullmatch(r"tiny:[0-9a-f]{16}", meta["base_commit"])
     assert meta["dataset_manifest_sha256"] == sha256_of(demo / "data/raw.manifest.json")
     assert meta["cache_index_sha256"] == sha256_of(demo / "cache/index.json")
@@ -248,6 +249,24 @@ def test_report_is_generated_from_the_numbers(demo):
         assert f"{fastest}`{best['name']}`, ran {speed:.2f}× the speed of `on-the-fly`" in text
 
 
+def test_the_reports_lineage_is_the_loras_not_the_workspaces(demo, tmp_path):
+    """The report stage re-runs where train does not (a data.source holding the same bytes writes
+    another manifest; a later commit): it says what the LoRA was trained from, from its metadata."""
+    ws = tmp_path / "ws"
+    for folder in ["reports", "models/lora"]:
+        shutil.copytree(demo / folder, ws / folder)
+    shutil.copy(demo / "params.yaml", ws / "params.yaml")
+    (ws / "data").mkdir()
+    (ws / "data/raw.manifest.json").write_text('{"source": "elsewhere", "files": []}')
+    run([sys.executable, "-m", "stages.report"], ws, env={"PYTHONPATH": str(ROOT)})
+    meta = io.read_safetensors_metadata(ws / "models/lora" / common.LORA_FILE)
+    line = next(s for s in (ws / "reports/REPORT.md").read_text().splitlines() if s.startswith("- the LoRA"))
+    assert line == (f"- the LoRA (its metadata): trained at commit `{meta['git_commit']}` with sdtune "
+                    f"{meta['sdtune_version']}, base `tiny` at `{meta['base_commit']}`, dataset manifest sha256 "
+                    f"`{meta['dataset_manifest_sha256'][:16]}…`, params sha256 `{meta['params_sha256'][:16]}…`")
+    assert meta["dataset_manifest_sha256"] == sha256_of(demo / "data/raw.manifest.json")
+
+
 def test_dvc_plots_show_reads_every_declared_plot(demo):
     # Plots folders hold only what DVC can render: images and tables (traces live in reports/traces).
     out = run(["dvc", "plots", "show", "-o", str(demo / "plots-html")], demo)
@@ -277,6 +296,7 @@ def test_report_goes_to_wandb_when_it_is_on(demo, tmp_path):
     REPORT.md land in a W&B run next to the training run; no secret goes with them."""
     ws = tmp_path / "ws"
     shutil.copytree(demo / "reports", ws / "reports")
+    shutil.copytree(demo / "models/lora", ws / "models/lora")
     params = (demo / "params.yaml").read_text()
     assert "wandb: disabled" in params
     (ws / "params.yaml").write_text(params.replace("wandb: disabled", "wandb: offline"))
@@ -319,7 +339,7 @@ def test_the_demo_runs_for_the_other_families_through_the_hub_loading_code(famil
                                         "-S", "++base.device=cpu"]
     out = run(args, repo, timeout=1200)
     assert ran(out.stdout) == STAGES, out.stdout[-3000:]
-    meta = common.read_metadata(repo / "models/lora" / common.LORA_FILE)
+    meta = io.read_safetensors_metadata(repo / "models/lora" / common.LORA_FILE)
     assert meta["base_model"] == str(weights) and meta["base_commit"].startswith("local:")
     evals = json.loads((repo / "reports/eval.json").read_text())
     assert list(evals) == ["base", "lora", "int8wo-fused"] and finite_numbers(evals)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from sdtune import io, runtime
@@ -289,7 +288,7 @@ def save_lora(pipeline_cls, directory, metadata, **layers_and_adapter_metadata) 
         pipeline_cls.save_lora_weights(tmp, **layers_and_adapter_metadata)
         written = f"{tmp}/{LORA_FILE}"
         tensors = load_file(written)
-        meta = read_metadata(written) | metadata
+        meta = io.read_safetensors_metadata(written) | metadata
     return write_lora(directory, tensors, meta)
 
 
@@ -301,8 +300,3 @@ def lora_path(path) -> Path:
     if not path.is_file():
         raise UserError(f"{path}: no LoRA file here (expected {LORA_FILE}; run the train stage or dvc pull)")
     return path
-
-
-def read_metadata(path) -> dict:
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
