@@ -120,6 +120,8 @@ def variant_kwargs(name, lora, lora_scale=None):
 def check_numbers(steps, guidance, size, seeds, scale):
     if bad := [s for s in seeds if not 0 <= s < 2**32]:
         raise UserError(f"--seed: {bad[0]} is outside 0 to 2**32 - 1, what the seeders accept")
+    if len(set(seeds)) < len(seeds):  # one file per seed: a repeated one would overwrite its own image
+        raise UserError(f"--seeds: {', '.join(str(s) for s in seeds)}: list each seed once")
     if scale is not None and scale < 0:
         raise UserError(f"--lora-scale: must be >= 0, got {scale}")
     if steps <= 0:
@@ -147,10 +149,16 @@ def out_paths(out: Path, prompts, seeds, many: bool) -> list[tuple[str, int, Pat
 
 
 def check_folder(path: Path) -> None:
-    """Before minutes of loading and sampling: the nearest existing folder above `path` must be one."""
+    """Before minutes of loading and sampling: the folder `path` goes in, made now if need be."""
     parent = next(p for p in path.parents if p.exists())
     if not parent.is_dir():
         raise UserError(f"--out: {parent} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out: cannot make the folder {path.parent} ({err.strerror})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"--out: cannot write in {path.parent}")
 
 
 def tune(pipe, family, scheduler, channels_last, compile_):

@@ -13,7 +13,7 @@ from PIL import Image
 from test_kohya import make_lora
 
 from conftest import OFFLINE, ROOT
-from sdtune import families, quantize, runtime
+from sdtune import families, io, quantize, runtime
 from sdtune.cli import main
 from sdtune.evaluate import generate as gen
 from sdtune.families import common
@@ -158,6 +158,8 @@ def test_user_mistakes_are_one_line(cwd, capsys):
     assert "--seeds" in fails(["generate", "--prompt", "x", "--seeds", "1,a", "--out", "x.png"], capsys)
     assert fails(["generate", "--prompt", "x", "--seeds", f"1,{2**64}", "--out", "d"], capsys) == \
         f"error: --seed: {2**64} is outside 0 to 2**32 - 1, what the seeders accept"
+    assert fails(["generate", "--prompt", "x", "--seeds", "3,1,3", "--out", "d"], capsys) == \
+        "error: --seeds: 3, 1, 3: list each seed once"
     assert fails(["generate", "--prompt", "x", "--lora", "models/lora", "--lora-scale", "-1", "--out", "x.png"],
                  capsys) == "error: --lora-scale: must be >= 0, got -1.0"
     assert "--prompt" in fails(["generate", "--out", "x.png"], capsys)
@@ -179,6 +181,8 @@ def test_user_mistakes_are_one_line(cwd, capsys):
                              "stage again")
     assert fails(["generate", "--prompt", "x", "--out", "params.yaml/sub/x.png"], capsys) == \
         "error: --out: params.yaml is a file, not a folder"
+    assert fails(["generate", "--prompt", "x", "--out", "/proc/nope/x.png"], capsys) == \
+        "error: --out: cannot make the folder /proc/nope (No such file or directory)"
     assert not (cwd / "x.png").exists()
 
 
@@ -188,7 +192,7 @@ def test_lora_for_absent_modules_fails(cwd, capsys):
 
     good = cwd / "models" / "lora" / common.LORA_FILE
     moved = {k.replace("unet.up_blocks.0.", "unet.up_blocks.7."): v for k, v in load_file(good).items()}
-    common.write_lora(cwd / "absent", moved, common.read_metadata(good))
+    common.write_lora(cwd / "absent", moved, io.read_safetensors_metadata(good))
     err = fails(["generate", "--prompt", "x", "--lora", "absent", "--out", "x.png"], capsys)
     assert f"absent/{common.LORA_FILE}" in err and "24 of its 48 modules" in err and "up_blocks.7" in err
 
