@@ -56,9 +56,12 @@ def main():
         raise UserError(f"evaluate: FID and KID need at least 2 images per variant; {p.prompts} has "
                         f"{len(prompts)} prompt(s) and evaluate.seeds {len(p.seeds)} seed(s)")
     with runtime.stage("evaluate"):
-        clip = clip_lib.load_clip(p.clip_model, p.clip_revision, device=device)
+        # CLIP is loaded first, so that a bad clip_model stops the stage before minutes of sampling,
+        # but waits on the CPU: on the GPU it would be in every variant's peak memory.
+        clip = clip_lib.load_clip(p.clip_model, p.clip_revision, device="cpu")
         real = real_images(params)
         extractor = metrics.fid_extractor(p.fid_extractor, clip)
+        metrics.check_counts(len(real), len(prompts) * len(p.seeds))
         images, records = {}, []
         for name, kwargs in variants(params):
             memory.reset_peak(device)
@@ -71,6 +74,7 @@ def main():
                             "peak_memory_mib": memory.peak_memory(device)["peak_bytes"] / 2**20,
                             "denoiser_mib": quantize.tensor_bytes(denoiser) / 2**20})
             del pipe, denoiser
+        clip[0].to(device)  # the metrics run where the samples were made
         paired = [prompt for prompt in prompts for _ in p.seeds]  # the prompt of each image, in order
         for rec in records:
             fake = images[rec["variant"]]

@@ -19,7 +19,7 @@ def main():
     note = f"; left out {len(skipped)} (reasons in {MANIFEST})" if skipped else ""
     print(f"fetch: {len(rows)} files from {p.source} into {RAW}/{note}")
     if "://" not in p.source:  # DVC sees the params, not the files behind a path
-        print(f"fetch: DVC does not watch {p.source}; after changing its files, run `dvc repro -f fetch`")
+        print(f"fetch: DVC does not watch {p.source}; after changing its files, run `dvc repro -f fetch && dvc repro`")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ model: {{id: tiny, resolution: 32}}
     before = set(os.listdir(tmp_path))
     fetched = stage("fetch", ws)
     assert fetched.returncode == 0, fetched.stderr[-2000:]
-    assert f"DVC does not watch {src}; after changing its files, run `dvc repro -f fetch`" in fetched.stdout
+    assert f"DVC does not watch {src}; after changing its files, run `dvc repro -f fetch && dvc repro`" in fetched.stdout
     captioned = stage("caption", ws)
     assert captioned.returncode == 0, captioned.stderr[-2000:]
     assert "Traceback" not in fetched.stderr + captioned.stderr
@@ -269,7 +269,7 @@ def test_evaluate_reads_the_real_images_under_the_params_pixel_limit(tmp_path, m
 
 @pytest.mark.parametrize("stage, missing", [
     ("cache", "data/captions.jsonl"), ("train", "cache/index.json"),
-    ("evaluate", "data/captions.jsonl"), ("report", "reports/data.json"),
+    ("evaluate", "data/captions.jsonl"), ("report", "models/lora/pytorch_lora_weights.safetensors"),
 ])
 def test_a_stage_run_before_the_stages_it_reads_says_what_is_missing(stage, missing, tmp_path, monkeypatch, capsys):
     """Each of these was a FileNotFoundError traceback when run on its own in a fresh clone."""
@@ -284,3 +284,36 @@ def test_a_stage_run_before_the_stages_it_reads_says_what_is_missing(stage, miss
     assert exit_.value.code == 2
     assert capsys.readouterr().err == (f"error: {missing}: not found; run the stages before this one first "
                                        f"(dvc repro runs them in order) or dvc pull their outputs\n")
+
+
+@pytest.mark.parametrize("evaluate_keys, rows, message", [
+    ({}, 1, "error: fid: needs at least 2 real and 2 generated images, got 1 real (data/raw) and 4 generated"),
+    ({"fid_extractor": "inception"}, 2, "error: evaluate.fid_extractor: 'inception' needs the torch-fidelity package"),
+])
+def test_evaluate_refuses_what_fid_cannot_take_before_it_samples_anything(evaluate_keys, rows, message, tmp_path,
+                                                                         monkeypatch, capsys):
+    """Both were refused in the FID step, after every variant had been loaded, sampled and timed."""
+    import importlib
+
+    from sdtune.evaluate import generate
+
+    if "fid_extractor" in evaluate_keys and importlib.util.find_spec("torch_fidelity") is not None:
+        pytest.skip("torch-fidelity is installed here")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a portrait\na landscape\n")
+    (tmp_path / "params.yaml").write_text(
+        "model: {id: tiny, resolution: 32}\n"
+        f"evaluate: {json.dumps({'clip_model': 'tiny', 'prompts': 'prompts.txt', **evaluate_keys})}\n")
+    (tmp_path / "data/raw").mkdir(parents=True)
+    for i in range(rows):
+        Image.new("RGB", (40, 40), (i * 90, 20, 200)).save(tmp_path / f"data/raw/{i}.png")
+    (tmp_path / "data/captions.jsonl").write_text("".join(
+        json.dumps({"file": f"{i}.png", "caption": "a painting"}) + "\n" for i in range(rows)))
+
+    def sampled(*args, **kwargs):
+        raise AssertionError("a variant was loaded before the check")
+
+    monkeypatch.setattr(generate, "pipeline", sampled)
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module("stages.evaluate").main()
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith(message)

@@ -135,6 +135,12 @@ def fid_extractor(name: str, clip):
     if name == "clip":
         return clip_image_extractor(clip)
     if name == "inception":
+        try:
+            import torch_fidelity  # noqa: F401  (torchmetrics' Inception lives there)
+        except ImportError:
+            raise UserError(
+                "evaluate.fid_extractor: 'inception' needs the torch-fidelity package; install it or use 'clip'"
+            ) from None
         return 2048  # torchmetrics' own InceptionV3 (torch-fidelity weights, fetched on first use)
     raise UserError(f"evaluate.fid_extractor: expected 'clip' or 'inception', got {name!r}")
 
@@ -144,6 +150,15 @@ def feature_dim(extractor) -> int:
     return extractor if isinstance(extractor, int) else extractor.num_features
 
 
+def check_counts(n_real: int, n_fake: int) -> None:
+    """FID and KID need two images a side (a covariance, a pair); the stage asks before sampling."""
+    if n_real < 2 or n_fake < 2:
+        raise UserError(
+            f"fid: needs at least 2 real and 2 generated images, got {n_real} real (data/raw) "
+            f"and {n_fake} generated (evaluate.prompts x evaluate.seeds)"
+        )
+
+
 def fid_kid(real, fake, extractor) -> tuple[float, float, float]:
     """(FID, KID mean, KID std) of `fake` against `real`, both through the same feature extractor.
 
@@ -151,18 +166,7 @@ def fid_kid(real, fake, extractor) -> tuple[float, float, float]:
     Inception. KID's subset size is min(50, n_real, n_fake); its subsets are drawn with a fixed seed.
     """
     real, fake = as_images(real), as_images(fake)
-    if len(real) < 2 or len(fake) < 2:
-        raise UserError(
-            f"fid: needs at least 2 real and 2 generated images, got {len(real)} real (data/raw) "
-            f"and {len(fake)} generated (evaluate.prompts x evaluate.seeds)"
-        )
-    if isinstance(extractor, int):
-        try:
-            import torch_fidelity  # noqa: F401  (torchmetrics' Inception lives there)
-        except ImportError:
-            raise UserError(
-                "evaluate.fid_extractor: 'inception' needs the torch-fidelity package; install it or use 'clip'"
-            ) from None
+    check_counts(len(real), len(fake))
     fid = FrechetInceptionDistance(feature=extractor)
     # One network for both metrics: KID takes FID's extractor as its own.
     with warnings.catch_warnings():  # "KID keeps all features in memory": by design, and our sets are small
