@@ -122,7 +122,10 @@ def main(argv=None):
                         ("--exp-tera", args.exp_tera)):
         if value is not None and not value > 0:
             p.error(f"{flag}: expected a rate above 0, got {value:g}")
-    step_args = train_step.parse([*rest, "--device", "meta"])
+    if "fa4" in rest:
+        p.error("--attention fa4: the roofline holds every fused attention kernel to one floor (count with "
+                "--attention flash); FA4's own time is bench.train_step's, on a GPU")
+    step_args = train_step.parse([*rest, "--device", "meta"], prog=p.prog)
     try:
         peaks, bandwidth, exp_rate = hardware.card(args.card)
     except ValueError as err:

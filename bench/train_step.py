@@ -57,8 +57,9 @@ PIPELINED_BLOCKS = 3
 FP32_PRECISION = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
 
 
-def parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.splitlines()[0])
+def parse(argv=None, prog="python -m bench.train_step"):
+    """The run's options; `prog` names the command in errors (bench.roofline passes its own)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="sd15", choices=list(archs.ARCHS))
     p.add_argument("--tiny", action="store_true", help="the tiny config of the arch (CPU tests)")
     p.add_argument("--res", type=int, help="image side in pixels (default: the arch's native one, 64 if --tiny)")
