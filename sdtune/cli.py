@@ -149,7 +149,8 @@ def out_paths(out: Path, prompts, seeds, many: bool) -> list[tuple[str, int, Pat
 
 
 def check_folder(path: Path) -> None:
-    """Before minutes of loading and sampling: the folder `path` goes in, made now if need be."""
+    """Before minutes of loading and sampling, after the other checks: the folder `path` goes in,
+    made now if need be (os.access cannot tell: as root it says yes to /proc)."""
     parent = next(p for p in path.parents if p.exists())
     if not parent.is_dir():
         raise UserError(f"--out: {parent} is a file, not a folder")
@@ -193,7 +194,6 @@ def generate(args) -> None:
     check_numbers(steps, guidance, size, seeds, args.lora_scale)
     prompts = [args.prompt] if args.prompt is not None else gen.read_prompts(args.prompts, "--prompts")
     jobs = out_paths(args.out, prompts, seeds, many=args.prompts is not None or len(seeds) > 1)
-    check_folder(jobs[0][2])
 
     # Not families.of(params): generation takes its size from --size, and has no buckets.
     family = families.get(params.model.family)
@@ -206,6 +206,7 @@ def generate(args) -> None:
     if args.lora_scale is not None and args.variant is None and args.lora is None:
         raise UserError("--lora-scale: no LoRA to scale; add --lora models/lora (or an -adapter --variant)")
     kwargs = variant_kwargs(args.variant, args.lora, args.lora_scale) if args.variant else {"lora_dir": args.lora}
+    check_folder(jobs[0][2])  # the last check: it makes the folder
     pipe = gen.pipeline(family, params.model, device, lora_scale=scale, **kwargs)
     tune(pipe, family, args.scheduler, args.channels_last, args.compile)
 

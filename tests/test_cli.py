@@ -183,6 +183,10 @@ def test_user_mistakes_are_one_line(cwd, capsys):
         "error: --out: params.yaml is a file, not a folder"
     assert fails(["generate", "--prompt", "x", "--out", "/proc/nope/x.png"], capsys) == \
         "error: --out: cannot make the folder /proc/nope (No such file or directory)"
+    # The folder is made after the other checks: a refused run leaves none behind.
+    assert fails(["generate", "--prompt", "x", "--size", "30", "--out", "new/deep/x.png"], capsys) \
+        .startswith("error: --size: 30 is not a multiple of 8")
+    assert not (cwd / "new").exists()
     assert not (cwd / "x.png").exists()
 
 
