@@ -175,8 +175,9 @@ def test_sd1_and_sd2_checkpoints_are_told_apart_by_the_unets_cross_attention_wid
     tiny = params_lib.parse({"model": {"id": "tiny", "resolution": 64}}).model
     get("sd1").load_pipeline(tiny).save_pretrained(tmp_path)
     config = tmp_path / "unet" / "config.json"
-    for width, family, other in [(1024, "sd2", "sd1"), (768, "sd1", "sd2")]:
+    for width, family, other in [(1024, "sd2", "sd1"), (768, "sd1", "sd2"), ([1024] * 4, "sd2", "sd1")]:
         config.write_text(json.dumps(json.loads(config.read_text()) | {"cross_attention_dim": width}))
+        width = width[0] if isinstance(width, list) else width  # one per block, as diffusers also takes it
         with pytest.raises(UserError) as err:
             families.of(params_lib.parse({"model": {"family": other, "id": str(tmp_path)}}))
         assert str(err.value) == (f"model.family: {other}, but {str(tmp_path)!r} is an {family} checkpoint "

@@ -46,6 +46,8 @@ def check_checkpoint(family, model) -> None:
         return
     filename, key = family.VERSION_KEY
     value = checkpoint_config(model, filename).get(key)
+    if isinstance(value, list) and len(set(value)) == 1:  # diffusers also takes one value per block
+        value = value[0]
     owner = next((name for name, known in family.VERSIONS.items() if known == value), None)
     if owner not in (None, model.family):
         raise UserError(f"model.family: {model.family}, but {model.id!r} is an {owner} checkpoint "
