@@ -122,7 +122,9 @@ def main(argv=None):
                         ("--exp-tera", args.exp_tera)):
         if value is not None and not value > 0:
             p.error(f"{flag}: expected a rate above 0, got {value:g}")
-    if "fa4" in rest:
+    attention = argparse.ArgumentParser(add_help=False)
+    attention.add_argument("--attention")  # train_step's option, read here as its parser would
+    if attention.parse_known_args(rest)[0].attention == "fa4":
         p.error("--attention fa4: the roofline holds every fused attention kernel to one floor (count with "
                 "--attention flash); FA4's own time is bench.train_step's, on a GPU")
     step_args = train_step.parse([*rest, "--device", "meta"], prog=p.prog)

@@ -119,7 +119,7 @@ def parse(argv=None, prog="python -m bench.train_step"):
     args = p.parse_args(argv)
 
     arch = archs.get(args.arch)
-    args.res = args.res or (archs.TINY_RES if args.tiny else arch.res)
+    args.res = (archs.TINY_RES if args.tiny else arch.res) if args.res is None else args.res
     args.precision = args.precision or ("fp16" if args.baseline else "bf16")
     # The family's scope (sdtune.families.*.COMPILE_BLOCKS), as train.compile compiles it.
     scope = "blocks" if families.get(arch.family).COMPILE_BLOCKS else "full"
@@ -145,6 +145,11 @@ def parse(argv=None, prog="python -m bench.train_step"):
         p.error("--baseline is the SD1.5 diffusers example: --arch sd15, no --compile, --nf4 or --group-norm")
     if args.group_norm != "native" and arch.family == "sd3":
         p.error(f"--group-norm: {args.arch}'s transformer has no group norms")
+    for flag, value, least in (("--bs", args.bs, 1), ("--res", args.res, 8), ("--rank", args.rank, 1),
+                               ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                               ("--threads", 1 if args.threads is None else args.threads, 1)):
+        if value < least:  # a shape of 0 was a reshape traceback deep in the model
+            p.error(f"{flag}: expected a whole number of at least {least}, got {value}")
     if args.res % 8:
         p.error("--res must be a multiple of 8 (the VAE downsamples 8x)")
     args.inductor = dict(inductor_option(p, item) for item in args.inductor)

@@ -252,6 +252,20 @@ def test_cuda_only_options_say_so_in_one_line(capsys, argv, message):
     assert message in capsys.readouterr().err.splitlines()[-1]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--bs", "0"], "--bs: expected a whole number of at least 1, got 0"),
+    (["--res", "0"], "--res: expected a whole number of at least 8, got 0"),
+    (["--rank", "-4"], "--rank: expected a whole number of at least 1, got -4"),
+    (["--steps", "0"], "--steps: expected a whole number of at least 1, got 0"),
+    (["--warmup", "-1"], "--warmup: expected a whole number of at least 0, got -1"),
+    (["--threads", "0"], "--threads: expected a whole number of at least 1, got 0"),
+])
+def test_sizes_and_counts_below_their_least_are_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        train_step.parse(["--tiny", *argv])
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
+
+
 def test_flash_attention_4_is_asked_of_torch_by_name():
     # torch imports the flash-attn-4 package only when FA4 is activated; without the package the
     # run fails with the import's own error (in --many: that run only), and the flash backend is

@@ -320,7 +320,8 @@ def test_cli_sets_the_floor_beside_a_measured_breakdown(measured, tmp_path, caps
 @pytest.mark.parametrize("argv, message", [
     (["--card", "B200"], "--card: unknown card 'B200'"),
     (["--device", "cpu"], "--device: the roofline always counts on meta"),
-    (["--attention", "fa4"], "python -m bench.roofline: error: --attention fa4: the roofline holds every fused"),
+    (["--attention=fa4"], "python -m bench.roofline: error: --attention fa4: the roofline holds every fused"),
+    (["--name", "fa4", "--bs", "0"], "--bs"),  # a run named fa4 is not FlashAttention 4
     (["--bs", "1", "--loop"], "python -m bench.roofline: error: --loop runs the training loop's own step"),
     (["--head-multiple", "0"], "--head-multiple: expected a whole number of at least 1, got 0"),
     (["--bandwidth-gbs", "0"], "--bandwidth-gbs: expected a rate above 0, got 0"),
