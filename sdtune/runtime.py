@@ -52,8 +52,8 @@ def git_commit() -> str:
 
 
 # The params a LoRA depends on: those dvc.yaml lists for train and the stages before it, each
-# key once (a whole section stands for its keys). The LoRA's params_sha256 then changes exactly
-# when `dvc status` would call train stale, not with a key no stage before it reads (data.retries).
+# key once (a whole section stands for its keys). The LoRA's params_sha256 then changes with
+# them, not with a key none of those stages reads (data.retries) nor with base.device.
 # tests/test_dvc_yaml.py holds the two together.
 LORA_PARAMS = ("base.seed", "data.source", "data.sha256", "data.max_archive_bytes", "data.max_archive_files",
                "data.too_small", "data.max_pixels", "caption", "cache", "model", "train")

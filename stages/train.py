@@ -11,7 +11,6 @@ from pathlib import Path
 
 from sdtune import families, params as params_lib, runtime
 from sdtune.errors import UserError, main_guard
-from sdtune.families import common
 from sdtune.train import checkpoint, loop, outputs, validate as validate_lib
 
 CACHE, LORA_DIR, CKPT, VALIDATION = "cache", "models/lora", "checkpoints", "reports/validation"
@@ -52,7 +51,7 @@ def main():
         validate = validate_lib.Validator(params, run.family, VALIDATION, log_image)
         stats = loop.train(run, CKPT, CACHE, log=log, validate=validate, on_start=validate.drop_after)
         if run.accelerator.is_main_process:
-            meta = runtime.provenance(params, base_commit=common.resolved_revision(params.model))
+            meta = runtime.provenance(params, base_commit=run.base_revision)  # the one train() resumed by
             outputs.write_lora(LORA_DIR, run, loop.final_lora(run), meta)
             outputs.write_reports(run, stats)
             checkpoint.discard(CKPT, stats["steps"])  # it served a failure after the loop; none came

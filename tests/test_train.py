@@ -453,7 +453,7 @@ def test_a_checkpoint_follows_the_model_its_revision_names_and_the_caches_items(
 
     def mark(**model):
         run.params = params_lib.parse({"model": {"resolution": 32, **model}})
-        return loop.fingerprint(run, cache)
+        return loop.fingerprint(run, cache, loop.base_revision(run))
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     hub_snapshot(tmp_path / "hub", "org/model", "main", "a" * 40)
@@ -471,7 +471,7 @@ def test_a_checkpoint_follows_the_model_its_revision_names_and_the_caches_items(
 
     index = json.loads((cache / "index.json").read_text())
     first = mark(id="tiny")
-    (cache / "index.json").write_text(json.dumps(index | {"revision": "a" * 40}))
+    (cache / "index.json").write_text(json.dumps(index | {"revision": "a" * 40, "resolved_revision": "a" * 40}))
     assert mark(id="tiny") == first
     index["items"][0]["key"] = "0" * 64
     (cache / "index.json").write_text(json.dumps(index))
@@ -575,9 +575,9 @@ def test_a_checkpoint_without_a_loss_scaler_resumes_into_a_run_with_one(tmp_path
     assert step == 1 and scaler.get_scale() == 65536.0
 
 
-def test_the_loras_params_hash_names_the_seed_and_what_train_reads_not_the_device_nor_retries():
-    """params_sha256 changes when `dvc status` would call train stale, and only then: not for
-    where it ran (base.device) nor for a key no stage up to train reads (data.retries)."""
+def test_the_loras_params_hash_follows_the_params_up_to_train_not_the_device_nor_retries():
+    """params_sha256 changes with the params of train and the stages before it, and only with
+    them: not with where it ran (base.device) nor with a key none of them reads (data.retries)."""
     from sdtune import runtime
 
     def digest(**sections):

@@ -18,7 +18,7 @@ import peft
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from accelerate import Accelerator
-from accelerate.utils import AutocastKwargs, set_seed
+from accelerate.utils import AutocastKwargs, broadcast_object_list, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
@@ -92,6 +92,7 @@ class Run:
     step: int = 0
     grad_norm: object = None  # of the last step, still on the device
     batches: dict = field(default_factory=dict)  # epoch -> its batches (see epoch_batches)
+    base_revision: str = "unknown"  # what model.revision named when train() began (base_revision)
 
 
 def setup(params, cache_dir) -> Run:
@@ -286,12 +287,19 @@ def training_code() -> str:
     return io.sha256_code(files, [torch, diffusers, peft, accelerate])
 
 
-def fingerprint(run: Run, cache_dir) -> str:
+def base_revision(run: Run) -> str:
+    """common.resolved_revision of the base model, looked up once, by the main process: ranks that
+    looked at different moments (a "main" that moved between) would resume different checkpoints."""
+    found = [common.resolved_revision(run.params.model) if run.accelerator.is_main_process else None]
+    return broadcast_object_list(found)[0]
+
+
+def fingerprint(run: Run, cache_dir, revision: str) -> str:
     """What a checkpoint must match to be resumed: train and model params, seed, cached data, code.
-    The model by what its revision names now (a moved "main" or edited local weights are another
-    model; "main" pinned to the commit it names is the same), the cache by its items' keys."""
+    The model by `revision`, what its revision names (a moved "main" or edited local weights are
+    another model; "main" pinned to the commit it names is the same); the cache by its items' keys."""
     train = {k: v for k, v in run.params.train.model_dump().items() if k not in NOT_FINGERPRINTED}
-    model = run.params.model.model_dump() | {"revision": common.resolved_revision(run.params.model)}
+    model = run.params.model.model_dump() | {"revision": revision}
     parts = {"train": train, "model": model, "seed": run.params.base.seed,
              "cache": io.sha256_json(io.read_json(Path(cache_dir) / "index.json")["items"]),
              "processes": run.accelerator.num_processes, "code": training_code(),
@@ -341,7 +349,8 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
     `on_start(step)` is called on the main process with the step the run starts from (0 or the
     resumed checkpoint's) before any step or validation."""
     p, acc = run.params.train, run.accelerator
-    mark = fingerprint(run, cache_dir)
+    run.base_revision = base_revision(run)
+    mark = fingerprint(run, cache_dir, run.base_revision)
     resumed = resume(run, ckpt_dir, mark)
     start, pending, t0 = run.step, [], time.perf_counter()
     if on_start is not None and acc.is_main_process:
