@@ -119,12 +119,15 @@ def read_json(path):
 
 def read_safetensors_metadata(path) -> dict:
     """The string metadata of a .safetensors file (a LoRA's lineage), without loading its tensors."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
         raise missing(path)
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except SafetensorError as err:  # cut short, or not a safetensors file at all
+        raise UserError(f"{path}: not a readable .safetensors file ({err})") from None
 
 
 def read_jsonl(path):

@@ -162,9 +162,9 @@ def test_cache_keys_follow_the_commit_a_branch_points_to(tmp_path, monkeypatch):
 
 def test_a_models_revision_follows_linked_folders_leaves_out_the_denoiser_and_covers_the_tiny_tokenizer(
         tmp_path, monkeypatch):
-    """What keys the cache: a VAE folder that is a link to another folder is another model; the
-    UNet, which the cache never loads, is not (the cache stage passes skip="unet"); the tiny
-    models' tokenizer, the one file of theirs that is not code, is part of theirs."""
+    """What keys the cache: a VAE folder that is a link to another folder is another model (a link
+    back up adds nothing); the UNet, which the cache never loads, is not (the cache stage passes
+    skip="unet"); the tiny models' tokenizer, the one file of theirs that is not code, is."""
     import shutil
 
     from sdtune import params as params_lib
@@ -181,7 +181,11 @@ def test_a_models_revision_follows_linked_folders_leaves_out_the_denoiser_and_co
     assert common.resolved_revision(model, skip="unet") == first
     (local / "vae").unlink()
     (local / "vae").symlink_to("vae_b", target_is_directory=True)
-    assert common.resolved_revision(model, skip="unet") != first
+    second = common.resolved_revision(model, skip="unet")
+    assert second != first
+    for name in "ab":  # links back up: each folder is walked once (two such links were 2^40 walks)
+        (local / "vae_b" / name).symlink_to("..", target_is_directory=True)
+    assert common.resolved_revision(model, skip="unet") == second
 
     tiny = params_lib.parse({"model": {"id": "tiny"}}).model
     shutil.copytree(common.ASSETS, tmp_path / "assets")
@@ -286,13 +290,17 @@ def test_a_stage_run_before_the_stages_it_reads_says_what_is_missing(stage, miss
                                        f"(dvc repro runs them in order) or dvc pull their outputs\n")
 
 
-@pytest.mark.parametrize("evaluate_keys, rows, message", [
-    ({}, 1, "error: fid: needs at least 2 real and 2 generated images, got 1 real (data/raw) and 4 generated"),
-    ({"fid_extractor": "inception"}, 2, "error: evaluate.fid_extractor: 'inception' needs the torch-fidelity package"),
+@pytest.mark.parametrize("evaluate_keys, rows, prompts, message", [
+    ({}, 1, "a portrait\na landscape\n",
+     "error: fid: needs at least 2 real and 2 generated images, got 1 real (data/raw) and 4 generated"),
+    ({"fid_extractor": "inception"}, 2, "a portrait\na landscape\n",
+     "error: evaluate.fid_extractor: 'inception' needs the torch-fidelity package"),
+    ({"seeds": [0]}, 2, "a portrait\na portrait\n",  # one image twice: it passed the two-image guard
+     "error: evaluate.prompts: prompts.txt has 'a portrait' more than once; list each prompt once"),
 ])
-def test_evaluate_refuses_what_fid_cannot_take_before_it_samples_anything(evaluate_keys, rows, message, tmp_path,
-                                                                         monkeypatch, capsys):
-    """Both were refused in the FID step, after every variant had been loaded, sampled and timed."""
+def test_evaluate_refuses_what_fid_cannot_take_before_it_samples_anything(evaluate_keys, rows, prompts, message,
+                                                                         tmp_path, monkeypatch, capsys):
+    """The first two were refused in the FID step, after every variant had been loaded, sampled and timed."""
     import importlib
 
     from sdtune.evaluate import generate
@@ -300,7 +308,7 @@ def test_evaluate_refuses_what_fid_cannot_take_before_it_samples_anything(evalua
     if "fid_extractor" in evaluate_keys and importlib.util.find_spec("torch_fidelity") is not None:
         pytest.skip("torch-fidelity is installed here")
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "prompts.txt").write_text("a portrait\na landscape\n")
+    (tmp_path / "prompts.txt").write_text(prompts)
     (tmp_path / "params.yaml").write_text(
         "model: {id: tiny, resolution: 32}\n"
         f"evaluate: {json.dumps({'clip_model': 'tiny', 'prompts': 'prompts.txt', **evaluate_keys})}\n")
@@ -317,3 +325,14 @@ def test_evaluate_refuses_what_fid_cannot_take_before_it_samples_anything(evalua
     with pytest.raises(SystemExit) as exit_:
         importlib.import_module("stages.evaluate").main()
     assert exit_.value.code == 2 and capsys.readouterr().err.startswith(message)
+
+
+def test_a_damaged_lora_file_is_one_line_naming_it(tmp_path):
+    """The report stage reads the LoRA's metadata first: a file cut short was a SafetensorError traceback."""
+    from sdtune import io
+    from sdtune.errors import UserError
+
+    damaged = tmp_path / "pytorch_lora_weights.safetensors"
+    damaged.write_bytes(b"\xff" * 64)
+    with pytest.raises(UserError, match=f"^{damaged}: not a readable .safetensors file"):
+        io.read_safetensors_metadata(damaged)

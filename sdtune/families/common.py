@@ -70,10 +70,9 @@ def resolved_revision(model, skip: str | None = None) -> str:
         return "tiny:" + io.sha256_json([[f.name, io.sha256_file(f)] for f in files])[:16]
     local = Path(model.id)
     if local.is_dir():
-        files = sorted(Path(folder, name) for folder, _, names in os.walk(local, followlinks=True) for name in names
-                       if Path(folder, name).is_file())
+        files = [f for f in model_files(local) if f.relative_to(local).parts[0] != skip]
         return "local:" + io.sha256_json([[str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns]
-                                          for f in files if f.relative_to(local).parts[0] != skip])
+                                          for f in files])
     from huggingface_hub import snapshot_download
 
     try:  # model_index.json only: the snapshot folder's name is the commit
@@ -81,6 +80,21 @@ def resolved_revision(model, skip: str | None = None) -> str:
     except (OSError, ValueError) as err:  # ValueError: not a repo id at all (a path that is not there)
         raise hub_error(model, err) from None
     return Path(folder).name
+
+
+def model_files(root: Path) -> list[Path]:
+    """The files under `root`, linked folders followed (a vae/ that links elsewhere is that
+    folder's weights), each real folder once: a link back up would otherwise be walked 2^40 times."""
+    files, seen = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        where = os.stat(folder)
+        if (where.st_dev, where.st_ino) in seen:
+            dirs.clear()
+            continue
+        seen.add((where.st_dev, where.st_ino))
+        dirs.sort()  # the order decides which path a folder linked twice is hashed under
+        files += [Path(folder, name) for name in names if Path(folder, name).is_file()]
+    return sorted(files)
 
 
 def load_denoiser(model, cls, subfolder, tiny, dtype, quantization_config=None):
