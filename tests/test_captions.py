@@ -34,6 +34,14 @@ def demo(tmp_path):
     return raw, check_folder(raw, min_side=32)
 
 
+def test_an_image_whose_name_leaves_no_room_for_a_sidecars_suffix_has_none(tmp_path):
+    """254 bytes of name (scrapers cut at 255): its .caption sibling would be 258, and Path.is_file
+    raised 'File name too long' for it, a traceback in the caption stage."""
+    img = tmp_path / ("é" * 125 + ".png")
+    img.write_bytes(b"")
+    assert read_sidecar(img) is None
+
+
 def test_sidecar_txt_wins_then_caption(tmp_path):
     img = tmp_path / "My Photo ü.JPG"
     img.write_bytes(b"")

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -177,6 +178,57 @@ def test_a_linked_folder_stays_a_link_to_the_new_fetch(tmp_path):
     assert leftovers(disk) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["disk", "raw", "src"]
 
 
+def test_a_folder_fetch_lands_in_a_linked_folder_on_another_file_system(tmp_path):
+    """data/raw linked to another disk: a folder source was moved there with a rename, which no
+    file system does across devices (an OSError traceback: invalid cross-device link)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system at /dev/shm here")
+    disk = Path(tempfile.mkdtemp(dir=shm)) / "raw"
+    try:
+        disk.mkdir()
+        (tmp_path / "raw").symlink_to(disk)
+        src = write_tree(tmp_path / "src", SET)
+        assert fetch(str(src), tmp_path / "raw", replace=True) == rows_of(SET)
+        assert sorted(p.name for p in disk.iterdir()) == ["a painting.png", "a painting.txt", "ünï"]
+        assert (tmp_path / "raw").resolve() == disk.resolve() and leftovers(disk) == []
+    finally:
+        shutil.rmtree(disk.parent)
+
+
+@pytest.mark.parametrize("name, body", [
+    ("data.7z", b"7z\xbc\xaf\x27\x1c" + b"\0" * 64),
+    ("set.json", b'{"images": []}'),
+    ("page", b'<?xml version="1.0"?>\n<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0//EN">\n<html><body>Sign in'),
+])
+def test_a_single_file_that_is_neither_archive_nor_image_is_refused_and_the_old_fetch_kept(tmp_path, name, body):
+    """It replaced data/raw, and failed only in the caption stage ('no usable image among 1 files')."""
+    dest = tmp_path / "raw"
+    first = fetch("synthetic://1", dest)
+    (tmp_path / name).write_bytes(body)
+    with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path / name))}: "):
+        fetch(str(tmp_path / name), dest, replace=True)
+    assert sorted(p.name for p in dest.iterdir()) == [r["file"] for r in first]
+
+
+def test_archive_member_names_too_long_for_the_disk_and_a_gzip_cut_in_its_first_block_are_one_line(tmp_path):
+    dest = tmp_path / "raw"
+    long = tmp_path / "long.zip"
+    with zipfile.ZipFile(long, "w") as zf:
+        zf.writestr("photos/" + "é" * 140 + ".png", b"x")  # 284 bytes in UTF-8; macOS allows it
+    with pytest.raises(UserError, match="a name part is too long for this file system"):
+        fetch(str(long), dest)
+    whole = tmp_path / "whole.tgz"
+    with tarfile.open(whole, "w:gz") as tf:
+        info = tarfile.TarInfo("a.png")
+        info.size = 4096
+        tf.addfile(info, io.BytesIO(os.urandom(4096)))
+    cut = tmp_path / "cut.tgz"
+    cut.write_bytes(whole.read_bytes()[:60])  # EOFError from tarfile.is_tarfile, a traceback
+    with pytest.raises(UserError, match="corrupt or truncated archive"):
+        fetch(str(cut), dest)
+
+
 def test_corrupt_archive_keeps_the_earlier_fetch(tmp_path):
     dest = tmp_path / "raw"
     fetch("synthetic://1", dest)
@@ -215,7 +267,7 @@ def test_http_archive_with_retry_after_a_failing_first_response(tmp_path, http_s
 
 @pytest.mark.parametrize("ranges", [True, False])
 def test_http_cut_download_resumes_with_range_or_restarts(tmp_path, http_server, ranges):
-    body = os.urandom(300_000)
+    body = b"\x89PNG\r\n\x1a\n" + os.urandom(300_000)  # an image by its signature, as fetch asks of a single file
     http_server.routes["/big.png"] = Route(body, cut_first=True, ranges=ranges)
     assert fetch(http_server.url("/big.png"), tmp_path / "raw") == rows_of({"big.png": body})
     first, second = http_server.log

@@ -43,14 +43,23 @@ def _names(folder: Path) -> dict:
     return names
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False also for a name too long to be a file here (an image named with 254
+    bytes has no 258-byte .caption beside it; is_file raises for it)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _read_sidecar(image_path: Path, notes, names: dict | None) -> tuple[str | None, Path | None]:
     """(caption, the sidecar it came from), or (None, None); see read_sidecar."""
     names = _names(image_path.parent) if names is None else names
     for suffix in SIDECARS:
         # the exact name first; then case-insensitive: cameras and Windows tools write a.JPG with a.TXT
         side = image_path.with_suffix(suffix)
-        side = side if side.is_file() else names.get((image_path.stem + suffix).casefold())
-        if side is None or not side.is_file():
+        side = side if _is_file(side) else names.get((image_path.stem + suffix).casefold())
+        if side is None or not _is_file(side):
             continue
         try:
             text = side.read_bytes().decode("utf-8-sig")  # -sig: editors on Windows add a BOM

@@ -7,6 +7,7 @@ the member streams, so nothing from the archive (modes, owners, link targets) re
 except names that passed the checks and file contents.
 """
 
+import errno
 import lzma
 import re
 import shutil
@@ -29,8 +30,11 @@ def archive_kind(path: Path, name: str | None = None) -> str | None:
     """'tar', 'zip' or None, by content (downloads often have no telling name)."""
     # tar first: its header checksum sits at the start, while zip's signature is searched near
     # the end and could be found inside a tar whose last member is a zip.
-    if tarfile.is_tarfile(path):
-        return "tar"
+    try:
+        if tarfile.is_tarfile(path):
+            return "tar"
+    except EOFError:  # a gzip stream cut within its first block
+        raise UserError(f"{name or path}: corrupt or truncated archive (it ends within its first block)") from None
     if zipfile.is_zipfile(path):
         return "zip"
     if path.name.lower().endswith(ARCHIVE_SUFFIXES):
@@ -230,3 +234,8 @@ def _write(checked, dest: Path, where: str, open_member, skipped: list) -> None:
             raise UserError(f"{where}: member {m.name!r} cannot be read ({err})") from None
         except (FileExistsError, NotADirectoryError, IsADirectoryError) as err:
             raise UserError(f"{where}: member {m.name!r} clashes with another member ({err.strerror})") from None
+        except OSError as err:
+            if err.errno != errno.ENAMETOOLONG:
+                raise
+            raise UserError(f"{where}: member {m.name!r}: a name part is too long for this file system "
+                            f"(most allow 255 bytes); rename it in the archive") from None

@@ -75,7 +75,7 @@ def fetch(source: str, dest: Path, *, sha256: str | None = None, retries: int = 
             atomic_path(dest) as out:
         got = get(ref, Path(work), opts)
         if got.is_dir():
-            os.replace(got, out)
+            shutil.move(got, out)  # a rename, or a copy when data/raw links to another disk
             rows = manifest(out)
             _check_pin(pin, tree_sha256(rows), source, "sorted manifest")
         else:
@@ -85,6 +85,7 @@ def fetch(source: str, dest: Path, *, sha256: str | None = None, retries: int = 
                 opts.skipped += extract(got, out, max_bytes=max_archive_bytes, max_files=max_archive_files,
                                         name=source)
             else:
+                refuse_non_image(got, source)
                 out.mkdir()
                 shutil.copyfile(got, out / got.name)
             rows = manifest(out)
@@ -137,9 +138,31 @@ def refuse_html(path: Path, source: str) -> None:
     """An image set never holds HTML; Drive sends a page for quota, virus-scan or sharing problems."""
     with open(path, "rb") as f:
         head = f.read(1024).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if head.startswith((b"<!doctype html", b"<html")):
+    # XHTML opens with an XML declaration, and a page may open with a comment
+    if head.startswith((b"<!doctype html", b"<html")) or (head.startswith((b"<?xml", b"<!--")) and b"<html" in head):
         raise UserError(f"{source}: got an HTML page, not an image or archive (a Drive quota-exceeded, "
                         "virus-scan or sign-in page, or a web page URL instead of a file)")
+
+
+def refuse_non_image(path: Path, source: str) -> None:
+    """A single file that is not an archive must be an image: anything else (a .7z, a JSON file)
+    would replace data/raw and fail only in the caption stage. A damaged image passes: the caption
+    stage says what is wrong with it."""
+    from PIL import Image, UnidentifiedImageError
+
+    from sdtune.data.images import MAGIC
+
+    with open(path, "rb") as f:
+        if f.read(16).startswith(tuple(MAGIC)):
+            return
+    try:
+        with Image.open(path):
+            return
+    except Image.DecompressionBombError:  # an image, and a big one: data.max_pixels decides later
+        return
+    except (UnidentifiedImageError, OSError):
+        raise UserError(f"{source}: {path.name} is neither a zip or tar archive nor an image Pillow can read; "
+                        f"expected one of those") from None
 
 
 def _one_line(err: Exception, limit: int = 300) -> str:
@@ -211,7 +234,7 @@ class _Retry(Exception):
 
 def _http(url: str, work: Path, opts: Options) -> Path:
     name = _safe_name(urllib.parse.unquote(urllib.parse.urlparse(url).path.rsplit("/", 1)[-1]))
-    part = work / f"{name}.part"
+    part = work / "download.part"  # not the served name: with ".part" it could pass 255 bytes
     state = {}  # the validator (ETag / Last-Modified) a resumed range must match
     for attempt in range(opts.retries + 1):
         if attempt:
@@ -263,7 +286,8 @@ def _http_attempt(url: str, part: Path, state: dict) -> str | None:
         total = offset + length if length is not None and not encoded else None
         try:
             with open(part, "ab" if resumed else "wb") as f, \
-                    tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.stem, disable=None) as bar:
+                    tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=_safe_name(url)[:40],
+                         disable=None) as bar:
                 for chunk in r.iter_content(CHUNK):
                     f.write(chunk)
                     bar.update(len(chunk))
@@ -282,6 +306,8 @@ def _http_attempt(url: str, part: Path, state: dict) -> str | None:
 
 def _safe_name(name: str) -> str:
     name = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if len(name.encode()) > 255:  # most file systems' limit: keep the end, whose suffix says what it is
+        name = name.encode()[-255:].decode(errors="ignore")
     return name if name not in ("", ".", "..") else "download"
 
 
