@@ -6,6 +6,7 @@ saved with save_pretrained (safetensors, with its quantization config) and reloa
 from_pretrained without quantizing again.
 """
 
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -160,7 +161,9 @@ def make_variant(family, model, lora_dir, name: str, mode: str, out_dir, lora_sc
     row = {"variant": variant_name(name, mode), "method": name, "lora": mode, "dtype": str(method.dtype).split(".")[-1],
            "disk_bytes": folder_bytes(out_dir), "memory_bytes": tensor_bytes(reloaded),
            "quantize_seconds": quantize_s, "load_seconds": load_s}
-    io.write_json(Path(out_dir) / BASE_FILE, base_of(model))  # after disk_bytes: the weights' bytes alone
+    # after disk_bytes: the weights' bytes alone. A fused variant also names the LoRA it holds.
+    fused = {"lora_sha256": io.sha256_file(common.lora_path(lora_dir))} if mode == "fused" else {}
+    io.write_json(Path(out_dir) / BASE_FILE, base_of(model) | fused)
     return row
 
 
@@ -190,8 +193,17 @@ def check_base(variant_dir, model) -> None:
     if families.get(made["family"]) is not families.get(now["family"]) or not _same_id(made["id"], now["id"]):
         raise UserError(f"{variant_dir}: made from {_said(made)}; this run's model is {_said(now)}: "
                         f"sample it with that model, or run the quantize stage again")
+    lora = LORA_DIR / common.LORA_FILE
+    if made.get("lora_sha256") and lora.is_file() and io.sha256_file(lora) != made["lora_sha256"]:
+        # Not an error: the variant is still a model; but not the LoRA trained since.
+        print(f"{variant_dir}: warning: it holds another LoRA than {lora} (trained since the quantize stage "
+              f"ran); run `dvc repro quantize` to make it again", file=sys.stderr)
 
 
 def load_variant(family, path, name: str):
     """Reload a saved variant: its quantization config comes from its own config.json."""
-    return family.DENOISER.from_pretrained(str(path), dtype=METHODS[name].dtype)
+    try:
+        return family.DENOISER.from_pretrained(str(path), dtype=METHODS[name].dtype)
+    except (OSError, ValueError) as err:  # a folder copied in part, or emptied
+        raise UserError(f"{path}: not a complete {name} variant ({str(err).strip().splitlines()[0]}); "
+                        f"run the quantize stage again or dvc pull it") from None

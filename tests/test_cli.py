@@ -190,6 +190,30 @@ def test_user_mistakes_are_one_line(cwd, capsys):
     assert not (cwd / "x.png").exists()
 
 
+def test_a_fused_variant_of_another_lora_warns_and_an_incomplete_one_is_one_line(cwd, tmp_path, monkeypatch, capsys):
+    """A LoRA trained after the quantize stage ran: the fused variant still held the old one, and
+    generate sampled it without a word. A variant folder without its weights was a traceback."""
+    from safetensors.torch import load_file
+
+    good = cwd / "models" / "lora" / common.LORA_FILE
+    retrained = tmp_path / "lora"
+    common.write_lora(retrained, {k: v * 2 for k, v in load_file(good).items()}, io.read_safetensors_metadata(good))
+    monkeypatch.setattr(quantize, "LORA_DIR", retrained)
+    assert main(["generate", "--prompt", "x", "--variant", "bf16-fused", *FAST, "--out", str(tmp_path / "v.png")]) == 0
+    assert capsys.readouterr().err.strip() == (
+        f"models/quantized/bf16-fused: warning: it holds another LoRA than {retrained / common.LORA_FILE} "
+        f"(trained since the quantize stage ran); run `dvc repro quantize` to make it again")
+    monkeypatch.setattr(quantize, "LORA_DIR", good.parent)
+    assert main(["generate", "--prompt", "x", "--variant", "bf16-fused", *FAST, "--out", str(tmp_path / "w.png")]) == 0
+    assert capsys.readouterr().err == ""  # the LoRA it was made from: no warning
+    (cwd / "models" / "quantized" / "int8wo-fused").mkdir()
+    try:
+        assert fails(["generate", "--prompt", "x", "--variant", "int8wo-fused", "--out", "x.png"], capsys) \
+            .startswith("error: models/quantized/int8wo-fused: not a complete int8wo variant (")
+    finally:
+        (cwd / "models" / "quantized" / "int8wo-fused").rmdir()
+
+
 def test_lora_for_absent_modules_fails(cwd, capsys):
     # diffusers only warns about keys that match no module, and loads the rest.
     from safetensors.torch import load_file
