@@ -44,19 +44,25 @@ def stage(name: str):
 
 
 def git_commit() -> str:
+    """HEAD, with "+modified" when the code under sdtune/ or stages/ differs from it: `dvc exp run`
+    trains on uncommitted code (its params.yaml edits are in the params hash instead)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "sdtune", "stages"], capture_output=True,
+                              timeout=30)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+modified" if diff.returncode == 1 else "")
 
 
-# The params a LoRA depends on: those dvc.yaml lists for train and the stages before it, each
-# key once (a whole section stands for its keys). The LoRA's params_sha256 then changes with
-# them, not with a key none of those stages reads (data.retries) nor with base.device.
-# tests/test_dvc_yaml.py holds the two together.
-LORA_PARAMS = ("base.seed", "data.source", "data.sha256", "data.max_archive_bytes", "data.max_archive_files",
-               "data.too_small", "data.max_pixels", "caption", "cache", "model", "train")
+# The params a LoRA's params_sha256 hashes: those dvc.yaml lists for the train stage (a test holds
+# the two together). What the stages before it made of theirs is in the LoRA's other hashes (the
+# dataset manifest, the cache index), by content: a change to their params that leaves their
+# outputs as they were (DVC then skips train) leaves the LoRA's lineage true. Not base.device:
+# where it ran is in train.json, not part of what was asked.
+LORA_PARAMS = ("train", "model", "base.seed")
 
 
 def params_hash(params, keys) -> str:
@@ -84,7 +90,6 @@ def provenance(params, base_commit: str = "unknown", manifest_path="data/raw.man
         "cache_index_sha256": io.sha256_file(index) if index.exists() else "unknown",
         "model_family": params.model.family,
         "dataset_manifest_sha256": io.sha256_file(manifest) if manifest.exists() else "unknown",
-        # base.seed, not base.device: where it ran is in train.json, not part of what was asked
         "params_sha256": params_hash(params, LORA_PARAMS),
         "git_commit": git_commit(),
     }

@@ -575,9 +575,10 @@ def test_a_checkpoint_without_a_loss_scaler_resumes_into_a_run_with_one(tmp_path
     assert step == 1 and scaler.get_scale() == 65536.0
 
 
-def test_the_loras_params_hash_follows_the_params_up_to_train_not_the_device_nor_retries():
-    """params_sha256 changes with the params of train and the stages before it, and only with
-    them: not with where it ran (base.device) nor with a key none of them reads (data.retries)."""
+def test_the_loras_params_hash_follows_the_train_stages_params_not_the_device_nor_the_data_stages():
+    """params_sha256 changes with the params DVC re-trains for, and only with them: not with where
+    it ran (base.device), nor with a data stage's key (data.max_archive_bytes re-runs fetch; when
+    data/raw comes out the same DVC skips train, and the LoRA's hash must still be its params')."""
     from sdtune import runtime
 
     def digest(**sections):
@@ -585,9 +586,28 @@ def test_the_loras_params_hash_follows_the_params_up_to_train_not_the_device_nor
 
     assert digest(base={"device": "auto"}) == digest(base={"device": "cpu"})
     assert digest(data={"retries": 1}) == digest(data={"retries": 5})
+    assert digest(data={"max_archive_bytes": 10**9}) == digest(data={"max_archive_bytes": 3 * 10**10})
     assert digest(base={"seed": 1}) != digest(base={"seed": 2})
-    assert digest(data={"max_pixels": 10**6}) != digest(data={"max_pixels": 2 * 10**6})
+    assert digest(model={"resolution": 64}) != digest(model={"resolution": 128})
     assert digest(train={"steps": 3}) != digest(train={"steps": 4})
+
+
+def test_the_loras_git_commit_says_when_the_code_differs_from_it(tmp_path, monkeypatch):
+    """`dvc exp run` trains on uncommitted code: the commit alone named code the LoRA was not trained with."""
+    from sdtune import runtime
+
+    monkeypatch.chdir(tmp_path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "sdtune").mkdir()
+    (tmp_path / "sdtune" / "optim.py").write_text("lr = 1\n")
+    (tmp_path / "params.yaml").write_text("train: {}\n")
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "c"]):
+        subprocess.run([*git, *args], check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "params.yaml").write_text("train: {steps: 3}\n")  # what dvc exp run -S edits: in the params hash
+    assert runtime.git_commit() == head
+    (tmp_path / "sdtune" / "optim.py").write_text("lr = 2\n")
+    assert runtime.git_commit() == head + "+modified"
 
 
 def test_lora_layers_add_their_products_inside_gemms_and_train_peft_s_lora(workspace):
