@@ -117,17 +117,22 @@ def read_json(path):
         raise missing(path) from None
 
 
-def read_safetensors_metadata(path) -> dict:
-    """The string metadata of a .safetensors file (a LoRA's lineage), without loading its tensors."""
+def read_safetensors_header(path) -> tuple[list[str], dict]:
+    """The tensor names and string metadata (a LoRA's lineage) of a .safetensors file, from its
+    header alone; a missing, cut-short or foreign file is one line naming it."""
     from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
         raise missing(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+            return list(f.keys()), dict(f.metadata() or {})
     except SafetensorError as err:  # cut short, or not a safetensors file at all
         raise UserError(f"{path}: not a readable .safetensors file ({err})") from None
+
+
+def read_safetensors_metadata(path) -> dict:
+    return read_safetensors_header(path)[1]
 
 
 def read_jsonl(path):

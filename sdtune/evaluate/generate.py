@@ -6,7 +6,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from sdtune import io, quantize
@@ -29,11 +28,8 @@ def read_prompts(path, key: str) -> list[str]:
 def add_lora(pipe, lora_dir, scale: float = 1.0):
     """Load the LoRA into the pipeline; a LoRA made for another architecture is one clear line."""
     path = common.lora_path(lora_dir)
-    try:
-        with safe_open(str(path), framework="pt") as f:  # the header only: names and metadata
-            keys, trained_on = list(f.keys()), (f.metadata() or {}).get("base_model", "an unknown model")
-    except SafetensorError as err:
-        raise UserError(f"{path}: not a readable safetensors LoRA file ({err})") from None
+    keys, meta = io.read_safetensors_header(path)
+    trained_on = meta.get("base_model", "an unknown model")
 
     def misfit(reason):
         return UserError(f"{path}: this LoRA does not fit the base model (it was trained on "
