@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from sdtune.errors import UserError, main_guard
-from sdtune.params import FAMILIES  # light: pydantic only; torch and diffusers load after quiet_libraries()
+from sdtune.params import FAMILIES, repeated  # light: pydantic only; torch and diffusers load after quiet_libraries()
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # --out suffix -> Pillow format
 SCHEDULERS = ("default", "euler", "ddim", "dpm")  # default: the checkpoint's; the others: a family's SAMPLERS
@@ -120,7 +120,7 @@ def variant_kwargs(name, lora, lora_scale=None):
 def check_numbers(steps, guidance, size, seeds, scale):
     if bad := [s for s in seeds if not 0 <= s < 2**32]:
         raise UserError(f"--seed: {bad[0]} is outside 0 to 2**32 - 1, what the seeders accept")
-    if len(set(seeds)) < len(seeds):  # one file per seed: a repeated one would overwrite its own image
+    if repeated(seeds):  # one file per seed: a repeated one would overwrite its own image
         raise UserError(f"--seeds: {', '.join(str(s) for s in seeds)}: list each seed once")
     if scale is not None and scale < 0:
         raise UserError(f"--lora-scale: must be >= 0, got {scale}")

@@ -32,9 +32,13 @@ class Section(BaseModel):
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 
+def repeated(values: list) -> list:
+    """The values listed more than once, each once, in the order they first come."""
+    return list(dict.fromkeys(v for v in values if values.count(v) > 1))
+
+
 def _once_each(values: list) -> list:
-    twice = list(dict.fromkeys(v for v in values if values.count(v) > 1))
-    if twice:
+    if twice := repeated(values):
         raise ValueError(f"{', '.join(map(str, twice))} listed more than once; list each once")
     return values
 

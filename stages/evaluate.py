@@ -52,7 +52,7 @@ def main():
     family = families.of(params)
     device = runtime.device(params.base.device)
     prompts = generate.read_prompts(p.prompts, "evaluate.prompts")
-    if twice := [prompt for prompt in dict.fromkeys(prompts) if prompts.count(prompt) > 1]:
+    if twice := params_lib.repeated(prompts):
         # with the same seeds, the same images: FID and KID would count them twice
         raise UserError(f"evaluate.prompts: {p.prompts} has {twice[0]!r} more than once; list each prompt once")
     if len(prompts) * len(p.seeds) < 2:  # before minutes of generating, not after
