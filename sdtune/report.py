@@ -3,6 +3,7 @@
 Every sentence in "What helped, what did not" is computed from reports/*.json; nothing is canned.
 """
 
+from collections import defaultdict
 from pathlib import Path
 
 from sdtune import io, runtime
@@ -18,6 +19,7 @@ def setup_section(params, lineage: dict, data: dict, train: dict) -> list[str]:
     """`lineage`: the LoRA file's own metadata, what it was trained from. The report stage re-runs
     on changes that do not re-train (a data.source holding the same bytes, a later commit); the
     LoRA's provenance, not the workspace's, says where it came from."""
+    lineage = defaultdict(lambda: "unknown", lineage)  # a LoRA from elsewhere may carry none
     return [
         "## Setup",
         "",
@@ -28,11 +30,10 @@ def setup_section(params, lineage: dict, data: dict, train: dict) -> list[str]:
         f"- LoRA rank {params.train.lora.rank}, alpha {params.train.lora.alpha}; {train['steps']} steps of batch "
         f"{params.train.batch_size} × accumulation {params.train.grad_accum} × {train['processes']} process(es)",
         f"- hardware: {train['device_name']} ({train['device']}), mixed precision `{train['mixed_precision']}`",
-        f"- the LoRA (its metadata): trained at commit `{lineage.get('git_commit', 'unknown')}` with sdtune "
-        f"{lineage.get('sdtune_version', 'unknown')}, base `{lineage.get('base_model', 'unknown')}` at "
-        f"`{lineage.get('base_commit', 'unknown')}`, dataset manifest sha256 "
-        f"`{lineage.get('dataset_manifest_sha256', 'unknown')[:16]}…`, params sha256 "
-        f"`{lineage.get('params_sha256', 'unknown')[:16]}…`",
+        f"- the LoRA (its metadata): trained at commit `{lineage['git_commit']}` with sdtune "
+        f"{lineage['sdtune_version']}, base `{lineage['base_model']}` at `{lineage['base_commit']}`, "
+        f"dataset manifest sha256 `{lineage['dataset_manifest_sha256'][:16]}…`, params sha256 "
+        f"`{lineage['params_sha256'][:16]}…`",
         "",
     ]
 
