@@ -238,3 +238,18 @@ def test_a_force_upcast_vae_encodes_in_float32_and_is_put_back(family, diffusers
     assert latents.dtype == torch.float32
     assert torch.equal(latents, fam.encode_images(wide, pixels, meta)["latents"])
     assert not [m for m in diffusers_warnings if "kept in float32" in m]  # no notice in the cache stage's output
+
+
+@pytest.mark.parametrize("use_attention_mask", [False, True])
+def test_sd_prompt_embeds_are_the_pipelines_own_with_or_without_an_attention_mask(use_attention_mask):
+    """Some SD 1.x/2.x text encoders are configured to mask their padding; the pipeline then
+    samples with masked embeddings, so the cache must train on the same ones."""
+    pipe = get("sd1").load_pipeline(params_lib.parse({"model": {"id": "tiny", "resolution": 64}}).model)
+    pipe.text_encoder.config.use_attention_mask = use_attention_mask
+    captions = ["a painting by sargent", "a harbour at dawn, oil on canvas"]
+    ours = get("sd1").encode_prompts(pipe, captions)["prompt_embeds"]
+    theirs, _ = pipe.encode_prompt(captions, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    assert torch.equal(ours, theirs)
+    ids = common.tokenize(pipe.tokenizer, captions, "cpu")
+    unmasked = pipe.text_encoder(ids)[0]
+    assert torch.equal(ours, unmasked) != use_attention_mask  # the mask changes the padded positions

@@ -89,8 +89,11 @@ def encode_images(pipe, pixels, meta=None):
 
 @torch.no_grad()
 def encode_prompts(pipe, captions):
-    ids = common.tokenize(pipe.tokenizer, captions, pipe.text_encoder.device)
-    return {"prompt_embeds": pipe.text_encoder(ids)[0]}
+    """The pipeline's own encode_prompt, so training sees exactly what sampling will (a text
+    encoder whose config sets use_attention_mask gets its padding mask there too)."""
+    prompt_embeds, _ = pipe.encode_prompt(
+        captions, device=pipe.text_encoder.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return {"prompt_embeds": prompt_embeds}
 
 
 # ---- the objective ----
