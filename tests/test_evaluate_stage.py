@@ -1,0 +1,72 @@
+"""The evaluate stage run in-process on the tiny SD1 model and the tiny CLIP: what each metric is
+given, checked by spies that record the arguments the real functions got and call them through."""
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from sdtune import io
+from sdtune.evaluate import generate, metrics
+from sdtune.profiling import memory
+
+PROMPTS, SEEDS = ["a red circle", "a blue square"], [0, 1]
+
+
+@pytest.fixture(scope="module")
+def evaluated(lora_dir, tmp_path_factory):
+    """(workspace, calls): the stage run once over base and base+LoRA, 2 prompts x 2 seeds.
+    calls lists ("sample", prompt, seed, image bytes), ("clip_score", images, prompts),
+    ("fidelity", images, reference), ("reset_peak",), ("pipeline",), ("peak_memory",) in call order."""
+    ws = tmp_path_factory.mktemp("evaluate")
+    (ws / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    evaluate_keys = {"clip_model": "tiny", "prompts": "prompts.txt", "seeds": SEEDS, "steps": 2, "latency_repeats": 1}
+    (ws / "params.yaml").write_text(f"model: {{id: tiny, resolution: 32}}\nevaluate: {json.dumps(evaluate_keys)}\n")
+    (ws / "data/raw").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (40, 40), (i * 90, 20, 200)).save(ws / f"data/raw/{i}.png")
+    (ws / "data/captions.jsonl").write_text("".join(
+        json.dumps({"file": f"{i}.png", "caption": "a painting"}) + "\n" for i in range(3)))
+    shutil.copytree(lora_dir, ws / "models/lora")
+    io.write_json(ws / "reports/quantize.json", {"variants": {}})
+
+    calls = []
+    real = {name: getattr(mod, name) for mod, name in
+            [(generate, "sample"), (generate, "pipeline"), (metrics, "clip_score"), (metrics, "fidelity"),
+             (memory, "reset_peak"), (memory, "peak_memory")]}
+
+    def sample(pipe, prompt, seed, **kw):
+        img = real["sample"](pipe, prompt, seed, **kw)
+        calls.append(("sample", prompt, seed, img.tobytes()))
+        return img
+
+    def spy(name):
+        def call(*args, **kwargs):
+            calls.append((name, *args[:2]) if name in ("clip_score", "fidelity") else (name,))
+            return real[name](*args, **kwargs)
+        return call
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ws)
+        mp.setattr(generate, "sample", sample)
+        for name in ("pipeline", "clip_score", "fidelity"):
+            mp.setattr(generate if name == "pipeline" else metrics, name, spy(name))
+        for name in ("reset_peak", "peak_memory"):
+            mp.setattr(memory, name, spy(name))
+        from stages import evaluate
+
+        evaluate.main()
+    return ws, calls
+
+
+def test_each_image_is_scored_against_its_own_prompt(evaluated):
+    """2 prompts x 2 seeds: image i goes to CLIP score with the prompt it was generated from."""
+    _, calls = evaluated
+    made_from = {img: prompt for kind, prompt, _, img in (c for c in calls if c[0] == "sample")}
+    scored = [c for c in calls if c[0] == "clip_score"]
+    assert len(scored) == 2  # base and lora
+    for _, images, prompts in scored:
+        assert len(images) == len(prompts) == len(PROMPTS) * len(SEEDS)
+        assert [made_from[img.tobytes()] for img in images] == prompts
+        assert prompts == ["a red circle", "a red circle", "a blue square", "a blue square"]
