@@ -70,3 +70,14 @@ def test_each_image_is_scored_against_its_own_prompt(evaluated):
         assert len(images) == len(prompts) == len(PROMPTS) * len(SEEDS)
         assert [made_from[img.tobytes()] for img in images] == prompts
         assert prompts == ["a red circle", "a red circle", "a blue square", "a blue square"]
+
+
+def test_fidelity_is_measured_against_base_plus_lora(evaluated):
+    ws, calls = evaluated
+    scores = io.read_json(ws / "reports/eval.json")
+    # base+LoRA against itself is identical; the base, which the LoRA changes, is not.
+    assert scores["lora"]["psnr_to_lora"] == metrics.PSNR_CAP_DB and scores["lora"]["lpips_like_to_lora"] == 0.0
+    assert scores["base"]["psnr_to_lora"] < metrics.PSNR_CAP_DB
+    lora_images = [c[1] for c in calls if c[0] == "clip_score"][1]
+    for _, _, reference in (c for c in calls if c[0] == "fidelity"):
+        assert [r.tobytes() for r in reference] == [i.tobytes() for i in lora_images]
