@@ -81,3 +81,11 @@ def test_fidelity_is_measured_against_base_plus_lora(evaluated):
     lora_images = [c[1] for c in calls if c[0] == "clip_score"][1]
     for _, _, reference in (c for c in calls if c[0] == "fidelity"):
         assert [r.tobytes() for r in reference] == [i.tobytes() for i in lora_images]
+
+
+def test_each_variants_peak_memory_is_measured_from_a_fresh_peak(evaluated):
+    """reset_peak before each variant's pipeline loads: otherwise the second variant reports the
+    first one's peak when it is higher."""
+    _, calls = evaluated
+    order = [c[0] for c in calls if c[0] in ("reset_peak", "pipeline", "peak_memory")]
+    assert order == ["reset_peak", "pipeline", "peak_memory"] * 2
