@@ -610,6 +610,10 @@ def test_profiled_cell_counts_the_gradients_a_real_step_holds(train_workspace):
     mem = cell["memory"]
     assert mem["gradients_bytes"] == sum(held.values()) == mem["trainable_bytes"] > 0
     assert mem["trainable_bytes"] < mem["weights_bytes"]  # the LoRA's, not the frozen base's
+    # The cost is that of the measured mean step, at profile.usd_per_hour (1 USD/h here).
+    step_s, usd_per_s = cell["phases"]["step_mean_ms"] / 1e3, 1.0 / 3600
+    assert cell["cost"]["usd_per_1000_steps"] == pytest.approx(step_s * 1000 * usd_per_s)
+    assert cell["cost"]["usd_per_run"] == pytest.approx(step_s * p.train.steps * usd_per_s)
 
 
 def test_kept_for_backward_is_what_a_real_step_saves_and_checkpointing_cuts_it(train_workspace):
