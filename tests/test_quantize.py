@@ -160,3 +160,30 @@ def test_a_variant_is_refused_only_under_another_model(tmp_path, monkeypatch):
     for other in [{"id": "tiny"}, {"id": "./models/sd15", "family": "sdxl"}]:
         with pytest.raises(UserError, match="made from sd1 './models/sd15' \\(revision main\\); this run's model is"):
             quantize.check_base(tmp_path / "v", params_lib.parse({"model": other}).model)
+
+
+def test_the_quantize_stage_fuses_its_variants_at_evaluate_lora_scale(lora_dir, tmp_path, monkeypatch):
+    """At evaluate.lora_scale 0.5, a fused variant's weight is base + 0.5 · (alpha/rank) · B @ A, from the
+    LoRA file itself: the strength the adapter variants and base+LoRA are evaluated at, not 1."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from sdtune import io
+    from stages import quantize as stage
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(lora_dir, "models/lora")
+    (tmp_path / "params.yaml").write_text("model: {id: tiny, resolution: 64}\n"
+                                          "quantize: {variants: [fp16], lora_modes: [fused]}\n"
+                                          "evaluate: {lora_scale: 0.5}\n")
+    stage.main()
+    assert list(io.read_json("reports/quantize.json")["variants"]) == ["fp16-fused"]
+    fused = quantize.load_variant(sd, "models/quantized/fp16-fused", "fp16").state_dict()
+    base = sd.tiny_unet().state_dict()
+    lora = load_file(tmp_path / "models/lora" / common.LORA_FILE)
+    module = next(k for k in lora if k.endswith(".lora_A.weight")).removeprefix("unet.").removesuffix(".lora_A.weight")
+    delta = lora[f"unet.{module}.lora_B.weight"] @ lora[f"unet.{module}.lora_A.weight"] * (8.0 / 4)  # alpha 8, rank 4
+    want = base[f"{module}.weight"] + 0.5 * delta
+    assert delta.abs().max() > 0.05  # far enough from 0 to tell 0.5 from 1
+    torch.testing.assert_close(fused[f"{module}.weight"].float(), want, rtol=2e-3, atol=2e-3)
