@@ -143,3 +143,13 @@ def test_time_it_and_memory():
     # the evaluate stage's peak memory, from the profiler's one implementation
     assert memory.peak_memory("cpu")["peak_bytes"] > 10 * 2**20  # torch loaded: well over 10 MiB
 
+
+
+def test_psnr_is_in_decibels_over_0_255_pixels(clip):
+    """10·log10(255² / MSE) per pair, averaged: pixels ±5 and ±20 off a grey image (MSE 25 and 400)."""
+    grey = torch.full((2, 3, 32, 32), 128, dtype=torch.uint8)
+    sign = (torch.arange(32 * 32).reshape(32, 32) % 2) * 2 - 1  # +1/-1 in alternate columns
+    off = torch.stack([grey[0] + 5 * sign, grey[1] + 20 * sign]).to(torch.uint8)
+    want = (10 * math.log10(255**2 / 25) + 10 * math.log10(255**2 / 400)) / 2
+    assert M.fidelity(off, grey, clip)["psnr"] == pytest.approx(want, abs=1e-3)
+
