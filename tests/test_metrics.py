@@ -153,3 +153,23 @@ def test_psnr_is_in_decibels_over_0_255_pixels(clip):
     want = (10 * math.log10(255**2 / 25) + 10 * math.log10(255**2 / 400)) / 2
     assert M.fidelity(off, grey, clip)["psnr"] == pytest.approx(want, abs=1e-3)
 
+
+def test_kid_is_the_unbiased_mmd_of_the_features_and_its_std_comes_second(clip, sets):
+    """With KID's subset as large as both sets (12 here), every subset is the whole set: the mean is
+    the unbiased MMD² under the cubic polynomial kernel, computed here from the features, and the
+    std over subsets is 0."""
+    ext = M.clip_image_extractor(clip)
+    _, kid_mean, kid_std = M.fid_kid(sets["real"], sets["rand"], ext)
+    x, y = ext(sets["real"]).double(), ext(sets["rand"]).double()
+    n, d = len(x), x.shape[1]
+
+    def k(a, b):
+        return (a @ b.T / d + 1) ** 3
+
+    def off_diagonal_mean(m):
+        return (m.sum() - m.diagonal().sum()) / (n * (n - 1))
+
+    mmd = off_diagonal_mean(k(x, x)) + off_diagonal_mean(k(y, y)) - 2 * k(x, y).mean()
+    assert mmd > 1e-4  # noise is far from the drawings: a mean that cannot pass for a std of 0
+    assert kid_mean == pytest.approx(float(mmd), rel=1e-3)
+    assert kid_std == pytest.approx(0.0, abs=1e-6)
