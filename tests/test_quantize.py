@@ -129,6 +129,20 @@ def test_int8_bytes_count_the_row_scales_bitsandbytes_keeps_beside_the_weights()
     assert quantize.tensor_bytes(layer) == 128 * 320 + 128 * 2 + 128 * 4
 
 
+def test_int8wo_bytes_count_the_int8_data_and_its_row_scales_not_the_bf16_it_stands_for():
+    """A torchao int8 weight-only layer holds int8 weights, a float32 scale and an int8 zero point per
+    output row; the Int8Tensor says bf16 as its dtype, which counted it at twice its size."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    layer = torch.nn.Sequential(torch.nn.Linear(320, 128)).to(torch.bfloat16)
+    bf16 = quantize.tensor_bytes(layer)
+    assert bf16 == (128 * 320 + 128) * 2
+    quantize_(layer, Int8WeightOnlyConfig())
+    assert type(layer[0].weight).__name__ == "Int8Tensor"
+    assert quantize.tensor_bytes(layer) == 128 * 320 + 128 * (4 + 1) + 128 * 2  # + the bf16 bias
+    assert quantize.tensor_bytes(layer) < 0.6 * bf16
+
+
 @pytest.mark.parametrize("name", ["nf4", "int8", "float8wo"])
 def test_cuda_only_methods_refuse_in_one_line_without_cuda(name):
     if torch.cuda.is_available():
