@@ -240,6 +240,23 @@ def test_table_judges_targets():
     assert judged[2]["result"] == judged[3]["result"] == "not run"
 
 
+def _bench_row(name, **keys):
+    return {"name": name, "arch": "sd15", "tiny": False, "res": 512, "bs": 4, "baseline": False, "nf4": False,
+            "precision": "bf16", "step_ms": 100.0, "step_ms_pipelined": 100.0, "images_per_second": 40.0,
+            "flops_per_step": 1e12, "mfu": 0.3, "peak_memory_bytes": 2**30, **keys}
+
+
+def test_speedup_is_the_same_batchs_baseline_time_over_the_runs():
+    """The baseline of the same arch, size and batch: a bs1 baseline's shorter step is not the bar."""
+    rows = [_bench_row("base-bs4", baseline=True, step_ms=100.0), _bench_row("base-bs1", baseline=True, bs=1, step_ms=30.0),
+            _bench_row("fast-bs4", step_ms=40.0)]
+    assert table.speedup(rows[2], rows) == pytest.approx(2.5)
+    assert table.speedup(rows[0], rows) is None  # a baseline is not sped up against itself
+    lines = table.results_table(rows).splitlines()
+    assert lines[-1].startswith("| fast-bs4 |") and lines[-1].endswith("| 2.50× |")
+    assert lines[2].endswith("| 1.00 |  |")  # the baseline's own row: peak GiB, then no speedup
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--arch", "sd35l", "--nf4"], "--nf4 needs a CUDA GPU"),
     (["--attention", "fa4"], "--attention fa4 needs a CUDA GPU: FlashAttention 4's kernels run on Hopper and Blackwell only"),
