@@ -257,6 +257,19 @@ def test_speedup_is_the_same_batchs_baseline_time_over_the_runs():
     assert lines[2].endswith("| 1.00 |  |")  # the baseline's own row: peak GiB, then no speedup
 
 
+def test_a_baseline_run_never_meets_a_target_and_the_qlora_bar_is_20_gib():
+    fast_baseline = _bench_row("baseline-bs1", baseline=True, bs=1, step_ms=50.0)
+    slow = _bench_row("ours-bs1", bs=1, step_ms=70.0)
+    judged = table.judge([fast_baseline, slow])[1]
+    assert (judged["run"], judged["value"], judged["result"]) == ("ours-bs1", 70.0, "FAIL")
+    assert table.judge([fast_baseline])[1]["result"] == "not run"
+    # 19.5 GiB is 20.9 GB: under 20 GiB, over 20 GB.
+    qlora = _bench_row("sd35l-nf4", arch="sd35l", bs=1, res=1024, nf4=True, peak_memory_bytes=int(19.5 * 2**30))
+    judged = table.judge([qlora])[3]
+    assert (judged["run"], judged["shown"], judged["result"]) == ("sd35l-nf4", "19.5 GiB", "pass")
+    assert table.judge([qlora | {"peak_memory_bytes": int(20.5 * 2**30)}])[3]["result"] == "FAIL"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--arch", "sd35l", "--nf4"], "--nf4 needs a CUDA GPU"),
     (["--attention", "fa4"], "--attention fa4 needs a CUDA GPU: FlashAttention 4's kernels run on Hopper and Blackwell only"),
