@@ -898,6 +898,16 @@ def test_the_loras_effect_on_style_is_judged_by_kid():
     assert line.startswith("- The LoRA did not move samples closer")
 
 
+def test_findings_give_a_cells_peak_memory_change_with_its_sign():
+    """Each cell otherwise has the same peak here: 80 MiB against 100 MiB is -20%, not +20% or +25%."""
+    from sdtune import report
+
+    base, ckpt = made_cell("bf16", 2, 100.0), made_cell("bf16-ckpt", 2, 125.0, gradient_checkpointing=True)
+    base["memory"], ckpt["memory"] = {"peak_bytes": 100 * 2**20}, {"peak_bytes": 80 * 2**20}
+    (line,) = report.findings({}, {"cells": {"bf16": base, "bf16-ckpt": ckpt}, "best": "bf16"})
+    assert line.endswith("MFU 10.0% vs 10.0%, peak memory -20%.")
+
+
 def test_profile_md_header_says_what_the_numbers_are_against():
     """A reader of profile.md alone learns the card's GEMM ceiling next to its datasheet peak, and
     that a CPU's peak memory is a process-wide resident set."""
