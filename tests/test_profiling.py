@@ -908,6 +908,17 @@ def test_findings_give_a_cells_peak_memory_change_with_its_sign():
     assert line.endswith("MFU 10.0% vs 10.0%, peak memory -20%.")
 
 
+@pytest.mark.parametrize("step_ms, verdict", [(98.0, "made no real difference"), (104.0, "made no real difference"),
+                                              (90.0, "helped"), (110.0, "did not help")])
+def test_a_cell_within_5_percent_of_its_reference_made_no_real_difference(step_ms, verdict):
+    """1.02× or 0.96× the speed is within a CPU's or GPU's run-to-run noise: neither helped nor hurt."""
+    from sdtune import report
+
+    cells = [made_cell("bf16", 2, 100.0), made_cell("bf16-compile", 2, step_ms, compile=True)]
+    (line,) = report.findings({}, {"cells": {c["name"]: c for c in cells}, "best": "bf16"})
+    assert line.startswith(f"- `bf16-compile` {verdict}: {100.0 / step_ms:.2f}× the speed of `bf16`")
+
+
 def test_profile_md_header_says_what_the_numbers_are_against():
     """A reader of profile.md alone learns the card's GEMM ceiling next to its datasheet peak, and
     that a CPU's peak memory is a process-wide resident set."""
