@@ -919,6 +919,21 @@ def test_a_cell_within_5_percent_of_its_reference_made_no_real_difference(step_m
     assert line.startswith(f"- `bf16-compile` {verdict}: {100.0 / step_ms:.2f}× the speed of `bf16`")
 
 
+def test_each_variant_is_set_against_the_unquantized_lora_model():
+    """A quantized variant holds the LoRA: its size, latency and CLIP score are against base+LoRA's,
+    its latency change new over old (1.5 s against 1.0 s is +50%)."""
+    from sdtune import report
+
+    profile = {"cells": {"baseline": made_cell("baseline", 2, 100.0)}, "best": "baseline"}
+    style = {"style_similarity": 0.5, "kid": 0.001}
+    evals = {"base": {"denoiser_mib": 10.0, "latency_s": 2.0, "clip_score": 20.0, **style},
+             "lora": {"denoiser_mib": 12.0, "latency_s": 1.0, "clip_score": 25.0, **style},
+             "int8wo-fused": {"denoiser_mib": 6.0, "latency_s": 1.5, "clip_score": 24.0, "psnr_to_lora": 30.0}}
+    assert report.findings(evals, profile)[-1] == (
+        "- `int8wo-fused`: denoiser 6.0 MiB (-50%), latency 1.500 s (+50%), PSNR to the unquantized LoRA model "
+        "30.0 dB, CLIP score 24.00 vs 25.00.")
+
+
 def test_profile_md_header_says_what_the_numbers_are_against():
     """A reader of profile.md alone learns the card's GEMM ceiling next to its datasheet peak, and
     that a CPU's peak memory is a process-wide resident set."""
