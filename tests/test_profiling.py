@@ -934,6 +934,28 @@ def test_each_variant_is_set_against_the_unquantized_lora_model():
         "30.0 dB, CLIP score 24.00 vs 25.00.")
 
 
+def test_the_report_prices_1000_steps_and_the_run_from_the_fastest_cell(tmp_path):
+    from sdtune import io, report
+
+    p = params_lib.parse({"model": {"id": "tiny"}, "train": {"steps": 4000},
+                          "profile": {"usd_per_hour": 3.6, "matrix": [{"name": "baseline"}]}})
+    cell = made_cell("baseline", 2, 100.0) | {"device": "cuda:0", "device_name": "NVIDIA L4",
+                                              "cost": cost.cost(0.1, 4000, 3.6) | {"usd_per_hour": 3.6}}
+    io.write_json(tmp_path / "profile.json", {"cells": {"baseline": cell}, "best": "baseline"})
+    io.write_json(tmp_path / "eval.json", {})
+    io.write_json(tmp_path / "data.json", {"kept": 12, "skipped": 0})
+    io.write_json(tmp_path / "train.json", {"steps": 4000, "processes": 1, "device_name": "NVIDIA L4", "device": "cuda",
+                                            "mixed_precision": "bf16", "final_loss": 0.1, "final_loss_steps": 10,
+                                            "seconds": 400.0, "steps_per_second": 10.0, "images_per_second": 20.0})
+    (tmp_path / "eval.md").write_text("eval table\n")
+    (tmp_path / "profile.md").write_text("profile table\n")
+    (tmp_path / "stages").mkdir()
+    text = report.build(p, {}, reports=tmp_path)
+    # 0.1 s a step at $3.60/h ($0.001/s): $0.100 per 1,000 steps, $0.400 for 4,000.
+    assert ("At $3.60/h (profile.usd_per_hour), the fastest cell `baseline` (20.00 images/s) costs $0.100 per "
+            "1,000 steps of 2 images and $0.400 for this run's 4000 steps (training only).\n") in text
+
+
 def test_profile_md_header_says_what_the_numbers_are_against():
     """A reader of profile.md alone learns the card's GEMM ceiling next to its datasheet peak, and
     that a CPU's peak memory is a process-wide resident set."""
