@@ -137,6 +137,29 @@ def test_phases_accumulate_and_nested_phases_do_not_count_twice():
     assert s["coverage"] <= 1.0
 
 
+def test_summary_takes_the_median_step_counts_a_missing_phase_as_0_and_covers_by_totals():
+    """Three steps, the last one long, with a phase of its own and mostly untimed: the median step
+    is a short one; `backward` counts 0 ms in the steps without it (so phase means add up to the
+    mean step); coverage is timed ms over step ms in total, not a mean of per-step ratios."""
+    timer = phases.PhaseTimer()
+    for i in range(3):
+        timer.step_begin()
+        with timer.phase("forward"):
+            time.sleep(0.01)
+        if i == 2:
+            with timer.phase("backward"):
+                time.sleep(0.01)
+            time.sleep(0.15)  # untimed
+        timer.step_end()
+    s = timer.summary()
+    step_ms = [t["step_ms"] for t in timer.steps]
+    assert s["step_median_ms"] == sorted(step_ms)[1] < 60 < s["step_mean_ms"]
+    backward = timer.steps[2]["phases"]["backward"]
+    assert s["phases"]["backward"] == {"median_ms": 0.0, "mean_ms": pytest.approx(backward / 3)}
+    timed = sum(t["top"] for t in timer.steps)
+    assert s["coverage"] == pytest.approx(timed / sum(step_ms)) and s["coverage"] < 0.4
+
+
 def test_disabled_timer_is_a_null_context():
     timer = phases.PhaseTimer(enabled=False)
     timer.step_begin()
