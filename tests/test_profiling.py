@@ -997,6 +997,30 @@ def test_profile_md_header_says_what_the_numbers_are_against():
     assert "resident set" in text and "TFLOP/s on this device" not in text
 
 
+def test_an_inference_cell_times_after_one_warm_up_and_counts_denoiser_steps_per_second(monkeypatch):
+    """As the evaluate stage times its variants: one untimed image first (its first call pays for
+    the allocations), then evaluate.latency_repeats timed ones, then one under the FLOP counter;
+    denoiser steps/s is evaluate.steps over the median seconds an image."""
+    from sdtune.evaluate import generate
+    from sdtune.profiling import inference
+
+    p = params_lib.parse({"model": {"id": "tiny", "resolution": 32},
+                          "evaluate": {"steps": 3, "latency_repeats": 2, "guidance_scale": 0.0}})
+    forwards = []
+    real = generate.pipeline
+
+    def pipeline(*args, **kwargs):  # the real pipeline, its denoiser's calls counted
+        pipe = real(*args, **kwargs)
+        pipe.unet.register_forward_hook(lambda *_: forwards.append(1))
+        return pipe
+
+    monkeypatch.setattr(generate, "pipeline", pipeline)
+    cell = inference.profile_cell(p, {"name": "fp32", "lora": False}, None, torch.device("cpu"))
+    assert len(forwards) == (1 + 2 + 1) * 3
+    assert cell["timed_images"] == 2
+    assert cell["denoiser_steps_per_second"] == pytest.approx(3 / cell["seconds_per_image"])
+
+
 def test_an_inference_variant_cell_must_be_saved_and_brings_its_own_dtype(tmp_path, monkeypatch):
     from sdtune.profiling import inference
 
