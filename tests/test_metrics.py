@@ -173,3 +173,20 @@ def test_kid_is_the_unbiased_mmd_of_the_features_and_its_std_comes_second(clip, 
     assert mmd > 1e-4  # noise is far from the drawings: a mean that cannot pass for a std of 0
     assert kid_mean == pytest.approx(float(mmd), rel=1e-3)
     assert kid_std == pytest.approx(0.0, abs=1e-6)
+
+
+def _by_hand_pixels(images, clip):
+    return clip[1].image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+
+def test_style_similarity_is_the_cosine_to_the_unit_centroid_of_the_real_embeddings(clip, sets):
+    """The centroid of the real images' unit embeddings, itself unit-normalised: a mean of unit
+    vectors is shorter than 1, which would shrink every score."""
+    with torch.no_grad():
+        real = clip[0].get_image_features(pixel_values=_by_hand_pixels(sets["real"], clip))
+        fake = clip[0].get_image_features(pixel_values=_by_hand_pixels(sets["noisy"], clip))
+    real, fake = (torch.nn.functional.normalize(getattr(t, "pooler_output", t), dim=-1) for t in (real, fake))
+    centroid = real.mean(0)
+    assert centroid.norm() < 0.99  # the case this test is about
+    want = torch.nn.functional.cosine_similarity(fake, centroid[None], dim=-1).mean().item()
+    assert M.style_similarity(sets["noisy"], sets["real"], clip) == pytest.approx(want, abs=1e-5)
