@@ -190,3 +190,19 @@ def test_style_similarity_is_the_cosine_to_the_unit_centroid_of_the_real_embeddi
     assert centroid.norm() < 0.99  # the case this test is about
     want = torch.nn.functional.cosine_similarity(fake, centroid[None], dim=-1).mean().item()
     assert M.style_similarity(sets["noisy"], sets["real"], clip) == pytest.approx(want, abs=1e-5)
+
+
+def test_lpips_like_is_the_token_distance_averaged_over_tokens_and_every_layer(clip, sets):
+    """Squared L2 of unit patch tokens, averaged over the patch tokens and over each transformer
+    layer's output (not summed over tokens, not the last layer alone): at most 4."""
+    with torch.no_grad():
+        a, b = (clip[0].vision_model(_by_hand_pixels(sets[k], clip), output_hidden_states=True).hidden_states
+                for k in ("rand", "real"))
+    per_layer = []
+    for x, y in zip(a[1:], b[1:]):  # after each of the 2 layers, not the embeddings
+        x, y = (torch.nn.functional.normalize(t[:, 1:], dim=-1) for t in (x, y))  # patch tokens only
+        per_layer.append(((x - y) ** 2).sum(-1).mean(-1))
+    assert len(per_layer) == 2 and abs(per_layer[0].mean() - per_layer[1].mean()) > 1e-3
+    got = M.fidelity(sets["rand"], sets["real"], clip)["lpips_like"]
+    assert got == pytest.approx(torch.stack(per_layer).mean().item(), abs=1e-5)
+    assert 0 < got <= 4
