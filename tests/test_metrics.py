@@ -206,3 +206,26 @@ def test_lpips_like_is_the_token_distance_averaged_over_tokens_and_every_layer(c
     got = M.fidelity(sets["rand"], sets["real"], clip)["lpips_like"]
     assert got == pytest.approx(torch.stack(per_layer).mean().item(), abs=1e-5)
     assert 0 < got <= 4
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    """40 drawn images: more than one metrics batch of 32."""
+    return torch.stack(M.as_images(_drawn(tmp_path_factory.mktemp("many"), 40, 32, seed=5)))
+
+
+def test_metrics_over_more_than_one_batch_use_every_image_once_and_in_order(clip, many):
+    assert len(many) > M.BATCH
+    # fidelity pairs image i with reference i in every batch: a copy is identical throughout.
+    assert M.fidelity(many, many.clone(), clip) == {"psnr": M.PSNR_CAP_DB, "lpips_like": 0.0}
+    # ... and an image changed past the first batch shows.
+    changed = many.clone()
+    changed[-1] = 255 - changed[-1]
+    assert M.fidelity(changed, many, clip)["lpips_like"] > 0
+    # CLIP score pairs each image with its own prompt, past the first batch too.
+    prompts = [f"a red circle on a blue gradient {i}" for i in range(len(many))]
+    assert M.clip_score(many, prompts, clip) == pytest.approx(_clip_score_by_hand(many, prompts, clip), abs=1e-3)
+    # FID sees the whole set: the same set is 0, a set whose last batch differs is not.
+    ext = M.clip_image_extractor(clip)
+    assert abs(M.fid_kid(many, many.clone(), ext)[0]) < FID_ZERO_TOL
+    assert M.fid_kid(many, changed, ext)[0] > FID_ZERO_TOL
