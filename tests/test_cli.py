@@ -163,6 +163,11 @@ def test_user_mistakes_are_one_line(cwd, capsys):
     assert fails(["generate", "--prompt", "x", "--lora", "models/lora", "--lora-scale", "-1", "--out", "x.png"],
                  capsys) == "error: --lora-scale: must be >= 0, got -1.0"
     assert "--prompt" in fails(["generate", "--out", "x.png"], capsys)
+    # 0 steps was a ZeroDivisionError traceback in the scheduler; a negative guidance sampled nonsense.
+    assert fails(["generate", "--prompt", "x", "--steps", "0", "--out", "x.png"], capsys) == \
+        "error: --steps: must be positive, got 0"
+    assert fails(["generate", "--prompt", "x", "--guidance", "-1", "--out", "x.png"], capsys) == \
+        "error: --guidance: must be >= 0, got -1.0"
     assert fails(["generate", "--prompt", "x", "--lora-scale", "0.5", "--out", "x.png"], capsys) == \
         "error: --lora-scale: no LoRA to scale; add --lora models/lora (or an -adapter --variant)"
     # SD3 is a flow-matching model: Euler/DDIM/DPM built from its config sampled it with DDPM betas.
