@@ -195,6 +195,18 @@ def test_user_mistakes_are_one_line(cwd, capsys):
     assert not (cwd / "x.png").exists()
 
 
+def test_a_variant_folder_of_no_known_method_is_one_line(cwd, capsys):
+    """A folder in models/quantized/ whose name does not start with a method (copied in by hand):
+    a KeyError traceback from the methods table."""
+    odd = cwd / quantize.QUANT_DIR / "int4-fused"
+    odd.mkdir()
+    try:
+        assert fails(["generate", "--prompt", "x", "--variant", "int4-fused", "--out", "x.png"], capsys) == (
+            f"error: --variant: 'int4-fused' does not start with a known method ({', '.join(quantize.METHODS)})")
+    finally:
+        odd.rmdir()
+
+
 def test_a_fused_variant_of_another_lora_warns_and_an_incomplete_one_is_one_line(cwd, tmp_path, monkeypatch, capsys):
     """A LoRA trained after the quantize stage ran: the fused variant still held the old one, and
     generate sampled it without a word. A variant folder without its weights was a traceback."""
