@@ -208,6 +208,8 @@ def test_mfu_of_a_matmul_step_is_a_fraction_of_the_measured_peak():
         times.append(time.perf_counter() - t0)
     value = hardware.mfu(step_flops, statistics.median(times), peak)
     assert 0 < value <= 1
+    # An MFU over 100% means a FLOP over-count or a wrong peak: shown as it is, not clamped to 1.
+    assert hardware.mfu(3 * 10**12, 1.0, 2.0) == 1.5
 
 
 @pytest.fixture
