@@ -327,6 +327,21 @@ def test_optimizer_state_shared_between_parameters_counts_once():
     assert parts["optimizer_bytes"] == (16 + 4) + 256 * 4
 
 
+def test_cpu_peak_is_the_kernels_vmhwm_in_bytes():
+    """/proc/self/status gives VmHWM in kB, which are KiB: 1024 bytes each."""
+    import re
+    from pathlib import Path
+
+    def hwm_kib():
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1))
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("no /proc here")
+    before = hwm_kib()
+    peak = memory.peak_memory("cpu")["peak_bytes"]
+    assert before * 1024 <= peak <= hwm_kib() * 1024
+
+
 def test_cpu_peak_is_that_of_what_ran_since_the_reset():
     # Each profile cell and evaluated variant resets the peak: a lifetime peak would charge the
     # first cell's memory to every later one (checkpointing would seem to cost memory).
