@@ -63,7 +63,7 @@ def evaluated(lora_dir, tmp_path_factory):
 def test_each_image_is_scored_against_its_own_prompt(evaluated):
     """2 prompts x 2 seeds: image i goes to CLIP score with the prompt it was generated from."""
     _, calls = evaluated
-    made_from = {img: prompt for kind, prompt, _, img in (c for c in calls if c[0] == "sample")}
+    made_from = {img: prompt for _, prompt, _, img in (c for c in calls if c[0] == "sample")}
     scored = [c for c in calls if c[0] == "clip_score"]
     assert len(scored) == 2  # base and lora
     for _, images, prompts in scored:
