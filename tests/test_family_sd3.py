@@ -161,12 +161,34 @@ def test_timestep_densities(density):
 
 @pytest.mark.parametrize("weighting", sd3.WEIGHTINGS)
 def test_loss_weightings(params, batch, trained, weighting):
+    """Each weighting's loss against one written out from the formulas: logit-normal levels on the
+    scheduler's table, the velocity MSE, or (sigma_sqrt: σ⁻², cosmap: 2/(π(1−2σ+2σ²))) on the image
+    the prediction implies."""
     denoiser, _ = trained
     train = SimpleNamespace(**{k: getattr(params.train, k) for k in ("snr_gamma", "noise_offset")},
                             loss_weighting=weighting)
+    scheduler = sd3.tiny_scheduler()
     with torch.no_grad():
-        loss = sd3.training_loss(denoiser, sd3.tiny_scheduler(), batch, torch.Generator().manual_seed(0), train)
-    assert loss.shape == (2,) and torch.isfinite(loss).all()
+        loss = sd3.training_loss(denoiser, scheduler, batch, torch.Generator().manual_seed(0), train)
+
+    x0 = batch["latents"].float()
+    g = torch.Generator().manual_seed(0)  # the noise first, then the levels
+    noise = torch.randn(x0.shape, generator=g)
+    u = torch.sigmoid(torch.normal(0.0, 1.0, size=(2,), generator=g))
+    index = (u * scheduler.config.num_train_timesteps).long()
+    sigma = scheduler.sigmas[index].view(-1, 1, 1, 1)
+    noisy = (1 - sigma) * x0 + sigma * noise
+    with torch.no_grad():
+        pred = denoiser(hidden_states=noisy, timestep=scheduler.timesteps[index],
+                        encoder_hidden_states=batch["prompt_embeds"],
+                        pooled_projections=batch["pooled_prompt_embeds"], return_dict=False)[0]
+    velocity = ((pred - (noise - x0)) ** 2).mean(dim=(1, 2, 3))
+    image = ((noisy - sigma * pred - x0) ** 2).mean(dim=(1, 2, 3))
+    s = sigma.flatten()
+    want = {"none": velocity, "sigma_sqrt": image / s**2,
+            "cosmap": image * 2 / (math.pi * (1 - 2 * s + 2 * s**2))}[weighting]
+    assert loss.shape == (2,)
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-6)
 
 
 def test_weightings_apply_to_the_implied_image_as_diffusers_does(params, batch, trained):
