@@ -389,6 +389,53 @@ def train_in_process(workspace, ckpt_dir, validate=None, **train):
     return run, loop.train(run, ckpt_dir, workspace / "cache", validate=validate)
 
 
+class Interrupted(Exception):
+    """Stands in for a kill: raised by a validation, right after its step's checkpoint."""
+
+
+def train_recording_lr(workspace, ckpt_dir, used: list, validate=None, **train):
+    """train_in_process, appending to `used` the learning rate the optimizer steps with, each step."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run = loop.setup(in_process_params(workspace, **train), workspace / "cache")
+    run.optimizer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    return run, loop.train(run, ckpt_dir, workspace / "cache", validate=validate)
+
+
+def interrupted_then_resumed(workspace, ckpt_dir, at: int, used: list, **train):
+    """A run stopped right after step `at`'s checkpoint, then run again: (the resumed Run, its stats);
+    `used` gets the resumed run's learning rates."""
+    def stop(run):
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_recording_lr(workspace, ckpt_dir, [], validate=stop, validate_every=at, checkpoint_every=at, **train)
+    run, stats = train_recording_lr(workspace, ckpt_dir, used, validate_every=at, checkpoint_every=at, **train)
+    assert stats["resumed_from"] == str(ckpt_dir / f"step-{at:07d}")
+    return run, stats
+
+
+COSINE = {"steps": 6, "lr": 1.0e-3, "lr_scheduler": "cosine", "warmup_steps": 2}
+
+
+def cosine_with_warmup(step: int) -> float:
+    """COSINE's rate at (0-based) `step`: linear warmup from 0, then a half cosine down to 0."""
+    lr, steps, warmup = COSINE["lr"], COSINE["steps"], COSINE["warmup_steps"]
+    if step < warmup:
+        return lr * step / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+
+
+def test_a_resumed_run_continues_the_lr_schedule_where_its_checkpoint_was(workspace, tmp_path):
+    """Not warmup and cosine from the start again: the schedule's state comes back with the checkpoint."""
+    used = []
+    run, _ = interrupted_then_resumed(workspace, tmp_path / "checkpoints", 3, used, **COSINE)
+    want = [cosine_with_warmup(s) for s in range(COSINE["steps"])]
+    assert used == pytest.approx(want[3:], rel=1e-6, abs=1e-12)
+    assert [h["lr"] for h in run.history] == pytest.approx(want, rel=1e-6, abs=1e-12)
+
+
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_and_temporaries_go(workspace, tmp_path, capsys):
     ckpt = tmp_path / "checkpoints"
     train_in_process(workspace, ckpt, steps=3, checkpoint_every=1, keep_checkpoints=2)
