@@ -427,6 +427,14 @@ def cosine_with_warmup(step: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
 
 
+def test_the_optimizer_steps_with_the_warmup_then_cosine_rates(workspace, tmp_path):
+    used = []
+    run, _ = train_recording_lr(workspace, tmp_path / "checkpoints", used, **COSINE)
+    want = [cosine_with_warmup(s) for s in range(COSINE["steps"])]
+    assert used == pytest.approx(want, rel=1e-6, abs=1e-12)
+    assert [h["lr"] for h in run.history] == pytest.approx(want, rel=1e-6, abs=1e-12)
+
+
 def test_a_resumed_run_continues_the_lr_schedule_where_its_checkpoint_was(workspace, tmp_path):
     """Not warmup and cosine from the start again: the schedule's state comes back with the checkpoint."""
     used = []
