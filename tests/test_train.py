@@ -444,6 +444,37 @@ def test_a_resumed_run_continues_the_lr_schedule_where_its_checkpoint_was(worksp
     assert [h["lr"] for h in run.history] == pytest.approx(want, rel=1e-6, abs=1e-12)
 
 
+def test_gradient_accumulation_steps_with_the_mean_gradient_of_its_micro_batches(workspace):
+    """grad_accum: 2 with batch 1 steps with the gradient of a batch of 2: the mean of the two
+    micro-batches' gradients, each on its own item (the epoch's batches in turn) and its own noise."""
+    from accelerate.state import AcceleratorState
+
+    train = {"grad_accum": 2, "batch_size": 1, "max_grad_norm": None}
+    run = loop.setup(in_process_params(workspace, **train), workspace / "cache")
+    stepped = []
+    run.optimizer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: stepped.append(
+        [p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+    loss = loop.train_step(run, 0)
+    # The micro-batches of each step take different items: three steps are an epoch of the six.
+    seen = [loop.sample_indices(run, step, micro) for step in range(3) for micro in range(2)]
+    assert sorted(i for batch in seen for i in batch) == list(range(6))
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    ref = loop.setup(in_process_params(workspace, **train), workspace / "cache")  # the same initial LoRA
+    seed, losses = ref.params.base.seed, []
+    for micro, idx in enumerate(loop.epoch_batches(ref, 0)[:2]):
+        batch = {k: torch.stack([ref.items[i][k] for i in idx]) for k in ref.items[0]}
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + micro)  # the global batch's draws
+        losses.append(ref.family.training_loss(ref.denoiser, ref.noise_scheduler, batch, generator,
+                                               ref.params.train).mean())
+    (sum(losses) / 2).backward()
+    want = [p.grad for p in lora_lib.trainable(ref.denoiser)]
+    torch.testing.assert_close(loss, sum(losses).detach() / 2, rtol=1e-5, atol=1e-7)
+    assert len(stepped) == 1 and len(stepped[0]) == len(want)
+    for got, expected in zip(stepped[0], want):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-8)
+
+
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_and_temporaries_go(workspace, tmp_path, capsys):
     ckpt = tmp_path / "checkpoints"
     train_in_process(workspace, ckpt, steps=3, checkpoint_every=1, keep_checkpoints=2)
