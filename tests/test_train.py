@@ -597,6 +597,17 @@ def test_an_fp16_overflow_skips_schedule_and_ema_and_the_loss_scale_survives_res
     assert again.accelerator.scaler.get_scale() == 65536 / 2
 
 
+def test_the_published_lora_is_the_ema_shadow_not_the_raw_weights(workspace, tmp_path):
+    run, _ = train_in_process(workspace, tmp_path / "checkpoints", steps=3, ema_decay=0.9)
+    model = run.accelerator.unwrap_model(run.denoiser)
+    raw = {k: v.clone() for k, v in lora_lib.diffusers_state(model).items()}
+    shadow = [s.clone() for s in run.ema.shadow_params]  # in the order of the trainable tensors
+    published = loop.final_lora(run)
+    assert list(published) == list(raw) and len(published) == len(shadow)
+    assert all(torch.equal(p, s) for p, s in zip(published.values(), shadow))
+    assert any(not torch.equal(published[k], raw[k]) for k in raw)
+
+
 def test_validation_samples_the_ema_weights_and_leaves_the_training_as_it_was(workspace, tmp_path, monkeypatch):
     from sdtune.evaluate import generate
     from sdtune.train import lora, validate as validate_lib
