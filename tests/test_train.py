@@ -126,7 +126,8 @@ def test_a_finished_run_keeps_no_final_checkpoint_so_a_rerun_trains(uninterrupte
     assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
 
 
-@pytest.mark.parametrize("change", [("lr: 1.0e-3", "lr: 2.0e-3"), ("validate_every: 2", "validate_every: 4")])
+@pytest.mark.parametrize("change", [("lr: 1.0e-3", "lr: 2.0e-3"), ("validate_every: 2", "validate_every: 4"),
+                                    ("seed: 3", "seed: 4")])
 def test_checkpoints_of_other_params_are_not_resumed(uninterrupted, tmp_path, change):
     """Nor across a validation param: a resumed run keeps the images before it, which would be the
     other params' (here step 2's, with validate_every: 4)."""
@@ -139,6 +140,22 @@ def test_checkpoints_of_other_params_are_not_resumed(uninterrupted, tmp_path, ch
     assert io.read_json(ws / "reports/train.json")["resumed_from"] is None
     steps = (4, 8) if "validate_every" in change[1] else (2, 4, 6, 8)
     assert list(validation_images(ws)) == [f"step-{s:07d}.png" for s in steps]  # none of the other run's
+
+
+@pytest.mark.parametrize("other", [{"base": {"seed": 4}}, {"train": {"steps": 9}},
+                                   {"train": {"lr_scheduler": "linear"}}, {"train": {"warmup_steps": 2}},
+                                   {"processes": 2}], ids=["seed", "steps", "lr_scheduler", "warmup_steps", "processes"])
+def test_a_checkpoint_is_resumed_only_with_the_same_seed_schedule_and_process_count(workspace, other):
+    """Each changes the steps a resumed run would take (the noise, the rates, the data each process
+    trains on): a checkpoint of the run before has another fingerprint, so it is not resumed."""
+    def mark(base=None, train=None, processes=1):
+        p = params_lib.parse({"base": {"seed": 3, **(base or {})}, "model": {"id": "tiny", "resolution": 32},
+                              "train": {"steps": 8, "lr_scheduler": "cosine", **(train or {})}})
+        run = SimpleNamespace(params=p, accelerator=SimpleNamespace(num_processes=processes, mixed_precision="no"))
+        return loop.fingerprint(run, workspace / "cache", "tiny")
+
+    assert mark() == mark()
+    assert mark(**other) != mark()
 
 
 def test_a_key_the_family_refuses_stops_training_before_any_checkpoint_is_removed(uninterrupted, tmp_path):
