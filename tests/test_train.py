@@ -492,6 +492,18 @@ def test_gradient_accumulation_steps_with_the_mean_gradient_of_its_micro_batches
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-8)
 
 
+def test_a_resumed_run_with_lora_dropout_trains_the_uninterrupted_runs_lora_to_the_bit(workspace, tmp_path):
+    """LoRA dropout draws its masks from torch's RNG: the checkpoint's RNG state must come back, or the
+    resumed steps drop other units (those of the run's first steps, after setup's seeding)."""
+    train = {"steps": 4, "deterministic": True, "lora": {"rank": 4, "alpha": 4.0, "dropout": 0.3}}
+    straight, _ = train_recording_lr(workspace, tmp_path / "straight", [], validate_every=2, checkpoint_every=2,
+                                     **train)
+    resumed, _ = interrupted_then_resumed(workspace, tmp_path / "resumed", 2, [], **train)
+    want, got = lora_state(straight), lora_state(resumed)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_and_temporaries_go(workspace, tmp_path, capsys):
     ckpt = tmp_path / "checkpoints"
     train_in_process(workspace, ckpt, steps=3, checkpoint_every=1, keep_checkpoints=2)
