@@ -68,6 +68,9 @@ def test_write_kohya_metadata(lora_file):
     assert written["base_model"] == "tiny" and "lora_adapter_metadata" not in written
     assert (written["ss_network_dim"], written["ss_network_alpha"]) == (str(RANK), str(ALPHA))
     assert (written["ss_base_model_version"], written["ss_v2"]) == ("sd_v1", "False")
+    sd2 = kohya.write_kohya(lora_file.parent, load_file(lora_file), ALPHA, meta | {"model_family": "sd2"})
+    written = io.read_safetensors_metadata(sd2)  # A1111 picks SD 2.x's v-prediction config by these
+    assert (written["ss_base_model_version"], written["ss_v2"]) == ("sd_v2", "True")
     assert kohya.supports(parse({})) and not kohya.supports(parse({"train": {"lora": {"use_dora": True}}}))
     with pytest.raises(UserError, match="sdxl"):  # A1111 would take it for an SD 1.x LoRA
         kohya.write_kohya(lora_file.parent, load_file(lora_file), ALPHA, meta | {"model_family": "sdxl"})
