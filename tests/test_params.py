@@ -26,6 +26,9 @@ BAD = [
     ({"train": {"validation_prompts": []}}, "train.validation_prompts", "at least 1 item"),
     ({"train": {"lora": {"target_modules": []}}}, "train.lora.target_modules", "at least 1 item"),
     ({"base": {"seed": -1}}, "base.seed", "greater than or equal to 0"),
+    # No param means "unbounded" or "off" by .inf or .nan (max_grad_norm: null turns clipping off).
+    ({"train": {"lr": float("nan")}}, "train.lr", "finite number"),
+    ({"train": {"max_grad_norm": float("inf")}}, "train.max_grad_norm", "finite number"),
     ({"base": {"seed": 2**32}}, "base.seed", "less than 4294967296"),
     # The seed lists were unbounded: a seed past 2**64 failed in the first generation, as a traceback.
     ({"evaluate": {"seeds": [0, 2**64]}}, "evaluate.seeds.1", "less than 4294967296"),
@@ -90,6 +93,15 @@ def test_floats_accept_ints_but_not_strings():
     assert params.parse({"train": {"lr": 1}}).train.lr == 1.0
     with pytest.raises(UserError, match="train.lr"):
         params.parse({"train": {"lr": "1e-4"}})
+
+
+def test_yaml_nan_and_inf_are_refused_with_one_line(tmp_path):
+    for text, said in [("train: {lr: .nan}\n", "train.lr: Input should be a finite number (got nan)"),
+                       ("train: {max_grad_norm: .inf}\n", "train.max_grad_norm: Input should be a finite number (got inf)")]:
+        (tmp_path / "params.yaml").write_text(text)
+        with pytest.raises(UserError) as err:
+            params.load(tmp_path / "params.yaml")
+        assert str(err.value) == f"{tmp_path / 'params.yaml'}: {said}"
 
 
 def test_stage_prints_one_line_and_no_traceback(tmp_path):
