@@ -718,6 +718,19 @@ def test_the_loras_params_hash_follows_the_train_stages_params_not_the_device_no
     assert digest(train={"steps": 3}) != digest(train={"steps": 4})
 
 
+def test_the_loras_base_commit_is_what_the_revision_resolved_to_not_its_name(uninterrupted):
+    """base_revision is the name asked for ("main" moves); base_commit what it named when training began."""
+    from sdtune import runtime
+
+    p = params_lib.parse({"model": {"id": "org/model", "revision": "main"}})
+    meta = runtime.provenance(p, base_commit="c" * 40)
+    assert (meta["base_revision"], meta["base_commit"]) == ("main", "c" * 40)
+    written = io.read_safetensors_metadata(uninterrupted / "models/lora" / common.LORA_FILE)
+    model = params_lib.load(uninterrupted / "params.yaml").model
+    assert written["base_commit"] == common.resolved_revision(model) != model.revision
+    assert written["base_revision"] == model.revision
+
+
 def test_the_loras_git_commit_says_when_the_code_differs_from_it(tmp_path, monkeypatch):
     """`dvc exp run` trains on uncommitted code: the commit alone named code the LoRA was not trained with."""
     from sdtune import runtime
