@@ -739,6 +739,8 @@ def test_the_loras_git_commit_says_when_the_code_differs_from_it(tmp_path, monke
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     (tmp_path / "sdtune").mkdir()
     (tmp_path / "sdtune" / "optim.py").write_text("lr = 1\n")
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "train.py").write_text("steps = 1\n")
     (tmp_path / "params.yaml").write_text("train: {}\n")
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "c"]):
         subprocess.run([*git, *args], check=True)
@@ -746,6 +748,11 @@ def test_the_loras_git_commit_says_when_the_code_differs_from_it(tmp_path, monke
     (tmp_path / "params.yaml").write_text("train: {steps: 3}\n")  # what dvc exp run -S edits: in the params hash
     assert runtime.git_commit() == head
     (tmp_path / "sdtune" / "optim.py").write_text("lr = 2\n")
+    assert runtime.git_commit() == head + "+modified"
+    subprocess.run([*git, "commit", "-qam", "c2"], check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert runtime.git_commit() == head
+    (tmp_path / "stages" / "train.py").write_text("steps = 2\n")  # the stage scripts are code too
     assert runtime.git_commit() == head + "+modified"
 
 
