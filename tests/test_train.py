@@ -689,16 +689,30 @@ def test_a_real_model_is_not_trained_on_the_cpu_unless_asked(tmp_path):
 
 
 def test_a_checkpoint_without_a_loss_scaler_resumes_into_a_run_with_one(tmp_path):
-    """Made where `auto` meant bf16, resumed where it means fp16: nothing to restore into the scaler.
-    (The fingerprint now names the resolved precision; restore still must not fail on it.)"""
-    weight = torch.nn.Parameter(torch.ones(2))
-    optimizer = torch.optim.AdamW([weight])
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    checkpoint.save(tmp_path, 1, {"w": weight.detach()}, optimizer, schedule, None, None, [], 2, "mark")
+    """Made where `auto` meant bf16, resumed where it means fp16: nothing to restore into the scaler,
+    which keeps its own scale, while the rest comes back. (The fingerprint now names the resolved
+    precision; restore still must not fail on it.)"""
+    def parts():
+        weight = torch.nn.Parameter(torch.ones(2))
+        optimizer = torch.optim.AdamW([weight])
+        return weight, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+
+    weight, optimizer, schedule = parts()
+    weight.grad = torch.ones(2)
+    optimizer.step()
+    schedule.step()
+    history = [{"step": 1, "loss": 0.5, "lr": 1e-3, "grad_norm": 1.0}]
+    checkpoint.save(tmp_path, 1, {"w": weight.detach()}, optimizer, schedule, None, None, history, 2, "mark")
     _, saved = checkpoint.latest(tmp_path, "mark")
-    scaler = torch.amp.GradScaler("cpu")
-    step, _ = checkpoint.restore(saved, lambda tensors: None, optimizer, schedule, None, scaler)
-    assert step == 1 and scaler.get_scale() == 65536.0
+    _, fresh_optimizer, fresh_schedule = parts()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    lora = {}
+    step, restored = checkpoint.restore(saved, lora.update, fresh_optimizer, fresh_schedule, None, scaler)
+    assert (step, restored) == (1, history)
+    assert torch.equal(lora["w"], weight.detach())
+    assert fresh_schedule.last_epoch == 1 and fresh_schedule.get_last_lr() == schedule.get_last_lr() == [5e-4]
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == 1
+    assert scaler.get_scale() == 1024.0
 
 
 def test_the_loras_params_hash_follows_the_train_stages_params_not_the_device_nor_the_data_stages():
