@@ -253,3 +253,14 @@ def test_sd_prompt_embeds_are_the_pipelines_own_with_or_without_an_attention_mas
     ids = common.tokenize(pipe.tokenizer, captions, "cpu")
     unmasked = pipe.text_encoder(ids)[0]
     assert torch.equal(ours, unmasked) != use_attention_mask  # the mask changes the padded positions
+
+
+def test_sd_latents_are_the_vaes_mean_times_its_scaling_factor():
+    """What the UNet trains on and what the pipeline divides by scaling_factor before decoding:
+    unscaled latents would train the LoRA on inputs ~5x larger than sampling feeds it."""
+    pipe = get("sd1").load_pipeline(params_lib.parse({"model": {"id": "tiny", "resolution": 64}}).model)
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        raw = pipe.vae.encode(pixels).latent_dist.mean
+    assert pipe.vae.config.scaling_factor == 0.18215
+    torch.testing.assert_close(get("sd1").encode_images(pipe, pixels)["latents"], raw * 0.18215)
