@@ -224,7 +224,7 @@ def test_the_loss_and_its_backward_read_nothing_back_to_the_host(encoded):
     assert host.reads == []
 
 
-def test_sizes_reach_the_unet_exactly_whatever_the_cache_dtype(encoded):
+def test_sizes_and_pooled_text_reach_the_unet_exactly_whatever_the_cache_dtype(encoded):
     """time_ids go in as float32: cast to a bfloat16 cache's dtype, 1023 px became 1024."""
     items, _ = encoded
     params = make_params()
@@ -243,3 +243,7 @@ def test_sizes_reach_the_unet_exactly_whatever_the_cache_dtype(encoded):
     assert seen["time_ids"].dtype == torch.float32 and seen["time_ids"][0, 0].item() == 1023
     # The rest goes in the UNet's dtype (without autocast nothing else would cast it).
     assert {seen[k].dtype for k in ("noisy", "encoder_hidden_states", "text_embeds")} == {torch.bfloat16}
+    # The conditioning is the cached captions' own: the pooled embedding and the sequence.
+    assert torch.equal(seen["text_embeds"], batch["pooled_prompt_embeds"])
+    assert seen["text_embeds"].abs().sum() > 0
+    assert torch.equal(seen["encoder_hidden_states"], batch["prompt_embeds"])
