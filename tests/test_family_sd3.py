@@ -115,6 +115,22 @@ def test_latents_are_shifted_and_scaled(pipe, batch, images):
     torch.testing.assert_close(batch["latents"][:1], (raw - cfg.shift_factor) * cfg.scaling_factor)
 
 
+def test_the_transformer_receives_the_cached_text_conditioning(params, batch):
+    """The pooled CLIP embedding (pooled_projections) and the token sequence go in as cached."""
+    seen = {}
+
+    def denoiser(hidden_states, timestep, encoder_hidden_states, pooled_projections, return_dict):
+        seen.update(encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections)
+        return (torch.zeros_like(hidden_states),)
+
+    denoiser.dtype = torch.float32
+    sd3.training_loss(denoiser, sd3.load_noise_scheduler(params.model), batch, torch.Generator().manual_seed(0),
+                      params.train)
+    assert batch["pooled_prompt_embeds"].abs().sum() > 0
+    assert torch.equal(seen["pooled_projections"], batch["pooled_prompt_embeds"])
+    assert torch.equal(seen["encoder_hidden_states"], batch["prompt_embeds"])
+
+
 def test_encoding_needs_no_transformer(params, batch, images):
     """What the cache stage needs: encoding works on a pipeline loaded without its transformer."""
     light = sd3.load_pipeline(params.model, transformer=None)
