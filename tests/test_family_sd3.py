@@ -1,6 +1,7 @@
 """The SD3.x family on its tiny random-initialised variant: encoding, the flow-matching loss,
 LoRA training, saving and loading, and the cache → train path end to end. All offline on CPU."""
 
+import inspect
 import math
 import os
 from types import SimpleNamespace
@@ -92,7 +93,11 @@ def test_registered_and_interface(pipe):
 
 def test_encoded_shapes_and_prompt_layout(pipe, batch):
     assert batch["latents"].shape == (2, 16, 32, 32)  # 16 latent channels, VAE factor 2 on 64 px
-    assert batch["prompt_embeds"].shape == (2, 77 + sd3.T5_MAX_LENGTH, 64)
+    # 77 CLIP tokens then 256 T5 tokens: the length the pipeline samples with by default, pinned
+    # here rather than read from sd3.T5_MAX_LENGTH (a cache of another length trains on a layout
+    # that sampling never feeds the transformer).
+    assert inspect.signature(sd3.PIPELINE.__call__).parameters["max_sequence_length"].default == 256
+    assert batch["prompt_embeds"].shape == (2, 77 + 256, 64)
     assert batch["pooled_prompt_embeds"].shape == (2, 64)
     # The layout the transformer was trained on: CLIP-L | CLIP-G penultimate states, then T5.
     ids = common.tokenize(pipe.tokenizer, CAPTIONS[:1], "cpu")
