@@ -247,3 +247,13 @@ def test_sizes_and_pooled_text_reach_the_unet_exactly_whatever_the_cache_dtype(e
     assert torch.equal(seen["text_embeds"], batch["pooled_prompt_embeds"])
     assert seen["text_embeds"].abs().sum() > 0
     assert torch.equal(seen["encoder_hidden_states"], batch["prompt_embeds"])
+
+
+def test_a_non_square_buckets_target_size_is_height_then_width():
+    """SDXL's UNet reads (original h, w, crop top, left, target h, w): a landscape bucket's target
+    is (64, 96), as the pipeline conditions sampling at height=64, width=96."""
+    pipe = sdxl.load_pipeline(make_params().model)
+    pixels = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = sdxl.encode_images(pipe, pixels, [{"original_size": (480, 720), "crop_top_left": (0, 3)}])
+    assert out["latents"].shape == (1, 4, 32, 48)
+    assert out["time_ids"].tolist() == [[480, 720, 0, 3, 64, 96]]
