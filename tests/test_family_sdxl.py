@@ -257,3 +257,19 @@ def test_a_non_square_buckets_target_size_is_height_then_width():
     out = sdxl.encode_images(pipe, pixels, [{"original_size": (480, 720), "crop_top_left": (0, 3)}])
     assert out["latents"].shape == (1, 4, 32, 48)
     assert out["time_ids"].tolist() == [[480, 720, 0, 3, 64, 96]]
+
+
+def test_a_bfloat16_cache_stores_large_original_sizes_exactly(tmp_path):
+    """bfloat16 keeps 8 significant bits: a 3000 x 2001 photo's sizes would be cached as 3008 x
+    2000. The integer time ids keep their own dtype whatever cache.dtype is."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    Image.new("RGB", (3000, 2001), (30, 90, 160)).save(raw / "big.png")
+    rows = [{"file": "big.png", "sha256": io.sha256_file(raw / "big.png"), "caption": "a blue field"}]
+    params = params_lib.parse({"base": {"device": "cpu"}, "model": {"family": "sdxl", "id": "tiny", "resolution": RES},
+                               "cache": {"dtype": "bfloat16", "center_crop": False}})
+    cache.build(rows, raw, tmp_path / "cache", sdxl, params.model, params.cache)
+    [item] = cache.load(tmp_path / "cache")
+    assert item["latents"].dtype == torch.bfloat16
+    assert not item["time_ids"].is_floating_point()
+    assert item["time_ids"].tolist() == [2001, 3000, 0, 0, RES, RES]
