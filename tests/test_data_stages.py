@@ -198,7 +198,7 @@ def test_a_models_revision_follows_linked_folders_leaves_out_the_denoiser_and_co
     assert common.resolved_revision(tiny) != first
 
 
-def test_prepare_resizes_only_the_crop(tmp_path, monkeypatch):
+def test_prepare_resizes_only_the_crop_centred_or_from_the_left_edge(tmp_path, monkeypatch):
     """A thin strip does not become a huge intermediate (8 x 3000 at 512 was 512 x 192000), and
     the pixels are those of resizing the whole image and cropping it."""
     import numpy as np
@@ -225,6 +225,12 @@ def test_prepare_resizes_only_the_crop(tmp_path, monkeypatch):
     whole = resize(Image.open(tmp_path / "wide.png").convert("RGB"), (192, 128), Image.Resampling.LANCZOS)
     expected = np.asarray(whole.crop((32, 0, 160, 128)), dtype=np.float32) / 127.5 - 1
     assert meta == {"original_size": (200, 300), "crop_top_left": (0, 32)}
+    np.testing.assert_allclose(pixels.permute(1, 2, 0).numpy(), expected, atol=1.5 / 127.5)
+
+    # center_crop: false keeps the left edge: the crop starts at 0, not (192 - 128) / 2.
+    pixels, meta = cache.prepare(tmp_path / "wide.png", 128, False)
+    expected = np.asarray(whole.crop((0, 0, 128, 128)), dtype=np.float32) / 127.5 - 1
+    assert meta == {"original_size": (200, 300), "crop_top_left": (0, 0)}
     np.testing.assert_allclose(pixels.permute(1, 2, 0).numpy(), expected, atol=1.5 / 127.5)
 
 
