@@ -120,6 +120,30 @@ def test_cache_keys_change_exactly_with_what_is_encoded(model, cache_params, row
     assert (key(model, cache_params, row) != key({}, {}, {})) == changes
 
 
+def test_cache_keys_follow_the_image_reader_and_the_libraries_that_make_the_pixels(tmp_path, monkeypatch):
+    """An edit to images.py (how images are decoded, rotated, converted) or another Pillow (its
+    Lanczos filter) gives the VAE other pixels: every item must be re-encoded."""
+    import shutil
+
+    import PIL
+
+    from sdtune.data import cache, images
+    from sdtune.families import sd
+
+    first = cache.encoder_code(sd)
+    copy = tmp_path / "images.py"
+    shutil.copy(images.__file__, copy)
+    monkeypatch.setattr(images, "__file__", str(copy))
+    assert cache.encoder_code(sd) == first
+    copy.write_text(copy.read_text() + "\n# an edit\n")
+    assert cache.encoder_code(sd) != first
+    monkeypatch.undo()
+
+    assert cache.encoder_code(sd) == first
+    monkeypatch.setattr(PIL, "__version__", PIL.__version__ + ".post1")
+    assert cache.encoder_code(sd) != first
+
+
 def test_cache_keys_follow_the_commit_a_branch_points_to(tmp_path, monkeypatch):
     """revision: main is resolved to its commit (here from the offline Hub cache), so a moved
     branch re-encodes; so does a local model folder whose files changed."""
