@@ -178,6 +178,12 @@ def test_cache_keys_follow_the_commit_a_branch_points_to(tmp_path, monkeypatch):
     assert key() == first
     (local / "unet" / "w.safetensors").write_bytes(b"y" * 11)
     assert key() != first
+    # Rewritten in place at the same size (a re-saved checkpoint): the modification time tells.
+    weights = local / "unet" / "w.safetensors"
+    second, before = key(), weights.stat().st_mtime_ns
+    weights.write_bytes(b"z" * 11)
+    os.utime(weights, ns=(before + 10**9, before + 10**9))  # a second later, whatever the clock's grain
+    assert key() != second
 
     p = params_lib.parse({"model": {"id": "org/not-downloaded"}})
     with pytest.raises(UserError, match="^model.id: could not load 'org/not-downloaded' at revision 'main'"):
