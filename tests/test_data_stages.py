@@ -28,6 +28,8 @@ def test_messy_folder_keeps_every_good_image_and_names_every_bad_one(tmp_path):
     (src / "cut.png").write_bytes((src / "cut.png").read_bytes()[:60])
     (src / "z copy.png").write_bytes((src / "good one.png").read_bytes())
     Image.new("RGB", (8, 8)).save(src / "tiny.png")
+    Image.new("RGB", (80, 64)).save(tmp_path / "outside.png")
+    (src / "elsewhere.png").symlink_to(tmp_path / "outside.png")  # leaves the source: fetch skips it
     ws = tmp_path / "ws"
     ws.mkdir()
     (ws / "params.yaml").write_text(f"""
@@ -43,6 +45,11 @@ model: {{id: tiny, resolution: 32}}
     assert captioned.returncode == 0, captioned.stderr[-2000:]
     assert "Traceback" not in fetched.stderr + captioned.stderr
     assert "skipped 5" in captioned.stdout
+    # What fetch left out is in the manifest, with why (the stdout only counts it).
+    manifest = json.loads((ws / "data/raw.manifest.json").read_text())
+    assert [entry["file"] for entry in manifest["skipped"]] == ["elsewhere.png"]
+    assert "outside the source folder" in manifest["skipped"][0]["reason"]
+    assert "left out 1 (reasons in data/raw.manifest.json)" in fetched.stdout
 
     report = json.loads((ws / "reports/data.json").read_text())
     verdicts = {v["file"]: v for v in report["files"]}
