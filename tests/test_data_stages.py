@@ -72,6 +72,29 @@ model: {{id: tiny, resolution: 32}}
     assert set(os.listdir(ws)) == {"params.yaml", "data", "reports"}
 
 
+def test_caption_stage_checks_images_against_the_params_pixel_limit_and_buckets(tmp_path):
+    """data.max_pixels and cache.buckets reach the image checks: a 100 x 24 strip fits its
+    40 x 16 bucket at resolution 32 (square crops would skip it as too small), and an image over
+    the user's pixel limit is skipped there rather than failing the cache stage later."""
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (100, 24), (10, 200, 10)).save(src / "strip.png")
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(src / "square.png")
+    Image.new("RGB", (80, 80), (10, 10, 200)).save(src / "large.png")
+    (tmp_path / "params.yaml").write_text(f"""
+data: {{source: "{src}", too_small: skip, max_pixels: 5000}}
+caption: {{model: tiny}}
+model: {{id: tiny, resolution: 32}}
+cache: {{buckets: true, bucket_step: 8}}
+""")
+    assert stage("fetch", tmp_path).returncode == 0
+    captioned = stage("caption", tmp_path)
+    assert captioned.returncode == 0, captioned.stderr[-2000:]
+    verdicts = {v["file"]: v for v in json.loads((tmp_path / "reports/data.json").read_text())["files"]}
+    assert verdicts["strip.png"]["status"] == "kept" and verdicts["square.png"]["status"] == "kept"
+    assert verdicts["large.png"]["status"] == "skipped" and "max_pixels 5,000" in verdicts["large.png"]["reason"]
+
+
 def test_nothing_usable_is_one_clear_error(tmp_path):
     src = tmp_path / "bad"
     src.mkdir()
