@@ -95,6 +95,20 @@ cache: {{buckets: true, bucket_step: 8}}
     assert verdicts["large.png"]["status"] == "skipped" and "max_pixels 5,000" in verdicts["large.png"]["reason"]
 
 
+def test_cache_stage_reads_images_under_the_params_pixel_limit(tmp_path):
+    """An image listed in captions.jsonl but over data.max_pixels (lowered since the caption stage
+    ran) is refused by the cache stage too, in one line, not decoded."""
+    (tmp_path / "data/raw").mkdir(parents=True)
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "data/raw/a.png")
+    row = {"file": "a.png", "sha256": "0" * 64, "caption": "a red picture"}
+    (tmp_path / "data/captions.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "params.yaml").write_text("data: {max_pixels: 3071}\nmodel: {id: tiny, resolution: 32}\n")
+    done = stage("cache", tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert "max_pixels 3,071" in done.stderr.strip().splitlines()[-1]
+
+
 def test_nothing_usable_is_one_clear_error(tmp_path):
     src = tmp_path / "bad"
     src.mkdir()
