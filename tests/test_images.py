@@ -148,6 +148,14 @@ def test_with_buckets_too_small_means_smaller_than_its_bucket(raw):
     assert v["reason"] == "too small: 800x400 px < its bucket 1408x704"
 
 
+def test_with_buckets_one_short_side_is_too_small(raw):
+    """80x40 at 64 (step 8): its 2:1 bucket is 88x40; the height fits, the width does not."""
+    noisy((80, 40)).save(raw / "wide.png")
+    (v,) = check_folder(raw, min_side=64, bucket_step=8, too_small="skip")
+    assert v["status"] == "skipped" and v["reason"] == "too small: 80x40 px < its bucket 88x40"
+
+
+
 def test_duplicates_and_symlinks(raw, tmp_path):
     (raw / "b").mkdir()
     noisy().save(raw / "a.png")
