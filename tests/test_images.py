@@ -155,6 +155,17 @@ def test_with_buckets_one_short_side_is_too_small(raw):
     assert v["status"] == "skipped" and v["reason"] == "too small: 80x40 px < its bucket 88x40"
 
 
+def test_a_panoramas_bucket_is_clipped_to_two_to_one(raw):
+    """200x30 (about 6.7:1) gets the 2:1 bucket, 88x40 at 64: no bucket is narrower than 1:2
+    or wider than 2:1, so the strip is too short for it."""
+    noisy((200, 30)).save(raw / "panorama.png")
+    (v,) = check_folder(raw, min_side=64, bucket_step=8, too_small="skip")
+    assert v["reason"] == "too small: 200x30 px < its bucket 88x40"
+    noisy((30, 200)).save(raw / "panorama.png")
+    (v,) = check_folder(raw, min_side=64, bucket_step=8, too_small="skip")
+    assert v["reason"] == "too small: 30x200 px < its bucket 40x88"
+
+
 
 def test_duplicates_and_symlinks(raw, tmp_path):
     (raw / "b").mkdir()
