@@ -166,6 +166,11 @@ def test_a_panoramas_bucket_is_clipped_to_two_to_one(raw):
     assert v["reason"] == "too small: 30x200 px < its bucket 40x88"
 
 
+def test_an_image_exactly_at_the_resolution_is_not_too_small(raw):
+    noisy((32, 40)).save(raw / "exact.png")
+    (v,) = check_folder(raw, min_side=32, too_small="skip")
+    assert v["status"] == "kept" and v["warnings"] == []
+
 
 def test_duplicates_and_symlinks(raw, tmp_path):
     (raw / "b").mkdir()
