@@ -291,6 +291,22 @@ def test_http_a_server_that_compresses_anyway_still_gives_the_archive(tmp_path, 
     assert [asked for _, asked in http_server.log] == [None] * (2 if cut else 1)  # no Range into gzip
 
 
+def test_http_a_range_at_another_offset_is_not_spliced_on(tmp_path, http_server):
+    """Asked to resume at byte N, a server answers 206 from byte 0: appended, those bytes would
+    repeat the start of the file. The part is dropped and the download starts over."""
+    body = b"\x89PNG\r\n\x1a\n" + os.urandom(200_000)
+
+    class FromZero(Route):
+        headers = property(lambda self: {"Content-Range": f"bytes 0-{len(body) - 1}/{len(body)}"}
+                           if len(http_server.log) == 2 else {}, lambda self, value: None)
+        status = property(lambda self: 206 if len(http_server.log) == 2 else 200, lambda self, value: None)
+
+    http_server.routes["/img.png"] = FromZero(body, ranges=False, cut_first=True)
+    assert fetch(http_server.url("/img.png"), tmp_path / "raw") == rows_of({"img.png": body})
+    assert [asked is not None for _, asked in http_server.log] == [False, True, False]
+    assert (tmp_path / "raw" / "img.png").read_bytes() == body
+
+
 def test_http_gives_up_after_retries_and_leaves_nothing(tmp_path, http_server):
     http_server.routes["/down.zip"] = Route(b"x", fail_first=99)
     with pytest.raises(UserError, match="download failed after 3 tries: HTTP 503"):
