@@ -291,6 +291,52 @@ def test_http_a_server_that_compresses_anyway_still_gives_the_archive(tmp_path, 
     assert [asked for _, asked in http_server.log] == [None] * (2 if cut else 1)  # no Range into gzip
 
 
+class ChangedAfterFirst(Route):
+    """A route whose file is `first` for the first request and `then` afterwards (the log counts
+    requests); `status` likewise, so a first answer can be a 429 and the next a 200."""
+
+    def __init__(self, log, first, then, first_status=200, **kwargs):
+        super().__init__(then, **kwargs)
+        self.log, self.first, self.then, self.first_status = log, first, then, first_status
+
+    body = property(lambda self: self.first if len(self.log) <= 1 else self.then, lambda self, value: None)
+    status = property(lambda self: self.first_status if len(self.log) <= 1 else 200, lambda self, value: None)
+
+
+@pytest.fixture
+def if_range_server(http_server, monkeypatch):
+    """The local server, honouring If-Range as RFC 9110 says: a validator that no longer matches
+    the file's ETag gets the whole file (200), not a range of the new one. Records each request's
+    (Range, If-Range) as sent."""
+    import fixtures_data
+
+    get, http_server.if_range = fixtures_data._Handler.do_GET, []
+
+    def do_get(handler):
+        sent = handler.headers.get("If-Range")
+        http_server.if_range.append((handler.headers.get("Range"), sent))
+        route = http_server.routes.get(handler.path)
+        current = getattr(route, "then", None)  # the file as it is now, once it has changed
+        if sent and current is not None and sent != f'"{hashlib.md5(current).hexdigest()}"':
+            del handler.headers["Range"]
+        return get(handler)
+
+    monkeypatch.setattr(fixtures_data._Handler, "do_GET", do_get)
+    return http_server
+
+
+def test_http_resume_sends_if_range_so_a_changed_file_comes_back_whole(tmp_path, if_range_server):
+    """The file changed between the cut and the resume: its first half spliced to the new file's
+    second half would be a corrupt image with no error."""
+    old, new = (b"\x89PNG\r\n\x1a\n" + os.urandom(200_000) for _ in range(2))
+    log = if_range_server.log
+    if_range_server.routes["/img.png"] = ChangedAfterFirst(log, old, new, cut_first=True)
+    assert fetch(if_range_server.url("/img.png"), tmp_path / "raw") == rows_of({"img.png": new})
+    (first, _), (resume, validator) = if_range_server.if_range
+    assert first is None and resume.startswith("bytes=") and int(resume[6:-1]) > 0  # it asked to resume
+    assert validator == f'"{hashlib.md5(old).hexdigest()}"'  # ...only if the file is still the one cut
+
+
 def test_http_a_range_at_another_offset_is_not_spliced_on(tmp_path, http_server):
     """Asked to resume at byte N, a server answers 206 from byte 0: appended, those bytes would
     repeat the start of the file. The part is dropped and the download starts over."""
