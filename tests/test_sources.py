@@ -353,6 +353,14 @@ def test_http_a_range_at_another_offset_is_not_spliced_on(tmp_path, http_server)
     assert (tmp_path / "raw" / "img.png").read_bytes() == body
 
 
+@pytest.mark.parametrize("status", [408, 429])
+def test_http_request_timeout_and_too_many_requests_are_retried(tmp_path, http_server, status):
+    body = b"\x89PNG\r\n\x1a\n one"
+    http_server.routes["/a.png"] = ChangedAfterFirst(http_server.log, b"slow down", body, first_status=status)
+    assert fetch(http_server.url("/a.png"), tmp_path / "raw") == rows_of({"a.png": body})
+    assert len(http_server.log) == 2
+
+
 def test_http_gives_up_after_retries_and_leaves_nothing(tmp_path, http_server):
     http_server.routes["/down.zip"] = Route(b"x", fail_first=99)
     with pytest.raises(UserError, match="download failed after 3 tries: HTTP 503"):
