@@ -361,6 +361,13 @@ def test_http_request_timeout_and_too_many_requests_are_retried(tmp_path, http_s
     assert len(http_server.log) == 2
 
 
+def test_http_a_served_name_too_long_for_the_disk_keeps_its_last_255_bytes(tmp_path, http_server):
+    name = "x" * 296 + "-end.png"  # 304 bytes: more than most file systems take
+    body = b"\x89PNG\r\n\x1a\n one"
+    http_server.routes["/get"] = Route(body, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    assert fetch(http_server.url("/get"), tmp_path / "raw") == rows_of({name[-255:]: body})
+
+
 def test_http_gives_up_after_retries_and_leaves_nothing(tmp_path, http_server):
     http_server.routes["/down.zip"] = Route(b"x", fail_first=99)
     with pytest.raises(UserError, match="download failed after 3 tries: HTTP 503"):
