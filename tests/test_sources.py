@@ -386,6 +386,10 @@ def test_http_html_page_and_pin_mismatch_are_refused(tmp_path, http_server):
     http_server.routes["/page"] = Route(b"\n<!DOCTYPE html><html>Sign in</html>", headers={"Content-Type": "text/html"})
     with pytest.raises(UserError, match="got an HTML page"):
         fetch(http_server.url("/page"), tmp_path / "raw")
+    # Saved by an editor that writes a UTF-8 byte order mark first.
+    http_server.routes["/bom"] = Route(b"\xef\xbb\xbf<!DOCTYPE html><html>Sign in</html>")
+    with pytest.raises(UserError, match="got an HTML page"):
+        fetch(http_server.url("/bom"), tmp_path / "raw")
     http_server.routes["/set.zip"] = Route(zip_bytes())
     with pytest.raises(UserError, match="sha256 mismatch: pinned a{64}, got [0-9a-f]{64}"):
         fetch(http_server.url("/set.zip"), tmp_path / "raw", sha256="a" * 64)
