@@ -96,11 +96,12 @@ TAR_ATTACKS = [
     ("../evil.png", b"x", "outside the target folder"),
     ("set/../../evil.png", b"x", "outside the target folder"),
     ("/etc/evil.png", b"x", "absolute path"),
-    ("set/link.png", {"type": tarfile.SYMTYPE, "linkname": "/etc/passwd"}, "link"),
-    ("set/inside-link.png", {"type": tarfile.SYMTYPE, "linkname": "a painting.png"}, "link"),
-    ("set/hard.png", {"type": tarfile.LNKTYPE, "linkname": "../../etc/passwd"}, "link"),
-    ("set/pipe", {"type": tarfile.FIFOTYPE}, "FIFO"),
-    ("set/tty", {"type": tarfile.CHRTYPE, "devmajor": 4, "devminor": 1}, "device"),
+    # The kind as the refusal names it: "links and special files" is in every such refusal.
+    ("set/link.png", {"type": tarfile.SYMTYPE, "linkname": "/etc/passwd"}, "is a link to '/etc/passwd';"),
+    ("set/inside-link.png", {"type": tarfile.SYMTYPE, "linkname": "a painting.png"}, "is a link to 'a painting.png';"),
+    ("set/hard.png", {"type": tarfile.LNKTYPE, "linkname": "../../etc/passwd"}, "is a link to '../../etc/passwd';"),
+    ("set/pipe", {"type": tarfile.FIFOTYPE}, "is a FIFO;"),
+    ("set/tty", {"type": tarfile.CHRTYPE, "devmajor": 4, "devminor": 1}, "is a device file;"),
 ]
 ZIP_ATTACKS = [
     ("../evil.png", b"x", "outside the target folder"),
@@ -108,8 +109,8 @@ ZIP_ATTACKS = [
     ("/etc/evil.png", b"x", "absolute path"),
     ("C:\\Windows\\evil.png", b"x", "absolute path"),
     ("C:/evil.png", b"x", "absolute path"),
-    ("set/link.png", _zip_link(), "link"),
-    ("set/pipe", _zip_fifo(), "FIFO"),
+    ("set/link.png", _zip_link(), "is a link;"),
+    ("set/pipe", _zip_fifo(), "is a device file or FIFO;"),
 ]
 
 
