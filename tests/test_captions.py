@@ -125,6 +125,8 @@ def test_truncating_logs_nothing_from_transformers():
 
 def test_template_and_fixed(demo):
     assert apply_template("a painting by sargent, {caption}", "a {red} hat") == "a painting by sargent, a {red} hat"
+    # Braces of the template's own are text too: "{style}" is no placeholder of ours.
+    assert apply_template("sks in {style}, {caption}", "a hat") == "sks in {style}, a hat"
     with pytest.raises(UserError, match="caption.template"):
         apply_template("no slot", "x")
     raw, verdicts = demo
