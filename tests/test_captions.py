@@ -243,6 +243,21 @@ def test_each_kind_loads_with_from_pretrained_and_captions(tmp_path, save):
         assert "<image>" not in t and "What does the image" not in t
 
 
+def test_a_real_captioners_id_and_revision_are_recorded_with_each_caption(demo, tmp_path):
+    """Which weights wrote a caption: the id and the revision asked for (only the tiny captioner,
+    whose weights are code, has none)."""
+    import torch
+
+    torch.manual_seed(3)
+    _save_tiny_blip(tmp_path / "blip")
+    raw, verdicts = demo
+    rows = caption_folder(raw, verdicts, model_id=str(tmp_path / "blip"), revision="v1.0", template="{caption}",
+                          max_new_tokens=4)
+    made = [r for r in rows if r["how"] == "model"]
+    assert [r["file"] for r in made] == ["synthetic_002.png", "synthetic_005.png"]
+    assert {(r["model"], r["revision"]) for r in made} == {(str(tmp_path / "blip"), "v1.0")}
+
+
 def test_unsupported_and_remote_code_models_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "florence2", "auto_map": {"AutoConfig": "x.Y"}}))
     with pytest.raises(UserError, match="remote code.*florence-community"):
