@@ -135,7 +135,8 @@ class Train(Section):
     channels_last: bool = False  # NHWC memory layout for the UNet's convolutions
     # per-channel: the UNet's group norms take their statistics channel by channel, then per group
     # (sdtune/train/norms.py), which channels-last memory reads in whole rows where torch's reads it in
-    # strided pieces; for compiled channels-last runs. sd3's transformer has no group norms to change.
+    # strided pieces; for compiled channels-last runs (SD1.5 bs16 on an H100, with CUDA graphs: 107.0 ->
+    # 100.5 ms a step back to back). sd3's transformer has no group norms to change.
     group_norm: Literal["native", "per-channel"] = "native"
     compile: bool = False  # torch.compile the denoiser (minutes of compile time, then faster steps)
     # reduce-overhead adds CUDA graphs: for small batches, where launching kernels costs more than
