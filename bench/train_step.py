@@ -468,8 +468,8 @@ def _run(args, began: float) -> dict:
     kernel_time = floor = None
     if args.kernels:  # after the timed steps: the profiler's overhead stays out of their times
         try:
-            per_kernel, profiled_ms = kernels.time_by_kernel(bench.step, min(args.steps, 3), device)
-            kernel_time = kernels.breakdown(per_kernel, counted["flops_by_kind"], profiled_ms)
+            per_kernel, profiled_ms, copies = kernels.time_by_kernel(bench.step, min(args.steps, 3), device)
+            kernel_time = kernels.breakdown(per_kernel, counted["flops_by_kind"], profiled_ms, copies=copies)
         except Exception as err:  # the breakdown is a diagnosis: the measured numbers above stand
             kernel_time = {"error": errors.describe(err)}
         lap("kernel_profile")

@@ -178,6 +178,23 @@ def test_profile_cell_on_cuda_writes_a_gpu_trace_and_an_allocator_snapshot(cache
     assert {"matmul", "attention"} <= set(cell["kernels"]["vs_floor"])
 
 
+def test_a_copy_kernel_is_traced_to_the_op_that_launched_it():
+    """On CUDA a copy kernel counts for the op the profiler links it to: making a channels-last
+    tensor contiguous is aten::copy_ inside aten::contiguous, with both tensors' strides."""
+    from sdtune.profiling import kernels
+
+    x = torch.randn(8, 64, 32, 32, device="cuda").to(memory_format=torch.channels_last)
+    w = torch.randn(512, 512, device="cuda")
+    step = lambda: (w @ w).sum() + x.contiguous().sum()  # noqa: E731
+    step()
+    per_kernel, _, copies = kernels.time_by_kernel(step, 3, "cuda")
+    first = copies[0]
+    assert first["op"] == "aten::copy_" and first["callers"][:2] == ["aten::clone", "aten::contiguous"]
+    assert first["inputs"] == "8×64×32×32 (65536, 1024, 32, 1), 8×64×32×32 (65536, 1, 2048, 64)"
+    copy_kernels = sum(ms for name, ms in per_kernel.items() if kernels.kind(name) == "copy")
+    assert 0 < first["ms"] <= copy_kernels * 1.0001
+
+
 def test_flash_attention_4_computes_what_the_flash_kernel_does():
     # bench.train_step --attention fa4: SD1.5's 40-wide heads at 64×64 latents, forward and backward,
     # against torch's own flash kernel; then torch's own is put back for the tests after this one.

@@ -75,7 +75,7 @@ def test_time_by_kind_finds_where_a_step_spends_its_time(keep_threads):
     matmul_heavy = lambda: linear(torch.randn(1024, 512)).sum().backward()  # noqa: E731
     for step, kind in [(conv_heavy, "convolution"), (matmul_heavy, "matmul")]:
         step()  # warm-up: first calls allocate and pick algorithms
-        per_kernel, step_ms = kernels.time_by_kernel(step, 2, "cpu")
+        per_kernel, step_ms, _ = kernels.time_by_kernel(step, 2, "cpu")
         assert 0.5 < sum(per_kernel.values()) / step_ms <= 1.05  # ops' self times make up about the step
         ms = kernels.by_kind(per_kernel)
         assert all(v >= 0 for v in ms.values()) and sum(ms.values()) == pytest.approx(sum(per_kernel.values()))
@@ -104,3 +104,44 @@ def test_breakdown_rates_each_kind_by_its_own_flops_and_time():
 
 def test_a_failed_breakdown_says_why_in_place_of_its_table():
     assert kernels.table({"error": "RuntimeError: CUPTI"}) == "kernel breakdown failed: RuntimeError: CUPTI"
+
+
+def test_copies_are_traced_to_the_op_that_made_them_with_its_shapes_and_strides(keep_threads):
+    """A step whose only real copy is a channels-last tensor made contiguous, next to a matmul: the
+    copy's time goes to aten::copy_ inside aten::contiguous, with both tensors' shapes and strides,
+    and the table prints that line."""
+    torch.set_num_threads(1)
+    x = torch.randn(8, 64, 32, 32).to(memory_format=torch.channels_last)
+    w = torch.randn(256, 256)
+
+    def step():
+        y = x.contiguous()  # NHWC -> NCHW: a real copy of 2 MiB
+        return (w @ w).sum() + y.sum()
+
+    step()
+    per_kernel, step_ms, copies = kernels.time_by_kernel(step, 3, "cpu")
+    first = copies[0]
+    assert first["op"] == "aten::copy_" and first["callers"][:2] == ["aten::clone", "aten::contiguous"]
+    # copy_'s inputs: the NCHW destination, then the channels-last source.
+    assert first["inputs"] == "8×64×32×32 (65536, 1024, 32, 1), 8×64×32×32 (65536, 1, 2048, 64)"
+    assert first["ms"] == pytest.approx(per_kernel["aten::copy_"])  # the step's only copy_ calls
+    assert [c["ms"] for c in copies] == sorted((c["ms"] for c in copies), reverse=True)
+    assert all(kernels.kind(c["op"]) in ("copy", "layout") for c in copies)
+    assert not any(c["op"] == "aten::mm" for c in copies)  # the matmul's time is no copy's
+    md = kernels.table(kernels.breakdown(per_kernel, {}, step_ms, copies=copies))
+    assert (f"| `aten::copy_` | aten::clone ← aten::contiguous | {first['inputs']} | {first['ms']:.2f} |"
+            in md.splitlines())
+
+
+def test_only_the_busiest_copy_sources_are_kept():
+    x = torch.randn(4, 4)
+    steps = [lambda n=n: torch.randn(n, 3).t().contiguous() for n in range(2, 7)]  # five shapes of copy
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        for step in steps:
+            step()
+        x.clone()
+    every = kernels.launched_by(prof, 1, cuda=False, top=100)
+    assert len({c["inputs"] for c in every if c["callers"][:1] == ["aten::clone"]}) == 6  # five t().contiguous(), one clone
+    kept = kernels.launched_by(prof, 1, cuda=False, top=3)
+    assert kept == every[:3]

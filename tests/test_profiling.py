@@ -507,7 +507,7 @@ def test_trace_cell_writes_a_chrome_trace_of_the_cells_steps(train_workspace, tm
 
     ws, p = train_workspace
     trace = tmp_path / "trace-fly.json"
-    per_kernel, step_ms = prof.trace_cell(p, {"name": "fly", "latents": "on_the_fly"}, ws / "cache", trace,
+    per_kernel, step_ms, copies = prof.trace_cell(p, {"name": "fly", "latents": "on_the_fly"}, ws / "cache", trace,
                                           raw_dir=ws / "data/raw")
     events = json.loads(trace.read_text())["traceEvents"]
     names = {e.get("name") for e in events}
@@ -520,6 +520,8 @@ def test_trace_cell_writes_a_chrome_trace_of_the_cells_steps(train_workspace, tm
     steps = [e["dur"] / 1e3 for e in events if e.get("name") in ("step_0", "step_1") and e.get("ph") == "X"]
     assert step_ms == pytest.approx(sum(steps) / 2)
     assert 0.8 < sum(per_kernel.values()) / step_ms <= 1.05
+    # The copies' ops with their inputs' shapes (none for a 0-d tensor's), each no more than its op's time.
+    assert copies and all(0 < c["ms"] <= per_kernel[c["op"]] for c in copies) and any(c["inputs"] for c in copies)
 
 
 def test_each_compiled_cell_runs_its_own_compiled_denoiser(train_workspace):

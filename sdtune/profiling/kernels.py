@@ -7,7 +7,9 @@ holds MFU down (say, attention kernels at half the speed of the convolutions).
 
 Kinds are read off kernel names: inductor's generated kernels start with "triton_" (GPU) or
 "cpp_" (CPU); cuDNN's and cuBLAS's carry fprop/dgrad/wgrad, gemm, nvjet or cutlass; the attention
-kernels flash, fmha or sdpa. The first kind whose pattern matches wins, hence the order.
+kernels flash, fmha or sdpa. The first kind whose pattern matches wins, hence the order. A copy
+kernel's name says only that it copies, so launched_by follows copies and layout changes to the
+op that launched them, with their inputs' shapes and strides.
 """
 
 import re
@@ -39,22 +41,24 @@ def kind(name: str) -> str:
     return OTHER
 
 
-def time_by_kernel(fn, steps: int, device) -> tuple[dict[str, float], float]:
-    """(milliseconds per call of `fn` by kernel name, wall milliseconds per call), over `steps`
-    calls under torch.profiler: each kernel's device time on a GPU, each op's self time on a CPU
-    (where ops run their own loops). The wall time is the profiled calls' own, the profiler's
-    overhead included, so that the kernels' share of it is a share of the same steps."""
+def time_by_kernel(fn, steps: int, device) -> tuple[dict[str, float], float, list[dict]]:
+    """(milliseconds per call of `fn` by kernel name, wall milliseconds per call, where its copies
+    come from: launched_by), over `steps` calls under torch.profiler: each kernel's device time on
+    a GPU, each op's self time on a CPU (where ops run their own loops). The wall time is the
+    profiled calls' own, the profiler's overhead included, so that the kernels' share of it is a
+    share of the same steps."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    # record_shapes: the shapes and strides of each op's inputs, which say what a copy copies.
+    with profile(activities=activities, record_shapes=True) as prof:
         began = time.perf_counter()
         for _ in range(steps):
             fn()
         if cuda:
             torch.cuda.synchronize(device)
         wall_ms = (time.perf_counter() - began) * 1e3 / steps
-    return per_kernel(prof, steps, cuda), wall_ms
+    return per_kernel(prof, steps, cuda), wall_ms, launched_by(prof, steps, cuda)
 
 
 def per_kernel(prof, steps: int, cuda: bool) -> dict[str, float]:
@@ -76,6 +80,53 @@ def per_kernel(prof, steps: int, cuda: bool) -> dict[str, float]:
     return {name: us / 1e3 / steps for name, us in totals.items()}
 
 
+def launched_by(prof, steps: int, cuda: bool, kinds=("copy", "layout"), top: int = 8) -> list[dict]:
+    """Where a step's kernels of `kinds` come from: milliseconds per step by the op that launched
+    them, busiest first, each with the ops it ran inside (innermost first) and its tensor inputs'
+    shapes and strides (where the profile recorded them). A copy kernel's name says only that it
+    copies; the op above it (a `contiguous` inside attention's backward, a convolution given
+    channels-last input) says why. On a GPU each kernel counts for the op the profiler links it to;
+    on a CPU, where ops run their own loops, an op of those kinds counts for itself."""
+    totals: dict[tuple, float] = {}
+    for event in prof.events():
+        if event.device_type != DeviceType.CPU or event.is_user_annotation:
+            continue
+        if cuda:
+            us = sum(k.duration for k in event.kernels if kind(k.name) in kinds)
+        else:
+            us = event.self_cpu_time_total if kind(event.name) in kinds else 0.0
+        if us > 0:
+            key = (event.name, _callers(event), _inputs(event))
+            totals[key] = totals.get(key, 0.0) + us
+    busiest = sorted(totals.items(), key=lambda item: -item[1])[:top]
+    return [{"op": op, "callers": list(callers), "inputs": inputs, "ms": us / 1e3 / steps}
+            for (op, callers, inputs), us in busiest]
+
+
+def _callers(event, depth: int = 3) -> tuple[str, ...]:
+    """The names of the ops (or record_function ranges) `event` ran inside, innermost first."""
+    names, parent = [], event.cpu_parent
+    while parent is not None and len(names) < depth:
+        names.append(parent.name)
+        parent = parent.cpu_parent
+    return tuple(names)
+
+
+def _inputs(event) -> str:
+    """An op's tensor inputs as "16×320×64×64 (1310720, 1, 20480, 320)": shape, then strides."""
+    shapes = event.input_shapes or []
+    strides = getattr(event, "structured_input_strides", None) or [None] * len(shapes)  # torch >= 2.5
+    out = []
+    for shape, stride in zip(shapes, strides):
+        if not shape or not all(isinstance(n, int) for n in shape):
+            continue  # a scalar, a list of tensors or no tensor at all
+        text = "×".join(map(str, shape))
+        if stride and all(isinstance(n, int) for n in stride):
+            text += f" ({', '.join(map(str, stride))})"
+        out.append(text)
+    return ", ".join(out)
+
+
 def traced_step_ms(prof) -> float:
     """Mean wall milliseconds of the `step_<i>` ranges phases.trace wraps each traced step in."""
     spans = [e.time_range.elapsed_us() for e in prof.events()
@@ -91,11 +142,13 @@ def by_kind(values: dict) -> dict:
     return dict(out)
 
 
-def breakdown(per_kernel: dict[str, float], flops: dict[str, int], step_ms: float, top: int = 12) -> dict:
+def breakdown(per_kernel: dict[str, float], flops: dict[str, int], step_ms: float, top: int = 12,
+              copies: list[dict] | None = None) -> dict:
     """One row per kind, busiest first: ms per step, share of the summed kernel time, FLOPs and
     achieved TFLOP/s (where FLOPs are counted); how much of the (profiled) step the kernels fill
     (on a GPU the rest is time no kernel ran; on a CPU, with ops timed by their self time, about
-    all of it); and the `top` busiest kernels by name, which say what a kind's time is made of."""
+    all of it); the `top` busiest kernels by name, which say what a kind's time is made of; and
+    the ops that launched the copies and layout changes (launched_by), where given."""
     ms = by_kind(per_kernel)
     total = sum(ms.values())
     rows = []
@@ -106,7 +159,8 @@ def breakdown(per_kernel: dict[str, float], flops: dict[str, int], step_ms: floa
     busiest = sorted(per_kernel.items(), key=lambda item: -item[1])[:top]
     return {"rows": rows, "kernel_ms": total, "step_ms": step_ms,
             "busy": total / step_ms if step_ms > 0 else None,
-            "top": [{"name": name, "kind": kind(name), "ms": t} for name, t in busiest]}
+            "top": [{"name": name, "kind": kind(name), "ms": t} for name, t in busiest],
+            "copies": copies or []}
 
 
 def table(result: dict) -> str:
@@ -126,4 +180,10 @@ def table(result: dict) -> str:
         for k in result["top"]:
             name = k["name"] if len(k["name"]) <= 100 else k["name"][:97] + "..."
             lines.append(f"| `{name.replace('|', '/')}` | {k['kind']} | {k['ms']:.2f} |")
+    if result.get("copies"):
+        lines += ["", "| copies and layout changes, launched by | inside | inputs: shape (strides) | ms/step |",
+                  "|---|---|---|---:|"]
+        for c in result["copies"]:
+            inside = " ← ".join(c["callers"])
+            lines.append(f"| `{c['op']}` | {inside.replace('|', '/')} | {c['inputs']} | {c['ms']:.2f} |")
     return "\n".join(lines)

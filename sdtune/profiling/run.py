@@ -191,24 +191,26 @@ def _setup(params, spec: dict, cache_dir, raw_dir):
     return cell, run, step_fn, fly
 
 
-def _trace(run, step_fn, name: str, trace_path, step: int, warmup: int) -> tuple[dict[str, float], float]:
+def _trace(run, step_fn, name: str, trace_path, step: int, warmup: int) -> tuple[dict[str, float], float, list]:
     """A Chrome trace of training step `step` run twice after `warmup` steps (0, 1, ...) and, on
     CUDA, the allocator's history of it twice more (open it at https://pytorch.org/memory_viz;
     memory.snapshot does nothing on CPU). Returns the traced steps' milliseconds per step by kernel
-    (kernels.per_kernel) and their own wall milliseconds per step."""
+    (kernels.per_kernel), their own wall milliseconds per step, and the ops that launched their
+    copies (kernels.launched_by; the trace records each op's input shapes and strides for it)."""
     device = run.accelerator.device
     order, names = iter([*range(warmup), step, step]), phases.PhaseTimer(device)  # names the phases in the trace
-    traced = phases.trace(lambda: step_fn(next(order), names), trace_path, steps=2, warmup=warmup)
+    traced = phases.trace(lambda: step_fn(next(order), names), trace_path, steps=2, warmup=warmup,
+                          record_shapes=True)
     with memory.snapshot(trace_path.with_name(f"memory-{name}.pickle"), device):
         for _ in range(2):
             step_fn(step)
-    return kernels.per_kernel(traced, 2, device.type == "cuda"), kernels.traced_step_ms(traced)
+    cuda = device.type == "cuda"
+    return kernels.per_kernel(traced, 2, cuda), kernels.traced_step_ms(traced), kernels.launched_by(traced, 2, cuda)
 
 
-def trace_cell(params, spec: dict, cache_dir, trace_path, raw_dir="data/raw") -> tuple[dict[str, float], float]:
+def trace_cell(params, spec: dict, cache_dir, trace_path, raw_dir="data/raw") -> tuple[dict[str, float], float, list]:
     """Only the trace and snapshot of one cell (the fastest, once the matrix has been measured), of
-    the reference step its profile_cell counted; returns its milliseconds per step by kernel, and
-    per traced step."""
+    the reference step its profile_cell counted; returns what _trace returns."""
     p = params.profile
     with process_flags():
         _, run, step_fn, _ = _setup(params, spec, cache_dir, raw_dir)
@@ -216,11 +218,11 @@ def trace_cell(params, spec: dict, cache_dir, trace_path, raw_dir="data/raw") ->
         return _trace(run, step_fn, spec["name"], trace_path, step, warmup=p.warmup)
 
 
-def kernel_breakdown(cell: dict, traced: tuple[dict[str, float], float]) -> dict:
+def kernel_breakdown(cell: dict, traced: tuple[dict[str, float], float, list]) -> dict:
     """A measured cell's traced kernel time by kind next to its FLOPs by kind (kernels.breakdown),
     and the GEMM-like kinds' time over their floor; `traced` is what _trace returns."""
-    per_kernel_ms, step_ms = traced
-    out = kernels.breakdown(per_kernel_ms, cell["reference_step"]["flops_by_kind"], step_ms)
+    per_kernel_ms, step_ms, copies = traced
+    out = kernels.breakdown(per_kernel_ms, cell["reference_step"]["flops_by_kind"], step_ms, copies=copies)
     # Measured over floor for the GEMM-like kinds: what REPORT.md reads without recounting.
     if ratios := roofline.vs_floor(cell["floor"], out):
         out["vs_floor"] = ratios
