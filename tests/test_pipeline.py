@@ -86,10 +86,12 @@ def test_reports_hold_finite_numbers(demo):
         assert traced == pytest.approx(cell["flops_by_kind"])
         assert all(kinds[k]["tflop"] * 1e12 == pytest.approx(traced[k]) for k in ("convolution", "matmul"))
         assert f"Kernel time by kind in `{cell['name']}`'s traced steps" in (demo / "reports/profile.md").read_text()
-        # Where its copies came from: the op, the ops it ran inside, and its inputs, each a copy op.
+        # Where its copies came from: the op, the ops it ran inside, and its inputs. On a CPU each
+        # is a copy op itself (on a GPU, a convolution may launch cuDNN's layout kernels).
         copies = cell["kernels"]["copies"]
-        assert copies and all(c["ms"] > 0 and kernels.kind(c["op"]) in ("copy", "layout") for c in copies)
-        assert any(c["inputs"] for c in copies)
+        assert copies and all(c["ms"] > 0 for c in copies) and any(c["inputs"] for c in copies)
+        if not torch.cuda.is_available():
+            assert all(kernels.kind(c["op"]) in ("copy", "layout") for c in copies)
     assert sum(base["flops_by_kind"].values()) == pytest.approx(base["flops_per_step"])
     assert all("kernels" not in c for name, c in profile["cells"].items() if name not in (base["name"], best["name"]))
     # Every cell's floor on this device, kind by kind; the traced cells' kernels set against it.
