@@ -71,8 +71,11 @@ def test_time_by_kind_finds_where_a_step_spends_its_time(keep_threads):
     torch.set_num_threads(1)
     conv = torch.nn.Conv2d(32, 32, 3, padding=1)
     conv_heavy = lambda: conv(torch.randn(4, 32, 48, 48)).sum().backward()  # noqa: E731
-    linear = torch.nn.Linear(512, 512)
-    matmul_heavy = lambda: linear(torch.randn(1024, 512)).sum().backward()  # noqa: E731
+    # 1024-wide: the GEMMs' work grows with the cube of the size, the copies around them (the bias
+    # broadcast into addmm's output, sum's expanded gradient made contiguous) with its square, so
+    # the matmuls hold most of the step even on a loaded machine, where memory-bound ops slow most.
+    linear, tokens = torch.nn.Linear(1024, 1024), torch.randn(1024, 1024)
+    matmul_heavy = lambda: linear(tokens).sum().backward()  # noqa: E731
     for step, kind in [(conv_heavy, "convolution"), (matmul_heavy, "matmul")]:
         step()  # warm-up: first calls allocate and pick algorithms
         per_kernel, step_ms, _ = kernels.time_by_kernel(step, 2, "cpu")
@@ -145,3 +148,19 @@ def test_only_the_busiest_copy_sources_are_kept():
     assert len({c["inputs"] for c in every if c["callers"][:1] == ["aten::clone"]}) == 6  # five t().contiguous(), one clone
     kept = kernels.launched_by(prof, 1, cuda=False, top=3)
     assert kept == every[:3]
+
+
+def test_strides_read_from_the_chrome_trace_are_the_events_own():
+    """Before torch 2.12 (the GPU box has 2.11) profiler events carry no strides; the Chrome trace
+    does, and launched_by reads them from it: the same strides, so the same sources."""
+    x = torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        x.contiguous()
+        x.transpose(2, 3).contiguous()
+    from_trace = kernels.strides_by_id(prof)
+    copies = [e for e in prof.events() if e.name == "aten::copy_"]
+    assert [from_trace[e.id] for e in copies] == [[[128, 16, 4, 1], [128, 1, 32, 8], []],
+                                                  [[128, 16, 4, 1], [128, 1, 8, 32], []]]
+    if hasattr(copies[0], "structured_input_strides"):  # torch >= 2.12, as CI has
+        assert all(from_trace[e.id] == e.structured_input_strides for e in prof.events())
+    assert kernels.launched_by(prof, 1, cuda=False, strides=from_trace) == kernels.launched_by(prof, 1, cuda=False)

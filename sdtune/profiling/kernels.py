@@ -12,9 +12,12 @@ kernel's name says only that it copies, so launched_by follows copies and layout
 op that launched them, with their inputs' shapes and strides.
 """
 
+import json
 import re
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
@@ -80,15 +83,21 @@ def per_kernel(prof, steps: int, cuda: bool) -> dict[str, float]:
     return {name: us / 1e3 / steps for name, us in totals.items()}
 
 
-def launched_by(prof, steps: int, cuda: bool, kinds=("copy", "layout"), top: int = 8) -> list[dict]:
+def launched_by(prof, steps: int, cuda: bool, kinds=("copy", "layout"), top: int = 8,
+                strides: dict[int, list] | None = None) -> list[dict]:
     """Where a step's kernels of `kinds` come from: milliseconds per step by the op that launched
     them, busiest first, each with the ops it ran inside (innermost first) and its tensor inputs'
     shapes and strides (where the profile recorded them). A copy kernel's name says only that it
     copies; the op above it (a `contiguous` inside attention's backward, a convolution given
     channels-last input) says why. On a GPU each kernel counts for the op the profiler links it to;
-    on a CPU, where ops run their own loops, an op of those kinds counts for itself."""
+    on a CPU, where ops run their own loops, an op of those kinds counts for itself. `strides`: each
+    op's input strides by its id; by default the events' own, or the Chrome trace's where torch's
+    events have none (before torch 2.12, as on the GPU box)."""
+    events = prof.events()
+    if strides is None and events and not hasattr(events[0], "structured_input_strides"):
+        strides = strides_by_id(prof)
     totals: dict[tuple, float] = {}
-    for event in prof.events():
+    for event in events:
         if event.device_type != DeviceType.CPU or event.is_user_annotation:
             continue
         if cuda:
@@ -96,7 +105,7 @@ def launched_by(prof, steps: int, cuda: bool, kinds=("copy", "layout"), top: int
         else:
             us = event.self_cpu_time_total if kind(event.name) in kinds else 0.0
         if us > 0:
-            key = (event.name, _callers(event), _inputs(event))
+            key = (event.name, _callers(event), _inputs(event, strides))
             totals[key] = totals.get(key, 0.0) + us
     busiest = sorted(totals.items(), key=lambda item: -item[1])[:top]
     return [{"op": op, "callers": list(callers), "inputs": inputs, "ms": us / 1e3 / steps}
@@ -112,10 +121,22 @@ def _callers(event, depth: int = 3) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _inputs(event) -> str:
+def strides_by_id(prof) -> dict[int, list]:
+    """Each op's input strides by its id (FunctionEvent.id, the trace's "External id"), read from
+    the Chrome trace, which has recorded them longer than torch's events have."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    return {e["args"]["External id"]: e["args"]["Input Strides"] for e in events
+            if e.get("cat") == "cpu_op" and {"External id", "Input Strides"} <= set(e.get("args", {}))}
+
+
+def _inputs(event, strides_of: dict[int, list] | None = None) -> str:
     """An op's tensor inputs as "16×320×64×64 (1310720, 1, 20480, 320)": shape, then strides."""
     shapes = event.input_shapes or []
-    strides = getattr(event, "structured_input_strides", None) or [None] * len(shapes)  # torch >= 2.5
+    strides = (strides_of.get(event.id) if strides_of is not None
+               else getattr(event, "structured_input_strides", None)) or [None] * len(shapes)
     out = []
     for shape, stride in zip(shapes, strides):
         if not shape or not all(isinstance(n, int) for n in shape):
