@@ -177,7 +177,22 @@ def kernel_finding(cell: dict) -> list[str]:
     if len(rated) > 1:
         slowest = min(rated, key=lambda r: r["tflops"])
         text += f"; of the kinds that do FLOPs, {slowest['kind']} does the fewest a second ({slowest['tflops']:.3g} TFLOP/s)"
-    return [text + "."] + floor_finding(cell)
+    return [text + "."] + floor_finding(cell) + copies_finding(cell)
+
+
+def copies_finding(cell: dict) -> list[str]:
+    """How much of a traced cell's kernel time went to copies and layout changes, and the op that
+    launched the most of them (kernels.launched_by): where memory traffic that computes nothing
+    comes from, which a change of layout or of a `contiguous()` can remove."""
+    k = cell.get("kernels", {})
+    ms = sum(r["ms"] for r in k.get("rows", []) if r["kind"] in ("copy", "layout"))
+    if not k.get("copies") or ms <= 0 or not k.get("kernel_ms"):
+        return []
+    top = k["copies"][0]
+    inside = f" inside `{top['callers'][0]}`" if top["callers"] else ""
+    inputs = f" on {top['inputs']}" if top["inputs"] else ""
+    return [f"- Copies and layout changes took {ms:.2f} ms of `{cell['name']}`'s {k['kernel_ms']:.2f} ms of kernels a "
+            f"step ({ms / k['kernel_ms']:.0%}); the most, {top['ms']:.2f} ms, from `{top['op']}`{inside}{inputs}."]
 
 
 def floor_finding(cell: dict) -> list[str]:

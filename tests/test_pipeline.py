@@ -236,6 +236,11 @@ def test_report_is_generated_from_the_numbers(demo):
     furthest = max(ratios, key=ratios.get)
     assert f"`{best['name']}`'s kernels take: {furthest} {ratios[furthest]:.1f}×" in text
     assert f"; {furthest} is furthest from what the device allows." in text
+    copying = sum(r["ms"] for r in best["kernels"]["rows"] if r["kind"] in ("copy", "layout"))
+    top = best["kernels"]["copies"][0]
+    assert (f"- Copies and layout changes took {copying:.2f} ms of `{best['name']}`'s "
+            f"{best['kernels']['kernel_ms']:.2f} ms of kernels a step" in text)
+    assert f"; the most, {top['ms']:.2f} ms, from `{top['op']}` inside `{top['callers'][0]}`" in text
     # The on-the-fly cell is the way without the cache: its sentence is about what the cache bought.
     profile = json.loads((demo / "reports/profile.json").read_text())
     cells = profile["cells"]

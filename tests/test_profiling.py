@@ -841,6 +841,30 @@ def test_cells_of_other_batch_sizes_are_compared_by_images_per_second():
                          "scripts train (32.00 vs 10.00 images/s).")
 
 
+def test_findings_name_the_op_behind_most_of_the_copies(keep_threads):
+    """REPORT.md's sentence on copies: their share of the traced kernel time and the op that
+    launched the most, from a real profile of a step that makes a channels-last tensor contiguous."""
+    from sdtune import report
+    from sdtune.profiling import kernels
+
+    torch.set_num_threads(1)
+    x = torch.randn(8, 64, 32, 32).to(memory_format=torch.channels_last)
+    w = torch.randn(256, 256)
+    step = lambda: (w @ w).sum() + x.contiguous().sum()  # noqa: E731
+    step()
+    per_kernel, step_ms, copies = kernels.time_by_kernel(step, 2, "cpu")
+    cell = made_cell("bf16", 2, 100.0)
+    cell["kernels"] = kernels.breakdown(per_kernel, {}, step_ms, copies=copies)
+    copying = sum(r["ms"] for r in cell["kernels"]["rows"] if r["kind"] in ("copy", "layout"))
+    top = copies[0]
+    (line,) = report.copies_finding(cell)
+    assert line == (f"- Copies and layout changes took {copying:.2f} ms of `bf16`'s {cell['kernels']['kernel_ms']:.2f} "
+                    f"ms of kernels a step ({copying / cell['kernels']['kernel_ms']:.0%}); the most, {top['ms']:.2f} "
+                    f"ms, from `aten::copy_` inside `aten::clone` on {top['inputs']}.")
+    cell["kernels"]["copies"] = []  # a breakdown from before the copies were traced: no sentence
+    assert report.copies_finding(cell) == []
+
+
 def test_findings_say_what_a_cell_keeps_for_the_backward():
     """On a CPU the peak is a resident set, which hides what checkpointing saves: the findings say
     what autograd kept for the backward too, where both cells counted it."""
