@@ -39,6 +39,7 @@ class _Handler(BaseHTTPRequestHandler):
         key = parts.path + (f"?id={ids[0]}" if ids else "")
         server = self.server
         server.log.append((key, self.headers.get("Range")))
+        server.if_range.append(self.headers.get("If-Range"))
         route = server.routes.get(key)
         if route is None:
             return self._send(404, b"not found", {"Content-Type": "text/plain"})
@@ -49,6 +50,10 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"Content-Type": "application/octet-stream", "ETag": f'"{hashlib.md5(body).hexdigest()}"',
                    **route.headers}
         asked = self.headers.get("Range", "")
+        # If-Range as RFC 9110 says: a validator that no longer matches the file's ETag (the file
+        # changed since the client's first part) gets the whole file, not a range of the new one.
+        if self.headers.get("If-Range") not in (None, headers["ETag"]):
+            asked = ""
         if route.ranges and asked.startswith("bytes=") and status == 200:
             start = int(asked[6:].split("-")[0])
             headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
@@ -71,8 +76,9 @@ class _Handler(BaseHTTPRequestHandler):
 class LocalServer:
     def __init__(self):
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.routes, self.httpd.log = {}, []
-        self.routes, self.log = self.httpd.routes, self.httpd.log
+        # log: (path, Range) of each request; if_range: its If-Range header (None where not sent).
+        self.httpd.routes, self.httpd.log, self.httpd.if_range = {}, [], []
+        self.routes, self.log, self.if_range = self.httpd.routes, self.httpd.log, self.httpd.if_range
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
