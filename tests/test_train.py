@@ -398,27 +398,20 @@ def test_deterministic_keeps_cudnn_heuristics_and_each_run_sets_both_flags(works
         torch.backends.cudnn.benchmark = False
 
 
-def train_in_process(workspace, ckpt_dir, validate=None, **train):
-    """loop.train on the module's cache in this process, from a fresh accelerate state; returns (run, stats)."""
+def train_in_process(workspace, ckpt_dir, validate=None, lrs: list | None = None, **train):
+    """loop.train on the module's cache in this process, from a fresh accelerate state; returns (run, stats).
+    `lrs`: a list to append the learning rate the optimizer steps with to, each step."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     run = loop.setup(in_process_params(workspace, **train), workspace / "cache")
+    if lrs is not None:
+        run.optimizer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
     return run, loop.train(run, ckpt_dir, workspace / "cache", validate=validate)
 
 
 class Interrupted(Exception):
     """Stands in for a kill: raised by a validation, right after its step's checkpoint."""
-
-
-def train_recording_lr(workspace, ckpt_dir, used: list, validate=None, **train):
-    """train_in_process, appending to `used` the learning rate the optimizer steps with, each step."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    run = loop.setup(in_process_params(workspace, **train), workspace / "cache")
-    run.optimizer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
-    return run, loop.train(run, ckpt_dir, workspace / "cache", validate=validate)
 
 
 def interrupted_then_resumed(workspace, ckpt_dir, at: int, used: list, **train):
@@ -428,8 +421,8 @@ def interrupted_then_resumed(workspace, ckpt_dir, at: int, used: list, **train):
         raise Interrupted
 
     with pytest.raises(Interrupted):
-        train_recording_lr(workspace, ckpt_dir, [], validate=stop, validate_every=at, checkpoint_every=at, **train)
-    run, stats = train_recording_lr(workspace, ckpt_dir, used, validate_every=at, checkpoint_every=at, **train)
+        train_in_process(workspace, ckpt_dir, validate=stop, validate_every=at, checkpoint_every=at, **train)
+    run, stats = train_in_process(workspace, ckpt_dir, lrs=used, validate_every=at, checkpoint_every=at, **train)
     assert stats["resumed_from"] == str(ckpt_dir / f"step-{at:07d}")
     return run, stats
 
@@ -447,7 +440,7 @@ def cosine_with_warmup(step: int) -> float:
 
 def test_the_optimizer_steps_with_the_warmup_then_cosine_rates(workspace, tmp_path):
     used = []
-    run, _ = train_recording_lr(workspace, tmp_path / "checkpoints", used, **COSINE)
+    run, _ = train_in_process(workspace, tmp_path / "checkpoints", lrs=used, **COSINE)
     want = [cosine_with_warmup(s) for s in range(COSINE["steps"])]
     assert used == pytest.approx(want, rel=1e-6, abs=1e-12)
     assert [h["lr"] for h in run.history] == pytest.approx(want, rel=1e-6, abs=1e-12)
@@ -497,8 +490,7 @@ def test_a_resumed_run_with_lora_dropout_trains_the_uninterrupted_runs_lora_to_t
     """LoRA dropout draws its masks from torch's RNG: the checkpoint's RNG state must come back, or the
     resumed steps drop other units (those of the run's first steps, after setup's seeding)."""
     train = {"steps": 4, "deterministic": True, "lora": {"rank": 4, "alpha": 4.0, "dropout": 0.3}}
-    straight, _ = train_recording_lr(workspace, tmp_path / "straight", [], validate_every=2, checkpoint_every=2,
-                                     **train)
+    straight, _ = train_in_process(workspace, tmp_path / "straight", validate_every=2, checkpoint_every=2, **train)
     resumed, _ = interrupted_then_resumed(workspace, tmp_path / "resumed", 2, [], **train)
     want, got = lora_state(straight), lora_state(resumed)
     assert got.keys() == want.keys()
