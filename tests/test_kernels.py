@@ -109,24 +109,29 @@ def test_a_failed_breakdown_says_why_in_place_of_its_table():
     assert kernels.table({"error": "RuntimeError: CUPTI"}) == "kernel breakdown failed: RuntimeError: CUPTI"
 
 
-def test_copies_are_traced_to_the_op_that_made_them_with_its_shapes_and_strides(keep_threads):
-    """A step whose only real copy is a channels-last tensor made contiguous, next to a matmul: the
-    copy's time goes to aten::copy_ inside aten::contiguous, with both tensors' shapes and strides,
-    and the table prints that line."""
-    torch.set_num_threads(1)
-    x = torch.randn(8, 64, 32, 32).to(memory_format=torch.channels_last)
-    w = torch.randn(256, 256)
+# copy_'s inputs in contiguous_copy_step: the NCHW destination, then the channels-last source.
+COPIED = "8×64×32×32 (65536, 1024, 32, 1), 8×64×32×32 (65536, 1, 2048, 64)"
 
-    def step():
-        y = x.contiguous()  # NHWC -> NCHW: a real copy of 2 MiB
-        return (w @ w).sum() + y.sum()
 
+def contiguous_copy_step(device="cpu", width: int = 256):
+    """A step whose only real copy is a channels-last tensor made contiguous (NHWC -> NCHW, 2 MiB),
+    next to a matmul; run once, as a warm-up."""
+    x = torch.randn(8, 64, 32, 32, device=device).to(memory_format=torch.channels_last)
+    w = torch.randn(width, width, device=device)
+    step = lambda: (w @ w).sum() + x.contiguous().sum()  # noqa: E731
     step()
+    return step
+
+
+def test_copies_are_traced_to_the_op_that_made_them_with_its_shapes_and_strides(keep_threads):
+    """The copy's time goes to aten::copy_ inside aten::contiguous, with both tensors' shapes and
+    strides, and the table prints that line."""
+    torch.set_num_threads(1)
+    step = contiguous_copy_step()
     per_kernel, step_ms, copies = kernels.time_by_kernel(step, 3, "cpu")
     first = copies[0]
     assert first["op"] == "aten::copy_" and first["callers"][:2] == ["aten::clone", "aten::contiguous"]
-    # copy_'s inputs: the NCHW destination, then the channels-last source.
-    assert first["inputs"] == "8×64×32×32 (65536, 1024, 32, 1), 8×64×32×32 (65536, 1, 2048, 64)"
+    assert first["inputs"] == COPIED
     assert first["ms"] == pytest.approx(per_kernel["aten::copy_"])  # the step's only copy_ calls
     assert [c["ms"] for c in copies] == sorted((c["ms"] for c in copies), reverse=True)
     assert all(kernels.kind(c["op"]) in ("copy", "layout") for c in copies)
@@ -150,7 +155,7 @@ def test_only_the_busiest_copy_sources_are_kept():
     assert kept == every[:3]
 
 
-def test_strides_read_from_the_chrome_trace_are_the_events_own():
+def test_strides_read_from_the_chrome_trace_are_the_events_own(tmp_path):
     """Before torch 2.12 (the GPU box has 2.11) profiler events carry no strides; the Chrome trace
     does, and launched_by reads them from it: the same strides, so the same sources."""
     x = torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last)
@@ -164,3 +169,11 @@ def test_strides_read_from_the_chrome_trace_are_the_events_own():
     if hasattr(copies[0], "structured_input_strides"):  # torch >= 2.12, as CI has
         assert all(from_trace[e.id] == e.structured_input_strides for e in prof.events())
     assert kernels.launched_by(prof, 1, cuda=False, strides=from_trace) == kernels.launched_by(prof, 1, cuda=False)
+    # A profile already written to a trace (as the profile stage's is) cannot be written again: its file is read.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as again:
+        x.contiguous()
+    again.export_chrome_trace(str(tmp_path / "trace.json"))
+    from_file = kernels.strides_by_id(again, tmp_path / "trace.json")
+    assert [from_file[e.id] for e in again.events() if e.name == "aten::copy_"] == [[[128, 16, 4, 1], [128, 1, 32, 8], []]]
+    assert kernels.launched_by(again, 1, cuda=False, strides=from_file) == kernels.launched_by(again, 1, cuda=False,
+                                                                                                trace=tmp_path / "trace.json")

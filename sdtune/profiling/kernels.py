@@ -84,7 +84,7 @@ def per_kernel(prof, steps: int, cuda: bool) -> dict[str, float]:
 
 
 def launched_by(prof, steps: int, cuda: bool, kinds=("copy", "layout"), top: int = 8,
-                strides: dict[int, list] | None = None) -> list[dict]:
+                strides: dict[int, list] | None = None, trace=None) -> list[dict]:
     """Where a step's kernels of `kinds` come from: milliseconds per step by the op that launched
     them, busiest first, each with the ops it ran inside (innermost first) and its tensor inputs'
     shapes and strides (where the profile recorded them). A copy kernel's name says only that it
@@ -92,10 +92,11 @@ def launched_by(prof, steps: int, cuda: bool, kinds=("copy", "layout"), top: int
     channels-last input) says why. On a GPU each kernel counts for the op the profiler links it to;
     on a CPU, where ops run their own loops, an op of those kinds counts for itself. `strides`: each
     op's input strides by its id; by default the events' own, or the Chrome trace's where torch's
-    events have none (before torch 2.12, as on the GPU box)."""
+    events have none (before torch 2.12, as on the GPU box): `trace`, where `prof` has been written
+    to one already, else a trace written for it."""
     events = prof.events()
     if strides is None and events and not hasattr(events[0], "structured_input_strides"):
-        strides = strides_by_id(prof)
+        strides = strides_by_id(prof, trace)
     totals: dict[tuple, float] = {}
     for event in events:
         if event.device_type != DeviceType.CPU or event.is_user_annotation:
@@ -121,13 +122,17 @@ def _callers(event, depth: int = 3) -> tuple[str, ...]:
     return tuple(names)
 
 
-def strides_by_id(prof) -> dict[int, list]:
+def strides_by_id(prof, trace=None) -> dict[int, list]:
     """Each op's input strides by its id (FunctionEvent.id, the trace's "External id"), read from
-    the Chrome trace, which has recorded them longer than torch's events have."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text())["traceEvents"]
+    the Chrome trace, which has recorded them longer than torch's events have: `trace`, the file
+    `prof` was exported to, or else one exported here."""
+    if trace is not None:
+        events = json.loads(Path(trace).read_text())["traceEvents"]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(path))
+            events = json.loads(path.read_text())["traceEvents"]
     return {e["args"]["External id"]: e["args"]["Input Strides"] for e in events
             if e.get("cat") == "cpu_op" and {"External id", "Input Strides"} <= set(e.get("args", {}))}
 

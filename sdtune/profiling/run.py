@@ -205,7 +205,8 @@ def _trace(run, step_fn, name: str, trace_path, step: int, warmup: int) -> tuple
         for _ in range(2):
             step_fn(step)
     cuda = device.type == "cuda"
-    return kernels.per_kernel(traced, 2, cuda), kernels.traced_step_ms(traced), kernels.launched_by(traced, 2, cuda)
+    copies = kernels.launched_by(traced, 2, cuda, trace=trace_path)  # strides, where needed, from the trace written
+    return kernels.per_kernel(traced, 2, cuda), kernels.traced_step_ms(traced), copies
 
 
 def trace_cell(params, spec: dict, cache_dir, trace_path, raw_dir="data/raw") -> tuple[dict[str, float], float, list]:
