@@ -182,15 +182,12 @@ def test_a_copy_kernel_is_traced_to_the_op_that_launched_it():
     """On CUDA a copy kernel counts for the op the profiler links it to: making a channels-last
     tensor contiguous is aten::copy_ inside aten::contiguous, with both tensors' strides."""
     from sdtune.profiling import kernels
+    from test_kernels import COPIED, contiguous_copy_step
 
-    x = torch.randn(8, 64, 32, 32, device="cuda").to(memory_format=torch.channels_last)
-    w = torch.randn(512, 512, device="cuda")
-    step = lambda: (w @ w).sum() + x.contiguous().sum()  # noqa: E731
-    step()
-    per_kernel, _, copies = kernels.time_by_kernel(step, 3, "cuda")
+    per_kernel, _, copies = kernels.time_by_kernel(contiguous_copy_step("cuda", width=512), 3, "cuda")
     first = copies[0]
     assert first["op"] == "aten::copy_" and first["callers"][:2] == ["aten::clone", "aten::contiguous"]
-    assert first["inputs"] == "8×64×32×32 (65536, 1024, 32, 1), 8×64×32×32 (65536, 1, 2048, 64)"
+    assert first["inputs"] == COPIED
     copy_kernels = sum(ms for name, ms in per_kernel.items() if kernels.kind(name) == "copy")
     assert 0 < first["ms"] <= copy_kernels * 1.0001
 

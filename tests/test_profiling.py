@@ -846,13 +846,10 @@ def test_findings_name_the_op_behind_most_of_the_copies(keep_threads):
     launched the most, from a real profile of a step that makes a channels-last tensor contiguous."""
     from sdtune import report
     from sdtune.profiling import kernels
+    from test_kernels import contiguous_copy_step
 
     torch.set_num_threads(1)
-    x = torch.randn(8, 64, 32, 32).to(memory_format=torch.channels_last)
-    w = torch.randn(256, 256)
-    step = lambda: (w @ w).sum() + x.contiguous().sum()  # noqa: E731
-    step()
-    per_kernel, step_ms, copies = kernels.time_by_kernel(step, 2, "cpu")
+    per_kernel, step_ms, copies = kernels.time_by_kernel(contiguous_copy_step(), 2, "cpu")
     cell = made_cell("bf16", 2, 100.0)
     cell["kernels"] = kernels.breakdown(per_kernel, {}, step_ms, copies=copies)
     copying = sum(r["ms"] for r in cell["kernels"]["rows"] if r["kind"] in ("copy", "layout"))
