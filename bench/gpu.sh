@@ -150,6 +150,18 @@ plan() {
         --group-norm per-channel "${GSTEPS[@]}"
     run sd15-bs16-bf16-compile-channels-last-per-channel-gn 300 240 "${SD15[@]}" --bs 16 --precision bf16 \
         --compile --channels-last --group-norm per-channel "${CSTEPS[@]}"
+    # Inductor skips its layout optimisation for SD1.5 (3x3 convolutions from 2560 channels to 1280),
+    # and for every backward graph (no convolution in it): the channels-last step above runs on
+    # eager's layouts, and cuDNN copies the 16 of 94 convolution gradients that are not dense in
+    # channels-last (python -m bench.layouts). Forced on channels-last weights, inductor lays the
+    # gradients out itself, with no weight conversions each step as the forced layout's NCHW
+    # weights need. The second is traced.
+    run sd15-bs16-bf16-compile-channels-last-force-layout-per-channel-gn-cudagraphs 300 240 "${SD15[@]}" \
+        --bs 16 --precision bf16 --compile --compile-mode reduce-overhead --channels-last \
+        --inductor force_layout_optimization=True --group-norm per-channel "${GSTEPS[@]}"
+    run sd15-bs16-bf16-compile-channels-last-force-layout-per-channel-gn 300 240 "${SD15[@]}" --bs 16 \
+        --precision bf16 --compile --channels-last --inductor force_layout_optimization=True \
+        --group-norm per-channel "${CSTEPS[@]}"
     # The fastest step so far, tuned, and as the training loop runs it (no autocast, as it trains).
     run sd15-bs16-bf16-compile-channels-last-per-channel-gn-cudagraphs-tuned 400 300 "${SD15[@]}" --bs 16 \
         --precision bf16 --compile --compile-mode reduce-overhead --channels-last --group-norm per-channel \

@@ -200,14 +200,18 @@ def model_dtype(denoiser) -> torch.dtype:
     return getattr(denoiser, "module", denoiser).dtype
 
 
+def quiet_dynamo_on_upsamplers() -> None:
+    """diffusers' upsamplers ask an lru_cache'd is_torch_version(); Dynamo traces the function
+    under the cache and warns, twice per traced graph. It only compares version strings."""
+    warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped "
+                                              r"function at 'upsampling.py:", category=UserWarning)
+
+
 def compile_denoiser(denoiser, blocks, mode: str = "default", options: dict | None = None) -> None:
     """torch.compile in place (the pipeline and the state-dict keys keep their modules): the whole
     denoiser, or each module whose class is named in `blocks` (a family's COMPILE_BLOCKS).
     `options`: torch._inductor.config options on top of the mode's (train.compile_options)."""
-    # diffusers' upsamplers ask an lru_cache'd is_torch_version(); Dynamo traces the function
-    # under the cache and warns, twice per traced graph. It only compares version strings.
-    warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped "
-                                              r"function at 'upsampling.py:", category=UserWarning)
+    quiet_dynamo_on_upsamplers()
     from torch._inductor import list_mode_options  # here: inductor is imported only to compile
 
     # torch.compile takes a mode or options, not both: with options, the mode's own come first.
