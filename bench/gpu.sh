@@ -152,7 +152,7 @@ plan() {
         --compile --channels-last --group-norm per-channel "${CSTEPS[@]}"
     # Inductor skips its layout optimisation for SD1.5 (3x3 convolutions from 2560 channels to 1280),
     # and for every backward graph (no convolution in it): the channels-last step above runs on
-    # eager's layouts, and cuDNN copies the 16 of 94 convolution gradients that are not dense in
+    # eager's layouts, and cuDNN copies the 17 of 94 convolution gradients that are not dense in
     # channels-last (python -m bench.layouts). Forced on channels-last weights, inductor lays the
     # gradients out itself, with no weight conversions each step as the forced layout's NCHW
     # weights need. The second is traced.
