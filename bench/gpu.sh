@@ -162,6 +162,14 @@ plan() {
     run sd15-bs16-bf16-compile-channels-last-force-layout-per-channel-gn 300 240 "${SD15[@]}" --bs 16 \
         --precision bf16 --compile --channels-last --inductor force_layout_optimization=True \
         --group-norm per-channel "${CSTEPS[@]}"
+    # 8 of those 17 gradients are NCHW because inductor's backward of F.interpolate is an atomic
+    # scatter into an NCHW float32 buffer; upsampling by a broadcast (sdtune/train/upsample.py) makes
+    # it a 2x2 sum in the gradient's own layout (python -m bench.layouts --upsample broadcast: 9 copied).
+    run sd15-bs16-bf16-compile-channels-last-per-channel-gn-broadcast-upsample-cudagraphs 300 240 "${SD15[@]}" \
+        --bs 16 --precision bf16 --compile --compile-mode reduce-overhead --channels-last --group-norm per-channel \
+        --upsample broadcast "${GSTEPS[@]}"
+    run sd15-bs16-bf16-compile-channels-last-per-channel-gn-broadcast-upsample 300 240 "${SD15[@]}" --bs 16 \
+        --precision bf16 --compile --channels-last --group-norm per-channel --upsample broadcast "${CSTEPS[@]}"
     # The fastest step so far, tuned, and as the training loop runs it (no autocast, as it trains).
     run sd15-bs16-bf16-compile-channels-last-per-channel-gn-cudagraphs-tuned 400 300 "${SD15[@]}" --bs 16 \
         --precision bf16 --compile --compile-mode reduce-overhead --channels-last --group-norm per-channel \

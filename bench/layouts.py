@@ -139,12 +139,13 @@ def main(argv=None):
     p.add_argument("--precision", default="bf16", choices=list(train_step.DTYPES))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--group-norm", default="native", choices=["native", "per-channel"])
+    p.add_argument("--upsample", default="native", choices=["native", "broadcast"])
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="a torch._inductor.config option its decision reads, e.g. force_layout_optimization=True")
     p.add_argument("--threads", type=int)
     a = p.parse_args(argv)
     step_args = ["--arch", a.arch, "--res", str(a.res), "--bs", str(a.bs), "--precision", a.precision,
-                 "--group-norm", a.group_norm, "--device", "cpu"] + (["--tiny"] * a.tiny) + \
+                 "--group-norm", a.group_norm, "--upsample", a.upsample, "--device", "cpu"] + (["--tiny"] * a.tiny) + \
                 (["--channels-last"] * a.channels_last) + (["--threads", str(a.threads)] if a.threads else [])
     options = dict(train_step.inductor_option(p, item) for item in a.inductor)
     with torch._inductor.config.patch(options):

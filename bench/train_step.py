@@ -47,7 +47,7 @@ from sdtune.families import common
 from sdtune.params import CUDA_GRAPH_MODES
 from sdtune.profiling import flops, hardware, kernels, memory, roofline
 from sdtune.profiling.phases import PhaseTimer, sync
-from sdtune.train import lora, loop, norms, optim
+from sdtune.train import lora, loop, norms, optim, upsample
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Blocks of back-to-back steps timed. One block gives no spread to judge a 2% change by; on the
@@ -94,6 +94,10 @@ def parse(argv=None, prog="python -m bench.train_step"):
                    help="per-channel: group norms take their statistics channel by channel first "
                         "(train.group_norm, sdtune/train/norms.py), which channels-last memory reads in "
                         "whole rows; for compiled channels-last or force_layout_optimization runs")
+    p.add_argument("--upsample", default="native", choices=["native", "broadcast"],
+                   help="broadcast: the UNet's x2 upsamplers repeat pixels by a broadcast, whose compiled backward "
+                        "is a 2x2 sum, not an atomic scatter into an NCHW buffer (train.upsample, "
+                        "sdtune/train/upsample.py); for compiled channels-last runs")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="cuDNN's fixed heuristics instead of timing its convolution algorithms (the training "
                         "loop times them unless train.deterministic)")
@@ -141,10 +145,13 @@ def parse(argv=None, prog="python -m bench.train_step"):
         p.error("--no-autocast: fp32 runs no autocast anyway, and --baseline autocasts as the diffusers example does")
     if args.nf4 and args.precision == "fp32":
         p.error("--nf4 computes in bf16 or fp16; pick --precision bf16")
-    if args.baseline and (args.arch != "sd15" or args.compile or args.nf4 or args.group_norm != "native"):
-        p.error("--baseline is the SD1.5 diffusers example: --arch sd15, no --compile, --nf4 or --group-norm")
+    if args.baseline and (args.arch != "sd15" or args.compile or args.nf4 or args.group_norm != "native"
+                          or args.upsample != "native"):
+        p.error("--baseline is the SD1.5 diffusers example: --arch sd15, no --compile, --nf4, --group-norm or --upsample")
     if args.group_norm != "native" and arch.family == "sd3":
         p.error(f"--group-norm: {args.arch}'s transformer has no group norms")
+    if args.upsample != "native" and arch.family == "sd3":
+        p.error(f"--upsample: {args.arch}'s transformer has no upsamplers")
     for flag, value, least in (("--bs", args.bs, 1), ("--res", args.res, 8), ("--rank", args.rank, 1),
                                ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
                                ("--threads", 1 if args.threads is None else args.threads, 1)):
@@ -190,6 +197,7 @@ def label(args) -> str:
                        (args.attention != "sdpa", f"{args.attention}-attn"),
                        (args.lora_forward == "peft" and not args.baseline, "peft-lora"),
                        (args.no_autocast, "no-autocast"), (args.group_norm != "native", f"{args.group_norm}-gn"),
+                       (args.upsample != "native", f"{args.upsample}-upsample"),
                        (args.no_cudnn_benchmark, "no-cudnn-benchmark")]:
         if flag:
             parts.append(text)
@@ -254,6 +262,8 @@ class Bench:
             self.model.enable_gradient_checkpointing()
         if args.group_norm == "per-channel":  # as train.group_norm does
             norms.per_channel_stats(self.model)
+        if args.upsample == "broadcast":  # as train.upsample does
+            upsample.broadcast_upsamplers(self.model)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         if args.channels_last:
             self.model.to(memory_format=self.memory_format)
@@ -281,6 +291,7 @@ class Bench:
                  "gradient_checkpointing": a.checkpointing, "channels_last": a.channels_last,
                  "compile": a.compile,  # attention: step() forces the asked kernel around the loop
                  "compile_mode": a.compile_mode, "autocast": not a.no_autocast, "group_norm": a.group_norm,
+                 "upsample": a.upsample,
                  "lora": {"rank": a.rank, "alpha": float(a.rank), "addmm": a.lora_forward == "addmm"}}
         # model.id "tiny" only picks the noise schedule (the same as the real configs'); the
         # denoiser is this one.
@@ -490,6 +501,7 @@ def _run(args, began: float) -> dict:
         "checkpointing": args.checkpointing, "optimizer": args.optimizer, "rank": args.rank, "nf4": args.nf4,
         "lora_forward": "peft" if args.baseline else args.lora_forward, "autocast": args.precision != "fp32" and not args.no_autocast,
         "attention": args.attention, "channels_last": args.channels_last, "group_norm": args.group_norm,
+        "upsample": args.upsample,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "steps": args.steps, "warmup": args.warmup,
         "step_ms": summary["step_median_ms"], "step_ms_mean": summary["step_mean_ms"],

@@ -138,6 +138,10 @@ class Train(Section):
     # strided pieces; for compiled channels-last runs (SD1.5 bs16 on an H100, with CUDA graphs: 107.0 ->
     # 100.5 ms a step back to back). sd3's transformer has no group norms to change.
     group_norm: Literal["native", "per-channel"] = "native"
+    # broadcast: the UNet's ×2 nearest upsamplers repeat each pixel by a broadcast, whose compiled
+    # backward is a 2×2 sum where F.interpolate's is an atomic scatter into an NCHW float32 buffer
+    # (sdtune/train/upsample.py); for compiled channels-last runs, not yet timed on a GPU.
+    upsample: Literal["native", "broadcast"] = "native"
     compile: bool = False  # torch.compile the denoiser (minutes of compile time, then faster steps)
     # reduce-overhead adds CUDA graphs: for small batches, where launching kernels costs more than
     # running them (SD1.5 bs1 on an H200: 107 ms eager, 25 ms compiled with CUDA graphs), and still

@@ -28,7 +28,7 @@ from sdtune.families import common
 from sdtune.errors import UserError
 from sdtune.params import CUDA_GRAPH_MODES
 from sdtune.profiling import hardware, memory
-from sdtune.train import checkpoint, lora, norms, optim
+from sdtune.train import checkpoint, lora, norms, optim, upsample
 
 
 # Attention kernels that can be forced by name; any other choice ("sdpa") leaves PyTorch to pick.
@@ -157,6 +157,8 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
         if not p.compile:
             print("train: warning: train.group_norm: per-channel is meant for compiled runs (train.compile: "
                   "true); eagerly it runs several kernels where torch's group norm runs one")
+    if p.upsample == "broadcast":
+        upsample.broadcast_upsamplers(denoiser)
     if p.channels_last:
         denoiser.to(memory_format=torch.channels_last)
 
