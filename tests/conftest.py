@@ -86,6 +86,21 @@ def tiny_loop_run(arch: str, dtype: torch.dtype, lora: dict | None = None, **tra
     denoiser = archs.build(spec, True, torch.device("cpu"), dtype)
     return loop.prepare(params.parse(raw), archs.cache_items(spec, 2, archs.TINY_RES, tiny=True), denoiser=denoiser)
 
+def assert_unet_unchanged(model, before, arch: str, rtol: float, atol: float) -> None:
+    """model, a tiny UNet of `arch` changed in place, and before, a copy taken before the change,
+    give the same sample in NCHW and in channels-last memory."""
+    from bench import archs
+
+    latents, cond = archs.inputs(archs.get(arch), 2, archs.TINY_RES, "cpu", torch.float32, tiny=True)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            model.to(memory_format=fmt)
+            before.to(memory_format=fmt)
+            x = latents.contiguous(memory_format=fmt)
+            torch.testing.assert_close(model(x, t, **cond).sample, before(x, t, **cond).sample, rtol=rtol, atol=atol)
+
+
 def tiny_cache(raw: Path, cache_dir: Path, n: int, size: int, params) -> Path:
     """n synthetic size x size images in raw, captioned by captions_for and cached for the tiny SD1
     model under params.model and params.cache. Returns cache_dir."""

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
 
 from bench import archs, train_step
-from conftest import tiny_loop_run
+from conftest import assert_unet_unchanged, tiny_loop_run
 from sdtune.train import loop, lora, norms
 
 
@@ -64,14 +64,7 @@ def test_per_channel_stats_swaps_every_group_norm_of_the_unet_in_place():
     assert norms.per_channel_stats(model) == expected > 0
     assert list(model.state_dict()) == keys
     assert all(isinstance(m, norms.PerChannelGroupNorm) for m in model.modules() if isinstance(m, torch.nn.GroupNorm))
-    latents, cond = archs.inputs(archs.get("sd15"), 2, archs.TINY_RES, "cpu", torch.float32, tiny=True)
-    t = torch.tensor([10, 500])
-    with torch.no_grad():
-        for fmt in (torch.contiguous_format, torch.channels_last):
-            model.to(memory_format=fmt)
-            before.to(memory_format=fmt)
-            x = latents.contiguous(memory_format=fmt)
-            torch.testing.assert_close(model(x, t, **cond).sample, before(x, t, **cond).sample, rtol=1e-4, atol=1e-4)
+    assert_unet_unchanged(model, before, "sd15", rtol=1e-4, atol=1e-4)
 
 
 def test_per_channel_group_norm_compiles_into_one_graph_with_eagers_gradients():
