@@ -5,6 +5,7 @@ profile stage's trace and allocator snapshot.
 They skip on a machine without CUDA (CI has none); `bash bench/gpu.sh` runs them on a GPU first.
 """
 
+import copy
 import json
 
 import numpy as np
@@ -297,3 +298,28 @@ def test_the_rooflines_cuda_autocast_is_cudas_own():
     first = next((i for i, (a, b) in enumerate(zip(real, emulated)) if a != b), None)
     assert first is None and len(real) == len(emulated), (first, real[first:first + 3], emulated[first:first + 3])
     assert ("aten.native_group_norm", (torch.float32,) * 3) in real
+
+
+def test_upsampling_by_broadcast_compiles_on_cuda_to_interpolates_values_and_gradients():
+    """train.upsample: broadcast as inductor really compiles it on CUDA (the CPU tests trace the
+    graphs only): an upsampler and its convolution, channels-last bf16, against diffusers' own
+    eagerly; the convolutions may run other cuDNN algorithms, so to bf16's rounding."""
+    from diffusers.models.upsampling import Upsample2D
+    from sdtune.train import upsample
+
+    torch.manual_seed(0)
+    native = Upsample2D(64, use_conv=True).cuda().to(torch.bfloat16, memory_format=torch.channels_last)
+    ours = copy.deepcopy(native)
+    assert upsample.broadcast_upsamplers(ours) == 1
+    x = torch.randn(4, 64, 16, 16, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(4, 64, 32, 32, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for model in (torch.compile(ours, fullgraph=True), native):
+        xi = x.clone().requires_grad_()
+        out = model(xi)
+        out.backward(grad)
+        results.append((out, xi.grad))
+    (out, dx), (expect, expect_dx) = results
+    assert out.is_contiguous(memory_format=torch.channels_last) and dx.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expect, rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(dx, expect_dx, rtol=1.6e-2, atol=1e-2)
