@@ -25,7 +25,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._inductor.decomposition import select_decomp_table
 from torch._inductor.graph import GraphLowering
 
-from bench import train_step
+from bench import archs, train_step
 from sdtune.families import common
 
 CONV_BACKWARD = torch.ops.aten.convolution_backward.default
@@ -131,26 +131,20 @@ def report(args, graphs: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.layouts", description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="sd15", choices=["sd15", "sdxl"])
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--res", type=int, default=128)
+    p = argparse.ArgumentParser(prog="python -m bench.layouts", description=__doc__.splitlines()[0],
+                                epilog="The other options are bench.train_step's (--arch, --tiny, --channels-last, "
+                                       "--group-norm, --upsample, --inductor KEY=VALUE, ...): the step traced is that one, "
+                                       "compiled, on the CPU.")
+    p.add_argument("--res", type=int, default=128, help="image side in pixels (layouts do not depend on it)")
     p.add_argument("--bs", type=int, default=2)
-    p.add_argument("--precision", default="bf16", choices=list(train_step.DTYPES))
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--group-norm", default="native", choices=["native", "per-channel"])
-    p.add_argument("--upsample", default="native", choices=["native", "broadcast"])
-    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
-                   help="a torch._inductor.config option its decision reads, e.g. force_layout_optimization=True")
-    p.add_argument("--threads", type=int)
-    a = p.parse_args(argv)
-    step_args = ["--arch", a.arch, "--res", str(a.res), "--bs", str(a.bs), "--precision", a.precision,
-                 "--group-norm", a.group_norm, "--upsample", a.upsample, "--device", "cpu"] + (["--tiny"] * a.tiny) + \
-                (["--channels-last"] * a.channels_last) + (["--threads", str(a.threads)] if a.threads else [])
-    options = dict(train_step.inductor_option(p, item) for item in a.inductor)
-    with torch._inductor.config.patch(options):
-        graphs = traced_graphs(train_step.Bench(train_step.parse(step_args)))
-        print(report(a, graphs))
+    a, rest = p.parse_known_args(argv)
+    args = train_step.parse([*rest, "--res", str(a.res), "--bs", str(a.bs), "--compile", "--device", "cpu"],
+                            prog=p.prog)
+    if archs.get(args.arch).family == "sd3":
+        p.error(f"--arch: {args.arch}'s transformer has no convolutions to lay out")
+    with torch._inductor.config.patch(args.inductor):
+        graphs = traced_graphs(train_step.Bench(args))
+        print(report(args, graphs))
 
 
 if __name__ == "__main__":
