@@ -8,6 +8,7 @@ address but 127.0.0.1.
 import hashlib
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -20,11 +21,12 @@ import sdtune.data.sources
 
 
 class Route:
-    """One canned answer. fail_first: that many 503s first; cut_first: the first answer stops halfway."""
+    """One canned answer. fail_first: that many 503s first; cut_first: the first answer stops halfway;
+    stall: seconds to wait before answering (a server that has stopped sending)."""
 
-    def __init__(self, body: bytes, status=200, headers=None, ranges=True, fail_first=0, cut_first=False):
+    def __init__(self, body: bytes, status=200, headers=None, ranges=True, fail_first=0, cut_first=False, stall=0.0):
         self.body, self.status, self.headers, self.ranges = body, status, dict(headers or {}), ranges
-        self.fail_first, self.cut_first = fail_first, cut_first
+        self.fail_first, self.cut_first, self.stall = fail_first, cut_first, stall
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -43,6 +45,7 @@ class _Handler(BaseHTTPRequestHandler):
         route = server.routes.get(key)
         if route is None:
             return self._send(404, b"not found", {"Content-Type": "text/plain"})
+        time.sleep(route.stall)
         if route.fail_first:
             route.fail_first -= 1
             return self._send(503, b"try later", {"Content-Type": "text/plain"})
@@ -73,9 +76,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body if cut is None else body[:cut])
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that gave up on a stalled answer
+            super().handle_error(request, client_address)
+
+
 class LocalServer:
     def __init__(self):
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd = _Server(("127.0.0.1", 0), _Handler)
         # log: (path, Range) of each request; if_range: its If-Range header (None where not sent).
         self.httpd.routes, self.httpd.log, self.httpd.if_range = {}, [], []
         self.routes, self.log, self.if_range = self.httpd.routes, self.httpd.log, self.httpd.if_range

@@ -11,11 +11,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
+import sdtune.data.sources
 from sdtune.data.sources import fetch, tree_sha256
 from sdtune.errors import UserError
 from fixtures_data import Route
@@ -431,6 +433,43 @@ def test_gdrive_folder(tmp_path, drive_stand_in):
     assert rows == rows_of({"été 1.png": b"\x89PNG a", "more/b.jpg": b"\xff\xd8 b"})
 
 
+def test_gdrive_folder_names_are_checked_before_downloading(tmp_path, drive_stand_in):
+    """Drive lets two files of a folder share a name: gdown alone would keep the second silently.
+    Junk and case-only repeats are left out and reported, as an archive's members are."""
+    routes = drive_stand_in.routes
+    routes[f"/embeddedfolderview?id={FOLDER_ID}"] = folder_view("Set", [
+        (f"https://drive.google.com/file/d/{IMG_A}/view", "portrait.jpg"),
+        (f"https://drive.google.com/file/d/{IMG_B}/view", "Portrait.JPG"),
+        (f"https://drive.google.com/file/d/{BIG_ID}/view", ".DS_Store")])
+    for file_id, body in ((IMG_A, b"\xff\xd8 first"), (IMG_B, b"\xff\xd8 second"), (BIG_ID, b"\0\0\0\1Bud1")):
+        routes[f"/uc?id={file_id}"] = drive_file(body, "x")
+    skipped = []
+    assert fetch(f"gdrive://folders/{FOLDER_ID}", tmp_path / "a", skipped=skipped) == rows_of(
+        {"portrait.jpg": b"\xff\xd8 first"})
+    assert [s["file"] for s in skipped] == ["Portrait.JPG", ".DS_Store"]
+    assert "upper/lower case" in skipped[0]["reason"]
+    assert not any(key == f"/uc?id={BIG_ID}" for key, _ in drive_stand_in.log)  # junk is not even downloaded
+
+    routes[f"/embeddedfolderview?id={SUB_ID}"] = folder_view("Set", [
+        (f"https://drive.google.com/file/d/{IMG_A}/view", "portrait.jpg"),
+        (f"https://drive.google.com/file/d/{IMG_B}/view", "portrait.jpg")])
+    with pytest.raises(UserError, match=f"files {IMG_A} and {IMG_B} are both named 'portrait.jpg'"):
+        fetch(f"gdrive://folders/{SUB_ID}", tmp_path / "b")
+    assert not (tmp_path / "b").exists() and leftovers(tmp_path / "b") == []
+
+
+def test_a_stalled_drive_download_times_out(tmp_path, drive_stand_in, monkeypatch):
+    """gdown waits forever by default; the stage must give up with a one-line error instead."""
+    monkeypatch.setattr(sdtune.data.sources, "HTTP_TIMEOUT", (1, 0.3))
+    drive_stand_in.routes[f"/uc?id={FILE_ID}"] = drive_file(zip_bytes(), "set.zip")
+    drive_stand_in.routes[f"/uc?id={FILE_ID}"].stall = 1.5
+    started = time.monotonic()
+    with pytest.raises(UserError, match=f"gdrive://{FILE_ID}: download failed"):
+        fetch(f"gdrive://{FILE_ID}", tmp_path / "raw", retries=0)
+    assert time.monotonic() - started < 1.4  # gave up at the read timeout, before the server answered
+    assert leftovers(tmp_path / "raw") == []
+
+
 # --- Google Cloud Storage through the emulator ----------------------------------------------------
 
 def test_gcs_prefix_single_object_and_errors(tmp_path, gcs_emulator):
@@ -447,6 +486,11 @@ def test_gcs_prefix_single_object_and_errors(tmp_path, gcs_emulator):
         fetch("gs://art/nothing", tmp_path / "c")
     with pytest.raises(UserError, match="gs://missing-bucket/x: bucket .missing-bucket. not found"):
         fetch("gs://missing-bucket/x", tmp_path / "c")
+    for name in ("junk/.DS_Store", "junk/__MACOSX/._a.png", "dots/."):
+        bucket.blob(name).upload_from_string(b"junk")
+    for prefix in ("junk", "dots"):  # objects, none of them a file to keep
+        with pytest.raises(UserError, match="no files"):
+            fetch(f"gs://art/{prefix}", tmp_path / "c")
     assert leftovers(tmp_path / "c") == []
 
 

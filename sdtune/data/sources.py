@@ -321,13 +321,20 @@ def _gdrive(ref: str, work: Path, opts: Options) -> Path:
     drive_id = ref.removeprefix("folders/").strip("/")
     if not re.fullmatch(r"[-\w]+", drive_id):
         raise UserError(f"data.source: gdrive://{ref}: expected gdrive://<file id> or gdrive://folders/<folder id>")
-    # use_cookies=False: no state read from or written to ~/.cache/gdown, so runs repeat.
+    # use_cookies=False: no state read from or written to ~/.cache/gdown, so runs repeat. A timeout,
+    # or a stalled connection would hang the stage for good (gdown's default waits forever).
+    get = {"use_cookies": False, "retries": opts.retries, "timeout": HTTP_TIMEOUT}
     try:
         if not folder:
-            return Path(gdown.download(id=drive_id, output=f"{work}{os.sep}", use_cookies=False,
-                                       retries=opts.retries))
+            return Path(gdown.download(id=drive_id, output=f"{work}{os.sep}", **get))
         tree = work / "tree"
-        gdown.download_folder(id=drive_id, output=str(tree), use_cookies=False, retries=opts.retries)
+        tree.mkdir()
+        # List first, then download file by file: Drive lets two files in a folder share a name,
+        # and gdown would write the second over the first.
+        listing = gdown.download_folder(id=drive_id, output=str(tree), skip_download=True, quiet=True, **get)
+        for rel, file_id in _drive_files(listing, f"gdrive://{ref}", opts):
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            gdown.download(id=file_id, output=str(tree / rel), **get)
     except FileURLRetrievalError as err:
         raise UserError(f"gdrive://{ref}: Google Drive sent an HTML page instead of the file; is it shared "
                         f"'Anyone with the link', or is its download quota exceeded? ({_one_line(err)})") from None
@@ -337,6 +344,29 @@ def _gdrive(ref: str, work: Path, opts: Options) -> Path:
         if path.is_file():
             refuse_html(path, f"gdrive://{ref} file {path.relative_to(tree).as_posix()!r}")
     return tree
+
+
+def _drive_files(listing, where: str, opts: Options) -> list[tuple[str, str]]:
+    """(path in the folder, file id) of a Drive folder's files to download, checked as an archive's
+    members are: junk left out, two files at one path refused, a case-only repeat left out."""
+    files, first = [], {}  # casefolded path -> (path, id) of the first file there
+    for entry in listing:
+        rel = safe_relpath(entry.path, where, "file")
+        if rel is None:
+            continue
+        if is_junk(rel):
+            opts.skipped.append({"file": rel, "reason": "macOS/Windows metadata"})
+            continue
+        seen_rel, seen_id = first.setdefault(rel.casefold(), (rel, entry.id))
+        if seen_id == entry.id:
+            files.append((rel, entry.id))
+        elif seen_rel == rel:
+            raise UserError(f"{where}: files {seen_id} and {entry.id} are both named {rel!r}; rename one "
+                            "in Drive (one would overwrite the other)")
+        else:
+            opts.skipped.append({"file": rel, "reason": f"same name as {seen_rel!r} but for upper/lower case "
+                                 "(one file on case-insensitive disks); kept the first"})
+    return files
 
 
 # --- Google Cloud Storage ---------------------------------------------------------------------
@@ -377,6 +407,7 @@ def _gcs(ref: str, work: Path, opts: Options) -> Path:
         if not blobs:
             raise UserError(f"gs://{ref}: no objects under this prefix")
         tree = work / "tree"
+        tree.mkdir()  # even if every object is junk: fetch then says it found no files
         got = {}  # path in tree -> object name, to name both objects of a clash
         for blob in tqdm(blobs, unit="file", desc=f"gs://{bucket_name}", disable=None):
             rel = safe_relpath(blob.name[len(prefix):], f"gs://{bucket_name}", "object")
