@@ -10,7 +10,6 @@ DEMO = \
 	-S ++data.source=synthetic://12 \
 	-S ++caption.model=tiny \
 	-S ++model.id=tiny -S ++model.resolution=64 \
-	-S ++cache.batch_size=4 \
 	-S ++train.steps=30 -S ++train.batch_size=2 -S ++train.lr=1.0e-3 -S ++train.lr_scheduler=constant \
 	-S ++train.warmup_steps=0 -S ++train.snr_gamma=null -S ++train.checkpoint_every=10 -S ++train.log_every=5 \
 	-S ++train.wandb=disabled -S ++train.validate_every=15 -S ++train.validation_steps=4 \

@@ -88,7 +88,6 @@ class Model(Section):
 
 class Cache(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    batch_size: int = Field(4, gt=0)
     center_crop: bool = True
     buckets: bool = False  # aspect-ratio buckets instead of square crops
     bucket_step: int = Field(64, gt=0, multiple_of=8)  # bucket sides are multiples of this (pixels)

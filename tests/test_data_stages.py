@@ -145,7 +145,6 @@ def test_cache_keys_name_the_dtype_the_encoders_ran_in():
     ({}, {"buckets": True}, {}, True),
     # The prediction type is the train stage's target; the latents and embeddings are the same.
     ({"prediction_type": "v_prediction"}, {}, {}, False),
-    ({}, {"batch_size": 1}, {}, False),
 ])
 def test_cache_keys_change_exactly_with_what_is_encoded(model, cache_params, row, changes):
     import torch

@@ -22,7 +22,7 @@ def make_params(**train):
     train = {"steps": 3, "batch_size": 2, "lr": 1e-3, "wandb": "disabled", "log_every": 1,
              "checkpoint_every": 100, **train}
     return params_lib.parse({"base": {"device": "cpu"}, "model": {"family": "sdxl", "id": "tiny", "resolution": RES},
-                             "cache": {"batch_size": 2}, "train": train})
+                             "train": train})
 
 
 def quiet(pipe):

@@ -113,20 +113,15 @@ def build(rows, raw_dir, out_dir, family, model, cache, device="cpu", *, max_pix
 
     if todo:
         pipe = load_encoders(family, model, device, encode_dtype, for_encoding=True)
-        step = cache.crop_step
-        for start in tqdm(range(0, len(todo), cache.batch_size), desc="cache", unit="batch"):
-            chunk = todo[start:start + cache.batch_size]
-            prepared = [prepare(raw_dir / r["file"], model.resolution, cache.center_crop, step,
-                                max_pixels=max_pixels) for r, _ in chunk]
-            # One encoder call per image size (buckets differ in size; squares are one group).
-            for size in dict.fromkeys(p.shape for p, _ in prepared):
-                group = [i for i, (p, _) in enumerate(prepared) if p.shape == size]
-                encoded = encode(family, pipe, [prepared[i] for i in group],
-                                 [chunk[i][0]["caption"] for i in group], dtype, device)
-                for i, one in zip(group, encoded):
-                    row, key = chunk[i]
-                    with io.atomic_path(items / f"{key}.safetensors") as tmp:
-                        save_file(one, str(tmp), metadata={"file": row["file"]})
+        # One image at a time: a batched kernel rounds with the batch's size and company, and an
+        # item must not depend on which images were encoded beside it, or an item rebuilt alone
+        # (one caption changed) would differ from a fresh build's, and so would the LoRA.
+        for row, key in tqdm(todo, desc="cache", unit="image"):
+            prepared = prepare(raw_dir / row["file"], model.resolution, cache.center_crop, cache.crop_step,
+                               max_pixels=max_pixels)
+            (one,) = encode(family, pipe, [prepared], [row["caption"]], dtype, device)
+            with io.atomic_path(items / f"{key}.safetensors") as tmp:
+                save_file(one, str(tmp))  # no file name in it: a renamed image keeps its item's bytes
         del pipe
 
     wanted = {f"{k}.safetensors" for k in keys}
