@@ -262,6 +262,22 @@ def test_deep_and_float_images_are_scaled_by_bit_depth_not_brightest_pixel(tmp_p
     assert load_rgb(tmp_path / "bright.tif").getpixel((3, 3)) == (255, 255, 255)  # above 1: clipped
 
 
+def test_a_16_bit_grey_png_keeps_its_transparent_value_and_lab_is_refused(tmp_path):
+    """tRNS in a 16-bit grey PNG names one 16-bit value transparent: composited on white, as an
+    8-bit one is. L*a*b* is refused with a reason rather than read as RGB (wrong colours)."""
+    grey = np.full((12, 12), 2570, np.uint16)
+    grey[:, 6:] = 40000
+    Image.fromarray(grey).save(tmp_path / "key16.png", transparency=2570)
+    Image.new("LAB", (12, 12), (128, 0, 0)).save(tmp_path / "lab.tif")
+    assert Image.open(tmp_path / "key16.png").mode == "I;16"
+    im = load_rgb(tmp_path / "key16.png")
+    assert im.getpixel((2, 2)) == (255, 255, 255) and im.getpixel((9, 2)) == (156, 156, 156)  # 40000 / 257
+    v = by_file(check_folder(tmp_path, min_side=8))
+    assert v["key16.png"]["warnings"] == ["transparency composited on white"]
+    assert v["lab.tif"]["status"] == "skipped"
+    assert "cannot convert LAB image to RGB" in v["lab.tif"]["reason"] and "save the image as RGB" in v["lab.tif"]["reason"]
+
+
 def swapped_srgb_profile() -> bytes:
     """A real RGB ICC profile that is not sRGB: Pillow's sRGB with the red and blue primaries swapped
     (the tag table after the 128-byte header lists signature, offset, size per tag)."""

@@ -106,8 +106,15 @@ def _to_srgb(im: Image.Image, icc: bytes, notes: list[str]) -> Image.Image:
 
 def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
     icc = im.info.get("icc_profile")  # read first: _eight_bit makes a new image without it
+    if im.mode == "LAB":  # Pillow's convert() takes L*a*b* for RGB: a neutral grey comes out blue
+        raise ValueError("L*a*b* colour is not converted here; save the image as RGB")
     if im.mode.startswith("I") or im.mode == "F":
-        im = _eight_bit(im)
+        key = im.info.get("transparency")
+        grey = _eight_bit(im)
+        if key is not None:  # tRNS names one grey value transparent; the 8-bit image lost it
+            alpha = Image.fromarray(((np.asarray(im) != key) * 255).astype(np.uint8), "L")
+            grey = Image.merge("LA", (grey, alpha))
+        im = grey
     has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
     if has_alpha:
         im = im.convert("RGBA")
