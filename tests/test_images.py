@@ -278,6 +278,16 @@ def test_a_16_bit_grey_png_keeps_its_transparent_value_and_lab_is_refused(tmp_pa
     assert "cannot convert LAB image to RGB" in v["lab.tif"]["reason"] and "save the image as RGB" in v["lab.tif"]["reason"]
 
 
+def test_formats_pillow_does_not_read_are_named(tmp_path):
+    (tmp_path / "logo.svg").write_bytes(b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>')
+    (tmp_path / "photo.heic").write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64))
+    (tmp_path / "page.png").write_bytes(b"<!DOCTYPE html><html>Sign in</html>")
+    v = by_file(check_folder(tmp_path, min_side=8))
+    assert "SVG (vector graphics)" in v["logo.svg"]["reason"]
+    assert "HEIC/HEIF photo" in v["photo.heic"]["reason"]
+    assert "looks like an HTML/XML page saved as '.png'" in v["page.png"]["reason"]
+
+
 def swapped_srgb_profile() -> bytes:
     """A real RGB ICC profile that is not sRGB: Pillow's sRGB with the red and blue primaries swapped
     (the tag table after the 128-byte header lists signature, offset, size per tag)."""

@@ -57,7 +57,11 @@ def _why_unidentified(path: Path) -> str:
     for magic, fmt in MAGIC.items():
         if head.startswith(magic):
             return f"truncated or corrupt {fmt} header"
+    if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypmsf1", b"ftypheim", b"ftypheis"):
+        return "HEIC/HEIF photo, which Pillow does not read: convert it to JPEG or PNG"
     head = head.lstrip().lower()
+    if b"<svg" in head:
+        return "SVG (vector graphics), which is not read: export it as PNG"
     if head.startswith(b"<"):
         return f"not an image: looks like an HTML/XML page saved as '{path.suffix}' (a failed download?)"
     try:
