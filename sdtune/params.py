@@ -341,6 +341,8 @@ def load(path="params.yaml") -> Params:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: not found (run from the repository root)")
+    if not path.is_file():
+        raise UserError(f"{path}: a folder, not a params file (a YAML file like params.yaml)")
     try:
         raw = YAML(typ="safe", pure=True).load(io.read_text(path))
     except YAMLError as err:

@@ -116,6 +116,9 @@ def test_stage_prints_one_line_and_no_traceback(tmp_path):
 def test_missing_and_broken_params_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         params.load(tmp_path / "params.yaml")
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(UserError, match="folder.yaml: a folder, not a params file"):
+        params.load(tmp_path / "folder.yaml")
     # Where the parser stopped and what it found there: not its context line ("while parsing ...").
     for text, said in [(b"train: [unclosed\n", "at line 2, column 1: expected ',' or ']', but got '<stream end>'"),
                        (b"data:\n  retries: 1\n  retries: 2\n",
