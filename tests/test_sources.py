@@ -141,6 +141,16 @@ def test_bad_sources_are_user_errors(tmp_path, source, message):
         fetch(source, tmp_path / "raw")
 
 
+def test_a_missing_absolute_path_in_the_container_says_only_the_workspace_is_mounted(tmp_path, monkeypatch):
+    missing = str(tmp_path / "mnt/paintings")
+    monkeypatch.setattr(sdtune.data.sources, "in_container", lambda: True)
+    with pytest.raises(UserError, match="in the container only the workspace is mounted"):
+        fetch(missing, tmp_path / "raw")
+    monkeypatch.setattr(sdtune.data.sources, "in_container", lambda: False)
+    with pytest.raises(UserError, match=r"does not exist \(remote sources"):
+        fetch(missing, tmp_path / "raw")
+
+
 def test_dest_must_be_empty_and_outside_the_source(tmp_path):
     src = write_tree(tmp_path / "src", SET)
     with pytest.raises(UserError, match="inside the source folder"):

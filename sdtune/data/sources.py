@@ -172,10 +172,17 @@ def _one_line(err: Exception, limit: int = 300) -> str:
 
 # --- local ------------------------------------------------------------------------------------
 
+def in_container() -> bool:
+    """Whether this runs inside docker's or podman's container (docker/run's SDTUNE_RUNNER)."""
+    return Path("/.dockerenv").exists() or Path("/run/.containerenv").exists()
+
+
 def _local(ref: str, work: Path, opts: Options) -> Path:
     path = Path(ref).expanduser()
     if not path.exists():
-        raise UserError(f"data.source: local path {ref!r} does not exist (remote sources: {SUPPORTED})")
+        where = ("; in the container only the workspace is mounted (docker/run): put the data inside it"
+                 if in_container() and path.is_absolute() else f" (remote sources: {SUPPORTED})")
+        raise UserError(f"data.source: local path {ref!r} does not exist{where}")
     if not path.is_dir():
         return path  # an archive or a single image; read where it is
     root = path.resolve()
