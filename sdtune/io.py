@@ -60,7 +60,8 @@ def atomic_path(dest):
     """Yield a temporary path beside `dest`; on success rename it over `dest`.
 
     Works for files and folders. On error the temporary is removed and `dest` is untouched.
-    A `dest` that is a link to a folder stays a link, to the new folder.
+    A `dest` that is a link to a folder stays a link, to the new folder. A folder is replaced only
+    by a folder: a file written over one is refused, since the folder may hold someone's work.
     """
     dest = Path(dest)
     if dest.is_symlink() and dest.is_dir():
@@ -72,6 +73,9 @@ def atomic_path(dest):
     tmp.rmdir()  # the caller creates a file or a folder at this name
     try:
         yield tmp
+        if dest.is_dir() and not tmp.is_dir():
+            raise UserError(f"{dest}: a folder is there, where a file is to be written; "
+                            f"move it away or choose another name (the folder is kept)")
         if dest.is_dir() and not dest.is_symlink():
             old = dest.with_name(f".{dest.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -39,12 +39,20 @@ def setup_section(params, lineage: dict, data: dict, train: dict) -> list[str]:
 
 
 def training_section(train: dict) -> list[str]:
+    """The time and speeds in train.json are of the steps this process ran: after a resume, fewer than
+    the run's."""
+    steps, ran = train["steps"], train["steps_run"]
+    speed = f" ({train['steps_per_second']:.2f} steps/s, {train['images_per_second']:.2f} images/s)"
+    if ran == steps:
+        timing = f"{steps} steps in {train['seconds']:.1f} s{speed}"
+    else:  # resumed: a speed of no steps (resumed at the last one) would read 0.00 steps/s
+        timing = (f"{steps} steps, resumed from step {steps - ran}: {ran} of {steps} steps ran in "
+                  f"{train['seconds']:.1f} s{speed if ran else ''}")
     return [
         "## Training",
         "",
         f"Final loss {train['final_loss']:.4f} (the mean of the last {train['final_loss_steps']} steps) after "
-        f"{train['steps']} steps in {train['seconds']:.1f} s "
-        f"({train['steps_per_second']:.2f} steps/s, {train['images_per_second']:.2f} images/s).",
+        f"{timing}.",
         "",
         "![training loss](train_loss.png)",
         "",
@@ -63,9 +71,14 @@ def _value(v) -> str:
 UNSET = object()  # a train key a cell leaves to the train section while the other cell sets it
 
 
+def _keys(spec: dict) -> dict:
+    """A cell's train keys and where its latents come from: an on-the-fly cell changes that too."""
+    return cell_train_keys(spec) | {"latents": spec.get("latents", "cached")}
+
+
 def changes(cell: dict, ref: dict) -> dict:
-    """The train keys `cell` sets differently from `ref`, with `cell`'s values (or UNSET)."""
-    a, b = cell_train_keys(cell["spec"]), cell_train_keys(ref["spec"])
+    """The train keys (and latents) `cell` sets differently from `ref`, with `cell`'s values (or UNSET)."""
+    a, b = _keys(cell["spec"]), _keys(ref["spec"])
     keys = [*a, *(k for k in b if k not in a)]
     return {k: a.get(k, UNSET) for k in keys if a.get(k, UNSET) != b.get(k, UNSET)}
 
@@ -83,7 +96,7 @@ def _reads_cache(cell: dict) -> bool:
 
 def _same_but_cached(cell: dict, cells: list[dict]):
     """The cell whose train keys are `cell`'s and which reads the cache, if the matrix has one."""
-    return next((c for c in cells if _reads_cache(c) and not changes(cell, c)), None)
+    return next((c for c in cells if _reads_cache(c) and list(changes(cell, c)) == ["latents"]), None)
 
 
 def change_text(diff: dict) -> str:
@@ -113,21 +126,30 @@ def findings(evals: dict, profile: dict) -> list[str]:
     """
     lines = []
     cells = list(profile["cells"].values())
-    base = cells[0]
-    for i, cell in enumerate(cells[1:], start=1):
+    cached = [c for c in cells if _reads_cache(c)]
+    for i, cell in enumerate(cells):
         if not _reads_cache(cell):
             # Here the cell is the way without the optimization, so the sentence is about the cache,
-            # against the cell with the same train keys that reads the cache (else the first cell).
-            ref = _same_but_cached(cell, cells) or base
+            # against the cell with the same train keys that reads the cache (else the cached cell it
+            # changes least, and what else differs is said). A cell that reads the cache is never
+            # measured against an on-the-fly one: that difference is this sentence's.
+            if not cached:
+                continue
+            ref = _same_but_cached(cell, cells) or reference(cell, cached)
+            other = {k: v for k, v in changes(ref, cell).items() if k != "latents"}
+            also = f" (and differs by {change_text(other)})" if other else ""
             gain = ref["images_per_second"] / cell["images_per_second"]
             ph = cell["phases"]["phases"]
             encode_ms = sum(ph.get(n, {}).get("median_ms", 0.0) for n in ("decode", "encode"))
-            lines.append(f"- Caching latents and text embeddings {_verdict(gain)}: `{ref['name']}` reads the cache "
-                         f"and ran {gain:.2f}× the speed of `{cell['name']}`, which reads, resizes and "
+            lines.append(f"- Caching latents and text embeddings {_verdict(gain)}: `{ref['name']}` reads the "
+                         f"cache{also} and ran {gain:.2f}× the speed of `{cell['name']}`, which reads, resizes and "
                          f"encodes its images every step ({cell['step_ms']:.1f} vs {ref['step_ms']:.1f} ms/step; "
                          f"{encode_ms:.1f} ms of it decoding and encoding).")
             continue
-        ref = reference(cell, [c for c in cells[:i] if _reads_cache(c)] or [base])
+        earlier = [c for c in cells[:i] if _reads_cache(c)]
+        if not earlier:  # the first cell that reads the cache: the others are measured against it
+            continue
+        ref = reference(cell, earlier)
         speed = cell["images_per_second"] / ref["images_per_second"]
         lines.append(f"- `{cell['name']}` {_verdict(speed)}: {speed:.2f}× the speed of `{ref['name']}`, the cell it "
                      f"changes by {change_text(changes(cell, ref))} ({cell['images_per_second']:.2f} vs "

@@ -15,10 +15,11 @@ REPORTS = Path("reports")
 STAGES = ("fetch", "caption", "cache", "train", "quantize", "evaluate", "profile", "report")
 
 
-def device(choice: str) -> torch.device:
-    """base.device ("auto", "cpu" or "cuda", validated with the params) as a torch device."""
+def device(choice: str, key: str = "base.device") -> torch.device:
+    """base.device ("auto", "cpu" or "cuda", validated with the params) as a torch device.
+    `key`: what the user set it with, for the error (the CLI's --device)."""
     if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("base.device: 'cuda' was asked for but no CUDA device is available; use auto or cpu")
+        raise UserError(f"{key}: 'cuda' was asked for but no CUDA device is available; use auto or cpu")
     if choice == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")

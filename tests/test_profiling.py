@@ -1010,7 +1010,8 @@ def test_the_report_prices_1000_steps_and_the_run_from_the_fastest_cell(tmp_path
     io.write_json(tmp_path / "data.json", {"kept": 12, "skipped": 0})
     io.write_json(tmp_path / "train.json", {"steps": 4000, "processes": 1, "device_name": "NVIDIA L4", "device": "cuda",
                                             "mixed_precision": "bf16", "final_loss": 0.1, "final_loss_steps": 10,
-                                            "seconds": 400.0, "steps_per_second": 10.0, "images_per_second": 20.0})
+                                            "steps_run": 4000, "seconds": 400.0, "steps_per_second": 10.0,
+                                            "images_per_second": 20.0})
     (tmp_path / "eval.md").write_text("eval table\n")
     (tmp_path / "profile.md").write_text("profile table\n")
     (tmp_path / "stages").mkdir()

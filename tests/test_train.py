@@ -939,3 +939,26 @@ def test_validation_samples_the_denoiser_trained_without_autocast(family, tmp_pa
     with Image.open(path) as image:
         pixels = torch.tensor(list(image.convert("L").getdata()), dtype=torch.float32)
     assert pixels.std() > 0  # a picture, not a blank
+
+
+def test_the_report_gives_the_speed_of_the_steps_a_resumed_run_trained(workspace, tmp_path):
+    """train.json's seconds and speeds are of the steps this process ran: after a resume, fewer than
+    the run's. Resumed at the last step (a failure after the loop), none ran: no 0.00 steps/s."""
+    from sdtune import report
+
+    ckpt = tmp_path / "checkpoints"
+    _, stats = interrupted_then_resumed(workspace, ckpt, 2, [], steps=4)
+    assert stats["steps"] == 4 and stats["steps_run"] == 2
+    assert stats["steps_per_second"] == pytest.approx(2 / stats["seconds"])
+    (line,) = [ln for ln in report.training_section(stats) if ln.startswith("Final loss")]
+    assert (f"after 4 steps, resumed from step 2: 2 of 4 steps ran in {stats['seconds']:.1f} s "
+            f"({stats['steps_per_second']:.2f} steps/s, {stats['images_per_second']:.2f} images/s).") in line
+    _, stats = train_in_process(workspace, ckpt, steps=4, validate_every=2, checkpoint_every=2)
+    assert stats["resumed_from"] == str(ckpt / "step-0000004") and stats["steps_run"] == 0
+    (line,) = [ln for ln in report.training_section(stats) if ln.startswith("Final loss")]
+    assert line.endswith(f"after 4 steps, resumed from step 4: 0 of 4 steps ran in {stats['seconds']:.1f} s.")
+    _, stats = train_in_process(workspace, tmp_path / "straight", steps=2)
+    assert stats["steps_run"] == 2 and stats["resumed_from"] is None
+    (line,) = [ln for ln in report.training_section(stats) if ln.startswith("Final loss")]
+    assert line.endswith(f"after 2 steps in {stats['seconds']:.1f} s ({stats['steps_per_second']:.2f} steps/s, "
+                         f"{stats['images_per_second']:.2f} images/s).")

@@ -390,7 +390,8 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
     done = p.steps - start
     recent = [h["loss"] for h in run.history[-10:]]
     return {
-        "steps": p.steps, "resumed_from": str(resumed) if resumed else None,
+        # steps_run: the steps this process trained (fewer after a resume); the times and speeds are theirs
+        "steps": p.steps, "steps_run": done, "resumed_from": str(resumed) if resumed else None,
         # the mean of the last steps: one step's loss swings with its timesteps and noise
         "final_loss": sum(recent) / len(recent), "final_loss_steps": len(recent), "seconds": seconds,
         "steps_per_second": done / seconds if done else 0.0,

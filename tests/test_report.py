@@ -1,0 +1,38 @@
+"""REPORT.md's findings: what each profile cell is measured against."""
+
+from sdtune import report
+
+
+def cell(name, images_per_second, **spec):
+    """A profile.json cell with only what the findings read."""
+    return {"name": name, "spec": {"name": name, **spec}, "images_per_second": images_per_second,
+            "step_ms": 2000 / images_per_second, "mfu": 0.1, "memory": {"peak_bytes": 2**30},
+            "phases": {"phases": {"encode": {"median_ms": 5.0}}}}
+
+
+def findings(cells, best):
+    return report.findings({}, {"cells": {c["name"]: c for c in cells}, "best": best})
+
+
+def test_a_first_on_the_fly_cell_is_the_caching_sentence_not_a_reference():
+    """The cached cell was measured against the on-the-fly one before it, "the cell it changes by
+    nothing (the same train keys)", and credited with what the cache bought."""
+    lines = findings([cell("on-the-fly", 10, latents="on_the_fly"), cell("cached", 15),
+                      cell("bf16", 20, mixed_precision="bf16")], "bf16")
+    assert lines[0] == ("- Caching latents and text embeddings helped: `cached` reads the cache and ran 1.50× the "
+                        "speed of `on-the-fly`, which reads, resizes and encodes its images every step (200.0 vs "
+                        "133.3 ms/step; 5.0 ms of it decoding and encoding).")
+    assert lines[1].startswith("- `bf16` helped: 1.33× the speed of `cached`, the cell it changes by "
+                               "mixed_precision: bf16 (")
+    assert lines[2].startswith("- The fastest cell, `bf16`, ran 2.00× the speed of `on-the-fly`")
+    assert len(lines) == 3 and not any("nothing (the same train keys)" in line for line in lines)
+
+
+def test_latents_is_a_change_and_an_on_the_fly_cell_without_a_twin_says_what_else_differs():
+    fly, cached = cell("fp32-on-the-fly", 10, latents="on_the_fly"), cell("bf16", 20, mixed_precision="bf16")
+    assert report.changes(fly, cell("fp32", 15)) == {"latents": "on_the_fly"}
+    assert report.changes(cell("cached", 15, latents="cached"), cell("fp32", 15)) == {}
+    (line, _) = findings([fly, cached], "bf16")
+    assert line.startswith("- Caching latents and text embeddings helped: `bf16` reads the cache (and differs by "
+                           "mixed_precision: bf16) and ran 2.00× the speed of `fp32-on-the-fly`")
+    assert findings([fly], "fp32-on-the-fly") == []  # nothing read the cache: nothing to set it against
