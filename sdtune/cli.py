@@ -138,13 +138,18 @@ def out_paths(out: Path, prompts, seeds, many: bool) -> list[tuple[str, int, Pat
     if not many:
         if out.suffix.lower() not in FORMATS:
             raise UserError(f"--out: {out} should end in one of {', '.join(FORMATS)} for one image")
-        return [(prompts[0], seeds[0], out)]
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out: {out} is a file; with --prompts or several seeds it must be a folder")
-    jobs = []
-    for i, prompt in enumerate(prompts, 1):
-        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
-        jobs += [(prompt, seed, out / f"{i:03d}-{slug}-seed{seed}.png") for seed in seeds]
+        jobs = [(prompts[0], seeds[0], out)]
+    else:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out: {out} is a file; with --prompts or several seeds it must be a folder")
+        jobs = []
+        for i, prompt in enumerate(prompts, 1):
+            slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
+            jobs += [(prompt, seed, out / f"{i:03d}-{slug}-seed{seed}.png") for seed in seeds]
+    # Before any sampling: an image is never written over a folder (it may hold someone's work).
+    if folder := next((path for _, _, path in jobs if path.is_dir()), None):
+        raise UserError(f"--out: {folder} is a folder, where an image is to be written; "
+                        f"move it away or choose another name")
     return jobs
 
 
@@ -202,7 +207,7 @@ def generate(args) -> None:
     if args.scheduler != "default" and args.scheduler not in family.SAMPLERS:
         raise UserError(f"--scheduler: {args.scheduler} cannot sample {params.model.family} models; "
                         f"choose from {', '.join(['default', *family.SAMPLERS])}")
-    device = runtime.device(args.device or params.base.device)
+    device = runtime.device(args.device or params.base.device, "--device" if args.device else "base.device")
     if args.lora_scale is not None and args.variant is None and args.lora is None:
         raise UserError("--lora-scale: no LoRA to scale; add --lora models/lora (or an -adapter --variant)")
     kwargs = variant_kwargs(args.variant, args.lora, args.lora_scale) if args.variant else {"lora_dir": args.lora}
