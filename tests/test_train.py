@@ -962,3 +962,23 @@ def test_the_report_gives_the_speed_of_the_steps_a_resumed_run_trained(workspace
     (line,) = [ln for ln in report.training_section(stats) if ln.startswith("Final loss")]
     assert line.endswith(f"after 2 steps in {stats['seconds']:.1f} s ({stats['steps_per_second']:.2f} steps/s, "
                          f"{stats['images_per_second']:.2f} images/s).")
+
+
+def test_the_ema_is_restored_onto_the_device_of_the_weights_it_follows(workspace, tmp_path):
+    """Only rank 0 writes checkpoints: read from its card, every rank's EMA shadows landed on cuda:0
+    and the next EMA step failed on the others. Here the weights sit on meta, as another card would."""
+    from diffusers.training_utils import EMAModel
+
+    ckpt = tmp_path / "checkpoints"
+    train_in_process(workspace, ckpt, steps=2, checkpoint_every=2, ema_decay=0.9)
+    saved = checkpoint.read(checkpoint.all_checkpoints(ckpt)[-1])
+    shadows = saved["state"]["ema"]["shadow_params"]
+    assert shadows and all(t.device.type == "cpu" for t in shadows)
+    weights = [torch.nn.Parameter(torch.empty_like(t, device="meta")) for t in shadows]
+    optimizer = torch.optim.AdamW(weights)
+    ema = EMAModel(weights, decay=0.9)
+    ema.shadow_params = [torch.zeros_like(t, device="cpu") for t in shadows]
+    checkpoint.restore(saved, lambda tensors: None, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                       ema, None)
+    assert all(t.device.type == "meta" for t in ema.shadow_params)
+    ema.step(weights)  # on the weights' device: no "not on the expected device"

@@ -126,7 +126,8 @@ def read(path) -> dict:
     path = Path(path)
     return {"meta": json.loads((path / "state.json").read_text()),
             "lora": load_file(str(path / "lora.safetensors")), "rng": load_file(str(path / "rng.safetensors")),
-            "state": torch.load(path / "state.pt", weights_only=True)}
+            # Onto the host: tensors saved from rank 0's card would otherwise come back on it, for every rank.
+            "state": torch.load(path / "state.pt", map_location="cpu", weights_only=True)}
 
 
 def latest(ckpt_dir, fingerprint: str = "") -> tuple[Path, dict] | None:
@@ -149,6 +150,8 @@ def restore(saved: dict, set_lora, optimizer, lr_scheduler, ema, scaler, rank: i
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
+        # The optimizer moves its state to its weights' device itself; the EMA keeps whatever it is given.
+        ema.to(device=optimizer.param_groups[0]["params"][0].device)
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     meta = saved["meta"]
