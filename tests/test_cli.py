@@ -242,6 +242,24 @@ def test_lora_for_absent_modules_fails(cwd, capsys):
     assert f"absent/{common.LORA_FILE}" in err and "24 of its 48 modules" in err and "up_blocks.7" in err
 
 
+def test_kohya_lora_for_absent_modules_fails_and_a_fitting_one_loads(cwd, tmp_path, capsys):
+    """kohya's lora_unet_* keys went straight to diffusers, which loaded the modules it found."""
+    from safetensors.torch import load_file
+
+    from sdtune.train import kohya
+    from test_kohya import ALPHA
+
+    good = cwd / "models" / "lora" / common.LORA_FILE
+    state = kohya.to_kohya(load_file(good), ALPHA)
+    common.write_lora(tmp_path / "fits", state, {}, name="k.safetensors")
+    assert main(["generate", "--prompt", "x", *FAST, "--lora", str(tmp_path / "fits" / "k.safetensors"),
+                 "--out", str(tmp_path / "k.png")]) == 0
+    moved = {k.replace("lora_unet_up_blocks_0_", "lora_unet_up_blocks_7_"): v for k, v in state.items()}
+    path = common.write_lora(tmp_path / "absent", moved, {}, name="k.safetensors")
+    err = fails(["generate", "--prompt", "x", "--lora", str(path), "--out", "x.png"], capsys)
+    assert str(path) in err and "24 of its 48 modules" in err and "lora_unet_up_blocks_7_" in err
+
+
 def test_lora_for_another_architecture_is_one_line_on_stderr(cwd, tmp_path):
     # A UNet with a wider text-embedding input: attn2.to_k/to_v LoRA matrices have other shapes.
     with common.seeded(1):
@@ -257,3 +275,29 @@ def test_lora_for_another_architecture_is_one_line_on_stderr(cwd, tmp_path):
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr
     assert str(path) in out.stderr and "size mismatch" in out.stderr
+
+
+def test_out_naming_a_folder_keeps_it_and_is_one_line(cwd, capsys):
+    """An image was renamed over a folder of that name, deleting the folder and all in it."""
+    (cwd / "kept.png").mkdir()
+    (cwd / "kept.png" / "work.txt").write_text("someone's work")
+    assert fails(["generate", "--prompt", "x", "--out", "kept.png"], capsys) == \
+        "error: --out: kept.png is a folder, where an image is to be written; move it away or choose another name"
+    (cwd / "grid2" / "001-x-seed4.png").mkdir(parents=True)  # one of several images' names
+    assert fails(["generate", "--prompt", "x", "--seeds", "3,4", "--out", "grid2"], capsys) == \
+        ("error: --out: grid2/001-x-seed4.png is a folder, where an image is to be written; move it away or "
+         "choose another name")
+    assert (cwd / "kept.png" / "work.txt").read_text() == "someone's work"
+    assert (cwd / "grid2" / "001-x-seed4.png").is_dir() and not (cwd / "grid2" / "001-x-seed3.png").exists()
+
+
+def test_device_cuda_without_cuda_names_the_flag(cwd, capsys, monkeypatch):
+    """--device is what the user typed; base.device, what params.yaml set, is named when it is that."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fails(["generate", "--prompt", "x", "--device", "cuda", "--out", "x.png"], capsys) == \
+        "error: --device: 'cuda' was asked for but no CUDA device is available; use auto or cpu"
+    (cwd / "on-cuda.yaml").write_text("base: {device: cuda}\nmodel: {id: tiny, resolution: 64}\n")
+    assert fails(["generate", "--prompt", "x", "--params", "on-cuda.yaml", "--out", "x.png"], capsys) == \
+        "error: base.device: 'cuda' was asked for but no CUDA device is available; use auto or cpu"

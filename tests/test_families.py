@@ -49,6 +49,16 @@ def test_tiny_pipeline_is_cast_without_diffusers_float32_warning(family, diffuse
     assert not [m for m in diffusers_warnings if "kept in float32" in m]
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])
+def test_tiny_pipeline_is_in_eval_mode_as_from_pretrained_returns_it(family):
+    """Modules built from a config start in train mode, where any dropout in them is live while sampling."""
+    model = params_lib.parse({"model": {"family": family, "id": "tiny", "resolution": 64}}).model
+    pipe = get(family).load_pipeline(model)
+    training = [f"{name}.{sub}" for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)
+                for sub, s in m.named_modules() if s.training]
+    assert training == []
+
+
 def test_cast_keeps_diffusers_own_path_when_a_model_lists_float32_modules(diffusers_warnings):
     unet = get("sd1").tiny_unet()
     unet._keep_in_fp32_modules = ["time_embedding"]

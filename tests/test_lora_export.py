@@ -2,13 +2,15 @@
 denoiser it was exported from: every targeted module, whatever the init (PiSSA and OLoRA change
 the base weights during training, the published file must not rely on that)."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from sdtune import params as params_lib
+from sdtune import io, params as params_lib
+from sdtune.evaluate import generate
 from sdtune.families import common, get
 from sdtune.train import kohya, lora, outputs
 
@@ -72,3 +74,23 @@ def test_published_lora_reproduces_the_adapted_model(family, lora_params, tmp_pa
     np.testing.assert_allclose(loaded(params, tmp_path, common.LORA_FILE), want, rtol=0, atol=1e-4)
     if kohya.supports(params):  # the copy for A1111 and ComfyUI, through diffusers' kohya reader
         np.testing.assert_allclose(loaded(params, tmp_path, kohya.KOHYA_FILE), want, rtol=0, atol=1e-4)
+
+
+def test_lora_dropout_is_not_published_nor_applied_while_sampling(tmp_path):
+    """Dropout regularises training only: the published config says 0, so other loaders sample without
+    it, and generate samples in eval mode, so a file that still asks for it gives one image per seed."""
+    params = make_params("sd1", dropout=0.5)
+    fam = get("sd1")
+    state = lora.diffusers_state(adapted(params))
+    run = SimpleNamespace(params=params, family=fam)
+    path = outputs.write_lora(tmp_path / "published", run, state, {"model_family": "sd1"})
+    assert json.loads(io.read_safetensors_metadata(path)["lora_adapter_metadata"])["unet.lora_dropout"] == 0.0
+
+    asks = lora.config(params.train.lora, fam.LORA_TARGETS).to_dict()  # as published before: dropout 0.5
+    fam.save_lora(tmp_path / "asks", state, {"base_model": "tiny"},
+                  adapter_metadata=asks | {"target_modules": sorted(asks["target_modules"])})
+    pipe = generate.pipeline(fam, params.model, torch.device("cpu"), lora_dir=tmp_path / "asks")
+    assert any(isinstance(m, torch.nn.Dropout) for m in pipe.unet.modules())  # the file's dropout is there
+    one, two = (np.asarray(generate.sample(pipe, "a red circle", 7, steps=2, guidance=7.5, size=RES))
+                for _ in range(2))
+    assert np.array_equal(one, two)

@@ -11,6 +11,10 @@ from tqdm import tqdm
 from sdtune import io, quantize
 from sdtune.errors import UserError
 from sdtune.families import common
+from sdtune.train import kohya
+
+# SDXL kohya files name UNet blocks as sgm does (input_blocks_4_1_...); diffusers' converter maps those.
+SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 
 
 def read_prompts(path, key: str) -> list[str]:
@@ -47,26 +51,38 @@ def add_lora(pipe, lora_dir, scale: float = 1.0):
         # Keys diffusers did not recognise for any component are skipped without an error.
         raise misfit("none of its weights matched a component of the pipeline")
     pipe.set_adapters(["sdtune"], [scale])
+    # peft adds the LoRA's dropout in training mode: the same seed must give the same image.
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
     return pipe
 
 
 def _missing_modules(pipe, keys):
-    """The modules a diffusers-key LoRA (`unet.<module>.lora...`) targets that the pipeline lacks.
+    """The modules a LoRA targets that the pipeline lacks, for diffusers keys
+    (`unet.<module>.lora...`) and kohya's UNet keys (`lora_unet_<module with "_" for ".">...`).
 
     diffusers only warns about such keys and loads the rest, so a LoRA made for another
-    architecture could load and silently do little or nothing. Keys in other layouts (kohya's
-    lora_unet_...) are left to diffusers' converters. Returns (missing, number of modules)."""
-    wanted = set()
+    architecture could load and silently do little or nothing. Other layouts (kohya's text
+    encoder and SDXL sgm names) are left to diffusers' converters. Returns (missing, number of modules)."""
+    wanted = {}  # (component, module as the file spells it) -> how to name it in an error
     for key in keys:
         component, _, rest = key.partition(".")
+        if component.startswith(kohya.KOHYA_PREFIX):
+            module = component.removeprefix(kohya.KOHYA_PREFIX)
+            if not module.startswith(SGM_BLOCKS):
+                wanted["unet", module] = component
+            continue
         parts = re.split(r"\.(?=lora[._]|alpha$)", rest, maxsplit=1)
         if len(parts) == 2:
-            wanted.add((component, parts[0]))
+            wanted[component, parts[0]] = f"{component}.{parts[0]}"
     present = {}
     for c in {c for c, _ in wanted}:
         model = pipe.components.get(c)  # a LoRA for a component this pipeline lacks: all missing
-        present[c] = {name for name, _ in model.named_modules()} if isinstance(model, torch.nn.Module) else set()
-    return sorted(f"{c}.{m}" for c, m in wanted if m not in present[c]), len(wanted)
+        names = {name for name, _ in model.named_modules()} if isinstance(model, torch.nn.Module) else set()
+        # kohya's names, flattened: flattening ours is exact, undoing kohya's is not (down_blocks)
+        present[c] = names | {name.replace(".", "_") for name in names}
+    return sorted(shown for (c, m), shown in wanted.items() if m not in present[c]), len(wanted)
 
 
 def _reason(err) -> str:

@@ -23,6 +23,7 @@ VERSIONS = {"sd1": 768, "sd2": 1024}
 
 
 # ---- the tiny random-initialised variant (offline tests and the demo) ----
+# Modules built from a config start in train mode; from_pretrained returns them in eval mode, so do we.
 
 def tiny_unet():
     with common.seeded(1):
@@ -31,7 +32,7 @@ def tiny_unet():
             block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=32,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        )
+        ).eval()
 
 
 def tiny_vae():
@@ -40,7 +41,7 @@ def tiny_vae():
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
             norm_num_groups=32,
-        )
+        ).eval()
 
 
 def tiny_text_encoder():
@@ -49,7 +50,7 @@ def tiny_text_encoder():
             vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513,
             hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
             max_position_embeddings=77,
-        ))
+        )).eval()
 
 
 # ---- loading ----

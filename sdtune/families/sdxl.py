@@ -27,6 +27,7 @@ VERSION_KEY, VERSIONS = None, {}  # one version per family name
 
 
 # ---- the tiny random-initialised variant (offline tests and the demo) ----
+# Modules built from a config start in train mode; from_pretrained returns them in eval mode, so do we.
 # Sizes follow diffusers' own SDXL pipeline tests. The two text encoders have hidden size 32
 # each, so the prompt embedding is 64 wide (cross_attention_dim); the UNet's added embedding
 # takes 6 time ids x addition_time_embed_dim 8 + the pooled projection 32 = 80 inputs.
@@ -46,7 +47,7 @@ def tiny_unet():
             cross_attention_dim=2 * TEXT_DIM,
             addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
             projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_DIM,
-        )
+        ).eval()
 
 
 def tiny_vae():
@@ -56,7 +57,7 @@ def tiny_vae():
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
             norm_num_groups=32, sample_size=128, scaling_factor=0.13025, force_upcast=True,
-        )
+        ).eval()
 
 
 def _tiny_text_config():
@@ -71,12 +72,12 @@ def _tiny_text_config():
 
 def tiny_text_encoder():
     with common.seeded(13):
-        return CLIPTextModel(_tiny_text_config())
+        return CLIPTextModel(_tiny_text_config()).eval()
 
 
 def tiny_text_encoder_2():
     with common.seeded(14):
-        return CLIPTextModelWithProjection(_tiny_text_config())
+        return CLIPTextModelWithProjection(_tiny_text_config()).eval()
 
 
 def tiny_sampling_scheduler(model):

@@ -175,8 +175,10 @@ def training_forward(denoiser, lora, autocast: bool, own_autocast: torch.dtype |
 def published_config(lora, default_targets) -> LoraConfig:
     """The config of the file we publish: for PiSSA/OLoRA the plain LoRA of twice the rank that
     plain_lora writes, with alpha doubled too so that the scaling alpha/r is unchanged (no rslora
-    here), and an init loaders must not re-run on the original weights."""
+    here), and an init loaders must not re-run on the original weights. No dropout: it regularises
+    training only, and loaders that read it would drop LoRA activations while sampling."""
     cfg = config(lora, default_targets)
+    cfg.lora_dropout = 0.0
     if lora.init in MUTATES_BASE:
         cfg.r, cfg.lora_alpha, cfg.init_lora_weights = 2 * cfg.r, 2 * cfg.lora_alpha, True
     return cfg
