@@ -207,3 +207,7 @@ def load_variant(family, path, name: str):
     except (OSError, ValueError) as err:  # a folder copied in part, or emptied
         raise UserError(f"{path}: not a complete {name} variant ({str(err).strip().splitlines()[0]}); "
                         f"run the quantize stage again or dvc pull it") from None
+    except RuntimeError as err:  # its quantizer cannot run here (bitsandbytes: "No GPU found"), or bad weights
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{path}: cannot load this {name} variant ({reason}); load it where its method runs "
+                        f"(quantize.variants), or run the quantize stage again") from None

@@ -13,6 +13,7 @@ from sdtune import families, io, params as params_lib, quantize, runtime
 from sdtune.data import cache as cache_lib
 from sdtune.errors import UserError, main_guard
 from sdtune.evaluate import clip as clip_lib, generate, metrics, report
+from sdtune.families import common
 from sdtune.profiling import memory
 
 CAPTIONS, RAW = "data/captions.jsonl", "data/raw"
@@ -24,6 +25,22 @@ def variants(params):
     out = [("base", {}), ("lora", {"lora_dir": quantize.LORA_DIR})]
     out += [(name, quantize.pipeline_kwargs(name)) for name in io.read_json("reports/quantize.json")["variants"]]
     return out
+
+
+def check_variants(todo) -> None:
+    """Each variant can run here and is on disk, so that one which cannot fails before minutes of
+    sampling the ones before it (the stage writes nothing until all are sampled)."""
+    common.lora_path(quantize.LORA_DIR)  # the lora row, and every adapter variant's
+    for name, kwargs in todo:
+        if "method" not in kwargs:
+            continue
+        if kwargs["method"] not in quantize.METHODS:
+            raise UserError(f"reports/quantize.json: variant {name!r} does not start with a known method "
+                            f"({', '.join(quantize.METHODS)}); run the quantize stage again")
+        quantize.check_supported(kwargs["method"])
+        if not kwargs["variant_dir"].is_dir():
+            raise UserError(f"{kwargs['variant_dir']}: variant {name!r} of reports/quantize.json is not there; "
+                            f"run the quantize stage again or dvc pull it")
 
 
 def real_images(params) -> list:
@@ -65,8 +82,10 @@ def main():
         real = real_images(params)
         extractor = metrics.fid_extractor(p.fid_extractor, clip)
         metrics.check_counts(len(real), len(prompts) * len(p.seeds))
+        todo = variants(params)
+        check_variants(todo)
         images, records = {}, []
-        for name, kwargs in variants(params):
+        for name, kwargs in todo:
             memory.reset_peak(device)
             pipe = generate.pipeline(family, params.model, device, lora_scale=p.lora_scale, **kwargs)
             images[name], latency = evaluate_one(pipe, p, prompts, device, size)

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
 from sdtune import io
@@ -14,12 +15,8 @@ from sdtune.profiling import memory
 PROMPTS, SEEDS = ["a red circle", "a blue square"], [0, 1]
 
 
-@pytest.fixture(scope="module")
-def evaluated(lora_dir, tmp_path_factory):
-    """(workspace, calls): the stage run once over base and base+LoRA, 2 prompts x 2 seeds.
-    calls lists ("sample", prompt, seed, image bytes), ("clip_score", images, prompts),
-    ("fidelity", images, reference), ("reset_peak",), ("pipeline",), ("peak_memory",) in call order."""
-    ws = tmp_path_factory.mktemp("evaluate")
+def workspace(ws, lora_dir, variants=()):
+    """A folder as the stages before evaluate leave it, its quantize report listing `variants`."""
     (ws / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     evaluate_keys = {"clip_model": "tiny", "prompts": "prompts.txt", "seeds": SEEDS, "steps": 2, "latency_repeats": 1}
     (ws / "params.yaml").write_text(f"model: {{id: tiny, resolution: 32}}\nevaluate: {json.dumps(evaluate_keys)}\n")
@@ -29,7 +26,16 @@ def evaluated(lora_dir, tmp_path_factory):
     (ws / "data/captions.jsonl").write_text("".join(
         json.dumps({"file": f"{i}.png", "caption": "a painting"}) + "\n" for i in range(3)))
     shutil.copytree(lora_dir, ws / "models/lora")
-    io.write_json(ws / "reports/quantize.json", {"variants": {}})
+    io.write_json(ws / "reports/quantize.json", {"variants": {name: {} for name in variants}})
+    return ws
+
+
+@pytest.fixture(scope="module")
+def evaluated(lora_dir, tmp_path_factory):
+    """(workspace, calls): the stage run once over base and base+LoRA, 2 prompts x 2 seeds.
+    calls lists ("sample", prompt, seed, image bytes), ("clip_score", images, prompts),
+    ("fidelity", images, reference), ("reset_peak",), ("pipeline",), ("peak_memory",) in call order."""
+    ws = workspace(tmp_path_factory.mktemp("evaluate"), lora_dir)
 
     calls = []
     real = {name: getattr(mod, name) for mod, name in
@@ -89,3 +95,27 @@ def test_each_variants_peak_memory_is_measured_from_a_fresh_peak(evaluated):
     _, calls = evaluated
     order = [c[0] for c in calls if c[0] in ("reset_peak", "pipeline", "peak_memory")]
     assert order == ["reset_peak", "pipeline", "peak_memory"] * 2
+
+
+@pytest.mark.parametrize("variant, expected", [
+    pytest.param("nf4-fused", "error: quantize.variants: 'nf4' needs a CUDA GPU", id="cuda-only",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="nf4 runs here")),
+    pytest.param("bf16-fused", "error: models/quantized/bf16-fused: variant 'bf16-fused' of reports/quantize.json "
+                 "is not there", id="no-folder"),
+])
+def test_a_variant_that_cannot_run_stops_the_stage_before_any_sampling(variant, expected, lora_dir, tmp_path,
+                                                                       monkeypatch, capsys):
+    """The variants came last: base and lora were sampled for minutes, then a traceback and nothing written."""
+    ws = workspace(tmp_path, lora_dir, [variant])
+    if variant.startswith("nf4"):
+        (ws / "models/quantized" / variant).mkdir(parents=True)
+    monkeypatch.chdir(ws)
+    sampled = []
+    monkeypatch.setattr(generate, "sample", lambda *args, **kw: sampled.append(args))
+    from stages import evaluate
+
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main()
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(expected), err
+    assert sampled == [] and not (ws / "reports/eval.json").exists()

@@ -152,6 +152,22 @@ def test_cuda_only_methods_refuse_in_one_line_without_cuda(name):
     assert "\n" not in str(err.value) and f"'{name}' needs a CUDA GPU" in str(err.value)
 
 
+def test_a_variant_whose_quantizer_cannot_run_here_is_one_line_naming_its_folder(tmp_path):
+    """An nf4 variant copied to a machine without CUDA: bitsandbytes' "No GPU found" was a traceback."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    import json
+
+    folder = tmp_path / "nf4-fused"
+    sd.tiny_unet().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = json.loads(quantize.METHODS["nf4"].config().to_json_string())
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as err:
+        quantize.load_variant(sd, folder, "nf4")
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"{folder}: cannot load this nf4 variant (")
+
+
 def test_pipeline_kwargs_name_the_folder_and_load_the_lora_only_for_an_adapter_variant():
     assert quantize.variant_name("int8wo", "fused") == "int8wo-fused"
     assert quantize.variant_parts("int8wo-fused") == ("int8wo", "fused")
