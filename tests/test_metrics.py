@@ -112,6 +112,25 @@ def test_clip_score_range_and_inputs(clip, sets):
     assert M.clip_score(pil, prompts, clip) == pytest.approx(score, abs=1e-4)
 
 
+def test_a_prompt_longer_than_clip_reads_is_scored_by_the_part_it_reads(clip):
+    """CLIP reads 77 tokens, the last its end-of-text token, where it pools the text. torchmetrics
+    cut longer prompts' ids at 77, dropping that token: every long prompt was read at another one."""
+    tokenizer = clip[1].tokenizer
+    shared = "a painting of shapes, oil on canvas, in the style of the old masters, with soft lights"
+    # Images the random tiny CLIP scores these prompts above 0 with (a clamped 0 would hide the prompt).
+    images = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    scores = []
+    for tail in (" cubes", " rings"):
+        prompt = shared + tail + ", highly detailed" * 8
+        ids = tokenizer(prompt)["input_ids"]
+        assert len(ids) > 77 and ids[:71] == tokenizer(shared)["input_ids"][:71]  # 70 tokens in common
+        cut = tokenizer.decode(tokenizer(prompt, truncation=True, max_length=77)["input_ids"], skip_special_tokens=True)
+        assert cut.endswith(tail) and len(tokenizer(cut)["input_ids"]) == 77  # the 75 tokens CLIP reads
+        scores.append(M.clip_score(images, [prompt] * 2, clip))
+        assert scores[-1] > 0 and scores[-1] == pytest.approx(M.clip_score(images, [cut] * 2, clip), abs=1e-4)
+    assert abs(scores[0] - scores[1]) > 0.1  # their last 5 tokens read differ
+
+
 def test_fid_kid_mixed_sizes_and_small_sets(clip, sets, tmp_path):
     ext = M.clip_image_extractor(clip)
     # Real images differ in size; three of them also make KID's subset size 3.

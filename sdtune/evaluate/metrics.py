@@ -93,13 +93,31 @@ class _TensorFeatures(nn.Module):
         return _pooled(self.model.get_text_features(input_ids, attention_mask))
 
 
+class _TruncatingProcessor:
+    """The CLIP processor, cutting text to the model's length with its end-of-text token kept.
+
+    torchmetrics cuts a longer prompt's input_ids at that length itself, which drops the end token
+    CLIP pools the text at: the prompt would be scored by another token's features.
+    """
+
+    def __init__(self, processor, length: int):
+        self.processor, self.length = processor, length
+
+    def __call__(self, *args, text=None, **kwargs):
+        if text is not None:
+            kwargs |= {"truncation": True, "max_length": self.length}
+        return self.processor(*args, text=text, **kwargs)
+
+
 @torch.no_grad()
 def clip_score(images, prompts: list[str], clip) -> float:
-    """torchmetrics' CLIPScore: max(100 · mean cosine(image, prompt), 0), in [0, 100]."""
+    """torchmetrics' CLIPScore: max(100 · mean cosine(image, prompt), 0), in [0, 100]. A prompt
+    longer than CLIP's text length is scored by what CLIP reads of it, as the pipelines read it."""
     model, processor = clip
     images = as_images(images)
     if len(images) != len(prompts):
         raise ValueError(f"clip_score: {len(images)} images but {len(prompts)} prompts")
+    processor = _TruncatingProcessor(processor, model.config.text_config.max_position_embeddings)
     metric = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(model), processor)).to(model.device)
     for start in range(0, len(images), BATCH):
         # Images on the model's device: torchmetrics moves the model to wherever the images are.
