@@ -76,6 +76,26 @@ def test_training_loss_is_the_formulas_loss(arch, prediction, snr_gamma, offset)
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_weights_are_finite_at_a_zero_terminal_snr_step(prediction):
+    """With rescale_betas_zero_snr the last step's SNR is 0: epsilon's min(snr, γ)/snr was 0/0, a NaN
+    loss that stopped the run. Its limit is 1 (v's weight there is 0)."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(rescale_betas_zero_snr=True, prediction_type=prediction)
+    assert scheduler.alphas_cumprod[-1] == 0
+    train = params_lib.parse({"train": {"snr_gamma": GAMMA}}).train
+    g = torch.Generator().manual_seed(0)
+    latents, noise, pred = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    timesteps = torch.tensor([999, 500, 0])
+    loss = common.diffusion_loss(pred, latents, noise, timesteps, scheduler, train)
+    unweighted = common.diffusion_loss(pred, latents, noise, timesteps, scheduler,
+                                       params_lib.parse({"train": {"snr_gamma": None}}).train)
+    assert torch.isfinite(loss).all()
+    assert loss[0] == (unweighted[0] if prediction == "epsilon" else 0)
+    assert loss[2] < unweighted[2]  # the capped, easy low-noise step still down-weighted
+
+
 def test_timesteps_cover_the_whole_schedule():
     scheduler = common.tiny_ddpm_scheduler(params_lib.parse({"model": {"id": "tiny"}}).model)
     t = common.sample_timesteps(scheduler, 20_000, torch.Generator().manual_seed(0), "cpu")

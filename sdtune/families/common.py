@@ -258,9 +258,11 @@ def diffusion_loss(pred, latents, noise, timesteps, scheduler, train):
         # Min-SNR-gamma (Hang et al. 2023): down-weight easy low-noise steps.
         alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
         snr = alphas / (1 - alphas)
-        weight = torch.clamp(snr, max=train.snr_gamma) / snr
+        capped = torch.clamp(snr, max=train.snr_gamma)
         if kind == "v_prediction":
-            weight = torch.clamp(snr, max=train.snr_gamma) / (snr + 1)
+            weight = capped / (snr + 1)
+        else:  # min(snr, γ)/snr is 1 below γ, at a zero-terminal-SNR schedule's last step too (not 0/0)
+            weight = torch.where(snr < train.snr_gamma, torch.ones_like(snr), capped / snr)
         loss = loss * weight
     return loss
 
