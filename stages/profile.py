@@ -43,13 +43,20 @@ def header(cells, p) -> str:
     return text + "\n"
 
 
+RECOMPUTE_MARK = "†"  # a checkpointing cell whose FLOPs could only be counted with the recompute
+
+
 def table(cells) -> str:
     lines = ["| cell | precision | step ms | images/s | TFLOP/s | MFU | peak MiB | $/1000 steps | phases cover |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
+        mark = RECOMPUTE_MARK if c["flops_with_recompute"] else ""
         lines.append(f"| {c['name']} | {c['mixed_precision']} | {c['step_ms']:.1f} | {c['images_per_second']:.2f} "
-                     f"| {c['achieved_tflops']:.4f} | {c['mfu']:.1%} | {c['memory']['peak_bytes'] / 2**20:.0f} "
+                     f"| {c['achieved_tflops']:.4f}{mark} | {c['mfu']:.1%}{mark} | {c['memory']['peak_bytes'] / 2**20:.0f} "
                      f"| {c['cost']['usd_per_1000_steps']:.4f} | {c['coverage']:.1%} |")
+    if any(c["flops_with_recompute"] for c in cells):
+        lines.append(f"\n{RECOMPUTE_MARK} The step without gradient checkpointing, which counts the model's FLOPs, "
+                     "ran out of memory here: these count checkpointing's recomputed forward too, so they read high.")
     phase_names = list(dict.fromkeys(n for c in cells for n in c["phases"]["phases"]))
     lines += ["", "| cell | " + " | ".join(f"{n} ms" for n in phase_names) + " |",
               "|---|" + "---|" * len(phase_names)]
@@ -90,7 +97,9 @@ def kernel_tables(cells) -> str:
             continue
         ref = c["reference_step"]
         parts.append(f"Kernel time by kind in `{c['name']}`'s traced steps (step {ref['step']}, {ref['images']} "
-                     f"images, twice: reports/traces/trace-{c['name']}.json), next to the FLOPs of each kind:"
+                     f"images, twice: reports/traces/trace-{c['name']}.json), next to the model FLOPs of each kind "
+                     f"(recomputation left out, though its kernels' time is in: a fused attention backward "
+                     f"recomputes its scores, checkpointing its forward; the floor table counts it):"
                      f"\n\n{kernels.table(c['kernels'])}\n")
         note = "; on a CPU its measured time includes Python's between the ops" if c["device"] == "cpu" else ""
         parts.append(f"`{c['name']}`'s kinds against their floor. {roofline.floor_table(c['floor'], c['kernels'], note)}\n")

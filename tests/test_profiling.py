@@ -681,6 +681,48 @@ def test_kept_for_backward_is_what_a_real_step_saves_and_checkpointing_cuts_it(t
     assert kept["compile"] is None
 
 
+def test_a_checkpointing_cell_whose_step_without_it_does_not_fit_keeps_its_numbers(train_workspace, monkeypatch):
+    """The model-FLOP count runs the step without checkpointing, after the cell was measured: where
+    that step ran out of memory, the whole cell was reported as not run. Now its own step is counted,
+    recompute and all, and profile.md says so."""
+    import contextlib
+    import importlib
+
+    from sdtune.profiling import flops, run as prof
+
+    ws, p = train_workspace
+    real_no_recompute, real_count, inside = flops.no_recompute, flops.count_flops_by_op, []
+
+    @contextlib.contextmanager
+    def no_recompute(model):
+        with real_no_recompute(model):
+            inside.append(model)
+            try:
+                yield
+            finally:
+                inside.pop()
+
+    def count(fn, *args, **kwargs):  # the CPU allocator's error, where the step without checkpointing runs
+        if inside:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+        return real_count(fn, *args, **kwargs)
+
+    spec = {"name": "ckpt", "gradient_checkpointing": True}
+    monkeypatch.setattr(flops, "no_recompute", no_recompute)
+    monkeypatch.setattr(flops, "count_flops_by_op", count)
+    short = prof.profile_cell(p, spec, ws / "cache", raw_dir=ws / "data/raw")
+    with pytest.raises(RuntimeError, match="can't allocate memory"):  # without checkpointing, nothing to fall back on
+        prof.profile_cell(p, {"name": "baseline"}, ws / "cache", raw_dir=ws / "data/raw")
+    monkeypatch.undo()
+    fits = prof.profile_cell(p, spec, ws / "cache", raw_dir=ws / "data/raw")
+    assert short["flops_with_recompute"] and not fits["flops_with_recompute"]
+    assert short["flops_per_step"] > fits["flops_per_step"] > 0  # the recomputed forward is in
+    assert short["step_ms"] > 0 and short["images_per_second"] > 0
+    rows = importlib.import_module("stages.profile").table([fits, short]).splitlines()
+    assert "†" not in rows[2] and rows[3].count("†") == 2  # TFLOP/s and MFU
+    assert rows[4] == "" and rows[5].startswith("† The step without gradient checkpointing")
+
+
 def test_memory_table_and_chart_show_each_part(tmp_path):
     """profile.md's memory table: the parts of each cell's memory, a dash where a part was not
     measured (reserved and activations on a CPU), the encoders' column only when a cell has them."""

@@ -20,6 +20,12 @@ CLEAR_REFS, STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
 _rss_was_reset = False  # some sandboxes refuse the write: then the peak is the process's lifetime one
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is the allocator's: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+
+
 def reset_peak(device) -> None:
     """Start a fresh peak, so that each profile cell or evaluated variant reports its own.
 

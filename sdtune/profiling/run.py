@@ -109,11 +109,21 @@ class OnTheFly:
                 run.items[i] = item
 
 
-def model_flops(run, step_fn, step: int) -> dict[str, int]:
+def model_flops(run, step_fn, step: int) -> tuple[dict[str, int], bool]:
     """FLOPs of one step by kind of op (encoding included when it runs every step), without the
-    forward recomputed by gradient checkpointing: recomputation lowers MFU instead of inflating it."""
-    with flops.no_recompute(run.accelerator.unwrap_model(run.denoiser)):
-        return kernels.by_kind(flops.count_flops_by_op(step_fn, step))
+    forward recomputed by gradient checkpointing: recomputation lowers MFU instead of inflating it.
+    That count runs the step without checkpointing, which may not fit where the cell's own step did:
+    then the cell's own step is counted, recompute and all. Returns (FLOPs, whether recompute is in)."""
+    model = run.accelerator.unwrap_model(run.denoiser)
+    try:
+        with flops.no_recompute(model):
+            return kernels.by_kind(flops.count_flops_by_op(step_fn, step)), False
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        if not (getattr(model, "is_gradient_checkpointing", False) and memory.out_of_memory(err)):
+            raise
+    run.optimizer.zero_grad(set_to_none=True)  # what the failed backward had summed
+    memory.reset_peak(run.accelerator.device)  # its blocks back to the allocator, not kept reserved
+    return kernels.by_kind(flops.count_flops_by_op(step_fn, step)), True
 
 
 def step_batches(run, step: int) -> tuple:
@@ -123,13 +133,14 @@ def step_batches(run, step: int) -> tuple:
                  for idx in (loop.sample_indices(run, step, m) for m in range(run.params.train.grad_accum)))
 
 
-def flops_by_layout(run, step_fn, steps: range) -> dict[tuple, dict[str, int]]:
+def flops_by_layout(run, step_fn, steps: range) -> tuple[dict[tuple, dict[str, int]], bool]:
     """FLOPs by kind of op of each distinct batch layout among `steps` (step_batches), each
-    counted once, on the first step that has it."""
+    counted once, on the first step that has it; and whether any count holds recompute (model_flops)."""
     first = {}
     for i in steps:
         first.setdefault(step_batches(run, i), i)
-    return {layout: model_flops(run, step_fn, i) for layout, i in first.items()}
+    counted = {layout: model_flops(run, step_fn, i) for layout, i in first.items()}
+    return {layout: n for layout, (n, _) in counted.items()}, any(r for _, r in counted.values())
 
 
 def reference_step(run, steps: range) -> int:
@@ -255,7 +266,7 @@ def _profile_cell(params, spec, cache_dir, trace_path, raw_dir) -> dict:
     measured = range(p.warmup, p.warmup + p.steps)
     seconds = summary["step_mean_ms"] * p.steps / 1e3
     images = sum(n for i in measured for n, _ in step_batches(run, i))
-    counted = flops_by_layout(run, step_fn, measured)
+    counted, with_recompute = flops_by_layout(run, step_fn, measured)
     by_kind = Counter()
     for i in measured:
         by_kind.update(counted[step_batches(run, i)])
@@ -279,6 +290,8 @@ def _profile_cell(params, spec, cache_dir, trace_path, raw_dir) -> dict:
         "flops_per_step": n_flops / p.steps, "achieved_tflops": flops.achieved_tflops(n_flops, seconds),
         "flops_by_kind": {kind: n / p.steps for kind, n in by_kind.items()},
         "peak_tflops": peak, "peak_source": peak_source, "mfu": hardware.mfu(n_flops, seconds, peak),
+        # True where the step without checkpointing did not fit: FLOPs and MFU then count the recompute.
+        "flops_with_recompute": with_recompute,
         # What this device's GEMMs reach (the peak itself where none is in the datasheet table).
         "ceiling_tflops": ceiling,
         # The reference step's floor, kind by kind: how far the kernels are from what the device allows.
