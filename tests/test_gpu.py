@@ -165,6 +165,8 @@ def test_profile_cell_on_cuda_writes_a_gpu_trace_and_an_allocator_snapshot(cache
     assert 0 < mem["kept_for_backward_bytes"] <= mem["activations_bytes"], mem
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("cat") == "kernel" for e in events)  # GPU kernels, not only host ops
+    # Each traced step's range waits for its kernels: they fill no more than all of it.
+    assert 0 < cell["kernels"]["busy"] <= 1, cell["kernels"]
     snapshot = tmp_path / "memory-baseline.pickle"
     assert snapshot.stat().st_size > 0
     # The floor, counted over the CUDA kernels the step dispatches (fused attention among them).

@@ -194,7 +194,7 @@ def table(result: dict) -> str:
     (or the line saying why there is none: {"error": ...})."""
     if "error" in result:
         return f"kernel breakdown failed: {result['error']}"
-    lines = ["| kind | ms/step | share | TFLOP/step | TFLOP/s |", "|---|---:|---:|---:|---:|"]
+    lines = ["| kind | ms/step | share | model TFLOP/step | model TFLOP/s |", "|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
         tflop = f"{r['tflop']:.3g}" if r["tflop"] else ""
         tflops = "" if r["tflops"] is None else f"{r['tflops']:.0f}" if r["tflops"] >= 10 else f"{r['tflops']:.2g}"
