@@ -1081,10 +1081,10 @@ def test_profile_md_header_says_what_the_numbers_are_against():
     assert "resident set" in text and "TFLOP/s on this device" not in text
 
 
-def test_an_inference_cell_times_after_one_warm_up_and_counts_denoiser_steps_per_second(monkeypatch):
+def test_an_inference_cell_times_after_one_warm_up_and_counts_steps_per_second(monkeypatch):
     """As the evaluate stage times its variants: one untimed image first (its first call pays for
     the allocations), then evaluate.latency_repeats timed ones, then one under the FLOP counter;
-    denoiser steps/s is evaluate.steps over the median seconds an image."""
+    steps/s is evaluate.steps over the median seconds an image (the whole image: encoders and decoder in)."""
     from sdtune.evaluate import generate
     from sdtune.profiling import inference
 
@@ -1102,7 +1102,7 @@ def test_an_inference_cell_times_after_one_warm_up_and_counts_denoiser_steps_per
     cell = inference.profile_cell(p, {"name": "fp32", "lora": False}, None, torch.device("cpu"))
     assert len(forwards) == (1 + 2 + 1) * 3
     assert cell["timed_images"] == 2
-    assert cell["denoiser_steps_per_second"] == pytest.approx(3 / cell["seconds_per_image"])
+    assert cell["steps_per_second"] == pytest.approx(3 / cell["seconds_per_image"])
 
 
 def test_an_inference_variant_cell_must_be_saved_and_brings_its_own_dtype(tmp_path, monkeypatch):
