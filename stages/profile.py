@@ -23,6 +23,9 @@ CACHE, LORA_DIR, OUT_DIR, TRACES = "cache", "models/lora", Path("reports/profile
 REPORT, TABLE, PLOT = "reports/profile.json", "reports/profile.md", "reports/profile_cells.json"
 
 
+PRECISION = {"no": "fp32"}  # accelerate's name for no mixed precision
+
+
 def header(cells, p) -> str:
     """What the tables were measured on and how: a reader of profile.md alone needs it."""
     c, source = cells[0], cells[0]["peak_source"]
@@ -32,8 +35,13 @@ def header(cells, p) -> str:
             f"{p.warmup} warm-up; images/s, TFLOP/s, MFU and cost are from the totals over those steps "
             f"(a short last batch trains fewer images); MFU is against {against}, for each cell's precision.")
     if source.startswith("datasheet:"):
-        text += (f" A large matmul reaches {c['ceiling_tflops']:.0f} TFLOP/s on this device, "
-                 f"{c['ceiling_tflops'] / c['peak_tflops']:.0%} of that peak.")
+        # One ceiling per precision: an fp32 cell's says nothing of what the bf16 cells' GEMMs reach.
+        first = {}
+        for cell in cells:
+            first.setdefault(cell["mixed_precision"], cell)
+        reach = [f"{cell['ceiling_tflops']:.0f} TFLOP/s in {PRECISION.get(name, name)}, "
+                 f"{cell['ceiling_tflops'] / cell['peak_tflops']:.0%} of its peak" for name, cell in first.items()]
+        text += f" A large matmul reaches {'; '.join(reach)} on this device."
     if "RSS" in c["memory"]["source"]:
         text += (" Peak memory on a CPU is the process's resident set during the cell, which also holds "
                  "what earlier cells brought in (libraries, compiled code): later cells read a little high.")

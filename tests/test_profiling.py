@@ -1072,8 +1072,12 @@ def test_profile_md_header_says_what_the_numbers_are_against():
     gpu = made_cell("bf16", 16, 100.0) | {"device_name": "NVIDIA H200", "peak_source": "datasheet:H200",
                                           "peak_tflops": 989.0, "ceiling_tflops": 808.0}
     gpu["memory"]["source"] = "torch.cuda.max_memory_allocated"
-    text = stage.header([gpu], PROFILE_PARAMS.profile)
-    assert "reaches 808 TFLOP/s on this device, 82% of that peak" in text and "resident set" not in text
+    fp32 = made_cell("fp32", 16, 300.0) | {"device_name": "NVIDIA H200", "peak_source": "datasheet:H200",
+                                           "peak_tflops": 494.0, "ceiling_tflops": 51.0, "memory": gpu["memory"]}
+    gpu["mixed_precision"], fp32["mixed_precision"] = "bf16", "no"
+    text = stage.header([fp32, gpu], PROFILE_PARAMS.profile)
+    assert ("A large matmul reaches 51 TFLOP/s in fp32, 10% of its peak; 808 TFLOP/s in bf16, 82% of its peak "
+            "on this device.") in text and "resident set" not in text
     cpu = made_cell("fp32", 2, 100.0) | {"device_name": "x86 CPU, 2 threads", "peak_source": "measured",
                                          "peak_tflops": 0.1, "ceiling_tflops": 0.1}
     cpu["memory"]["source"] = "peak RSS since reset_peak (VmHWM)"
