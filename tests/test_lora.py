@@ -169,3 +169,19 @@ def test_the_sums_are_written_into_the_gemms_own_outputs():
             out.backward(torch.ones_like(out))
         made[addmm] = counter.made
     assert made[True] == 3 and made[False] > 3, made
+
+
+@pytest.mark.parametrize("lora_keys, message", [
+    ({"target_modules": ["no_such_layer"]}, "train.lora.target_modules: Target modules"),
+    # peft says "Unknown initialization init_lora_weights='pissa'" of a convolution: the init is what fails.
+    ({"init": "pissa", "target_modules": ["to_q", "conv1"]},
+     "train.lora.init: pissa starts from linear layers' weights only; train.lora.target_modules names a convolution"),
+])
+def test_a_lora_that_cannot_be_attached_names_the_key_at_fault(lora_keys, message):
+    from sdtune.errors import UserError
+    from sdtune.families import get
+
+    family = get("sd1")
+    with pytest.raises(UserError) as err:
+        lora.add(family.tiny_unet(), params.Lora(**lora_keys), family.LORA_TARGETS)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), err.value

@@ -39,7 +39,11 @@ def add(denoiser, lora, default_targets) -> LoraConfig:
     try:
         denoiser.add_adapter(cfg)
     except ValueError as err:
-        raise UserError(f"train.lora.target_modules: {str(err).splitlines()[0]}") from None
+        reason = str(err).splitlines()[0]
+        if lora.init in MUTATES_BASE and "init_lora_weights" in reason:  # peft's message for a conv layer
+            raise UserError(f"train.lora.init: {lora.init} starts from linear layers' weights only; "
+                            f"train.lora.target_modules names a convolution too ({reason})") from None
+        raise UserError(f"train.lora.target_modules: {reason}") from None
     if lora.init in MUTATES_BASE:
         setattr(denoiser, INITIAL, {k: v.detach().cpu().clone() for k, v in peft_state(denoiser).items()})
     return cfg
