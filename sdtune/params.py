@@ -184,6 +184,9 @@ class Train(Section):
         # diffusers' "constant" schedule ignores warmup; say so rather than train without it.
         if steps and info.data.get("lr_scheduler") == "constant":
             raise ValueError(f"{steps} warmup steps need lr_scheduler: constant_with_warmup (constant has none)")
+        if "steps" in info.data and steps >= info.data["steps"] > 0:  # the run would end still warming up
+            raise ValueError(f"{steps} warmup steps leave none of train.steps ({info.data['steps']}) at train.lr; "
+                             f"use fewer")
         return steps
 
     @field_validator("optimizer")

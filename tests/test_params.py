@@ -39,6 +39,9 @@ BAD = [
     ({"quantize": {"variants": ["bf16", "int8wo", "bf16"]}}, "quantize.variants", "bf16 listed more than once"),
     ({"quantize": {"lora_modes": ["fused", "fused"]}}, "quantize.lora_modes", "fused listed more than once"),
     ({"train": {"warmup_steps": 100}}, "train.warmup_steps", "constant_with_warmup"),
+    # A schedule still warming up at its last step never reached train.lr, without a word.
+    ({"train": {"steps": 4, "warmup_steps": 10, "lr_scheduler": "cosine"}}, "train.warmup_steps",
+     "10 warmup steps leave none of train.steps (4) at train.lr"),
     ({"train": {"optimizer": "prodigy"}}, "train.optimizer", "expects lr around 1.0"),
     ({"profile": {"matrix": [{"mixed_precision": "bf16"}]}}, "profile.matrix", "'name'"),
     ({"train": {"compile_mode": "reduce-overhead"}}, "train.compile_mode: 'reduce-overhead' needs compile: true", ""),

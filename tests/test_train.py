@@ -982,3 +982,40 @@ def test_the_ema_is_restored_onto_the_device_of_the_weights_it_follows(workspace
                        ema, None)
     assert all(t.device.type == "meta" for t in ema.shadow_params)
     ema.step(weights)  # on the weights' device: no "not on the expected device"
+
+
+def test_the_speed_is_the_trainings_own_and_counts_short_batches(workspace, tmp_path):
+    """train.json's speed took in the time spent drawing validation images and writing checkpoints,
+    and counted every batch as full, where each epoch's last is short (6 images in batches of 4)."""
+    import time as clock
+
+    def slow_validation(run):
+        clock.sleep(0.5)
+
+    run, stats = train_in_process(workspace, tmp_path / "ck", validate=slow_validation, steps=4, batch_size=4,
+                                  validate_every=2, checkpoint_every=2)
+    assert len(run.items) == 6 and stats["images"] == 12  # two epochs of 4 + 2, not 4 x 4
+    assert stats["wall_seconds"] - stats["seconds"] >= 2 * 0.5  # validated after steps 2 and 4
+    assert stats["images_per_second"] == pytest.approx(12 / stats["seconds"])
+    assert stats["steps_per_second"] == pytest.approx(4 / stats["seconds"])
+
+
+def test_a_non_finite_gradient_stops_the_run_before_its_checkpoint(workspace, tmp_path, monkeypatch):
+    """A finite loss with an infinite gradient made the weights NaN; that step's checkpoint was written,
+    the run stopped a step later, and a rerun resumed the NaN weights."""
+    real = loop.train_step
+
+    def step(run, i, *args, **kwargs):
+        if i != 1:
+            return real(run, i, *args, **kwargs)
+        hook = lora_lib.trainable(run.denoiser)[0].register_hook(lambda grad: grad * float("inf"))
+        try:
+            return real(run, i, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(loop, "train_step", step)
+    ckpt = tmp_path / "ck"
+    with pytest.raises(UserError, match=r"train: the gradient norm became (inf|nan) at step 2; stopped"):
+        train_in_process(workspace, ckpt, steps=4, checkpoint_every=2, log_every=1)
+    assert checkpoint.all_checkpoints(ckpt) == []  # step 2's, with NaN weights, was not written

@@ -197,22 +197,31 @@ def epoch_batches(run: Run, epoch: int) -> list[list[int]]:
     return run.batches[epoch]
 
 
-def _global_batch(run: Run, step: int, micro: int) -> int:
-    """The global batch number of this process at (step, micro-batch):
+def _global_batch(run: Run, step: int, micro: int, rank: int | None = None) -> int:
+    """The global batch number of process `rank` (default: this one) at (step, micro-batch):
     (step * grad_accum + micro) * processes + rank."""
     acc = run.accelerator
-    return (step * run.params.train.grad_accum + micro) * acc.num_processes + acc.process_index
+    rank = acc.process_index if rank is None else rank
+    return (step * run.params.train.grad_accum + micro) * acc.num_processes + rank
 
 
-def sample_indices(run: Run, step: int, micro: int) -> list[int]:
-    """Which cached items this process trains on at (step, micro-batch).
+def sample_indices(run: Run, step: int, micro: int, rank: int | None = None) -> list[int]:
+    """Which cached items process `rank` (default: this one) trains on at (step, micro-batch).
 
     The global batch b (see _global_batch) walks through the epochs' batches in order, so
     ranks take different batches and a resumed run takes the same ones.
     """
-    b = _global_batch(run, step, micro)
+    b = _global_batch(run, step, micro, rank)
     per_epoch = len(epoch_batches(run, 0))
     return epoch_batches(run, b // per_epoch)[b % per_epoch]
+
+
+def images_in_step(run: Run, step: int) -> int:
+    """The images every process together trains on at `step`: fewer than batch_size x grad_accum x
+    processes where a batch is an epoch's or a bucket's short last one."""
+    acc = run.accelerator
+    return sum(len(sample_indices(run, step, micro, rank))
+               for micro in range(run.params.train.grad_accum) for rank in range(acc.num_processes))
 
 
 def step_generator(run: Run, step: int, micro: int) -> torch.Generator:
@@ -325,7 +334,8 @@ def resume(run: Run, ckpt_dir, mark: str) -> Path | None:
 
 
 def _flush(run: Run, pending: list) -> None:
-    """Move the pending per-step losses to the host once, and stop on the first non-finite one.
+    """Move the pending per-step losses to the host once, and stop on the first non-finite one
+    (or non-finite gradient norm).
     Every process calls it at the same steps. The losses are the mean over the processes, each of
     which trained its own batches: the curve is the global batch's, and a loss that is not finite
     on one process stops them all, where the others would wait for it in the next all-reduce."""
@@ -334,8 +344,13 @@ def _flush(run: Run, pending: list) -> None:
     values = torch.stack([torch.stack([loss.float(), norm.float()]) for _, loss, norm, _ in pending])
     values = run.accelerator.reduce(values, reduction="mean").cpu().tolist()
     for (step, _, _, lr), (loss, norm) in zip(pending, values):
-        if not math.isfinite(loss):
-            raise UserError(f"train: the loss became {loss} at step {step}; stopped. The last good "
+        # A finite loss with a non-finite gradient has already made the weights NaN (fp16 aside, whose
+        # loss scaler skips such a step): stop before that step's checkpoint is written.
+        bad = [(what, value) for what, value in (("loss", loss), ("gradient norm", norm))
+               if not math.isfinite(value) and (what == "loss" or run.accelerator.scaler is None)]
+        if bad:
+            what, value = bad[0]
+            raise UserError(f"train: the {what} became {value} at step {step}; stopped. The last good "
                             f"checkpoint is kept; lower train.lr or change train.mixed_precision")
         run.history.append({"step": step, "loss": loss, "lr": lr, "grad_norm": norm})
     pending.clear()
@@ -354,18 +369,22 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
     run.base_revision = base_revision(run)
     mark = fingerprint(run, cache_dir, run.base_revision)
     resumed = resume(run, ckpt_dir, mark)
-    start, pending, t0 = run.step, [], time.perf_counter()
+    start, pending = run.step, []
     if on_start is not None and acc.is_main_process:
         on_start(start)
     if validate is not None and start and _validates_at(p, start):
         # Resumed at a validation step: a failure between its checkpoint and its images (validation
         # out of memory, a kill) left none. They come out as they did: the checkpoint holds the weights.
         validate(run)
+    # The speed is the training's: time spent writing checkpoints and drawing validation images is
+    # counted apart (`paused`), and images are counted batch by batch (a short last batch has fewer).
+    t0, paused, images = time.perf_counter(), 0.0, 0
     bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc="train", unit="step",
                disable=not acc.is_main_process)
     for step in bar:
         lr = run.lr_scheduler.get_last_lr()[0]  # the rate this step uses
         loss = train_step(run, step)
+        images += images_in_step(run, step)
         pending.append((step + 1, loss, run.grad_norm.detach(), lr))
         run.step = step + 1
         last = run.step == p.steps
@@ -377,25 +396,33 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
         # The checkpoint before validation: a validation that fails (out of memory on a small card)
         # must not take the step's checkpoint with it. The last step too, so that a rerun after a
         # failure past the loop (its validation, writing the LoRA) resumes there, not steps earlier.
-        if run.step % p.checkpoint_every == 0 or last:
+        if run.step % p.checkpoint_every == 0 or last:  # flushed above: the steps before are done
+            began = time.perf_counter()
             rng = checkpoint.rng_by_rank(acc)  # from every process, so every process comes here
             if acc.is_main_process:
                 checkpoint.save(ckpt_dir, run.step, lora.peft_state(acc.unwrap_model(run.denoiser)),
                                 run.optimizer, run.lr_scheduler, run.ema, acc.scaler, run.history,
                                 p.keep_checkpoints, mark, rng_by_rank=rng)
+            paused += time.perf_counter() - began
         if validate is not None and _validates_at(p, run.step):
+            _flush(run, pending)  # waits for the steps queued on the device: their time is training's
+            began = time.perf_counter()
             validate(run)
+            paused += time.perf_counter() - began
     acc.wait_for_everyone()
-    seconds = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    seconds = wall - paused
     done = p.steps - start
     recent = [h["loss"] for h in run.history[-10:]]
     return {
         # steps_run: the steps this process trained (fewer after a resume); the times and speeds are theirs
         "steps": p.steps, "steps_run": done, "resumed_from": str(resumed) if resumed else None,
         # the mean of the last steps: one step's loss swings with its timesteps and noise
+        # seconds: training steps only; wall_seconds: with checkpoints written and validation drawn
         "final_loss": sum(recent) / len(recent), "final_loss_steps": len(recent), "seconds": seconds,
+        "wall_seconds": wall, "images": images,
         "steps_per_second": done / seconds if done else 0.0,
-        "images_per_second": done * p.batch_size * p.grad_accum * acc.num_processes / seconds if done else 0.0,
+        "images_per_second": images / seconds if done else 0.0,
         "mixed_precision": acc.mixed_precision, "device": str(acc.device),
         "device_name": hardware.device_name(acc.device), "processes": acc.num_processes,
         "peak_memory_bytes": memory.peak_memory(acc.device)["peak_bytes"],
