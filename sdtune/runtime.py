@@ -1,8 +1,11 @@
 """What every stage shares: its device, its wall time, and provenance strings."""
 
 import contextlib
+import netrc
+import os
 import subprocess
 import time
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -13,6 +16,20 @@ from sdtune.errors import UserError
 REPORTS = Path("reports")
 # The pipeline's stages in dvc.yaml's order (a test holds the two together).
 STAGES = ("fetch", "caption", "cache", "train", "quantize", "evaluate", "profile", "report")
+
+
+def check_wandb(mode: str) -> None:
+    """train.wandb: online needs a W&B API key, from WANDB_API_KEY or the ~/.netrc entry `wandb login`
+    writes. Without one wandb.init failed with a traceback, and in the train stage only after the
+    model had loaded."""
+    if mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    host = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    with contextlib.suppress(OSError, netrc.NetrcParseError):
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
+            return
+    raise UserError("train.wandb: online needs a W&B API key: set WANDB_API_KEY or run `wandb login`, or use "
+                    "offline (and `wandb sync` the run later)")
 
 
 def device(choice: str, key: str = "base.device") -> torch.device:

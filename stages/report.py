@@ -8,7 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
-from sdtune import io, params as params_lib, report
+from sdtune import io, params as params_lib, report, runtime
 from sdtune.errors import main_guard
 
 OUT = "reports/REPORT.md"
@@ -57,6 +57,7 @@ def wandb_report(params) -> None:
 @main_guard
 def main():
     params = params_lib.load()
+    runtime.check_wandb(params.train.wandb)
     text = report.build(params, io.read_safetensors_metadata(LORA))
     io.write_text(OUT, text)
     wandb_report(params)

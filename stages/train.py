@@ -44,6 +44,7 @@ def main():
     params = params_lib.load()
     families.of(params)  # sizes and a checkpoint of another family stop here, as in the other stages
     check_device(params)
+    runtime.check_wandb(params.train.wandb)
     with runtime.stage("train"):
         run = loop.setup(params, CACHE)
         wb, log, log_image = wandb_logger(params) if run.accelerator.is_main_process else (None, None, None)

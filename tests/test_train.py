@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import (OFFLINE, ROOT, assert_no_secret, captions_for, hub_snapshot, kept_for_backward, tiny_cache,
+from conftest import (FAKE_WANDB_KEY, OFFLINE, ROOT, assert_no_secret, captions_for, hub_snapshot, kept_for_backward, tiny_cache,
                       tiny_loop_run, wandb_stage)
 from sdtune import io, params as params_lib
 from sdtune.errors import UserError
@@ -1019,3 +1019,30 @@ def test_a_non_finite_gradient_stops_the_run_before_its_checkpoint(workspace, tm
     with pytest.raises(UserError, match=r"train: the gradient norm became (inf|nan) at step 2; stopped"):
         train_in_process(workspace, ckpt, steps=4, checkpoint_every=2, log_every=1)
     assert checkpoint.all_checkpoints(ckpt) == []  # step 2's, with NaN weights, was not written
+
+
+def test_wandb_online_without_a_key_is_one_line_before_the_model_loads(workspace, tmp_path, monkeypatch):
+    """wandb.init raised its UsageError as a traceback, after the base model had loaded."""
+    from sdtune import runtime
+
+    ws = clone(workspace, tmp_path / "ws")
+    (ws / "params.yaml").write_text(PARAMS.replace("wandb: disabled", "wandb: online"))
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "NETRC", "WANDB_MODE")}
+    done = subprocess.run([sys.executable, "-m", "stages.train"], cwd=ws, capture_output=True, text=True, timeout=300,
+                          env={**env, "HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: train.wandb: online needs a W&B API key: set WANDB_API_KEY or run `wandb login`, or use offline "
+        "(and `wandb sync` the run later)"], done.stderr
+    assert not (ws / "models").exists()
+    # The key from either place is enough; offline needs none.
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("NETRC", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    runtime.check_wandb("offline")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home/.netrc").write_text("machine api.wandb.ai\n  login user\n  password local-key\n")
+    (tmp_path / "home/.netrc").chmod(0o600)
+    runtime.check_wandb("online")
+    (tmp_path / "home/.netrc").unlink()
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_WANDB_KEY)
+    runtime.check_wandb("online")
