@@ -43,6 +43,12 @@ def sha256_text(text: str) -> str:
     return sha256_bytes(text.encode("utf-8"))
 
 
+def tree_sha256(rows: list[dict]) -> str:
+    """The sha256 of a folder's `sha256sum`-style sorted listing ("<sha256>  <file>\\n" per file, rows
+    as fetch's manifest lists them): what `sha256sum` gives in the shell, see sdtune.data.sources."""
+    return sha256_text("".join(f"{r['sha256']}  {r['file']}\n" for r in sorted(rows, key=lambda r: r["file"])))
+
+
 def sha256_json(obj) -> str:
     """A content hash of `obj` that does not depend on key order (cache keys, fingerprints)."""
     return sha256_text(json.dumps(obj, sort_keys=True))

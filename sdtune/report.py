@@ -32,7 +32,7 @@ def setup_section(params, lineage: dict, data: dict, train: dict) -> list[str]:
         f"- hardware: {train['device_name']} ({train['device']}), mixed precision `{train['mixed_precision']}`",
         f"- the LoRA (its metadata): trained at commit `{lineage['git_commit']}` with sdtune "
         f"{lineage['sdtune_version']}, base `{lineage['base_model']}` at `{lineage['base_commit']}`, "
-        f"dataset manifest sha256 `{lineage['dataset_manifest_sha256'][:16]}…`, params sha256 "
+        f"dataset sha256 `{lineage['dataset_sha256'][:16]}…`, params sha256 "
         f"`{lineage['params_sha256'][:16]}…`",
         "",
     ]

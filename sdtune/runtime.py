@@ -77,7 +77,7 @@ def git_commit() -> str:
 
 # The params a LoRA's params_sha256 hashes: those dvc.yaml lists for the train stage (a test holds
 # the two together). What the stages before it made of theirs is in the LoRA's other hashes (the
-# dataset manifest, the cache index), by content: a change to their params that leaves their
+# dataset, the cache index), by content: a change to their params that leaves their
 # outputs as they were (DVC then skips train) leaves the LoRA's lineage true. Not base.device:
 # where it ran is in train.json, not part of what was asked.
 LORA_PARAMS = ("train", "model", "base.seed")
@@ -107,7 +107,10 @@ def provenance(params, base_commit: str = "unknown", manifest_path="data/raw.man
         "base_commit": base_commit,
         "cache_index_sha256": io.sha256_file(index) if index.exists() else "unknown",
         "model_family": params.model.family,
-        "dataset_manifest_sha256": io.sha256_file(manifest) if manifest.exists() else "unknown",
+        # data/raw's files by content (as a folder source's data.sha256 pin, `sha256sum` in the shell),
+        # not the manifest file's bytes, which also name data.source: the same images fetched from
+        # elsewhere are the same data, and train (which depends on data/raw) is not re-run for them.
+        "dataset_sha256": io.tree_sha256(io.read_json(manifest)["files"]) if manifest.exists() else "unknown",
         "params_sha256": params_hash(params, LORA_PARAMS),
         "git_commit": git_commit(),
     }

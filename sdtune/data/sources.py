@@ -34,7 +34,7 @@ from sdtune.data import synthetic
 from sdtune.data.extract import archive_kind, extract, is_junk, is_utf8, safe_relpath
 from sdtune.data.links import link_problem
 from sdtune.errors import UserError
-from sdtune.io import atomic_path, sha256_file, sha256_text
+from sdtune.io import atomic_path, sha256_file, tree_sha256
 
 SUPPORTED = ("a local folder, archive (.zip .tar .tar.gz .tgz .tar.bz2 .tar.xz) or image; "
              "gdrive://<file id>; gdrive://folders/<folder id>; gs://<bucket>/<prefix>; "
@@ -103,11 +103,6 @@ def manifest(folder: Path) -> list[dict]:
             rows.append({"file": path.relative_to(folder).as_posix(), "sha256": sha256_file(path),
                          "size": path.stat().st_size})
     return sorted(rows, key=lambda r: r["file"])
-
-
-def tree_sha256(rows: list[dict]) -> str:
-    """The pin of a folder source: sha256 of its `sha256sum`-style sorted listing."""
-    return sha256_text("".join(f"{r['sha256']}  {r['file']}\n" for r in sorted(rows, key=lambda r: r["file"])))
 
 
 def _parse_pin(sha256: str | None) -> str | None:
