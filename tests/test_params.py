@@ -135,3 +135,20 @@ def test_missing_and_broken_params_file(tmp_path):
     with pytest.raises(UserError) as err:
         params.load(tmp_path / "params.yaml")
     assert str(err.value) == f"{tmp_path / 'params.yaml'}: not valid UTF-8 (byte 24); save it as UTF-8"
+
+
+def test_params_yaml_writes_out_every_key():
+    """DVC watches params.yaml, not the defaults in params.py: a key left to its default there is one
+    whose change in code (a git pull) DVC would not see, leaving every output it feeds stale."""
+    from ruamel.yaml import YAML
+
+    def keys(tree, prefix=""):
+        out = set()
+        for key, value in tree.items():
+            out.add(prefix + key)
+            if isinstance(value, dict) and value:  # a mapping of keys, not a value such as compile_options: {}
+                out |= keys(value, f"{prefix}{key}.")
+        return out
+
+    written = YAML(typ="safe", pure=True).load((ROOT / "params.yaml").read_text())
+    assert keys(params.Params().model_dump()) - keys(written) == set()

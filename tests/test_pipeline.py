@@ -5,6 +5,7 @@ import json
 import math
 import re
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -168,7 +169,10 @@ def sha256_of(path) -> str:
 def test_the_loras_lineage_names_the_demos_data_cache_params_and_commit(demo):
     meta = io.read_safetensors_metadata(demo / "models/lora" / common.LORA_FILE)
     assert meta["base_model"] == "tiny" and re.fullmatch(r"tiny:[0-9a-f]{16}", meta["base_commit"])
-    assert meta["dataset_manifest_sha256"] == sha256_of(demo / "data/raw.manifest.json")
+    # The data by content, as the README's shell line computes it (not the manifest, which names data.source).
+    listing = subprocess.run("find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum",
+                             shell=True, cwd=demo / "data/raw", capture_output=True, text=True, check=True)
+    assert meta["dataset_sha256"] == listing.stdout.split()[0]
     assert meta["cache_index_sha256"] == sha256_of(demo / "cache/index.json")
     # the fixture's copy is a git repo with one commit; `dvc exp run` trains in that workspace
     head = run(["git", "rev-parse", "HEAD"], demo).stdout.strip()
@@ -178,6 +182,11 @@ def test_the_loras_lineage_names_the_demos_data_cache_params_and_commit(demo):
     params = params_lib.load(demo / "params.yaml")
     assert params.model.id == "tiny"
     assert meta["params_sha256"] == runtime.provenance(params)["params_sha256"]
+    # which anyone can recompute from dvc.lock: params.yaml writes out every key, so DVC records them all
+    from ruamel.yaml import YAML
+
+    locked = YAML(typ="safe", pure=True).load((demo / "dvc.lock").read_text())["stages"]["train"]["params"]
+    assert meta["params_sha256"] == io.sha256_json(locked["params.yaml"])
 
 
 def test_dvc_metrics_show_reads_every_metric(demo):
@@ -274,9 +283,8 @@ def test_the_reports_lineage_is_the_loras_not_the_workspaces(demo, tmp_path):
     meta = io.read_safetensors_metadata(ws / "models/lora" / common.LORA_FILE)
     line = next(s for s in (ws / "reports/REPORT.md").read_text().splitlines() if s.startswith("- the LoRA"))
     assert line == (f"- the LoRA (its metadata): trained at commit `{meta['git_commit']}` with sdtune "
-                    f"{meta['sdtune_version']}, base `tiny` at `{meta['base_commit']}`, dataset manifest sha256 "
-                    f"`{meta['dataset_manifest_sha256'][:16]}…`, params sha256 `{meta['params_sha256'][:16]}…`")
-    assert meta["dataset_manifest_sha256"] == sha256_of(demo / "data/raw.manifest.json")
+                    f"{meta['sdtune_version']}, base `tiny` at `{meta['base_commit']}`, dataset sha256 "
+                    f"`{meta['dataset_sha256'][:16]}…`, params sha256 `{meta['params_sha256'][:16]}…`")
 
 
 def test_dvc_plots_show_reads_every_declared_plot(demo):
