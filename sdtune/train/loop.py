@@ -197,35 +197,37 @@ def epoch_batches(run: Run, epoch: int) -> list[list[int]]:
     return run.batches[epoch]
 
 
-def _global_batch(run: Run, step: int, micro: int, rank: int | None = None) -> int:
-    """The global batch number of process `rank` (default: this one) at (step, micro-batch):
+def _global_batch(run: Run, step: int, micro: int, rank: int) -> int:
+    """The global batch number of process `rank` at (step, micro-batch):
     (step * grad_accum + micro) * processes + rank."""
-    acc = run.accelerator
-    rank = acc.process_index if rank is None else rank
-    return (step * run.params.train.grad_accum + micro) * acc.num_processes + rank
+    return (step * run.params.train.grad_accum + micro) * run.accelerator.num_processes + rank
 
 
-def sample_indices(run: Run, step: int, micro: int, rank: int | None = None) -> list[int]:
-    """Which cached items process `rank` (default: this one) trains on at (step, micro-batch).
-
-    The global batch b (see _global_batch) walks through the epochs' batches in order, so
-    ranks take different batches and a resumed run takes the same ones.
-    """
+def _indices(run: Run, step: int, micro: int, rank: int) -> list[int]:
+    """The cached items process `rank` trains on at (step, micro-batch): the global batch b (see
+    _global_batch) walks through the epochs' batches in order, so ranks take different batches and
+    a resumed run takes the same ones."""
     b = _global_batch(run, step, micro, rank)
     per_epoch = len(epoch_batches(run, 0))
     return epoch_batches(run, b // per_epoch)[b % per_epoch]
+
+
+def sample_indices(run: Run, step: int, micro: int) -> list[int]:
+    """Which cached items this process trains on at (step, micro-batch)."""
+    return _indices(run, step, micro, run.accelerator.process_index)
 
 
 def images_in_step(run: Run, step: int) -> int:
     """The images every process together trains on at `step`: fewer than batch_size x grad_accum x
     processes where a batch is an epoch's or a bucket's short last one."""
     acc = run.accelerator
-    return sum(len(sample_indices(run, step, micro, rank))
+    return sum(len(_indices(run, step, micro, rank))
                for micro in range(run.params.train.grad_accum) for rank in range(acc.num_processes))
 
 
 def step_generator(run: Run, step: int, micro: int) -> torch.Generator:
-    return torch.Generator().manual_seed(run.params.base.seed * 1_000_003 + _global_batch(run, step, micro))
+    batch = _global_batch(run, step, micro, run.accelerator.process_index)
+    return torch.Generator().manual_seed(run.params.base.seed * 1_000_003 + batch)
 
 
 def train_step(run: Run, step: int, timer=NullTimer()) -> torch.Tensor:
