@@ -43,6 +43,17 @@ def sha256_text(text: str) -> str:
     return sha256_bytes(text.encode("utf-8"))
 
 
+def manifest(folder: Path) -> list[dict]:
+    """{"file", "sha256", "size"} of every file under `folder` (links left out, as `find -type f`),
+    sorted by path: fetch's manifest rows."""
+    rows = []
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            rows.append({"file": path.relative_to(folder).as_posix(), "sha256": sha256_file(path),
+                         "size": path.stat().st_size})
+    return sorted(rows, key=lambda r: r["file"])
+
+
 def tree_sha256(rows: list[dict]) -> str:
     """The sha256 of a folder's `sha256sum`-style sorted listing ("<sha256>  <file>\\n" per file, rows
     as fetch's manifest lists them): what `sha256sum` gives in the shell, see sdtune.data.sources."""

@@ -95,11 +95,10 @@ def params_hash(params, keys) -> str:
     return io.sha256_json(picked)
 
 
-def provenance(params, base_commit: str = "unknown", manifest_path="data/raw.manifest.json",
-               cache_index="cache/index.json") -> dict:
+def provenance(params, base_commit: str = "unknown", raw_dir="data/raw", cache_index="cache/index.json") -> dict:
     """The lineage a LoRA carries: base model, data, params, code. `base_commit` is what the train
     stage resolved the revision to (common.resolved_revision: a branch like "main" moves)."""
-    manifest, index = Path(manifest_path), Path(cache_index)
+    raw, index = Path(raw_dir), Path(cache_index)
     return {
         "sdtune_version": __version__,
         "base_model": params.model.id,
@@ -107,10 +106,10 @@ def provenance(params, base_commit: str = "unknown", manifest_path="data/raw.man
         "base_commit": base_commit,
         "cache_index_sha256": io.sha256_file(index) if index.exists() else "unknown",
         "model_family": params.model.family,
-        # data/raw's files by content (as a folder source's data.sha256 pin, `sha256sum` in the shell),
-        # not the manifest file's bytes, which also name data.source: the same images fetched from
-        # elsewhere are the same data, and train (which depends on data/raw) is not re-run for them.
-        "dataset_sha256": io.tree_sha256(io.read_json(manifest)["files"]) if manifest.exists() else "unknown",
+        # data/raw's files by content, read from the folder train depends on (as a folder source's
+        # data.sha256 pin, `sha256sum` in the shell); not the manifest's bytes, which also name
+        # data.source: the same images fetched from elsewhere are the same data.
+        "dataset_sha256": io.tree_sha256(io.manifest(raw)) if raw.is_dir() else "unknown",
         "params_sha256": params_hash(params, LORA_PARAMS),
         "git_commit": git_commit(),
     }

@@ -50,9 +50,12 @@ def main():
         wb, log, log_image = wandb_logger(params) if run.accelerator.is_main_process else (None, None, None)
         Path(VALIDATION).mkdir(parents=True, exist_ok=True)  # a DVC output even when validation is off
         validate = validate_lib.Validator(params, run.family, VALIDATION, log_image)
+        # The lineage of what this run starts from: code committed or data changed during hours of
+        # training is not what it trained with.
+        meta = runtime.provenance(params)
         stats = loop.train(run, CKPT, CACHE, log=log, validate=validate, on_start=validate.drop_after)
         if run.accelerator.is_main_process:
-            meta = runtime.provenance(params, base_commit=run.base_revision)  # the one train() resumed by
+            meta["base_commit"] = run.base_revision  # what train() resolved the revision to, and resumed by
             outputs.write_lora(LORA_DIR, run, loop.final_lora(run), meta)
             outputs.write_reports(run, stats)
             checkpoint.discard(CKPT, stats["steps"])  # it served a failure after the loop; none came

@@ -34,7 +34,7 @@ from sdtune.data import synthetic
 from sdtune.data.extract import archive_kind, extract, is_junk, is_utf8, safe_relpath
 from sdtune.data.links import link_problem
 from sdtune.errors import UserError
-from sdtune.io import atomic_path, sha256_file, tree_sha256
+from sdtune.io import atomic_path, manifest, sha256_file, tree_sha256
 
 SUPPORTED = ("a local folder, archive (.zip .tar .tar.gz .tgz .tar.bz2 .tar.xz) or image; "
              "gdrive://<file id>; gdrive://folders/<folder id>; gs://<bucket>/<prefix>; "
@@ -94,15 +94,6 @@ def fetch(source: str, dest: Path, *, sha256: str | None = None, retries: int = 
     if skipped is not None:
         skipped.extend(opts.skipped)
     return rows
-
-
-def manifest(folder: Path) -> list[dict]:
-    rows = []
-    for path in Path(folder).rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            rows.append({"file": path.relative_to(folder).as_posix(), "sha256": sha256_file(path),
-                         "size": path.stat().st_size})
-    return sorted(rows, key=lambda r: r["file"])
 
 
 def _parse_pin(sha256: str | None) -> str | None:
