@@ -1046,3 +1046,22 @@ def test_wandb_online_without_a_key_is_one_line_before_the_model_loads(workspace
     (tmp_path / "home/.netrc").unlink()
     monkeypatch.setenv("WANDB_API_KEY", FAKE_WANDB_KEY)
     runtime.check_wandb("online")
+
+
+def test_a_cache_encoded_by_another_revision_of_the_model_is_not_trained_on(workspace, tmp_path):
+    """DVC re-runs the cache stage on a changed param, not on a moved "main" or edited local weights:
+    train would have paired the old encoders' latents with the new denoiser."""
+    ws = clone(workspace, tmp_path / "ws")
+    index = io.read_json(ws / "cache/index.json")
+    assert index["resolved_revision"].startswith("tiny:")  # what the cache stage resolved "tiny" to
+    io.write_json(ws / "cache/index.json", index | {"resolved_revision": "tiny:0000000000000000"})
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run = loop.setup(in_process_params(ws), ws / "cache")
+    with pytest.raises(UserError) as err:
+        loop.train(run, ws / "ck", ws / "cache")
+    assert str(err.value) == (f"{ws / 'cache/index.json'}: encoded with tiny at tiny:0000000000000000, but "
+                              f"model.revision (main) now names {index['resolved_revision']}; encode it again with "
+                              f"`dvc repro -f cache`, or pin model.revision")
+    assert not (ws / "ck").exists() and run.step == 0

@@ -307,6 +307,21 @@ def base_revision(run: Run) -> str:
     return broadcast_object_list(found)[0]
 
 
+def check_cache_model(run: Run, cache_dir) -> None:
+    """The cache holds what the base model's VAE and text encoders made of the data, as
+    model.revision named them when it was built. DVC re-runs the cache stage when a param changes,
+    not when "main" moves or local weights are edited: training on it then would pair one model's
+    latents with another's denoiser. Checked by the main process, its verdict shared."""
+    index = Path(cache_dir) / "index.json"
+    encoded = io.read_json(index).get("resolved_revision")
+    m = run.params.model
+    now = [common.resolved_revision(m, skip=run.family.DENOISER_ATTR) if run.accelerator.is_main_process else None]
+    now = broadcast_object_list(now)[0]
+    if encoded is not None and encoded != now:
+        raise UserError(f"{index}: encoded with {m.id} at {encoded}, but model.revision ({m.revision}) now names "
+                        f"{now}; encode it again with `dvc repro -f cache`, or pin model.revision")
+
+
 def fingerprint(run: Run, cache_dir, revision: str) -> str:
     """What a checkpoint must match to be resumed: train and model params, seed, cached data, code.
     The model by `revision`, what its revision names (a moved "main" or edited local weights are
@@ -368,6 +383,7 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
     `on_start(step)` is called on the main process with the step the run starts from (0 or the
     resumed checkpoint's) before any step or validation."""
     p, acc = run.params.train, run.accelerator
+    check_cache_model(run, cache_dir)
     run.base_revision = base_revision(run)
     mark = fingerprint(run, cache_dir, run.base_revision)
     resumed = resume(run, ckpt_dir, mark)
