@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -35,9 +36,17 @@ def stale_checkpoints(ckpt_dir, n=100, files=40):
     (ckpt_dir / ".step-0000101.k2x9.tmp").mkdir()
 
 
-def torchrun(workspace, out, port, **env):
+def free_port() -> int:
+    """A port nothing listens on now: a fixed one collided with another test run on the same machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(workspace, out, **env):
     """tests/dist_train.py in two CPU processes over gloo, in `workspace`, dumping into `out`."""
     out.mkdir(exist_ok=True)
+    port = free_port()
     launcher = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
     cmd = [*launcher.split(), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
            str(ROOT / "tests/dist_train.py"), str(out)]
@@ -52,7 +61,7 @@ def test_two_ranks_see_different_data_remove_stale_checkpoints_once_and_save_ran
     tiny_cache(tmp_path / "data/raw", tmp_path / "cache", 8, 40, params_lib.load(tmp_path / "params.yaml"))
     stale_checkpoints(tmp_path / "checkpoints")
     out = tmp_path / "dump"
-    done = torchrun(tmp_path, out, 29513)
+    done = torchrun(tmp_path, out)
     assert done.returncode == 0, done.stderr[-4000:]
     assert os.listdir(tmp_path / "checkpoints") == ["step-0000004"]  # this run's last step
 
@@ -109,13 +118,13 @@ def test_two_ranks_resume_to_the_lora_of_an_uninterrupted_run(tmp_path):
                 Image.new("RGB", (64, 64), (20, 40 * i, 20)).save(ws / f"data/raw/square_{i}.png")
         p = params_lib.load(ws / "params.yaml")
         cache.build(captions_for(ws / "data/raw"), ws / "data/raw", ws / "cache", sd, p.model, p.cache)
-    done = torchrun(straight, straight / "dump", 29514)
+    done = torchrun(straight, straight / "dump")
     assert done.returncode == 0, done.stderr[-4000:]
     seen = json.loads((straight / "dump/rank0.json").read_text())["seen"], \
         json.loads((straight / "dump/rank1.json").read_text())["seen"]
-    assert torchrun(stopped, stopped / "dump", 29515, STOP_AT="3").returncode != 0  # after step 2's checkpoint
+    assert torchrun(stopped, stopped / "dump", STOP_AT="3").returncode != 0  # after step 2's checkpoint
     assert os.listdir(stopped / "checkpoints") == ["step-0000002"] and not (stopped / "dump/rank0.json").exists()
-    done = torchrun(stopped, stopped / "dump", 29516)
+    done = torchrun(stopped, stopped / "dump")
     assert done.returncode == 0, done.stderr[-4000:]
     for r in (0, 1):
         want, got = (load_file(str(ws / f"dump/rank{r}.safetensors")) for ws in (straight, stopped))
