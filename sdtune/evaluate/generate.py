@@ -81,7 +81,7 @@ def _missing_modules(pipe, keys):
         model = pipe.components.get(c)  # a LoRA for a component this pipeline lacks: all missing
         names = {name for name, _ in model.named_modules()} if isinstance(model, torch.nn.Module) else set()
         # kohya's names, flattened: flattening ours is exact, undoing kohya's is not (down_blocks)
-        present[c] = names | {name.replace(".", "_") for name in names}
+        present[c] = names | {kohya.flat(name) for name in names}
     return sorted(shown for (c, m), shown in wanted.items() if m not in present[c]), len(wanted)
 
 

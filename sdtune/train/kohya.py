@@ -41,12 +41,13 @@ COMPOUND = {
 BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2"}
 
 
-def _flat(module: str) -> str:
+def flat(module: str) -> str:
+    """A module's name as kohya's keys spell it: dots become underscores."""
     return module.replace(".", "_")
 
 
 def _dotted(flat: str) -> str:
-    """The inverse of _flat for diffusers UNet names: rejoin known compounds, the rest are dots."""
+    """The inverse of flat for diffusers UNet names: rejoin known compounds, the rest are dots."""
     parts, out, i = flat.split("_"), [], 0
     while i < len(parts):
         for n in (3, 2, 1):  # the longest compound first (time_emb_proj has three parts)
@@ -72,8 +73,8 @@ def to_kohya(diffusers_state: dict, alpha: float) -> dict:
     out = {}
     for key, tensor in diffusers_state.items():
         module, suffix = _split(key)
-        name = KOHYA_PREFIX + _flat(module)
-        if _dotted(_flat(module)) != module:
+        name = KOHYA_PREFIX + flat(module)
+        if _dotted(flat(module)) != module:
             # Writing it would give a file from_kohya (and A1111's own name mapping) reads wrongly.
             raise UserError(f"kohya export: module name {module!r} does not survive kohya's '.' -> '_' "
                             f"flattening; add its '_' parts to sdtune.train.kohya.COMPOUND")
