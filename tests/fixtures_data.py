@@ -128,7 +128,8 @@ def drive_stand_in(http_server, monkeypatch):
     return http_server
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port nothing on 127.0.0.1 listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -137,7 +138,7 @@ def _free_port() -> int:
 @pytest.fixture
 def gcs_emulator(monkeypatch, tmp_path):
     """A real gcp-storage-emulator on 127.0.0.1; yields a storage client pointed at it."""
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "emulator.log", "wb")
     proc = subprocess.Popen(["gcp-storage-emulator", "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
                             stdout=log, stderr=subprocess.STDOUT)

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from safetensors.torch import load_file
 
 from conftest import OFFLINE, ROOT, captions_for, tiny_cache
+from fixtures_data import free_port
 from sdtune import params as params_lib
 from sdtune.families import common
 
@@ -36,17 +36,10 @@ def stale_checkpoints(ckpt_dir, n=100, files=40):
     (ckpt_dir / ".step-0000101.k2x9.tmp").mkdir()
 
 
-def free_port() -> int:
-    """A port nothing listens on now: a fixed one collided with another test run on the same machine."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(workspace, out, **env):
     """tests/dist_train.py in two CPU processes over gloo, in `workspace`, dumping into `out`."""
     out.mkdir(exist_ok=True)
-    port = free_port()
+    port = free_port()  # a fixed port collided with another test run on the same machine
     launcher = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
     cmd = [*launcher.split(), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
            str(ROOT / "tests/dist_train.py"), str(out)]
