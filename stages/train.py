@@ -52,7 +52,7 @@ def main():
         validate = validate_lib.Validator(params, run.family, VALIDATION, log_image)
         # The lineage of what this run starts from: code committed or data changed during hours of
         # training is not what it trained with.
-        meta = runtime.provenance(params)
+        meta = runtime.provenance(params) if run.accelerator.is_main_process else None  # rank 0 writes the LoRA
         stats = loop.train(run, CKPT, CACHE, log=log, validate=validate, on_start=validate.drop_after)
         if run.accelerator.is_main_process:
             meta["base_commit"] = run.base_revision  # what train() resolved the revision to, and resumed by

@@ -361,14 +361,13 @@ def _flush(run: Run, pending: list) -> None:
     values = torch.stack([torch.stack([loss.float(), norm.float()]) for _, loss, norm, _ in pending])
     values = run.accelerator.reduce(values, reduction="mean").cpu().tolist()
     for (step, _, _, lr), (loss, norm) in zip(pending, values):
-        # A finite loss with a non-finite gradient has already made the weights NaN (fp16 aside, whose
-        # loss scaler skips such a step): stop before that step's checkpoint is written.
-        bad = [(what, value) for what, value in (("loss", loss), ("gradient norm", norm))
-               if not math.isfinite(value) and (what == "loss" or run.accelerator.scaler is None)]
-        if bad:
-            what, value = bad[0]
-            raise UserError(f"train: the {what} became {value} at step {step}; stopped. The last good "
-                            f"checkpoint is kept; lower train.lr or change train.mixed_precision")
+        # A finite loss with a non-finite gradient has already made the weights NaN: stop before that
+        # step's checkpoint is written. Not with fp16, whose loss scaler skips such a step.
+        checked = {"loss": loss} if run.accelerator.scaler is not None else {"loss": loss, "gradient norm": norm}
+        for what, value in checked.items():
+            if not math.isfinite(value):
+                raise UserError(f"train: the {what} became {value} at step {step}; stopped. The last good "
+                                f"checkpoint is kept; lower train.lr or change train.mixed_precision")
         run.history.append({"step": step, "loss": loss, "lr": lr, "grad_norm": norm})
     pending.clear()
 
