@@ -403,11 +403,8 @@ def count_model_flops(bench) -> dict:
     needs them (MFU's: without the recompute of gradient checkpointing, counted with it switched
     off, see flops.no_recompute, nor the scores a fused attention backward recomputes)."""
     out = {"flops_dispatched": flops.count_dispatched_flops(bench.step)}
-    try:
-        with flops.no_recompute(bench.model) if bench.args.checkpointing else contextlib.nullcontext():
-            by_op = flops.count_flops_by_op(bench.step)
-    except torch.OutOfMemoryError:  # checkpointing is back on: this count includes its recompute
-        by_op = flops.count_flops_by_op(bench.step)
+    by_op, with_recompute = flops.count_step_flops_by_op(bench.step, bench.model)
+    if with_recompute:
         out["flops_note"] = "out of memory without checkpointing: flops_per_step includes recompute"
     out["flops_per_step"] = sum(by_op.values())
     out["flops_by_kind"] = kernels.by_kind(by_op)

@@ -13,6 +13,8 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from sdtune.profiling import memory
+
 
 def _register_cpu_attention_flops():
     # FlopCounterMode has formulas for the CUDA attention kernels but not for the CPU flash kernel,
@@ -73,6 +75,22 @@ def no_recompute(model):
     finally:
         if recompute:
             model.enable_gradient_checkpointing()
+
+
+def count_step_flops_by_op(step, model, *args) -> tuple[dict[str, int], bool]:
+    """Model FLOPs of one training step `step(*args)` per aten op, counted with `model`'s gradient
+    checkpointing off (no_recompute), and whether they hold its recompute after all: the step without
+    checkpointing may not fit where the checkpointed one did, and then that one is counted."""
+    try:
+        with no_recompute(model):
+            return count_flops_by_op(step, *args), False
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        if not (getattr(model, "is_gradient_checkpointing", False) and memory.out_of_memory(err)):
+            raise
+    for param in model.parameters():  # what the failed backward had summed
+        param.grad = None
+    memory.reset_peak(next(model.parameters()).device)  # the failed step's blocks back to the allocator
+    return count_flops_by_op(step, *args), True
 
 
 def count_flops(fn, *args, **kwargs) -> int:

@@ -111,19 +111,11 @@ class OnTheFly:
 
 def model_flops(run, step_fn, step: int) -> tuple[dict[str, int], bool]:
     """FLOPs of one step by kind of op (encoding included when it runs every step), without the
-    forward recomputed by gradient checkpointing: recomputation lowers MFU instead of inflating it.
-    That count runs the step without checkpointing, which may not fit where the cell's own step did:
-    then the cell's own step is counted, recompute and all. Returns (FLOPs, whether recompute is in)."""
-    model = run.accelerator.unwrap_model(run.denoiser)
-    try:
-        with flops.no_recompute(model):
-            return kernels.by_kind(flops.count_flops_by_op(step_fn, step)), False
-    except RuntimeError as err:  # torch.OutOfMemoryError is one
-        if not (getattr(model, "is_gradient_checkpointing", False) and memory.out_of_memory(err)):
-            raise
-    run.optimizer.zero_grad(set_to_none=True)  # what the failed backward had summed
-    memory.reset_peak(run.accelerator.device)  # its blocks back to the allocator, not kept reserved
-    return kernels.by_kind(flops.count_flops_by_op(step_fn, step)), True
+    forward recomputed by gradient checkpointing (recomputation lowers MFU instead of inflating it),
+    unless the step without it did not fit: flops.count_step_flops_by_op. Returns (FLOPs, whether
+    the recompute is in)."""
+    by_op, with_recompute = flops.count_step_flops_by_op(step_fn, run.accelerator.unwrap_model(run.denoiser), step)
+    return kernels.by_kind(by_op), with_recompute
 
 
 def step_batches(run, step: int) -> tuple:
