@@ -165,7 +165,8 @@ def test_cache_keys_change_exactly_with_what_is_encoded(model, cache_params, row
 
 def test_cache_keys_follow_the_image_reader_and_the_libraries_that_make_the_pixels(tmp_path, monkeypatch):
     """An edit to images.py (how images are decoded, rotated, converted) or another Pillow (its
-    Lanczos filter) gives the VAE other pixels: every item must be re-encoded."""
+    Lanczos filter) gives the VAE other pixels, another `tokenizers` other token ids: every item
+    must be re-encoded."""
     import shutil
 
     import PIL
@@ -184,6 +185,12 @@ def test_cache_keys_follow_the_image_reader_and_the_libraries_that_make_the_pixe
 
     assert cache.encoder_code(sd) == first
     monkeypatch.setattr(PIL, "__version__", PIL.__version__ + ".post1")
+    assert cache.encoder_code(sd) != first
+    monkeypatch.undo()
+
+    # transformers' CLIP and T5 tokenizers are `tokenizers` objects: its version makes the token ids
+    import tokenizers
+    monkeypatch.setattr(tokenizers, "__version__", tokenizers.__version__ + ".post1")
     assert cache.encoder_code(sd) != first
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import diffusers
 import PIL
+import tokenizers
 import torch
 import transformers
 from PIL import Image
@@ -27,12 +28,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def encoder_code(family) -> str:
     """A hash of the code that turns an image and a caption into an item: this module, the image
-    reader, the family's module and its shared helpers, and the libraries that decode, resize and
-    encode (Pillow's Lanczos filter makes the pixels the VAE sees).
+    reader, the family's module and its shared helpers, and the libraries that decode, resize,
+    tokenize and encode (Pillow's Lanczos filter makes the pixels the VAE sees; transformers' fast
+    tokenizers run in the `tokenizers` package, a version of its own).
     It is part of every key: DVC re-runs the cache stage when this code changes, and without it
     the re-run would keep every item the old code made."""
     files = [__file__, images.__file__, common.__file__, family.__file__]
-    return io.sha256_code(files, [torch, PIL, diffusers, transformers])
+    return io.sha256_code(files, [torch, PIL, diffusers, transformers, tokenizers])
 
 
 def item_key(row, model, cache, encode_dtype: torch.dtype, code: str, revision: str) -> str:
