@@ -117,6 +117,13 @@ def test_two_ranks_resume_to_the_lora_of_an_uninterrupted_run(tmp_path):
         json.loads((straight / "dump/rank1.json").read_text())["seen"]
     assert torchrun(stopped, stopped / "dump", STOP_AT="3").returncode != 0  # after step 2's checkpoint
     assert os.listdir(stopped / "checkpoints") == ["step-0000002"] and not (stopped / "dump/rank0.json").exists()
+    # One process (a VM back with a GPU fewer) is refused; it removed the checkpoint as another run's.
+    alone = subprocess.run([sys.executable, "-m", "stages.train"], cwd=stopped, capture_output=True, text=True,
+                           timeout=600, env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)})
+    assert alone.returncode == 2 and alone.stderr.startswith(
+        "error: checkpoints/step-0000002: made by this run with 2 process(es), resumed with 1;"), alone.stderr
+    assert len(alone.stderr.splitlines()) == 1
+    assert os.listdir(stopped / "checkpoints") == ["step-0000002"]
     done = torchrun(stopped, stopped / "dump")
     assert done.returncode == 0, done.stderr[-4000:]
     for r in (0, 1):

@@ -74,6 +74,7 @@ def save(ckpt_dir, step: int, lora: dict, optimizer, lr_scheduler, ema, scaler, 
                     "ema": ema.state_dict() if ema is not None else None,
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint,
+                                                    "processes": len(rng_by_rank or [own]),
                                                     "rng": state, "history": history}))
     for old in all_checkpoints(ckpt_dir)[:-keep]:
         shutil.rmtree(old)
@@ -89,12 +90,16 @@ def all_checkpoints(ckpt_dir) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def fingerprint_of(path) -> str:
-    """"" for a state.json that cannot be read: such a checkpoint cannot be resumed either."""
+def meta_of(path) -> dict:
+    """The checkpoint's state.json; {} for one that cannot be read: it cannot be resumed either."""
     try:
-        return json.loads((Path(path) / "state.json").read_text()).get("fingerprint", "")
+        return json.loads((Path(path) / "state.json").read_text())
     except (OSError, ValueError):
-        return ""
+        return {}
+
+
+def fingerprint_of(path) -> str:
+    return meta_of(path).get("fingerprint", "")
 
 
 def discard(ckpt_dir, step: int) -> None:

@@ -322,17 +322,32 @@ def check_cache_model(run: Run, cache_dir) -> None:
                         f"{now}; encode it again with `dvc repro -f cache`, or pin model.revision")
 
 
-def fingerprint(run: Run, cache_dir, revision: str) -> str:
+def fingerprint(run: Run, cache_dir, revision: str, processes: int | None = None) -> str:
     """What a checkpoint must match to be resumed: train and model params, seed, cached data, code.
     The model by `revision`, what its revision names (a moved "main" or edited local weights are
-    another model; "main" pinned to the commit it names is the same); the cache by its items' keys."""
+    another model; "main" pinned to the commit it names is the same); the cache by its items' keys.
+    `processes`: the run's process count unless given (check_process_count asks for another's)."""
     train = {k: v for k, v in run.params.train.model_dump().items() if k not in NOT_FINGERPRINTED}
     model = run.params.model.model_dump() | {"revision": revision}
     parts = {"train": train, "model": model, "seed": run.params.base.seed,
              "cache": io.sha256_json(io.read_json(Path(cache_dir) / "index.json")["items"]),
-             "processes": run.accelerator.num_processes, "code": training_code(),
+             "processes": processes or run.accelerator.num_processes, "code": training_code(),
              "precision": run.accelerator.mixed_precision}  # what `auto` became on this card
     return io.sha256_json(parts)
+
+
+def check_process_count(run: Run, ckpt_dir, cache_dir) -> None:
+    """Refuse a checkpoint that is this run's in all but the process count. Resumed, the data
+    order and RNG states would be another run's; removed as stale, hours of training on a VM
+    that came back with a GPU fewer would go without a word. Every process reads and raises alike."""
+    now = run.accelerator.num_processes
+    for path in reversed(checkpoint.all_checkpoints(ckpt_dir)):
+        meta = checkpoint.meta_of(path)
+        made_by = meta.get("processes", now)
+        if made_by != now and meta.get("fingerprint") == fingerprint(run, cache_dir, run.base_revision, made_by):
+            raise UserError(f"{path}: made by this run with {made_by} process(es), resumed with {now}; run it "
+                            f"with {made_by} again (docker/run: SDTUNE_PROCESSES={made_by}), or delete "
+                            f"{Path(ckpt_dir)} to train from step 0 with {now}")
 
 
 def resume(run: Run, ckpt_dir, mark: str) -> Path | None:
@@ -385,6 +400,7 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
     check_cache_model(run, cache_dir)
     run.base_revision = base_revision(run)
     mark = fingerprint(run, cache_dir, run.base_revision)
+    check_process_count(run, ckpt_dir, cache_dir)
     resumed = resume(run, ckpt_dir, mark)
     start, pending = run.step, []
     if on_start is not None and acc.is_main_process:
