@@ -6,6 +6,7 @@ place last, so an interrupted stage never leaves something that looks finished.
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -65,11 +66,21 @@ def sha256_json(obj) -> str:
     return sha256_text(json.dumps(obj, sort_keys=True))
 
 
+def library_version(dist: str) -> str | None:
+    """What pip installed of the distribution `dist` (pillow, not PIL), None when it is absent; read
+    from its metadata, as some (prodigyopt) have no __version__."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def sha256_code(files, libraries) -> str:
-    """A hash of source files (in the order given) and of the versions of the libraries they run on:
-    the part of a cache key or checkpoint fingerprint that changes when the code that made it does."""
+    """A hash of source files (in the order given) and of the versions of the libraries (distribution
+    names) they run on: the part of a cache key or checkpoint fingerprint that changes when the code
+    that made it does."""
     return sha256_json({"files": [[Path(f).name, sha256_file(f)] for f in files],
-                        "versions": {lib.__name__: lib.__version__ for lib in libraries}})
+                        "versions": {dist: library_version(dist) for dist in libraries}})
 
 
 @contextlib.contextmanager

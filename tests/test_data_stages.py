@@ -169,8 +169,7 @@ def test_cache_keys_follow_the_image_reader_and_the_libraries_that_make_the_pixe
     must be re-encoded."""
     import shutil
 
-    import PIL
-
+    from sdtune import io
     from sdtune.data import cache, images
     from sdtune.families import sd
 
@@ -184,14 +183,12 @@ def test_cache_keys_follow_the_image_reader_and_the_libraries_that_make_the_pixe
     monkeypatch.undo()
 
     assert cache.encoder_code(sd) == first
-    monkeypatch.setattr(PIL, "__version__", PIL.__version__ + ".post1")
-    assert cache.encoder_code(sd) != first
-    monkeypatch.undo()
-
     # transformers' CLIP and T5 tokenizers are `tokenizers` objects: its version makes the token ids
-    import tokenizers
-    monkeypatch.setattr(tokenizers, "__version__", tokenizers.__version__ + ".post1")
-    assert cache.encoder_code(sd) != first
+    for dist in ["pillow", "tokenizers"]:
+        monkeypatch.setattr(io, "library_version", lambda d, real=io.library_version, upgraded=dist:
+                            real(d) + ".post1" if d == upgraded else real(d))
+        assert cache.encoder_code(sd) != first, dist
+        monkeypatch.undo()
 
 
 def test_cache_keys_follow_the_commit_a_branch_points_to(tmp_path, monkeypatch):

@@ -553,6 +553,19 @@ def test_checkpoints_of_other_training_code_are_not_resumed(workspace, tmp_path,
         assert "made with other params, data or code" in capsys.readouterr().out
 
 
+def test_an_upgrade_of_a_library_that_changes_the_numbers_starts_over(monkeypatch):
+    """bitsandbytes and prodigyopt make the optimizer's update, transformers a validation prompt's
+    embedding, Pillow a validation PNG's bytes: a run resumed across an upgrade matches no
+    uninterrupted run. prodigyopt has no __version__: versions are read from pip's metadata."""
+    first = loop.training_code()
+    assert loop.training_code() == first
+    for dist in ["bitsandbytes", "prodigyopt", "transformers", "pillow", "torch"]:
+        monkeypatch.setattr(io, "library_version", lambda d, real=io.library_version, upgraded=dist:
+                            (real(d) or "absent") + ".post1" if d == upgraded else real(d))
+        assert loop.training_code() != first, dist
+        monkeypatch.undo()
+
+
 def test_a_checkpoint_follows_the_model_its_revision_names_and_the_caches_items(workspace, tmp_path, monkeypatch):
     """A branch that moved, or a local model whose weights (the UNet too) changed, is another base:
     its checkpoints are not resumed. The same commit named by branch or by hash is the same base,

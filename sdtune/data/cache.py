@@ -10,11 +10,7 @@ encoding code re-encodes all of them, exactly.
 
 from pathlib import Path
 
-import diffusers
-import PIL
-import tokenizers
 import torch
-import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -34,7 +30,7 @@ def encoder_code(family) -> str:
     It is part of every key: DVC re-runs the cache stage when this code changes, and without it
     the re-run would keep every item the old code made."""
     files = [__file__, images.__file__, common.__file__, family.__file__]
-    return io.sha256_code(files, [torch, PIL, diffusers, transformers, tokenizers])
+    return io.sha256_code(files, ["torch", "pillow", "diffusers", "transformers", "tokenizers"])
 
 
 def item_key(row, model, cache, encode_dtype: torch.dtype, code: str, revision: str) -> str:

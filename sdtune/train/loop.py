@@ -12,9 +12,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import accelerate
-import diffusers
-import peft
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from accelerate import Accelerator
@@ -293,11 +290,17 @@ TRAINING_CODE = [SDTUNE / "train", SDTUNE / "families", SDTUNE / "data/cache.py"
                  SDTUNE / "quantize.py"]
 
 
+# The libraries that change the numbers of a step, an optimizer update, a validation image (its
+# prompt's embedding, its PNG bytes) or the LoRA file; those not installed count as absent.
+TRAINING_LIBRARIES = ["torch", "diffusers", "peft", "accelerate", "transformers", "tokenizers", "bitsandbytes",
+                      "prodigyopt", "pillow", "safetensors"]
+
+
 def training_code() -> str:
-    """A hash of TRAINING_CODE and the libraries under it. DVC re-runs train when that code changes;
-    a checkpoint the old code made must not be resumed."""
+    """A hash of TRAINING_CODE and TRAINING_LIBRARIES' versions. DVC re-runs train when that code
+    changes; a checkpoint the old code made must not be resumed, nor one made before an upgrade."""
     files = [f for path in TRAINING_CODE for f in (sorted(path.rglob("*.py")) if path.is_dir() else [path])]
-    return io.sha256_code(files, [torch, diffusers, peft, accelerate])
+    return io.sha256_code(files, TRAINING_LIBRARIES)
 
 
 def base_revision(run: Run) -> str:
