@@ -501,12 +501,15 @@ def test_a_resumed_run_with_lora_dropout_trains_the_uninterrupted_runs_lora_to_t
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_and_temporaries_go(workspace, tmp_path, capsys):
+@pytest.mark.parametrize("part", ["lora.safetensors", "state.json"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_and_temporaries_go(workspace, tmp_path, capsys,
+                                                                                     part):
+    """A state.json that cannot be read was reported as another run's checkpoint."""
     ckpt = tmp_path / "checkpoints"
     train_in_process(workspace, ckpt, steps=3, checkpoint_every=1, keep_checkpoints=2)
     first, second = checkpoint.all_checkpoints(ckpt)
-    lora_file = second / "lora.safetensors"
-    lora_file.write_bytes(lora_file.read_bytes()[:100])  # a disk that filled up, a copy cut short
+    damaged = second / part
+    damaged.write_bytes(damaged.read_bytes()[:50])  # a disk that filled up, a copy cut short
     left = ckpt / ".step-0000003.k2x9.tmp"  # what a kill mid-write leaves
     left.mkdir()
     (left / "lora.safetensors").write_bytes(b"half")
@@ -514,7 +517,11 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_and_temporarie
     _, stats = train_in_process(workspace, ckpt, steps=3, checkpoint_every=1, keep_checkpoints=2)
     assert stats["resumed_from"] == str(first)
     out = capsys.readouterr().out
-    assert f"train: warning: {second} is damaged (" in out and "trying the checkpoint before it" in out
+    if part == "state.json":  # no fingerprint to tell whose it is: removed, and said why
+        assert f"train: removed {second.name} in {ckpt}: its state.json could not be read" in out
+        assert "other params" not in out
+    else:
+        assert f"train: warning: {second} is damaged (" in out and "trying the checkpoint before it" in out
     assert not left.exists()
 
 

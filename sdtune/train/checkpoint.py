@@ -119,10 +119,14 @@ def remove_stale(ckpt_dir, fingerprint: str) -> None:
     for tmp in ckpt_dir.glob(f".{PREFIX}*"):  # io.atomic_path's folders .step-N.*.tmp and .step-N.old
         shutil.rmtree(tmp)
     stale = [p for p in all_checkpoints(ckpt_dir) if fingerprint_of(p) != fingerprint]
+    damaged = [p.name for p in stale if not meta_of(p)]
     for p in stale:
         shutil.rmtree(p)
-    if stale:
-        print(f"train: removed {len(stale)} checkpoint(s) in {ckpt_dir} made with other params, data or code")
+    if damaged:
+        print(f"train: removed {', '.join(damaged)} in {ckpt_dir}: its state.json could not be read")
+    if len(stale) > len(damaged):
+        print(f"train: removed {len(stale) - len(damaged)} checkpoint(s) in {ckpt_dir} made with other params, "
+              f"data or code")
 
 
 def read(path) -> dict:
