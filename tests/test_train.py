@@ -525,6 +525,28 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_and_temporarie
     assert not left.exists()
 
 
+def test_a_resume_on_another_device_says_it_will_not_be_bit_identical(workspace, tmp_path, capsys):
+    """Another thread count splits the CPU's reductions otherwise (another card, its kernels): the
+    checkpoint is resumed, as its run is as good, but the user is told the LoRA will differ."""
+    ckpt, threads = tmp_path / "checkpoints", torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train_in_process(workspace, ckpt, steps=3, checkpoint_every=1)
+        for now in (1, 2):
+            torch.set_num_threads(now)
+            checkpoint.discard(ckpt, 3)  # as the stage does: the rerun resumes at step 2
+            capsys.readouterr()
+            _, stats = train_in_process(workspace, ckpt, steps=3, checkpoint_every=1)
+            assert stats["resumed_from"] == str(ckpt / "step-0000002")
+            out = capsys.readouterr().out
+            if now == 1:
+                assert "bit-identical" not in out  # the same device: silent
+    finally:
+        torch.set_num_threads(threads)
+    assert "train: warning: step-0000002 was made on " in out and "1 threads, this run is on " in out
+    assert "2 threads: its kernels round otherwise" in out
+
+
 def test_a_failing_validation_keeps_its_steps_checkpoint_and_a_rerun_resumes_there(workspace, tmp_path):
     def out_of_memory(run):
         raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")

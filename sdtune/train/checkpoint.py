@@ -58,10 +58,11 @@ def rng_by_rank(accelerator) -> list[dict]:
 
 
 def save(ckpt_dir, step: int, lora: dict, optimizer, lr_scheduler, ema, scaler, history: list, keep: int,
-         fingerprint: str = "", rng_by_rank: list[dict] | None = None) -> Path:
+         fingerprint: str = "", rng_by_rank: list[dict] | None = None, device: str = "") -> Path:
     """`scaler`: fp16's GradScaler, else None. accelerate keeps it outside the optimizer's state,
     and a resumed run that started again at scale 65536 would skip other steps. `rng_by_rank`:
-    rng_by_rank()'s, for a run of several processes; by default this process's alone."""
+    rng_by_rank()'s, for a run of several processes; by default this process's alone. `device`:
+    what it ran on, in words (hardware.device_name)."""
     ckpt_dir = Path(ckpt_dir)
     dest = ckpt_dir / f"{PREFIX}{step:07d}"
     state, own = _rng_state()
@@ -74,7 +75,7 @@ def save(ckpt_dir, step: int, lora: dict, optimizer, lr_scheduler, ema, scaler, 
                     "ema": ema.state_dict() if ema is not None else None,
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint,
-                                                    "processes": len(rng_by_rank or [own]),
+                                                    "processes": len(rng_by_rank or [own]), "device": device,
                                                     "rng": state, "history": history}))
     for old in all_checkpoints(ckpt_dir)[:-keep]:
         shutil.rmtree(old)

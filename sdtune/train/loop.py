@@ -365,6 +365,11 @@ def resume(run: Run, ckpt_dir, mark: str) -> Path | None:
     path, saved = found
     run.step, run.history = checkpoint.restore(saved, _set_lora(run), run.optimizer, run.lr_scheduler, run.ema,
                                                acc.scaler, rank=acc.process_index)
+    # Not refused: another card (or CPU thread count) gives a run as good, rounded otherwise.
+    made_on, here = saved["meta"].get("device"), hardware.device_name(acc.device)
+    if made_on and made_on != here and acc.is_main_process:
+        print(f"train: warning: {path.name} was made on {made_on}, this run is on {here}: its kernels round "
+              f"otherwise, so the LoRA will not be bit-identical to an uninterrupted run's")
     return path
 
 
@@ -415,6 +420,7 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
     # The speed is the training's: time spent writing checkpoints and drawing validation images is
     # counted apart (`paused`), and images are counted batch by batch (a short last batch has fewer).
     t0, paused, images = time.perf_counter(), 0.0, 0
+    device = hardware.device_name(acc.device)
     bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc="train", unit="step",
                disable=not acc.is_main_process)
     for step in bar:
@@ -438,7 +444,7 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
             if acc.is_main_process:
                 checkpoint.save(ckpt_dir, run.step, lora.peft_state(acc.unwrap_model(run.denoiser)),
                                 run.optimizer, run.lr_scheduler, run.ema, acc.scaler, run.history,
-                                p.keep_checkpoints, mark, rng_by_rank=rng)
+                                p.keep_checkpoints, mark, rng_by_rank=rng, device=device)
             paused += time.perf_counter() - began
         if validate is not None and _validates_at(p, run.step):
             _flush(run, pending)  # waits for the steps queued on the device: their time is training's
