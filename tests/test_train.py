@@ -402,7 +402,7 @@ def test_deterministic_keeps_cudnn_heuristics_and_each_run_sets_both_flags(works
         torch.backends.cudnn.benchmark = False
 
 
-def train_in_process(workspace, ckpt_dir, validate=None, lrs: list | None = None, **train):
+def train_in_process(workspace, ckpt_dir, validate=None, lrs: list | None = None, log=None, **train):
     """loop.train on the module's cache in this process, from a fresh accelerate state; returns (run, stats).
     `lrs`: a list to append the learning rate the optimizer steps with to, each step."""
     from accelerate.state import AcceleratorState
@@ -411,7 +411,18 @@ def train_in_process(workspace, ckpt_dir, validate=None, lrs: list | None = None
     run = loop.setup(in_process_params(workspace, **train), workspace / "cache")
     if lrs is not None:
         run.optimizer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
-    return run, loop.train(run, ckpt_dir, workspace / "cache", validate=validate)
+    return run, loop.train(run, ckpt_dir, workspace / "cache", validate=validate, log=log)
+
+
+def test_w_and_b_gets_every_steps_loss_in_order_before_the_validation_images(workspace, tmp_path):
+    """W&B got the last row of each flush alone (one step in log_every), and none of the rows a
+    validation flushed; a row logged after the validation image's step would be dropped by W&B."""
+    logged, at_validation = [], {}
+    run, _ = train_in_process(workspace, tmp_path / "checkpoints", log=lambda row: logged.append(row["step"]),
+                              validate=lambda run: at_validation.update({run.step: list(logged)}),
+                              steps=10, log_every=3, checkpoint_every=4, validate_every=5)
+    assert logged == list(range(1, 11)) == [row["step"] for row in run.history]
+    assert at_validation == {5: [1, 2, 3, 4, 5], 10: list(range(1, 11))}
 
 
 class Interrupted(Exception):

@@ -421,6 +421,17 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
     # counted apart (`paused`), and images are counted batch by batch (a short last batch has fewer).
     t0, paused, images = time.perf_counter(), 0.0, 0
     device = hardware.device_name(acc.device)
+    logged = len(run.history)
+
+    def flush():
+        """The pending steps to the history, and each new row to `log` (W&B): every step's loss, in order."""
+        nonlocal logged
+        _flush(run, pending)
+        if log is not None:
+            for row in run.history[logged:]:
+                log(row)
+        logged = len(run.history)
+
     bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc="train", unit="step",
                disable=not acc.is_main_process)
     for step in bar:
@@ -431,10 +442,8 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
         run.step = step + 1
         last = run.step == p.steps
         if run.step % p.log_every == 0 or run.step % p.checkpoint_every == 0 or last:
-            _flush(run, pending)
+            flush()
             bar.set_postfix(loss=f"{run.history[-1]['loss']:.4f}")
-            if log is not None:
-                log(run.history[-1])
         # The checkpoint before validation: a validation that fails (out of memory on a small card)
         # must not take the step's checkpoint with it. The last step too, so that a rerun after a
         # failure past the loop (its validation, writing the LoRA) resumes there, not steps earlier.
@@ -447,7 +456,7 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
                                 p.keep_checkpoints, mark, rng_by_rank=rng, device=device)
             paused += time.perf_counter() - began
         if validate is not None and _validates_at(p, run.step):
-            _flush(run, pending)  # waits for the steps queued on the device: their time is training's
+            flush()  # waits for the steps queued on the device: their time is training's
             began = time.perf_counter()
             validate(run)
             paused += time.perf_counter() - began
