@@ -55,10 +55,13 @@ def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
 
 @contextlib.contextmanager
 def stage(name: str):
-    """Time a stage and record it in reports/stages/<name>.json (the profile report reads these)."""
+    """Time a stage and record it in reports/stages/<name>.json (the profile report reads these).
+    Under torchrun only rank 0 writes it: another rank leaves before the LoRA is written, and its
+    shorter time, written last, would have been the stage's."""
     t0 = time.perf_counter()
     yield
-    io.write_json(REPORTS / "stages" / f"{name}.json", {"stage": name, "seconds": time.perf_counter() - t0})
+    if os.environ.get("RANK", "0") == "0":
+        io.write_json(REPORTS / "stages" / f"{name}.json", {"stage": name, "seconds": time.perf_counter() - t0})
 
 
 def git_commit() -> str:

@@ -301,3 +301,14 @@ def test_device_cuda_without_cuda_names_the_flag(cwd, capsys, monkeypatch):
     (cwd / "on-cuda.yaml").write_text("base: {device: cuda}\nmodel: {id: tiny, resolution: 64}\n")
     assert fails(["generate", "--prompt", "x", "--params", "on-cuda.yaml", "--out", "x.png"], capsys) == \
         "error: base.device: 'cuda' was asked for but no CUDA device is available; use auto or cpu"
+
+
+def test_a_stage_time_is_written_by_rank_0_alone(tmp_path, monkeypatch):
+    """Under torchrun every rank runs the stage; rank 1 leaves before the LoRA is written, and its
+    shorter time, written last, was the stage's."""
+    monkeypatch.chdir(tmp_path)
+    for rank, written in [("1", False), ("0", True)]:
+        monkeypatch.setenv("RANK", rank)
+        with runtime.stage("train"):
+            pass
+        assert (tmp_path / "reports/stages/train.json").exists() == written, rank
