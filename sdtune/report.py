@@ -25,7 +25,7 @@ def setup_section(params, lineage: dict, data: dict, train: dict) -> list[str]:
         "",
         f"- model: `{params.model.id}` ({params.model.family}, revision `{params.model.revision}`), "
         f"{params.model.resolution} px",
-        f"- data: `{params.data.source}`: {data['kept']} images kept, {data['skipped']} skipped "
+        f"- data: `{runtime.redacted(params.data.source)}`: {data['kept']} images kept, {data['skipped']} skipped "
         f"(reasons in `reports/data.json`)",
         f"- LoRA rank {params.train.lora.rank}, alpha {params.train.lora.alpha}; {train['steps']} steps of batch "
         f"{params.train.batch_size} × accumulation {params.train.grad_accum} × {train['processes']} process(es)",

@@ -32,6 +32,26 @@ def check_wandb(mode: str) -> None:
                     "offline (and `wandb sync` the run later)")
 
 
+def redacted(source: str) -> str:
+    """A URL as it may be kept and shown (the manifest, REPORT.md, W&B): its user part and its
+    query's values (a signed URL's signature, a token) masked; any other source as it is.
+    params.yaml still holds it whole: git keeps what is put there."""
+    parts = urllib.parse.urlsplit(source)
+    if parts.scheme.lower() not in ("http", "https"):
+        return source
+    netloc = "***@" + parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
+    query = "&".join(f"{urllib.parse.quote(k, safe='')}=***"
+                     for k, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def wandb_config(params) -> dict:
+    """The params as W&B's run config: all of them, data.source redacted (W&B is a third party)."""
+    config = params.model_dump(mode="json")
+    config["data"]["source"] = redacted(config["data"]["source"])
+    return config
+
+
 def device(choice: str, key: str = "base.device") -> torch.device:
     """base.device ("auto", "cpu" or "cuda", validated with the params) as a torch device.
     `key`: what the user set it with, for the error (the CLI's --device)."""

@@ -15,9 +15,9 @@ def main():
         skipped = []  # links leaving the source, special files, OS junk: never copied
         rows = sources.fetch(p.source, RAW, sha256=p.sha256, retries=p.retries, skipped=skipped, replace=True,
                              max_archive_bytes=p.max_archive_bytes, max_archive_files=p.max_archive_files)
-        io.write_json(MANIFEST, {"source": p.source, "files": rows, "skipped": skipped})
+        io.write_json(MANIFEST, {"source": runtime.redacted(p.source), "files": rows, "skipped": skipped})
     note = f"; left out {len(skipped)} (reasons in {MANIFEST})" if skipped else ""
-    print(f"fetch: {len(rows)} files from {p.source} into {RAW}/{note}")
+    print(f"fetch: {len(rows)} files from {runtime.redacted(p.source)} into {RAW}/{note}")
     if "://" not in p.source:  # DVC sees the params, not the files behind a path
         print(f"fetch: DVC does not watch {p.source}; after changing its files, run `dvc repro -f fetch && dvc repro`")
 

@@ -4,7 +4,6 @@ With train.wandb on, the same findings also go to W&B, in the training run's pro
 profile and evaluation tables as W&B tables, the pictures as images, REPORT.md as a file.
 """
 
-import json
 import shutil
 from pathlib import Path
 
@@ -43,7 +42,7 @@ def wandb_report(params) -> None:
     evaluation = wandb.Table(columns=["variant", *metrics],
                              data=[[name, *(rec[m] for m in metrics)] for name, rec in evals.items()])
     run = wandb.init(project=params.train.wandb_project, mode=params.train.wandb, job_type="report",
-                     config=json.loads(params.model_dump_json()))
+                     config=runtime.wandb_config(params))
     run.log({"profile/training": training, "profile/inference": inference, "eval": evaluation,
              **{f"pictures/{Path(p).stem}": wandb.Image(p) for p in PICTURES if Path(p).exists()}})
     best = profile["cells"][profile["best"]]

@@ -6,7 +6,6 @@ loss curve (reports/train_loss.csv, reports/train_loss.png) and, when train.vali
 set, validation images (reports/validation/step-*.png).
 """
 
-import json
 from pathlib import Path
 
 from sdtune import families, params as params_lib, runtime
@@ -25,7 +24,7 @@ def wandb_logger(params):
     import wandb
 
     run = wandb.init(project=params.train.wandb_project, mode=params.train.wandb,
-                     config=json.loads(params.model_dump_json()))
+                     config=runtime.wandb_config(params))
     return (run, lambda row: wandb.log(row, step=row["step"]),
             lambda path, step: wandb.log({"validation": wandb.Image(str(path))}, step=step))
 

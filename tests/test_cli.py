@@ -312,3 +312,15 @@ def test_a_stage_time_is_written_by_rank_0_alone(tmp_path, monkeypatch):
         with runtime.stage("train"):
             pass
         assert (tmp_path / "reports/stages/train.json").exists() == written, rank
+
+
+@pytest.mark.parametrize("source, shown", [
+    ("https://h.example/a%20b.zip?X-Goog-Signature=abc&X-Goog-Expires=60#frag",
+     "https://h.example/a%20b.zip?X-Goog-Signature=***&X-Goog-Expires=***"),
+    ("https://user:pw@h.example:8080/x.zip", "https://***@h.example:8080/x.zip"),
+    ("HTTP://token@h.example/x.zip?sig", "http://***@h.example/x.zip?sig=***"),
+    ("https://h.example/x.zip", "https://h.example/x.zip"),
+    ("gs://bucket/prefix", "gs://bucket/prefix"), ("data/my images", "data/my images"),
+])
+def test_a_url_is_kept_and_shown_without_its_credentials(source, shown):
+    assert runtime.redacted(source) == shown

@@ -330,15 +330,21 @@ def lora_state(run):
 
 
 def test_wandb_offline_logs_metrics_and_validation_images_and_no_secret(workspace, tmp_path):
+    """Nor a signed URL's signature in data.source: W&B's config holds the params, redacted."""
     ws = clone(workspace, tmp_path / "wandb")
     shutil.rmtree(ws / "checkpoints", ignore_errors=True)
-    (ws / "params.yaml").write_text(PARAMS.replace("wandb: disabled", "wandb: offline").replace("steps: 8", "steps: 2"))
+    signed = "https://someone:PASSWORDSECRET@127.0.0.1/sargent.zip?X-Goog-Signature=SIGNATURESECRET&X-Goog-Expires=60"
+    (ws / "params.yaml").write_text(PARAMS.replace("wandb: disabled", "wandb: offline").replace("steps: 8", "steps: 2")
+                                    + f"data: {{source: '{signed}'}}\n")
     done = wandb_stage("train", ws)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = list((ws / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].rglob("*.png")), "the validation image was not logged"
     assert_no_secret(ws / "wandb")
+    logged = b"".join(p.read_bytes() for p in (ws / "wandb").rglob("*") if p.is_file())
+    assert b"sargent.zip?X-Goog-Signature=***" in logged  # the config is there, its secrets are not
+    assert b"SIGNATURESECRET" not in logged and b"PASSWORDSECRET" not in logged
 
 
 def test_attention_forces_the_named_kernel_and_sdpa_leaves_the_choice_to_pytorch():
