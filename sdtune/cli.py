@@ -10,9 +10,11 @@ the size from model.resolution; the seed from base.seed). Every user mistake is 
 
 import argparse
 import logging
+import math
 import os
 import re
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -122,12 +124,13 @@ def check_numbers(steps, guidance, size, seeds, scale):
         raise UserError(f"--seed: {bad[0]} is outside 0 to 2**32 - 1, what the seeders accept")
     if repeated(seeds):  # one file per seed: a repeated one would overwrite its own image
         raise UserError(f"--seeds: {', '.join(str(s) for s in seeds)}: list each seed once")
-    if scale is not None and scale < 0:
-        raise UserError(f"--lora-scale: must be >= 0, got {scale}")
+    # argparse's float() takes "nan" and "inf": guidance nan sampled without guidance, inf black images
+    if scale is not None and not (math.isfinite(scale) and scale >= 0):
+        raise UserError(f"--lora-scale: must be a finite number >= 0, got {scale}")
     if steps <= 0:
         raise UserError(f"--steps: must be positive, got {steps}")
-    if guidance < 0:
-        raise UserError(f"--guidance: must be >= 0, got {guidance}")
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise UserError(f"--guidance: must be a finite number >= 0, got {guidance}")
     if size <= 0:  # its multiple is the family's: families.check_size
         raise UserError(f"--size: must be positive, got {size}")
 
@@ -155,7 +158,7 @@ def out_paths(out: Path, prompts, seeds, many: bool) -> list[tuple[str, int, Pat
 
 def check_folder(path: Path) -> None:
     """Before minutes of loading and sampling, after the other checks: the folder `path` goes in,
-    made now if need be (os.access cannot tell: as root it says yes to /proc)."""
+    made now if need be, and a file written there (os.access cannot tell: as root it says yes to /proc)."""
     parent = next(p for p in path.parents if p.exists())
     if not parent.is_dir():
         raise UserError(f"--out: {parent} is a file, not a folder")
@@ -163,8 +166,11 @@ def check_folder(path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"--out: cannot make the folder {path.parent} ({err.strerror})") from None
-    if not os.access(path.parent, os.W_OK):
-        raise UserError(f"--out: cannot write in {path.parent}")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise UserError(f"--out: cannot write in {path.parent} ({err.strerror})") from None
 
 
 def tune(pipe, family, scheduler, channels_last, compile_):

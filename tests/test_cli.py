@@ -161,13 +161,17 @@ def test_user_mistakes_are_one_line(cwd, capsys):
     assert fails(["generate", "--prompt", "x", "--seeds", "3,1,3", "--out", "d"], capsys) == \
         "error: --seeds: 3, 1, 3: list each seed once"
     assert fails(["generate", "--prompt", "x", "--lora", "models/lora", "--lora-scale", "-1", "--out", "x.png"],
-                 capsys) == "error: --lora-scale: must be >= 0, got -1.0"
+                 capsys) == "error: --lora-scale: must be a finite number >= 0, got -1.0"
+    # argparse's float() reads "nan" and "inf": guidance nan sampled unguided, inf and scale nan black images
+    for flag, value in [("--guidance", "nan"), ("--guidance", "inf"), ("--lora-scale", "nan")]:
+        assert fails(["generate", "--prompt", "x", "--lora", "models/lora", flag, value, "--out", "x.png"],
+                     capsys) == f"error: {flag}: must be a finite number >= 0, got {value}"
     assert "--prompt" in fails(["generate", "--out", "x.png"], capsys)
     # 0 steps was a ZeroDivisionError traceback in the scheduler; a negative guidance sampled nonsense.
     assert fails(["generate", "--prompt", "x", "--steps", "0", "--out", "x.png"], capsys) == \
         "error: --steps: must be positive, got 0"
     assert fails(["generate", "--prompt", "x", "--guidance", "-1", "--out", "x.png"], capsys) == \
-        "error: --guidance: must be >= 0, got -1.0"
+        "error: --guidance: must be a finite number >= 0, got -1.0"
     assert fails(["generate", "--prompt", "x", "--lora-scale", "0.5", "--out", "x.png"], capsys) == \
         "error: --lora-scale: no LoRA to scale; add --lora models/lora (or an -adapter --variant)"
     # SD3 is a flow-matching model: Euler/DDIM/DPM built from its config sampled it with DDPM betas.
@@ -188,6 +192,9 @@ def test_user_mistakes_are_one_line(cwd, capsys):
         "error: --out: params.yaml is a file, not a folder"
     assert fails(["generate", "--prompt", "x", "--out", "/proc/nope/x.png"], capsys) == \
         "error: --out: cannot make the folder /proc/nope (No such file or directory)"
+    # /proc is a folder that takes no file (os.access says yes to root): it failed after sampling
+    assert fails(["generate", "--prompt", "x", "--out", "/proc/x.png"], capsys).startswith(
+        "error: --out: cannot write in /proc (")
     # The folder is made after the other checks: a refused run leaves none behind.
     assert fails(["generate", "--prompt", "x", "--size", "30", "--out", "new/deep/x.png"], capsys) \
         .startswith("error: --size: 30 is not a multiple of 8")
