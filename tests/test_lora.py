@@ -172,7 +172,11 @@ def test_the_sums_are_written_into_the_gemms_own_outputs():
 
 
 @pytest.mark.parametrize("lora_keys, message", [
-    ({"target_modules": ["no_such_layer"]}, "train.lora.target_modules: Target modules"),
+    ({"target_modules": ["no_such_layer"]}, "train.lora.target_modules: no_such_layer matches no module"),
+    # peft says nothing while another target matches: the typo trained a LoRA on to_q alone
+    ({"target_modules": ["to_q", "to_kk"]}, "train.lora.target_modules: to_kk matches no module of the denoiser"),
+    # PiSSA keeps at most min(in, out) singular vectors; the file said r: 1000 of narrower tensors
+    ({"init": "pissa", "rank": 1000}, "train.lora.rank: 1000 is more than 32, the smaller side of the narrowest"),
     # peft says "Unknown initialization init_lora_weights='pissa'" of a convolution: the init is what fails.
     ({"init": "pissa", "target_modules": ["to_q", "conv1"]},
      "train.lora.init: pissa starts from linear layers' weights only; train.lora.target_modules names a convolution"),

@@ -493,9 +493,8 @@ def test_a_cell_with_a_mistyped_lora_target_stops_the_stage_before_any_cell_is_m
     from sdtune.profiling import run as prof
 
     err = stopped_before_measuring(tmp_path, monkeypatch, capsys, "model: {id: tiny}\nprofile:\n  matrix: "
-                                   "[{name: a}, {name: b, lora: {target_modules: [to_qq]}}]\n")
-    assert err == ("error: params.yaml: profile.matrix.b.lora.target_modules: Target modules {'to_qq'} not found "
-                   "in the base model. Please check the target modules and try again.\n")
+                                   "[{name: a}, {name: b, lora: {target_modules: [to_q, to_qq]}}]\n")
+    assert err == "error: params.yaml: profile.matrix.b.lora.target_modules: to_qq matches no module of the denoiser\n"
     # The family's default targets, and a list peft accepts, pass.
     params = params_lib.parse({"model": {"id": "tiny"}})
     fine = [{"name": "a"}, {"name": "c", "lora": {"target_modules": ["to_q"]}}]

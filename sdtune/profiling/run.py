@@ -58,9 +58,11 @@ def check_lora_targets(params, family, specs) -> None:
     except (OSError, ValueError):
         return
     for spec in specs:
-        targets = cell_params(params, spec).train.lora.target_modules or family.LORA_TARGETS
+        cell_lora = cell_params(params, spec).train.lora
+        targets = cell_lora.target_modules or family.LORA_TARGETS
         with init_empty_weights():
             denoiser = family.DENOISER.from_config(config)
+            lora.check(denoiser, cell_lora, targets, key=f"params.yaml: profile.matrix.{spec['name']}.lora")
             try:
                 denoiser.add_adapter(LoraConfig(r=1, target_modules=list(targets)))
             except ValueError as err:

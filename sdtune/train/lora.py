@@ -32,10 +32,37 @@ def config(lora, default_targets) -> LoraConfig:
     )
 
 
+def _targeted(name: str, targets) -> bool:
+    """peft's match for a list of target modules: the module's whole name, or its last dotted parts."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def unmatched(denoiser, targets) -> list[str]:
+    """The names in `targets` that match no module of `denoiser`. peft says nothing of one while
+    another matches: a typo trained a LoRA on the other modules alone."""
+    names = [name for name, _ in denoiser.named_modules()]
+    return [t for t in targets if not any(_targeted(name, [t]) for name in names)]
+
+
+def check(denoiser, lora, targets, key: str = "train.lora") -> None:
+    """What peft would take without a word and train wrong: a target matching nothing, and for
+    PiSSA/OLoRA a rank above a targeted layer's smaller side (their SVD/QR gives no more vectors
+    than that, and the LoRA written said rank r of tensors narrower than r, which no loader takes)."""
+    if lora.target_modules and (missing := unmatched(denoiser, lora.target_modules)):
+        raise UserError(f"{key}.target_modules: {', '.join(missing)} matches no module of the denoiser")
+    if lora.init in MUTATES_BASE:
+        sides = [min(m.in_features, m.out_features) for name, m in denoiser.named_modules()
+                 if isinstance(m, torch.nn.Linear) and _targeted(name, targets)]
+        if sides and lora.rank > min(sides):
+            raise UserError(f"{key}.rank: {lora.rank} is more than {min(sides)}, the smaller side of the narrowest "
+                            f"targeted layer; {lora.init} starts from at most that many of its vectors")
+
+
 def add(denoiser, lora, default_targets) -> LoraConfig:
     """Freeze the denoiser and attach a trainable LoRA adapter to it."""
     denoiser.requires_grad_(False)
     cfg = config(lora, default_targets)
+    check(denoiser, lora, cfg.target_modules)
     try:
         denoiser.add_adapter(cfg)
     except ValueError as err:
