@@ -247,7 +247,9 @@ class Quantize(Section):
     variants: Annotated[list[Literal["bf16", "fp16", "int8wo", "int8dq", "float8wo", "nf4", "int8"]],
                         AfterValidator(_once_each)] = ["bf16", "int8wo"]
     # fused: LoRA merged into the weights before quantizing; adapter: LoRA kept on top at run time.
-    lora_modes: Annotated[list[Literal["fused", "adapter"]], AfterValidator(_once_each)] = ["fused"]
+    # At least one: none would make no variant of any method, and remove those made before.
+    lora_modes: Annotated[list[Literal["fused", "adapter"]], Field(min_length=1),
+                          AfterValidator(_once_each)] = ["fused"]
 
 
 class Evaluate(Section):
@@ -288,14 +290,16 @@ class Profile(Section):
     @field_validator("matrix", "inference")
     @classmethod
     def _named(cls, cells):
+        if not cells:
+            raise ValueError("list at least one cell")
         names = [c.get("name") for c in cells]
-        if not cells or not all(isinstance(n, str) and n for n in names):
+        if not all(isinstance(n, str) and n for n in names):
             raise ValueError("each cell needs a non-empty 'name'")
         for n in names:  # names become file names (traces, snapshots) and chart labels
             if not CELL_NAME.fullmatch(n):
                 raise ValueError(f"cell name {n!r}: use letters, digits, '.', '_', '+' and '-' only")
-        if len(set(names)) != len(names):
-            raise ValueError(f"cell names must be unique, got {names}")
+        if twice := repeated(names):
+            raise ValueError(f"cell name {twice[0]!r} is used more than once; names must be unique")
         return cells
 
 
@@ -322,8 +326,11 @@ def _one_line(err: ValidationError, model: type[BaseModel], where: str, source: 
     msg = first["msg"]
     if first["type"] == "value_error":  # our own validators: their text, without pydantic's prefix
         msg = str(first["ctx"]["error"])
+    elif first["type"] == "model_type":  # pydantic's "a valid dictionary or instance of Train"
+        msg = "expected a mapping of its keys (indented `key: value` lines), or leave the section out"
     value = first.get("input")
-    got = f" (got {value!r})" if not isinstance(value, dict) else ""
+    nested = isinstance(value, dict) or isinstance(value, list) and any(isinstance(v, dict) for v in value)
+    got = f" (got {value!r})" if not nested else ""  # not a whole section or list of cells again
     return f"{source}: {key}: {msg}{got}"
 
 

@@ -38,6 +38,14 @@ BAD = [
     ({"train": {"validation_seeds": [2, 2]}}, "train.validation_seeds", "2 listed more than once"),
     ({"quantize": {"variants": ["bf16", "int8wo", "bf16"]}}, "quantize.variants", "bf16 listed more than once"),
     ({"quantize": {"lora_modes": ["fused", "fused"]}}, "quantize.lora_modes", "fused listed more than once"),
+    # [] made no variant and removed those made before, exit 0
+    ({"quantize": {"lora_modes": []}}, "quantize.lora_modes", "at least 1 item"),
+    ({"profile": {"matrix": []}}, "profile.matrix", "list at least one cell (got [])"),
+    ({"profile": {"matrix": [{"name": "a"}, {"name": "a", "lr": 1.0}]}}, "profile.matrix",
+     "cell name 'a' is used more than once; names must be unique"),
+    # A section with its keys all commented out: pydantic's "a valid dictionary or instance of Train"
+    ({"train": None}, "train", "expected a mapping of its keys (indented `key: value` lines), or leave the "
+                               "section out (got None)"),
     ({"train": {"warmup_steps": 100}}, "train.warmup_steps", "constant_with_warmup"),
     # A schedule still warming up at its last step never reached train.lr, without a word.
     ({"train": {"steps": 4, "warmup_steps": 10, "lr_scheduler": "cosine"}}, "train.warmup_steps",
