@@ -174,6 +174,24 @@ def test_a_key_the_family_refuses_stops_training_before_any_checkpoint_is_remove
     assert [c.name for c in checkpoint.all_checkpoints(ws / "checkpoints")] == before
 
 
+@pytest.mark.parametrize("change, built, now", [("resolution: 32", "model.resolution: 32", "64"),
+                                                 ("id: tiny,", "model.family: sd1", "sd3")])
+def test_a_cache_built_with_other_model_params_is_refused_before_any_checkpoint_is_removed(
+        uninterrupted, tmp_path, change, built, now):
+    """The train stage run by hand after a param change (dvc repro re-runs the cache first):
+    resolution 64 trained on the 32-px latents without a word; sd3 on SD1 items was a KeyError
+    traceback, after the checkpoints had been removed as another run's."""
+    ws = clone(uninterrupted, tmp_path / "other")
+    before = [c.name for c in checkpoint.all_checkpoints(ws / "checkpoints")]
+    new = "resolution: 64" if "resolution" in change else "id: tiny, family: sd3,"
+    (ws / "params.yaml").write_text(PARAMS.replace(change, new))
+    done = train(ws)
+    assert done.returncode == 2
+    assert done.stderr == (f"error: cache/index.json: built with {built}, but params.yaml now says {now}; build it "
+                           f"again with `dvc repro cache` (or `python -m stages.cache`)\n")
+    assert [c.name for c in checkpoint.all_checkpoints(ws / "checkpoints")] == before
+
+
 def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(workspace, tmp_path):
     ws = clone(workspace, tmp_path / "nan")
     shutil.rmtree(ws / "checkpoints", ignore_errors=True)

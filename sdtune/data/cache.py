@@ -33,6 +33,13 @@ def encoder_code(family) -> str:
     return io.sha256_code(files, ["torch", "pillow", "diffusers", "transformers", "tokenizers"])
 
 
+def settings(model, cache) -> dict:
+    """The params every item's key holds, by their params.yaml names. index.json records them, so
+    the train stage can tell a cache built with others (a stage run by hand, not through dvc repro)."""
+    return {"model.family": model.family, "model.id": model.id, "model.resolution": model.resolution,
+            "cache.center_crop": cache.center_crop, "cache.dtype": cache.dtype, "cache.crop_step": cache.crop_step}
+
+
 def item_key(row, model, cache, encode_dtype: torch.dtype, code: str, revision: str) -> str:
     """The item's content key. `encode_dtype` is what the encoders ran in (bf16 on CUDA, float32
     elsewhere): the same image encoded on another device gives other latents. `code` is
@@ -128,7 +135,8 @@ def build(rows, raw_dir, out_dir, family, model, cache, device="cpu", *, max_pix
         p.unlink()
     index = [{"file": r["file"], "caption": r["caption"], "key": k} for r, k in zip(rows, keys)]
     io.write_json(out_dir / "index.json", {"code": code, "model": model.id, "revision": model.revision,
-                                           "resolved_revision": revision, "items": index})
+                                           "resolved_revision": revision, "settings": settings(model, cache),
+                                           "items": index})
     return {"items": len(rows), "encoded": len(todo), "reused": len(rows) - len(todo), "removed": len(stale)}
 
 

@@ -314,10 +314,17 @@ def check_cache_model(run: Run, cache_dir) -> None:
     """The cache holds what the base model's VAE and text encoders made of the data, as
     model.revision named them when it was built. DVC re-runs the cache stage when a param changes,
     not when "main" moves or local weights are edited: training on it then would pair one model's
-    latents with another's denoiser. Checked by the main process, its verdict shared."""
+    latents with another's denoiser. Checked by the main process, its verdict shared. The model
+    and cache params too: a stage run by hand after a change (dvc repro would re-run the cache
+    first) trained on 64-px latents at resolution 128, or failed on another family's items."""
     index = Path(cache_dir) / "index.json"
-    encoded = io.read_json(index).get("resolved_revision")
-    m = run.params.model
+    built = io.read_json(index)
+    encoded, m = built.get("resolved_revision"), run.params.model
+    want = cache_lib.settings(m, run.params.cache)
+    for key, value in built.get("settings", want).items():
+        if want.get(key) != value:
+            raise UserError(f"{index}: built with {key}: {value}, but params.yaml now says {want.get(key)}; "
+                            f"build it again with `dvc repro cache` (or `python -m stages.cache`)")
     now = [common.resolved_revision(m, skip=run.family.DENOISER_ATTR) if run.accelerator.is_main_process else None]
     now = broadcast_object_list(now)[0]
     if encoded is not None and encoded != now:
