@@ -142,11 +142,22 @@ def missing(path) -> UserError:
                      f"or dvc pull their outputs")
 
 
-def read_json(path):
+def damaged(path, what: str) -> UserError:
+    """A stage's input that is there but cannot be used: cut short, edited by hand."""
+    return UserError(f"{path}: {what}; run the stage that writes it again (dvc repro -f <stage>)")
+
+
+def read_json(path, required: tuple = ()):
+    """`path`'s JSON, which must be an object with the keys `required` when any are named."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise missing(path) from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise damaged(path, f"not valid JSON ({str(err).splitlines()[0]})") from None
+    if required and not (isinstance(value, dict) and all(k in value for k in required)):
+        raise damaged(path, f"expected a JSON object with {', '.join(repr(k) for k in required)}")
+    return value
 
 
 def read_safetensors_header(path) -> tuple[list[str], dict]:
@@ -170,6 +181,16 @@ def read_safetensors_metadata(path) -> dict:
 def read_jsonl(path):
     try:
         with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = list(f)
     except FileNotFoundError:
         raise missing(path) from None
+    except ValueError as err:
+        raise damaged(path, f"not valid UTF-8 ({err})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as err:
+                raise damaged(path, f"line {number} is not valid JSON ({err})") from None
+    return rows

@@ -23,7 +23,7 @@ REPORT, TABLE, GRID, PLOT = "reports/eval.json", "reports/eval.md", "reports/sam
 def variants(params):
     """(name, pipeline kwargs) for base, base+LoRA and each saved quantized variant, in order."""
     out = [("base", {}), ("lora", {"lora_dir": quantize.LORA_DIR})]
-    out += [(name, quantize.pipeline_kwargs(name)) for name in io.read_json("reports/quantize.json")["variants"]]
+    out += [(name, quantize.pipeline_kwargs(name)) for name in io.read_json("reports/quantize.json", required=("variants",))["variants"]]
     return out
 
 

@@ -143,6 +143,6 @@ def build(rows, raw_dir, out_dir, family, model, cache, device="cpu", *, max_pix
 def load(out_dir, device="cpu") -> list[dict]:
     """All cached items, in index order, as dicts of tensors."""
     out_dir = Path(out_dir)
-    index = io.read_json(out_dir / "index.json")
+    index = io.read_json(out_dir / "index.json", required=("items",))
     return [load_file(str(out_dir / "items" / f"{it['key']}.safetensors"), device=device)
             for it in index["items"]]

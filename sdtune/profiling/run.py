@@ -88,7 +88,7 @@ class OnTheFly:
     def __init__(self, run, cache_dir, raw_dir):
         p = run.params
         self.run, self.raw_dir = run, Path(raw_dir)
-        self.rows = io.read_json(Path(cache_dir) / "index.json")["items"]  # in run.items' order
+        self.rows = io.read_json(Path(cache_dir) / "index.json", required=("items",))["items"]  # in run.items' order
         self.device = run.accelerator.device
         # The VAE encodes as the cache stage's does (float32 where it asks), so both cells train
         # on the same latents; it is put in float32 once, not cast there and back every step.

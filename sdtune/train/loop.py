@@ -318,7 +318,7 @@ def check_cache_model(run: Run, cache_dir) -> None:
     and cache params too: a stage run by hand after a change (dvc repro would re-run the cache
     first) trained on 64-px latents at resolution 128, or failed on another family's items."""
     index = Path(cache_dir) / "index.json"
-    built = io.read_json(index)
+    built = io.read_json(index, required=("items",))
     encoded, m = built.get("resolved_revision"), run.params.model
     want = cache_lib.settings(m, run.params.cache)
     for key, value in built.get("settings", want).items():
@@ -340,7 +340,7 @@ def fingerprint(run: Run, cache_dir, revision: str, processes: int | None = None
     train = {k: v for k, v in run.params.train.model_dump().items() if k not in NOT_FINGERPRINTED}
     model = run.params.model.model_dump() | {"revision": revision}
     parts = {"train": train, "model": model, "seed": run.params.base.seed,
-             "cache": io.sha256_json(io.read_json(Path(cache_dir) / "index.json")["items"]),
+             "cache": io.sha256_json(io.read_json(Path(cache_dir) / "index.json", required=("items",))["items"]),
              "processes": processes or run.accelerator.num_processes, "code": training_code(),
              "precision": run.accelerator.mixed_precision}  # what `auto` became on this card
     return io.sha256_json(parts)
