@@ -331,3 +331,22 @@ def test_a_stage_time_is_written_by_rank_0_alone(tmp_path, monkeypatch):
 ])
 def test_a_url_is_kept_and_shown_without_its_credentials(source, shown):
     assert runtime.redacted(source) == shown
+
+
+def test_a_model_id_not_found_is_one_line_without_hubs_deprecation_warning(tmp_path):
+    """diffusers passes huggingface_hub a deprecated argument: its two-line UserWarning came
+    above the stage's one-line error."""
+    (tmp_path / "params.yaml").write_text("base: {device: cpu}\nmodel: {id: nonexistent/repo}\n")
+    done = subprocess.run([sys.executable, "-m", "stages.quantize"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"})
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["error: model.id: could not load 'nonexistent/repo' at revision 'main': "
+                                        "nonexistent/repo does not appear to have a file named config.json."]
+
+
+def test_a_stage_run_as_a_file_is_one_line_naming_the_module_form(tmp_path):
+    """stages/ first on sys.path hides the standard library's profile module (stages/profile.py)."""
+    done = subprocess.run([sys.executable, str(ROOT / "stages/train.py")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)})
+    assert (done.returncode, done.stderr) == (2, "error: run a stage as a module, from the repository root: "
+                                                 "python -m stages.train (or docker/run train)\n")
