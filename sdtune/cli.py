@@ -45,7 +45,7 @@ def build_parser() -> Parser:
     g = sub.add_parser("generate", help="sample the base model, base + LoRA, or a quantized variant")
     what = g.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="one prompt")
-    what.add_argument("--prompts", type=Path, help="a text file, one prompt per line (# comments)")
+    what.add_argument("--prompts", help="a text file, one prompt per line (# comments)")
     g.add_argument("--out", type=Path, required=True,
                    help="an image file for one image; a folder with --prompts or several seeds")
     g.add_argument("--lora", type=Path, help="LoRA folder (models/lora) or .safetensors file")

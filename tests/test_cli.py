@@ -151,6 +151,12 @@ def test_the_readmes_commands_run(cwd, capsys):
 def test_user_mistakes_are_one_line(cwd, capsys):
     assert "no LoRA file" in fails(["generate", "--prompt", "x", "--lora", "nowhere", "--out", "x.png"], capsys)
     assert "missing.txt not found" in fails(["generate", "--prompts", "missing.txt", "--out", "d"], capsys)
+    # "" was ". not found", and a folder "not found" though it is there
+    assert fails(["generate", "--prompts", "", "--out", "d"], capsys) == \
+        "error: --prompts: empty; name a text file of prompts, one per line"
+    (cwd / "prompt-folder").mkdir()
+    assert fails(["generate", "--prompts", "prompt-folder", "--out", "d"], capsys) == \
+        "error: --prompts: prompt-folder is a folder; name a text file of prompts in it, one per line"
     (cwd / "latin1.txt").write_bytes("a caf\xe9 at dusk\n".encode("latin-1"))
     assert fails(["generate", "--prompts", "latin1.txt", "--out", "d"], capsys) == \
         "error: --prompts: latin1.txt: not valid UTF-8 (byte 5); save it as UTF-8"

@@ -19,7 +19,11 @@ SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 
 def read_prompts(path, key: str) -> list[str]:
     """One prompt per line, # for comments; `key` names where the path came from in errors."""
+    if not str(path).strip():  # Path("") is ".", which "not found" would name
+        raise UserError(f"{key}: empty; name a text file of prompts, one per line")
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{key}: {path} is a folder; name a text file of prompts in it, one per line")
     if not path.is_file():
         raise UserError(f"{key}: {path} not found (one prompt per line)")
     prompts = [line.strip() for line in io.read_text(path, key).splitlines()
