@@ -22,8 +22,9 @@ def main():
                                        max_pixels=params.data.max_pixels)
         kept = [v for v in verdicts if v["status"] == "kept"]
         skipped = [v for v in verdicts if v["status"] != "kept"]
-        io.write_json(REPORT, {"kept": len(kept), "skipped": len(skipped), "files": verdicts})
-        if not kept:
+        report = {"kept": len(kept), "skipped": len(skipped), "files": verdicts}
+        if not kept:  # the reasons are what the user needs now; the captions before are kept
+            io.write_json(REPORT, report)
             raise UserError(f"{RAW}: no usable image among {len(verdicts)} files; reasons in {REPORT}")
         tokenizer = family.load_tokenizer(params.model)
         rows = captions.caption_folder(RAW, verdicts, model_id=p.model, revision=p.revision,
@@ -35,6 +36,7 @@ def main():
             for warning in row.pop("warnings", []):
                 print(f"caption: warning: {row['file']}: {warning}")
         io.write_jsonl(OUT, rows)
+        io.write_json(REPORT, report)  # after the captions: a failure while captioning leaves the pair as it was
         captions.contact_sheet(RAW, rows, SHEET, max_pixels=params.data.max_pixels)
     note = f"; skipped {len(skipped)} (reasons in {REPORT})" if skipped else ""
     print(f"caption: kept {len(kept)} images{note}; captions in {OUT}, contact sheet {SHEET}")

@@ -94,6 +94,16 @@ cache: {{buckets: true, bucket_step: 8}}
     assert verdicts["strip.png"]["status"] == "kept" and verdicts["square.png"]["status"] == "kept"
     assert verdicts["large.png"]["status"] == "skipped" and "max_pixels 5,000" in verdicts["large.png"]["reason"]
 
+    # A failure while captioning (here the captioner cannot load) keeps data.json and the captions a
+    # pair: data.json was rewritten first, for the new limit, beside the old captions.
+    before = {f: (tmp_path / f).read_bytes() for f in ("reports/data.json", "data/captions.jsonl")}
+    params = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(params.replace("max_pixels: 5000", "max_pixels: 4096").replace(
+        "model: tiny}", "model: nonexistent/captioner}"))
+    failed = stage("caption", tmp_path)
+    assert failed.returncode == 2 and "nonexistent/captioner" in failed.stderr
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before
+
 
 def test_cache_stage_reads_images_under_the_params_pixel_limit(tmp_path):
     """An image listed in captions.jsonl but over data.max_pixels (lowered since the caption stage
