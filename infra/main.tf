@@ -18,7 +18,10 @@ locals {
 }
 
 resource "google_project_service" "apis" {
-  for_each           = toset(["compute.googleapis.com", "iap.googleapis.com", "oslogin.googleapis.com", "storage.googleapis.com"])
+  # iam: the VM's service account; cloudresourcemanager: the project-level IAM bindings (a new
+  # project has neither on, and apply failed creating the account with SERVICE_DISABLED).
+  for_each = toset(["cloudresourcemanager.googleapis.com", "compute.googleapis.com", "iam.googleapis.com",
+  "iap.googleapis.com", "oslogin.googleapis.com", "storage.googleapis.com"])
   service            = each.value
   disable_on_destroy = false
 }
@@ -242,6 +245,8 @@ resource "google_project_iam_member" "ssh_compute_viewer" {
   project  = var.project_id
   role     = "roles/compute.viewer"
   member   = each.value
+
+  depends_on = [google_project_service.apis] # cloudresourcemanager sets project-level bindings
 }
 
 # Read-only access to the DVC remote, so the same people can `dvc pull` the LoRA and the data on

@@ -125,20 +125,25 @@ fi
 mkdir -p "$ROOT/usr/local/bin"
 ln -sfn /opt/dvc/bin/dvc "$ROOT/usr/local/bin/dvc"
 
-# 4. The image, rebuilt when the ref's commit changes.
-command -v git >/dev/null 2>&1 || apt_install git
-if [ ! -d "$SRC/.git" ]; then
-    git clone --quiet "$repo_url" "$SRC"
-fi
-git -C "$SRC" fetch --quiet --tags origin "$repo_ref"
-git -C "$SRC" checkout --quiet --detach FETCH_HEAD
-commit=$(git -C "$SRC" rev-parse HEAD)
-if [ "$(cat "$STATE/image-commit" 2>/dev/null || true)" != "$commit" ] ||
+# 4. The image: built at the first boot, and again only when the repo_ref metadata changes. Not
+#    when the branch it names has moved: a Spot VM restarting after a preemption would rebuild with
+#    other library versions, under which every checkpoint and cache item is another run's.
+#    To rebuild from your clone: docker build --file docker/Dockerfile --tag sdtune:latest .
+if [ "$(cat "$STATE/image-ref" 2>/dev/null || true)" != "$repo_ref" ] ||
     ! docker image inspect sdtune:latest >/dev/null 2>&1; then
-    log "building sdtune:latest from $repo_url at $commit"
+    command -v git >/dev/null 2>&1 || apt_install git
+    if [ ! -d "$SRC/.git" ]; then
+        git clone --quiet "$repo_url" "$SRC"
+    fi
+    git -C "$SRC" fetch --quiet --tags origin "$repo_ref"
+    git -C "$SRC" checkout --quiet --detach FETCH_HEAD
+    commit=$(git -C "$SRC" rev-parse HEAD)
+    log "building sdtune:latest from $repo_url at $repo_ref ($commit)"
     DOCKER_BUILDKIT=1 docker build --file "$SRC/docker/Dockerfile" --tag sdtune:latest --label "org.opencontainers.image.revision=$commit" "$SRC"
     printf '%s\n' "$commit" >"$STATE/image-commit"
+    printf '%s\n' "$repo_ref" >"$STATE/image-ref"
 fi
+commit=$(cat "$STATE/image-commit")
 if docker run --rm --gpus all sdtune:latest python -c "import torch; assert torch.cuda.is_available()"; then
     log "sdtune:latest sees the GPU(s)"
 else

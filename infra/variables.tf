@@ -101,7 +101,7 @@ variable "repo_url" {
 variable "repo_ref" {
   type        = string
   default     = "main"
-  description = "Branch, tag or commit of repo_url to build."
+  description = "Branch, tag or commit of repo_url to build the image from, at the first boot and when this changes (not when a branch moves); a tag or commit pins the library versions."
 }
 
 variable "bucket_name" {

@@ -78,6 +78,17 @@ def _resources(tf, rtype):
     return tf["resource"].get(rtype, {})
 
 
+def test_every_api_the_resources_call_is_enabled_first(tf):
+    """A new project has IAM's and Resource Manager's APIs off: creating the service account failed
+    with SERVICE_DISABLED."""
+    (apis,) = _resources(tf, "google_project_service").values()
+    for api in ["iam", "cloudresourcemanager", "compute", "iap", "oslogin", "storage"]:
+        assert f'"{api}.googleapis.com"' in apis["for_each"], api
+    for rtype in ["google_service_account", "google_project_iam_member"]:
+        for name, body in _resources(tf, rtype).items():
+            assert "${google_project_service.apis}" in body.get("depends_on", []), f"{rtype}.{name}"
+
+
 def test_provider_and_terraform_pinned(tf):
     (settings,) = tf["terraform"]
     assert settings.get("required_version"), "required_version must be set"
@@ -257,7 +268,7 @@ STUBS = {
     "curl": """
 case "$*" in
   *computeMetadata*sdtune-repo-url*) echo https://example.invalid/sdtune.git ;;
-  *computeMetadata*sdtune-repo-ref*) echo main ;;
+  *computeMetadata*sdtune-repo-ref*) echo "${FAKE_REF:-main}" ;;
   *computeMetadata*sdtune-bucket*) echo %s ;;
   *.list*) echo 'deb https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH) /' ;;
 esac
@@ -273,7 +284,7 @@ esac
 for p in "$@"; do [ -d "$FAKE_PKGS/$p" ] && cp "$FAKE_PKGS/$p"/* "$FAKE_BIN"/; done; exit 0
 """,
     "docker": 'case "$1" in run) exit "${FAKE_CONTAINER_GPU_RC:-0}" ;; esac; exit 0',
-    "git": 'case "$*" in clone*) mkdir -p "${@: -1}/.git" ;; *rev-parse*) echo 0123abcd ;; esac; exit 0',
+    "git": 'case "$*" in clone*) mkdir -p "${@: -1}/.git" ;; *rev-parse*) echo "${FAKE_COMMIT:-0123abcd}" ;; esac',
     "systemctl": "exit 0",
     "gpg": "cat >/dev/null",
     "sleep": "exit 0",
@@ -339,6 +350,20 @@ def test_startup_script_sets_up_the_docker_runner(startup):
     out, calls = startup()
     assert out.returncode == 0, out.stdout + out.stderr
     assert not any(c.startswith(("docker build ", "apt-get ", "pip ")) for c in calls), "the second boot redoes nothing"
+
+
+def test_startup_rebuilds_the_image_when_repo_ref_changes_not_when_its_branch_moves(startup):
+    """A Spot VM restarting after `main` moved rebuilt the image with the new commit's library
+    versions, under which its checkpoints and cache were another run's and were thrown away."""
+    assert startup()[0].returncode == 0
+    out, calls = startup(FAKE_COMMIT="feedbeef")  # main moved; the metadata still says main
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not any(c.startswith(("docker build ", "git ")) for c in calls)
+    assert "image sdtune:latest (0123abcd)" in out.stdout + out.stderr
+    out, calls = startup(FAKE_REF="v1.2", FAKE_COMMIT="feedbeef")  # the user applied another repo_ref
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert any(c.startswith("git ") and c.endswith("fetch --quiet --tags origin v1.2") for c in calls)
+    assert any(c.startswith("docker build ") and "revision=feedbeef" in c for c in calls)
 
 
 
@@ -447,6 +472,9 @@ def test_dockerfile_structure():
     hf_home = re.search(r"HF_HOME=(\S+)", text).group(1)
     volume = re.search(r'^VOLUME \["([^"]+)"\]', text, re.M).group(1)
     assert hf_home.startswith(volume)
+    # inductor's (and under it Triton's) compiled kernels, in /tmp by default, went with each --rm
+    # container: every compiled stage and profile cell started cold
+    assert re.search(r"TORCHINDUCTOR_CACHE_DIR=(\S+)", text).group(1).startswith(volume)
     assert "requirements.lock" in text and "--require-hashes" in text
 
 
@@ -592,6 +620,11 @@ def test_run_podman_gpus_via_cdi(ws, fake_engine):
     assert _pairs(argv, "--device") == ["nvidia.com/gpu=0", "nvidia.com/gpu=1"]
     argv = _argv(ws, fake_engine, "docker", SDTUNE_GPUS="none")
     assert "--gpus" not in argv
+    # Indices mean the same under docker, whose bare `--gpus 0,1` would be a count (any one GPU)
+    argv = _argv(ws, fake_engine, "docker", SDTUNE_GPUS="0,1")
+    assert _pairs(argv, "--gpus") == ['"device=0,1"']
+    argv = _argv(ws, fake_engine, "docker", SDTUNE_GPUS="all")
+    assert _pairs(argv, "--gpus") == ["all"]
 
 
 def test_run_missing_credentials_file_is_one_line(ws, fake_engine, tmp_path):
