@@ -9,6 +9,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -83,6 +84,22 @@ def sha256_code(files, libraries) -> str:
                         "versions": {dist: library_version(dist) for dist in libraries}})
 
 
+def remove_leftovers(dest, suffix: str = ".tmp") -> None:
+    """Remove what a killed writer of `dest` left beside it: the temporaries atomic_path (suffix
+    .tmp) or a download (.download) names .<name>.<8 random characters><suffix>. Nothing removes
+    them when a SIGKILL stops the writer; each may be a whole dataset."""
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return
+    mine = re.compile(re.escape(f".{dest.name}.") + r"[a-z0-9_]{8}" + re.escape(suffix))
+    for path in dest.parent.iterdir():
+        if mine.fullmatch(path.name):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(dest):
     """Yield a temporary path beside `dest`; on success rename it over `dest`.
@@ -97,6 +114,11 @@ def atomic_path(dest):
         # renamed over a link, so replace the folder it points to, from a temporary on that disk.
         dest = dest.resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
+    old = dest.with_name(f".{dest.name}.old")
+    if old.is_dir() and not dest.exists():  # a kill between the two renames below: the folder comes back
+        os.replace(old, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    remove_leftovers(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     tmp.rmdir()  # the caller creates a file or a folder at this name
     try:
@@ -105,10 +127,12 @@ def atomic_path(dest):
             raise UserError(f"{dest}: a folder is there, where a file is to be written; "
                             f"move it away or choose another name (the folder is kept)")
         if dest.is_dir() and not dest.is_symlink():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
             os.replace(dest, old)
-            os.replace(tmp, dest)
+            try:
+                os.replace(tmp, dest)
+            except BaseException:  # Ctrl-C or a full disk between the renames: the old folder goes back
+                os.replace(old, dest)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)

@@ -50,3 +50,49 @@ def test_a_damaged_json_input_is_one_line_naming_the_file(tmp_path):
     rows.write_bytes(b'{"file": "caf\xe9.png"}\n')
     with pytest.raises(UserError, match=r"captions.jsonl: not valid UTF-8"):
         io.read_jsonl(rows)
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_write_of_the_same_output(tmp_path):
+    """A SIGKILL leaves atomic_path's temporary (a whole dataset for data/raw) and nothing removed
+    it; a temporary of another output is left alone."""
+    mine = tmp_path / ".raw.k2x9ab_1.tmp"
+    (mine / "sub").mkdir(parents=True)
+    (tmp_path / ".raw.zz99yy88.tmp").write_bytes(b"half a file")
+    theirs = tmp_path / ".raw.json.k2x9ab_1.tmp"  # data/raw.json's, not data/raw's
+    theirs.write_bytes(b"x")
+    with io.atomic_path(tmp_path / "raw") as tmp:
+        tmp.mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".raw.json.k2x9ab_1.tmp", "raw"]
+
+
+def test_an_interrupt_between_the_two_renames_of_a_folder_swap_keeps_the_old_folder(tmp_path, monkeypatch):
+    """Ctrl-C after the old folder was moved aside and before the new one took its place left no
+    folder at all, the old one hidden in .raw.old, which no later run restored."""
+    import os
+
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    (dest / "a.png").write_bytes(b"old")
+    real, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_path(dest) as tmp:
+            tmp.mkdir()
+            (tmp / "b.png").write_bytes(b"new")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"] and os.listdir(dest) == ["a.png"]
+
+    # A SIGKILL in the same place (no except clause runs): the next write of it brings the folder back
+    os.replace(dest, tmp_path / ".raw.old")
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(dest):
+            assert os.listdir(dest) == ["a.png"]
+            raise RuntimeError("the new fetch failed too")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"] and os.listdir(dest) == ["a.png"]

@@ -525,3 +525,27 @@ def test_gcs_without_credentials_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
     with pytest.raises(UserError, match="no Google Application Default Credentials"):
         fetch("gs://art/raw", tmp_path / "raw")
+
+
+def test_http_a_signed_urls_secrets_stay_out_of_messages_and_a_killed_download_is_removed(
+        tmp_path, http_server, capsys):
+    """requests quotes the URL's path and query in its errors, and fetch quoted the URL: a signed
+    URL's signature was in every retry line and error. A SIGKILL left the download folder (a whole
+    archive, perhaps) beside data/raw, and no later fetch removed it."""
+    from fixtures_data import free_port
+
+    left = tmp_path / ".raw.k2x9ab_1.download"
+    left.mkdir()
+    (left / "download.part").write_bytes(b"x" * 1000)
+    http_server.routes["/down.zip"] = Route(b"x", fail_first=99)
+    secret = "?X-Goog-Signature=SIGNEDSECRET&X-Goog-Expires=60"
+    signed = http_server.url("/down.zip" + secret).replace("http://", "http://someone:PASSWORDSECRET@")
+    with pytest.raises(UserError) as err:
+        fetch(signed, tmp_path / "raw", retries=1)
+    closed = f"http://127.0.0.1:{free_port()}/gone.zip{secret}"  # nothing listens: requests' own message
+    with pytest.raises(UserError) as refused:
+        fetch(closed, tmp_path / "raw", retries=0)
+    said = str(err.value) + str(refused.value) + "".join(capsys.readouterr())
+    assert "try 1/2 failed: HTTP 503" in said and "X-Goog-Signature=***" in said and "gone.zip" in said
+    assert "SIGNEDSECRET" not in said and "PASSWORDSECRET" not in said
+    assert not left.exists() and leftovers(tmp_path / "raw") == []

@@ -34,7 +34,8 @@ from sdtune.data import synthetic
 from sdtune.data.extract import archive_kind, extract, is_junk, is_utf8, safe_relpath
 from sdtune.data.links import link_problem
 from sdtune.errors import UserError
-from sdtune.io import atomic_path, manifest, sha256_file, tree_sha256
+from sdtune.io import atomic_path, manifest, remove_leftovers, sha256_file, tree_sha256
+from sdtune.runtime import redacted
 
 SUPPORTED = ("a local folder, archive (.zip .tar .tar.gz .tgz .tar.bz2 .tar.xz) or image; "
              "gdrive://<file id>; gdrive://folders/<folder id>; gs://<bucket>/<prefix>; "
@@ -69,28 +70,30 @@ def fetch(source: str, dest: Path, *, sha256: str | None = None, retries: int = 
         raise UserError(f"{dest}: already exists and is not an empty folder; remove it to fetch again")
     pin = _parse_pin(sha256)
     get, ref = _resolve(source)
+    shown = redacted(source)  # a signed URL's signature stays out of messages and logs
     opts = Options(retries=retries)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dest, ".download")  # a killed fetch's download: a whole archive, perhaps
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", suffix=".download", dir=dest.parent) as work, \
             atomic_path(dest) as out:
         got = get(ref, Path(work), opts)
         if got.is_dir():
             shutil.move(got, out)  # a rename, or a copy when data/raw links to another disk
             rows = manifest(out)
-            _check_pin(pin, tree_sha256(rows), source, "sorted manifest")
+            _check_pin(pin, tree_sha256(rows), shown, "sorted manifest")
         else:
-            refuse_html(got, source)  # first: a Drive error page may be named "data.zip", and fail the pin
-            _check_pin(pin, sha256_file(got), source, "downloaded file")
-            if archive_kind(got, source):
+            refuse_html(got, shown)  # first: a Drive error page may be named "data.zip", and fail the pin
+            _check_pin(pin, sha256_file(got), shown, "downloaded file")
+            if archive_kind(got, shown):
                 opts.skipped += extract(got, out, max_bytes=max_archive_bytes, max_files=max_archive_files,
-                                        name=source)
+                                        name=shown)
             else:
-                refuse_non_image(got, source)
+                refuse_non_image(got, shown)
                 out.mkdir()
                 shutil.copyfile(got, out / got.name)
             rows = manifest(out)
         if not rows:
-            raise UserError(f"{source}: no files found")
+            raise UserError(f"{shown}: no files found")
     if skipped is not None:
         skipped.extend(opts.skipped)
     return rows
@@ -238,14 +241,24 @@ def _http(url: str, work: Path, opts: Options) -> Path:
         except (_Retry, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                 requests.exceptions.ContentDecodingError) as err:  # the last: a compressed transfer cut short
             last = err
-            print(f"fetch: {url}: try {attempt + 1}/{opts.retries + 1} failed: {_one_line(err)}", file=sys.stderr)
+            print(f"fetch: {redacted(url)}: try {attempt + 1}/{opts.retries + 1} failed: {_scrub(_one_line(err), url)}",
+                  file=sys.stderr)
         except requests.RequestException as err:  # a malformed URL, too many redirects...: no retry helps
-            raise UserError(f"{url}: {_one_line(err)}") from None
+            raise UserError(f"{redacted(url)}: {_scrub(_one_line(err), url)}") from None
     else:
-        raise UserError(f"{url}: download failed after {opts.retries + 1} tries: {_one_line(last)}")
+        raise UserError(f"{redacted(url)}: download failed after {opts.retries + 1} tries: {_scrub(_one_line(last), url)}")
     final = work / name
     os.replace(part, final)
     return final
+
+
+def _scrub(text: str, url: str) -> str:
+    """`text`, a requests error, which quotes the URL's path and query, without the URL's secrets."""
+    parts = urllib.parse.urlsplit(url)
+    for secret in (parts.query, parts.password, parts.username):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _http_attempt(url: str, part: Path, state: dict) -> str | None:
@@ -263,7 +276,7 @@ def _http_attempt(url: str, part: Path, state: dict) -> str | None:
         if r.status_code in RETRY_STATUS:
             raise _Retry(f"HTTP {r.status_code} {r.reason}")
         if r.status_code >= 400:
-            raise UserError(f"{url}: HTTP {r.status_code} {r.reason}")
+            raise UserError(f"{redacted(url)}: HTTP {r.status_code} {r.reason}")
         etag = r.headers.get("ETag", "")
         state["validator"] = etag if etag and not etag.startswith("W/") else r.headers.get("Last-Modified")
         resumed = r.status_code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
@@ -279,7 +292,7 @@ def _http_attempt(url: str, part: Path, state: dict) -> str | None:
         total = offset + length if length is not None and not encoded else None
         try:
             with open(part, "ab" if resumed else "wb") as f, \
-                    tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=_safe_name(url)[:40],
+                    tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=_safe_name(url.split("?")[0].rsplit("/")[-1])[:40],
                          disable=None) as bar:
                 for chunk in r.iter_content(CHUNK):
                     f.write(chunk)
