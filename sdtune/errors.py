@@ -1,6 +1,9 @@
 """User-facing errors: one clear line, no traceback, exit code 2."""
 
+import errno
 import functools
+import os
+import shutil
 import sys
 
 
@@ -16,8 +19,31 @@ def describe(err: Exception) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
 
 
+# The machine's errors a user fixes (a full disk, a folder they cannot write): one line, as for
+# a UserError. Outputs are written under temporary names, so the ones before are kept.
+MACHINE = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk quota)",
+           errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",
+           errno.EROFS: "the file system is read-only"}
+
+
+def machine_error(err: Exception) -> str | None:
+    """`err` in one line when it is one of MACHINE's, else None. shutil.Error (a copy of a folder)
+    holds one (source, destination, reason) per file, its reasons as text."""
+    if isinstance(err, shutil.Error):
+        for _, where, reason in err.args[0] if err.args and isinstance(err.args[0], list) else []:
+            for code, hint in MACHINE.items():
+                if os.strerror(code) in str(reason):
+                    return f"{where}: {os.strerror(code)}; {hint} and run it again (the outputs before are kept)"
+        return None
+    if isinstance(err, OSError) and err.errno in MACHINE:
+        where = f"{err.filename}: " if err.filename else ""  # a write() names no file
+        return f"{where}{err.strerror}; {MACHINE[err.errno]} and run it again (the outputs before are kept)"
+    return None
+
+
 def main_guard(fn):
-    """Wrap a stage's main(): a UserError prints `error: <message>` and exits 2."""
+    """Wrap a stage's main(): a UserError, or a full disk or permission error, prints
+    `error: <message>` and exits 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -25,6 +51,12 @@ def main_guard(fn):
             return fn(*args, **kwargs)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as err:  # shutil.Error is one too
+            line = machine_error(err)
+            if line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper

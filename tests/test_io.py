@@ -96,3 +96,35 @@ def test_an_interrupt_between_the_two_renames_of_a_folder_swap_keeps_the_old_fol
             assert os.listdir(dest) == ["a.png"]
             raise RuntimeError("the new fetch failed too")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"] and os.listdir(dest) == ["a.png"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_a_bug_keeps_its_traceback(capsys):
+    """A stage writing onto a full disk ended in 20 lines of traceback (a folder copy's
+    shutil.Error in 29, listing every file)."""
+    import os
+    import shutil
+
+    from sdtune.errors import main_guard
+
+    @main_guard
+    def write_to_a_full_disk():
+        with open("/dev/full", "wb") as f:  # the kernel's always-full device: a real ENOSPC
+            f.write(b"x" * 10)
+
+    @main_guard
+    def copy_a_folder_onto_a_full_disk():
+        raise shutil.Error([("data/raw/a.png", "data/.raw.x/a.png", "[Errno 28] No space left on device"),
+                            ("data/raw/b.png", "data/.raw.x/b.png", "[Errno 28] No space left on device")])
+
+    @main_guard
+    def a_bug():
+        os.rmdir("/nonexistent/folder")
+
+    for stage, where in [(write_to_a_full_disk, ""), (copy_a_folder_onto_a_full_disk, "data/.raw.x/a.png: ")]:
+        with pytest.raises(SystemExit) as done:
+            stage()
+        assert done.value.code == 2
+        assert capsys.readouterr().err == (f"error: {where}No space left on device; free some space and run it "
+                                           f"again (the outputs before are kept)\n")
+    with pytest.raises(FileNotFoundError):
+        a_bug()
