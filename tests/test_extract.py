@@ -254,3 +254,13 @@ def test_names_equal_but_for_case_keep_the_first_and_report_the_rest(tmp_path):
     assert files_in(tmp_path / "out") == {"set/A.jpg": b"content 0", "set/b.jpg": b"content 3"}
     assert [s["file"] for s in skipped] == ["set/a.jpg", "SET/A.JPG"]
     assert all("same name as 'set/A.jpg' but for upper/lower case" in s["reason"] for s in skipped)
+
+
+def test_names_equal_but_for_unicode_composition_keep_the_first(tmp_path):
+    """café.png with é as one code point and as e + U+0301 (how macOS writes names): two files on
+    Linux, one on a Mac; both were extracted."""
+    composed, decomposed = "set/caf\u00e9.png", "set/cafe\u0301.png"
+    path = _zip_with_repeats(tmp_path / "nfd.zip", [composed, decomposed])
+    skipped = extract(path, tmp_path / "out", **LIMITS)
+    assert files_in(tmp_path / "out") == {composed: b"content 0"}
+    assert [s["file"] for s in skipped] == [decomposed] and "Unicode composition" in skipped[0]["reason"]

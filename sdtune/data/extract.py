@@ -13,6 +13,7 @@ import re
 import shutil
 import stat
 import tarfile
+import unicodedata
 import zipfile
 import zlib
 from pathlib import Path
@@ -160,7 +161,8 @@ def _check(members: list[_Member], where: str, dest: Path, max_bytes: int, max_f
         if rel is None:
             continue
         if m.kind == "file" and not is_junk(rel):  # junk is never written, so its repeats do no harm
-            first_rel, first = files.setdefault(rel.casefold(), (rel, m))
+            # café.png composed (NFC) and decomposed (NFD, as macOS writes names) are one file there
+            first_rel, first = files.setdefault(unicodedata.normalize("NFC", rel).casefold(), (rel, m))
             if first is not m and first_rel == rel:
                 # Two members for one file: extracting would keep whichever came last, silently.
                 raise UserError(f"{where}: members {first.name!r} and {m.name!r} both extract to {rel!r}; "
@@ -170,7 +172,8 @@ def _check(members: list[_Member], where: str, dest: Path, max_bytes: int, max_f
                 # the first everywhere gives the same data set on every machine, and the rest of a
                 # valid archive stays usable; the report says what was left out.
                 skipped.append({"file": m.name, "reason": f"same name as {first.name!r} but for upper/lower "
-                                "case (one file on case-insensitive disks); kept the first"})
+                                "case or Unicode composition (one file on case-insensitive or macOS disks); "
+                                "kept the first"})
                 continue
         checked.append((rel, m))
     return checked
