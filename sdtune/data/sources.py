@@ -246,7 +246,8 @@ def _http(url: str, work: Path, opts: Options) -> Path:
         except requests.RequestException as err:  # a malformed URL, too many redirects...: no retry helps
             raise UserError(f"{redacted(url)}: {_scrub(_one_line(err), url)}") from None
     else:
-        raise UserError(f"{redacted(url)}: download failed after {opts.retries + 1} tries: {_scrub(_one_line(last), url)}")
+        raise UserError(f"{redacted(url)}: download failed after {opts.retries + 1} tries: "
+                        f"{_scrub(_one_line(last), url)}")
     final = work / name
     os.replace(part, final)
     return final
@@ -291,9 +292,9 @@ def _http_attempt(url: str, part: Path, state: dict) -> str | None:
         encoded = r.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
         total = offset + length if length is not None and not encoded else None
         try:
+            label = _safe_name(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])[:40]  # no query: a signature
             with open(part, "ab" if resumed else "wb") as f, \
-                    tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=_safe_name(url.split("?")[0].rsplit("/")[-1])[:40],
-                         disable=None) as bar:
+                    tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=label, disable=None) as bar:
                 for chunk in r.iter_content(CHUNK):
                     f.write(chunk)
                     bar.update(len(chunk))
