@@ -84,16 +84,16 @@ def sha256_code(files, libraries) -> str:
                         "versions": {dist: library_version(dist) for dist in libraries}})
 
 
-def remove_leftovers(dest, suffix: str = ".tmp") -> None:
+def remove_leftovers(dest, suffix: str = ".tmp", keep: Path | None = None) -> None:
     """Remove what a killed writer of `dest` left beside it: the temporaries atomic_path (suffix
     .tmp) or a download (.download) names .<name>.<8 random characters><suffix>. Nothing removes
-    them when a SIGKILL stops the writer; each may be a whole dataset."""
+    them when a SIGKILL stops the writer; each may be a whole dataset. `keep`: the caller's own."""
     dest = Path(dest)
     if not dest.parent.is_dir():
         return
     mine = re.compile(re.escape(f".{dest.name}.") + r"[a-z0-9_]{8}" + re.escape(suffix))
     for path in dest.parent.iterdir():
-        if mine.fullmatch(path.name):
+        if mine.fullmatch(path.name) and path != keep:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -118,7 +118,6 @@ def atomic_path(dest):
     if old.is_dir() and not dest.exists():  # a kill between the two renames below: the folder comes back
         os.replace(old, dest)
     shutil.rmtree(old, ignore_errors=True)
-    remove_leftovers(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     tmp.rmdir()  # the caller creates a file or a folder at this name
     try:
@@ -126,6 +125,8 @@ def atomic_path(dest):
         if dest.is_dir() and not tmp.is_dir():
             raise UserError(f"{dest}: a folder is there, where a file is to be written; "
                             f"move it away or choose another name (the folder is kept)")
+        if tmp.is_dir():  # a folder's leftovers may be a whole dataset; a file's are small, and
+            remove_leftovers(dest, keep=tmp)  # listing a folder of 10,000 cache items at each write is not
         if dest.is_dir() and not dest.is_symlink():
             os.replace(dest, old)
             try:

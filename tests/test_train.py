@@ -22,7 +22,7 @@ from sdtune import io, params as params_lib
 from sdtune.errors import UserError
 from sdtune.data import cache
 from sdtune.families import common, sd
-from sdtune.train import checkpoint, loop, lora as lora_lib
+from sdtune.train import checkpoint, loop, lora as lora_lib, validate as validate_lib
 
 PARAMS = """\
 base: {seed: 3}
@@ -713,7 +713,7 @@ def test_the_published_lora_is_the_ema_shadow_not_the_raw_weights(workspace, tmp
 
 def test_validation_samples_the_ema_weights_and_leaves_the_training_as_it_was(workspace, tmp_path, monkeypatch):
     from sdtune.evaluate import generate
-    from sdtune.train import lora, validate as validate_lib
+    from sdtune.train import lora
 
     train = {"steps": 3, "ema_decay": 0.9, "deterministic": True, "validation_prompts": ["a picture 1"],
              "validation_seeds": [0], "validation_steps": 2}
@@ -1142,3 +1142,14 @@ def test_a_cache_encoded_by_another_revision_of_the_model_is_not_trained_on(work
                               f"model.revision (main) now names {index['resolved_revision']}; encode it again with "
                               f"`dvc repro -f cache`, or pin model.revision")
     assert not (ws / "ck").exists() and run.step == 0
+
+
+def test_a_resumed_run_drops_the_later_images_and_a_killed_writes_temporary(tmp_path):
+    """A kill while step 30's image was renamed into place left .step-0000030.png.<x>.tmp inside
+    reports/validation, a DVC output, and no rerun removed it."""
+    out = tmp_path / "validation"
+    out.mkdir()
+    for name in ["step-0000010.png", "step-0000020.png", "step-0000030.png", ".step-0000030.png.k2x9ab_1.tmp"]:
+        (out / name).write_bytes(b"png")
+    validate_lib.Validator(params_lib.parse({}), None, out).drop_after(20)
+    assert sorted(p.name for p in out.iterdir()) == ["step-0000010.png", "step-0000020.png"]

@@ -70,6 +70,8 @@ class Validator:
             found = re.fullmatch(r"step-(\d+)\.png", path.name)
             if found and int(found[1]) > step:
                 path.unlink()
+        for path in self.out_dir.glob(".step-*.tmp"):  # a kill while an image was written: inside a DVC output
+            path.unlink()
 
 
 def _latents_in(dtype):
