@@ -12,6 +12,7 @@ import torch
 
 from sdtune import __version__, io
 from sdtune.errors import UserError
+from sdtune.params import ALONG_THE_WAY
 
 REPORTS = Path("reports")
 # The pipeline's stages in dvc.yaml's order (a test holds the two together).
@@ -85,15 +86,18 @@ def stage(name: str):
 
 
 def git_commit() -> str:
-    """HEAD, with "+modified" when the code under sdtune/ or stages/ differs from it: `dvc exp run`
-    trains on uncommitted code (its params.yaml edits are in the params hash instead)."""
+    """The last commit that changed the code under sdtune/ or stages/, with "+modified" when the
+    code differs from HEAD's: `dvc exp run` trains on uncommitted code (its params.yaml edits are
+    in the params hash instead). Not HEAD: committing dvc.lock after a run moves it, and a rerun
+    would write a LoRA that differs by this field alone, re-running every stage after train."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "log", "-1", "--format=%H", "--", "sdtune", "stages"], capture_output=True,
+                              text=True, timeout=10)
         diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "sdtune", "stages"], capture_output=True,
                               timeout=30)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    if head.returncode != 0:
+    if head.returncode != 0 or not head.stdout.strip():
         return "unknown"
     return head.stdout.strip() + ("+modified" if diff.returncode == 1 else "")
 
@@ -106,9 +110,13 @@ def git_commit() -> str:
 LORA_PARAMS = ("train", "model", "base.seed")
 
 
-def params_hash(params, keys) -> str:
-    """The sha256 of the values of `keys` (dotted: a section or one key in it)."""
+def params_hash(params, keys, leave_out=()) -> str:
+    """The sha256 of the values of `keys` (dotted: a section or one key in it), without the dotted
+    keys in `leave_out`."""
     dumped = params.model_dump()
+    for key in leave_out:
+        section, _, name = key.rpartition(".")
+        dumped[section].pop(name)
     picked = {}
     for key in keys:
         value = dumped
@@ -133,6 +141,8 @@ def provenance(params, base_commit: str = "unknown", raw_dir="data/raw", cache_i
         # data.sha256 pin, `sha256sum` in the shell); not the manifest's bytes, which also name
         # data.source: the same images fetched from elsewhere are the same data.
         "dataset_sha256": io.tree_sha256(io.manifest(raw)) if raw.is_dir() else "unknown",
-        "params_sha256": params_hash(params, LORA_PARAMS),
+        # Not the keys of the loop around the step: a rerun for log_every resumes to the same
+        # tensors, and the same file leaves the stages after train as they were.
+        "params_sha256": params_hash(params, LORA_PARAMS, [f"train.{k}" for k in ALONG_THE_WAY]),
         "git_commit": git_commit(),
     }

@@ -804,6 +804,9 @@ def test_the_loras_params_hash_follows_the_train_stages_params_not_the_device_no
     assert digest(base={"seed": 1}) != digest(base={"seed": 2})
     assert digest(model={"resolution": 64}) != digest(model={"resolution": 128})
     assert digest(train={"steps": 3}) != digest(train={"steps": 4})
+    # nor with the keys of the loop around the step: a rerun for one resumes to the same tensors,
+    # and a LoRA differing by its metadata alone re-ran quantize, evaluate and profile
+    assert digest(train={"log_every": 1, "validate_every": 2}) == digest(train={"log_every": 50})
 
 
 def test_the_loras_base_commit_is_what_the_revision_resolved_to_not_its_name(uninterrupted):
@@ -842,6 +845,13 @@ def test_the_loras_git_commit_says_when_the_code_differs_from_it(tmp_path, monke
     assert runtime.git_commit() == head
     (tmp_path / "stages" / "train.py").write_text("steps = 2\n")  # the stage scripts are code too
     assert runtime.git_commit() == head + "+modified"
+    subprocess.run([*git, "checkout", "-q", "stages/train.py"], check=True)
+    # Committing a run's dvc.lock and params moves HEAD, not the code: a rerun's LoRA names the same
+    # commit, so the stages after train are not re-run for its metadata alone.
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "run"], check=True)
+    assert runtime.git_commit() == head
 
 
 def test_lora_layers_add_their_products_inside_gemms_and_train_peft_s_lora(workspace):

@@ -16,17 +16,16 @@ from accelerate.state import AcceleratorState
 from sdtune import io
 from sdtune.data import cache as cache_lib
 from sdtune.errors import UserError
-from sdtune.params import Train, cell_train_keys, validate
+from sdtune.params import ALONG_THE_WAY, Train, cell_train_keys, validate
 from sdtune.profiling import cost as cost_lib, flops, hardware, kernels, memory, phases, roofline
 from sdtune.train import lora, loop
 
 # A cell's keys that are not train keys: "latents" says where each step's latents and text
 # embeddings come from, the cache (what `dvc repro` trains with) or encoded again every step.
 LATENTS = ("cached", "on_the_fly")
-# Train keys of the loop around the step (logging, checkpoints, validation images, W&B): a cell
-# times the step alone, so a cell changing one would measure the baseline under another name.
-NOT_MEASURED = ("log_every", "checkpoint_every", "keep_checkpoints", "wandb", "wandb_project", "validate_every",
-                "validation_prompts", "validation_seeds", "validation_steps")
+# A cell times the step alone, so a cell changing a key of the loop around it would measure the
+# baseline under another name.
+NOT_MEASURED = ALONG_THE_WAY
 
 
 def cell_params(params, cell: dict):
