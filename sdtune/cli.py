@@ -193,7 +193,7 @@ def tune(pipe, family, scheduler, channels_last, compile_):
 def generate(args) -> None:
     quiet_libraries()
     from sdtune import families, io, runtime
-    from sdtune.evaluate import generate as gen
+    from sdtune.evaluate import generate as gen, pipelines
 
     params = load_params(args)
     ev = params.evaluate
@@ -218,7 +218,7 @@ def generate(args) -> None:
         raise UserError("--lora-scale: no LoRA to scale; add --lora models/lora (or an -adapter --variant)")
     kwargs = variant_kwargs(args.variant, args.lora, args.lora_scale) if args.variant else {"lora_dir": args.lora}
     check_folder(jobs[0][2])  # the last check: it makes the folder
-    pipe = gen.pipeline(family, params.model, device, lora_scale=scale, **kwargs)
+    pipe = pipelines.load(family, params.model, device, lora_scale=scale, **kwargs)
     tune(pipe, family, args.scheduler, args.channels_last, args.compile)
 
     for prompt, seed, path in jobs:

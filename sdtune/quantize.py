@@ -17,6 +17,7 @@ import torch
 from sdtune import families, io
 from sdtune.errors import UserError
 from sdtune.families import common
+from sdtune.profiling import memory
 
 LORA_DIR = Path("models/lora")         # the train stage's LoRA
 QUANT_DIR = Path("models/quantized")   # the quantize stage's variants, one folder each
@@ -76,7 +77,7 @@ def saved_variants() -> list[str]:
 
 
 def pipeline_kwargs(name: str, lora_dir=None) -> dict:
-    """generate.pipeline() arguments for the variant QUANT_DIR/<name>: its method, and the LoRA to
+    """pipelines.load() arguments for the variant QUANT_DIR/<name>: its method, and the LoRA to
     load on top: `lora_dir`, or LORA_DIR by default when the variant kept its LoRA as an adapter."""
     method, mode = variant_parts(name)
     if lora_dir is None and mode == "adapter":
@@ -95,31 +96,8 @@ def check_supported(name: str) -> None:
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
-    """Bytes the module's parameters and buffers really occupy: see weight_bytes."""
-    return weight_bytes([*module.parameters(), *module.buffers()])
-
-
-def weight_bytes(tensors) -> int:
-    """Bytes the tensors really occupy, looking inside quantized tensor subclasses (torchao) and at
-    the scales bitsandbytes keeps beside its weights: for 4-bit ones absmax, the NF4 code, and their
-    own quantization's (3% more than the packed weights at NF4's block of 64); for 8-bit ones a
-    float32 scale per output row (SCB; its CB is the weight itself)."""
-    def size(t):
-        if hasattr(t, "__tensor_flatten__"):
-            names, _ = t.__tensor_flatten__()
-            return sum(size(getattr(t, n)) for n in names)
-        return t.numel() * t.element_size()
-
-    parts = []  # all held till the end, so that no id() below is a freed tensor's
-    for t in tensors:
-        parts.append(t)
-        state = getattr(t, "quant_state", None)
-        if state is not None:  # as bitsandbytes saves them, less the packed entry describing them
-            parts += [v for k, v in state.as_dict(packed=True).items() if not k.startswith("quant_state.")]
-        if getattr(t, "SCB", None) is not None:
-            parts.append(t.SCB)
-    unique = {id(t): t for t in parts}  # a tensor shared by several layers (the NF4 code) counts once
-    return sum(size(t) for t in unique.values())
+    """Bytes the module's parameters and buffers really occupy: see memory.bytes_of."""
+    return memory.bytes_of([*module.parameters(), *module.buffers()])
 
 
 def folder_bytes(path) -> int:

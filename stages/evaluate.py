@@ -12,7 +12,7 @@ import torch
 from sdtune import families, io, params as params_lib, quantize, runtime
 from sdtune.data import cache as cache_lib
 from sdtune.errors import UserError, main_guard
-from sdtune.evaluate import clip as clip_lib, generate, metrics, report
+from sdtune.evaluate import clip as clip_lib, generate, metrics, pipelines, report
 from sdtune.families import common
 from sdtune.profiling import memory
 
@@ -87,7 +87,7 @@ def main():
         images, records = {}, []
         for name, kwargs in todo:
             memory.reset_peak(device)
-            pipe = generate.pipeline(family, params.model, device, lora_scale=p.lora_scale, **kwargs)
+            pipe = pipelines.load(family, params.model, device, lora_scale=p.lora_scale, **kwargs)
             images[name], latency = evaluate_one(pipe, p, prompts, device, size)
             denoiser = getattr(pipe, family.DENOISER_ATTR)
             # The dtype the pipeline ran in: a variant's method sets it (bf16 for int8wo), so on a

@@ -15,7 +15,7 @@ from test_kohya import make_lora
 from conftest import OFFLINE, ROOT
 from sdtune import families, io, quantize, runtime
 from sdtune.cli import main
-from sdtune.evaluate import generate as gen
+from sdtune.evaluate import generate as gen, pipelines
 from sdtune.families import common
 from sdtune.params import load, parse
 
@@ -57,8 +57,8 @@ def direct(prompt, seed, size, *, steps=1, variant=None, lora=None, scheduler=No
     device = runtime.device(params.base.device)
     if variant is not None:
         method, _ = quantize.variant_parts(variant)
-        pipe = gen.pipeline(family, params.model, device, variant_dir=quantize.QUANT_DIR / variant, method=method,
-                            lora_dir=lora)
+        pipe = pipelines.load(family, params.model, device, variant_dir=quantize.QUANT_DIR / variant, method=method,
+                              lora_dir=lora)
     else:
         pipe = gen.pipeline(family, params.model, device, lora_dir=lora, lora_scale=params.evaluate.lora_scale)
     if scheduler is not None:

@@ -90,16 +90,39 @@ def test_every_stage_depends_on_its_script_and_the_code_it_runs(name):
     assert not missing, f"{name}: add to its deps in dvc.yaml: {missing}"
 
 
+@pytest.mark.parametrize("name", list(STAGES))
+def test_no_stage_depends_on_code_it_does_not_run(name):
+    """The other way: an edit to a module a stage never imports re-ran it for nothing. profile listed
+    sdtune/train whole, validate.py and outputs.py with it; train ran sdtune/quantize.py through
+    generate.py, so a change to how variants are saved trained again from step 0."""
+    used = code_run_by(ROOT / "stages" / f"{name}.py")
+    listed = [d for d in STAGES[name]["deps"] if isinstance(d, str) and d.startswith("sdtune/")
+              and not d.startswith("sdtune/assets/")]
+    files = {str(f.relative_to(ROOT)) for d in listed
+             for f in ((ROOT / d).rglob("*.py") if (ROOT / d).is_dir() else [ROOT / d])}
+    unused = sorted(f for f in files if f not in used and not only_a_docstring(f))
+    assert not unused, f"{name}: depends on code it does not run: {unused}"
+
+
 def test_the_walk_follows_imports_through_modules_functions_and_family_lookup(tmp_path):
     # The checker itself. The training loop reaches the validation sampler only through
-    # sdtune.train.validate, and quantize only through sdtune.evaluate.generate.
+    # sdtune.train.validate; quantize is not reached (variants load in evaluate/pipelines.py).
     used = code_run_by(ROOT / "stages" / "train.py")
-    assert {"sdtune/train/validate.py", "sdtune/evaluate/generate.py", "sdtune/quantize.py"} <= used
+    assert {"sdtune/train/validate.py", "sdtune/evaluate/generate.py"} <= used
+    assert "sdtune/quantize.py" not in used
     assert "sdtune/families/sd3.py" in used  # loaded by name through families.get
     assert "sdtune/data/sources.py" not in used  # and it does not take in everything
     script = tmp_path / "lazy.py"
     script.write_text("def later():\n    from sdtune import quantize\n")
     assert "sdtune/quantize.py" in code_run_by(script)  # an import inside a function counts too
+
+
+def test_profile_depends_on_every_train_key_but_those_of_the_loop_around_the_step():
+    """A change to train.log_every or the validation images re-ran the whole profile matrix."""
+    from sdtune.params import ALONG_THE_WAY, Train
+
+    listed = {k.removeprefix("train.") for k in STAGES["profile"]["params"] if k.startswith("train")}
+    assert listed == set(Train.model_fields) - set(ALONG_THE_WAY)
 
 
 def test_the_loras_params_hash_covers_the_params_the_train_stage_lists():

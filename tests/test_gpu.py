@@ -14,7 +14,7 @@ import torch
 
 from conftest import tiny_cache
 from sdtune import params as params_lib, quantize
-from sdtune.evaluate import generate
+from sdtune.evaluate import generate, pipelines
 from sdtune.families import sd
 from sdtune.profiling import hardware, run as prof
 from sdtune.train import lora, loop
@@ -146,8 +146,8 @@ def test_cuda_variants_are_smaller_reload_and_render_the_same_image_twice(method
     row = quantize.make_variant(sd, MODEL, lora_dir, method, "fused", out)
     assert row["memory_bytes"] < quantize.tensor_bytes(sd.tiny_unet())
     device = torch.device("cuda")
-    first = images(generate.pipeline(sd, MODEL, device, variant_dir=out, method=method))
-    again = images(generate.pipeline(sd, MODEL, device, variant_dir=out, method=method))
+    first = images(pipelines.load(sd, MODEL, device, variant_dir=out, method=method))
+    again = images(pipelines.load(sd, MODEL, device, variant_dir=out, method=method))
     # Same seed, same image: allow one level of rounding where a GPU kernel's reduction order varies.
     assert all(np.abs(a - b).max() <= 1 for a, b in zip(first, again))
     assert all(a.std() > 0 for a in first)  # pictures, not a constant fill

@@ -5,7 +5,7 @@ import torch
 
 from sdtune import params as params_lib, quantize
 from sdtune.errors import UserError
-from sdtune.evaluate import generate, metrics
+from sdtune.evaluate import generate, metrics, pipelines
 from sdtune.evaluate.clip import load_clip
 from sdtune.families import common, sd
 
@@ -53,7 +53,7 @@ def test_fused_denoiser_is_the_adapter_the_evaluate_stage_loads(lora_dir, scale)
 @pytest.fixture(scope="module")
 def int8_images(variant):
     """The saved int8 variant, reloaded and rendered once for the tests that compare it."""
-    return images(generate.pipeline(sd, MODEL, torch.device("cpu"), variant_dir=variant[0], method="int8wo"))
+    return images(pipelines.load(sd, MODEL, torch.device("cpu"), variant_dir=variant[0], method="int8wo"))
 
 
 def test_report_row_measures_size_and_load(variant):
@@ -69,7 +69,7 @@ def linear_weight_types(module) -> set[str]:
 
 def test_saved_variant_reloads_and_gives_the_same_image_for_the_same_seed(variant, int8_images):
     path, _ = variant
-    pipe = generate.pipeline(sd, MODEL, torch.device("cpu"), variant_dir=path, method="int8wo")
+    pipe = pipelines.load(sd, MODEL, torch.device("cpu"), variant_dir=path, method="int8wo")
     assert "Int8Tensor" in linear_weight_types(pipe.unet)  # the pipeline samples with the saved int8 denoiser
     again = images(pipe)
     assert [a.tobytes() for a in int8_images] == [b.tobytes() for b in again]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sdtune import io, quantize
+from sdtune import io
 from sdtune.errors import UserError
 from sdtune.families import common
 from sdtune.train import kohya
@@ -111,19 +111,13 @@ def _libraries_silent():
         dlog.set_verbosity(level)
 
 
-def pipeline(family, model, device, *, lora_dir=None, variant_dir=None, method=None, lora_scale=1.0, dtype=None):
-    """base: neither; base+LoRA: lora_dir; a quantized variant: variant_dir + method (+ lora_dir
-    when its LoRA was kept as an adapter). `dtype` (unquantized only) defaults to compute_dtype."""
+def pipeline(family, model, device, *, lora_dir=None, lora_scale=1.0, dtype=None, denoiser=None):
+    """The base model, with the LoRA in lora_dir when given. `denoiser`: one loaded already (a
+    quantized variant's, pipelines.load), in `dtype`; `dtype` defaults to compute_dtype."""
     if lora_dir is not None:
         common.lora_path(lora_dir)  # a missing LoRA fails before the model loads
-    if variant_dir is not None:
-        quantize.check_base(variant_dir, model)
-        denoiser = quantize.load_variant(family, variant_dir, method)
-        dtype = quantize.METHODS[method].dtype
-        pipe = family.load_pipeline(model, dtype, **{family.DENOISER_ATTR: denoiser})
-    else:
-        dtype = dtype or common.compute_dtype(device)
-        pipe = family.load_pipeline(model, dtype)
+    dtype = dtype or common.compute_dtype(device)
+    pipe = family.load_pipeline(model, dtype, **({family.DENOISER_ATTR: denoiser} if denoiser is not None else {}))
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     if lora_dir is not None:

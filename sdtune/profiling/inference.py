@@ -17,7 +17,7 @@ from sdtune.families import common
 from sdtune.data import cache as cache_lib
 from sdtune.errors import UserError
 from sdtune.params import validate
-from sdtune.evaluate import generate, metrics
+from sdtune.evaluate import generate, metrics, pipelines
 from sdtune.profiling import flops, hardware, memory
 from sdtune.train.loop import attention
 
@@ -55,7 +55,7 @@ def _pipeline(cell: Cell, family, model, lora_dir, device):
     """(pipeline, dtype) of a cell: a saved variant, or the base model with or without the LoRA."""
     if cell.variant is not None:
         kwargs = quantize.pipeline_kwargs(cell.variant)
-        return generate.pipeline(family, model, device, **kwargs), quantize.METHODS[kwargs["method"]].dtype
+        return pipelines.load(family, model, device, **kwargs), quantize.METHODS[kwargs["method"]].dtype
     dtype = cache_lib.DTYPES[cell.dtype]
     return generate.pipeline(family, model, device, lora_dir=lora_dir if cell.lora else None, dtype=dtype), dtype
 

@@ -286,8 +286,7 @@ NOT_FINGERPRINTED = {"checkpoint_every", "keep_checkpoints", "log_every", "wandb
 # holds the two together): what computes a step, the validation images and the LoRA written.
 SDTUNE = Path(common.__file__).parent.parent
 TRAINING_CODE = [SDTUNE / "train", SDTUNE / "families", SDTUNE / "data/cache.py", SDTUNE / "data/images.py",
-                 SDTUNE / "data/links.py", SDTUNE / "evaluate/generate.py", SDTUNE / "evaluate/report.py",
-                 SDTUNE / "quantize.py"]
+                 SDTUNE / "data/links.py", SDTUNE / "evaluate/generate.py", SDTUNE / "evaluate/report.py"]
 
 
 # The libraries that change the numbers of a step, an optimizer update, a validation image (its
