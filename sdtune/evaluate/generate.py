@@ -1,4 +1,4 @@
-"""Build a pipeline for one variant (base, base+LoRA, a saved quantized denoiser) and sample it."""
+"""Build the base model's pipeline, with a LoRA, and sample it (a quantized variant's: pipelines.py)."""
 
 import contextlib
 import re
