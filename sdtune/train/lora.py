@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils import get_peft_model_state_dict
 from diffusers.utils import convert_state_dict_to_diffusers
 
@@ -32,16 +32,12 @@ def config(lora, default_targets) -> LoraConfig:
     )
 
 
-def _targeted(name: str, targets) -> bool:
-    """peft's match for a list of target modules: the module's whole name, or its last dotted parts."""
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def unmatched(denoiser, targets) -> list[str]:
-    """The names in `targets` that match no module of `denoiser`. peft says nothing of one while
-    another matches: a typo trained a LoRA on the other modules alone."""
+    """The names in `targets` that match no module of `denoiser`, by peft's own rule. peft says
+    nothing of one while another matches: a typo trained a LoRA on the other modules alone."""
     names = [name for name, _ in denoiser.named_modules()]
-    return [t for t in targets if not any(_targeted(name, [t]) for name in names)]
+    return [t for t in targets
+            if not any(check_target_module_exists(LoraConfig(target_modules=[t]), name) for name in names)]
 
 
 def check(denoiser, lora, targets, key: str = "train.lora") -> None:
@@ -51,8 +47,9 @@ def check(denoiser, lora, targets, key: str = "train.lora") -> None:
     if lora.target_modules and (missing := unmatched(denoiser, lora.target_modules)):
         raise UserError(f"{key}.target_modules: {', '.join(missing)} matches no module of the denoiser")
     if lora.init in MUTATES_BASE:
+        targeted = LoraConfig(target_modules=list(targets))
         sides = [min(m.in_features, m.out_features) for name, m in denoiser.named_modules()
-                 if isinstance(m, torch.nn.Linear) and _targeted(name, targets)]
+                 if isinstance(m, torch.nn.Linear) and check_target_module_exists(targeted, name)]
         if sides and lora.rank > min(sides):
             raise UserError(f"{key}.rank: {lora.rank} is more than {min(sides)}, the smaller side of the narrowest "
                             f"targeted layer; {lora.init} starts from at most that many of its vectors")
