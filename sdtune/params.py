@@ -110,12 +110,13 @@ class Lora(Section):
     addmm: bool = True
 
 
-# Train keys of the loop around the step (logging, checkpoints, validation images, W&B): they
-# change what is logged, kept or drawn along the way, never a step nor the LoRA's weights. A profile
-# cell may not set them, the profile stage does not depend on them, and a LoRA's params_sha256
-# leaves them out (a rerun for one of them resumes to the same tensors and writes the same file).
-ALONG_THE_WAY = ("log_every", "checkpoint_every", "keep_checkpoints", "wandb", "wandb_project", "validate_every",
-                 "validation_prompts", "validation_seeds", "validation_steps")
+# Train keys of the loop around the step: they change what is logged, kept or drawn along the
+# way, never a step nor the LoRA's weights. A profile cell may not set them, the profile stage
+# does not depend on them, and a LoRA's params_sha256 leaves them out (a rerun for one of them
+# resumes to the same tensors and writes the same file). A checkpoint is resumed across the
+# logging ones, not the validation ones: a resumed run keeps the images of the steps before it.
+LOGGING = ("log_every", "checkpoint_every", "keep_checkpoints", "wandb", "wandb_project")
+ALONG_THE_WAY = LOGGING + ("validate_every", "validation_prompts", "validation_seeds", "validation_steps")
 
 
 class Train(Section):

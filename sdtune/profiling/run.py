@@ -23,16 +23,15 @@ from sdtune.train import lora, loop
 # A cell's keys that are not train keys: "latents" says where each step's latents and text
 # embeddings come from, the cache (what `dvc repro` trains with) or encoded again every step.
 LATENTS = ("cached", "on_the_fly")
-# A cell times the step alone, so a cell changing a key of the loop around it would measure the
-# baseline under another name.
-NOT_MEASURED = ALONG_THE_WAY
 
 
 def cell_params(params, cell: dict):
     """params with the cell's train overrides applied, validated like params.yaml itself."""
     name = cell["name"]
     overrides = cell_train_keys(cell)
-    if ignored := [k for k in NOT_MEASURED if k in overrides]:
+    # A cell times the step alone: one changing a key of the loop around it would measure the
+    # baseline under another name.
+    if ignored := [k for k in ALONG_THE_WAY if k in overrides]:
         raise UserError(f"params.yaml: profile.matrix.{name}.{ignored[0]}: a cell times the training step alone, "
                         f"which {ignored[0]} does not change; remove it")
     if cell.get("latents", "cached") not in LATENTS:

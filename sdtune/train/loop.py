@@ -23,7 +23,7 @@ from sdtune import families, io, runtime
 from sdtune.data import cache as cache_lib
 from sdtune.families import common
 from sdtune.errors import UserError
-from sdtune.params import CUDA_GRAPH_MODES
+from sdtune.params import CUDA_GRAPH_MODES, LOGGING
 from sdtune.profiling import hardware, memory
 from sdtune.train import checkpoint, lora, norms, optim, upsample
 
@@ -276,10 +276,6 @@ def _set_lora(run: Run):
     return set_tensors
 
 
-# Keys that change what is logged or kept, not what is computed: a run may resume across them.
-# The validation keys are not among them: a resumed run keeps the images of the steps before it,
-# which must be the images the same prompts, seeds and steps give.
-NOT_FINGERPRINTED = {"checkpoint_every", "keep_checkpoints", "log_every", "wandb", "wandb_project"}
 
 
 # The train stage's code deps in dvc.yaml but the profiling modules, which only measure (a test
@@ -336,7 +332,7 @@ def fingerprint(run: Run, cache_dir, revision: str, processes: int | None = None
     The model by `revision`, what its revision names (a moved "main" or edited local weights are
     another model; "main" pinned to the commit it names is the same); the cache by its items' keys.
     `processes`: the run's process count unless given (check_process_count asks for another's)."""
-    train = {k: v for k, v in run.params.train.model_dump().items() if k not in NOT_FINGERPRINTED}
+    train = {k: v for k, v in run.params.train.model_dump().items() if k not in LOGGING}  # resumed across these
     model = run.params.model.model_dump() | {"revision": revision}
     parts = {"train": train, "model": model, "seed": run.params.base.seed,
              "cache": io.sha256_json(io.read_json(Path(cache_dir) / "index.json", required=("items",))["items"]),
@@ -359,8 +355,9 @@ def check_process_count(run: Run, ckpt_dir, cache_dir) -> None:
                             f"{Path(ckpt_dir)} to train from step 0 with {now}")
 
 
-def resume(run: Run, ckpt_dir, mark: str) -> Path | None:
-    """Load the newest checkpoint in `ckpt_dir` whose fingerprint is `mark`, if any."""
+def resume(run: Run, ckpt_dir, mark: str, device: str) -> Path | None:
+    """Load the newest checkpoint in `ckpt_dir` whose fingerprint is `mark`, if any. `device`:
+    what this run computes on (hardware.device_name)."""
     acc = run.accelerator
     if acc.is_main_process:  # one remover: ranks removing the same folders race
         checkpoint.remove_stale(ckpt_dir, mark)
@@ -372,16 +369,16 @@ def resume(run: Run, ckpt_dir, mark: str) -> Path | None:
     run.step, run.history = checkpoint.restore(saved, _set_lora(run), run.optimizer, run.lr_scheduler, run.ema,
                                                acc.scaler, rank=acc.process_index)
     # Not refused: another card (or CPU thread count) gives a run as good, rounded otherwise.
-    made_on, here = saved["meta"].get("device"), hardware.device_name(acc.device)
-    if made_on and made_on != here and acc.is_main_process:
-        print(f"train: warning: {path.name} was made on {made_on}, this run is on {here}: its kernels round "
+    made_on = saved["meta"].get("device")
+    if made_on and made_on != device and acc.is_main_process:
+        print(f"train: warning: {path.name} was made on {made_on}, this run is on {device}: its kernels round "
               f"otherwise, so the LoRA will not be bit-identical to an uninterrupted run's")
     return path
 
 
-def _flush(run: Run, pending: list) -> None:
+def _flush(run: Run, pending: list, log=None) -> None:
     """Move the pending per-step losses to the host once, and stop on the first non-finite one
-    (or non-finite gradient norm).
+    (or non-finite gradient norm); each row goes to `log` (W&B) too, every step in order.
     Every process calls it at the same steps. The losses are the mean over the processes, each of
     which trained its own batches: the curve is the global batch's, and a loss that is not finite
     on one process stops them all, where the others would wait for it in the next all-reduce."""
@@ -398,6 +395,8 @@ def _flush(run: Run, pending: list) -> None:
                 raise UserError(f"train: the {what} became {value} at step {step}; stopped. The last good "
                                 f"checkpoint is kept; lower train.lr or change train.mixed_precision")
         run.history.append({"step": step, "loss": loss, "lr": lr, "grad_norm": norm})
+        if log is not None:
+            log(run.history[-1])
     pending.clear()
 
 
@@ -415,7 +414,8 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
     run.base_revision = base_revision(run)
     mark = fingerprint(run, cache_dir, run.base_revision)
     check_process_count(run, ckpt_dir, cache_dir)
-    resumed = resume(run, ckpt_dir, mark)
+    device = hardware.device_name(acc.device)  # in words: the card, or the CPU and its threads
+    resumed = resume(run, ckpt_dir, mark, device)
     start, pending = run.step, []
     if on_start is not None and acc.is_main_process:
         on_start(start)
@@ -426,18 +426,6 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
     # The speed is the training's: time spent writing checkpoints and drawing validation images is
     # counted apart (`paused`), and images are counted batch by batch (a short last batch has fewer).
     t0, paused, images = time.perf_counter(), 0.0, 0
-    device = hardware.device_name(acc.device)
-    logged = len(run.history)
-
-    def flush():
-        """The pending steps to the history, and each new row to `log` (W&B): every step's loss, in order."""
-        nonlocal logged
-        _flush(run, pending)
-        if log is not None:
-            for row in run.history[logged:]:
-                log(row)
-        logged = len(run.history)
-
     bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc="train", unit="step",
                disable=not acc.is_main_process)
     for step in bar:
@@ -448,7 +436,7 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
         run.step = step + 1
         last = run.step == p.steps
         if run.step % p.log_every == 0 or run.step % p.checkpoint_every == 0 or last:
-            flush()
+            _flush(run, pending, log)
             bar.set_postfix(loss=f"{run.history[-1]['loss']:.4f}")
         # The checkpoint before validation: a validation that fails (out of memory on a small card)
         # must not take the step's checkpoint with it. The last step too, so that a rerun after a
@@ -462,7 +450,7 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
                                 p.keep_checkpoints, mark, rng_by_rank=rng, device=device)
             paused += time.perf_counter() - began
         if validate is not None and _validates_at(p, run.step):
-            flush()  # waits for the steps queued on the device: their time is training's
+            _flush(run, pending, log)  # waits for the steps queued on the device: their time is training's
             began = time.perf_counter()
             validate(run)
             paused += time.perf_counter() - began
@@ -481,7 +469,7 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
         "steps_per_second": done / seconds if done else 0.0,
         "images_per_second": images / seconds if done else 0.0,
         "mixed_precision": acc.mixed_precision, "device": str(acc.device),
-        "device_name": hardware.device_name(acc.device), "processes": acc.num_processes,
+        "device_name": device, "processes": acc.num_processes,
         "peak_memory_bytes": memory.peak_memory(acc.device)["peak_bytes"],
     }
 
