@@ -26,19 +26,19 @@ MACHINE = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk
            errno.EROFS: "the file system is read-only"}
 
 
-def machine_error(err: Exception) -> str | None:
+def machine_error(err: OSError) -> str | None:
     """`err` in one line when it is one of MACHINE's, else None. shutil.Error (a copy of a folder)
     holds one (source, destination, reason) per file, its reasons as text."""
     if isinstance(err, shutil.Error):
-        for _, where, reason in err.args[0] if err.args and isinstance(err.args[0], list) else []:
-            for code, hint in MACHINE.items():
-                if os.strerror(code) in str(reason):
-                    return f"{where}: {os.strerror(code)}; {hint} and run it again (the outputs before are kept)"
+        failed = err.args[0] if err.args and isinstance(err.args[0], list) else []
+        found = [(f"{where}: ", code) for _, where, reason in failed for code in MACHINE
+                 if os.strerror(code) in str(reason)]
+    else:
+        found = [(f"{err.filename}: " if err.filename else "", err.errno)] if err.errno in MACHINE else []
+    if not found:
         return None
-    if isinstance(err, OSError) and err.errno in MACHINE:
-        where = f"{err.filename}: " if err.filename else ""  # a write() names no file
-        return f"{where}{err.strerror}; {MACHINE[err.errno]} and run it again (the outputs before are kept)"
-    return None
+    where, code = found[0]  # a write() names no file
+    return f"{where}{os.strerror(code)}; {MACHINE[code]} and run it again (the outputs before are kept)"
 
 
 def main_guard(fn):
