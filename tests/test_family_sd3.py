@@ -4,7 +4,6 @@ LoRA training, saving and loading, and the cache → train path end to end. All 
 import inspect
 import math
 import os
-from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is built locally
 
@@ -168,10 +167,10 @@ def test_loss_is_a_function_of_the_generator(params, batch, trained):
     assert not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("density", sd3.DENSITIES)
+@pytest.mark.parametrize("density", params_lib.DENSITIES)
 def test_timestep_densities(density):
     scheduler = sd3.tiny_scheduler()
-    train = SimpleNamespace(timestep_density=density, logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+    train = make_params(timestep_density=density).train
     sigmas, timesteps = sd3.sample_sigmas(scheduler, 512, torch.Generator().manual_seed(0), train)
     again, _ = sd3.sample_sigmas(scheduler, 512, torch.Generator().manual_seed(0), train)
     assert torch.equal(sigmas, again)
@@ -180,14 +179,13 @@ def test_timestep_densities(density):
     assert len(sigmas.unique()) > 100  # spread over the table, not stuck at one level
 
 
-@pytest.mark.parametrize("weighting", sd3.WEIGHTINGS)
+@pytest.mark.parametrize("weighting", params_lib.WEIGHTINGS)
 def test_loss_weightings(params, batch, trained, weighting):
     """Each weighting's loss against one written out from the formulas: logit-normal levels on the
     scheduler's table, the velocity MSE, or (sigma_sqrt: σ⁻², cosmap: 2/(π(1−2σ+2σ²))) on the image
     the prediction implies."""
     denoiser, _ = trained
-    train = SimpleNamespace(**{k: getattr(params.train, k) for k in ("snr_gamma", "noise_offset")},
-                            loss_weighting=weighting)
+    train = make_params(loss_weighting=weighting).train
     scheduler = sd3.tiny_scheduler()
     with torch.no_grad():
         loss = sd3.training_loss(denoiser, scheduler, batch, torch.Generator().manual_seed(0), train)
@@ -218,31 +216,34 @@ def test_weightings_apply_to_the_implied_image_as_diffusers_does(params, batch, 
     denoiser, _ = trained
 
     def loss(weighting):
-        train = SimpleNamespace(snr_gamma=None, noise_offset=0.0, loss_weighting=weighting)
+        train = make_params(loss_weighting=weighting).train
         with torch.no_grad():
             return sd3.training_loss(denoiser, sd3.tiny_scheduler(), batch, torch.Generator().manual_seed(0), train)
 
     generator = torch.Generator().manual_seed(0)  # as the loss draws them: the noise first, then the levels
     common.sample_noise(batch["latents"], generator, 0.0)
-    sigmas, _ = sd3.sample_sigmas(sd3.tiny_scheduler(), 2, generator, SimpleNamespace())
+    sigmas, _ = sd3.sample_sigmas(sd3.tiny_scheduler(), 2, generator, make_params().train)
     velocity = loss("none")
     torch.testing.assert_close(loss("sigma_sqrt"), velocity, rtol=1e-4, atol=1e-6)
     cosmap = 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
     torch.testing.assert_close(loss("cosmap"), velocity * cosmap * sigmas**2, rtol=1e-4, atol=1e-6)
 
 
-def test_bad_choices_are_one_line_errors(params, batch, trained):
-    denoiser, _ = trained
+def test_bad_choices_are_one_line_errors():
     with pytest.raises(UserError, match="train.timestep_density"):
-        sd3.sample_sigmas(sd3.tiny_scheduler(), 2, torch.Generator(), SimpleNamespace(timestep_density="lognorm"))
-    bad = SimpleNamespace(snr_gamma=None, noise_offset=0.0, loss_weighting="sqrt")
+        make_params(timestep_density="lognorm")
     with pytest.raises(UserError, match="train.loss_weighting"):
-        sd3.training_loss(denoiser, sd3.tiny_scheduler(), batch, torch.Generator(), bad)
+        make_params(loss_weighting="sqrt")
     with pytest.raises(UserError, match="train.snr_gamma"):
-        sd3.training_loss(denoiser, sd3.tiny_scheduler(), batch, torch.Generator(), make_params(snr_gamma=5.0).train)
+        sd3.check_train(make_params(snr_gamma=5.0).train)
     with pytest.raises(UserError, match="train.noise_offset: sd3 samples from pure Gaussian noise"):
-        sd3.training_loss(denoiser, sd3.tiny_scheduler(), batch, torch.Generator(),
-                          make_params(noise_offset=0.05).train)
+        sd3.check_train(make_params(noise_offset=0.05).train)
+    # A UNet's swaps would do nothing to the transformer: the run would be the native one, renamed.
+    with pytest.raises(UserError, match="train.group_norm: 'per-channel' swaps a UNet's group norms"):
+        sd3.check_train(make_params(group_norm="per-channel").train)
+    with pytest.raises(UserError, match="train.upsample: 'broadcast' swaps a UNet's upsamplers"):
+        sd3.check_train(make_params(upsample="broadcast").train)
+    sd3.check_train(make_params().train)
     v = params_lib.parse({"model": {"family": "sd3", "id": "tiny", "prediction_type": "v_prediction"}})
     with pytest.raises(UserError, match="model.prediction_type"):
         sd3.load_noise_scheduler(v.model)
@@ -340,7 +341,7 @@ def test_cache_then_train_end_to_end(images, sd3_cache, tmp_path):
                                lora.peft_state(run.accelerator.unwrap_model(run.denoiser)))
 
 
-@pytest.mark.parametrize("weighting", sd3.WEIGHTINGS)
+@pytest.mark.parametrize("weighting", params_lib.WEIGHTINGS)
 def test_the_loss_and_its_backward_read_nothing_back_to_the_host(params, batch, weighting):
     from conftest import HostReads
 

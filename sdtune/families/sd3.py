@@ -13,7 +13,6 @@ from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, T5Config,
 
 from sdtune import runtime
 from sdtune.errors import UserError
-from sdtune.params import DENSITIES, WEIGHTINGS
 from sdtune.families import common
 
 PIPELINE = StableDiffusion3Pipeline
@@ -153,30 +152,31 @@ def encode_prompts(pipe, captions):
 # ---- the objective ----
 
 def check_train(train) -> None:
-    """The train keys flow matching cannot honour, refused before anything loads or a checkpoint
-    is removed (and again by training_loss, for callers that skip the training loop)."""
+    """The train keys flow matching or the transformer cannot honour, refused before anything
+    loads or a checkpoint is removed."""
     if train.snr_gamma is not None:
         raise UserError("train.snr_gamma: min-SNR weighting is for epsilon/v models; sd3 is trained by "
                         "flow matching, so leave it unset and use train.loss_weighting")
     if train.noise_offset:
         raise UserError("train.noise_offset: sd3 samples from pure Gaussian noise at sigma 1, and an offset "
                         "would train it to start elsewhere; leave it 0 for sd3")
-
-
-def _choice(train, name, default, allowed):
-    value = getattr(train, name, default)
-    if value not in allowed:  # diffusers treats any unknown name as uniform / unweighted
-        raise UserError(f"train.{name}: {value!r} is not allowed; use one of {', '.join(allowed)}")
-    return value
+    # Both swap layers a UNet has; the transformer has none, so the run would time or train the
+    # native model under another name.
+    if train.group_norm != "native":
+        raise UserError(f"train.group_norm: {train.group_norm!r} swaps a UNet's group norms; sd3's transformer "
+                        "has none, so leave it native")
+    if train.upsample != "native":
+        raise UserError(f"train.upsample: {train.upsample!r} swaps a UNet's upsamplers; sd3's transformer "
+                        "has none, so leave it native")
 
 
 def sample_sigmas(scheduler, batch_size, generator, train):
     """Noise levels for a batch, from the configured density over the scheduler's (shifted) table,
     the same table sampling walks down. Returns (sigmas, timesteps), each [B]."""
+    # params checked the names: diffusers treats any unknown one as uniform / unweighted.
     u = compute_density_for_timestep_sampling(
-        _choice(train, "timestep_density", "logit_normal", DENSITIES), batch_size,
-        logit_mean=getattr(train, "logit_mean", 0.0), logit_std=getattr(train, "logit_std", 1.0),
-        mode_scale=getattr(train, "mode_scale", 1.29), generator=generator)
+        train.timestep_density, batch_size, logit_mean=train.logit_mean, logit_std=train.logit_std,
+        mode_scale=train.mode_scale, generator=generator)
     n = scheduler.config.num_train_timesteps
     index = (u * n).long().clamp(0, n - 1)
     return scheduler.sigmas[index], scheduler.timesteps[index]
@@ -188,8 +188,7 @@ def training_loss(denoiser, scheduler, batch, generator, train):
     prediction implies (x0 = noisy - sigma * v, its default --precondition_outputs); that loss is
     sigma² times the velocity's, so applied to the velocity's they weight otherwise (sigma_sqrt by
     sigma⁻², up to 1e5 near sigma 0). They are applied where diffusers applies them."""
-    check_train(train)
-    weighting = _choice(train, "loss_weighting", "none", WEIGHTINGS)
+    weighting = train.loss_weighting
     latents = batch["latents"].float()  # the noising in float32: see common.sample_noise
     noise = common.sample_noise(latents, generator, train.noise_offset)
     sigmas, timesteps = sample_sigmas(scheduler, latents.shape[0], generator, train)
