@@ -275,13 +275,6 @@ class Evaluate(Section):
     lora_scale: float = Field(1.0, ge=0)
 
 
-# A profile.matrix cell's keys that are not train keys: its name and where its latents come from.
-CELL_KEYS = ("name", "latents")
-
-
-def cell_train_keys(cell: dict) -> dict:
-    """The train keys a profile.matrix cell changes."""
-    return {k: v for k, v in cell.items() if k not in CELL_KEYS}
 
 
 class Profile(Section):
@@ -356,7 +349,14 @@ def parse(raw: dict, source: str = "params.yaml") -> Params:
         raw = {}
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of sections at the top level")
-    return validate(Params, raw, source=source)
+    params = validate(Params, raw, source=source)
+    # The profile's cells are a train section and a generation setting each: checked here too, so
+    # a typo in one stops `dvc repro` at its first stage, not hours later at the profile stage.
+    for cell in params.profile.matrix:
+        cell_params(params, cell, source)
+    for cell in params.profile.inference:
+        inference_cell(cell, source)
+    return params
 
 
 def load(path="params.yaml") -> Params:
@@ -379,3 +379,66 @@ def _yaml_where(err: YAMLError) -> str:
     if mark is None or not problem:
         return f": {str(err).splitlines()[0]}"
     return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+# ---- the profile's cells ----
+
+# A profile.matrix cell's keys that are not train keys: its name, and where each step's latents and
+# text embeddings come from: the cache (what `dvc repro` trains with) or encoded again every step.
+CELL_KEYS = ("name", "latents")
+LATENTS = ("cached", "on_the_fly")
+
+
+def cell_train_keys(cell: dict) -> dict:
+    """The train keys a profile.matrix cell changes."""
+    return {k: v for k, v in cell.items() if k not in CELL_KEYS}
+
+
+def cell_latents(cell: dict) -> str:
+    return cell.get("latents", "cached")
+
+
+def cell_params(params: Params, cell: dict, source: str = "params.yaml") -> Params:
+    """params with a matrix cell's train keys applied, validated like the train section itself."""
+    name = cell["name"]
+    overrides = cell_train_keys(cell)
+    # A cell times the step alone: one changing a key of the loop around it would measure the
+    # baseline under another name.
+    if ignored := [k for k in ALONG_THE_WAY if k in overrides]:
+        raise UserError(f"{source}: profile.matrix.{name}.{ignored[0]}: a cell times the training step alone, "
+                        f"which {ignored[0]} does not change; remove it")
+    if cell_latents(cell) not in LATENTS:
+        raise UserError(f"{source}: profile.matrix.{name}.latents: expected one of {', '.join(LATENTS)} "
+                        f"(got {cell['latents']!r})")
+    train = validate(Train, _merged(params.train.model_dump(), overrides), where=f"profile.matrix.{name}",
+                     source=source)
+    return params.model_copy(update={"train": train})
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` applied key by key, nested sections included: a cell's
+    `lora: {rank: 64}` changes the rank and keeps train.lora's alpha, DoRA and target modules."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+class InferenceCell(Section):
+    """A profile.inference cell: how the evaluate stage's sampling is set up (profiling/inference.py)."""
+    name: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attention: Literal["sdpa", "math"] = "sdpa"
+    channels_last: bool = False
+    compile: bool = False
+    lora: bool = True
+    variant: str | None = None  # a quantized denoiser the quantize stage saved, e.g. nf4-fused
+
+
+def inference_cell(raw: dict, source: str = "params.yaml") -> InferenceCell:
+    where = f"profile.inference.{raw.get('name', '?')}"
+    cell = validate(InferenceCell, raw, where=where, source=source)
+    clash = sorted({"dtype", "lora"} & raw.keys())
+    if cell.variant is not None and clash:
+        raise UserError(f"{source}: {where}: a variant brings its own dtype and LoRA; drop {', '.join(clash)}")
+    return cell

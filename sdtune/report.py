@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from sdtune import io, runtime
-from sdtune.params import cell_train_keys
+from sdtune.params import cell_latents, cell_train_keys
 from sdtune.profiling import cost
 
 
@@ -73,7 +73,7 @@ UNSET = object()  # a train key a cell leaves to the train section while the oth
 
 def _keys(spec: dict) -> dict:
     """A cell's train keys and where its latents come from: an on-the-fly cell changes that too."""
-    return cell_train_keys(spec) | {"latents": spec.get("latents", "cached")}
+    return cell_train_keys(spec) | {"latents": cell_latents(spec)}
 
 
 def changes(cell: dict, ref: dict) -> dict:
@@ -91,7 +91,7 @@ def reference(cell: dict, earlier: list[dict]) -> dict:
 
 
 def _reads_cache(cell: dict) -> bool:
-    return cell["spec"].get("latents", "cached") == "cached"
+    return cell_latents(cell["spec"]) == "cached"
 
 
 def _same_but_cached(cell: dict, cells: list[dict]):

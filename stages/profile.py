@@ -144,10 +144,10 @@ def main():
     p = params.profile
     family = families.of(params)
     for spec in p.matrix:  # a typo in any cell, or a key the family refuses, stops here, before minutes of measuring
-        family.check_train(prof.cell_params(params, spec).train)
+        family.check_train(params_lib.cell_params(params, spec).train)
     prof.check_lora_targets(params, family, p.matrix)
     for spec in p.inference:
-        inference.check_variant(inference.parse_cell(spec))
+        inference.check_variant(params_lib.inference_cell(spec))
     cost.hourly_usd(p)  # an unpriced machine type stops here too, not in every cell after it was measured
     with runtime.stage("profile"):
         with io.atomic_path(OUT_DIR) as tmp, io.atomic_path(TRACES) as traces:

@@ -468,22 +468,36 @@ def test_on_the_fly_encoders_keep_a_float32_vae_instead_of_casting_it_every_step
 
 
 def test_unknown_latents_value_is_one_line():
-    from sdtune.profiling import run as prof
-
     with pytest.raises(UserError) as err:
-        prof.cell_params(PROFILE_PARAMS, {"name": "x", "latents": "onthefly"})
+        params_lib.cell_params(PROFILE_PARAMS, {"name": "x", "latents": "onthefly"})
     assert str(err.value) == ("params.yaml: profile.matrix.x.latents: expected one of cached, on_the_fly "
                               "(got 'onthefly')")
 
 
 def test_a_cell_key_the_step_never_reads_is_one_line():
-    from sdtune.profiling import run as prof
-
     for key, value in [("log_every", 1), ("validate_every", 1), ("wandb", "online")]:
         with pytest.raises(UserError) as err:
-            prof.cell_params(PROFILE_PARAMS, {"name": "x", key: value})
+            params_lib.cell_params(PROFILE_PARAMS, {"name": "x", key: value})
         assert str(err.value) == (f"params.yaml: profile.matrix.x.{key}: a cell times the training step alone, "
                                   f"which {key} does not change; remove it")
+
+
+@pytest.mark.parametrize("profile, message", [
+    ({"matrix": [{"name": "ok"}, {"name": "bf16", "mixed_precison": "bf16"}]},
+     "my.yaml: unknown key 'profile.matrix.bf16.mixed_precison'; allowed here: "),
+    ({"matrix": [{"name": "fly", "latents": "onthefly"}]},
+     "my.yaml: profile.matrix.fly.latents: expected one of cached, on_the_fly (got 'onthefly')"),
+    ({"inference": [{"name": "half", "dtyp": "bfloat16"}]},
+     "my.yaml: unknown key 'profile.inference.half.dtyp'; allowed here: name, dtype, "),
+    ({"inference": [{"name": "q", "variant": "nf4-fused", "lora": False}]},
+     "my.yaml: profile.inference.q: a variant brings its own dtype and LoRA; drop lora"),
+])
+def test_a_typo_in_a_profile_cell_stops_the_params_load(profile, message):
+    """Every stage loads the params: a mistyped cell stops `dvc repro` at fetch, not after hours of
+    training when the profile stage's turn comes."""
+    with pytest.raises(UserError) as err:
+        params_lib.parse({"profile": profile}, source="my.yaml")
+    assert str(err.value).startswith(message)
 
 
 def test_a_cell_with_a_mistyped_lora_target_stops_the_stage_before_any_cell_is_measured(
@@ -787,11 +801,10 @@ def test_short_batches_count_in_throughput_and_flops(tmp_path, keep_threads):
 
 
 def test_a_cells_nested_keys_change_only_what_they_name():
-    from sdtune.profiling import run as prof
 
     p = params_lib.parse({"train": {"lora": {"rank": 16, "alpha": 32.0, "dropout": 0.1,
                                              "target_modules": ["to_q", "to_v"]}}})
-    lora = prof.cell_params(p, {"name": "rank64", "lora": {"rank": 64}}).train.lora
+    lora = params_lib.cell_params(p, {"name": "rank64", "lora": {"rank": 64}}).train.lora
     assert (lora.rank, lora.alpha, lora.dropout, lora.target_modules) == (64, 32.0, 0.1, ["to_q", "to_v"])
 
 
@@ -1112,11 +1125,11 @@ def test_an_inference_variant_cell_must_be_saved_and_brings_its_own_dtype(tmp_pa
     from sdtune.profiling import inference
 
     with pytest.raises(UserError, match="a variant brings its own dtype and LoRA; drop dtype, lora"):
-        inference.parse_cell({"name": "q", "variant": "int8wo-fused", "dtype": "bfloat16", "lora": False})
+        params_lib.inference_cell({"name": "q", "variant": "int8wo-fused", "dtype": "bfloat16", "lora": False})
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models/quantized/int8wo-fused").mkdir(parents=True)
-    inference.check_variant(inference.parse_cell({"name": "q", "variant": "int8wo-fused"}))
+    inference.check_variant(params_lib.inference_cell({"name": "q", "variant": "int8wo-fused"}))
     with pytest.raises(UserError) as err:
-        inference.check_variant(inference.parse_cell({"name": "q", "variant": "nf4-fused"}))
+        inference.check_variant(params_lib.inference_cell({"name": "q", "variant": "nf4-fused"}))
     assert str(err.value) == ("params.yaml: profile.inference.q.variant: models/quantized/nf4-fused does not exist; "
                               "the quantize stage saved: int8wo-fused")

@@ -7,42 +7,19 @@ LoRA. Each reports the median seconds per image over evaluate.latency_repeats im
 warm-up, FLOPs per image (FlopCounterMode over one sample), MFU and peak memory.
 """
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from sdtune import families, quantize
 from sdtune.families import common
 from sdtune.data import cache as cache_lib
 from sdtune.errors import UserError
-from sdtune.params import validate
+from sdtune.params import InferenceCell, inference_cell
 from sdtune.evaluate import generate, metrics, pipelines
 from sdtune.profiling import flops, hardware, memory
 from sdtune.train.loop import attention
 
 
-class Cell(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    name: str
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attention: Literal["sdpa", "math"] = "sdpa"
-    channels_last: bool = False
-    compile: bool = False
-    lora: bool = True
-    variant: str | None = None
-
-
-def parse_cell(raw: dict) -> Cell:
-    where = f"profile.inference.{raw.get('name', '?')}"
-    cell = validate(Cell, raw, where=where)
-    clash = sorted({"dtype", "lora"} & raw.keys())
-    if cell.variant is not None and clash:
-        raise UserError(f"params.yaml: {where}: a variant brings its own dtype and LoRA; drop {', '.join(clash)}")
-    return cell
-
-
-def check_variant(cell: Cell) -> None:
+def check_variant(cell: InferenceCell) -> None:
     """A cell's variant must be one the quantize stage saved: said before any cell is measured."""
     saved = quantize.saved_variants()
     if cell.variant is None or cell.variant in saved:
@@ -51,7 +28,7 @@ def check_variant(cell: Cell) -> None:
                     f"does not exist; the quantize stage saved: {', '.join(saved) or 'nothing'}")
 
 
-def _pipeline(cell: Cell, family, model, lora_dir, device):
+def _pipeline(cell: InferenceCell, family, model, lora_dir, device):
     """(pipeline, dtype) of a cell: a saved variant, or the base model with or without the LoRA."""
     if cell.variant is not None:
         kwargs = quantize.pipeline_kwargs(cell.variant)
@@ -61,7 +38,7 @@ def _pipeline(cell: Cell, family, model, lora_dir, device):
 
 
 def profile_cell(params, raw: dict, lora_dir, device) -> dict:
-    cell = parse_cell(raw)
+    cell = inference_cell(raw)
     family = families.get(params.model.family)  # checked once by the stage (families.of)
     pipe, dtype = _pipeline(cell, family, params.model, lora_dir, device)
     denoiser = getattr(pipe, family.DENOISER_ATTR)

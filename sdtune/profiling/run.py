@@ -16,30 +16,9 @@ from accelerate.state import AcceleratorState
 from sdtune import io
 from sdtune.data import cache as cache_lib
 from sdtune.errors import UserError
-from sdtune.params import ALONG_THE_WAY, Train, cell_train_keys, validate
+from sdtune.params import cell_latents, cell_params
 from sdtune.profiling import cost as cost_lib, flops, hardware, kernels, memory, phases, roofline
 from sdtune.train import lora, loop
-
-# A cell's keys that are not train keys: "latents" says where each step's latents and text
-# embeddings come from, the cache (what `dvc repro` trains with) or encoded again every step.
-LATENTS = ("cached", "on_the_fly")
-
-
-def cell_params(params, cell: dict):
-    """params with the cell's train overrides applied, validated like params.yaml itself."""
-    name = cell["name"]
-    overrides = cell_train_keys(cell)
-    # A cell times the step alone: one changing a key of the loop around it would measure the
-    # baseline under another name.
-    if ignored := [k for k in ALONG_THE_WAY if k in overrides]:
-        raise UserError(f"params.yaml: profile.matrix.{name}.{ignored[0]}: a cell times the training step alone, "
-                        f"which {ignored[0]} does not change; remove it")
-    if cell.get("latents", "cached") not in LATENTS:
-        raise UserError(f"params.yaml: profile.matrix.{name}.latents: expected one of {', '.join(LATENTS)} "
-                        f"(got {cell['latents']!r})")
-    train = validate(Train, _merged(params.train.model_dump(), overrides), where=f"profile.matrix.{name}")
-    return params.model_copy(update={"train": train})
-
 
 def check_lora_targets(params, family, specs) -> None:
     """Each cell's LoRA finds its target modules in the denoiser, tried as peft tries it on a copy
@@ -66,15 +45,6 @@ def check_lora_targets(params, family, specs) -> None:
             except ValueError as err:
                 raise UserError(f"params.yaml: profile.matrix.{spec['name']}.lora.target_modules: "
                                 f"{str(err).splitlines()[0]}") from None
-
-
-def _merged(base: dict, overrides: dict) -> dict:
-    """`base` with `overrides` applied key by key, nested sections included: a cell's
-    `lora: {rank: 64}` changes the rank and keeps train.lora's alpha, DoRA and target modules."""
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return out
 
 
 class OnTheFly:
@@ -184,7 +154,7 @@ def _setup(params, spec: dict, cache_dir, raw_dir):
     # fails the first one's guards, and after torch._dynamo's recompile limit runs uncompiled.
     torch._dynamo.reset()
     run = loop.setup(cell, cache_dir)
-    fly = OnTheFly(run, cache_dir, raw_dir) if spec.get("latents") == "on_the_fly" else None
+    fly = OnTheFly(run, cache_dir, raw_dir) if cell_latents(spec) == "on_the_fly" else None
 
     def step_fn(i, timer=loop.NullTimer()):
         if fly is not None:
