@@ -10,6 +10,8 @@
     SAMPLERS            `sdtune generate --scheduler` name -> diffusers scheduler class name
     VERSIONS            family name -> the value of VERSION_KEY (a checkpoint file, a key in it)
                         that tells apart the versions one module serves; {} when it serves one
+    KOHYA_VERSIONS      family name -> ss_base_model_version, as sd-scripts writes it, for the
+                        LoRA's copy in kohya's keys; {} when the family's LoRA gets no such copy
 
     load_pipeline(model, dtype, **components)   -> pipeline (hub id + revision, or the tiny variant);
                                                    components (e.g. unet=...) replace loaded ones

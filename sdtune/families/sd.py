@@ -20,6 +20,8 @@ SAMPLERS = common.NOISE_SAMPLERS  # `sdtune generate --scheduler` choices beside
 # 768 against OpenCLIP ViT-H's 1024), and the kohya export writes which one it is.
 VERSION_KEY = ("unet/config.json", "cross_attention_dim")
 VERSIONS = {"sd1": 768, "sd2": 1024}
+# kohya's keys are diffusers' UNet names flattened: A1111 and ComfyUI load this copy too.
+KOHYA_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2"}
 
 
 # ---- the tiny random-initialised variant (offline tests and the demo) ----

@@ -30,6 +30,7 @@ SIZE_WHY = "the VAE's factor 8 times the transformer's patch size 2"
 # DDPM betas and sample it wrongly without an error, so only its own FlowMatchEuler samples it.
 SAMPLERS = {}
 VERSION_KEY, VERSIONS = None, {}  # one version per family name
+KOHYA_VERSIONS = {}  # no kohya copy: kohya's keys are for UNets
 
 # T5 tokens per prompt: the pipeline's own default at inference, so training sees the same context.
 T5_MAX_LENGTH = 256

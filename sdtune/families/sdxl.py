@@ -24,6 +24,7 @@ SIZE_MULTIPLE = 8  # image sides, in pixels, are multiples of this
 SIZE_WHY = "the VAE's factor 8"
 SAMPLERS = common.NOISE_SAMPLERS  # `sdtune generate --scheduler` choices besides the default
 VERSION_KEY, VERSIONS = None, {}  # one version per family name
+KOHYA_VERSIONS = {}  # no kohya copy: its kohya files name the UNet's blocks as sgm does (input_blocks_4_1_...)
 
 
 # ---- the tiny random-initialised variant (offline tests and the demo) ----

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from sdtune.errors import UserError
+from sdtune import families
 from sdtune.families import common
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
@@ -37,8 +38,6 @@ COMPOUND = {
     "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "time_embedding",
     "linear_1", "linear_2", "add_embedding",
 }
-# ss_base_model_version as sd-scripts writes it; A1111 reads it (and ss_v2) to tell SD versions apart.
-BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2"}
 
 
 def flat(module: str) -> str:
@@ -115,21 +114,29 @@ def from_kohya(kohya_state: dict) -> tuple[dict, float]:
 def supports(params) -> bool:
     """Whether the train stage can write the kohya file: SD 1.x/2.x UNet names, plain LoRA.
     (SDXL kohya files use sgm block names; DoRA's magnitude has no settled kohya layout.)"""
-    return params.model.family in BASE_VERSION and not params.train.lora.use_dora
+    return _version(params.model.family) is not None and not params.train.lora.use_dora
+
+
+def _version(family) -> str | None:
+    """ss_base_model_version for a family (the family module's KOHYA_VERSIONS), or None."""
+    return families.get(family).KOHYA_VERSIONS.get(family) if family in families.MODULES else None
 
 
 def kohya_metadata(kohya_state: dict, alpha: float, metadata: dict) -> dict:
     """Our provenance plus the ss_* keys sd-scripts writes and A1111 reads."""
     family = metadata.get("model_family")
-    if family not in BASE_VERSION:
+    version = _version(family)
+    if version is None:
         # A1111 takes a file without ss_base_model_version for SD 1.x: never write one for another family.
-        raise UserError(f"kohya export: model_family {family!r} is not supported; only {', '.join(BASE_VERSION)}")
+        exported = [name for name in families.MODULES if _version(name)]
+        raise UserError(f"kohya export: model_family {family!r} is not supported; only {', '.join(exported)}")
     ranks = {t.shape[0] for k, t in kohya_state.items() if k.endswith(".lora_down.weight")}
     # The peft adapter config describes the diffusers file; here alpha lives in the tensors.
     meta = {"format": "pt"} | {k: v for k, v in metadata.items() if k != "lora_adapter_metadata"}
     meta |= {"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks)),
              "ss_network_alpha": str(float(alpha)),
-             "ss_base_model_version": BASE_VERSION[family], "ss_v2": str(family == "sd2")}
+             # A1111 reads both to tell SD versions apart.
+             "ss_base_model_version": version, "ss_v2": str(version == "sd_v2")}
     return meta
 
 
