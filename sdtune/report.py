@@ -105,7 +105,19 @@ def change_text(diff: dict) -> str:
     return ", ".join(f"{k} as in train" if v is UNSET else f"{k}: {_value(v)}" for k, v in diff.items())
 
 
-def _verdict(speedup: float) -> str:
+def _per_image_ms(cell: dict) -> tuple[float, float]:
+    """The spread of a cell's measured steps, in ms per image (cells may differ in batch size)."""
+    ph, n = cell["phases"], cell["images_per_step"]
+    return ph["step_min_ms"] / n, ph["step_max_ms"] / n
+
+
+def _verdict(speedup: float, cell: dict, ref: dict) -> str:
+    """What `cell` did against `ref`. Where the two cells' step times overlap, the difference is
+    inside the noise of the measurement (another process, a stalled step), whatever the medians say."""
+    (a, b), (c, d) = _per_image_ms(cell), _per_image_ms(ref)
+    if a <= d and c <= b:
+        return (f"made no clear difference (its steps took {a:.1f}–{b:.1f} ms per image, those of "
+                f"`{ref['name']}` {c:.1f}–{d:.1f})")
     return "helped" if speedup > 1.05 else "did not help" if speedup < 0.95 else "made no real difference"
 
 
@@ -141,7 +153,7 @@ def findings(evals: dict, profile: dict) -> list[str]:
             gain = ref["images_per_second"] / cell["images_per_second"]
             ph = cell["phases"]["phases"]
             encode_ms = sum(ph.get(n, {}).get("median_ms", 0.0) for n in ("decode", "encode"))
-            lines.append(f"- Caching latents and text embeddings {_verdict(gain)}: `{ref['name']}` reads the "
+            lines.append(f"- Caching latents and text embeddings {_verdict(gain, ref, cell)}: `{ref['name']}` reads the "
                          f"cache{also} and ran {gain:.2f}× the speed of `{cell['name']}`, which reads, resizes and "
                          f"encodes its images every step ({cell['step_ms']:.1f} vs {ref['step_ms']:.1f} ms/step; "
                          f"{encode_ms:.1f} ms of it decoding and encoding).")
@@ -151,7 +163,7 @@ def findings(evals: dict, profile: dict) -> list[str]:
             continue
         ref = reference(cell, earlier)
         speed = cell["images_per_second"] / ref["images_per_second"]
-        lines.append(f"- `{cell['name']}` {_verdict(speed)}: {speed:.2f}× the speed of `{ref['name']}`, the cell it "
+        lines.append(f"- `{cell['name']}` {_verdict(speed, cell, ref)}: {speed:.2f}× the speed of `{ref['name']}`, the cell it "
                      f"changes by {change_text(changes(cell, ref))} ({cell['images_per_second']:.2f} vs "
                      f"{ref['images_per_second']:.2f} images/s; {cell['step_ms']:.1f} vs {ref['step_ms']:.1f} "
                      f"ms/step), MFU {cell['mfu']:.1%} vs {ref['mfu']:.1%}, {memory_change(cell, ref)}.")

@@ -3,15 +3,31 @@
 from sdtune import report
 
 
-def cell(name, images_per_second, **spec):
-    """A profile.json cell with only what the findings read."""
+def cell(name, images_per_second, spread=0.01, **spec):
+    """A profile.json cell with only what the findings read: two images a step, its steps within
+    `spread` of the median."""
+    step_ms = 2000 / images_per_second
     return {"name": name, "spec": {"name": name, **spec}, "images_per_second": images_per_second,
-            "step_ms": 2000 / images_per_second, "mfu": 0.1, "memory": {"peak_bytes": 2**30},
-            "phases": {"phases": {"encode": {"median_ms": 5.0}}}}
+            "step_ms": step_ms, "images_per_step": 2, "mfu": 0.1, "memory": {"peak_bytes": 2**30},
+            "phases": {"phases": {"encode": {"median_ms": 5.0}}, "step_min_ms": step_ms * (1 - spread),
+                       "step_max_ms": step_ms * (1 + spread)}}
 
 
 def findings(cells, best):
     return report.findings({}, {"cells": {c["name"]: c for c in cells}, "best": best})
+
+
+def test_a_difference_inside_the_spread_of_the_steps_is_no_verdict():
+    """A 1.14× median gain whose steps overlap the reference's is noise (on the demo's busy CPU,
+    checkpointing, which only adds work, "helped" so); the same medians with tight steps are not."""
+    noisy = findings([cell("baseline", 10, spread=0.3), cell("checkpointing", 11.4, spread=0.3,
+                                                               gradient_checkpointing=True)], "checkpointing")
+    assert noisy[0].startswith("- `checkpointing` made no clear difference (its steps took 61.4–114.0 ms per "
+                               "image, those of `baseline` 70.0–130.0): 1.14× the speed of `baseline`")
+    tight = findings([cell("baseline", 10), cell("checkpointing", 11.4, gradient_checkpointing=True)], "checkpointing")
+    assert tight[0].startswith("- `checkpointing` helped: 1.14× the speed")
+    fly = findings([cell("fly", 10, spread=0.3, latents="on_the_fly"), cell("cached", 11.4, spread=0.3)], "cached")
+    assert fly[0].startswith("- Caching latents and text embeddings made no clear difference (its steps took")
 
 
 def test_a_first_on_the_fly_cell_is_the_caching_sentence_not_a_reference():

@@ -39,16 +39,18 @@ def _stacked_bars(labels, parts: dict, out_png, title: str, xlabel: str, colors=
 
 
 def phase_chart(configs: dict, out_png, title: str = "Time per training step") -> None:
-    """Stacked horizontal bars of mean phase times, one bar per config.
+    """Stacked horizontal bars of median phase times, one bar per config.
 
-    `configs` is a {config label: PhaseTimer.summary()} mapping (any label, "phases" too). Means
-    are stacked because they add up to the mean step; the rest of the step is drawn as "untimed".
+    `configs` is a {config label: PhaseTimer.summary()} mapping (any label, "phases" too). Medians,
+    as the tables beside the chart print them: one stalled step would stretch a mean's bar. The
+    rest of the median step is drawn as "untimed".
     """
     names = list(dict.fromkeys(n for s in configs.values() for n in s["phases"]))
-    parts = {name: [s["phases"].get(name, {}).get("mean_ms", 0.0) for s in configs.values()] for name in names}
+    parts = {name: [s["phases"].get(name, {}).get("median_ms", 0.0) for s in configs.values()] for name in names}
     timed = [sum(widths) for widths in zip(*parts.values())] or [0.0] * len(configs)
-    parts["untimed"] = [max(0.0, s["step_mean_ms"] - t) for s, t in zip(configs.values(), timed)]
-    _stacked_bars(list(configs), parts, out_png, title, "ms (mean over measured steps)", colors={"untimed": "lightgrey"})
+    parts["untimed"] = [max(0.0, s["step_median_ms"] - t) for s, t in zip(configs.values(), timed)]
+    _stacked_bars(list(configs), parts, out_png, title, "ms (median over measured steps)",
+                  colors={"untimed": "lightgrey"})
 
 
 def bar_chart(rows, key: str, out_png, title: str, label: str = "name", fmt: str = "{:.3g}") -> None:

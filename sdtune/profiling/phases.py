@@ -99,7 +99,7 @@ class PhaseTimer:
         """Per-phase median/mean ms, step median/mean/min/max ms and coverage over the steps after warm-up.
 
         Returns None when the timer is disabled. A phase missing from a step counts as 0 ms there,
-        so means add up to the mean step time (the charts stack means for that reason).
+        so means add up to the mean step time.
         """
         if not self.enabled:
             return None

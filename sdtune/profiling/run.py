@@ -223,10 +223,12 @@ def _profile_cell(params, spec, cache_dir, trace_path, raw_dir) -> dict:
     # Read before the FLOP count, whose step runs without checkpointing, and before a GEMM ceiling
     # is measured: either would otherwise become this cell's peak.
     peak_mem = memory.peak_memory(device)
-    # Throughput and MFU from totals over the measured steps, not from the median step: a short
-    # step (the last batch of a bucket) is quicker and trains fewer images.
+    # Throughput and MFU: the images and FLOPs of all measured steps, so a short step (the last
+    # batch of a bucket) counts with its fewer images; over the median step's time that many
+    # times, the statistic the tables and charts show, so one stalled step (another process, a page
+    # fault) does not decide which cell is fastest.
     measured = range(p.warmup, p.warmup + p.steps)
-    seconds = summary["step_mean_ms"] * p.steps / 1e3
+    seconds = summary["step_median_ms"] * p.steps / 1e3
     images = sum(n for i in measured for n, _ in step_batches(run, i))
     counted, with_recompute = flops_by_layout(run, step_fn, measured)
     by_kind = Counter()
