@@ -377,6 +377,63 @@ def test_charts_are_real_pngs(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporaries left behind
 
 
+def drawn(monkeypatch, draw, *args, **kwargs):
+    """The figure a chart function draws, rendered (so text has its place) and still saved."""
+    figures = []
+    save = charts._save
+    monkeypatch.setattr(charts, "_save", lambda fig, out: (figures.append(fig), save(fig, out)))
+    draw(*args, **kwargs)
+    (fig,) = figures
+    fig.canvas.draw()
+    return fig
+
+
+def test_step_time_bars_read_as_plain_numbers_beside_their_own_long_names(tmp_path, monkeypatch):
+    """The demo's step-time bars read "1.18e+03", and the real run's 15 cell names, rotated under
+    vertical bars, ran into each other and under their neighbours' bars."""
+    import yaml
+
+    from conftest import ROOT
+
+    names = [c["name"] for c in yaml.safe_load((ROOT / "params.yaml").read_text())["profile"]["matrix"]]
+    rows = [{"name": n, "step_ms": 1180.76 + 10 * i} for i, n in enumerate(names)]
+    fig = drawn(monkeypatch, charts.bar_chart, rows, "step_ms", tmp_path / "step.png", "Step")
+    (ax,) = fig.axes
+    texts = [t.get_text() for t in ax.texts] + [t.get_text() for t in ax.get_xticklabels()]
+    assert "1,181" in texts and not any("e+" in t for t in texts)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.get_yticklabels()]
+    assert [t.get_text() for t in ax.get_yticklabels()] == names  # first on top, each beside its bar
+    assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:]))
+    mfu = drawn(monkeypatch, charts.bar_chart, [{"name": "a", "mfu": 0.264}], "mfu", tmp_path / "mfu.png", "MFU",
+                fmt="{:.1%}")
+    assert [t.get_text() for t in mfu.axes[0].texts] == ["26.4%"]
+
+
+def test_a_chart_of_no_cells_says_so(tmp_path, monkeypatch):
+    fig = drawn(monkeypatch, charts.bar_chart, [], "seconds_per_image", tmp_path / "gen.png", "Generation")
+    assert [t.get_text() for t in fig.axes[0].texts] == ["no cell ran (see the failed cells in the table)"]
+
+
+def test_the_memory_chart_says_a_compiled_cells_backward_was_not_counted(tmp_path, monkeypatch):
+    """A compiled cell's kept-for-backward is None: drawn as 0 it read as keeping nothing. At a
+    GPU's sizes the axis is in GiB, whose ticks do not run together as 10000 12000 MiB did."""
+    def cell(name, kept):
+        return {"name": name, "memory": {"weights_bytes": 2 * 2**30, "gradients_bytes": 2**26,
+                                         "optimizer_bytes": 2**27, "kept_for_backward_bytes": kept,
+                                         "allocated_bytes": 12 * 2**30, "peak_bytes": 12 * 2**30}}
+
+    fig = drawn(monkeypatch, charts.memory_chart, [cell("bf16", 9 * 2**30), cell("bf16-compile", None)],
+                tmp_path / "memory.png")
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.texts] == ["kept for backward: not counted (compiled)"]
+    assert ax.get_xlabel() == "GiB"
+    small = drawn(monkeypatch, charts.memory_chart,
+                  [{"name": "cpu", "memory": {"weights_bytes": 2**24, "kept_for_backward_bytes": 2**23}}],
+                  tmp_path / "m2.png")
+    assert small.axes[0].get_xlabel() == "MiB" and len(small.axes[0].texts) == 0
+
+
 def test_cost():
     c = cost.cost(step_seconds=0.5, steps=2000, hourly_usd=3.6)
     assert c == pytest.approx({"usd_per_1000_steps": 0.5, "usd_per_run": 1.0})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from sdtune.io import atomic_path
 
@@ -20,9 +21,10 @@ def _save(fig: Figure, out_png) -> None:
         fig.savefig(tmp, format="png", dpi=120)
 
 
-def _stacked_bars(labels, parts: dict, out_png, title: str, xlabel: str, colors=None, peaks=()) -> None:
+def _stacked_bars(labels, parts: dict, out_png, title: str, xlabel: str, colors=None, peaks=(), notes=()) -> None:
     """One horizontal bar per label, stacked from `parts` ({name: a width per label}), first label
-    on top; `peaks` ((bar index, value), ...) are drawn as black ticks."""
+    on top; `peaks` ((bar index, value), ...) are drawn as black ticks, `notes` ((bar index, text),
+    ...) written after their bars."""
     fig = Figure(figsize=(8, 1.2 + 0.5 * len(labels)))
     ax = fig.add_subplot()
     left = [0.0] * len(labels)
@@ -31,6 +33,9 @@ def _stacked_bars(labels, parts: dict, out_png, title: str, xlabel: str, colors=
         left = [a + b for a, b in zip(left, widths)]
     if peaks:
         ax.scatter([v for _, v in peaks], [i for i, _ in peaks], marker="|", s=400, color="black", label="peak allocated")
+    for i, text in notes:
+        ax.annotate(text, (left[i], i), xytext=(4, 0), textcoords="offset points", va="center", fontsize="x-small")
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6))  # tick labels that do not run together
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.invert_yaxis()  # first bar on top, as listed
@@ -53,19 +58,31 @@ def phase_chart(configs: dict, out_png, title: str = "Time per training step") -
                   colors={"untimed": "lightgrey"})
 
 
-def bar_chart(rows, key: str, out_png, title: str, label: str = "name", fmt: str = "{:.3g}") -> None:
-    """One bar per matrix cell: `row[key]` against `row[label]`, each bar labelled with `fmt`.
-    A missing value shows as "n/a"."""
+def number(v: float) -> str:
+    """A bar's value as people read it: 1,181 ms, not 1.18e+03."""
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def bar_chart(rows, key: str, out_png, title: str, label: str = "name", fmt=number) -> None:
+    """One horizontal bar per matrix cell, first on top: `row[key]` against `row[label]`, each bar
+    labelled with `fmt` (a function or a format string). A missing value shows as "n/a".
+    Horizontal, as the stacked charts are, so long cell names sit beside their own bars."""
+    show = fmt if callable(fmt) else fmt.format
     labels = [str(r.get(label, i)) for i, r in enumerate(rows)]
     values = [r.get(key) for r in rows]
-    fig = Figure(figsize=(max(4, 1 + 0.8 * len(rows)), 4))
+    fig = Figure(figsize=(8, 1.2 + 0.4 * max(len(rows), 1)))
     ax = fig.add_subplot()
-    bars = ax.bar(labels, [v or 0 for v in values])
-    ax.bar_label(bars, labels=["n/a" if v is None else fmt.format(v) for v in values], fontsize="small")
-    ax.yaxis.set_major_formatter(lambda v, _: fmt.format(v))  # the axis in the bars' units (e.g. %)
-    ax.set_ylabel(key)
+    if not rows:  # every cell failed: say so rather than draw empty axes
+        ax.text(0.5, 0.5, "no cell ran (see the failed cells in the table)", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        bars = ax.barh(labels, [v or 0 for v in values])
+        ax.bar_label(bars, labels=["n/a" if v is None else show(v) for v in values], fontsize="small", padding=2)
+        ax.xaxis.set_major_formatter(lambda v, _: show(v))  # the axis in the bars' units (e.g. %)
+        ax.margins(x=0.15)  # room for the last bar's label
+        ax.invert_yaxis()
+        ax.set_xlabel(key)
     ax.set_title(title)
-    ax.tick_params(axis="x", labelrotation=30)
     _save(fig, out_png)
 
 
@@ -74,10 +91,17 @@ MEMORY_PARTS = {"weights": "weights_bytes", "encoders": "encoder_weights_bytes",
 
 
 def memory_chart(cells, out_png, title: str = "Memory of a training step") -> None:
-    """Stacked horizontal bars of each cell's memory by part (counted from the tensors), in MiB,
-    with the measured peak as a black tick where it is a count of tensors too (CUDA's allocated
-    peak; a CPU's resident set also holds the interpreter and its libraries)."""
-    parts = {name: [(c["memory"].get(key) or 0) / 2**20 for c in cells]
+    """Stacked horizontal bars of each cell's memory by part (counted from the tensors), in MiB or
+    GiB, with the measured peak as a black tick where it is a count of tensors too (CUDA's allocated
+    peak; a CPU's resident set also holds the interpreter and its libraries). A compiled step's
+    memory kept for the backward is not counted (the count runs the step eagerly): said at its bar,
+    which would otherwise read as keeping nothing."""
+    peaks = [(i, c["memory"]["allocated_bytes"]) for i, c in enumerate(cells) if "allocated_bytes" in c["memory"]]
+    largest = max([sum(c["memory"].get(k) or 0 for k in MEMORY_PARTS.values()) for c in cells]
+                  + [v for _, v in peaks] + [0])
+    unit, scale = ("GiB", 2**30) if largest > 4 * 2**30 else ("MiB", 2**20)
+    parts = {name: [(c["memory"].get(key) or 0) / scale for c in cells]
              for name, key in MEMORY_PARTS.items() if any(c["memory"].get(key) for c in cells)}
-    peaks = [(i, c["memory"]["allocated_bytes"] / 2**20) for i, c in enumerate(cells) if "allocated_bytes" in c["memory"]]
-    _stacked_bars([c["name"] for c in cells], parts, out_png, title, "MiB", peaks=peaks)
+    uncounted = [i for i, c in enumerate(cells) if c["memory"].get("kept_for_backward_bytes", 0) is None]
+    _stacked_bars([c["name"] for c in cells], parts, out_png, title, unit, peaks=[(i, v / scale) for i, v in peaks],
+                  notes=[(i, "kept for backward: not counted (compiled)") for i in uncounted])
