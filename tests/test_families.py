@@ -195,6 +195,32 @@ def test_sd1_and_sd2_checkpoints_are_told_apart_by_the_unets_cross_attention_wid
         assert families.of(params_lib.parse({"model": {"family": family, "id": str(tmp_path)}})) is get(family)
 
 
+@pytest.mark.parametrize("family, file, change, message", [
+    ("sd1", "unet/config.json", {"in_channels": 9},  # latents, mask, masked image
+     "its unet takes 9 input channels for 4 output ones, as inpainting, depth and upscaling models do; use a "
+     "text-to-image StableDiffusionPipeline checkpoint"),
+    ("sdxl", "model_index.json", {"requires_aesthetics_score": True},
+     "its model_index.json has requires_aesthetics_score, as SDXL's refiner; use a text-to-image "
+     "StableDiffusionXLPipeline checkpoint (the base model)"),
+    ("sd3", "transformer/config.json", {"out_channels": 8},
+     "its transformer takes 16 input channels for 8 output ones"),
+])
+def test_a_checkpoint_that_is_not_text_to_image_is_refused_before_anything_is_encoded(tmp_path, family, file,
+                                                                                       change, message):
+    """An inpainting UNet failed on conv_in at the first training step, and SDXL's refiner on its
+    time embedding, after the cache stage had encoded every image."""
+    tiny = params_lib.parse({"model": {"family": family, "id": "tiny", "resolution": 64}}).model
+    get(family).load_pipeline(tiny).save_pretrained(tmp_path)
+    config = tmp_path / file
+    original = config.read_text()
+    params = params_lib.parse({"model": {"family": family, "id": str(tmp_path), "resolution": 64}})
+    assert families.of(params) is get(family)
+    config.write_text(json.dumps(json.loads(original) | change))
+    with pytest.raises(UserError) as err:
+        families.of(params)
+    assert str(err.value).startswith(f"model.id: {str(tmp_path)!r} is not a text-to-image checkpoint: {message}")
+
+
 @pytest.mark.parametrize("keys, message", [
     ({"model": {"resolution": 72}}, "model.resolution: 72 is not a multiple of 16, which sd3 needs "
                                     "(the VAE's factor 8 times the transformer's patch size 2)"),

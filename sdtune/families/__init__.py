@@ -31,6 +31,7 @@ def of(params):
     for key, value in sizes:
         check_size(family, model.family, key, value)
     check_checkpoint(family, model)
+    check_text_to_image(family, model)
     return family
 
 
@@ -52,6 +53,24 @@ def check_checkpoint(family, model) -> None:
     if owner not in (None, model.family):
         raise UserError(f"model.family: {model.family}, but {model.id!r} is an {owner} checkpoint "
                         f"(its {filename} has {key}: {value}); set model.family: {owner}")
+
+
+def check_text_to_image(family, model) -> None:
+    """A checkpoint the family's classes load but cannot train as text to image, refused before
+    the cache encodes anything: an inpainting, depth or upscaling UNet takes more input channels
+    than it predicts (the mask, the depth map, the small image beside the latents), and SDXL's
+    refiner conditions on an aesthetic score (5 time ids, not 6). Both failed at the first step."""
+    denoiser = checkpoint_config(model, f"{family.DENOISER_ATTR}/config.json")
+    takes = denoiser.get("in_channels")
+    gives = denoiser.get("out_channels") or takes
+    if isinstance(takes, int) and takes != gives:
+        raise UserError(f"model.id: {model.id!r} is not a text-to-image checkpoint: its {family.DENOISER_ATTR} takes "
+                        f"{takes} input channels for {gives} output ones, as inpainting, depth and upscaling models "
+                        f"do; use a text-to-image {family.PIPELINE.__name__} checkpoint")
+    if checkpoint_config(model, "model_index.json").get("requires_aesthetics_score"):
+        raise UserError(f"model.id: {model.id!r} is not a text-to-image checkpoint: its model_index.json has "
+                        f"requires_aesthetics_score, as SDXL's refiner; use a text-to-image "
+                        f"{family.PIPELINE.__name__} checkpoint (the base model)")
 
 
 def check_size(family, name: str, key: str, value: int) -> None:
