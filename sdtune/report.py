@@ -264,7 +264,8 @@ def build(params, lineage: dict, reports="reports") -> str:
     lines += ["## Evaluation", "", (r / "eval.md").read_text().strip(), "", "![samples](samples/grid.png)", ""]
     lines += ["## Profile", "", (r / "profile.md").read_text().strip(), "",
               "![phases](profile/phases.png)", "", "![step time](profile/step_ms.png)", "",
-              "![memory](profile/memory.png)", ""]
+              "![MFU](profile/mfu.png)", "", "![memory](profile/memory.png)", "",
+              "![generation time](profile/inference.png)", ""]
     # On a CPU (the demo) the step times are the CPU's: priced at a GPU machine's rate they say little.
     measured_on = "" if best["device"].startswith("cuda") else (
         f" These step times were measured on {best['device_name']}, not on that machine's GPU.")

@@ -108,7 +108,8 @@ def main():
         report.grid(images, GRID, rows=report.row_labels(prompts, p.seeds))
         io.write_json(REPORT, {r["variant"]: {k: v for k, v in r.items() if k != "variant"} for r in records})
         io.write_json(PLOT, records)
-        table = report.markdown(records, len(paired), len(real), metrics.feature_dim(extractor))
+        table = report.markdown(records, len(paired), len(real), metrics.feature_dim(extractor),
+                                cpu=device.type == "cpu")
         table += "\n" + report.prompt_list(prompts)
         io.write_text(TABLE, table)
     print(table)

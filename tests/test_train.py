@@ -406,11 +406,17 @@ def test_loss_curve_draws_the_running_mean_of_the_noisy_per_step_loss(tmp_path):
     assert outputs.running_mean([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
     assert outputs.running_mean([5.0, 1.0], 1) == [5.0, 1.0]
     # a twentieth of the run, but never a "mean" of one step (the 30-step demo's was)
-    assert [outputs.smoothing_window(n) for n in (3, 30, 1000)] == [3, 5, 50]
+    assert [loop.smoothing_window(n) for n in (3, 30, 1000)] == [3, 5, 50]
     history = [{"step": s, "loss": 1.0 + (s % 2)} for s in range(1, 41)]
     outputs.loss_plot(history, tmp_path / "loss.png")
     with Image.open(tmp_path / "loss.png") as img:
         assert img.format == "PNG" and img.size == (600, 350)
+    # One logged step (train.steps: 1): a line through one point drew nothing but the legend.
+    outputs.loss_plot([{"step": 1, "loss": 0.5}], tmp_path / "one.png")
+    with Image.open(tmp_path / "one.png") as img:
+        orange = [xy for xy in ((x, y) for x in range(img.width) for y in range(img.height))
+                  if img.getpixel(xy)[:3] == (255, 127, 14)]  # matplotlib's C1, the running mean
+    assert any(x < img.width * 0.6 for x, _ in orange) and len(orange) > 40  # a marker, not only the legend's line
 
 
 def test_deterministic_keeps_cudnn_heuristics_and_each_run_sets_both_flags(workspace):

@@ -5,7 +5,7 @@ from PIL import Image, ImageDraw
 from sdtune import io
 
 LABEL_H = 14
-ROW_W = 64      # the left margin for the row labels (prompt and seed)
+ROW_W = 64      # the least left margin for the row labels (prompt and seed)
 MIN_CELL = 128  # wide enough for a variant's name (float8wo-adapter); smaller samples are scaled up
 
 
@@ -32,12 +32,14 @@ def grid(columns: dict, out_png, cell: int | None = None, rows: list[str] | None
     names = list(columns)
     count = len(columns[names[0]])
     cell = cell or max(columns[names[0]][0].size[0], MIN_CELL)
-    left = ROW_W if rows else 0
+    # The margin fits the longest label: a label cut short (seed 202401 of 20240101) is a wrong one.
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = max([ROW_W] + [4 + round(measure.textlength(line)) for label in rows for line in label.splitlines()]) \
+        if rows else 0
     sheet = Image.new("RGB", (left + cell * len(names), LABEL_H + cell * count), "white")
     draw = ImageDraw.Draw(sheet)
     for r, label in enumerate(rows or []):
-        text = "\n".join(fit(draw, line, left - 4) for line in label.splitlines())
-        draw.multiline_text((2, LABEL_H + r * cell + 2), text, fill="black")
+        draw.multiline_text((2, LABEL_H + r * cell + 2), label, fill="black")
     for c, name in enumerate(names):
         draw.text((left + c * cell + 2, 1), fit(draw, name, cell - 4), fill="black")
         for r, img in enumerate(columns[name]):
@@ -52,7 +54,7 @@ COLUMNS = [("variant", "{}"), ("dtype", "{}"), ("clip_score", "{:.2f}"), ("fid",
            ("latency_s", "{:.3f}"), ("peak_memory_mib", "{:.0f}"), ("denoiser_mib", "{:.1f}")]
 
 
-def markdown(records: list[dict], n_fake: int, n_real: int, dim: int) -> str:
+def markdown(records: list[dict], n_fake: int, n_real: int, dim: int, cpu: bool = False) -> str:
     """The table, and under it how many images FID and KID saw: FID's bias grows as the sets
     shrink, and with fewer images than feature dimensions it can outweigh a real difference."""
     head = "| " + " | ".join(name for name, _ in COLUMNS) + " |"
@@ -65,4 +67,7 @@ def markdown(records: list[dict], n_fake: int, n_real: int, dim: int) -> str:
     if min(n_fake, n_real) < dim:
         lines[-1] += (" With fewer images than features FID is biased by more than most differences "
                       "between variants: compare them by KID, which is unbiased.")
+    if cpu:  # else a smaller quantized denoiser reads as the largest, sampled last
+        lines.append("\npeak_memory_mib on a CPU is the process's resident set, which also holds what the "
+                     "variants before brought in: compare the variants' sizes by denoiser_mib.")
     return "\n".join(lines) + "\n"

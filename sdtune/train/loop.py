@@ -458,11 +458,12 @@ def train(run: Run, ckpt_dir, cache_dir, log=None, validate=None, on_start=None)
     wall = time.perf_counter() - t0
     seconds = wall - paused
     done = p.steps - start
-    recent = [h["loss"] for h in run.history[-10:]]
+    # The mean of the last steps, one step's loss swings with its timesteps and noise: over the
+    # window of the loss curve's running mean, so the number is where the curve ends.
+    recent = [h["loss"] for h in run.history[-smoothing_window(len(run.history)):]]
     return {
         # steps_run: the steps this process trained (fewer after a resume); the times and speeds are theirs
         "steps": p.steps, "steps_run": done, "resumed_from": str(resumed) if resumed else None,
-        # the mean of the last steps: one step's loss swings with its timesteps and noise
         # seconds: training steps only; wall_seconds: with checkpoints written and validation drawn
         "final_loss": sum(recent) / len(recent), "final_loss_steps": len(recent), "seconds": seconds,
         "wall_seconds": wall, "images": images,
@@ -480,3 +481,9 @@ def final_lora(run: Run) -> dict:
     if run.ema is not None:
         run.ema.copy_to(lora.trainable(model))
     return lora.diffusers_state(model)
+
+
+def smoothing_window(steps: int) -> int:
+    """The steps the final loss and the loss curve's running mean average: a twentieth of the
+    run, and at least 5 (a 30-step demo would otherwise average 1)."""
+    return min(steps, max(5, steps // 20))

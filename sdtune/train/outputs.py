@@ -7,7 +7,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from sdtune import io
-from sdtune.train import kohya, lora
+from sdtune.train import kohya, lora, loop
 
 REPORT, CURVE_CSV, CURVE_PNG = "reports/train.json", "reports/train_loss.csv", "reports/train_loss.png"
 
@@ -33,11 +33,6 @@ def write_reports(run, stats) -> None:
     loss_plot(run.history, CURVE_PNG)
 
 
-def smoothing_window(steps: int) -> int:
-    """A twentieth of the run, and at least 5 steps (a 30-step demo would otherwise average 1)."""
-    return min(steps, max(5, steps // 20))
-
-
 def loss_plot(history, out_png) -> None:
     """Each step's loss, faint, and its running mean over smoothing_window steps: a diffusion
     loss is noisy from step to step (each step draws its own timesteps), the trend is what to read."""
@@ -45,13 +40,14 @@ def loss_plot(history, out_png) -> None:
     from matplotlib.figure import Figure
 
     steps, losses = [h["step"] for h in history], [h["loss"] for h in history]
-    window = smoothing_window(len(losses))
+    window = loop.smoothing_window(len(losses))
     mean = running_mean(losses, window)
     fig = Figure(figsize=(6, 3.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.plot(steps, losses, lw=0.8, alpha=0.35, label="per step")
-    ax.plot(steps, mean, lw=1.8, label=f"mean of the last {window}")
+    marker = "o" if len(steps) < 3 else None  # a line through one point draws nothing
+    ax.plot(steps, losses, lw=0.8, alpha=0.35, marker=marker, label="per step")
+    ax.plot(steps, mean, lw=1.8, marker=marker, label=f"mean of the last {window}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("training loss")
