@@ -221,6 +221,23 @@ def test_a_checkpoint_that_is_not_text_to_image_is_refused_before_anything_is_en
     assert str(err.value).startswith(f"model.id: {str(tmp_path)!r} is not a text-to-image checkpoint: {message}")
 
 
+def test_a_resolution_below_the_checkpoints_own_is_warned_of(tmp_path, capsys):
+    """model.resolution defaults to 512: an SDXL or SD3.5 run that kept it trained and was judged at
+    half its model's size without a word."""
+    tiny = params_lib.parse({"model": {"family": "sdxl", "id": "tiny", "resolution": 64}}).model
+    get("sdxl").load_pipeline(tiny).save_pretrained(tmp_path)
+    config = tmp_path / "unet" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"sample_size": 128}))  # SDXL base's
+    factor = 2 ** (len(json.loads((tmp_path / "vae/config.json").read_text())["block_out_channels"]) - 1)
+    native = 128 * factor
+    families.of(params_lib.parse({"model": {"family": "sdxl", "id": str(tmp_path), "resolution": native // 2}}))
+    assert capsys.readouterr().out == (f"warning: model.resolution: {native // 2}, but {str(tmp_path)!r} was trained "
+                                       f"at {native}x{native}; below it the LoRA trains and samples worse: set "
+                                       f"model.resolution: {native} unless that is meant\n")
+    families.of(params_lib.parse({"model": {"family": "sdxl", "id": str(tmp_path), "resolution": native}}))
+    assert capsys.readouterr().out == ""
+
+
 @pytest.mark.parametrize("keys, message", [
     ({"model": {"resolution": 72}}, "model.resolution: 72 is not a multiple of 16, which sd3 needs "
                                     "(the VAE's factor 8 times the transformer's patch size 2)"),

@@ -32,6 +32,7 @@ def of(params):
         check_size(family, model.family, key, value)
     check_checkpoint(family, model)
     check_text_to_image(family, model)
+    warn_below_native_size(family, model)
     return family
 
 
@@ -71,6 +72,21 @@ def check_text_to_image(family, model) -> None:
         raise UserError(f"model.id: {model.id!r} is not a text-to-image checkpoint: its model_index.json has "
                         f"requires_aesthetics_score, as SDXL's refiner; use a text-to-image "
                         f"{family.PIPELINE.__name__} checkpoint (the base model)")
+
+
+def warn_below_native_size(family, model) -> None:
+    """model.resolution defaults to SD 1.5's 512; SDXL and SD3.5 were trained at 1024 and SD 2.1-v at
+    768, and below its own size a model trains and samples at its worst, the quality table with it.
+    A warning, not an error: training smaller on purpose is a choice (and the cheaper one)."""
+    denoiser = checkpoint_config(model, f"{family.DENOISER_ATTR}/config.json")
+    blocks = checkpoint_config(model, "vae/config.json").get("block_out_channels")
+    sample = denoiser.get("sample_size")
+    if not isinstance(sample, int) or not isinstance(blocks, list) or not blocks:
+        return
+    native = sample * 2 ** (len(blocks) - 1)  # latents are the VAE's factor smaller than the image
+    if model.resolution < native:
+        print(f"warning: model.resolution: {model.resolution}, but {model.id!r} was trained at {native}x{native}; "
+              f"below it the LoRA trains and samples worse: set model.resolution: {native} unless that is meant")
 
 
 def check_size(family, name: str, key: str, value: int) -> None:
