@@ -83,7 +83,8 @@ def test_real_loading_code_reads_a_saved_pipeline_quietly(family, tmp_path):
     expected = common.cast(fam.load_denoiser(tiny), torch.bfloat16).state_dict()
     torch.testing.assert_close(denoiser.state_dict(), expected)
     torch.testing.assert_close(getattr(pipe, fam.DENOISER_ATTR).state_dict(), expected)
-    assert fam.load_tokenizer(model).model_max_length == 77
+    # The caption limit: CLIP's 77 tokens, or T5's 256 where sd3's T5 reads the whole caption.
+    assert fam.load_tokenizer(model).model_max_length == {"sd1": 77, "sdxl": 77, "sd3": 256}[family]
 
 
 def test_importing_the_stages_and_the_cli_prints_nothing():

@@ -268,13 +268,34 @@ def test_real_loading_code_on_a_saved_pipeline(pipe, tmp_path):
     """The hub branch (from_pretrained with subfolders), run on the tiny pipeline saved to a folder."""
     pipe.save_pretrained(tmp_path)
     model = params_lib.parse({"model": {"family": "sd3", "id": str(tmp_path)}}).model
-    assert len(sd3.load_tokenizer(model)) == 514
+    assert len(sd3.load_tokenizer(model)) == len(pipe.tokenizer_3)  # T5's: the caption limit is its 256 tokens
     assert sd3.load_noise_scheduler(model).config.shift == 3.0
     loaded = sd3.load_denoiser(model)
     torch.testing.assert_close(loaded.state_dict(), pipe.transformer.state_dict())
     light = sd3.load_pipeline(model, transformer=None)  # what the cache stage needs
     assert light.transformer is None
     torch.testing.assert_close(sd3.encode_prompts(light, CAPTIONS), sd3.encode_prompts(pipe, CAPTIONS))
+
+
+def test_captions_are_cut_at_t5s_length_not_clips(pipe, tmp_path):
+    """T5 reads 256 tokens of a caption in the cache and in sampling: cut at CLIP's 77 by the caption
+    stage, its longer half never reached training. A checkpoint saved without T5 keeps CLIP's 77."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from sdtune.data import captions
+
+    pipe.save_pretrained(tmp_path / "full")
+    model = params_lib.parse({"model": {"family": "sd3", "id": str(tmp_path / "full")}}).model
+    long = " ".join(["a painting of a harbour at dawn with boats"] * 20)
+    assert len(pipe.tokenizer(long).input_ids) > 77
+    tokenizer = sd3.load_tokenizer(model)
+    kept, _ = captions.truncate(long, tokenizer, tokenizer.model_max_length)
+    clip_kept, clip_cut = captions.truncate(long, pipe.tokenizer, 77)
+    assert clip_cut and len(kept) > len(clip_kept) and len(tokenizer(kept).input_ids) <= 256
+    without = StableDiffusion3Pipeline(**(pipe.components | {"text_encoder_3": None, "tokenizer_3": None}))
+    without.save_pretrained(tmp_path / "no-t5")
+    model = params_lib.parse({"model": {"family": "sd3", "id": str(tmp_path / "no-t5")}}).model
+    assert sd3.load_tokenizer(model).model_max_length == 77
 
 
 def test_real_ids_fail_with_one_line_offline():

@@ -15,7 +15,7 @@
 
     load_pipeline(model, dtype, **components)   -> pipeline (hub id + revision, or the tiny variant);
                                                    components (e.g. unet=...) replace loaded ones
-    load_tokenizer(model)                       -> the (first) tokenizer, for caption length limits
+    load_tokenizer(model)                       -> the tokenizer whose model_max_length limits captions
     load_denoiser(model, dtype, quantization_config=None) -> the denoiser alone
     load_noise_scheduler(model)                 -> the training noise scheduler
     encode_images(pipe, pixels, meta)           -> {name: tensor[B, ...]} to cache (latents, sizes)

@@ -106,7 +106,8 @@ def load_denoiser(model, cls, subfolder, tiny, dtype, quantization_config=None):
 
 
 def load_tokenizer(model):
-    """The first CLIP tokenizer: its 77 tokens are the caption limit in every family."""
+    """The first CLIP tokenizer: its 77 tokens are the caption limit where CLIP is the only text
+    encoder (sd3 reads longer captions with T5)."""
     if model.id == "tiny":
         return clip_tokenizer()
     from transformers import AutoTokenizer

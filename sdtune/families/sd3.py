@@ -58,7 +58,7 @@ def tiny_vae():
             in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64),
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
             norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
-            shift_factor=0.0609, scaling_factor=1.5035,
+            shift_factor=0.0609, scaling_factor=1.5305,
         ).eval()
 
 
@@ -112,7 +112,22 @@ def load_denoiser(model, dtype=torch.float32, quantization_config=None):
     return common.load_denoiser(model, DENOISER, "transformer", tiny_transformer, dtype, quantization_config)
 
 
-load_tokenizer = common.load_tokenizer
+def load_tokenizer(model):
+    """The caption limit's tokenizer: T5's, at the length the cache and sampling encode (256
+    tokens). T5 reads a caption up to there; the CLIP encoders read its first 77, as the pipeline
+    has them. A checkpoint saved without T5 has CLIP's limit."""
+    if model.id == "tiny":
+        return tiny_t5_tokenizer()
+    from transformers import AutoTokenizer
+
+    from sdtune.families import checkpoint_config
+
+    entry = checkpoint_config(model, "model_index.json").get("tokenizer_3")
+    if isinstance(entry, list) and entry[0] is None:
+        return common.load_tokenizer(model)
+    tokenizer = common.from_hub(model, AutoTokenizer, "tokenizer_3")
+    tokenizer.model_max_length = T5_MAX_LENGTH
+    return tokenizer
 
 
 def load_pipeline(model, dtype=torch.float32, **components):
