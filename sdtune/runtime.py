@@ -137,6 +137,9 @@ def provenance(params, base_commit: str = "unknown", raw_dir="data/raw", cache_i
         "base_commit": base_commit,
         "cache_index_sha256": io.sha256_file(index) if index.exists() else "unknown",
         "model_family": params.model.family,
+        # What the denoiser learned to predict, where params overrode the checkpoint's: sampled
+        # otherwise, such a LoRA gives noise (generate warns).
+        "prediction_type": params.model.prediction_type,
         # data/raw's files by content, read from the folder train depends on (as a folder source's
         # data.sha256 pin, `sha256sum` in the shell); not the manifest's bytes, which also name
         # data.source: the same images fetched from elsewhere are the same data.

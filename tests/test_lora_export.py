@@ -94,3 +94,23 @@ def test_lora_dropout_is_not_published_nor_applied_while_sampling(tmp_path):
     one, two = (np.asarray(generate.sample(pipe, "a red circle", 7, steps=2, guidance=7.5, size=RES))
                 for _ in range(2))
     assert np.array_equal(one, two)
+
+
+def test_a_lora_trained_for_another_prediction_type_is_warned_of(tmp_path, capsys):
+    """A LoRA trained with model.prediction_type: v_prediction on an epsilon checkpoint, sampled
+    by `sdtune generate` under params without the override, gave noise without a word."""
+    params = make_params("sd1")
+    fam = get("sd1")
+    state = lora.diffusers_state(adapted(params))
+    adapter = lora.config(params.train.lora, fam.LORA_TARGETS).to_dict()
+    adapter["target_modules"] = sorted(adapter["target_modules"])
+    for trained in ("v_prediction", "epsilon", "default"):
+        path = fam.save_lora(tmp_path / trained, state, {"base_model": "tiny", "prediction_type": trained},
+                             adapter_metadata=adapter)
+        generate.pipeline(fam, params.model, torch.device("cpu"), lora_dir=tmp_path / trained)
+        out = capsys.readouterr().out
+        if trained == "v_prediction":  # the tiny pipeline samples epsilon
+            assert out == (f"warning: {path}: this LoRA was trained to predict v_prediction (model.prediction_type), "
+                           f"but the pipeline samples with epsilon: set model.prediction_type: v_prediction\n")
+        else:
+            assert "warning" not in out

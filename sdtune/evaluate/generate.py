@@ -55,6 +55,10 @@ def add_lora(pipe, lora_dir, scale: float = 1.0):
         # Keys diffusers did not recognise for any component are skipped without an error.
         raise misfit("none of its weights matched a component of the pipeline")
     pipe.set_adapters(["sdtune"], [scale])
+    trained, sampled = meta.get("prediction_type", "default"), pipe.scheduler.config.get("prediction_type")
+    if trained != "default" and sampled is not None and trained != sampled:
+        print(f"warning: {path}: this LoRA was trained to predict {trained} (model.prediction_type), but the "
+              f"pipeline samples with {sampled}: set model.prediction_type: {trained}")
     # peft adds the LoRA's dropout in training mode: the same seed must give the same image.
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
