@@ -173,6 +173,40 @@ def test_cache_keys_change_exactly_with_what_is_encoded(model, cache_params, row
     assert (key(model, cache_params, row) != key({}, {}, {})) == changes
 
 
+
+def test_every_cache_param_in_the_key_is_one_the_train_stage_checks():
+    """The train stage refuses a cache built with other params by index.json's settings: a param that
+    changes the items' keys but not the settings would slip past that check."""
+    import typing
+
+    import torch
+
+    from sdtune import params as params_lib
+    from sdtune.data import cache
+
+    p = params_lib.parse({"model": {"id": "tiny", "resolution": 64}})
+    row = {"file": "a.png", "sha256": "0" * 64, "caption": "a picture"}
+    base = cache.item_key(row, p.model, p.cache, torch.float32, "code", "tiny")
+    varied = 0
+    for section in ("model", "cache"):
+        fields = type(getattr(p, section)).model_fields
+        for key, info in fields.items():
+            value = getattr(getattr(p, section), key)
+            choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Literal else ()
+            change = {bool: lambda v: [not v], int: lambda v: [v + 16], str: lambda v: ["other"]}.get(type(value))
+            others = [c for c in choices if c != value] or (change(value) if change else [])
+            field = f"{section}.{key}"
+            if not others:
+                continue  # None-valued keys: the test above sets them
+            raw = {"model": {"id": "tiny", "resolution": 64}}
+            raw[section] = raw.get(section, {}) | {key: others[0]}
+            q = params_lib.parse(raw)
+            varied += 1
+            if cache.item_key(row, q.model, q.cache, torch.float32, "code", "tiny") != base:
+                assert cache.settings(q.model, q.cache) != cache.settings(p.model, p.cache), field
+    assert varied >= 8
+
+
 def test_cache_keys_follow_the_image_reader_and_the_libraries_that_make_the_pixels(tmp_path, monkeypatch):
     """An edit to images.py (how images are decoded, rotated, converted) or another Pillow (its
     Lanczos filter) gives the VAE other pixels, another `tokenizers` other token ids: every item

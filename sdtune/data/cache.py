@@ -45,12 +45,9 @@ def item_key(row, model, cache, encode_dtype: torch.dtype, code: str, revision: 
     elsewhere): the same image encoded on another device gives other latents. `code` is
     encoder_code(family); `revision` is common.resolved_revision: the commit, not "main".
     model.prediction_type is left out: it changes the training target, not what the encoders make."""
-    parts = {
-        "code": code, "image": row["sha256"], "caption": row["caption"],
-        "family": model.family, "model": model.id, "revision": revision, "resolution": model.resolution,
-        "center_crop": cache.center_crop, "dtype": cache.dtype,
-        "bucket_step": cache.crop_step, "encode_dtype": str(encode_dtype),
-    }
+    # settings() itself, so that the train stage's check of a cache's params covers the whole key.
+    parts = settings(model, cache) | {"code": code, "image": row["sha256"], "caption": row["caption"],
+                                      "revision": revision, "encode_dtype": str(encode_dtype)}
     return io.sha256_json(parts)
 
 
