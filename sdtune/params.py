@@ -285,7 +285,7 @@ class Profile(Section):
     # The optimization matrix: each cell is a name plus the train keys it changes, and optionally
     # latents: on_the_fly (read, resize and encode the images every step instead of reading the cache).
     matrix: list[dict] = [{"name": "baseline"}]
-    # Generation cells: a name plus dtype, attention, channels_last, compile, lora (see profiling/inference.py).
+    # Generation cells: a name plus dtype, attention, channels_last, compile, lora or variant (InferenceCell).
     inference: list[dict] = [{"name": "fp32"}]
     trace: bool = True
 

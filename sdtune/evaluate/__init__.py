@@ -1,1 +1,1 @@
-"""Evaluation: CLIP loading and the metrics the evaluate stage reports."""
+"""Evaluation: loading the variants, sampling, CLIP and the metrics, the image grid and the table."""

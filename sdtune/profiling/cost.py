@@ -6,8 +6,7 @@ from sdtune.errors import UserError
 # discounts. Recalled from the GCP pricing page, not fetched (this project builds offline):
 # approximate, check https://cloud.google.com/compute/gpus-pricing before quoting them.
 PRICES_AS_OF = "2025-01"  # approximate
-PRICES_NOTE = "approximate, check the GCP pricing page: https://cloud.google.com/compute/gpus-pricing"
-PRICES = {
+PRICES = {  # gpus: what the machine type holds, for the reader
     "g2-standard-4": {"usd_per_hour": 0.71, "gpus": "1x NVIDIA L4"},
     "g2-standard-8": {"usd_per_hour": 0.85, "gpus": "1x NVIDIA L4"},
     "g2-standard-16": {"usd_per_hour": 1.15, "gpus": "1x NVIDIA L4"},

@@ -21,7 +21,8 @@ from sdtune import io
 PREFIX = "step-"
 
 
-def _rng_state() -> dict:
+def _rng_state() -> tuple[dict, dict]:
+    """(Python's and numpy's states as JSON, torch's generators as tensors)."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
