@@ -621,16 +621,17 @@ def test_a_failed_cell_does_not_break_dvc_metrics_show(tmp_path):
     import subprocess
 
     from sdtune import io
+    from sdtune.profiling import tables
     from stages import profile as stage
 
     def measure(spec):
         raise UserError("train.qlora: 4-bit NF4 loading needs a CUDA GPU")
 
     done, failed = stage.measure_each([{"name": "qlora", "qlora": True}], measure, "profile")
-    assert done == [] and stage.failed_list({"matrix": failed}) == (
+    assert done == [] and tables.failed_list({"matrix": failed}) == (
         "Cells that did not run:\n\n- `qlora` (matrix): train.qlora: 4-bit NF4 loading needs a CUDA GPU\n")
     # A trace that failed leaves its cell's numbers in the tables, and says so.
-    assert stage.failed_list({"trace": {"bf16": {"reason": "CUDA out of memory"}}}).endswith(
+    assert tables.failed_list({"trace": {"bf16": {"reason": "CUDA out of memory"}}}).endswith(
         "- `bf16` (trace only: its numbers above stand): CUDA out of memory\n")
     io.write_json(tmp_path / "profile.json", {"best": "baseline", "failed": {"matrix": failed}})
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
@@ -756,9 +757,8 @@ def test_a_checkpointing_cell_whose_step_without_it_does_not_fit_keeps_its_numbe
     that step ran out of memory, the whole cell was reported as not run. Now its own step is counted,
     recompute and all, and profile.md says so."""
     import contextlib
-    import importlib
 
-    from sdtune.profiling import flops, run as prof
+    from sdtune.profiling import flops, run as prof, tables
 
     ws, p = train_workspace
     real_no_recompute, real_count, inside = flops.no_recompute, flops.count_flops_by_op, []
@@ -788,7 +788,7 @@ def test_a_checkpointing_cell_whose_step_without_it_does_not_fit_keeps_its_numbe
     assert short["flops_with_recompute"] and not fits["flops_with_recompute"]
     assert short["flops_per_step"] > fits["flops_per_step"] > 0  # the recomputed forward is in
     assert short["step_ms"] > 0 and short["images_per_second"] > 0
-    rows = importlib.import_module("stages.profile").table([fits, short]).splitlines()
+    rows = tables.table([fits, short]).splitlines()
     assert "†" not in rows[2] and rows[3].count("†") == 2  # TFLOP/s and MFU
     assert rows[4] == "" and rows[5].startswith("† The step without gradient checkpointing")
 
@@ -796,9 +796,8 @@ def test_a_checkpointing_cell_whose_step_without_it_does_not_fit_keeps_its_numbe
 def test_memory_table_and_chart_show_each_part(tmp_path):
     """profile.md's memory table: the parts of each cell's memory, a dash where a part was not
     measured (reserved and activations on a CPU), the encoders' column only when a cell has them."""
-    import importlib
 
-    stage = importlib.import_module("stages.profile")
+    from sdtune.profiling import tables
     mib = 2**20
     gpu = made_cell("bf16", 16, 100.0)
     gpu["memory"] = {"peak_bytes": 12 * 1024 * mib, "allocated_bytes": 12 * 1024 * mib, "reserved_bytes": 13 * 1024 * mib,
@@ -808,15 +807,15 @@ def test_memory_table_and_chart_show_each_part(tmp_path):
     cpu["memory"] = {"peak_bytes": 620 * mib, "rss_bytes": 620 * mib, "weights_bytes": 5.5 * mib,
                      "gradients_bytes": 0.09 * mib, "optimizer_bytes": 0.18 * mib,
                      "kept_for_backward_bytes": None, "activations_bytes": None}
-    rows = stage.memory_table([gpu, cpu]).splitlines()[2:]
+    rows = tables.memory_table([gpu, cpu]).splitlines()[2:]
     assert rows[0] == ("| cell | peak MiB | reserved MiB | weights MiB | gradients MiB | optimizer MiB | "
                        "kept for backward MiB | activations MiB |")
     assert rows[2] == "| bf16 | 12288 | 13312 | 1640 | 6.0 | 12.0 | 9800 | 10580 |"
     assert rows[3] == "| fp32 | 620 | – | 5.5 | 0.1 | 0.2 | – | – |"
     fly = made_cell("otf", 2, 100.0)
     fly["memory"] = cpu["memory"] | {"encoder_weights_bytes": 80 * mib}
-    assert "| weights MiB | encoders MiB | gradients MiB |" in stage.memory_table([cpu, fly])
-    assert stage.memory_table([cpu, fly]).splitlines()[-1] == "| otf | 620 | – | 5.5 | 80.0 | 0.1 | 0.2 | – | – |"
+    assert "| weights MiB | encoders MiB | gradients MiB |" in tables.memory_table([cpu, fly])
+    assert tables.memory_table([cpu, fly]).splitlines()[-1] == "| otf | 620 | – | 5.5 | 80.0 | 0.1 | 0.2 | – | – |"
     png = tmp_path / "memory.png"
     charts.memory_chart([gpu, cpu, fly], png)
     with Image.open(png) as im:
@@ -1138,22 +1137,21 @@ def test_the_report_prices_1000_steps_and_the_run_from_the_fastest_cell(tmp_path
 def test_profile_md_header_says_what_the_numbers_are_against():
     """A reader of profile.md alone learns the card's GEMM ceiling next to its datasheet peak, and
     that a CPU's peak memory is a process-wide resident set."""
-    import importlib
 
-    stage = importlib.import_module("stages.profile")
+    from sdtune.profiling import tables
     gpu = made_cell("bf16", 16, 100.0) | {"device_name": "NVIDIA H200", "peak_source": "datasheet:H200",
                                           "peak_tflops": 989.0, "ceiling_tflops": 808.0}
     gpu["memory"]["source"] = "torch.cuda.max_memory_allocated"
     fp32 = made_cell("fp32", 16, 300.0) | {"device_name": "NVIDIA H200", "peak_source": "datasheet:H200",
                                            "peak_tflops": 494.0, "ceiling_tflops": 51.0, "memory": gpu["memory"]}
     gpu["mixed_precision"], fp32["mixed_precision"] = "bf16", "no"
-    text = stage.header([fp32, gpu], PROFILE_PARAMS.profile)
+    text = tables.header([fp32, gpu], PROFILE_PARAMS.profile)
     assert ("A large matmul reaches 51 TFLOP/s in fp32, 10% of its peak; 808 TFLOP/s in bf16, 82% of its peak "
             "on this device.") in text and "resident set" not in text
     cpu = made_cell("fp32", 2, 100.0) | {"device_name": "x86 CPU, 2 threads", "peak_source": "measured",
                                          "peak_tflops": 0.1, "ceiling_tflops": 0.1}
     cpu["memory"]["source"] = "peak RSS since reset_peak (VmHWM)"
-    text = stage.header([cpu], PROFILE_PARAMS.profile)
+    text = tables.header([cpu], PROFILE_PARAMS.profile)
     assert "resident set" in text and "TFLOP/s on this device" not in text
 
 
