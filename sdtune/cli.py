@@ -59,7 +59,7 @@ def build_parser() -> Parser:
     seeds.add_argument("--seed", type=int, help="default: params base.seed")
     seeds.add_argument("--seeds", type=seeds_list, help="several seeds, e.g. 1,2,3")
     g.add_argument("--steps", type=int, help="denoising steps (default: evaluate.steps)")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: evaluate.guidance_scale)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: evaluate.guidance_scale, or the pipeline's own)")
     g.add_argument("--size", type=int, help="image height and width in pixels (default: model.resolution)")
     g.add_argument("--scheduler", choices=SCHEDULERS, default="default", help="sampling scheduler")
     g.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
@@ -129,7 +129,7 @@ def check_numbers(steps, guidance, size, seeds, scale):
         raise UserError(f"--lora-scale: must be a finite number >= 0, got {scale}")
     if steps <= 0:
         raise UserError(f"--steps: must be positive, got {steps}")
-    if not (math.isfinite(guidance) and guidance >= 0):
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
         raise UserError(f"--guidance: must be a finite number >= 0, got {guidance}")
     if size <= 0:  # its multiple is the family's: families.check_size
         raise UserError(f"--size: must be positive, got {size}")

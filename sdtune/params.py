@@ -265,7 +265,9 @@ class Evaluate(Section):
     prompts: str = "prompts/eval.txt"
     seeds: Seeds = [0, 1]
     steps: int = Field(30, gt=0)
-    guidance_scale: float = Field(7.5, ge=0)
+    # None: the pipeline's own default, as the validation images use (SD 1.x/2.x 7.5, SDXL 5.0,
+    # SD3 7.0); one number for every family drew SDXL and SD3.5 at SD 1.5's scale.
+    guidance_scale: float | None = Field(None, ge=0)
     clip_model: str = "openai/clip-vit-base-patch16"  # "tiny" = random-initialised, offline
     clip_revision: str = "main"
     # clip: FID/KID in CLIP image-embedding space (no extra download); inception: the classic

@@ -356,3 +356,19 @@ def test_a_stage_run_as_a_file_is_one_line_naming_the_module_form(tmp_path):
                           text=True, timeout=300, env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)})
     assert (done.returncode, done.stderr) == (2, "error: run a stage as a module, from the repository root: "
                                                  "python -m stages.train (or docker/run train)\n")
+
+
+def test_guidance_defaults_to_the_pipelines_own(cwd):
+    """evaluate.guidance_scale: null samples at the family pipeline's own scale (7.5 for SD 1.x/2.x,
+    5.0 for SDXL), as the validation images do: one number for every family drew SDXL at SD 1.5's."""
+    import inspect
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    assert load("params.yaml").evaluate.guidance_scale is None
+    own = inspect.signature(StableDiffusionPipeline.__call__).parameters["guidance_scale"].default
+    assert (own, inspect.signature(StableDiffusionXLPipeline.__call__).parameters["guidance_scale"].default) == (7.5, 5.0)
+    for name, extra in [("default", []), ("own", ["--guidance", str(own)]), ("other", ["--guidance", "2"])]:
+        assert main(["generate", "--prompt", "a harbour", *FAST, *extra, "--out", f"out/{name}.png"]) == 0
+    png = {n: (cwd / "out" / f"{n}.png").read_bytes() for n in ("default", "own", "other")}
+    assert png["default"] == png["own"] != png["other"]
