@@ -40,6 +40,7 @@ def evaluated(lora_dir, tmp_path_factory):
     calls = []
     real = {name: getattr(mod, name) for mod, name in
             [(generate, "sample"), (generate, "pipeline"), (metrics, "clip_score"), (metrics, "fidelity"),
+             (metrics, "style_similarity"),
              (memory, "reset_peak"), (memory, "peak_memory")]}
 
     def sample(pipe, prompt, seed, **kw):
@@ -49,14 +50,14 @@ def evaluated(lora_dir, tmp_path_factory):
 
     def spy(name):
         def call(*args, **kwargs):
-            calls.append((name, *args[:2]) if name in ("clip_score", "fidelity") else (name,))
+            calls.append((name, *args[:2]) if name in ("clip_score", "fidelity", "style_similarity") else (name,))
             return real[name](*args, **kwargs)
         return call
 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ws)
         mp.setattr(generate, "sample", sample)
-        for name in ("pipeline", "clip_score", "fidelity"):
+        for name in ("pipeline", "clip_score", "fidelity", "style_similarity"):
             mp.setattr(generate if name == "pipeline" else metrics, name, spy(name))
         for name in ("reset_peak", "peak_memory"):
             mp.setattr(memory, name, spy(name))
@@ -119,3 +120,15 @@ def test_a_variant_that_cannot_run_stops_the_stage_before_any_sampling(variant, 
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(expected), err
     assert sampled == [] and not (ws / "reports/eval.json").exists()
+
+
+def test_style_similarity_compares_each_variants_samples_with_the_training_images(evaluated):
+    """style_similarity(fake, real): the centroid is the training images' (3 in data/raw), and
+    each of the 4 samples is scored against it."""
+    _, calls = evaluated
+    sampled = [c[3] for c in calls if c[0] == "sample"]
+    styled = [c for c in calls if c[0] == "style_similarity"]
+    assert len(styled) == 2  # base and lora
+    for _, fake, real in styled:
+        assert len(real) == 3
+        assert {img.tobytes() for img in fake} <= set(sampled) and len(fake) == len(PROMPTS) * len(SEEDS)

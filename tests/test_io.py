@@ -128,3 +128,9 @@ def test_a_full_disk_is_one_line_naming_the_file_and_a_bug_keeps_its_traceback(c
                                            f"again (the outputs before are kept)\n")
     with pytest.raises(FileNotFoundError):
         a_bug()
+
+
+def test_a_nan_is_refused_not_written_as_json_dvc_cannot_read(tmp_path):
+    with pytest.raises(ValueError):
+        io.write_json(tmp_path / "eval.json", {"fid": float("nan")})
+    assert not (tmp_path / "eval.json").exists()

@@ -258,3 +258,11 @@ def test_kid_draws_the_same_subsets_whatever_the_global_seed(clip, sets):
     first = M.fid_kid(sets["real"], sets["rand"][:5], ext)
     torch.manual_seed(2)
     assert M.fid_kid(sets["real"], sets["rand"][:5], ext) == first
+
+
+def test_fid_features_are_unit_vectors():
+    """FID and KID compare CLIP's image embeddings on the unit sphere, as CLIP compares them:
+    every number in eval.md's fid and kid columns rests on it."""
+    images = torch.randint(0, 256, (3, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    features = M.clip_image_extractor(load_clip("tiny"))(images)
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(3))

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import (FAKE_WANDB_KEY, OFFLINE, ROOT, assert_no_secret, captions_for, hub_snapshot, kept_for_backward, tiny_cache,
                       tiny_loop_run, wandb_stage)
@@ -1169,3 +1170,102 @@ def test_a_resumed_run_drops_the_later_images_and_a_killed_writes_temporary(tmp_
         (out / name).write_bytes(b"png")
     validate_lib.Validator(params_lib.parse({}), None, out).drop_after(20)
     assert sorted(p.name for p in out.iterdir()) == ["step-0000010.png", "step-0000020.png"]
+
+
+class DispatchedOps(TorchDispatchMode):
+    """The aten ops a block of code runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("choice, fused", [("sdpa", True), ("math", False)])
+def test_train_attention_math_runs_the_unfused_kernel_in_the_training_step(choice, fused):
+    """The profile matrix's math-attention cell measures what train.attention: math trains with:
+    the step itself, not only the helper, must run the unfused kernel."""
+    run = tiny_loop_run("sd15", torch.float32, attention=choice)
+    with DispatchedOps() as ops:
+        loop.train_step(run, 0)
+    assert (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default in ops.seen) == fused
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_checkpoint_of_another_mixed_precision_is_another_runs(tmp_path, precision):
+    """train.mixed_precision: auto is bf16 on one card and fp16 or none on another: not one run."""
+    io.write_json(tmp_path / "index.json", {"items": []})
+    p = params_lib.parse({"model": {"id": "tiny", "resolution": 32}, "train": {"mixed_precision": "auto"}})
+
+    def mark(mixed):
+        run = SimpleNamespace(params=p, accelerator=SimpleNamespace(num_processes=1, mixed_precision=mixed))
+        return loop.fingerprint(run, tmp_path, "tiny")
+
+    assert mark("no") != mark(precision) == mark(precision)
+
+
+def test_batches_of_two_buckets_are_interleaved_and_shuffled_within_each():
+    """With aspect-ratio buckets, an epoch in bucket order would train all of one shape first, and
+    unshuffled members would pair the same items every epoch."""
+    wide, tall = torch.zeros(4, 4, 8), torch.zeros(4, 8, 4)
+    items = [{"latents": wide} for _ in range(8)] + [{"latents": tall} for _ in range(8)]
+    p = params_lib.parse({"base": {"seed": 3}, "model": {"id": "tiny", "resolution": 32}, "train": {"batch_size": 2}})
+    run = SimpleNamespace(params=p, items=items, batches={},
+                          accelerator=SimpleNamespace(num_processes=1, process_index=0))
+    epochs = [loop.epoch_batches(run, epoch) for epoch in range(3)]
+    orders = ["".join("w" if batch[0] < 8 else "t" for batch in batches) for batches in epochs]
+    assert all(sorted(order) == sorted("wwwwtttt") for order in orders)
+    assert not all(order in ("wwwwtttt", "ttttwwww") for order in orders), orders
+    consecutive = {(i, i + 1) for i in range(0, 16, 2)}
+    assert not all({tuple(batch) for batch in batches} == consecutive for batches in epochs)
+
+
+@pytest.mark.parametrize("keys, said", [
+    ({"center_crop": False}, "cache.center_crop: False"),
+    ({"dtype": "bfloat16"}, "cache.dtype: bfloat16"),
+    ({"buckets": True, "bucket_step": 16}, "cache.crop_step: 16"),
+])
+def test_a_cache_built_with_any_other_encoding_setting_is_refused(tmp_path, keys, said):
+    """A cache built by hand with other params: each setting in its items' keys is compared."""
+    base = {"base": {"seed": 3}, "model": {"id": "tiny", "resolution": 32}}
+    other = params_lib.parse(base | {"cache": keys})
+    io.write_json(tmp_path / "index.json", {"items": [], "settings": cache.settings(other.model, other.cache)})
+    run = SimpleNamespace(params=params_lib.parse(base), accelerator=None, family=None)
+    with pytest.raises(UserError, match=f"built with {said}"):
+        loop.check_cache_model(run, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    p = params_lib.parse({"base": {"seed": 3, "device": "cpu"}, "model": {"id": "tiny", "resolution": 32}})
+    tiny_cache(root / "raw", root / "cache", 6, 40, p)
+    return root / "cache"
+
+
+def small_run(cache_dir, **train):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    p = params_lib.parse({"base": {"seed": 3, "device": "cpu"}, "model": {"id": "tiny", "resolution": 32},
+                          "train": {"batch_size": 2, "wandb": "disabled", "lora": {"rank": 4, "alpha": 4.0}, **train}})
+    return loop.setup(p, cache_dir)
+
+
+def test_the_last_step_is_validated_when_it_is_no_multiple_of_validate_every(small_cache, tmp_path):
+    run = small_run(small_cache, steps=3, validate_every=2, checkpoint_every=2)
+    seen = []
+    loop.train(run, tmp_path / "checkpoints", small_cache, validate=lambda r: seen.append(r.step))
+    assert seen == [2, 3]
+
+
+def test_final_loss_is_the_mean_over_the_loss_curves_window(small_cache, tmp_path):
+    """The number REPORT.md quotes is where the curve's running mean ends, not one step's loss."""
+    run = small_run(small_cache, steps=12, checkpoint_every=100, log_every=1)
+    stats = loop.train(run, tmp_path / "checkpoints", small_cache)
+    window = loop.smoothing_window(12)
+    assert stats["final_loss_steps"] == window == 5
+    assert stats["final_loss"] == pytest.approx(sum(h["loss"] for h in run.history[-window:]) / window)
