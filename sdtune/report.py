@@ -111,13 +111,19 @@ def _per_image_ms(cell: dict) -> tuple[float, float]:
     return ph["step_min_ms"] / n, ph["step_max_ms"] / n
 
 
-def _verdict(speedup: float, cell: dict, ref: dict) -> str:
-    """What `cell` did against `ref`. Where the two cells' step times overlap, the difference is
-    inside the noise of the measurement (another process, a stalled step), whatever the medians say."""
+def _overlap(cell: dict, ref: dict) -> str | None:
+    """Where two cells' step times overlap, the difference between them is inside the noise of the
+    measurement (another process, a stalled step), whatever the medians say: the spreads, said."""
     (a, b), (c, d) = _per_image_ms(cell), _per_image_ms(ref)
     if a <= d and c <= b:
-        return (f"made no clear difference (its steps took {a:.1f}–{b:.1f} ms per image, those of "
-                f"`{ref['name']}` {c:.1f}–{d:.1f})")
+        return f"its steps took {a:.1f}–{b:.1f} ms per image, those of `{ref['name']}` {c:.1f}–{d:.1f}"
+    return None
+
+
+def _verdict(speedup: float, cell: dict, ref: dict) -> str:
+    """What `cell` did against `ref`."""
+    if spread := _overlap(cell, ref):
+        return f"made no clear difference ({spread})"
     return "helped" if speedup > 1.05 else "did not help" if speedup < 0.95 else "made no real difference"
 
 
@@ -175,7 +181,8 @@ def findings(evals: dict, profile: dict) -> list[str]:
         speed = best["images_per_second"] / fly["images_per_second"]
         lines.append(f"- The fastest cell, `{best['name']}`, ran {speed:.2f}× the speed of `{fly['name']}`, the way "
                      f"diffusers' example scripts train ({best['images_per_second']:.2f} vs "
-                     f"{fly['images_per_second']:.2f} images/s).")
+                     f"{fly['images_per_second']:.2f} images/s)"
+                     + (f"; not a clear difference: {spread}." if (spread := _overlap(best, fly)) else "."))
     lines += kernel_finding(best)
     if "base" in evals and "lora" in evals:
         b, t = evals["base"], evals["lora"]
