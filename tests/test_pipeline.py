@@ -213,20 +213,6 @@ def test_dvc_metrics_show_reads_every_metric(demo):
     assert "variants.int8wo-fused.disk_bytes" in out.stdout
 
 
-def test_second_repro_does_nothing_and_train_params_rerun_only_downstream(demo):
-    again = run(["dvc", "repro"], demo)
-    assert ran(again.stdout) == []
-    assert "Data and pipelines are up to date" in again.stdout
-    # A fresh clone has no checkpoints/ (resume state, not pushed): after `dvc pull` nothing re-runs.
-    shutil.rmtree(demo / "checkpoints", ignore_errors=True)
-    assert "Data and pipelines are up to date" in run(["dvc", "status"], demo).stdout
-    text = (demo / "params.yaml").read_text()
-    (demo / "params.yaml").write_text(text.replace("steps: 30", "steps: 20", 1))
-    changed = run(["dvc", "repro"], demo, timeout=1200)
-    assert ran(changed.stdout) == ["train", "quantize", "evaluate", "profile", "report"]
-    assert json.loads((demo / "reports/train.json").read_text())["steps"] == 20
-
-
 def test_report_is_generated_from_the_numbers(demo):
     text = (demo / "reports/REPORT.md").read_text()
     train = json.loads((demo / "reports/train.json").read_text())
@@ -354,6 +340,21 @@ def test_report_goes_to_wandb_when_it_is_on(demo, tmp_path):
     report = files / "REPORT.md"  # a copy: a run synced later still holds this report
     assert not report.is_symlink() and report.read_text() == (ws / "reports/REPORT.md").read_text()
     assert_no_secret(ws / "wandb")
+
+
+def test_second_repro_does_nothing_and_train_params_rerun_only_downstream(demo):
+    # The last of the demo's tests: it re-runs the shared demo at 20 steps, which the others read at 30.
+    again = run(["dvc", "repro"], demo)
+    assert ran(again.stdout) == []
+    assert "Data and pipelines are up to date" in again.stdout
+    # A fresh clone has no checkpoints/ (resume state, not pushed): after `dvc pull` nothing re-runs.
+    shutil.rmtree(demo / "checkpoints", ignore_errors=True)
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], demo).stdout
+    text = (demo / "params.yaml").read_text()
+    (demo / "params.yaml").write_text(text.replace("steps: 30", "steps: 20", 1))
+    changed = run(["dvc", "repro"], demo, timeout=1200)
+    assert ran(changed.stdout) == ["train", "quantize", "evaluate", "profile", "report"]
+    assert json.loads((demo / "reports/train.json").read_text())["steps"] == 20
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
