@@ -1191,6 +1191,17 @@ def test_an_inference_variant_cell_must_be_saved_and_brings_its_own_dtype(tmp_pa
         inference.check_variant(params_lib.inference_cell({"name": "q", "variant": "nf4-fused"}))
     assert str(err.value) == ("params.yaml: profile.inference.q.variant: models/quantized/nf4-fused does not exist; "
                               "the quantize stage saved: int8wo-fused")
+    # Saved, but of a method this machine cannot run (a GPU run's variants pulled to a laptop): it
+    # failed only when its turn came, after the cells before it were measured.
+    for name, said in [("nf4-fused", "quantize.variants: 'nf4' needs a CUDA GPU"),
+                       ("int4-fused", "params.yaml: profile.inference.q.variant: 'int4-fused' does not start with a "
+                                      "known method")]:
+        (tmp_path / "models/quantized" / name).mkdir()
+        if name == "nf4-fused" and torch.cuda.is_available():
+            continue
+        with pytest.raises(UserError) as err:
+            inference.check_variant(params_lib.inference_cell({"name": "q", "variant": name}))
+        assert str(err.value).startswith(said)
 
 
 def test_activations_on_cuda_are_the_allocated_peak_less_what_is_counted_apart():

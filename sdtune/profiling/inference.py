@@ -20,12 +20,19 @@ from sdtune.train.loop import attention
 
 
 def check_variant(cell: InferenceCell) -> None:
-    """A cell's variant must be one the quantize stage saved: said before any cell is measured."""
-    saved = quantize.saved_variants()
-    if cell.variant is None or cell.variant in saved:
+    """A cell's variant must be one the quantize stage saved, of a method this machine runs (nf4
+    needs CUDA), as the evaluate stage checks its variants: said before any cell is measured."""
+    if cell.variant is None:
         return
-    raise UserError(f"params.yaml: profile.inference.{cell.name}.variant: {quantize.QUANT_DIR / cell.variant} "
-                    f"does not exist; the quantize stage saved: {', '.join(saved) or 'nothing'}")
+    saved = quantize.saved_variants()
+    if cell.variant not in saved:
+        raise UserError(f"params.yaml: profile.inference.{cell.name}.variant: {quantize.QUANT_DIR / cell.variant} "
+                        f"does not exist; the quantize stage saved: {', '.join(saved) or 'nothing'}")
+    method, _ = quantize.variant_parts(cell.variant)
+    if method not in quantize.METHODS:  # a folder made by hand
+        raise UserError(f"params.yaml: profile.inference.{cell.name}.variant: {cell.variant!r} does not start "
+                        f"with a known method ({', '.join(quantize.METHODS)})")
+    quantize.check_supported(method)
 
 
 def _pipeline(cell: InferenceCell, family, model, lora_dir, device):
