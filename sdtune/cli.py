@@ -107,10 +107,8 @@ def variant_kwargs(name, lora, lora_scale=None):
     if name not in have:
         listed = ", ".join(have) if have else "none (run the quantize stage or dvc pull)"
         raise UserError(f"--variant: no variant {name!r} in {quantize.QUANT_DIR}/; available: {listed}")
-    method, mode = quantize.variant_parts(name)
-    if method not in quantize.METHODS:
-        raise UserError(f"--variant: {name!r} does not start with a known method ({', '.join(quantize.METHODS)})")
-    quantize.check_supported(method)
+    quantize.check_method(name, "--variant")
+    _, mode = quantize.variant_parts(name)
     if mode == "fused" and lora is not None:
         raise UserError(f"--variant: {name!r} already has the LoRA fused in; drop --lora")
     if mode == "fused" and lora_scale is not None:

@@ -34,10 +34,7 @@ def check_variants(todo) -> None:
     for name, kwargs in todo:
         if "method" not in kwargs:
             continue
-        if kwargs["method"] not in quantize.METHODS:
-            raise UserError(f"reports/quantize.json: variant {name!r} does not start with a known method "
-                            f"({', '.join(quantize.METHODS)}); run the quantize stage again")
-        quantize.check_supported(kwargs["method"])
+        quantize.check_method(name, "reports/quantize.json: variant", "; run the quantize stage again")
         if not kwargs["variant_dir"].is_dir():
             raise UserError(f"{kwargs['variant_dir']}: variant {name!r} of reports/quantize.json is not there; "
                             f"run the quantize stage again or dvc pull it")

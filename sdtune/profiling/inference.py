@@ -28,11 +28,7 @@ def check_variant(cell: InferenceCell) -> None:
     if cell.variant not in saved:
         raise UserError(f"params.yaml: profile.inference.{cell.name}.variant: {quantize.QUANT_DIR / cell.variant} "
                         f"does not exist; the quantize stage saved: {', '.join(saved) or 'nothing'}")
-    method, _ = quantize.variant_parts(cell.variant)
-    if method not in quantize.METHODS:  # a folder made by hand
-        raise UserError(f"params.yaml: profile.inference.{cell.name}.variant: {cell.variant!r} does not start "
-                        f"with a known method ({', '.join(quantize.METHODS)})")
-    quantize.check_supported(method)
+    quantize.check_method(cell.variant, f"params.yaml: profile.inference.{cell.name}.variant")
 
 
 def _pipeline(cell: InferenceCell, family, model, lora_dir, device):
