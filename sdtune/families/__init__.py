@@ -31,8 +31,9 @@ def of(params):
     for key, value in sizes:
         check_size(family, model.family, key, value)
     check_checkpoint(family, model)
-    check_text_to_image(family, model)
-    warn_below_native_size(family, model)
+    denoiser = checkpoint_config(model, f"{family.DENOISER_ATTR}/config.json")
+    check_text_to_image(family, model, denoiser)
+    warn_below_native_size(model, denoiser)
     return family
 
 
@@ -56,12 +57,12 @@ def check_checkpoint(family, model) -> None:
                         f"(its {filename} has {key}: {value}); set model.family: {owner}")
 
 
-def check_text_to_image(family, model) -> None:
+def check_text_to_image(family, model, denoiser: dict) -> None:
     """A checkpoint the family's classes load but cannot train as text to image, refused before
     the cache encodes anything: an inpainting, depth or upscaling UNet takes more input channels
     than it predicts (the mask, the depth map, the small image beside the latents), and SDXL's
-    refiner conditions on an aesthetic score (5 time ids, not 6). Both failed at the first step."""
-    denoiser = checkpoint_config(model, f"{family.DENOISER_ATTR}/config.json")
+    refiner conditions on an aesthetic score (5 time ids, not 6). Both failed at the first step.
+    `denoiser`: the denoiser's config.json."""
     takes = denoiser.get("in_channels")
     gives = denoiser.get("out_channels") or takes
     if isinstance(takes, int) and takes != gives:
@@ -74,11 +75,11 @@ def check_text_to_image(family, model) -> None:
                         f"{family.PIPELINE.__name__} checkpoint (the base model)")
 
 
-def warn_below_native_size(family, model) -> None:
+def warn_below_native_size(model, denoiser: dict) -> None:
     """model.resolution defaults to SD 1.5's 512; SDXL and SD3.5 were trained at 1024 and SD 2.1-v at
     768, and below its own size a model trains and samples at its worst, the quality table with it.
-    A warning, not an error: training smaller on purpose is a choice (and the cheaper one)."""
-    denoiser = checkpoint_config(model, f"{family.DENOISER_ATTR}/config.json")
+    A warning, not an error: training smaller on purpose is a choice (and the cheaper one).
+    `denoiser`: the denoiser's config.json."""
     blocks = checkpoint_config(model, "vae/config.json").get("block_out_channels")
     sample = denoiser.get("sample_size")
     if not isinstance(sample, int) or not isinstance(blocks, list) or not blocks:
