@@ -277,8 +277,6 @@ class Evaluate(Section):
     lora_scale: float = Field(1.0, ge=0)
 
 
-
-
 class Profile(Section):
     steps: int = Field(6, gt=1)   # measured steps per matrix cell
     warmup: int = Field(2, ge=0)  # steps run first and not measured (allocation, autotuning)

@@ -45,7 +45,7 @@ def main():
     params = params_lib.load()
     p = params.profile
     family = families.of(params)
-    for spec in p.matrix:  # a typo in any cell, or a key the family refuses, stops here, before minutes of measuring
+    for spec in p.matrix:  # a key the family refuses stops here, before minutes of measuring (typos stopped at load)
         family.check_train(params_lib.cell_params(params, spec).train)
     prof.check_lora_targets(params, family, p.matrix)
     for spec in p.inference:
@@ -77,7 +77,7 @@ def main():
                     best["kernels"] = prof.kernel_breakdown(best, traced[0])
             charts.phase_chart({c["name"]: c["phases"] for c in cells}, tmp / "phases.png")
             charts.bar_chart(cells, "step_ms", tmp / "step_ms.png", "Training step time (ms, median)")
-            charts.bar_chart(cells, "mfu", tmp / "mfu.png", "Model FLOPs utilisation", fmt="{:.1%}")
+            charts.bar_chart(cells, "mfu", tmp / "mfu.png", "Model FLOPs utilisation", fmt="{:.1%}".format)
             charts.memory_chart(cells, tmp / "memory.png")
             gen, gen_failed = measure_each(
                 p.inference, lambda spec: inference.profile_cell(params, spec, LORA_DIR, cells[0]["device"]), "inference")

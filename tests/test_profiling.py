@@ -406,7 +406,7 @@ def test_step_time_bars_read_as_plain_numbers_beside_their_own_long_names(tmp_pa
     assert [t.get_text() for t in ax.get_yticklabels()] == names  # first on top, each beside its bar
     assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:]))
     mfu = drawn(monkeypatch, charts.bar_chart, [{"name": "a", "mfu": 0.264}], "mfu", tmp_path / "mfu.png", "MFU",
-                fmt="{:.1%}")
+                fmt="{:.1%}".format)
     assert [t.get_text() for t in mfu.axes[0].texts] == ["26.4%"]
 
 

@@ -65,9 +65,8 @@ def number(v: float) -> str:
 
 def bar_chart(rows, key: str, out_png, title: str, label: str = "name", fmt=number) -> None:
     """One horizontal bar per matrix cell, first on top: `row[key]` against `row[label]`, each bar
-    labelled with `fmt` (a function or a format string). A missing value shows as "n/a".
+    and the axis labelled by `fmt(value)`. A missing value shows as "n/a".
     Horizontal, as the stacked charts are, so long cell names sit beside their own bars."""
-    show = fmt if callable(fmt) else fmt.format
     labels = [str(r.get(label, i)) for i, r in enumerate(rows)]
     values = [r.get(key) for r in rows]
     fig = Figure(figsize=(8, 1.2 + 0.4 * max(len(rows), 1)))
@@ -77,8 +76,8 @@ def bar_chart(rows, key: str, out_png, title: str, label: str = "name", fmt=numb
         ax.set_axis_off()
     else:
         bars = ax.barh(labels, [v or 0 for v in values])
-        ax.bar_label(bars, labels=["n/a" if v is None else show(v) for v in values], fontsize="small", padding=2)
-        ax.xaxis.set_major_formatter(lambda v, _: show(v))  # the axis in the bars' units (e.g. %)
+        ax.bar_label(bars, labels=["n/a" if v is None else fmt(v) for v in values], fontsize="small", padding=2)
+        ax.xaxis.set_major_formatter(lambda v, _: fmt(v))  # the axis in the bars' units (e.g. %)
         ax.margins(x=0.15)  # room for the last bar's label
         ax.invert_yaxis()
         ax.set_xlabel(key)

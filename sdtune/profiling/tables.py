@@ -1,5 +1,6 @@
 """profile.md: the profile stage's tables, from the cells profiling/run.py measured."""
 
+from sdtune.params import cell_latents
 from sdtune.profiling import kernels, roofline
 
 PRECISION = {"no": "fp32"}  # accelerate's name for no mixed precision
@@ -24,7 +25,7 @@ def header(cells, p) -> str:
     if "RSS" in c["memory"]["source"]:
         text += (" Peak memory on a CPU is the process's resident set during the cell, which also holds "
                  "what earlier cells brought in (libraries, compiled code): later cells read a little high.")
-    if any(cell["spec"].get("latents") == "on_the_fly" for cell in cells):
+    if any(cell_latents(cell["spec"]) == "on_the_fly" for cell in cells):
         text += (" MFU counts each cell's own FLOPs, so an on-the-fly cell's include its VAE and text "
                  "encoders: it can show a higher MFU while training fewer images a second.")
     return text + "\n"
