@@ -1238,34 +1238,16 @@ def test_a_cache_built_with_any_other_encoding_setting_is_refused(tmp_path, keys
         loop.check_cache_model(run, tmp_path)
 
 
-@pytest.fixture(scope="module")
-def small_cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("small")
-    p = params_lib.parse({"base": {"seed": 3, "device": "cpu"}, "model": {"id": "tiny", "resolution": 32}})
-    tiny_cache(root / "raw", root / "cache", 6, 40, p)
-    return root / "cache"
-
-
-def small_run(cache_dir, **train):
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    p = params_lib.parse({"base": {"seed": 3, "device": "cpu"}, "model": {"id": "tiny", "resolution": 32},
-                          "train": {"batch_size": 2, "wandb": "disabled", "lora": {"rank": 4, "alpha": 4.0}, **train}})
-    return loop.setup(p, cache_dir)
-
-
-def test_the_last_step_is_validated_when_it_is_no_multiple_of_validate_every(small_cache, tmp_path):
-    run = small_run(small_cache, steps=3, validate_every=2, checkpoint_every=2)
+def test_the_last_step_is_validated_when_it_is_no_multiple_of_validate_every(workspace, tmp_path):
     seen = []
-    loop.train(run, tmp_path / "checkpoints", small_cache, validate=lambda r: seen.append(r.step))
+    train_in_process(workspace, tmp_path / "checkpoints", validate=lambda r: seen.append(r.step),
+                     steps=3, validate_every=2, checkpoint_every=2)
     assert seen == [2, 3]
 
 
-def test_final_loss_is_the_mean_over_the_loss_curves_window(small_cache, tmp_path):
+def test_final_loss_is_the_mean_over_the_loss_curves_window(workspace, tmp_path):
     """The number REPORT.md quotes is where the curve's running mean ends, not one step's loss."""
-    run = small_run(small_cache, steps=12, checkpoint_every=100, log_every=1)
-    stats = loop.train(run, tmp_path / "checkpoints", small_cache)
+    run, stats = train_in_process(workspace, tmp_path / "checkpoints", steps=12, checkpoint_every=100, log_every=1)
     window = loop.smoothing_window(12)
     assert stats["final_loss_steps"] == window == 5
     assert stats["final_loss"] == pytest.approx(sum(h["loss"] for h in run.history[-window:]) / window)
