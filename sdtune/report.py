@@ -179,10 +179,10 @@ def findings(evals: dict, profile: dict) -> list[str]:
     if fly is not None and best["name"] != fly["name"] and best is not _same_but_cached(fly, cells):
         # What everything together buys over the way diffusers' example scripts train.
         speed = best["images_per_second"] / fly["images_per_second"]
+        spread = _overlap(best, fly)
         lines.append(f"- The fastest cell, `{best['name']}`, ran {speed:.2f}× the speed of `{fly['name']}`, the way "
                      f"diffusers' example scripts train ({best['images_per_second']:.2f} vs "
-                     f"{fly['images_per_second']:.2f} images/s)"
-                     + (f"; not a clear difference: {spread}." if (spread := _overlap(best, fly)) else "."))
+                     f"{fly['images_per_second']:.2f} images/s)" + (f"; not a clear difference: {spread}." if spread else "."))
     lines += kernel_finding(best)
     if "base" in evals and "lora" in evals:
         b, t = evals["base"], evals["lora"]

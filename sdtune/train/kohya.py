@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from sdtune.errors import UserError
 from sdtune import families
+from sdtune.errors import UserError
 from sdtune.families import common
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
