@@ -215,6 +215,15 @@ def compile_denoiser(denoiser, blocks, mode: str = "default", options: dict | No
     quiet_dynamo_on_upsamplers()
     from torch._inductor import list_mode_options  # here: inductor is imported only to compile
 
+    # AOTAutograd's on-disk cache passes over any graph that holds a custom autograd.Function, as
+    # train.lora.addmm's LoRA layers do, unless told otherwise; every run then traced and split the
+    # joint graph again (with the tiny model on a CPU, half of a compile whose kernels came from
+    # inductor's cache). Dynamo traces the Function's forward and backward into the graph the
+    # cache keys on, so a change to either is a miss.
+    import torch._functorch.config
+
+    torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
+
     # torch.compile takes a mode or options, not both: with options, the mode's own come first.
     how = {"options": {**list_mode_options(mode), **options}} if options else {"mode": mode}
     if not blocks:
