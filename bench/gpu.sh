@@ -271,6 +271,9 @@ run() {
     wait_for_warm
     if contains "$name" "${WARM[@]}"; then
         warmed "$name"
+    elif compiled_earlier "$name"; then
+        echo "== $name: compiled ahead in an earlier call on this machine"
+        need=$((WARM_NEED_S < need ? WARM_NEED_S : need))
     fi
     left=$((BUDGET_S - (SECONDS - start)))
     if ((left < need)); then
@@ -289,6 +292,9 @@ run() {
     echo "   $((SECONDS - began))s wall"
     if ((rc == 0)); then
         tail -n 1 "$RUNS/$name.log"
+        if [[ " $* " == *" --compile "* ]]; then  # its graphs are in the caches now, as a warm process leaves them
+            mkdir -p "$WARMED_DIR" && warm_key "$name" >"$WARMED_DIR/$name"
+        fi
     elif ((rc == 124 || rc == 137)); then
         echo "   timed out after ${limit}s (log: runs/$name.log)"
         stub "$name" "timed out after ${limit}s"
@@ -554,12 +560,24 @@ fi
 WARM_JOBS=${BENCH_WARM:-$((GPU_BOX * 4))}
 # On the H100 a run compiled from the cache took 45-73 s, 17-25 s of it the imports.
 WARM_NEED_S=${BENCH_WARM_NEED_S:-70}
+# A device machine stays warm a little while between calls, with inductor's caches in /tmp: a run
+# compiled ahead in an earlier call on it is remembered here (its arguments and a hash of the code
+# it runs), so a later call neither compiles it ahead again nor asks its full need. (On 2026-11-28
+# such a call, with BENCH_WARM=0, left two runs compiled minutes earlier "not run: needs 240 s".)
+WARMED_DIR=${BENCH_WARMED_DIR:-/tmp/sdtune-warmed}
+CODE_HASH=$(find sdtune bench -name '*.py' -print0 | sort -z | xargs -0 cat | sha1sum | cut -d' ' -f1)
+warm_key() {  # NAME: what a run compiled ahead is remembered by
+    printf '%s\n' "${RUN_ARGS[$1]} ${EXTRA[*]-} $CODE_HASH"
+}
+compiled_earlier() {  # NAME: whether an earlier call on this machine compiled NAME ahead, as it is now
+    [[ -f $WARMED_DIR/$1 && $(cat "$WARMED_DIR/$1") == "$(warm_key "$1")" ]]
+}
 # One wave: the first WARM_JOBS compiled runs, which compile beside the tests. A second wave would
 # hold every timed run back until it ended (wait_for_warm), past the budget of a full plan.
 for unit in "${UNITS[@]}"; do
     name=${unit#run:}
     if ((${#WARM[@]} < WARM_JOBS)) && [[ $unit == run:* && " ${RUN_ARGS[$name]} " == *" --compile "* ]] &&
-        selected "$name" ""; then
+        selected "$name" "" && ! compiled_earlier "$name"; then
         WARM+=("$name")
     fi
 done
@@ -575,6 +593,9 @@ warm_all() {
             TORCHINDUCTOR_COMPILE_THREADS=3 timeout --kill-after=10 "${RUN_LIMITS[$name]}" "$PY" -m bench.train_step --warm-only \
                 --name "$name" --json "$RUNS/$name.warm.json" "${args[@]}" "${EXTRA[@]}" >"$RUNS/$name.warm.log" 2>&1 || rc=$?
             echo "$rc" >"$RUNS/$name.warm.rc"
+            if ((rc == 0)); then
+                mkdir -p "$WARMED_DIR" && warm_key "$name" >"$WARMED_DIR/$name"
+            fi
         ) &
     done
     wait

@@ -1,6 +1,7 @@
 """Turn bench.train_step JSON files into one Markdown table plus a targets table.
 
     python -m bench.table runs/*.json --json bench.json --md bench.md
+    python -m bench.table docs/results/h200-2026-11-28.json     # a past call's tables again
 
 A JSON holding {"name", "error"} (what bench/gpu.sh writes for a run that failed, timed out or
 was skipped) shows up as a row with its error, so a missing number is never silently dropped.
@@ -34,7 +35,22 @@ OPS = {">=": operator.ge, "<=": operator.le}
 
 
 def load(paths) -> list[dict]:
-    return [json.loads(Path(p).read_text()) for p in paths]
+    """Each file's results: one run's JSON (bench.train_step --json), or a whole call's bench.json
+    (its "results"; docs/results/ keeps them), so the tables of past calls can be remade."""
+    rows = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"python -m bench.table: {path}: cannot read it as JSON ({e})") from None
+        if isinstance(data, dict) and isinstance(data.get("results"), list):
+            rows += data["results"]
+        elif isinstance(data, dict) and "name" in data:
+            rows.append(data)
+        else:
+            raise SystemExit(f"python -m bench.table: {path}: expected a run's JSON (with \"name\") or a "
+                             f"bench.json (with \"results\")")
+    return rows
 
 
 def _ok(r) -> bool:

@@ -226,6 +226,13 @@ def test_table_renders_results_failures_and_targets(results, tmp_path):
     assert len(combined["results"]) == len(paths)
     # Tiny runs never count towards the real-size targets.
     assert [t["result"] for t in combined["targets"]] == ["not run"] * len(table.TARGETS)
+    # A whole call's bench.json (docs/results/ keeps them) makes the same tables again.
+    assert table.main([str(tmp_path / "bench.json")]) == md
+    for bad, says in [("[1, 2]", 'expected a run\'s JSON (with "name") or a bench.json (with "results")'),
+                      ("{", "cannot read it as JSON")]:
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'bad.json'}: {says}")):
+            table.main([str(tmp_path / "bad.json")])
 
 
 def test_table_judges_targets():
@@ -423,7 +430,8 @@ def _gpu_script(tmp_path, only, budget_s=300, **env):
     """bench/gpu.sh on this CPU at tiny sizes, the GPU tests skipped unless env says otherwise."""
     env = {**os.environ, "OUT": str(tmp_path), "BENCH_SKIP_INSTALL": "1", "BENCH_SKIP_TESTS": "1",
            "BENCH_ONLY": only, "BENCH_BUDGET_S": str(budget_s), "PYTHONPATH": str(ROOT),
-           "BENCH_EXTRA": "--tiny --res 64 --threads 1 --precision fp32 --steps 2 --warmup 1", **env}
+           "BENCH_EXTRA": "--tiny --res 64 --threads 1 --precision fp32 --steps 2 --warmup 1",
+           "BENCH_WARMED_DIR": str(tmp_path / "warmed"), **env}
     return subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -457,8 +465,9 @@ def test_gpu_script_compiles_ahead_and_the_timed_run_loads_the_compiled_graphs(t
     # The warm process alone took 150-195 s on a quiet 2-core machine, and the timed run needs 45 s
     # after it: with 250 s of budget a busier machine left it too little. 400 s gives room and still
     # too little for the second run (it needs 240 s), which only shows that one wave compiles ahead.
+    caches = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "BENCH_WARMED_DIR": str(tmp_path / "warmed")}
     out = _gpu_script(tmp_path, "sd15-bs16-bf16-compile sd15-bs1-bf16-compile-cudagraphs", budget_s=400,
-                      BENCH_WARM="1", BENCH_WARM_NEED_S="45", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+                      BENCH_WARM="1", BENCH_WARM_NEED_S="45", **caches)
     warm_log = tmp_path / "runs" / "sd15-bs16-bf16-compile.warm.log"
     said = "\n".join(line for line in out.stdout.splitlines() if line.startswith("== "))
     said += "\nwarm log:\n" + (warm_log.read_text()[-1500:] if warm_log.exists() else "(none)")
@@ -472,12 +481,22 @@ def test_gpu_script_compiles_ahead_and_the_timed_run_loads_the_compiled_graphs(t
     timed = json.loads((tmp_path / "runs" / "sd15-bs16-bf16-compile.json").read_text())
     assert warm["warm_only"] and warm["compile_cache"]["fx_graph_miss"] > 0
     assert timed["compile_cache"]["fx_graph_miss"] == 0 and timed["compile_cache"]["fx_graph_hit"] > 0
+    # AOTAutograd's cache too, though the LoRA layers are a custom autograd.Function (AddmmLora).
+    assert warm["compile_cache"]["aot_autograd_miss"] > 0 and timed["compile_cache"]["aot_autograd_hit"] > 0
     assert timed["step_ms"] > 0 and timed["compile"]
     # The whole UNet, LoRA layers and all, is one graph: a break would show in both counts.
     for r in (warm, timed):
         assert r["compile_cache"]["graphs"] >= 1 and r["compile_cache"]["graph_breaks"] == 0
         assert r["compile_cache"]["cudagraph_skips"] == 0  # the default mode asks for no CUDA graphs
         assert r["graph_break_reasons"] == []
+    # A later call on the same machine (a device machine stays warm between calls) remembers what
+    # was compiled: not compiled ahead again, and it asks only WARM_NEED_S (here more than is left).
+    again = _gpu_script(tmp_path / "again", "sd15-bs16-bf16-compile", budget_s=20, BENCH_WARM="1",
+                        BENCH_WARM_NEED_S="45", **caches)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "compiling ahead" not in again.stdout
+    assert "== sd15-bs16-bf16-compile: compiled ahead in an earlier call on this machine" in again.stdout
+    assert re.search(r"== sd15-bs16-bf16-compile: not run: needs 45s, \d+s left", again.stdout), again.stdout
 
 
 def test_gpu_script_installs_a_packed_wheel_in_a_call_of_its_own(tmp_path):
