@@ -1042,6 +1042,10 @@ def test_the_real_matrix_measures_each_switch_against_the_cell_it_changes_least(
     assert refs[gn]["name"] == "bf16-compile"
     assert report.changes(by_name[gn], refs[gn]) == {"channels_last": True, "group_norm": "per-channel"}
     assert refs["bf16-compile-cudagraphs"]["name"] == "bf16-compile" and refs["bf16-channels-last"]["name"] == "bf16"
+    # The fastest step measured on a GPU: what CUDA graphs and the broadcast add to the per-channel cell.
+    best = "bf16-compile-cudagraphs-channels-last-per-channel-gn-broadcast-upsample"
+    assert refs[best]["name"] == gn
+    assert report.changes(by_name[best], refs[best]) == {"compile_mode": "reduce-overhead", "upsample": "broadcast"}
 
 
 def test_an_on_the_fly_cell_that_is_fastest_is_not_compared_with_itself():
