@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -342,8 +343,9 @@ def test_report_goes_to_wandb_when_it_is_on(demo, tmp_path):
     assert_no_secret(ws / "wandb")
 
 
-def test_second_repro_does_nothing_and_train_params_rerun_only_downstream(demo):
-    # The last of the demo's tests: it re-runs the shared demo at 20 steps, which the others read at 30.
+def test_second_repro_does_nothing_and_train_params_rerun_only_downstream(demo, tmp_path):
+    # In a copy of the demo: it re-runs at 20 steps, and the other tests read the demo at 30.
+    demo = Path(shutil.copytree(demo, tmp_path / "demo", symlinks=True))
     again = run(["dvc", "repro"], demo)
     assert ran(again.stdout) == []
     assert "Data and pipelines are up to date" in again.stdout
