@@ -566,13 +566,14 @@ WARM_JOBS=${BENCH_WARM:-$((GPU_BOX * 4))}
 # On the H100 a run compiled from the cache took 45-73 s, 17-25 s of it the imports.
 WARM_NEED_S=${BENCH_WARM_NEED_S:-70}
 # A device machine stays warm a little while between calls, with inductor's caches in /tmp: a run
-# compiled ahead in an earlier call on it is remembered here (its arguments and a hash of the code
-# it runs), so a later call neither compiles it ahead again nor asks its full need. (On 2026-11-28
-# such a call, with BENCH_WARM=0, left two runs compiled minutes earlier "not run: needs 240 s".)
+# compiled ahead in an earlier call on it is remembered here (its arguments, a hash of the code it
+# runs and the cache folder), so a later call neither compiles it ahead again nor asks its full
+# need. (On 2026-11-28 such a call, with BENCH_WARM=0, left two runs compiled minutes earlier "not
+# run: needs 240 s".)
 WARMED_DIR=${BENCH_WARMED_DIR:-/tmp/sdtune-warmed}
 CODE_HASH=$(find sdtune bench -name '*.py' -print0 | sort -z | xargs -0 cat | sha1sum | cut -d' ' -f1)
 warm_key() {  # NAME: what a run compiled ahead is remembered by
-    printf '%s\n' "${RUN_ARGS[$1]} ${EXTRA[*]-} $CODE_HASH"
+    printf '%s\n' "${RUN_ARGS[$1]} ${EXTRA[*]-} $CODE_HASH ${TORCHINDUCTOR_CACHE_DIR-}"
 }
 compiled_earlier() {  # NAME: whether an earlier call on this machine compiled NAME ahead, as it is now
     [[ -f $WARMED_DIR/$1 && $(cat "$WARMED_DIR/$1") == "$(warm_key "$1")" ]]

@@ -497,6 +497,10 @@ def test_gpu_script_compiles_ahead_and_the_timed_run_loads_the_compiled_graphs(t
     assert "compiling ahead" not in again.stdout
     assert "== sd15-bs16-bf16-compile: compiled ahead in an earlier call on this machine" in again.stdout
     assert re.search(r"== sd15-bs16-bf16-compile: not run: needs 45s, \d+s left", again.stdout), again.stdout
+    # With another inductor cache its graphs are not there: it needs its own time again.
+    elsewhere = _gpu_script(tmp_path / "elsewhere", "sd15-bs16-bf16-compile", budget_s=20, BENCH_WARM="0",
+                            BENCH_WARM_NEED_S="45", **caches | {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "other")})
+    assert re.search(r"== sd15-bs16-bf16-compile: not run: needs 240s, \d+s left", elsewhere.stdout), elsewhere.stdout
 
 
 def test_gpu_script_installs_a_packed_wheel_in_a_call_of_its_own(tmp_path):
