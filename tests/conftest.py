@@ -66,6 +66,19 @@ def kept_for_backward():
         yield kept
 
 
+class StubDenoiser(torch.nn.Module):
+    """A denoiser that hands what it is given to `fn`, with one frozen parameter of `dtype`: the
+    families read the frozen denoiser's dtype from its parameters (common.model_dtype)."""
+
+    def __init__(self, fn, dtype: torch.dtype):
+        super().__init__()
+        self.fn = fn
+        self.weight = torch.nn.Parameter(torch.zeros((), dtype=dtype), requires_grad=False)
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
 def tiny_loop_run(arch: str, dtype: torch.dtype, lora: dict | None = None, **train):
     """A CPU training Run (sdtune.train.loop.prepare) over bench's tiny random denoiser of `arch`
     in `dtype`, the same one each call (seeded): rank-4 LoRA with these lora keys, batch 2, these

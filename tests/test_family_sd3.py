@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 
+from conftest import StubDenoiser  # noqa: E402
 from sdtune import io, params as params_lib  # noqa: E402
 from sdtune.data import cache as cache_lib  # noqa: E402
 from sdtune.data.synthetic import generate  # noqa: E402
@@ -127,9 +128,8 @@ def test_the_transformer_receives_the_cached_text_conditioning(params, batch):
         seen.update(encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections)
         return (torch.zeros_like(hidden_states),)
 
-    denoiser.dtype = torch.float32
-    sd3.training_loss(denoiser, sd3.load_noise_scheduler(params.model), batch, torch.Generator().manual_seed(0),
-                      params.train)
+    sd3.training_loss(StubDenoiser(denoiser, torch.float32), sd3.load_noise_scheduler(params.model), batch,
+                      torch.Generator().manual_seed(0), params.train)
     assert batch["pooled_prompt_embeds"].abs().sum() > 0
     assert torch.equal(seen["pooled_projections"], batch["pooled_prompt_embeds"])
     assert torch.equal(seen["encoder_hidden_states"], batch["prompt_embeds"])

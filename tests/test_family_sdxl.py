@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import StubDenoiser
 from sdtune import io, params as params_lib
 from sdtune.data import cache, synthetic
 from sdtune.evaluate import generate
@@ -237,8 +238,8 @@ def test_sizes_and_pooled_text_reach_the_unet_exactly_whatever_the_cache_dtype(e
         seen.update(added_cond_kwargs, noisy=noisy, encoder_hidden_states=encoder_hidden_states)
         return SimpleNamespace(sample=torch.zeros_like(noisy))
 
-    denoiser.dtype = torch.bfloat16  # what the frozen UNet computes in
-    sdxl.training_loss(denoiser, sdxl.load_noise_scheduler(params.model), batch, torch.Generator().manual_seed(0),
+    unet = StubDenoiser(denoiser, torch.bfloat16)  # bf16: what the frozen UNet computes in
+    sdxl.training_loss(unet, sdxl.load_noise_scheduler(params.model), batch, torch.Generator().manual_seed(0),
                        params.train)
     assert seen["time_ids"].dtype == torch.float32 and seen["time_ids"][0, 0].item() == 1023
     # The rest goes in the UNet's dtype (without autocast nothing else would cast it).

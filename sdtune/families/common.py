@@ -197,8 +197,11 @@ def model_dtype(denoiser) -> torch.dtype:
     """The dtype the frozen denoiser computes in (DDP's wrapper looked through). Training casts the
     latents and embeddings it feeds the denoiser to it: without autocast (train.autocast: false)
     its first layers would meet float32 inputs, and under autocast those layers cast them there
-    anyway, to the same numbers."""
-    return getattr(denoiser, "module", denoiser).dtype
+    anyway, to the same numbers. It is the first floating-point parameter's, as diffusers' `.dtype`
+    says; that property first walks every submodule for layerwise-casting hooks, which sdtune never
+    adds: 3 ms a call for SD1.5's UNet on a 2-core CPU, every training step."""
+    model = getattr(denoiser, "module", denoiser)
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 def quiet_dynamo_on_upsamplers() -> None:

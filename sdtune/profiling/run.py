@@ -116,7 +116,7 @@ def floor(run, step_fn, step: int, ceiling_tflops: float) -> dict:
     """The least time step `step` could take on this device, kind by kind (roofline.step_floor;
     checkpointing's recompute counts, as its kernels run)."""
     return roofline.step_floor(step_fn, step, device=run.accelerator.device, ceiling_tflops=ceiling_tflops,
-                               lora_params=lora.trainable(run.accelerator.unwrap_model(run.denoiser)))
+                               lora_params=run.lora_params)
 
 
 @contextlib.contextmanager

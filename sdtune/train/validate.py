@@ -8,7 +8,7 @@ import torch
 from sdtune.data import cache as cache_lib
 from sdtune.evaluate import generate, report
 from sdtune.families import common
-from sdtune.train import lora, loop
+from sdtune.train import loop
 
 
 class Validator:
@@ -35,7 +35,7 @@ class Validator:
             self.pipe.set_progress_bar_config(disable=True)
         self.pipe.register_modules(**{self.family.DENOISER_ATTR: model})
         size = self.params.model.resolution
-        weights = lora.trainable(model)
+        weights = run.lora_params
         if run.ema is not None:
             run.ema.store(weights)
             run.ema.copy_to(weights)
