@@ -297,8 +297,8 @@ run() {
     echo "   $((SECONDS - began))s wall"
     if ((rc == 0)); then
         tail -n 1 "$RUNS/$name.log"
-        if [[ " $* " == *" --compile "* ]]; then  # its graphs are in the caches now, as a warm process leaves them
-            mkdir -p "$WARMED_DIR" && warm_key "$name" >"$WARMED_DIR/$name"
+        if [[ " $* " == *" --compile "* ]]; then  # compiled by its own run, as a warm process would
+            remember_compiled "$name"
         fi
     elif ((rc == 124 || rc == 137)); then
         echo "   timed out after ${limit}s (log: runs/$name.log)"
@@ -578,6 +578,9 @@ warm_key() {  # NAME: what a run compiled ahead is remembered by
 compiled_earlier() {  # NAME: whether an earlier call on this machine compiled NAME ahead, as it is now
     [[ -f $WARMED_DIR/$1 && $(cat "$WARMED_DIR/$1") == "$(warm_key "$1")" ]]
 }
+remember_compiled() {  # NAME: its graphs are in the caches now, for compiled_earlier in a later call
+    mkdir -p "$WARMED_DIR" && warm_key "$1" >"$WARMED_DIR/$1"
+}
 # One wave: the first WARM_JOBS compiled runs, which compile beside the tests. A second wave would
 # hold every timed run back until it ended (wait_for_warm), past the budget of a full plan.
 for unit in "${UNITS[@]}"; do
@@ -600,7 +603,7 @@ warm_all() {
                 --name "$name" --json "$RUNS/$name.warm.json" "${args[@]}" "${EXTRA[@]}" >"$RUNS/$name.warm.log" 2>&1 || rc=$?
             echo "$rc" >"$RUNS/$name.warm.rc"
             if ((rc == 0)); then
-                mkdir -p "$WARMED_DIR" && warm_key "$name" >"$WARMED_DIR/$name"
+                remember_compiled "$name"
             fi
         ) &
     done

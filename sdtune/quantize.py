@@ -85,15 +85,14 @@ def pipeline_kwargs(name: str, lora_dir=None) -> dict:
     return {"variant_dir": QUANT_DIR / name, "method": method, "lora_dir": lora_dir}
 
 
-def check_method(variant: str, where: str, fix: str = "") -> str:
-    """A saved variant's method, from its folder's name: one this sdtune knows (the folder may have
-    been made by hand) and this machine runs (nf4 needs CUDA). `where` starts the error (a flag, a
-    params key, a report), `fix` ends it."""
+def check_method(variant: str, where: str, fix: str = "") -> None:
+    """A saved variant's method, from its folder's name, must be one this sdtune knows (the folder
+    may have been made by hand) and this machine runs (nf4 needs CUDA). `where` starts the error (a
+    flag, a params key, a report), `fix` ends it."""
     method, _ = variant_parts(variant)
     if method not in METHODS:
         raise UserError(f"{where}: {variant!r} does not start with a known method ({', '.join(METHODS)}){fix}")
     check_supported(method)
-    return method
 
 
 def check_supported(name: str) -> None:

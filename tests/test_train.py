@@ -957,8 +957,6 @@ def test_a_step_walks_no_module_tree_for_the_dtype_or_the_lora_tensors(arch, mon
     walks them all, 3 ms on a 2-core CPU; listing the LoRA tensors 1.8 ms), which a GPU waits for at
     small batches. The loop reads both once: the LoRA tensors are the optimizer's and the EMA's,
     and the dtype is what diffusers' `.dtype` says."""
-    from sdtune.train import loop
-
     run = tiny_loop_run(arch, torch.bfloat16, mixed_precision="bf16", ema_decay=0.9)
     model = run.accelerator.unwrap_model(run.denoiser)
     ids = [id(p) for p in run.lora_params]
