@@ -999,7 +999,7 @@ def test_the_update_launches_a_few_kernels_however_many_lora_tensors(ema_decay):
         def phase(self, name):
             return Counter(name)
 
-    loop.train_step(run, 0)  # the first step makes AdamW's and the EMA's state
+    loop.train_step(run, 0)  # the first step makes AdamW's state
     before = [p.detach().clone() for p in run.ema.shadow_params] if ema_decay else []
     loop.train_step(run, 1, Timer())
     assert len(run.lora_params) == 160

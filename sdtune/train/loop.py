@@ -165,7 +165,7 @@ def prepare(params, items: list[dict], denoiser=None) -> Run:
     sched = optim.scheduler(p.lr_scheduler, opt, p.warmup_steps, p.steps)
     denoiser, opt = accelerator.prepare(denoiser, opt)
     # foreach: the EMA's update is two multi-tensor kernels a step, not three launches per LoRA tensor
-    # (480 a step for SD1.5's), which at small batches the GPU would wait on the host for.
+    # (768 a step for SD1.5's 256), which at small batches the GPU would wait on the host for.
     ema = EMAModel(lora_params, decay=p.ema_decay, foreach=True) if p.ema_decay else None
     return Run(params, accelerator, family, denoiser, noise, opt, sched, items, lora_params, ema)
 
